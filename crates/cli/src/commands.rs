@@ -1,0 +1,170 @@
+//! The engine commands: inspect, hidden, generate.
+
+use crate::output::{write_atomic, AtomicFile};
+use crate::progress::Progress;
+use crate::PromptArgs;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::prompts::read_prompts;
+use sl_engine::{LayerRange, Model, Prompt, Template};
+use std::io::Write;
+use std::path::Path;
+
+fn load(model: &Path) -> Result<Model> {
+    Model::load(model).with_context(|| format!("cannot load model {}", model.display()))
+}
+
+fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)> {
+    let template: Template = args.template.parse()?;
+    let mut records = read_prompts(&args.prompts, args.column.as_deref())?;
+    if let Some(n) = args.limit {
+        records.truncate(n);
+    }
+    let prompts = m.prompts(&records, template)?;
+    let max = m.cfg().max_position_embeddings;
+    if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
+        bail!(
+            "{}: prompt {:?} is {} tokens, longer than the model's context ({max})",
+            args.prompts.display(),
+            p.record.instruction,
+            p.ids.len()
+        );
+    }
+    Ok((prompts, template))
+}
+
+pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
+    let m = load(model)?;
+    let c = m.cfg();
+    let info = json!({
+        "model": model.display().to_string(),
+        "family": c.family,
+        "architecture": c.architecture,
+        "layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "parameters": m.num_parameters(),
+        "storage_dtype": m.source_dtype.as_str(),
+        "compute_dtype": "f32",
+        "tied_embeddings": c.tie_word_embeddings,
+        "sliding_window": c.sliding_window,
+        "sliding_layers": c.layer_types.iter().filter(|k| **k == sl_engine::config::AttentionKind::Sliding).count(),
+        "rope": c.rope,
+        "chat_template": m.tokenizer.chat_template.is_some(),
+        "eos_token_ids": m.eos_token_ids,
+        "load_seconds": m.load_seconds,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("model:          {}", model.display());
+        println!("family:         {:?} ({})", c.family, c.architecture);
+        println!("layers:         {}", c.num_layers);
+        println!("hidden size:    {}", c.hidden_size);
+        println!("heads:          {} ({} kv heads, head_dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
+        println!("intermediate:   {}", c.intermediate_size);
+        println!("vocab:          {}", c.vocab_size);
+        println!("parameters:     {}", m.num_parameters());
+        println!("dtype:          {} storage, f32 compute", m.source_dtype.as_str());
+        println!("chat template:  {}", if m.tokenizer.chat_template.is_some() { "yes" } else { "no" });
+        println!("eos ids:        {:?}", m.eos_token_ids);
+        println!("loaded in:      {:.2} s", m.load_seconds);
+    }
+    Ok(())
+}
+
+pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) -> Result<()> {
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext != "json" && ext != "safetensors" {
+        bail!("--out {}: expected a .json or .safetensors file name", out.display());
+    }
+    let m = load(model)?;
+    let (prompts, template) = load_prompts(&m, args)?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let tokens: usize = ids.iter().map(|i| i.len()).sum();
+    let bar = Progress::new(prompts.len(), "hidden states");
+    let states = sl_engine::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
+    bar.finish(prompts.len(), tokens, "hidden");
+    let entries = m.cfg().num_hidden_entries();
+    let hsize = m.cfg().hidden_size;
+    if ext == "json" {
+        let items: Vec<serde_json::Value> = prompts
+            .iter()
+            .zip(&states)
+            .map(|(p, s)| -> Result<serde_json::Value> {
+                Ok(json!({"prompt": p.text, "input_ids": p.ids, "hidden_last": s.to_vec2::<f32>()?}))
+            })
+            .collect::<Result<_>>()?;
+        let doc = json!({
+            "model": model.display().to_string(),
+            "template": template.name(),
+            "num_entries": entries,
+            "hidden_size": hsize,
+            "items": items,
+        });
+        write_atomic(out, serde_json::to_string(&doc)?.as_bytes())?;
+    } else {
+        let stacked = candle_core::Tensor::stack(&states, 0)?;
+        let data: Vec<f32> = stacked.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![prompts.len(), entries, hsize], &bytes)?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("model".to_string(), model.display().to_string());
+        meta.insert("template".to_string(), template.name().to_string());
+        meta.insert("input_ids".to_string(), serde_json::to_string(&ids)?);
+        meta.insert("prompts".to_string(), serde_json::to_string(&prompts.iter().map(|p| &p.text).collect::<Vec<_>>())?);
+        let buf = safetensors::tensor::serialize([("hidden_last", view)], Some(meta))?;
+        write_atomic(out, &buf)?;
+    }
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Parses `I-J:ALPHA`.
+pub fn parse_scale(s: &str, num_layers: usize) -> Result<(LayerRange, f64)> {
+    let (r, a) = s.split_once(':').ok_or_else(|| anyhow::anyhow!("--scale `{s}`: expected I-J:ALPHA, e.g. 6-12:1.2"))?;
+    let range = LayerRange::parse(r, num_layers)?;
+    let alpha: f64 = a.parse().map_err(|_| anyhow::anyhow!("--scale `{s}`: `{a}` is not a number"))?;
+    if !alpha.is_finite() || alpha <= 0.0 {
+        bail!("--scale `{s}`: alpha must be a positive finite number");
+    }
+    Ok((range, alpha))
+}
+
+pub fn generate(
+    model: &Path,
+    args: &PromptArgs,
+    max_new_tokens: usize,
+    scale: Option<&str>,
+    batch_size: usize,
+    ignore_eos: bool,
+    out: &Path,
+) -> Result<()> {
+    let mut m = load(model)?;
+    if let Some(s) = scale {
+        let (range, alpha) = parse_scale(s, m.cfg().num_layers)?;
+        let rep = m.decoder.scale_layers(range, alpha)?;
+        eprintln!("scaled {} matrices of layers {range} by {alpha}", rep.matrices.len());
+    }
+    let (prompts, _) = load_prompts(&m, args)?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let opts = GenerateOptions { max_new_tokens, batch_size, ignore_eos, no_cache: false };
+    let bar = Progress::new(prompts.len(), "generate");
+    let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |n| bar.inc(n))?;
+    let new_tokens: usize = outs.iter().map(|o| o.len()).sum();
+    bar.finish(prompts.len(), new_tokens, "generate (new tokens)");
+    let mut f = AtomicFile::create(out)?;
+    for (p, o) in prompts.iter().zip(&outs) {
+        let response = m.tokenizer.decode(o, true)?;
+        let line = json!({"prompt": p.text, "response": response, "output_ids": o});
+        writeln!(f.writer(), "{}", serde_json::to_string(&line)?)?;
+    }
+    f.commit()?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

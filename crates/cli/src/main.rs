@@ -1,0 +1,91 @@
+//! `safety-layers`: find the safety layers of aligned chat LLMs (Li et al., ICLR 2025).
+
+mod commands;
+mod output;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "safety-layers", version, about = "Find the safety layers of aligned chat LLMs and fine-tune without destroying them")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct PromptArgs {
+    /// Prompt file: .txt / single-column .csv (one prompt per line), .csv with --column, .json or .jsonl records
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Column (CSV with header) or field (JSON/JSONL) holding the prompt
+    #[arg(long)]
+    pub column: Option<String>,
+    /// Prompt format: alpaca (the paper's), chat (the model's template) or raw
+    #[arg(long, default_value = "alpaca")]
+    pub template: String,
+    /// Use only the first N prompts
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a checkpoint's family, shape, dtype, chat template and EOS ids
+    Inspect {
+        /// Hugging Face checkpoint directory
+        #[arg(long)]
+        model: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Last-token hidden states of every layer (transformers' output_hidden_states convention)
+    Hidden {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        prompts: PromptArgs,
+        /// Output: .json, or .safetensors (one [prompts, entries, hidden] tensor)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
+    /// Batched greedy generation, optionally with a layer range's weights scaled
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        prompts: PromptArgs,
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Scale the attention and MLP weights of layers I..J (0-indexed, inclusive) by ALPHA: I-J:ALPHA
+        #[arg(long)]
+        scale: Option<String>,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Always generate --max-new-tokens tokens
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Output JSONL: one {"prompt","response","output_ids"} per line
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { model, json } => commands::inspect(&model, json),
+        Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
+        Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
+            commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

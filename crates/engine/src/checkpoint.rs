@@ -1,0 +1,116 @@
+//! A loaded model: decoder, tokenizer, generation settings and where they came from.
+
+use crate::config::{token_id_list, ModelConfig};
+use crate::model::Decoder;
+use crate::prompts::{PromptRecord, Template};
+use crate::tokenizer::Tokenizer;
+use crate::weights;
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    /// Generation stops on any of these (generation_config.json, else config.json, else the
+    /// tokenizer's eos token).
+    pub eos_token_ids: Vec<u32>,
+    pub source: PathBuf,
+    pub source_dtype: DType,
+    pub load_seconds: f64,
+}
+
+/// A formatted, tokenised prompt.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub record: PromptRecord,
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint directory.
+    pub fn load(path: &Path) -> Result<Model> {
+        let t0 = std::time::Instant::now();
+        if !path.exists() {
+            bail!("model {}: no such file or directory", path.display());
+        }
+        if !path.is_dir() {
+            bail!("model {}: expected a Hugging Face checkpoint directory", path.display());
+        }
+        let cfg_path = path.join("config.json");
+        if !cfg_path.exists() {
+            bail!("{}: config.json is missing", path.display());
+        }
+        let cfg = ModelConfig::from_file(&cfg_path)?;
+        let tokenizer = Tokenizer::from_dir(path)?;
+        let files = weights::safetensors_files(path)?;
+        let mut w = weights::load_safetensors(&files, &path.display().to_string())?;
+        let source_dtype = w.source_dtype;
+        let gen_path = path.join("generation_config.json");
+        let mut eos = if gen_path.exists() {
+            let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+            token_id_list(v.get("eos_token_id"))
+        } else {
+            vec![]
+        };
+        if eos.is_empty() {
+            eos = cfg.eos_token_ids.clone();
+        }
+        if eos.is_empty() {
+            if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+                eos.push(id);
+            }
+        }
+        let decoder = Decoder::from_weights(cfg, &mut w)?;
+        Ok(Model {
+            decoder,
+            tokenizer,
+            eos_token_ids: eos,
+            source: path.to_path_buf(),
+            source_dtype,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    /// Formats and tokenises prompt records.
+    pub fn prompts(&self, records: &[PromptRecord], template: Template) -> Result<Vec<Prompt>> {
+        records
+            .iter()
+            .map(|r| {
+                let text = template.format(r, &self.tokenizer)?;
+                let ids = template.encode(&text, &self.tokenizer)?;
+                if ids.is_empty() {
+                    bail!("prompt {:?} tokenises to nothing", r.instruction);
+                }
+                Ok(Prompt { record: r.clone(), text, ids })
+            })
+            .collect()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let d = &self.decoder;
+        let mut n = d.embed.elem_count() + d.final_norm.weight.elem_count();
+        if let Some(h) = &d.lm_head {
+            n += h.elem_count();
+        }
+        for l in &d.layers {
+            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+                n += lin.weight.elem_count() + lin.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0);
+            }
+            for nrm in [Some(&l.attn_in_norm), Some(&l.mlp_in_norm), l.attn_out_norm.as_ref(), l.mlp_out_norm.as_ref(), l.attn.q_norm.as_ref(), l.attn.k_norm.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                n += nrm.weight.elem_count();
+            }
+        }
+        n
+    }
+}

@@ -1,0 +1,23 @@
+//! The model engine of safety-layers: checkpoints (Hugging Face safetensors directories),
+//! tokenizers and chat templates, one decoder for every supported family with named hook points,
+//! weight scaling and batched greedy generation.
+
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod extract;
+pub mod generate;
+pub mod hooks;
+pub mod model;
+pub mod prompts;
+pub mod rope;
+pub mod scale;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{Model, Prompt};
+pub use config::{Family, ModelConfig};
+pub use hooks::{Capture, Hook, Positions};
+pub use model::{Decoder, KvCache, Logits};
+pub use prompts::{PromptRecord, Template};
+pub use scale::LayerRange;

@@ -1,0 +1,484 @@
+//! One decoder for every supported family; the config's switches decide norms, biases, rope,
+//! windows and soft-caps. q/k/v and gate/up are held fused (as Phi-3 stores them) so that each
+//! block does two large matmuls instead of five small ones.
+
+use crate::config::{Activation, AttentionKind, ModelConfig};
+use crate::hooks::{Capture, Captured, Hook};
+use crate::rope::{self, Rope};
+use crate::weights::WeightMap;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`, as checkpoints store it.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().unwrap();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// The weight as stored (Gemma stores w and multiplies by 1 + w).
+    pub weight: Tensor,
+    /// What the input is multiplied by after normalisation.
+    scale: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(weight: Tensor, plus_one: bool, eps: f64) -> Result<Self> {
+        let scale = if plus_one { (&weight + 1.0)? } else { weight.clone() };
+        Ok(RmsNorm { weight, scale, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if differentiable {
+            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+            Ok(normed.broadcast_mul(&self.scale)?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps as f32)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// q, k and v projections stacked on the output dimension.
+    pub qkv: Linear,
+    pub o: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// gate and up projections stacked on the output dimension (gate first).
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_in_norm: RmsNorm,
+    pub attn: Attention,
+    /// Gemma2/3 `post_attention_layernorm`, applied to the attention output.
+    pub attn_out_norm: Option<RmsNorm>,
+    /// Pre-MLP norm (Llama's `post_attention_layernorm`, Gemma2/3's `pre_feedforward_layernorm`).
+    pub mlp_in_norm: RmsNorm,
+    pub mlp: Mlp,
+    pub mlp_out_norm: Option<RmsNorm>,
+    pub kind: AttentionKind,
+}
+
+/// Key/value tensors of every layer, `[B, Hkv, S, D]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.iter().flatten().next().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the rows `idx` of the batch (sequences still generating).
+    pub fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(idx, 0)?;
+            *v = v.index_select(idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything about the current call that all layers share: masks and rope angles.
+pub struct StepCtx {
+    pub batch: usize,
+    pub new_tokens: usize,
+    pub past: usize,
+    mask_full: Tensor,
+    mask_sliding: Option<Tensor>,
+    rope_global: (Tensor, Tensor),
+    rope_local: Option<(Tensor, Tensor)>,
+    pub differentiable: bool,
+}
+
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub final_norm: RmsNorm,
+    /// None when tied to the embedding matrix.
+    pub lm_head: Option<Tensor>,
+    rope_global: Rope,
+    rope_local: Option<Rope>,
+    pub device: Device,
+    /// Unscaled weights of layers currently scaled (see `scale.rs`): qkv, o, gate_up, down.
+    pub(crate) saved: Vec<(usize, [Tensor; 4])>,
+}
+
+fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Gelu => x.gelu_erf()?,
+    })
+}
+
+impl Decoder {
+    /// Builds the decoder from Hugging Face tensor names, checking every shape against the config.
+    pub fn from_weights(cfg: ModelConfig, w: &mut WeightMap) -> Result<Decoder> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        let plus_one = cfg.norm_plus_one;
+        let norm = |w: &mut WeightMap, name: &str, n: usize| -> Result<RmsNorm> {
+            RmsNorm::new(w.take(name, &[n], "norm size")?, plus_one, eps)
+        };
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let qkv_why = "(num_attention_heads + 2 num_key_value_heads) x head_dim, hidden_size";
+            let qkv = if w.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
+                Linear {
+                    weight: w.take(&format!("{p}.self_attn.qkv_proj.weight"), &[qd + 2 * kvd, h], qkv_why)?,
+                    bias: w.take_opt(&format!("{p}.self_attn.qkv_proj.bias"), &[qd + 2 * kvd], qkv_why)?,
+                }
+            } else {
+                let q = w.take(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], "num_attention_heads x head_dim, hidden_size")?;
+                let k = w.take(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
+                let v = w.take(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
+                let bias = if cfg.qkv_bias {
+                    let qb = w.take(&format!("{p}.self_attn.q_proj.bias"), &[qd], "q bias")?;
+                    let kb = w.take(&format!("{p}.self_attn.k_proj.bias"), &[kvd], "k bias")?;
+                    let vb = w.take(&format!("{p}.self_attn.v_proj.bias"), &[kvd], "v bias")?;
+                    Some(Tensor::cat(&[qb, kb, vb], 0)?)
+                } else {
+                    None
+                };
+                Linear { weight: Tensor::cat(&[q, k, v], 0)?, bias }
+            };
+            let o = Linear {
+                weight: w.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], "hidden_size, num_attention_heads x head_dim")?,
+                bias: if cfg.o_bias { Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?) } else { None },
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(norm(w, &format!("{p}.self_attn.q_norm.weight"), hd)?),
+                    Some(norm(w, &format!("{p}.self_attn.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
+                Linear { weight: w.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], "2 x intermediate_size, hidden_size")?, bias: None }
+            } else {
+                let g = w.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
+                let u = w.take(&format!("{p}.mlp.up_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
+                let bias = if cfg.mlp_bias {
+                    let gb = w.take(&format!("{p}.mlp.gate_proj.bias"), &[i], "gate bias")?;
+                    let ub = w.take(&format!("{p}.mlp.up_proj.bias"), &[i], "up bias")?;
+                    Some(Tensor::cat(&[gb, ub], 0)?)
+                } else {
+                    None
+                };
+                Linear { weight: Tensor::cat(&[g, u], 0)?, bias }
+            };
+            let down = Linear {
+                weight: w.take(&format!("{p}.mlp.down_proj.weight"), &[h, i], "hidden_size, intermediate_size")?,
+                bias: if cfg.mlp_bias { Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?) } else { None },
+            };
+            let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
+                (
+                    Some(norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?),
+                    norm(w, &format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    Some(norm(w, &format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (None, norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?, None)
+            };
+            layers.push(Layer {
+                attn_in_norm: norm(w, &format!("{p}.input_layernorm.weight"), h)?,
+                attn: Attention { qkv, o, q_norm, k_norm },
+                attn_out_norm,
+                mlp_in_norm,
+                mlp: Mlp { gate_up, down },
+                mlp_out_norm,
+                kind: cfg.layer_types[l],
+            });
+        }
+        let final_norm = norm(w, "model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints still carry a copy; it must equal the embedding, so drop it.
+            let _ = w.take_opt("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size (tie_word_embeddings is false)")?)
+        };
+        let leftover: Vec<String> =
+            w.remaining().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        if !leftover.is_empty() {
+            bail!(
+                "{}: {} tensors are not used by a {:?} model, e.g. {:?} (wrong architecture in config.json?)",
+                w.origin,
+                leftover.len(),
+                cfg.family,
+                &leftover[..leftover.len().min(5)]
+            );
+        }
+        let rope_global = Rope::new(&cfg.rope, cfg.rotary_dim);
+        let rope_local = cfg.rope_local.as_ref().map(|r| Rope::new(r, cfg.rotary_dim));
+        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, rope_global, rope_local, device: Device::Cpu, saved: vec![] })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.cfg.num_layers
+    }
+
+    /// Token embeddings `[B, T, H]` (scaled for Gemma).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok(match self.cfg.embed_scale {
+            Some(s) => (x * (s as f32) as f64)?,
+            None => x,
+        })
+    }
+
+    /// Masks and rope angles for `new_tokens` tokens appended after `past` cached ones, rows
+    /// left-padded by `pads[b]` tokens.
+    pub fn step_ctx(&self, pads: &[usize], past: usize, new_tokens: usize, differentiable: bool) -> Result<StepCtx> {
+        let b = pads.len();
+        let total = past + new_tokens;
+        let window = self.cfg.sliding_window;
+        let needs_sliding = self.cfg.layer_types.contains(&AttentionKind::Sliding);
+        let build = |sliding: bool| -> Result<Tensor> {
+            let mut m = vec![0f32; b * new_tokens * total];
+            for (r, &pad) in pads.iter().enumerate() {
+                for t in 0..new_tokens {
+                    let i = past + t;
+                    let row = &mut m[(r * new_tokens + t) * total..(r * new_tokens + t + 1) * total];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        let mut ok = j <= i && j >= pad;
+                        if sliding {
+                            ok &= i - j.min(i) < window.unwrap_or(usize::MAX);
+                        }
+                        // A padding query sees only itself, so no softmax row is empty.
+                        if i < pad {
+                            ok = j == i;
+                        }
+                        if !ok {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (b, 1, new_tokens, total), &self.device)?)
+        };
+        let positions: Vec<Vec<u32>> = pads
+            .iter()
+            .map(|&pad| (past..total).map(|i| i.saturating_sub(pad) as u32).collect())
+            .collect();
+        let seq_len = pads.iter().map(|&p| total - p.min(total)).max().unwrap_or(0);
+        Ok(StepCtx {
+            batch: b,
+            new_tokens,
+            past,
+            mask_full: build(false)?,
+            mask_sliding: if needs_sliding { Some(build(true)?) } else { None },
+            rope_global: self.rope_global.cos_sin(&positions, seq_len, &self.device)?,
+            rope_local: match &self.rope_local {
+                Some(r) => Some(r.cos_sin(&positions, seq_len, &self.device)?),
+                None => None,
+            },
+            differentiable,
+        })
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, ctx: &StepCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let cfg = &self.cfg;
+        let (b, t) = (ctx.batch, ctx.new_tokens);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let qkv = layer.attn.qkv.forward(x)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
+        let mut q = heads(0, nh)?;
+        let mut k = heads(nh, nkv)?;
+        let v = heads(nh + nkv, nkv)?.contiguous()?;
+        if let Some(n) = &layer.attn.q_norm {
+            q = n.forward(&q, ctx.differentiable)?;
+        }
+        if let Some(n) = &layer.attn.k_norm {
+            k = n.forward(&k, ctx.differentiable)?;
+        }
+        let (cos, sin) = match (&ctx.rope_local, layer.kind) {
+            (Some(local), AttentionKind::Sliding) => local,
+            _ => &ctx.rope_global,
+        };
+        let q = rope::apply(&q, cos, sin, cfg.rotary_dim, ctx.differentiable)?;
+        let k = rope::apply(&k, cos, sin, cfg.rotary_dim, ctx.differentiable)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let kv = match c.layers[l].take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                c.layers[l] = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let g = nh / nkv;
+        // Grouped-query attention without copying k/v: the g query heads that share a kv head
+        // are stacked along the row dimension.
+        let q = (q * cfg.attn_scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+        let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        if let Some(cap) = cfg.attn_softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let mask = match (layer.kind, &ctx.mask_sliding) {
+            (AttentionKind::Sliding, Some(m)) => m,
+            _ => &ctx.mask_full,
+        };
+        let scores = scores.broadcast_add(mask)?;
+        let probs = if ctx.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let out = probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        layer.attn.o.forward(&out)
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let m = &self.layers[l].mlp;
+        let gu = m.gate_up.forward(x)?;
+        let i = self.cfg.intermediate_size;
+        let gate = gu.narrow(D::Minus1, 0, i)?;
+        let up = gu.narrow(D::Minus1, i, i)?;
+        m.down.forward(&(act(self.cfg.activation, &gate)? * up)?)
+    }
+
+    /// Runs layers `range` on the residual stream `x`, recording requested hooks.
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        range: std::ops::Range<usize>,
+        ctx: &StepCtx,
+        mut cache: Option<&mut KvCache>,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let diff = ctx.differentiable;
+        for l in range {
+            captured.record(capture, Hook::ResidPre(l), &x)?;
+            let layer = &self.layers[l];
+            let h = layer.attn_in_norm.forward(&x, diff)?;
+            let mut a = self.attention(l, &h, ctx, cache.as_deref_mut())?;
+            if let Some(n) = &layer.attn_out_norm {
+                a = n.forward(&a, diff)?;
+            }
+            captured.record(capture, Hook::AttnOut(l), &a)?;
+            x = (x + a)?;
+            let h = layer.mlp_in_norm.forward(&x, diff)?;
+            let mut m = self.mlp(l, &h)?;
+            if let Some(n) = &layer.mlp_out_norm {
+                m = n.forward(&m, diff)?;
+            }
+            captured.record(capture, Hook::MlpOut(l), &m)?;
+            x = (x + m)?;
+            captured.record(capture, Hook::ResidPost(l), &x)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm (recorded as `FinalNorm`) and, if asked, logits of the last position only or
+    /// of every position.
+    pub fn head(&self, x: &Tensor, ctx: &StepCtx, logits: Logits, capture: &Capture, captured: &mut Captured) -> Result<Option<Tensor>> {
+        let normed = self.final_norm.forward(x, ctx.differentiable)?;
+        captured.record(capture, Hook::FinalNorm, &normed)?;
+        let h = match logits {
+            Logits::None => return Ok(None),
+            Logits::Last => {
+                let t = normed.dim(1)?;
+                normed.narrow(1, t - 1, 1)?
+            }
+            Logits::All => normed,
+        };
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut out = Linear { weight: w.clone(), bias: None }.forward(&h)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            out = ((out / cap)?.tanh()? * cap)?;
+        }
+        Ok(Some(out))
+    }
+
+    /// The whole forward pass over left-padded `ids: [B, T]` (u32) after `cache` (if any).
+    /// Layers past the deepest requested hook are skipped when no logits are wanted.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        capture: &Capture,
+        logits: Logits,
+    ) -> Result<(Option<Tensor>, Captured)> {
+        let (_, t) = ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let ctx = self.step_ctx(pads, past, t, false)?;
+        let mut captured = Captured::default();
+        let x = self.embed(ids)?;
+        let stop = match (logits, capture.layers_needed()) {
+            (Logits::None, Some(k)) => k.min(self.num_layers()),
+            _ => self.num_layers(),
+        };
+        let x = self.run_layers(x, 0..stop, &ctx, cache, capture, &mut captured)?;
+        if stop < self.num_layers() {
+            captured.record(capture, Hook::ResidPre(stop), &x)?;
+            return Ok((None, captured));
+        }
+        let out = self.head(&x, &ctx, logits, capture, &mut captured)?;
+        Ok((out, captured))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}

@@ -1,0 +1,122 @@
+//! The paper's intervention: multiply the attention and MLP weight matrices of a layer range by
+//! alpha (norms and biases untouched), and undo it exactly by restoring the saved originals.
+
+use crate::model::Decoder;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// A 0-indexed inclusive layer range, as the paper writes `[i, j]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerRange {
+    pub first: usize,
+    pub last: usize,
+}
+
+impl LayerRange {
+    pub fn new(first: usize, last: usize, num_layers: usize) -> Result<Self> {
+        if first > last {
+            bail!("layer range {first}-{last}: the first layer is after the last");
+        }
+        if last >= num_layers {
+            bail!("layer range {first}-{last} is outside the model's layers 0-{}", num_layers - 1);
+        }
+        Ok(LayerRange { first, last })
+    }
+
+    /// Parses `I-J` (or a single layer `I`).
+    pub fn parse(s: &str, num_layers: usize) -> Result<Self> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let p = |x: &str| -> Result<usize> {
+            x.trim().parse().map_err(|_| anyhow::anyhow!("layer range `{s}`: `{x}` is not a layer number (expected I-J)"))
+        };
+        LayerRange::new(p(a)?, p(b)?, num_layers)
+    }
+
+    pub fn layers(&self) -> std::ops::RangeInclusive<usize> {
+        self.first..=self.last
+    }
+
+    pub fn len(&self) -> usize {
+        self.last - self.first + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Display for LayerRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// Which matrices a scaling touched, by their Hugging Face names.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScaleReport {
+    pub range: LayerRange,
+    pub alpha: f64,
+    pub matrices: Vec<String>,
+}
+
+fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.ne(b)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
+}
+
+impl Decoder {
+    /// Scales the range by `alpha` relative to the original weights (a previous scaling is
+    /// undone first), then checks that every targeted matrix really changed.
+    pub fn scale_layers(&mut self, range: LayerRange, alpha: f64) -> Result<ScaleReport> {
+        if !alpha.is_finite() || alpha <= 0.0 {
+            bail!("alpha must be a positive finite number, got {alpha}");
+        }
+        LayerRange::new(range.first, range.last, self.num_layers())?;
+        self.restore_scaling();
+        let mut matrices = Vec::new();
+        let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
+        let i = self.cfg.intermediate_size;
+        for l in range.layers() {
+            let layer = &mut self.layers[l];
+            let orig = [
+                layer.attn.qkv.weight.clone(),
+                layer.attn.o.weight.clone(),
+                layer.mlp.gate_up.weight.clone(),
+                layer.mlp.down.weight.clone(),
+            ];
+            layer.attn.qkv.weight = (&orig[0] * alpha)?;
+            layer.attn.o.weight = (&orig[1] * alpha)?;
+            layer.mlp.gate_up.weight = (&orig[2] * alpha)?;
+            layer.mlp.down.weight = (&orig[3] * alpha)?;
+            // Check each matrix as the checkpoint names it (the paper's code silently skipped o_proj).
+            let p = format!("model.layers.{l}");
+            let parts: [(&str, &Tensor, &Tensor, usize, usize); 7] = [
+                ("self_attn.q_proj", &orig[0], &layer.attn.qkv.weight, 0, qd),
+                ("self_attn.k_proj", &orig[0], &layer.attn.qkv.weight, qd, kvd),
+                ("self_attn.v_proj", &orig[0], &layer.attn.qkv.weight, qd + kvd, kvd),
+                ("self_attn.o_proj", &orig[1], &layer.attn.o.weight, 0, orig[1].dim(0)?),
+                ("mlp.gate_proj", &orig[2], &layer.mlp.gate_up.weight, 0, i),
+                ("mlp.up_proj", &orig[2], &layer.mlp.gate_up.weight, i, i),
+                ("mlp.down_proj", &orig[3], &layer.mlp.down.weight, 0, orig[3].dim(0)?),
+            ];
+            for (name, before, after, start, len) in parts {
+                if alpha != 1.0 && !changed(&before.narrow(0, start, len)?, &after.narrow(0, start, len)?)? {
+                    bail!("scaling {p}.{name} by {alpha} left it unchanged (all-zero weights?)");
+                }
+                matrices.push(format!("{p}.{name}.weight"));
+            }
+            self.saved.push((l, orig));
+        }
+        Ok(ScaleReport { range, alpha, matrices })
+    }
+
+    /// Puts back the exact original weights of any scaled layers.
+    pub fn restore_scaling(&mut self) {
+        for (l, [qkv, o, gu, d]) in self.saved.drain(..) {
+            let layer = &mut self.layers[l];
+            layer.attn.qkv.weight = qkv;
+            layer.attn.o.weight = o;
+            layer.mlp.gate_up.weight = gu;
+            layer.mlp.down.weight = d;
+        }
+    }
+}
