@@ -107,6 +107,17 @@ impl ChatTemplate {
 
     /// The rendered conversation, as transformers' `apply_chat_template(tokenize=False)` gives it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// As `render`, with extra template variables (e.g. Qwen3's `enable_thinking`), as the
+    /// keyword arguments of apply_chat_template.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let env = self.environment()?;
         let tmpl = env.get_template("chat")?;
         let mut ctx: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
@@ -117,6 +128,9 @@ impl ChatTemplate {
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
+        for (k, v) in extra {
+            ctx.insert(k.clone(), Value::from(minijinja::value::Serde(v)));
+        }
         tmpl.render(ctx).map_err(|e| anyhow!("chat template failed: {e:#}"))
     }
 }

@@ -97,10 +97,19 @@ impl Tokenizer {
     }
 
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let t = self
             .chat_template
             .as_ref()
             .ok_or_else(|| anyhow!("{}: the tokenizer has no chat template (use --template alpaca or raw)", self.origin))?;
-        t.render(messages, add_generation_prompt)
+        t.render_with(messages, add_generation_prompt, extra)
     }
 }

@@ -1,0 +1,196 @@
+//! Equality with transformers for every family, on the tiny random checkpoints and reference
+//! outputs written by tools/fixtures/make_fixtures.py (tests/fixtures/<family>/).
+
+use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::{Capture, LayerRange, Logits, Model};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const FAMILIES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"];
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn expected(name: &str) -> Value {
+    let p = fixture_dir(name).join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// |a - b| <= tol * max(1, |b|).
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / w.abs().max(1.0);
+        if !(err <= worst.0) {
+            worst = (err, i);
+        }
+    }
+    assert!(
+        worst.0 <= tol,
+        "{what}: max relative error {} at {} (got {}, want {})",
+        worst.0,
+        worst.1,
+        got[worst.1],
+        want[worst.1]
+    );
+}
+
+struct Outputs {
+    hidden: Vec<Vec<Vec<f32>>>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+/// Runs each prompt alone (batch 1), as the fixture script does.
+fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
+    let d = &m.decoder;
+    let l = d.num_layers();
+    let mut hidden = Vec::new();
+    let mut logits = Vec::new();
+    for p in prompts {
+        let ids = candle_core::Tensor::new(p.as_slice(), &d.device).unwrap().unsqueeze(0).unwrap();
+        let (lg, cap) = d.forward(&ids, &[0], None, &Capture::all_hidden_last(l), Logits::Last).unwrap();
+        hidden.push(
+            (0..=l)
+                .map(|k| {
+                    cap.get(sl_engine::Hook::hidden_entry(k, l), sl_engine::Positions::Last)
+                        .unwrap()
+                        .squeeze(0)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect(),
+        );
+        logits.push(lg.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    let opts = GenerateOptions { max_new_tokens: 12, batch_size: 1, ..Default::default() };
+    let greedy = greedy(d, prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
+    Outputs { hidden, logits, greedy }
+}
+
+fn compare(out: &Outputs, exp: &Value, family: &str, what: &str) {
+    for (p, (h, want)) in out.hidden.iter().zip(exp["hidden_last"].as_array().unwrap()).enumerate() {
+        let want = want.as_array().unwrap();
+        assert_eq!(h.len(), want.len(), "{family} {what}: number of hidden-state entries");
+        for (k, (hk, wk)) in h.iter().zip(want).enumerate() {
+            assert_close(hk, &floats(wk), 1e-4, &format!("{family} {what}: prompt {p} hidden entry {k}"));
+        }
+    }
+    for (p, (lg, want)) in out.logits.iter().zip(exp["logits_last"].as_array().unwrap()).enumerate() {
+        assert_close(lg, &floats(want), 1e-4, &format!("{family} {what}: prompt {p} logits"));
+    }
+    for (p, (g, want)) in out.greedy.iter().zip(exp["greedy"].as_array().unwrap()).enumerate() {
+        assert_eq!(g, &ids(want), "{family} {what}: prompt {p} greedy tokens");
+    }
+}
+
+fn check_family(family: &str) {
+    let dir = fixture_dir(family);
+    let exp = expected(family);
+    let mut m = Model::load(&dir).unwrap_or_else(|e| panic!("{family}: {e:#}"));
+    let texts: Vec<String> = exp["prompts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t, true).unwrap()).collect();
+    for (p, want) in prompts.iter().zip(exp["input_ids"].as_array().unwrap()) {
+        assert_eq!(p, &ids(want), "{family}: tokenizer ids");
+    }
+    compare(&run_single(&m, &prompts), &exp, family, "unscaled");
+
+    // Batched with left padding equals one by one.
+    let l = m.decoder.num_layers();
+    let batched = sl_engine::extract::hidden_last(&m.decoder, &prompts, 8, &mut |_| {}).unwrap();
+    for (p, t) in batched.iter().enumerate() {
+        for (k, row) in t.to_vec2::<f32>().unwrap().iter().enumerate() {
+            assert_close(row, &floats(&exp["hidden_last"][p][k]), 1e-4, &format!("{family}: batched prompt {p} entry {k}"));
+        }
+    }
+    assert_eq!(batched[0].dim(0).unwrap(), l + 1);
+    let opts = GenerateOptions { max_new_tokens: 12, batch_size: 8, ..Default::default() };
+    let g = greedy(&m.decoder, &prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
+    for (p, want) in g.iter().zip(exp["greedy"].as_array().unwrap()) {
+        assert_eq!(p, &ids(want), "{family}: batched greedy");
+    }
+    // The KV cache changes nothing.
+    let nc = GenerateOptions { no_cache: true, ..opts.clone() };
+    let g2 = greedy(&m.decoder, &prompts, &m.eos_token_ids, &nc, &mut |_| {}).unwrap();
+    assert_eq!(g, g2, "{family}: greedy with and without the KV cache");
+
+    // Scaled layers.
+    let sc = &exp["scaled"];
+    let r = sc["range"].as_array().unwrap();
+    let range = LayerRange::new(r[0].as_u64().unwrap() as usize, r[1].as_u64().unwrap() as usize, l).unwrap();
+    let before = m.decoder.layers[range.first].attn.o.weight.to_vec2::<f32>().unwrap();
+    let rep = m.decoder.scale_layers(range, sc["alpha"].as_f64().unwrap()).unwrap();
+    assert_eq!(rep.matrices.len(), 7 * range.len(), "{family}: every q,k,v,o,gate,up,down scaled");
+    compare(&run_single(&m, &prompts), sc, family, "scaled");
+    m.decoder.restore_scaling();
+    assert_eq!(m.decoder.layers[range.first].attn.o.weight.to_vec2::<f32>().unwrap(), before, "{family}: exact undo");
+    compare(&run_single(&m, &prompts), &exp, family, "after undoing the scaling");
+}
+
+fn check_v4_config(family: &str) {
+    let dir = fixture_dir(family);
+    let v4 = dir.join("config_v4.json");
+    if !v4.exists() {
+        panic!("{family}: config_v4.json missing");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == "config.json" || name == "config_v4.json" {
+            continue;
+        }
+        std::fs::copy(e.path(), tmp.path().join(&name)).unwrap();
+    }
+    std::fs::copy(&v4, tmp.path().join("config.json")).unwrap();
+    let m5 = Model::load(&dir).unwrap();
+    let m4 = Model::load(tmp.path()).unwrap_or_else(|e| panic!("{family} v4 config: {e:#}"));
+    assert_eq!(format!("{:?}", m4.cfg().rope), format!("{:?}", m5.cfg().rope), "{family}: rope from v4 and v5 layouts");
+    assert_eq!(format!("{:?}", m4.cfg().rope_local), format!("{:?}", m5.cfg().rope_local), "{family}: local rope");
+    assert_eq!(m4.cfg().layer_types, m5.cfg().layer_types, "{family}: layer types");
+    let exp = expected(family);
+    let texts: Vec<String> = exp["prompts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m4.tokenizer.encode(t, true).unwrap()).collect();
+    compare(&run_single(&m4, &prompts), &exp, family, "v4 config");
+}
+
+macro_rules! family_tests {
+    ($($name:ident => $fam:expr),* $(,)?) => {
+        mod equal_to_transformers {
+            $( #[test] fn $name() { super::check_family($fam); } )*
+        }
+        mod v4_config_layout {
+            $( #[test] fn $name() { super::check_v4_config($fam); } )*
+        }
+    };
+}
+
+family_tests! {
+    llama => "llama",
+    llama3 => "llama3",
+    mistral => "mistral",
+    qwen2 => "qwen2",
+    qwen3 => "qwen3",
+    gemma => "gemma",
+    gemma2 => "gemma2",
+    gemma3 => "gemma3",
+    phi3 => "phi3",
+}
+
+#[test]
+fn every_family_has_a_fixture() {
+    for f in FAMILIES {
+        assert!(fixture_dir(f).join("expected.json").exists(), "missing fixture for {f}");
+    }
+}
