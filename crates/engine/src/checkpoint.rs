@@ -35,8 +35,11 @@ impl Model {
         if !path.exists() {
             bail!("model {}: no such file or directory", path.display());
         }
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Model::load_gguf(path, t0);
+        }
         if !path.is_dir() {
-            bail!("model {}: expected a Hugging Face checkpoint directory", path.display());
+            bail!("model {}: expected a Hugging Face checkpoint directory or a .gguf file", path.display());
         }
         let cfg_path = path.join("config.json");
         if !cfg_path.exists() {
@@ -71,6 +74,24 @@ impl Model {
             eos_token_ids: eos,
             source: path.to_path_buf(),
             source_dtype,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
+        let g = crate::gguf::GgufModel::load(path)?;
+        let shown = path.display().to_string();
+        let cfg = ModelConfig::from_json(&g.config, &shown)?;
+        let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
+        let eos = cfg.eos_token_ids.clone();
+        let mut w = g.weights;
+        let decoder = Decoder::from_weights(cfg, &mut w)?;
+        Ok(Model {
+            decoder,
+            tokenizer,
+            eos_token_ids: eos,
+            source: path.to_path_buf(),
+            source_dtype: DType::F32,
             load_seconds: t0.elapsed().as_secs_f64(),
         })
     }

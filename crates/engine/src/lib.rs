@@ -7,6 +7,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod extract;
 pub mod generate;
+pub mod gguf;
+mod gguf_tokenizer;
 pub mod hooks;
 pub mod model;
 pub mod prompts;

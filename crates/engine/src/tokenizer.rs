@@ -53,28 +53,37 @@ impl Tokenizer {
             Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
-        let source = if jinja.exists() {
+        let template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?)
         } else {
-            template_source(tc.get("chat_template"))
+            None
         };
-        let mut tok = Tokenizer {
+        Ok(Tokenizer::from_parts(inner, &tc, template, &dir.display().to_string()))
+    }
+
+    /// From a `tokenizer.json` value and a `tokenizer_config.json` value (e.g. rebuilt from GGUF).
+    pub fn from_json(tokenizer_json: &Value, tokenizer_config: &Value, origin: &str) -> Result<Tokenizer> {
+        let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&tokenizer_json.to_string())
+            .map_err(|e| anyhow!("{origin}: cannot build the tokenizer: {e}"))?;
+        Ok(Tokenizer::from_parts(inner, tokenizer_config, None, origin))
+    }
+
+    fn from_parts(inner: tokenizers::Tokenizer, tc: &Value, template_file: Option<String>, origin: &str) -> Tokenizer {
+        let source = template_file.or_else(|| template_source(tc.get("chat_template")));
+        let chat_template = source.map(|src| {
+            let special = ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"]
+                .iter()
+                .filter_map(|key| token_string(tc.get(*key)).map(|s| (key.to_string(), s)))
+                .collect();
+            ChatTemplate { source: src, special }
+        });
+        Tokenizer {
             inner,
             bos_token: token_string(tc.get("bos_token")),
             eos_token: token_string(tc.get("eos_token")),
-            chat_template: None,
-            origin: dir.display().to_string(),
-        };
-        if let Some(src) = source {
-            let mut special = Vec::new();
-            for key in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {
-                if let Some(s) = token_string(tc.get(key)) {
-                    special.push((key.to_string(), s));
-                }
-            }
-            tok.chat_template = Some(ChatTemplate { source: src, special });
+            chat_template,
+            origin: origin.to_string(),
         }
-        Ok(tok)
     }
 
     /// Token ids as transformers' tokenizer(text) gives them (`add_special_tokens` adds BOS
