@@ -168,3 +168,19 @@ pub fn generate(
     eprintln!("wrote {}", out.display());
     Ok(())
 }
+
+pub fn convert(model: &Path, out: &Path, dtype: &str) -> Result<()> {
+    let dt = match dtype {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+    };
+    if !model.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        bail!("--model {}: convert reads .gguf files", model.display());
+    }
+    let t0 = std::time::Instant::now();
+    sl_engine::export::convert_gguf(model, out, dt)?;
+    eprintln!("wrote {} ({dtype}) in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -53,6 +53,18 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
     },
+    /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat template)
+    Convert {
+        /// The .gguf file
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory (must not exist or be empty)
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the written weights: f32, bf16 or f16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Batched greedy generation, optionally with a layer range's weights scaled
     Generate {
         #[arg(long)]
@@ -80,6 +92,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
+        Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)
         }

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod extract;
 pub mod generate;
 pub mod gguf;

@@ -55,6 +55,10 @@ impl WeightMap {
         }
     }
 
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
     pub fn remaining(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().cloned().collect();
         v.sort();

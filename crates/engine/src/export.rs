@@ -1,0 +1,109 @@
+//! Writing Hugging Face checkpoint directories (GGUF conversion now; fine-tuned models later):
+//! config.json, model.safetensors, tokenizer files, generation_config.json — all written into a
+//! temporary sibling directory that is renamed into place only when complete.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Serialises tensors (by Hugging Face name) as one safetensors file in `dtype` (f32, bf16, f16).
+pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>, dtype: DType, meta: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+    let st_dtype = match dtype {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F16 => safetensors::Dtype::F16,
+        other => bail!("cannot write weights as {other:?} (supported: f32, bf16, f16)"),
+    };
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => flat.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => flat.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            _ => flat.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        };
+        buffers.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype, shape.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    Ok(safetensors::tensor::serialize(views, meta)?)
+}
+
+/// A directory being written: files go to `<dest>.tmp-<pid>`, `commit` renames it to `dest`.
+pub struct StagedDir {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    pub fn new(dest: &Path) -> Result<StagedDir> {
+        if dest.exists() && std::fs::read_dir(dest).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            bail!("output directory {} already exists and is not empty", dest.display());
+        }
+        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(StagedDir { tmp, dest: dest.to_path_buf(), committed: false })
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.tmp.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    pub fn write_json(&self, name: &str, v: &serde_json::Value) -> Result<()> {
+        self.write(name, serde_json::to_string_pretty(v)?.as_bytes())
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        if self.dest.exists() {
+            std::fs::remove_dir(&self.dest).with_context(|| format!("cannot replace empty {}", self.dest.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("cannot move {} to {}", self.tmp.display(), self.dest.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Converts a GGUF file into a Hugging Face directory that transformers loads.
+pub fn convert_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let g = crate::gguf::GgufModel::load(gguf)?;
+    let stage = StagedDir::new(out)?;
+    let mut config = g.config.clone();
+    config["torch_dtype"] = serde_json::json!(match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    });
+    let tensors: BTreeMap<String, Tensor> = g.weights.into_tensors().into_iter().collect();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    stage.write("model.safetensors", &safetensors_bytes(&tensors, dtype, Some(meta))?)?;
+    stage.write_json("config.json", &config)?;
+    stage.write_json("tokenizer.json", &g.tokenizer_json)?;
+    stage.write_json("tokenizer_config.json", &g.tokenizer_config)?;
+    let mut gen = serde_json::Map::new();
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config.get(k) {
+            gen.insert(k.into(), v.clone());
+        }
+    }
+    stage.write_json("generation_config.json", &serde_json::Value::Object(gen))?;
+    stage.commit()
+}
