@@ -194,3 +194,46 @@ fn every_family_has_a_fixture() {
         assert!(fixture_dir(f).join("expected.json").exists(), "missing fixture for {f}");
     }
 }
+
+/// The hook points tell one consistent story: resid_post(k) = resid_pre(k+1) =
+/// resid_pre(k) + attn_out(k) + mlp_out(k), and stopping early changes nothing.
+#[test]
+fn hook_points_are_consistent() {
+    use sl_engine::{Hook, Positions};
+    let m = Model::load(&fixture_dir("gemma2")).unwrap();
+    let d = &m.decoder;
+    let ids = m.tokenizer.encode("Below is an instruction. Name three colours of the rainbow, please.", true).unwrap();
+    let ids = candle_core::Tensor::new(ids.as_slice(), &d.device).unwrap().unsqueeze(0).unwrap();
+    let l = d.num_layers();
+    let mut hooks = vec![(Hook::FinalNorm, Positions::Last)];
+    for k in 0..l {
+        for h in [Hook::ResidPre(k), Hook::ResidPost(k), Hook::AttnOut(k), Hook::MlpOut(k)] {
+            hooks.push((h, Positions::All));
+        }
+    }
+    let (_, cap) = d.forward(&ids, &[0], None, &Capture { hooks }, Logits::None).unwrap();
+    let get = |h: Hook| cap.get(h, Positions::All).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for k in 0..l {
+        let sum: Vec<f32> = get(Hook::ResidPre(k))
+            .iter()
+            .zip(get(Hook::AttnOut(k)))
+            .zip(get(Hook::MlpOut(k)))
+            .map(|((a, b), c)| a + b + c)
+            .collect();
+        assert_close(&sum, &get(Hook::ResidPost(k)), 1e-5, &format!("layer {k} residual sum"));
+        if k + 1 < l {
+            assert_eq!(get(Hook::ResidPost(k)), get(Hook::ResidPre(k + 1)));
+        }
+    }
+    // Asking only for an early layer stops there and gives the same tensor.
+    let early = Capture { hooks: vec![(Hook::ResidPre(2), Positions::Last)] };
+    assert_eq!(early.layers_needed(), Some(2));
+    let (none, cap2) = d.forward(&ids, &[0], None, &early, Logits::None).unwrap();
+    assert!(none.is_none());
+    let all = get(Hook::ResidPre(2));
+    let h = m.cfg().hidden_size;
+    assert_eq!(cap2.get(Hook::ResidPre(2), Positions::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), all[all.len() - h..]);
+    assert_eq!(Hook::parse("hidden.4", l).unwrap(), Hook::FinalNorm);
+    assert_eq!(Hook::parse("resid_pre.1", l).unwrap(), Hook::ResidPre(1));
+    assert!(Hook::parse("mlp_out.9", l).is_err());
+}
