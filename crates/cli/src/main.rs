@@ -1,6 +1,8 @@
 //! `safety-layers`: find the safety layers of aligned chat LLMs (Li et al., ICLR 2025).
 
 mod commands;
+mod cosine_cmd;
+mod datasets;
 mod output;
 mod progress;
 
@@ -53,6 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
     },
+    /// The paper's cosine analysis: where N-M similarity falls away from N-N (existence of safety layers)
+    Cosine(cosine_cmd::CosineArgs),
     /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat template)
     Convert {
         /// The .gguf file
@@ -92,6 +96,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
+        Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)

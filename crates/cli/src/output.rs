@@ -46,8 +46,4 @@ impl Drop for AtomicFile {
     }
 }
 
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(dest)?;
-    f.writer().write_all(bytes)?;
-    f.commit()
-}
+pub use sl_engine::export::write_atomic;

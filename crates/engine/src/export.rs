@@ -32,6 +32,19 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>, dtype: DType, meta:
     Ok(safetensors::tensor::serialize(views, meta)?)
 }
 
+/// Writes a file atomically: a temporary sibling renamed into place once complete.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
+    std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
+}
+
 /// A directory being written: files go to `<dest>.tmp-<pid>`, `commit` renames it to `dest`.
 pub struct StagedDir {
     tmp: PathBuf,

@@ -1,0 +1,14 @@
+//! The paper's science on top of the engine: the cosine analysis that shows safety layers exist
+//! (§3.2-3.3), with figures; localisation, fine-tuning and evaluation follow the same pattern.
+
+pub mod cosine;
+pub mod cosine_report;
+pub mod figures;
+pub mod range_rule;
+pub mod rng;
+
+/// sha256 of a byte string, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
