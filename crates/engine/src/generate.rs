@@ -47,8 +47,67 @@ pub fn left_pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Vec<usize>)
     Ok((Tensor::from_vec(flat, (rows.len(), t), device)?, pads))
 }
 
-/// Greedy continuations of `prompts` (token ids). The output of each prompt holds the new
-/// tokens, including the EOS token that stopped it. `progress` is told how many prompts finished.
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    /// The caller's stop predicate (e.g. a refusal judge whose verdict can no longer change).
+    Caller,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// New tokens, including the EOS token that stopped the sequence.
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+}
+
+/// Asked after every new token with the prompt's index and its tokens so far: true stops it.
+pub type StopFn<'a> = &'a (dyn Fn(usize, &[u32]) -> bool + Sync);
+
+/// The residual stream entering `start_layer` and the keys/values of the layers below it, for
+/// every prompt, batched as generation will batch them. Scaling layers >= `start_layer` changes
+/// none of it, so one prefix serves every range with that lower bound.
+pub struct PrefixCache {
+    pub start_layer: usize,
+    batches: Vec<PrefixBatch>,
+    num_prompts: usize,
+}
+
+struct PrefixBatch {
+    idx: Vec<usize>,
+    pads: Vec<usize>,
+    x: Tensor,
+    kv: KvCache,
+}
+
+/// Prompt indices sorted longest first, in batches.
+fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    order.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+impl PrefixCache {
+    pub fn build(dec: &Decoder, prompts: &[Vec<u32>], batch_size: usize, start_layer: usize) -> Result<PrefixCache> {
+        let mut out = Vec::new();
+        for idx in batches(prompts, batch_size) {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
+            let (ids, pads) = left_pad(&rows, &dec.device)?;
+            let t = ids.dim(1)?;
+            let ctx = dec.step_ctx(&pads, 0, t, false)?;
+            let mut kv = KvCache::new(dec.num_layers());
+            let mut captured = crate::hooks::Captured::default();
+            let x = dec.run_layers(dec.embed(&ids)?, 0..start_layer, &ctx, Some(&mut kv), &Capture::none(), &mut captured)?;
+            out.push(PrefixBatch { idx, pads, x, kv });
+        }
+        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len() })
+    }
+}
+
+/// Greedy continuations of `prompts` (token ids). `progress` is told how many prompts finished.
 pub fn greedy(
     dec: &Decoder,
     prompts: &[Vec<u32>],
@@ -56,42 +115,110 @@ pub fn greedy(
     opts: &GenerateOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    let mut out = vec![Vec::new(); prompts.len()];
-    for chunk in order.chunks(opts.batch_size.max(1)) {
-        let rows: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-        let results = greedy_batch(dec, &rows, eos, opts)?;
-        for (&i, r) in chunk.iter().zip(results) {
+    Ok(greedy_with(dec, prompts, eos, opts, None, progress)?.into_iter().map(|g| g.ids).collect())
+}
+
+/// As `greedy`, with a stop predicate, returning why each sequence stopped.
+pub fn greedy_with(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompts.len()];
+    for idx in batches(prompts, opts.batch_size) {
+        let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
+        let results = if opts.no_cache {
+            greedy_batch_uncached(dec, &rows, eos, opts)?
+                .into_iter()
+                .map(|ids| Generation { stop: stop_reason(&ids, eos, opts), ids })
+                .collect()
+        } else {
+            let (ids, pads) = left_pad(&rows, &dec.device)?;
+            decode_batch(dec, First::Ids(ids), &idx, pads, KvCache::new(dec.num_layers()), eos, opts, stop)?
+        };
+        for (&i, r) in idx.iter().zip(results) {
             out[i] = r;
         }
-        progress(chunk.len());
+        progress(idx.len());
     }
     Ok(out)
 }
 
-fn greedy_batch(dec: &Decoder, rows: &[&[u32]], eos: &[u32], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
-    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+/// Greedy continuations that start from a prefix cache (the current weights of layers below
+/// `prefix.start_layer` must be the ones it was built with).
+pub fn greedy_from_prefix(
+    dec: &Decoder,
+    prefix: &PrefixCache,
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prefix.num_prompts];
+    for b in &prefix.batches {
+        let first = First::FromLayer(b.x.clone(), prefix.start_layer);
+        let results = decode_batch(dec, first, &b.idx, b.pads.clone(), b.kv.clone(), eos, opts, stop)?;
+        for (&i, r) in b.idx.iter().zip(results) {
+            out[i] = r;
+        }
+        progress(b.idx.len());
+    }
+    Ok(out)
+}
+
+fn stop_reason(ids: &[u32], eos: &[u32], opts: &GenerateOptions) -> StopReason {
+    match ids.last() {
+        Some(t) if !opts.ignore_eos && eos.contains(t) => StopReason::Eos,
+        _ => StopReason::MaxTokens,
+    }
+}
+
+enum First {
+    Ids(Tensor),
+    FromLayer(Tensor, usize),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_batch(
+    dec: &Decoder,
+    first: First,
+    prompt_idx: &[usize],
+    mut pads: Vec<usize>,
+    mut cache: KvCache,
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+) -> Result<Vec<Generation>> {
+    let mut outputs: Vec<Generation> = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompt_idx.len()];
     if opts.max_new_tokens == 0 {
         return Ok(outputs);
     }
-    if opts.no_cache {
-        return greedy_batch_uncached(dec, rows, eos, opts);
-    }
-    let (ids, mut pads) = left_pad(rows, &dec.device)?;
-    let mut cache = KvCache::new(dec.num_layers());
-    // Rows of the current batch tensor, as indices into `rows`.
-    let mut active: Vec<usize> = (0..rows.len()).collect();
-    let mut input = ids;
+    // Rows of the current batch tensor, as positions in `prompt_idx`.
+    let mut active: Vec<usize> = (0..prompt_idx.len()).collect();
+    let mut input: Option<Tensor> = None;
+    let mut first = Some(first);
     for step in 0..opts.max_new_tokens {
-        let (logits, _) = dec.forward(&input, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?;
+        let (logits, _) = match (first.take(), input.take()) {
+            (Some(First::Ids(ids)), _) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (Some(First::FromLayer(x, l)), _) => dec.forward_from(x, l, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (None, Some(ids)) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (None, None) => unreachable!("input set after the first step"),
+        };
         let logits = logits.expect("logits requested").squeeze(1)?.to_vec2::<f32>()?;
         let mut keep = Vec::new();
         let mut next = Vec::new();
         for (pos, &row) in active.iter().enumerate() {
             let tok = argmax(&logits[pos]);
-            outputs[row].push(tok);
-            if opts.ignore_eos || !eos.contains(&tok) {
+            let g = &mut outputs[row];
+            g.ids.push(tok);
+            if !opts.ignore_eos && eos.contains(&tok) {
+                g.stop = StopReason::Eos;
+            } else if stop.is_some_and(|f| f(prompt_idx[row], &g.ids)) {
+                g.stop = StopReason::Caller;
+            } else {
                 keep.push(pos);
                 next.push(tok);
             }
@@ -105,7 +232,7 @@ fn greedy_batch(dec: &Decoder, rows: &[&[u32]], eos: &[u32], opts: &GenerateOpti
             pads = keep.iter().map(|&p| pads[p]).collect();
             active = keep.iter().map(|&p| active[p]).collect();
         }
-        input = Tensor::from_vec(next, (active.len(), 1), &dec.device)?;
+        input = Some(Tensor::from_vec(next, (active.len(), 1), &dec.device)?);
     }
     Ok(outputs)
 }

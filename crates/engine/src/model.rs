@@ -98,8 +98,14 @@ impl KvCache {
         KvCache { layers: vec![None; num_layers] }
     }
 
+    /// Cached positions (of the first layer that holds any).
     pub fn len(&self) -> usize {
         self.layers.iter().flatten().next().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Cached positions of layer `l`.
+    pub fn len_at(&self, l: usize) -> usize {
+        self.layers.get(l).and_then(|c| c.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -453,16 +459,30 @@ impl Decoder {
         capture: &Capture,
         logits: Logits,
     ) -> Result<(Option<Tensor>, Captured)> {
-        let (_, t) = ids.dims2()?;
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let x = self.embed(ids)?;
+        self.forward_from(x, 0, pads, cache, capture, logits)
+    }
+
+    /// The forward pass from layer `start` on, given the residual stream `x: [B, T, H]` entering
+    /// it (and, in `cache`, the keys/values of layers below `start` for earlier positions).
+    pub fn forward_from(
+        &self,
+        x: Tensor,
+        start: usize,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        capture: &Capture,
+        logits: Logits,
+    ) -> Result<(Option<Tensor>, Captured)> {
+        let (_, t, _) = x.dims3()?;
+        let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
         let ctx = self.step_ctx(pads, past, t, false)?;
         let mut captured = Captured::default();
-        let x = self.embed(ids)?;
         let stop = match (logits, capture.layers_needed()) {
             (Logits::None, Some(k)) => k.min(self.num_layers()),
             _ => self.num_layers(),
         };
-        let x = self.run_layers(x, 0..stop, &ctx, cache, capture, &mut captured)?;
+        let x = self.run_layers(x, start..stop.max(start), &ctx, cache, capture, &mut captured)?;
         if stop < self.num_layers() {
             captured.record(capture, Hook::ResidPre(stop), &x)?;
             return Ok((None, captured));
