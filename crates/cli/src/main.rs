@@ -3,6 +3,7 @@
 mod commands;
 mod cosine_cmd;
 mod datasets;
+mod locate_cmd;
 mod output;
 mod progress;
 
@@ -57,6 +58,10 @@ enum Command {
     },
     /// The paper's cosine analysis: where N-M similarity falls away from N-N (existence of safety layers)
     Cosine(cosine_cmd::CosineArgs),
+    /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
+    Locate(locate_cmd::LocateArgs),
+    /// Classify saved responses (generate's JSONL) as refusals or not
+    Judge(locate_cmd::JudgeArgs),
     /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat template)
     Convert {
         /// The .gguf file
@@ -97,6 +102,8 @@ fn main() {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
         Command::Cosine(args) => cosine_cmd::run(&args),
+        Command::Locate(args) => locate_cmd::run_locate(&args),
+        Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)

@@ -20,6 +20,12 @@ impl Progress {
         Progress { bar, start: Instant::now() }
     }
 
+    /// For runs whose total is not known in advance (a bound sweep that may extend).
+    pub fn set_length_unknown(&self) {
+        self.bar.set_length(u64::MAX);
+        self.bar.set_style(ProgressStyle::with_template("{msg} {pos} {elapsed_precise}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    }
+
     pub fn inc(&self, n: usize) {
         self.bar.inc(n as u64);
     }

@@ -2,6 +2,7 @@
 //! tokenizers and chat templates, one decoder for every supported family with named hook points,
 //! weight scaling and batched greedy generation.
 
+mod attn_cpu;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -129,6 +129,9 @@ pub struct StepCtx {
     pub past: usize,
     mask_full: Tensor,
     mask_sliding: Option<Tensor>,
+    /// The same masks as `[B, T, S]` slices for the CPU attention kernel.
+    mask_full_raw: Vec<f32>,
+    mask_sliding_raw: Option<Vec<f32>>,
     rope_global: (Tensor, Tensor),
     rope_local: Option<(Tensor, Tensor)>,
     pub differentiable: bool,
@@ -284,7 +287,7 @@ impl Decoder {
         let total = past + new_tokens;
         let window = self.cfg.sliding_window;
         let needs_sliding = self.cfg.layer_types.contains(&AttentionKind::Sliding);
-        let build = |sliding: bool| -> Result<Tensor> {
+        let build = |sliding: bool| -> Result<Vec<f32>> {
             let mut m = vec![0f32; b * new_tokens * total];
             for (r, &pad) in pads.iter().enumerate() {
                 for t in 0..new_tokens {
@@ -305,8 +308,11 @@ impl Decoder {
                     }
                 }
             }
-            Ok(Tensor::from_vec(m, (b, 1, new_tokens, total), &self.device)?)
+            Ok(m)
         };
+        let mask_full_raw = build(false)?;
+        let mask_sliding_raw = if needs_sliding { Some(build(true)?) } else { None };
+        let as_tensor = |m: &Vec<f32>| Tensor::from_vec(m.clone(), (b, 1, new_tokens, total), &self.device);
         let positions: Vec<Vec<u32>> = pads
             .iter()
             .map(|&pad| (past..total).map(|i| i.saturating_sub(pad) as u32).collect())
@@ -316,8 +322,13 @@ impl Decoder {
             batch: b,
             new_tokens,
             past,
-            mask_full: build(false)?,
-            mask_sliding: if needs_sliding { Some(build(true)?) } else { None },
+            mask_full: as_tensor(&mask_full_raw)?,
+            mask_sliding: match &mask_sliding_raw {
+                Some(m) => Some(as_tensor(m)?),
+                None => None,
+            },
+            mask_full_raw,
+            mask_sliding_raw,
             rope_global: self.rope_global.cos_sin(&positions, seq_len, &self.device)?,
             rope_local: match &self.rope_local {
                 Some(r) => Some(r.cos_sin(&positions, seq_len, &self.device)?),
@@ -362,26 +373,24 @@ impl Decoder {
             }
             None => (k, v),
         };
-        let s = k.dim(2)?;
-        let g = nh / nkv;
-        // Grouped-query attention without copying k/v: the g query heads that share a kv head
-        // are stacked along the row dimension.
-        let q = (q * cfg.attn_scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
-        let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        if let Some(cap) = cfg.attn_softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        let mask = match (layer.kind, &ctx.mask_sliding) {
-            (AttentionKind::Sliding, Some(m)) => m,
-            _ => &ctx.mask_full,
-        };
-        let scores = scores.broadcast_add(mask)?;
-        let probs = if ctx.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding.is_some();
+        let out = if ctx.differentiable {
+            let s = k.dim(2)?;
+            let g = nh / nkv;
+            // Grouped-query attention without copying k/v: the g query heads that share a kv
+            // head are stacked along the row dimension.
+            let q = (q * cfg.attn_scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+            let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+            if let Some(cap) = cfg.attn_softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = if sliding { ctx.mask_sliding.as_ref().expect("checked") } else { &ctx.mask_full };
+            let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+            probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let mask = if sliding { ctx.mask_sliding_raw.as_ref().expect("checked") } else { &ctx.mask_full_raw };
+            crate::attn_cpu::attention(&q, &k, &v, mask, cfg.attn_scale as f32, cfg.attn_softcap.map(|c| c as f32))?
         };
-        let out = probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.attn.o.forward(&out)
     }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// A 0-indexed inclusive layer range, as the paper writes `[i, j]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct LayerRange {
     pub first: usize,
     pub last: usize,

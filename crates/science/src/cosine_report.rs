@@ -43,8 +43,30 @@ impl ModelCurves {
     }
 }
 
-/// Runs every prompt of both sets through the model once (batched) and forms the pairs.
+/// Unit last-token vectors of every prompt of a set (one batched pass), and its token count.
 /// Prompts longer than the model's context are refused, naming the prompt.
+pub fn vectors(model: &Model, set: &PromptSet, cfg: &CosineConfig, progress: &mut dyn FnMut(usize)) -> Result<(Vectors, usize)> {
+    if set.records.len() < 2 {
+        anyhow::bail!("prompt set `{}` has {} prompt(s); the cosine analysis needs at least 2", set.name, set.records.len());
+    }
+    let prompts = model.prompts(&set.records, cfg.template)?;
+    let max = model.cfg().max_position_embeddings;
+    if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
+        anyhow::bail!(
+            "prompt set `{}`: {:?} is {} tokens, longer than the model's context ({max}); shorten it",
+            set.name,
+            p.record.instruction,
+            p.ids.len()
+        );
+    }
+    let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
+    let tokens = ids.iter().map(|i| i.len()).sum::<usize>();
+    let states = sl_engine::extract::hidden_last(&model.decoder, &ids, cfg.batch_size, progress)
+        .map_err(|e| anyhow::anyhow!("prompt set `{}`: {e:#}", set.name))?;
+    Ok((Vectors::from_tensors(&states, &set.name)?, tokens))
+}
+
+/// Runs every prompt of both sets through the model once (batched) and forms the pairs.
 pub fn analyse(
     model: &Model,
     label: &str,
@@ -54,31 +76,11 @@ pub fn analyse(
     progress: &mut dyn FnMut(usize),
 ) -> Result<ModelCurves> {
     let t0 = std::time::Instant::now();
-    let mut vecs = Vec::new();
-    let mut tokens = 0;
-    for set in [normal, malicious] {
-        if set.records.len() < 2 {
-            anyhow::bail!("prompt set `{}` has {} prompt(s); the cosine analysis needs at least 2", set.name, set.records.len());
-        }
-        let prompts = model.prompts(&set.records, cfg.template)?;
-        let max = model.cfg().max_position_embeddings;
-        if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
-            anyhow::bail!(
-                "prompt set `{}`: {:?} is {} tokens, longer than the model's context ({max}); shorten it",
-                set.name,
-                p.record.instruction,
-                p.ids.len()
-            );
-        }
-        let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
-        tokens += ids.iter().map(|i| i.len()).sum::<usize>();
-        let states = sl_engine::extract::hidden_last(&model.decoder, &ids, cfg.batch_size, progress)
-            .map_err(|e| anyhow::anyhow!("prompt set `{}`: {e:#}", set.name))?;
-        vecs.push(Vectors::from_tensors(&states, &set.name)?);
-    }
+    let (nv, nt) = vectors(model, normal, cfg, progress)?;
+    let (mv, mt) = vectors(model, malicious, cfg, progress)?;
     let seconds = t0.elapsed().as_secs_f64();
-    let curves = curves(&vecs[0], &vecs[1], cfg.pairs, cfg.seed)?;
-    Ok(ModelCurves { model: label.to_string(), curves, prompts: normal.records.len() + malicious.records.len(), tokens, seconds })
+    let curves = curves(&nv, &mv, cfg.pairs, cfg.seed)?;
+    Ok(ModelCurves { model: label.to_string(), curves, prompts: normal.records.len() + malicious.records.len(), tokens: nt + mt, seconds })
 }
 
 fn run_json(r: &ModelCurves) -> serde_json::Value {

@@ -4,6 +4,9 @@
 pub mod cosine;
 pub mod cosine_report;
 pub mod figures;
+pub mod judges;
+pub mod locate;
+pub mod locate_report;
 pub mod range_rule;
 pub mod rng;
 

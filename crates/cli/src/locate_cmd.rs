@@ -1,0 +1,162 @@
+//! `safety-layers locate` and `safety-layers judge`.
+
+use crate::progress::Progress;
+use anyhow::{anyhow, bail, Context, Result};
+use sl_engine::{LayerRange, Model, Template};
+use sl_science::judges::{Judge, JudgeKind};
+use sl_science::locate::{AlphaMode, LocateConfig, Locator};
+use sl_science::locate_report::{run, write};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct LocateArgs {
+    /// Model: Hugging Face directory or .gguf file
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Over-rejection queries D_o (file or dataset name)
+    #[arg(long, default_value = "over-rejection")]
+    pub over_rejection: String,
+    /// Initial range I-J (0-indexed, inclusive)
+    #[arg(long, conflicts_with = "cosine")]
+    pub initial: Option<String>,
+    /// Take the initial range from a cosine.json
+    #[arg(long)]
+    pub cosine: Option<PathBuf>,
+    /// Scaling factor, or `auto` (paper A.3.4)
+    #[arg(long, default_value = "auto")]
+    pub alpha: String,
+    /// With --alpha auto: stop when the lower sweep's count std reaches this per 721 queries
+    #[arg(long, default_value_t = 15.0)]
+    pub std_threshold: f64,
+    #[arg(long, default_value = "gcg")]
+    pub judge: String,
+    /// Refusal phrases, one per line, instead of the judge's default list
+    #[arg(long)]
+    pub refusal_list: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// Bounds tried on each side of the current bound
+    #[arg(long, default_value_t = 2)]
+    pub span: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "alpaca")]
+    pub template: String,
+    /// Use only the first N queries
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Recompute the layers below each range instead of reusing them (slower; same counts)
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Generate every response to the end even when the judge has decided
+    #[arg(long)]
+    pub no_early_stop: bool,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn judge_from(kind: &str, list: Option<&PathBuf>) -> Result<Judge> {
+    let kind: JudgeKind = kind.parse()?;
+    match list {
+        Some(f) => Judge::with_list_file(kind, f),
+        None => Ok(Judge::new(kind)),
+    }
+}
+
+fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
+    if let Some(s) = &a.initial {
+        return LayerRange::parse(s, n_layers);
+    }
+    let Some(p) = &a.cosine else {
+        bail!("give the initial range with --initial I-J or --cosine DIR/cosine.json");
+    };
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
+        .with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let r = &v["initial_range"];
+    if r.is_null() {
+        bail!("{}: the cosine analysis found no initial range (no gap opens); give --initial I-J", p.display());
+    }
+    let get = |k: &str| r[k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{}: initial_range.{k} is missing", p.display()));
+    LayerRange::new(get("first")?, get("last")?, n_layers)
+}
+
+pub fn run_locate(a: &LocateArgs) -> Result<()> {
+    let mut model = Model::load(&a.model).with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let n_layers = model.cfg().num_layers;
+    let initial = initial_range(a, n_layers)?;
+    let alpha = if a.alpha == "auto" {
+        AlphaMode::Auto { std_threshold_per_721: a.std_threshold }
+    } else {
+        let x: f64 = a.alpha.parse().map_err(|_| anyhow!("--alpha `{}`: expected a number or `auto`", a.alpha))?;
+        if !x.is_finite() || x <= 0.0 || x == 1.0 {
+            bail!("--alpha {x}: must be a positive finite number other than 1");
+        }
+        AlphaMode::Fixed(x)
+    };
+    let judge = judge_from(&a.judge, a.refusal_list.as_ref())?;
+    let mut set = crate::cosine_cmd::prompt_set(&a.over_rejection)?;
+    if let Some(n) = a.limit {
+        set.records.truncate(n);
+    }
+    if set.records.is_empty() {
+        bail!("the over-rejection set `{}` is empty", a.over_rejection);
+    }
+    let prompts = model.prompts(&set.records, a.template.parse::<Template>()?)?;
+    let cfg = LocateConfig {
+        alpha,
+        span: a.span,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        prefix_cache: !a.no_prefix_cache,
+        early_stop: !a.no_early_stop,
+    };
+    let n = prompts.len();
+    let mut loc = Locator::new(&mut model, prompts, judge, cfg)?;
+    let bar = Progress::new(n, "locate (prompts judged, all runs)");
+    bar.set_length_unknown();
+    let res = run(&mut loc, initial, alpha, &mut |k| bar.inc(k))?;
+    let judged: usize = loc.runs.len() * n;
+    bar.finish(judged, 0, "locate");
+    let meta = serde_json::json!({
+        "model": a.model.display().to_string(), "over_rejection": set.name, "over_rejection_sha256": set.sha256,
+        "template": a.template, "max_new_tokens": a.max_new_tokens, "span": a.span,
+        "prefix_cache": !a.no_prefix_cache, "early_stop": !a.no_early_stop,
+    });
+    write(&a.out, &loc, &res, initial, meta)?;
+    eprintln!("baseline: {} of {n} refused; alpha {}", res.baseline, res.alpha);
+    for s in [&res.upper, &res.lower] {
+        let row: Vec<String> = s.tried.iter().map(|(r, c)| format!("[{},{}] {}{}", r.first, r.last, c, if *r == s.best { "*" } else { "" })).collect();
+        eprintln!("{} sweep: {}", s.kind, row.join(" | "));
+    }
+    eprintln!("safety layers: {} ({} runs, {:.1} s)", res.range(), loc.runs.len(), res.seconds);
+    eprintln!("wrote {}/locate.json, locate.csv, locate.svg, responses/", a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct JudgeArgs {
+    /// Responses in the `generate` output format (JSONL with a `response` field)
+    #[arg(long)]
+    pub responses: PathBuf,
+    #[arg(long, default_value = "gcg")]
+    pub judge: String,
+    #[arg(long)]
+    pub refusal_list: Option<PathBuf>,
+}
+
+pub fn run_judge(a: &JudgeArgs) -> Result<()> {
+    let judge = judge_from(&a.judge, a.refusal_list.as_ref())?;
+    let text = std::fs::read_to_string(&a.responses).with_context(|| format!("cannot read {}", a.responses.display()))?;
+    let (mut n, mut refused) = (0usize, 0usize);
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: line {} is not valid JSON", a.responses.display(), i + 1))?;
+        let r = v["response"].as_str().ok_or_else(|| anyhow!("{}: line {} has no string field `response`", a.responses.display(), i + 1))?;
+        n += 1;
+        refused += judge.is_refusal(r) as usize;
+    }
+    if n == 0 {
+        bail!("{}: no responses", a.responses.display());
+    }
+    println!("{{\"judge\": \"{}\", \"responses\": {n}, \"refusals\": {refused}, \"compliances\": {}}}", a.judge, n - refused);
+    Ok(())
+}
