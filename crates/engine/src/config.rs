@@ -337,7 +337,11 @@ impl ModelConfig {
         };
 
         let (rope, rope_local) = Self::ropes(v, family, file)?;
-        let partial = opt_f64(v, "partial_rotary_factor", file)?.unwrap_or(1.0);
+        // transformers-5 keeps partial_rotary_factor inside rope_parameters, 4 at the top level.
+        let partial = match get(v, "rope_parameters").map(|rp| opt_f64(rp, "partial_rotary_factor", file)).transpose()?.flatten() {
+            Some(p) => p,
+            None => opt_f64(v, "partial_rotary_factor", file)?.unwrap_or(1.0),
+        };
         let rotary_dim = ((head_dim as f64) * partial) as usize;
         if rotary_dim % 2 != 0 || rotary_dim == 0 {
             bail!("{file}: partial_rotary_factor {partial} gives an odd or zero rotary dimension {rotary_dim}");
