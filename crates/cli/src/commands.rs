@@ -3,21 +3,20 @@
 use crate::output::{write_atomic, AtomicFile};
 use crate::progress::Progress;
 use crate::PromptArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use sl_engine::generate::{greedy, GenerateOptions};
-use sl_engine::prompts::read_prompts;
 use sl_engine::{LayerRange, Model, Prompt, Template};
 use std::io::Write;
 use std::path::Path;
 
 fn load(model: &Path) -> Result<Model> {
-    Model::load(model).with_context(|| format!("cannot load model {}", model.display()))
+    crate::datasets::load_model(model)
 }
 
 fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)> {
     let template: Template = args.template.parse()?;
-    let mut records = read_prompts(&args.prompts, args.column.as_deref())?;
+    let mut records = crate::datasets::prompt_set_with(&args.prompts, args.column.as_deref())?.records;
     if let Some(n) = args.limit {
         records.truncate(n);
     }
@@ -26,7 +25,7 @@ fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)>
     if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
         bail!(
             "{}: prompt {:?} is {} tokens, longer than the model's context ({max})",
-            args.prompts.display(),
+            args.prompts,
             p.record.instruction,
             p.ids.len()
         );
@@ -176,6 +175,7 @@ pub fn convert(model: &Path, out: &Path, dtype: &str) -> Result<()> {
         "f16" => candle_core::DType::F16,
         other => bail!("--dtype {other}: expected f32, bf16 or f16"),
     };
+    let model = &crate::datasets::model_path(model)?;
     if !model.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         bail!("--model {}: convert reads .gguf files", model.display());
     }

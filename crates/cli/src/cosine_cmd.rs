@@ -1,22 +1,22 @@
 //! `safety-layers cosine`.
 
 use crate::progress::Progress;
-use anyhow::{Context, Result};
-use sl_engine::prompts::read_prompts;
-use sl_engine::{Model, Template};
+use anyhow::Result;
+use crate::datasets::{load_model, prompt_set};
+use sl_engine::Template;
 use sl_science::cosine::Pairs;
-use sl_science::cosine_report::{analyse, write, CosineConfig, PromptSet};
-use std::path::{Path, PathBuf};
+use sl_science::cosine_report::{analyse, write, CosineConfig};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct CosineArgs {
-    /// Model: Hugging Face directory or .gguf file
+    /// Model: Hugging Face directory, .gguf file or catalog name
     #[arg(long)]
     pub model: PathBuf,
-    /// Normal prompts (file)
+    /// Normal prompts (file or dataset name)
     #[arg(long, default_value = "paper-normal")]
     pub normal: String,
-    /// Malicious prompts (file)
+    /// Malicious prompts (file or dataset name)
     #[arg(long, default_value = "paper-malicious")]
     pub malicious: String,
     /// Prompt format: alpaca (the paper's), chat or raw
@@ -37,20 +37,6 @@ pub struct CosineArgs {
     pub out: PathBuf,
 }
 
-/// A prompt set from a file path or a catalog name.
-pub fn prompt_set(spec: &str) -> Result<PromptSet> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
-        return Ok(PromptSet { name: spec.to_string(), records: read_prompts(path, None)?, sha256: sl_science::sha256_hex(&bytes) });
-    }
-    crate::datasets::prompt_set(spec)
-}
-
-fn load(p: &Path) -> Result<Model> {
-    Model::load(p).with_context(|| format!("cannot load model {}", p.display()))
-}
-
 pub fn run(a: &CosineArgs) -> Result<()> {
     let cfg = CosineConfig {
         template: a.template.parse::<Template>()?,
@@ -63,7 +49,7 @@ pub fn run(a: &CosineArgs) -> Result<()> {
     let n = normal.records.len() + malicious.records.len();
     let mut runs = Vec::new();
     for m in std::iter::once(&a.model).chain(a.compare.as_ref()) {
-        let model = load(m)?;
+        let model = load_model(m)?;
         let bar = Progress::new(n, &format!("cosine {}", m.display()));
         let r = analyse(&model, &m.display().to_string(), &normal, &malicious, &cfg, &mut |k| bar.inc(k))?;
         bar.finish(r.prompts, r.tokens, "cosine");

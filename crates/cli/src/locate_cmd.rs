@@ -2,7 +2,7 @@
 
 use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
-use sl_engine::{LayerRange, Model, Template};
+use sl_engine::{LayerRange, Template};
 use sl_science::judges::{Judge, JudgeKind};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
 use sl_science::locate_report::{run, write};
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct LocateArgs {
-    /// Model: Hugging Face directory or .gguf file
+    /// Model: Hugging Face directory, .gguf file or catalog name
     #[arg(long)]
     pub model: PathBuf,
     /// Over-rejection queries D_o (file or dataset name)
@@ -81,7 +81,7 @@ fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
 }
 
 pub fn run_locate(a: &LocateArgs) -> Result<()> {
-    let mut model = Model::load(&a.model).with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let mut model = crate::datasets::load_model(&a.model)?;
     let n_layers = model.cfg().num_layers;
     let initial = initial_range(a, n_layers)?;
     let alpha = if a.alpha == "auto" {
@@ -94,7 +94,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         AlphaMode::Fixed(x)
     };
     let judge = judge_from(&a.judge, a.refusal_list.as_ref())?;
-    let mut set = crate::cosine_cmd::prompt_set(&a.over_rejection)?;
+    let mut set = crate::datasets::prompt_set(&a.over_rejection)?;
     if let Some(n) = a.limit {
         set.records.truncate(n);
     }
@@ -116,7 +116,8 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     bar.set_length_unknown();
     let res = run(&mut loc, initial, alpha, &mut |k| bar.inc(k))?;
     let judged: usize = loc.runs.len() * n;
-    bar.finish(judged, 0, "locate");
+    let generated: usize = loc.runs.values().flat_map(|r| &r.responses).map(|j| j.output_ids.len()).sum();
+    bar.finish(judged, generated, "locate (prompts over all runs, generated tokens)");
     let meta = serde_json::json!({
         "model": a.model.display().to_string(), "over_rejection": set.name, "over_rejection_sha256": set.sha256,
         "template": a.template, "max_new_tokens": a.max_new_tokens, "span": a.span,

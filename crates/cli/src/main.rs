@@ -2,6 +2,7 @@
 
 mod commands;
 mod cosine_cmd;
+mod data_cmd;
 mod datasets;
 mod locate_cmd;
 mod output;
@@ -13,15 +14,21 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "safety-layers", version, about = "Find the safety layers of aligned chat LLMs and fine-tune without destroying them")]
 struct Cli {
+    /// Directory holding datasets in the catalog layout (else SAFETY_LAYERS_DATA, then the cache)
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Directory holding model files such as SmolLM2-135M-Instruct.Q4_1.gguf (else SAFETY_LAYERS_MODELS)
+    #[arg(long, global = true)]
+    models_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::Args, Clone)]
 pub struct PromptArgs {
-    /// Prompt file: .txt / single-column .csv (one prompt per line), .csv with --column, .json or .jsonl records
+    /// Prompt file (.txt / single-column .csv, one prompt per line; .csv with --column; .json or .jsonl records) or dataset name
     #[arg(long)]
-    pub prompts: PathBuf,
+    pub prompts: String,
     /// Column (CSV with header) or field (JSON/JSONL) holding the prompt
     #[arg(long)]
     pub column: Option<String>,
@@ -37,7 +44,7 @@ pub struct PromptArgs {
 enum Command {
     /// Show a checkpoint's family, shape, dtype, chat template and EOS ids
     Inspect {
-        /// Hugging Face checkpoint directory
+        /// Hugging Face directory, .gguf file or catalog name (e.g. smollm2-135m-instruct)
         #[arg(long)]
         model: PathBuf,
         /// Print JSON instead of text
@@ -62,6 +69,11 @@ enum Command {
     Locate(locate_cmd::LocateArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
+    /// Datasets by name: list them, fetch them into the cache, verify local copies
+    Data {
+        #[command(subcommand)]
+        action: data_cmd::DataAction,
+    },
     /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat template)
     Convert {
         /// The .gguf file
@@ -98,10 +110,18 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // The catalog reads its locations from the environment; the flags override it.
+    if let Some(d) = &cli.data_dir {
+        std::env::set_var("SAFETY_LAYERS_DATA", d);
+    }
+    if let Some(d) = &cli.models_dir {
+        std::env::set_var("SAFETY_LAYERS_MODELS", d);
+    }
     let result = match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
         Command::Cosine(args) => cosine_cmd::run(&args),
+        Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),

@@ -103,3 +103,41 @@ fn bad_input_fails_without_partial_output() {
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("missing"));
 }
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+#[test]
+fn models_and_datasets_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let with_catalog = |c: &mut Command| {
+        c.env("SAFETY_LAYERS_DATA", shared().join("data")).env("SAFETY_LAYERS_MODELS", shared().join("models")).env("XDG_CACHE_HOME", &cache);
+    };
+    let mut c = bin();
+    with_catalog(&mut c);
+    let out = c.args(["inspect", "--json", "--model", "smollm2-135m-instruct"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["layers"].as_u64(), v["hidden_size"].as_u64(), v["heads"].as_u64(), v["kv_heads"].as_u64()), (Some(30), Some(576), Some(9), Some(3)));
+
+    let gen = d.path().join("g.jsonl");
+    let mut c = bin();
+    with_catalog(&mut c);
+    let st = c.args(["generate", "--model"]).arg(fixture("llama")).args(["--prompts", "xstest-safe", "--limit", "3", "--max-new-tokens", "2", "--out"]).arg(&gen).status().unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read_to_string(&gen).unwrap().lines().count(), 3);
+
+    let mut c = bin();
+    with_catalog(&mut c);
+    let out = c.args(["data", "verify", "paper-normal", "advbench"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("ok")).count(), 2);
+
+    let mut c = bin();
+    with_catalog(&mut c);
+    let out = c.args(["generate", "--model"]).arg(fixture("llama")).args(["--prompts", "no-such-set", "--out"]).arg(&gen).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paper-normal"), "the error lists the dataset names");
+}

@@ -54,6 +54,7 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
         chart
             .configure_mesh()
             .x_desc("layer (output of; -1 = embeddings)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("cosine similarity (mean ± std)")
             .light_line_style(WHITE.mix(0.0))
             .draw()
@@ -138,6 +139,7 @@ pub fn angle_gap_svg(series: &[Series<'_>], title: &str) -> Result<String> {
         chart
             .configure_mesh()
             .x_desc("layer (output of; -1 = embeddings)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("angle gap N-M vs N-N (degrees)")
             .light_line_style(WHITE.mix(0.0))
             .draw()
