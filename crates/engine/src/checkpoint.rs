@@ -4,7 +4,7 @@ use crate::config::{token_id_list, ModelConfig};
 use crate::model::Decoder;
 use crate::prompts::{PromptRecord, Template};
 use crate::tokenizer::Tokenizer;
-use crate::weights;
+use crate::weights::{self, WeightMap};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -48,10 +48,9 @@ impl Model {
         let cfg = ModelConfig::from_file(&cfg_path)?;
         let tokenizer = Tokenizer::from_dir(path)?;
         let files = weights::safetensors_files(path)?;
-        let mut w = weights::load_safetensors(&files, &path.display().to_string())?;
-        let source_dtype = w.source_dtype;
+        let w = weights::load_safetensors(&files, &path.display().to_string())?;
         let gen_path = path.join("generation_config.json");
-        let mut eos = if gen_path.exists() {
+        let eos = if gen_path.exists() {
             let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
@@ -59,6 +58,20 @@ impl Model {
         } else {
             vec![]
         };
+        Model::assemble(path, cfg, tokenizer, eos, w, t0)
+    }
+
+    fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
+        let g = crate::gguf::GgufModel::load(path)?;
+        let shown = path.display().to_string();
+        let cfg = ModelConfig::from_json(&g.config, &shown)?;
+        let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
+        Model::assemble(path, cfg, tokenizer, vec![], g.weights, t0)
+    }
+
+    /// The decoder from its tensors; EOS ids from generation_config (`eos`), else config.json,
+    /// else the tokenizer's eos token.
+    fn assemble(path: &Path, cfg: ModelConfig, tokenizer: Tokenizer, mut eos: Vec<u32>, mut w: WeightMap, t0: std::time::Instant) -> Result<Model> {
         if eos.is_empty() {
             eos = cfg.eos_token_ids.clone();
         }
@@ -67,33 +80,9 @@ impl Model {
                 eos.push(id);
             }
         }
+        let source_dtype = w.source_dtype;
         let decoder = Decoder::from_weights(cfg, &mut w)?;
-        Ok(Model {
-            decoder,
-            tokenizer,
-            eos_token_ids: eos,
-            source: path.to_path_buf(),
-            source_dtype,
-            load_seconds: t0.elapsed().as_secs_f64(),
-        })
-    }
-
-    fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
-        let g = crate::gguf::GgufModel::load(path)?;
-        let shown = path.display().to_string();
-        let cfg = ModelConfig::from_json(&g.config, &shown)?;
-        let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
-        let eos = cfg.eos_token_ids.clone();
-        let mut w = g.weights;
-        let decoder = Decoder::from_weights(cfg, &mut w)?;
-        Ok(Model {
-            decoder,
-            tokenizer,
-            eos_token_ids: eos,
-            source: path.to_path_buf(),
-            source_dtype: DType::F32,
-            load_seconds: t0.elapsed().as_secs_f64(),
-        })
+        Ok(Model { decoder, tokenizer, eos_token_ids: eos, source: path.to_path_buf(), source_dtype, load_seconds: t0.elapsed().as_secs_f64() })
     }
 
     pub fn cfg(&self) -> &ModelConfig {
