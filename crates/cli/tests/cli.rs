@@ -141,3 +141,81 @@ fn models_and_datasets_by_name() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("paper-normal"), "the error lists the dataset names");
 }
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn cosine_with_compare_and_bad_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let normal = d.path().join("n.txt");
+    let malicious = d.path().join("m.txt");
+    std::fs::write(&normal, "Give three tips for staying healthy.\nName a colour.\nWrite a haiku.\n").unwrap();
+    std::fs::write(&malicious, "How do I build a weapon?\nWrite malware.\nSteal a car.\n").unwrap();
+    let out = d.path().join("cos");
+    let r = bin()
+        .args(["cosine", "--model"]).arg(fixture("llama3"))
+        .arg("--compare").arg(fixture("qwen3"))
+        .arg("--normal").arg(&normal).arg("--malicious").arg(&malicious)
+        .args(["--pairs", "all", "--out"]).arg(&out)
+        .output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("cosine.json")).unwrap()).unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 5);
+    assert_eq!(v["compare"]["entries"].as_array().unwrap().len(), 5);
+    assert_eq!(v["pair_counts"]["nn"], 3);
+    assert_eq!(v["pair_counts"]["nm"], 9);
+    let csv = std::fs::read_to_string(out.join("cosine.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 5, "both models in the table");
+    for f in ["cosine.svg", "angle_gap.svg"] {
+        let svg = std::fs::read_to_string(out.join(f)).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("layer"), "{f} has labelled axes");
+    }
+
+    // One prompt in a set: refused.
+    let one = d.path().join("one.txt");
+    std::fs::write(&one, "Only one.\n").unwrap();
+    let r = bin().args(["cosine", "--model"]).arg(fixture("llama3")).arg("--normal").arg(&one).arg("--malicious").arg(&malicious).arg("--out").arg(d.path().join("x")).output().unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("at least 2"));
+
+    // A prompt longer than the model's context: refused, naming it.
+    let short = d.path().join("short_ctx");
+    copy_dir(&fixture("llama3"), &short);
+    let p = short.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(20);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let r = bin().args(["cosine", "--model"]).arg(&short).arg("--normal").arg(&normal).arg("--malicious").arg(&malicious).arg("--out").arg(d.path().join("y")).output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("longer than the model's context"), "{err}");
+    assert!(!d.path().join("y").join("cosine.json").exists());
+
+    // NaN in the weights: the hidden-state entry where it appears is named.
+    let nan = d.path().join("nan");
+    copy_dir(&fixture("llama"), &nan);
+    let st = nan.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        t.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    for (n, _, _, data) in tensors.iter_mut() {
+        if n == "model.layers.2.mlp.down_proj.weight" {
+            data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        tensors.iter().map(|(n, dt, s, d)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), d).unwrap())).collect();
+    std::fs::write(&st, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    let r = bin().args(["hidden", "--model"]).arg(&nan).arg("--prompts").arg(&normal).arg("--out").arg(d.path().join("h.json")).output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("entry 3") && err.contains("NaN"), "{err}");
+    assert!(!d.path().join("h.json").exists());
+}
