@@ -36,11 +36,131 @@ fn split_regex(pre: Option<&str>) -> Option<&'static str> {
 
 pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
     let model = gguf_str(c, "tokenizer.ggml.model").unwrap_or("");
-    if model != "gpt2" {
-        bail!(
-            "{shown}: GGUF tokenizer type `{model}` is not supported yet (supported: gpt2 byte-level BPE); convert the model with its Hugging Face tokenizer.json instead"
-        );
+    let arch = gguf_str(c, "general.architecture").unwrap_or("");
+    match model {
+        "gpt2" => byte_level(c),
+        // Gemma and Phi-3 vocabularies need transformers' own adjustments, not implemented yet.
+        "llama" if !arch.starts_with("gemma") && arch != "phi3" => sentencepiece(c),
+        _ => bail!(
+            "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported yet (supported: gpt2 byte-level BPE, and llama SentencePiece-style for llama/mistral/qwen archs); convert the model with its Hugging Face tokenizer.json instead"
+        ),
     }
+}
+
+/// Special tokens of the vocabulary and the tokenizer_config value shared by both kinds.
+fn config_value(c: &Content, tokens: &[String], add_bos_default: bool) -> Value {
+    let token_at = |key: &str| gguf_u64(c, key).and_then(|i| tokens.get(i as usize)).cloned();
+    let mut tc = Map::new();
+    tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    tc.insert("add_bos_token".into(), json!(gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)));
+    tc.insert("add_eos_token".into(), json!(gguf_bool(c, "tokenizer.ggml.add_eos_token").unwrap_or(false)));
+    for (name, key) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"), ("unk_token", "tokenizer.ggml.unknown_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")] {
+        if let Some(t) = token_at(key) {
+            tc.insert(name.into(), json!(t));
+        }
+    }
+    if let Some(t) = gguf_str(c, "tokenizer.chat_template") {
+        tc.insert("chat_template".into(), json!(t));
+    }
+    Value::Object(tc)
+}
+
+/// `TemplateProcessing` adding the BOS token when `add_bos` says so.
+fn post_processor(c: &Content, tokens: &[String], add_bos: bool) -> Value {
+    let bos_id = gguf_u64(c, "tokenizer.ggml.bos_token_id");
+    match bos_id.and_then(|i| tokens.get(i as usize)).filter(|_| add_bos) {
+        Some(b) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.as_str(): {"id": b, "ids": [bos_id], "tokens": [b]}}}),
+        None => json!({"type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {}}),
+    }
+}
+
+/// BPE merges implied by a vocabulary and its scores, as transformers' `generate_merges`
+/// derives them: every split of a token into two vocabulary pieces, best score first (ties:
+/// longer left piece, then longer right piece; equal keys keep vocabulary order).
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let vocab: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // dict(zip(tokens, scores)): a repeated token keeps its first position and its last score.
+    let mut order: Vec<usize> = Vec::new();
+    let mut score_of: std::collections::HashMap<&str, f32> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if score_of.insert(t.as_str(), scores.get(i).copied().unwrap_or(0.0)).is_none() {
+            order.push(i);
+        }
+    }
+    let mut merges: Vec<(String, String, f32)> = Vec::new();
+    for &i in &order {
+        let t = tokens[i].as_str();
+        let score = score_of[t];
+        let bounds: Vec<usize> = t.char_indices().map(|(b, _)| b).skip(1).collect();
+        let mut local: Vec<(&str, &str)> = bounds
+            .iter()
+            .map(|&b| (&t[..b], &t[b..]))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (vocab[l], vocab[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (l.to_string(), r.to_string(), score)));
+    }
+    let key = |m: &(String, String, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+}
+
+/// llama.cpp's `llama` vocabulary (SentencePiece pieces with scores and byte tokens), rebuilt as
+/// transformers' LlamaTokenizer does: Metaspace pre-tokenizer, byte-fallback BPE, merges from the
+/// scores, BOS added unless the file says otherwise.
+fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
+    let tokens = gguf_strings(c, "tokenizer.ggml.tokens")?;
+    let scores: Vec<f32> = match c.metadata.get("tokenizer.ggml.scores") {
+        Some(v) => v.to_vec()?.iter().map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?,
+        None => vec![0.0; tokens.len()],
+    };
+    let types = gguf_ints(c, "tokenizer.ggml.token_type")?;
+    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let merges: Vec<Value> = merges_from_scores(&tokens, &scores).into_iter().map(|(l, r)| json!([l, r])).collect();
+    let special_ids: Vec<u64> = ["tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+        .iter()
+        .filter_map(|k| gguf_u64(c, k))
+        .collect();
+    let mut added = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let ty = types.get(i).copied().unwrap_or(1);
+        let special = ty == 3 || special_ids.contains(&(i as u64));
+        if special || ty == 4 {
+            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special}));
+        }
+    }
+    let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(true);
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": post_processor(c, &tokens, add_bos),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    Ok((tokenizer, config_value(c, &tokens, true)))
+}
+
+fn byte_level(c: &Content) -> Result<(Value, Value)> {
     let tokens = gguf_strings(c, "tokenizer.ggml.tokens")?;
     let types = gguf_ints(c, "tokenizer.ggml.token_type")?;
     let merges = gguf_strings(c, "tokenizer.ggml.merges")?;
@@ -71,22 +191,8 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
         ]}),
         None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
     };
-    let token_at = |key: &str| gguf_u64(c, key).and_then(|i| tokens.get(i as usize)).cloned();
-    let bos = token_at("tokenizer.ggml.bos_token_id");
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(false);
-    let post = match (&bos, add_bos) {
-        (Some(b), true) => {
-            let id = gguf_u64(c, "tokenizer.ggml.bos_token_id").unwrap_or(0);
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {b.as_str(): {"id": b, "ids": [id], "tokens": [b]}}})
-        }
-        _ => json!({"type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {}}),
-    };
+    let post = post_processor(c, &tokens, add_bos);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -100,17 +206,5 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
     });
-    let mut tc = Map::new();
-    tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    tc.insert("add_bos_token".into(), json!(add_bos));
-    tc.insert("add_eos_token".into(), json!(gguf_bool(c, "tokenizer.ggml.add_eos_token").unwrap_or(false)));
-    for (name, key) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"), ("unk_token", "tokenizer.ggml.unknown_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")] {
-        if let Some(t) = token_at(key) {
-            tc.insert(name.into(), json!(t));
-        }
-    }
-    if let Some(t) = gguf_str(c, "tokenizer.chat_template") {
-        tc.insert("chat_template".into(), json!(t));
-    }
-    Ok((tokenizer, Value::Object(tc)))
+    Ok((tokenizer, config_value(c, &tokens, false)))
 }
