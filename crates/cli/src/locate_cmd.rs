@@ -28,6 +28,7 @@ pub struct LocateArgs {
     /// With --alpha auto: stop when the lower sweep's count std reaches this per 721 queries
     #[arg(long, default_value_t = 15.0)]
     pub std_threshold: f64,
+    /// Refusal judge: gcg, xstest, or probe (first-token score, calibrated against gcg)
     #[arg(long, default_value = "gcg")]
     pub judge: String,
     /// Refusal phrases, one per line, instead of the judge's default list
@@ -93,7 +94,9 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         }
         AlphaMode::Fixed(x)
     };
-    let judge = judge_from(&a.judge, a.refusal_list.as_ref())?;
+    // The probe judges without generating; its threshold is calibrated against gcg.
+    let probe = a.judge == "probe";
+    let judge = judge_from(if probe { "gcg" } else { &a.judge }, a.refusal_list.as_ref())?;
     let mut set = crate::datasets::prompt_set(&a.over_rejection)?;
     if let Some(n) = a.limit {
         set.records.truncate(n);
@@ -109,6 +112,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         batch_size: a.batch_size,
         prefix_cache: !a.no_prefix_cache,
         early_stop: !a.no_early_stop,
+        probe,
     };
     let n = prompts.len();
     let mut loc = Locator::new(&mut model, prompts, judge, cfg)?;
@@ -128,6 +132,12 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     for s in [&res.upper, &res.lower] {
         let row: Vec<String> = s.tried.iter().map(|(r, c)| format!("[{},{}] {}{}", r.first, r.last, c, if *r == s.best { "*" } else { "" })).collect();
         eprintln!("{} sweep: {}", s.kind, row.join(" | "));
+    }
+    if let Some(c) = &loc.calibration {
+        eprintln!("probe: threshold {:.4} calibrated on {} gcg-judged responses ({} refusals), agreement {:.3}", c.threshold, c.responses, c.gcg_refusals, c.agreement);
+    }
+    if let Some(a) = res.probe_agreement_final {
+        eprintln!("probe vs gcg on the chosen range's generated responses: {:.3} agreement", a);
     }
     eprintln!("safety layers: {} ({} runs, {:.1} s)", res.range(), loc.runs.len(), res.seconds);
     eprintln!("wrote {}/locate.json, locate.csv, locate.svg, responses/", a.out.display());

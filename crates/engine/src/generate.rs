@@ -105,6 +105,12 @@ impl PrefixCache {
         }
         Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len() })
     }
+
+    /// Each batch: prompt indices, pad counts, residual stream entering `start_layer`, and the
+    /// keys/values of the layers below it.
+    pub fn batches(&self) -> impl Iterator<Item = (&[usize], &[usize], &Tensor, &KvCache)> {
+        self.batches.iter().map(|b| (b.idx.as_slice(), b.pads.as_slice(), &b.x, &b.kv))
+    }
 }
 
 /// Greedy continuations of `prompts` (token ids). `progress` is told how many prompts finished.

@@ -77,8 +77,7 @@ impl std::str::FromStr for JudgeKind {
         Ok(match s {
             "gcg" => JudgeKind::Gcg,
             "xstest" => JudgeKind::Xstest,
-            "probe" => bail!("judge `probe` (first-token refusal score) is not implemented yet; use gcg or xstest"),
-            _ => bail!("unknown judge `{s}` (expected gcg or xstest)"),
+            _ => bail!("unknown judge `{s}` (expected gcg or xstest; locate also takes probe)"),
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod figures;
 pub mod judges;
 pub mod locate;
 pub mod locate_report;
+pub mod probe;
 pub mod range_rule;
 pub mod rng;
 

@@ -16,6 +16,8 @@ pub struct LocateResult {
     pub upper: Sweep,
     pub lower: Sweep,
     pub seconds: f64,
+    /// With the probe judge: agreement with the text judge on the chosen range's responses.
+    pub probe_agreement_final: Option<f64>,
 }
 
 impl LocateResult {
@@ -27,6 +29,13 @@ impl LocateResult {
 /// Baseline, alpha (fixed or A.3.4), upper-bound sweep from `initial`, then lower-bound sweep.
 pub fn run(loc: &mut Locator<'_>, initial: LayerRange, alpha: AlphaMode, progress: &mut dyn FnMut(usize)) -> Result<LocateResult> {
     let t0 = std::time::Instant::now();
+    if loc.probe_enabled() {
+        let a = match alpha {
+            AlphaMode::Fixed(a) => a,
+            AlphaMode::Auto { .. } => 1.2,
+        };
+        loc.calibrate_probe(initial, a, progress)?;
+    }
     let baseline = loc.count(None, 1.0, progress)?;
     let (alpha, alpha_steps) = match alpha {
         AlphaMode::Fixed(a) => (a, vec![]),
@@ -34,7 +43,9 @@ pub fn run(loc: &mut Locator<'_>, initial: LayerRange, alpha: AlphaMode, progres
     };
     let upper = loc.sweep(initial, true, alpha, progress)?;
     let lower = loc.sweep(LayerRange { first: initial.first, last: upper.best.last }, false, alpha, progress)?;
-    Ok(LocateResult { alpha, alpha_steps, baseline, upper, lower, seconds: t0.elapsed().as_secs_f64() })
+    let seconds = t0.elapsed().as_secs_f64();
+    let probe_agreement_final = loc.probe_agreement(Some(lower.best), alpha, progress)?;
+    Ok(LocateResult { alpha, alpha_steps, baseline, upper, lower, seconds, probe_agreement_final })
 }
 
 fn range_name(r: Option<LayerRange>) -> String {
@@ -52,7 +63,7 @@ pub fn write(dir: &Path, loc: &Locator<'_>, res: &LocateResult, initial: LayerRa
         .collect();
     let doc = json!({
         "meta": meta,
-        "judge": loc.judge(),
+        "judge": if loc.probe_enabled() { json!({"kind": "probe", "calibrated_against": loc.judge(), "calibration": loc.calibration, "first_token_openings": crate::probe::REFUSAL_OPENINGS, "agreement_on_chosen_range": res.probe_agreement_final}) } else { json!(loc.judge()) },
         "queries": loc.num_prompts(),
         "initial_range": initial,
         "alpha": res.alpha,
@@ -80,7 +91,7 @@ pub fn write(dir: &Path, loc: &Locator<'_>, res: &LocateResult, initial: LayerRa
         let mut lines = String::new();
         for j in &r.responses {
             lines.push_str(&serde_json::to_string(&json!({
-                "prompt": j.prompt, "response": j.response, "output_ids": j.output_ids, "refusal": j.refusal, "stop": j.stop,
+                "prompt": j.prompt, "response": j.response, "output_ids": j.output_ids, "refusal": j.refusal, "stop": j.stop, "probe_score": j.probe_score,
             }))?);
             lines.push('\n');
         }
