@@ -109,6 +109,13 @@ enum Command {
 }
 
 fn main() {
+    // Behave like other command-line tools when the reader goes away (`... | head`): end
+    // quietly instead of panicking on a closed stdout.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // The catalog reads its locations from the environment; the flags override it.
     if let Some(d) = &cli.data_dir {
