@@ -127,9 +127,10 @@ pub struct StepCtx {
     pub batch: usize,
     pub new_tokens: usize,
     pub past: usize,
-    mask_full: Tensor,
+    /// Additive masks `[B, 1, T, S]` as tensors, for the differentiable path only.
+    mask_full: Option<Tensor>,
     mask_sliding: Option<Tensor>,
-    /// The same masks as `[B, T, S]` slices for the CPU attention kernel.
+    /// The masks as `[B, T, S]` slices for the CPU attention kernel.
     mask_full_raw: Vec<f32>,
     mask_sliding_raw: Option<Vec<f32>>,
     rope_global: (Tensor, Tensor),
@@ -322,10 +323,10 @@ impl Decoder {
             batch: b,
             new_tokens,
             past,
-            mask_full: as_tensor(&mask_full_raw)?,
+            mask_full: if differentiable { Some(as_tensor(&mask_full_raw)?) } else { None },
             mask_sliding: match &mask_sliding_raw {
-                Some(m) => Some(as_tensor(m)?),
-                None => None,
+                Some(m) if differentiable => Some(as_tensor(m)?),
+                _ => None,
             },
             mask_full_raw,
             mask_sliding_raw,
@@ -373,7 +374,7 @@ impl Decoder {
             }
             None => (k, v),
         };
-        let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding.is_some();
+        let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding_raw.is_some();
         let out = if ctx.differentiable {
             let s = k.dim(2)?;
             let g = nh / nkv;
@@ -384,7 +385,7 @@ impl Decoder {
             if let Some(cap) = cfg.attn_softcap {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
-            let mask = if sliding { ctx.mask_sliding.as_ref().expect("checked") } else { &ctx.mask_full };
+            let mask = if sliding { ctx.mask_sliding.as_ref() } else { ctx.mask_full.as_ref() }.expect("built when differentiable");
             let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
             probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?
         } else {
