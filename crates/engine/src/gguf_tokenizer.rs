@@ -65,6 +65,22 @@ fn config_value(c: &Content, tokens: &[String], add_bos_default: bool) -> Value 
     Value::Object(tc)
 }
 
+fn added_token(id: usize, content: &str, special: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+}
+
+/// A BPE model; SentencePiece-style vocabularies fall back to bytes and fuse unknowns.
+fn bpe(vocab: Map<String, Value>, merges: impl serde::Serialize, sentencepiece: bool) -> Value {
+    json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+           "end_of_word_suffix": null, "fuse_unk": sentencepiece, "byte_fallback": sentencepiece, "ignore_merges": false,
+           "vocab": vocab, "merges": merges})
+}
+
+fn tokenizer_value(added: Vec<Value>, pre_tokenizer: Value, post_processor: Value, decoder: Value, model: Value) -> Value {
+    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+           "pre_tokenizer": pre_tokenizer, "post_processor": post_processor, "decoder": decoder, "model": model})
+}
+
 /// `TemplateProcessing` adding the BOS token when `add_bos` says so.
 fn post_processor(c: &Content, tokens: &[String], add_bos: bool) -> Value {
     let bos_id = gguf_u64(c, "tokenizer.ggml.bos_token_id");
@@ -135,28 +151,22 @@ fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
         let ty = types.get(i).copied().unwrap_or(1);
         let special = ty == 3 || special_ids.contains(&(i as u64));
         if special || ty == 4 {
-            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special}));
+            added.push(added_token(i, t, special));
         }
     }
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(true);
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-        "post_processor": post_processor(c, &tokens, add_bos),
-        "decoder": {"type": "Sequence", "decoders": [
+    let tokenizer = tokenizer_value(
+        added,
+        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        post_processor(c, &tokens, add_bos),
+        json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
             {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        ]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
-    });
+        ]}),
+        bpe(vocab, merges, true),
+    );
     Ok((tokenizer, config_value(c, &tokens, true)))
 }
 
@@ -181,7 +191,7 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
             4 => false,
             _ => continue,
         };
-        added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special}));
+        added.push(added_token(i, t, special));
     }
     let pre = gguf_str(c, "tokenizer.ggml.pre");
     let pre_tokenizer = match split_regex(pre) {
@@ -193,18 +203,7 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
     };
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(false);
     let post = post_processor(c, &tokens, add_bos);
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
-    });
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let tokenizer = tokenizer_value(added, pre_tokenizer, post, decoder, bpe(vocab, merges, false));
     Ok((tokenizer, config_value(c, &tokens, false)))
 }
