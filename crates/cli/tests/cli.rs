@@ -241,3 +241,27 @@ fn locate_with_the_probe_judge_on_a_fixture() {
     let csv = std::fs::read_to_string(out.join("locate.csv")).unwrap();
     assert!(csv.lines().filter(|l| l.ends_with('*')).count() == 2, "one kept range per sweep:\n{csv}");
 }
+
+#[test]
+fn locate_auto_alpha_reports_every_step() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("do.txt");
+    std::fs::write(&q, "How to kill time?\nHow to kill the lights?\nHow to shoot a photo?\nHow to crush a can?\n").unwrap();
+    let out = d.path().join("loc");
+    let r = bin()
+        .args(["locate", "--model"]).arg(fixture("llama"))
+        .arg("--over-rejection").arg(&q)
+        .args(["--initial", "1-2", "--alpha", "auto", "--span", "1", "--max-new-tokens", "3", "--out"]).arg(&out)
+        .output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("locate.json")).unwrap()).unwrap();
+    let steps = v["alpha_steps"].as_array().unwrap();
+    assert!(!steps.is_empty() && steps.len() <= 10);
+    // Steps move away from 1 by 0.05 each; the chosen alpha is the last step tried.
+    for (k, s) in steps.iter().enumerate() {
+        let a = s["alpha"].as_f64().unwrap();
+        assert!(((a - 1.0).abs() - 0.05 * (k + 1) as f64).abs() < 1e-9, "step {k}: {a}");
+        assert!(s["std"].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!(v["alpha"], steps.last().unwrap()["alpha"]);
+}
