@@ -27,6 +27,42 @@ fn shade_range(curves: &Curves) -> Option<(f64, f64)> {
     curves.initial_range.map(|r| (r.first as f64 - 0.5, r.last as f64 + 0.5))
 }
 
+type LayerChart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+
+/// Axes over the layers (labelled), the y range given, and the detected range shaded.
+fn layer_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    entries: usize,
+    (lo, hi): (f64, f64),
+    y_desc: &str,
+    curves: &Curves,
+) -> Result<LayerChart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-1.0..(entries as f64 - 1.5), lo..hi)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("layer (output of; -1 = embeddings)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc(y_desc)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(err)?;
+    if let Some((a, b)) = shade_range(curves) {
+        chart
+            .draw_series(std::iter::once(Rectangle::new([(a, lo), (b, hi)], RGBColor(255, 200, 80).mix(0.25).filled())))
+            .map_err(err)?
+            .label("initial safety range (rule)")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], RGBColor(255, 200, 80).mix(0.5).filled()));
+    }
+    Ok(chart)
+}
+
 /// Mean cosine of N-N, M-M and N-M per layer with ±std bands.
 pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
     let mut svg = String::new();
@@ -44,28 +80,7 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
             }
         }
         let (lo, hi) = ((lo - 0.02).max(-1.0), (hi + 0.02).min(1.0));
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(-1.0..(entries as f64 - 1.5), lo..hi)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("layer (output of; -1 = embeddings)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc("cosine similarity (mean ± std)")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
-        if let Some((a, b)) = shade_range(series[0].curves) {
-            chart
-                .draw_series(std::iter::once(Rectangle::new([(a, lo), (b, hi)], RGBColor(255, 200, 80).mix(0.25).filled())))
-                .map_err(err)?
-                .label("initial safety range (rule)")
-                .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], RGBColor(255, 200, 80).mix(0.5).filled()));
-        }
+        let mut chart = layer_chart(&root, title, entries, (lo, hi), "cosine similarity (mean ± std)", series[0].curves)?;
         for (si, s) in series.iter().enumerate() {
             let dashed = si > 0;
             type Pick = fn(&crate::cosine::EntryStats) -> (f64, f64);
@@ -129,28 +144,7 @@ pub fn angle_gap_svg(series: &[Series<'_>], title: &str) -> Result<String> {
             }
         }
         let pad = (hi - lo) * 0.05;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(-1.0..(entries as f64 - 1.5), (lo - pad)..(hi + pad))
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("layer (output of; -1 = embeddings)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc("angle gap N-M vs N-N (degrees)")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
-        if let Some((a, b)) = shade_range(series[0].curves) {
-            chart
-                .draw_series(std::iter::once(Rectangle::new([(a, lo - pad), (b, hi + pad)], RGBColor(255, 200, 80).mix(0.25).filled())))
-                .map_err(err)?
-                .label("initial safety range (rule)")
-                .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], RGBColor(255, 200, 80).mix(0.5).filled()));
-        }
+        let mut chart = layer_chart(&root, title, entries, (lo - pad, hi + pad), "angle gap N-M vs N-N (degrees)", series[0].curves)?;
         let colors = [RGBColor(106, 61, 154), RGBColor(255, 127, 0)];
         for (si, s) in series.iter().enumerate() {
             let color = colors[si % 2];
