@@ -7,6 +7,7 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::{self, WeightMap};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub struct Model {
@@ -18,7 +19,21 @@ pub struct Model {
     pub source: PathBuf,
     pub source_dtype: DType,
     pub load_seconds: f64,
+    /// The non-weight files of a Hugging Face directory for this model (config.json, tokenizer
+    /// files, chat template, generation_config.json), so that a fine-tuned copy can be written.
+    pub hf_files: BTreeMap<String, Vec<u8>>,
 }
+
+/// The files besides weights that a Hugging Face directory carries and a copy keeps.
+const HF_SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
 
 /// A formatted, tokenised prompt.
 #[derive(Debug, Clone)]
@@ -58,7 +73,14 @@ impl Model {
         } else {
             vec![]
         };
-        Model::assemble(path, cfg, tokenizer, eos, w, t0)
+        let mut hf_files = BTreeMap::new();
+        for name in HF_SIDE_FILES {
+            let p = path.join(name);
+            if p.is_file() {
+                hf_files.insert(name.to_string(), std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?);
+            }
+        }
+        Model::assemble(path, cfg, tokenizer, eos, w, hf_files, t0)
     }
 
     fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
@@ -66,12 +88,21 @@ impl Model {
         let shown = path.display().to_string();
         let cfg = ModelConfig::from_json(&g.config, &shown)?;
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
-        Model::assemble(path, cfg, tokenizer, vec![], g.weights, t0)
+        let hf_files = crate::export::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
+        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, t0)
     }
 
     /// The decoder from its tensors; EOS ids from generation_config (`eos`), else config.json,
     /// else the tokenizer's eos token.
-    fn assemble(path: &Path, cfg: ModelConfig, tokenizer: Tokenizer, mut eos: Vec<u32>, mut w: WeightMap, t0: std::time::Instant) -> Result<Model> {
+    fn assemble(
+        path: &Path,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        mut eos: Vec<u32>,
+        mut w: WeightMap,
+        hf_files: BTreeMap<String, Vec<u8>>,
+        t0: std::time::Instant,
+    ) -> Result<Model> {
         if eos.is_empty() {
             eos = cfg.eos_token_ids.clone();
         }
@@ -82,7 +113,7 @@ impl Model {
         }
         let source_dtype = w.source_dtype;
         let decoder = Decoder::from_weights(cfg, &mut w)?;
-        Ok(Model { decoder, tokenizer, eos_token_ids: eos, source: path.to_path_buf(), source_dtype, load_seconds: t0.elapsed().as_secs_f64() })
+        Ok(Model { decoder, tokenizer, eos_token_ids: eos, source: path.to_path_buf(), source_dtype, load_seconds: t0.elapsed().as_secs_f64(), hf_files })
     }
 
     pub fn cfg(&self) -> &ModelConfig {

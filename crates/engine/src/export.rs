@@ -86,6 +86,21 @@ impl StagedDir {
     }
 }
 
+impl StagedDir {
+    /// Moves the staged files into the existing directory `dir` (replacing files of the same
+    /// name), `config.json` last so that a directory with a config is always complete.
+    pub fn commit_into(mut self, dir: &Path) -> Result<()> {
+        let mut names: Vec<_> = std::fs::read_dir(&self.tmp)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        names.sort_by_key(|n| n == "config.json");
+        for n in names {
+            std::fs::rename(self.tmp.join(&n), dir.join(&n)).with_context(|| format!("cannot move {:?} into {}", n, dir.display()))?;
+        }
+        std::fs::remove_dir(&self.tmp)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
 impl Drop for StagedDir {
     fn drop(&mut self) {
         if !self.committed {
@@ -94,29 +109,87 @@ impl Drop for StagedDir {
     }
 }
 
-/// Converts a GGUF file into a Hugging Face directory that transformers loads.
-pub fn convert_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
-    let g = crate::gguf::GgufModel::load(gguf)?;
-    let stage = StagedDir::new(out)?;
-    let mut config = g.config.clone();
-    config["torch_dtype"] = serde_json::json!(match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    });
-    let tensors: BTreeMap<String, Tensor> = g.weights.into_tensors().into_iter().collect();
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    stage.write("model.safetensors", &safetensors_bytes(&tensors, dtype, Some(meta))?)?;
-    stage.write_json("config.json", &config)?;
-    stage.write_json("tokenizer.json", &g.tokenizer_json)?;
-    stage.write_json("tokenizer_config.json", &g.tokenizer_config)?;
+/// config.json, tokenizer files and generation_config.json of a GGUF model, as a Hugging Face
+/// directory holds them.
+pub fn gguf_side_files(config: &serde_json::Value, tokenizer_json: &serde_json::Value, tokenizer_config: &serde_json::Value) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut gen = serde_json::Map::new();
     for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
         if let Some(v) = config.get(k) {
             gen.insert(k.into(), v.clone());
         }
     }
-    stage.write_json("generation_config.json", &serde_json::Value::Object(gen))?;
+    let mut files = BTreeMap::new();
+    for (name, v) in [
+        ("config.json", config),
+        ("tokenizer.json", tokenizer_json),
+        ("tokenizer_config.json", tokenizer_config),
+        ("generation_config.json", &serde_json::Value::Object(gen)),
+    ] {
+        files.insert(name.to_string(), serde_json::to_vec_pretty(v)?);
+    }
+    Ok(files)
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Writes a Hugging Face checkpoint into `stage`: weights in `dtype` (one model.safetensors, or
+/// shards of at most `max_shard_bytes` with model.safetensors.index.json, as save_pretrained
+/// does), the side files, and config.json with its dtype field set to `dtype`.
+pub fn write_hf_files(stage: &StagedDir, tensors: &BTreeMap<String, Tensor>, dtype: DType, side: &BTreeMap<String, Vec<u8>>, max_shard_bytes: usize) -> Result<()> {
+    let elem = if dtype == DType::F32 { 4 } else { 2 };
+    let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (name, t) in tensors {
+        let bytes = t.elem_count() * elem;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(BTreeMap::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").insert(name.clone(), t.clone());
+        size += bytes;
+        total += bytes;
+    }
+    let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    if shards.len() == 1 {
+        stage.write("model.safetensors", &safetensors_bytes(&shards[0], dtype, Some(meta))?)?;
+    } else {
+        let n = shards.len();
+        let mut map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+            stage.write(&file, &safetensors_bytes(shard, dtype, Some(meta.clone()))?)?;
+            for name in shard.keys() {
+                map.insert(name.clone(), serde_json::json!(file));
+            }
+        }
+        stage.write_json("model.safetensors.index.json", &serde_json::json!({"metadata": {"total_size": total}, "weight_map": map}))?;
+    }
+    for (name, bytes) in side {
+        if name == "config.json" {
+            let mut cfg: serde_json::Value = serde_json::from_slice(bytes).context("config.json of the source model is not valid JSON")?;
+            let key = if cfg.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+            cfg[key] = serde_json::json!(dtype_name(dtype));
+            stage.write_json(name, &cfg)?;
+        } else {
+            stage.write(name, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Converts a GGUF file into a Hugging Face directory that transformers loads.
+pub fn convert_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let g = crate::gguf::GgufModel::load(gguf)?;
+    let stage = StagedDir::new(out)?;
+    let side = gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
+    let tensors: BTreeMap<String, Tensor> = g.weights.into_tensors().into_iter().collect();
+    write_hf_files(&stage, &tensors, dtype, &side, usize::MAX)?;
     stage.commit()
 }

@@ -2,21 +2,25 @@
 //! tokenizers and chat templates, one decoder for every supported family with named hook points,
 //! weight scaling and batched greedy generation.
 
+pub mod adamw;
 mod attn_cpu;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod export;
 pub mod extract;
+mod frozen_linear;
 pub mod generate;
 pub mod gguf;
 mod gguf_tokenizer;
 pub mod hooks;
 pub mod model;
+pub mod params;
 pub mod prompts;
 pub mod rope;
 pub mod scale;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use checkpoint::{Model, Prompt};

@@ -14,14 +14,22 @@ pub struct Linear {
     /// `[out, in]`, as checkpoints store it.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Set by the trainer on frozen weights: the backward pass then computes only the input's
+    /// gradient (candle's matmul backward would also compute the weight's, for nothing).
+    pub frozen: bool,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, frozen: false }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inner = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, inner))?;
+        let y = if self.frozen { crate::frozen_linear::matmul_frozen(&x2, &self.weight)? } else { x2.matmul(&self.weight.t()?)? };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -36,24 +44,28 @@ impl Linear {
 pub struct RmsNorm {
     /// The weight as stored (Gemma stores w and multiplies by 1 + w).
     pub weight: Tensor,
-    /// What the input is multiplied by after normalisation.
-    scale: Tensor,
+    plus_one: bool,
     eps: f64,
 }
 
 impl RmsNorm {
     fn new(weight: Tensor, plus_one: bool, eps: f64) -> Result<Self> {
-        let scale = if plus_one { (&weight + 1.0)? } else { weight.clone() };
-        Ok(RmsNorm { weight, scale, eps })
+        Ok(RmsNorm { weight, plus_one, eps })
+    }
+
+    /// What the normalised input is multiplied by. Derived on every call (it is only a
+    /// hidden-size vector) so that in-place weight updates during training are always seen.
+    fn scale(&self) -> Result<Tensor> {
+        Ok(if self.plus_one { (&self.weight + 1.0)? } else { self.weight.clone() })
     }
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
             let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-            Ok(normed.broadcast_mul(&self.scale)?)
+            Ok(normed.broadcast_mul(&self.scale()?)?)
         } else {
-            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps as f32)?)
+            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale()?, self.eps as f32)?)
         }
     }
 }
@@ -176,10 +188,10 @@ impl Decoder {
             let p = format!("model.layers.{l}");
             let qkv_why = "(num_attention_heads + 2 num_key_value_heads) x head_dim, hidden_size";
             let qkv = if w.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
-                Linear {
-                    weight: w.take(&format!("{p}.self_attn.qkv_proj.weight"), &[qd + 2 * kvd, h], qkv_why)?,
-                    bias: w.take_opt(&format!("{p}.self_attn.qkv_proj.bias"), &[qd + 2 * kvd], qkv_why)?,
-                }
+                Linear::new(
+                    w.take(&format!("{p}.self_attn.qkv_proj.weight"), &[qd + 2 * kvd, h], qkv_why)?,
+                    w.take_opt(&format!("{p}.self_attn.qkv_proj.bias"), &[qd + 2 * kvd], qkv_why)?,
+                )
             } else {
                 let q = w.take(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], "num_attention_heads x head_dim, hidden_size")?;
                 let k = w.take(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
@@ -192,12 +204,12 @@ impl Decoder {
                 } else {
                     None
                 };
-                Linear { weight: Tensor::cat(&[q, k, v], 0)?, bias }
+                Linear::new(Tensor::cat(&[q, k, v], 0)?, bias)
             };
-            let o = Linear {
-                weight: w.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], "hidden_size, num_attention_heads x head_dim")?,
-                bias: if cfg.o_bias { Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?) } else { None },
-            };
+            let o = Linear::new(
+                w.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], "hidden_size, num_attention_heads x head_dim")?,
+                if cfg.o_bias { Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?) } else { None },
+            );
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
                     Some(norm(w, &format!("{p}.self_attn.q_norm.weight"), hd)?),
@@ -207,7 +219,7 @@ impl Decoder {
                 (None, None)
             };
             let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
-                Linear { weight: w.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], "2 x intermediate_size, hidden_size")?, bias: None }
+                Linear::new(w.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], "2 x intermediate_size, hidden_size")?, None)
             } else {
                 let g = w.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
                 let u = w.take(&format!("{p}.mlp.up_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
@@ -218,12 +230,12 @@ impl Decoder {
                 } else {
                     None
                 };
-                Linear { weight: Tensor::cat(&[g, u], 0)?, bias }
+                Linear::new(Tensor::cat(&[g, u], 0)?, bias)
             };
-            let down = Linear {
-                weight: w.take(&format!("{p}.mlp.down_proj.weight"), &[h, i], "hidden_size, intermediate_size")?,
-                bias: if cfg.mlp_bias { Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?) } else { None },
-            };
+            let down = Linear::new(
+                w.take(&format!("{p}.mlp.down_proj.weight"), &[h, i], "hidden_size, intermediate_size")?,
+                if cfg.mlp_bias { Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?) } else { None },
+            );
             let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
                 (
                     Some(norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?),
@@ -451,12 +463,18 @@ impl Decoder {
             }
             Logits::All => normed,
         };
+        Ok(Some(self.lm_logits(&h)?))
+    }
+
+    /// Logits of final-normed hidden states `[..., H]` (lm_head, or the tied embedding, then
+    /// Gemma2's final soft-cap).
+    pub fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut out = Linear { weight: w.clone(), bias: None }.forward(&h)?;
+        let mut out = Linear::new(w.clone(), None).forward(h)?;
         if let Some(cap) = self.cfg.final_softcap {
             out = ((out / cap)?.tanh()? * cap)?;
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// The whole forward pass over left-padded `ids: [B, T]` (u32) after `cache` (if any).
@@ -499,6 +517,17 @@ impl Decoder {
         }
         let out = self.head(&x, &ctx, logits, capture, &mut captured)?;
         Ok((out, captured))
+    }
+
+    /// The differentiable forward pass used for training: final-normed hidden states `[B, T, H]`
+    /// of left-padded `ids` (no cache, no hooks; logits are left to the loss, which needs them
+    /// only at supervised positions).
+    pub fn forward_train(&self, ids: &Tensor, pads: &[usize]) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let ctx = self.step_ctx(pads, 0, x.dim(1)?, true)?;
+        let mut captured = Captured::default();
+        let x = self.run_layers(x, 0..self.num_layers(), &ctx, None, &Capture::default(), &mut captured)?;
+        self.final_norm.forward(&x, true)
     }
 
     pub fn dtype(&self) -> DType {

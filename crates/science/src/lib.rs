@@ -4,6 +4,8 @@
 pub mod cosine;
 pub mod cosine_report;
 pub mod figures;
+pub mod finetune;
+pub mod finetune_data;
 pub mod judges;
 pub mod locate;
 pub mod locate_report;
