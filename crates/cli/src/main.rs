@@ -4,6 +4,7 @@ mod commands;
 mod cosine_cmd;
 mod data_cmd;
 mod datasets;
+mod finetune_cmd;
 mod locate_cmd;
 mod output;
 mod progress;
@@ -67,6 +68,8 @@ enum Command {
     Cosine(cosine_cmd::CosineArgs),
     /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
     Locate(locate_cmd::LocateArgs),
+    /// Fine-tune: SPPFT (--freeze the safety layers), full fine-tuning, or a control freeze
+    Finetune(finetune_cmd::FinetuneArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
     /// Datasets by name: list them, fetch them into the cache, verify local copies
@@ -130,6 +133,7 @@ fn main() {
         Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
+        Command::Finetune(args) => finetune_cmd::run(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {

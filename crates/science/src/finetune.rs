@@ -258,6 +258,10 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
             if run.abort_after_step == Some(pos.global_step) {
                 std::process::abort();
             }
+            if pos.step_in_epoch == 0 {
+                // The epoch ended: the next one has its own order.
+                break;
+            }
         }
     }
 

@@ -1,0 +1,169 @@
+//! `safety-layers finetune`: SPPFT (safety layers frozen), full fine-tuning and control freezes.
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sl_catalog::datasets;
+use sl_engine::{LayerRange, Template};
+use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
+use sl_science::finetune_data::{read_records, SftRecord};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// Model: Hugging Face directory, .gguf file or catalog name
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: JSON array or JSONL of {instruction, input, output}, or a dataset name
+    /// (finetune-normal = D_N, finetune-implicit = D_I)
+    #[arg(long)]
+    pub data: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Freeze layers I-J (0-indexed, inclusive): their --freeze-modules get no gradient
+    #[arg(long, conflicts_with = "freeze_from")]
+    pub freeze: Option<String>,
+    /// Freeze the range chosen by `locate` (its locate.json)
+    #[arg(long)]
+    pub freeze_from: Option<PathBuf>,
+    /// Which modules of the frozen layers to freeze
+    #[arg(long, default_value = "attn,mlp", value_delimiter = ',')]
+    pub freeze_modules: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// linear, cosine or constant (each after --warmup-steps of linear warm-up)
+    #[arg(long, default_value = "linear")]
+    pub lr_schedule: String,
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping (0 disables); transformers' Trainer default
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value = "alpaca")]
+    pub template: String,
+    /// Loss on the prompt tokens too (the paper's code does)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub train_on_inputs: bool,
+    /// Records held out for the per-epoch held-out loss: the last N of the data
+    #[arg(long, default_value_t = 100)]
+    pub holdout: usize,
+    /// Use only the first N records of the data (before the hold-out split)
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Stop after N optimizer steps (the LR schedule still spans all epochs)
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Write a resumable checkpoint every N optimizer steps
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue the interrupted run in --out from its latest checkpoint
+    #[arg(long)]
+    pub resume: bool,
+    /// Keep checkpoints/ after a successful run
+    #[arg(long)]
+    pub keep_checkpoints: bool,
+    /// Recompute each layer's forward during backward instead of keeping its activations
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// Storage dtype of the written weights: auto (the checkpoint's; f32 for GGUF), f32, bf16, f16
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Testing aid: abort the process right after this optimizer step, as a kill would
+    #[arg(long, hide = true)]
+    pub abort_after_step: Option<usize>,
+}
+
+/// The range a locate.json chose.
+pub fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
+        .with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let get = |k: &str| v["range"][k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{}: range.{k} is missing", p.display()));
+    LayerRange::new(get("first")?, get("last")?, layers)
+}
+
+/// Training records from a file or a dataset name, with a description for provenance.
+pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
+        return Ok((read_records(path)?, format!("{spec} (sha256 {})", sl_science::sha256_hex(&bytes))));
+    }
+    let Some(ds) = datasets::dataset(spec) else {
+        bail!("--data `{spec}`: no such file, and not a dataset name (datasets: {})", datasets::names().join(", "));
+    };
+    let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
+    let [file] = files.as_slice() else { bail!("dataset `{spec}` is not a single training file") };
+    Ok((read_records(&file.path)?, format!("{spec} (sha256 {})", file.sha256)))
+}
+
+pub fn run(a: &FinetuneArgs) -> Result<()> {
+    let model = crate::datasets::load_model(&a.model)?;
+    let layers = model.cfg().num_layers;
+    let freeze = match (&a.freeze, &a.freeze_from) {
+        (Some(s), _) => Some(LayerRange::parse(s, layers)?),
+        (_, Some(p)) => Some(range_from_locate(p, layers)?),
+        _ => None,
+    };
+    let (mut records, data_desc) = training_data(&a.data)?;
+    if let Some(n) = a.limit {
+        records.truncate(n);
+    }
+    let cfg = FinetuneConfig {
+        model: a.model.display().to_string(),
+        data: data_desc,
+        freeze,
+        freeze_modules: a.freeze_modules.clone(),
+        epochs: a.epochs,
+        lr: a.lr,
+        lr_schedule: a.lr_schedule.parse()?,
+        warmup_steps: a.warmup_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_len: a.max_len,
+        weight_decay: a.weight_decay,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        template: a.template.parse::<Template>()?,
+        train_on_inputs: a.train_on_inputs,
+        holdout: a.holdout,
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+        grad_checkpointing: a.grad_checkpointing,
+        max_steps: a.max_steps,
+        dtype: a.dtype.clone(),
+    };
+    let run = RunOptions { resume: a.resume, save_every: a.save_every, keep_checkpoints: a.keep_checkpoints, abort_after_step: a.abort_after_step };
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::with_template("finetune {pos} steps {elapsed_precise} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let summary = finetune(model, &records, &cfg, &run, &a.out, &mut |s| {
+        bar.set_position(s.step as u64);
+        bar.set_message(format!("epoch {:.2} loss {:.4} lr {:.2e} {:.0} tok/s", s.epoch, s.loss, s.lr, s.tokens as f64 / s.seconds.max(1e-9)));
+    })?;
+    bar.finish_and_clear();
+    let j = &summary.json;
+    eprintln!(
+        "finetune: {} steps, {} tokens in {:.1} s, {:.1} tokens/s, final loss {:.4}, {} trainable / {} frozen parameters, peak RSS {:.0} MB -> {}",
+        j["steps"],
+        j["tokens"],
+        j["train_seconds"].as_f64().unwrap_or(0.0),
+        j["tokens_per_second"].as_f64().unwrap_or(0.0),
+        j["final_loss"].as_f64().unwrap_or(f64::NAN),
+        j["trainable_parameters"],
+        j["frozen_parameters"],
+        j["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        a.out.display()
+    );
+    Ok(())
+}
