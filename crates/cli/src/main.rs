@@ -1,5 +1,6 @@
 //! `safety-layers`: find the safety layers of aligned chat LLMs (Li et al., ICLR 2025).
 
+mod align_cmd;
 mod commands;
 mod cosine_cmd;
 mod data_cmd;
@@ -68,6 +69,8 @@ enum Command {
     Cosine(cosine_cmd::CosineArgs),
     /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
     Locate(locate_cmd::LocateArgs),
+    /// Safety SFT: make an aligned model organism (harmful -> refusals, benign -> own answers)
+    Align(align_cmd::AlignArgs),
     /// Fine-tune: SPPFT (--freeze the safety layers), full fine-tuning, or a control freeze
     Finetune(finetune_cmd::FinetuneArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
@@ -133,6 +136,7 @@ fn main() {
         Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
+        Command::Align(args) => align_cmd::run(&args),
         Command::Finetune(args) => finetune_cmd::run(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),

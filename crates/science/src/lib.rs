@@ -1,6 +1,7 @@
 //! The paper's science on top of the engine: the cosine analysis that shows safety layers exist
 //! (§3.2-3.3), with figures; localisation, fine-tuning and evaluation follow the same pattern.
 
+pub mod align;
 pub mod cosine;
 pub mod cosine_report;
 pub mod figures;
