@@ -5,6 +5,7 @@ mod commands;
 mod cosine_cmd;
 mod data_cmd;
 mod datasets;
+mod demo_cmd;
 mod finetune_cmd;
 mod locate_cmd;
 mod output;
@@ -69,6 +70,8 @@ enum Command {
     Cosine(cosine_cmd::CosineArgs),
     /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
     Locate(locate_cmd::LocateArgs),
+    /// The whole paper end to end on a model organism, with an HTML report
+    Demo(demo_cmd::DemoArgs),
     /// Safety SFT: make an aligned model organism (harmful -> refusals, benign -> own answers)
     Align(align_cmd::AlignArgs),
     /// Fine-tune: SPPFT (--freeze the safety layers), full fine-tuning, or a control freeze
@@ -123,6 +126,20 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs a command line as the binary would (the demo runs its stages through this, so each
+/// stage is exactly a command a user can rerun).
+pub fn run_command_line(args: &[String]) -> anyhow::Result<()> {
+    let cli = Cli::try_parse_from(std::iter::once("safety-layers".to_string()).chain(args.iter().cloned()))?;
+    run(cli)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // The catalog reads its locations from the environment; the flags override it.
     if let Some(d) = &cli.data_dir {
         std::env::set_var("SAFETY_LAYERS_DATA", d);
@@ -130,12 +147,13 @@ fn main() {
     if let Some(d) = &cli.models_dir {
         std::env::set_var("SAFETY_LAYERS_MODELS", d);
     }
-    let result = match cli.command {
+    match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
         Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
+        Command::Demo(args) => demo_cmd::run(&args),
         Command::Align(args) => align_cmd::run(&args),
         Command::Finetune(args) => finetune_cmd::run(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
@@ -143,9 +161,5 @@ fn main() {
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)
         }
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

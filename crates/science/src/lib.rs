@@ -12,6 +12,7 @@ pub mod locate;
 pub mod locate_report;
 pub mod probe;
 pub mod range_rule;
+pub mod report;
 pub mod rng;
 
 /// sha256 of a byte string, hex.
