@@ -8,7 +8,7 @@ Times the runs only (not loading, tokenising, nor one short untimed warm-up).
 
 --runs: a JSON list of {"range": "I-J" | "baseline", "alpha": A} (the runs ours made, from its
 locate.json). Prints one JSON line: {"seconds", "runs": [{"range", "alpha", "refusals",
-"seconds", "verdicts"}]}.
+"seconds", "verdicts", "ids"}]}.
 """
 import argparse
 import json
@@ -68,7 +68,7 @@ def main():
         verdicts = [pc.common.is_refusal(tok.decode(o, skip_special_tokens=True)) for o in outs]
         secs = time.perf_counter() - t0
         results.append({"range": run["range"], "alpha": run["alpha"], "refusals": sum(verdicts), "seconds": secs,
-                        "verdicts": verdicts})
+                        "verdicts": verdicts, "ids": outs})
         print(f"peer locate: {run['range']} @ {run['alpha']}: {sum(verdicts)} refusals, {secs:.1f} s", file=sys.stderr)
     print(json.dumps({"seconds": time.perf_counter() - t_all, "runs": results}))
 

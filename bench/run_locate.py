@@ -9,7 +9,8 @@ Three arms on identical work, alternating, --reps repetitions:
                 with the same GCG keyword rule, restore the weights
   ours-nocache  `safety-layers locate --no-prefix-cache`
 The refusal count of every run must be equal across all three (and so the chosen range); the
-runner says which prompts differ otherwise and exits non-zero. Seconds are in-process (loading
+runner says which prompts differ otherwise and exits non-zero. It also reports how many responses
+have the same tokens in ours and the peer (up to where ours stopped early on a decided verdict). Seconds are in-process (loading
 excluded): locate.json's `seconds` for ours, the loop's time for the peer. With --span 1 the
 sweep is about 5 ranges (3 upper, 2 new lower) plus the baseline; the paper's is --span 2.
 
@@ -29,9 +30,17 @@ def ours_runs(out_dir):
     doc = json.load(open(out_dir / "locate.json"))
     runs = []
     for r in doc["runs"]:
-        verdicts = [x["refusal"] for x in c.read_jsonl(out_dir / r["responses"])]
-        runs.append({"range": r["range"], "alpha": r["alpha"], "refusals": r["refusals"], "verdicts": verdicts})
+        resp = c.read_jsonl(out_dir / r["responses"])
+        runs.append({"range": r["range"], "alpha": r["alpha"], "refusals": r["refusals"],
+                     "verdicts": [x["refusal"] for x in resp],
+                     "ids": [(x["output_ids"], x["stop"] == "caller") for x in resp]})
     return doc, runs
+
+
+def same_tokens(ours, peer):
+    """Prompts whose new tokens agree: exactly, or up to where ours stopped early (its judge had
+    decided, so it generated no further)."""
+    return sum((p[:len(o)] == o) if early else (p == o) for (o, early), p in zip(ours, peer))
 
 
 def main():
@@ -61,6 +70,7 @@ def main():
     walls = {k: [] for k in arms}
     rss = {k: [] for k in arms}
     mismatches, n_runs, sweep = [], None, None
+    tokens_same, tokens_all = 0, 0
     for r in range(reps):
         out = c.WORK / "locate_ours"
         o = c.timed(base + ["--out", out], f"ours {r + 1}/{reps}")
@@ -77,6 +87,9 @@ def main():
             arms[arm].append(secs); walls[arm].append(t.wall); rss[arm].append(t.rss_kib / 1024)
         by_key = lambda rs: {(x["range"], x["alpha"]): x for x in rs}  # noqa: E731
         a, b, d = by_key(runs), by_key(peer["runs"]), by_key(runs_nc)
+        for k in set(a) & set(b):
+            tokens_same += same_tokens(a[k]["ids"], b[k]["ids"])
+            tokens_all += len(a[k]["ids"])
         for k in sorted(set(a) | set(b) | set(d), key=str):
             counts = [x[k]["refusals"] if k in x else None for x in (a, b, d)]
             if len(set(counts)) != 1:
@@ -84,6 +97,7 @@ def main():
                 mismatches.append(f"repetition {r + 1}, run {k[0]} @ {k[1]}: ours {counts[0]}, transformers {counts[1]}, "
                                   f"ours-nocache {counts[2]}; prompts judged differently by ours and transformers: {diff[:10]}")
         n_runs = len(runs)
+        all_zero = all(x["refusals"] == 0 for x in runs)
         sweep = ("baseline " + str(doc["baseline"]) + "; upper " + " ".join(f"[{t[0]['first']},{t[0]['last']}] {t[1]}" for t in doc["upper_sweep"]["tried"])
                  + "; lower " + " ".join(f"[{t[0]['first']},{t[0]['last']}] {t[1]}" for t in doc["lower_sweep"]["tried"])
                  + f"; range {doc['range']['first']}-{doc['range']['last']}")
@@ -103,6 +117,11 @@ def main():
         "- refusal counts equal in every run of every repetition across the three arms: "
         + ("yes" if not mismatches else "NO:\n  - " + "\n  - ".join(mismatches)),
     ]
+    lines.append(f"- identical new tokens, ours vs transformers (up to ours' early stop), over every run and prompt: "
+                 f"{tokens_same} of {tokens_all}")
+    if all_zero:
+        lines.append("- every run refused 0 prompts (SmolLM2-135M-Instruct is not safety-aligned), so equal counts say "
+                     "little; the token comparison is the stronger check")
     c.record("localisation (benchmark 3)", args, lines)
     if mismatches:
         sys.exit("refusal counts differ: see above")
