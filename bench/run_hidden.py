@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Benchmark 1: last-token hidden states of every layer, SmolLM2-135M-Instruct in f32, on the
+200 prompts of `cosine` (paper-normal + paper-malicious, Alpaca template).
+
+ours: `safety-layers hidden` on the GGUF (dequantised to f32 at load).
+peer: transformers output_hidden_states on the same weights (`convert --dtype f32`), at its best
+      batch size (each candidate timed once first).
+Alternates ours / peer for --reps repetitions; tok/s are in-process (model loading excluded on
+both sides); whole-process wall and peak RSS come from /usr/bin/time -v. Then a GEMM probe at the
+shapes and row count of our batches gives the roofline: ours as a share of it counts the FLOPs
+of the 30 decoder layers actually computed (no lm_head), on real tokens (and with padding).
+Every repetition checks that both sides saw the same token ids and agree on the hidden states.
+
+  bench/run_hidden.py            # the full benchmark (run on a quiet machine)
+  bench/run_hidden.py --quick    # 8 prompts, 1 repetition: checks the script
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as c  # noqa: E402
+
+
+def layer_flops(cfg):
+    """FLOPs per token of one decoder layer's projections, and the attention constants."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    proj = 2 * h * (heads + 2 * kvh) * hd + 2 * heads * hd * h + 2 * h * 2 * inter + 2 * inter * h
+    return proj, heads, hd
+
+
+def flops(lengths, batch_size, cfg):
+    """(useful, computed, padded rows per batch): useful = real tokens, causal attention;
+    computed = what left-padded batches sorted longest first (ours) multiply, full T x T scores."""
+    proj, heads, hd = layer_flops(cfg)
+    n_layers = cfg["num_hidden_layers"]
+    useful = sum(n_layers * (n * proj + heads * 2 * 2 * hd * n * (n + 1) // 2) for n in lengths)
+    order = sorted(lengths, reverse=True)
+    computed, rows = 0, []
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        t = chunk[0]
+        rows.append(len(chunk) * t)
+        computed += n_layers * (len(chunk) * t * proj + len(chunk) * heads * 2 * 2 * hd * t * t)
+    return useful, computed, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.common_args(ap)
+    ap.add_argument("--prompts", type=int, default=None, help="first N of the 200 (default 200; 8 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=16, help="ours")
+    ap.add_argument("--peer-batch-sizes", default=None, help="candidates for the peer (default 1,4,8,16,32; 4,8 with --quick)")
+    ap.add_argument("--candle-probe", action="store_true", help="also run crates/engine/examples/gemm_probe.rs and record its output")
+    args = ap.parse_args()
+    reps = c.reps_of(args)
+    n = args.prompts or (8 if args.quick else 200)
+    cands = args.peer_batch_sizes or ("4,8" if args.quick else "1,4,8,16,32")
+
+    ours_bin = c.ensure_binary(not args.no_build)
+    model_dir = c.ensure_converted()
+    py = c.peer_python()
+    cfg = json.load(open(model_dir / "config.json"))
+    prompts = c.prompt_file(f"cosine{n}", c.cosine_prompts()[:n])
+    ours_out = c.WORK / "hidden_ours.safetensors"
+    peer_script = c.BENCH / "peer_hidden.py"
+
+    if "," in cands:
+        cal = c.timed([py, peer_script, "--model-dir", model_dir, "--prompts", prompts, "--batch-sizes", cands,
+                       "--threads", args.peer_threads], "peer batch sizes").last_json()
+        peer_bs = cal["batch_size"]
+        cal_line = ", ".join(f"{b}: {v:.0f}" for b, v in cal["per_batch_size"].items())
+    else:
+        peer_bs, cal_line = int(cands), "not calibrated"
+    print(f"peer batch size: {peer_bs} ({cal_line} tok/s)", file=sys.stderr)
+
+    o_toks, p_toks, o_wall, p_wall, o_rss, p_rss, checks, o_secs = [], [], [], [], [], [], [], []
+    for r in range(reps):
+        o = c.timed([ours_bin, "hidden", "--model", c.MODEL, "--prompts", prompts, "--batch-size", args.batch_size,
+                     "--out", ours_out], f"ours {r + 1}/{reps}")
+        line = c.tokens_per_s_line(o.stderr, "hidden")
+        p = c.timed([py, peer_script, "--model-dir", model_dir, "--prompts", prompts, "--batch-sizes", peer_bs,
+                     "--ours", ours_out, "--threads", args.peer_threads], f"peer {r + 1}/{reps}")
+        res = p.last_json()
+        if line["tokens"] != res["tokens"]:
+            sys.exit(f"token counts differ: ours {line['tokens']}, peer {res['tokens']}")
+        o_toks.append(line["tok_s"]); o_secs.append(line["seconds"]); p_toks.append(res["tok_s"])
+        o_wall.append(o.wall); p_wall.append(p.wall); o_rss.append(o.rss_kib / 1024); p_rss.append(p.rss_kib / 1024)
+        checks.append(res["check"])
+        lengths = res["lengths"]
+
+    bad = [k for k in checks if not k.get("ids_equal") or k.get("max_rel_err", 1.0) > 1e-3]
+    useful, computed, rows = flops(lengths, args.batch_size, cfg)
+    m = int(statistics.median(rows))
+    g = c.timed([py, c.BENCH / "gemm_roofline.py", "--config", model_dir / "config.json", "--rows", m,
+                 "--min-seconds", 0.05 if args.quick else 0.5], "gemm roofline").last_json()
+    roof = g["roofline_gflops"]
+    sec = statistics.median(o_secs)
+    useful_gf, computed_gf = useful / sec / 1e9, computed / sec / 1e9
+    lines = [
+        f"SmolLM2-135M-Instruct f32, {n} prompts ({sum(lengths)} tokens, Alpaca), {reps} repetitions alternating; "
+        f"ours batch {args.batch_size}, peer batch {peer_bs} (its best of {cands}: {cal_line} tok/s).", "",
+        c.table([("hidden states, tok/s in-process", "higher", o_toks, p_toks),
+                 ("whole process, wall s", "lower", o_wall, p_wall),
+                 ("whole process, peak RSS MiB", "lower", o_rss, p_rss)]), "",
+        f"- same token ids and hidden states (max relative error <= 1e-3) in every repetition: "
+        f"{'yes' if not bad else 'NO: ' + json.dumps(bad)}; largest error {max(k.get('max_rel_err', 0) for k in checks):.2e}",
+        f"- GEMM roofline (best of torch / numpy on the layer's four matmuls at M = {m} rows, the median "
+        f"padded rows of our batches): {roof:.1f} GFLOP/s (torch {g['results'][0]['torch']['layer']:.1f}, "
+        f"numpy {g['results'][0]['numpy']['layer']:.1f})",
+        f"- ours at its median time {sec:.2f} s: {useful / 1e9:.1f} GFLOP of the {cfg['num_hidden_layers']} layers on real "
+        f"tokens = {useful_gf:.1f} GFLOP/s = {100 * useful_gf / roof:.0f}% of the roofline; counting what the padded "
+        f"batches compute ({computed / 1e9:.1f} GFLOP): {computed_gf:.1f} GFLOP/s = {100 * computed_gf / roof:.0f}%",
+        "- per-shape GEMM GFLOP/s: torch " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["torch"].items())
+        + "; numpy " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["numpy"].items()),
+    ]
+    if args.candle_probe:
+        cp = c.sh(["cargo", "run", "--release", "-q", "-p", "sl-engine", "--example", "gemm_probe"], cwd=c.ROOT,
+                  capture_output=True, text=True)
+        lines += ["- candle (our engine's matmul), crates/engine/examples/gemm_probe.rs:", "```", cp.stdout.strip(), "```"]
+    c.record("hidden states (benchmark 1)", args, lines)
+    if bad:
+        sys.exit("the two sides disagree: see above")
+
+
+if __name__ == "__main__":
+    main()

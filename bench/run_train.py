@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Benchmark 4: training tokens/s and peak RSS, SmolLM2-135M-Instruct in f32, batch 4, 128
+tokens, AdamW at a constant LR 1e-4, on the paper's D_N (Normal_dataset.json): full fine-tuning
+and SPPFT (attention and MLP of --freeze frozen).
+
+Four arms, alternating, --reps repetitions: ours full, PyTorch full, ours SPPFT, PyTorch SPPFT.
+ours: `safety-layers finetune ... --limit-steps N` (its closing tokens/s line; train_log.jsonl for
+the tokens and losses). PyTorch: bench/peer_train.py, the same data in file order and settings.
+Whole-process wall and peak RSS from /usr/bin/time -v. If our CLI has --no-shuffle / --holdout,
+the runner asks for file order and no hold-out so both sides see the same batches (then the
+first step's loss must agree); otherwise the batches differ and only the token counts are
+comparable. If `safety-layers finetune` does not exist yet the benchmark is skipped
+(--peer-only runs the PyTorch arms alone).
+
+  bench/run_train.py            # the full benchmark (run on a quiet machine)
+  bench/run_train.py --quick    # 2 steps, batch 2, 32 tokens, 1 repetition: checks the script
+"""
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as c  # noqa: E402
+from run_hidden import layer_flops  # noqa: E402
+
+
+def finetune_help(ours_bin):
+    r = subprocess.run([str(ours_bin), "finetune", "--help"], env=c.env(), capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def train_log(out_dir, step_cap):
+    """(steps, tokens, first loss) from train_log.jsonl; `tokens` may be per step or running (a
+    running count passes what one step can hold, step_cap = batch x max-len)."""
+    p = out_dir / "train_log.jsonl"
+    if not p.exists():
+        return None
+    rows = [r for r in c.read_jsonl(p) if "step" in r]
+    if not rows:
+        return None
+    toks = [r.get("tokens", 0) for r in rows]
+    running = all(b > a for a, b in zip(toks, toks[1:])) and toks[-1] > step_cap
+    return {"steps": len(rows), "tokens": toks[-1] if running else sum(toks), "first_loss": rows[0].get("loss")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.common_args(ap, reps=3)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20; 2 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 4; 2 with --quick")
+    ap.add_argument("--max-len", type=int, default=None, help="default 128; 32 with --quick")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--freeze", default="6-12", help="the SPPFT arms' frozen range I-J")
+    ap.add_argument("--data", default=None, help="default: ../shared/data/paper/Normal_dataset.json")
+    ap.add_argument("--peer-only", action="store_true", help="run the PyTorch arms only")
+    args = ap.parse_args()
+    reps = c.reps_of(args)
+    steps = args.steps or (2 if args.quick else 20)
+    bs = args.batch_size or (2 if args.quick else 4)
+    max_len = args.max_len or (32 if args.quick else 128)
+    data = Path(args.data) if args.data else c.data_dir() / "paper" / "Normal_dataset.json"
+
+    ours_bin = c.ensure_binary(not args.no_build)
+    help_text = finetune_help(ours_bin)
+    if help_text is None and not args.peer_only:
+        print("safety-layers has no `finetune` command yet: skipping the training benchmark "
+              "(--peer-only runs the PyTorch arms alone)")
+        return
+    model_dir = c.ensure_converted()
+    py = c.peer_python()
+    extra = []
+    same_batches = False
+    if help_text:
+        if "--no-shuffle" in help_text:
+            extra.append("--no-shuffle")
+        if "--holdout" in help_text:
+            extra += ["--holdout", "0"]
+        same_batches = "--no-shuffle" in extra and "--holdout" in extra
+
+    arms = ["full", "sppft"]
+    o_tps, p_tps = {a: [] for a in arms}, {a: [] for a in arms}
+    o_rss, p_rss = {a: [] for a in arms}, {a: [] for a in arms}
+    o_wall, p_wall = {a: [] for a in arms}, {a: [] for a in arms}
+    notes = []
+    for r in range(reps):
+        for arm in arms:
+            freeze = ["--freeze", args.freeze] if arm == "sppft" else []
+            if help_text:
+                out = c.WORK / f"finetune_ours_{arm}"
+                shutil.rmtree(out, ignore_errors=True)
+                o = c.timed([ours_bin, "finetune", "--model", c.MODEL, "--data", data, "--out", out, *freeze,
+                             "--epochs", 1, "--lr", args.lr, "--batch-size", bs, "--max-len", max_len,
+                             "--lr-schedule", "constant", "--warmup-steps", 0, "--limit-steps", steps, *extra],
+                            f"ours {arm} {r + 1}/{reps}")
+                m = re.findall(r"([\d.]+) tokens/s", o.stderr + o.stdout)
+                log = train_log(out, bs * max_len)
+                if not m and not log:
+                    sys.exit("ours printed no tokens/s and wrote no train_log.jsonl")
+                o_tps[arm].append(float(m[-1]) if m else float("nan"))
+                o_rss[arm].append(o.rss_kib / 1024); o_wall[arm].append(o.wall)
+            p = c.timed([py, c.BENCH / "peer_train.py", "--model-dir", model_dir, "--data", data, "--steps", steps,
+                         "--batch-size", bs, "--max-len", max_len, "--lr", args.lr, "--threads", args.peer_threads, *freeze],
+                        f"pytorch {arm} {r + 1}/{reps}")
+            res = p.last_json()
+            p_tps[arm].append(res["tok_s"]); p_rss[arm].append(p.rss_kib / 1024); p_wall[arm].append(p.wall)
+            if r == 0 and same_batches and log and log["first_loss"] is not None:
+                agree = abs(log["first_loss"] - res["losses"][0]) <= 1e-3
+                notes.append(f"- {arm}: first-step loss ours {log['first_loss']:.5f}, PyTorch {res['losses'][0]:.5f}: "
+                             + ("agree (same data, same model)" if agree else "DIFFER by more than 1e-3 (different data or formatting?)"))
+            if r == 0:
+                ours_part = (f"ours {log['steps']} steps, {log['tokens']} tokens, first loss {log['first_loss']:.4f}; "
+                             if help_text and log else "")
+                notes.append(f"- {arm}: {ours_part}PyTorch {res['steps']} steps, {res['tokens']} tokens, first loss "
+                             f"{res['losses'][0]:.4f}, {res['trainable']} trainable parameters")
+
+    cfg = json.load(open(model_dir / "config.json"))
+    proj, _, _ = layer_flops(cfg)
+    first, last = (int(x) for x in args.freeze.split("-"))
+    k, n_layers = last - first + 1, cfg["num_hidden_layers"]
+    fwd = n_layers * proj + 2 * cfg["hidden_size"] * cfg["vocab_size"]  # per token: layers + lm_head
+    share_bwd = k * proj / (2 * fwd)  # frozen weight gradients / backward matmul work
+    share_step = k * proj / (3 * fwd)  # the same / forward + backward matmul work
+    rows = []
+    for arm in arms:
+        rows += [(f"{arm}: tokens/s", "higher", o_tps[arm], p_tps[arm]),
+                 (f"{arm}: whole process, peak RSS MiB", "lower", o_rss[arm], p_rss[arm]),
+                 (f"{arm}: whole process, wall s", "lower", o_wall[arm], p_wall[arm])]
+    speed = lambda d: [s / f for s, f in zip(d["sppft"], d["full"])]  # noqa: E731
+    lines = [
+        f"SmolLM2-135M-Instruct f32, {data.name}, {steps} steps x batch {bs} x max {max_len} tokens, AdamW lr {args.lr} "
+        f"constant; SPPFT freezes layers {args.freeze}; {reps} repetitions alternating "
+        f"(ours full, PyTorch full, ours SPPFT, PyTorch SPPFT). "
+        + ("" if not help_text else "Same batches on both sides (file order, no hold-out)." if same_batches else
+           "Our CLI has no --no-shuffle/--holdout: the batches differ, compare the token counts below."), "",
+        c.table(rows, "ours", "pytorch") if help_text else
+        "\n".join(f"- PyTorch {a}: {c.fmt_stats(p_tps[a])} tokens/s, peak RSS {c.fmt_stats(p_rss[a])} MiB" for a in arms), "",
+        *notes,
+        f"- SPPFT/full tokens/s: ours {c.fmt_stats(speed(o_tps)) if help_text else '-'}, PyTorch {c.fmt_stats(speed(p_tps))}. "
+        f"Freezing {k} of {n_layers} layers removes {100 * share_bwd:.1f}% of the backward matmul FLOPs "
+        f"({100 * share_step:.1f}% of forward + backward): the step-time saving to expect at least.",
+    ]
+    c.record("training (benchmark 4)" + ("" if help_text else ", PyTorch only"), args, lines)
+
+
+if __name__ == "__main__":
+    main()
