@@ -234,6 +234,10 @@ pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
     for (k, v) in provenance["datasets_sha256"].as_object().into_iter().flatten() {
         h.push_str(&format!("<tr><th>dataset {}</th><td><code>{}</code></td></tr>\n", esc(k), esc(&v.to_string())));
     }
-    h.push_str("</table></body></html>\n");
+    h.push_str("</table>\n");
+    // A figure that renders with zero size is a broken report: say so on the page (and in a
+    // body attribute that the browser test reads).
+    h.push_str("<script>window.addEventListener('load',function(){var bad=[];var f=document.querySelectorAll('figure svg');f.forEach(function(s,i){var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0))bad.push(i);});document.body.setAttribute('data-figure-check',bad.length?('zero-size '+bad.join(',')):('ok '+f.length));if(bad.length){var p=document.createElement('p');p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size.';p.style.color='#c0392b';document.body.prepend(p);}});</script>\n");
+    h.push_str("</body></html>\n");
     write_atomic(&dir.join("report.html"), h.as_bytes())
 }
