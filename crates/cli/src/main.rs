@@ -125,6 +125,12 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle's element-wise thread pool spin-waits at every op: on 2 cores shared with anything
+    // else, training ran 2.5x slower with it (train_probe, alternating runs); matmuls keep their
+    // own threads. An explicit CANDLE_NUM_THREADS still wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
