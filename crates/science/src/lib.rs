@@ -3,6 +3,10 @@
 
 pub mod cosine;
 pub mod cosine_report;
+pub mod eval;
+pub mod eval_figure;
+pub mod eval_report;
+pub mod eval_utility;
 pub mod figures;
 pub mod judges;
 pub mod locate;
@@ -10,6 +14,8 @@ pub mod locate_report;
 pub mod probe;
 pub mod range_rule;
 pub mod rng;
+pub mod rouge;
+pub mod stats;
 
 /// sha256 of a byte string, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
