@@ -4,6 +4,7 @@ mod commands;
 mod cosine_cmd;
 mod data_cmd;
 mod datasets;
+mod eval_cmd;
 mod locate_cmd;
 mod output;
 mod progress;
@@ -67,6 +68,8 @@ enum Command {
     Cosine(cosine_cmd::CosineArgs),
     /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
     Locate(locate_cmd::LocateArgs),
+    /// The paper's Table 2 columns per model: R_h on AdvBench, refusals on D_o and XSTest, Rouge-L and perplexity on held-out records
+    Eval(eval_cmd::EvalArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
     /// Datasets by name: list them, fetch them into the cache, verify local copies
@@ -131,6 +134,7 @@ fn main() {
         Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
+        Command::Eval(args) => eval_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)

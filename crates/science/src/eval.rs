@@ -208,6 +208,32 @@ pub fn judge_responses(sets: &mut [(SetKind, Vec<SafetyResponse>)], judge: &Eval
     }
 }
 
+/// XSTest's prompt file (or one laid out like it): a CSV with a header holding `prompt` and
+/// `label` columns; returns the `safe` and the `unsafe` prompts.
+pub fn read_xstest_csv(path: &std::path::Path) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
+    let shown = path.display();
+    let mut r = csv::Reader::from_path(path).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    let headers = r.headers().map_err(|e| anyhow::anyhow!("{shown}: no CSV header ({e})"))?.clone();
+    let col = |name: &str| {
+        headers.iter().position(|h| h == name).ok_or_else(|| anyhow::anyhow!("{shown}: no column `{name}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")))
+    };
+    let (pc, lc) = (col("prompt")?, col("label")?);
+    let (mut safe, mut unsafe_) = (Vec::new(), Vec::new());
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.map_err(|e| anyhow::anyhow!("{shown}: malformed CSV near record {}: {e}", i + 1))?;
+        let prompt = rec.get(pc).unwrap_or("");
+        if prompt.trim().is_empty() {
+            continue;
+        }
+        match rec.get(lc).unwrap_or("") {
+            "safe" => safe.push(PromptRecord::new(prompt)),
+            "unsafe" => unsafe_.push(PromptRecord::new(prompt)),
+            other => bail!("{shown}: record {} has label `{other}`, expected safe or unsafe", i + 1),
+        }
+    }
+    Ok((safe, unsafe_))
+}
+
 /// One set's line of the table.
 #[derive(Debug, Clone, Serialize)]
 pub struct SetSummary {

@@ -5,6 +5,7 @@ use crate::eval::SetKind;
 use crate::eval_report::EvalReport;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing eval.svg failed: {e:?}")
@@ -43,10 +44,12 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
             .y_label_area_size(55)
             .build_cartesian_2d(0f64..n_models as f64, 0f64..115f64)
             .map_err(err)?;
+        // Model names are drawn centred under their groups below, not as mesh labels (plotters
+        // places those at round numbers, not at the groups).
         chart
             .configure_mesh()
-            .x_labels(n_models)
-            .x_label_formatter(&|x| labels.get(x.floor() as usize).cloned().unwrap_or_default())
+            .disable_x_mesh()
+            .x_label_formatter(&|_| String::new())
             .y_labels(12)
             .y_label_formatter(&|y| if *y <= 100.0 { format!("{y:.0}") } else { String::new() })
             .x_desc("model")
@@ -71,6 +74,16 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
                     chart.draw_series(std::iter::once(PathElement::new(seg, BLACK.stroke_width(1)))).map_err(err)?;
                 }
             }
+        }
+        let name_style = TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        for (mi, label) in labels.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(mi as f64 + 0.5, 0.0));
+            root.draw(&Text::new(label.clone(), (px, py + 8), name_style.clone())).map_err(err)?;
+        }
+        let value_style = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+        for &(mi, si, r, _, hi) in &bars {
+            let (px, py) = chart.backend_coord(&(x0(mi, si) + 0.5 * slot, hi));
+            root.draw(&Text::new(format!("{r:.1}"), (px, py - 2), value_style.clone())).map_err(err)?;
         }
         chart
             .configure_series_labels()
