@@ -7,6 +7,7 @@ mod data_cmd;
 mod datasets;
 mod demo_cmd;
 mod finetune_cmd;
+mod eval_cmd;
 mod locate_cmd;
 mod output;
 mod progress;
@@ -76,6 +77,8 @@ enum Command {
     Align(align_cmd::AlignArgs),
     /// Fine-tune: SPPFT (--freeze the safety layers), full fine-tuning, or a control freeze
     Finetune(finetune_cmd::FinetuneArgs),
+    /// The paper's Table 2 columns per model: R_h on AdvBench, refusals on D_o and XSTest, Rouge-L and perplexity on held-out records
+    Eval(eval_cmd::EvalArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
     /// Datasets by name: list them, fetch them into the cache, verify local copies
@@ -163,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Align(args) => align_cmd::run(&args),
         Command::Finetune(args) => finetune_cmd::run(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
+        Command::Eval(args) => eval_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)

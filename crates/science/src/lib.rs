@@ -4,6 +4,10 @@
 pub mod align;
 pub mod cosine;
 pub mod cosine_report;
+pub mod eval;
+pub mod eval_figure;
+pub mod eval_report;
+pub mod eval_utility;
 pub mod figures;
 pub mod finetune;
 pub mod finetune_data;
@@ -14,6 +18,8 @@ pub mod probe;
 pub mod range_rule;
 pub mod report;
 pub mod rng;
+pub mod rouge;
+pub mod stats;
 
 /// sha256 of a byte string, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
