@@ -4,6 +4,8 @@
 pub mod align;
 pub mod cosine;
 pub mod cosine_report;
+pub mod export_formats;
+pub mod export_plan;
 pub mod figures;
 pub mod finetune;
 pub mod finetune_data;
