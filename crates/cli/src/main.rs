@@ -6,6 +6,7 @@ mod cosine_cmd;
 mod data_cmd;
 mod datasets;
 mod demo_cmd;
+mod export_cmd;
 mod finetune_cmd;
 mod eval_cmd;
 mod locate_cmd;
@@ -98,6 +99,8 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Write the SPPFT freeze plan as a ready config for distributed trainers (axolotl, PEFT LoRA, HF Trainer + DeepSpeed)
+    Export(export_cmd::ExportArgs),
     /// Batched greedy generation, optionally with a layer range's weights scaled
     Generate {
         #[arg(long)]
@@ -168,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Eval(args) => eval_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
             commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)
         }

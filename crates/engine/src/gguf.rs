@@ -258,3 +258,16 @@ pub(crate) fn gguf_str<'a>(c: &'a Content, key: &str) -> Option<&'a str> {
 pub(crate) fn gguf_bool(c: &Content, key: &str) -> Option<bool> {
     meta(c, key).and_then(|v| v.to_bool().ok())
 }
+
+/// The `config.json` value of a GGUF file from its header alone: no tensor is read or
+/// dequantised, so a multi-gigabyte file answers at once (for commands that need only the shape).
+pub fn read_config(path: &Path) -> Result<Value> {
+    let shown = path.display().to_string();
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let content = Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+    let arch = meta_str(&content, "general.architecture").ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?;
+    let Some((hf_arch, model_type)) = hf_architecture(arch) else {
+        bail!("{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)");
+    };
+    GgufModel::config(&content, arch, hf_arch, model_type, &shown)
+}

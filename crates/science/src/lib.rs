@@ -8,6 +8,8 @@ pub mod eval;
 pub mod eval_figure;
 pub mod eval_report;
 pub mod eval_utility;
+pub mod export_formats;
+pub mod export_plan;
 pub mod figures;
 pub mod finetune;
 pub mod finetune_data;
