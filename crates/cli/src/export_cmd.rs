@@ -2,7 +2,7 @@
 //! models across GPUs (axolotl, PEFT LoRA, Hugging Face Trainer + DeepSpeed ZeRO-2). Only the
 //! model's config is read, never its weights, so a 70B checkpoint exports as fast as a tiny one.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use sl_engine::export::StagedDir;
 use sl_engine::{LayerRange, ModelConfig};
 use sl_science::export_formats::{render, Format, Sources};
