@@ -16,9 +16,9 @@ fn shared() -> PathBuf {
 fn locate_counts_equal_generate_plus_judge() {
     let model = shared().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let d = tempfile::tempdir().unwrap();
-    // The first 24 over-rejection queries, as a file both commands read.
+    // The first 100 over-rejection queries (the quality bar), as a file both commands read.
     let text = std::fs::read_to_string(shared().join("data/paper/Over_rejection_dataset.csv")).unwrap();
-    let queries: Vec<&str> = text.lines().take(16).collect();
+    let queries: Vec<&str> = text.lines().take(100).collect();
     let qfile = d.path().join("do.txt");
     std::fs::write(&qfile, queries.join("\n")).unwrap();
     let out = d.path().join("loc");
@@ -27,7 +27,7 @@ fn locate_counts_equal_generate_plus_judge() {
         .arg(&model)
         .arg("--over-rejection")
         .arg(&qfile)
-        .args(["--initial", "10-15", "--alpha", "1.2", "--span", "1", "--judge", "xstest", "--max-new-tokens", "8", "--out"])
+        .args(["--initial", "10-15", "--alpha", "1.2", "--span", "1", "--judge", "xstest", "--max-new-tokens", "16", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -40,7 +40,7 @@ fn locate_counts_equal_generate_plus_judge() {
         let range = run["range"].as_str().unwrap();
         let gen = d.path().join(format!("{range}.jsonl"));
         let mut cmd = bin();
-        cmd.args(["generate", "--model"]).arg(&model).arg("--prompts").arg(&qfile).args(["--max-new-tokens", "8", "--out"]).arg(&gen);
+        cmd.args(["generate", "--model"]).arg(&model).arg("--prompts").arg(&qfile).args(["--max-new-tokens", "16", "--out"]).arg(&gen);
         if range != "baseline" {
             cmd.args(["--scale", &format!("{range}:1.2")]);
         }

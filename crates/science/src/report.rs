@@ -93,7 +93,7 @@ fn claims(cos: &Value, loc: &Value, eval: &Value, runs: &[Value]) -> Vec<Value> 
     out.push(json!({
         "claim": "1. Safety layers exist: in the aligned model the N-M cosine curve separates from N-N in the middle layers",
         "verdict": if holds {
-            if gap > base_gap + 0.5 { "reproduced" } else { "partly: a gap opens in the middle layers, but the base model shows it as well (within 0.5°), so the safety SFT did not create it here" }
+            if gap > base_gap + 0.5 { "reproduced" } else { "partly: a gap opens in the middle layers, but it is not wider than the base model's (by more than 0.5°), so the safety SFT did not create it here" }
         } else {
             "not reproduced"
         },
