@@ -75,7 +75,7 @@ fn smoke_profile_runs_caches_and_renders() {
     let dom = browser(&exe, &["--dump-dom".to_string()], &page);
     let dom_text = String::from_utf8_lossy(&dom.stdout);
     assert!(dom_text.contains("data-figure-check=\"ok 5\""), "figures not all rendered: {}", dom_text.lines().find(|l| l.contains("<body")).unwrap_or(""));
-    let log = String::from_utf8_lossy(&dom.stderr);
-    let console: Vec<&str> = log.lines().chain(String::from_utf8_lossy(&shot.stderr).lines().collect::<Vec<_>>().into_iter()).filter(|l| l.contains(":CONSOLE")).collect();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&dom.stderr), String::from_utf8_lossy(&shot.stderr));
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");
 }
