@@ -44,6 +44,15 @@ pub fn prompt_set_with(spec: &str, column: Option<&str>) -> Result<PromptSet> {
     Ok(PromptSet { name: spec.to_string(), records, sha256: sha })
 }
 
+/// The file of a single-file dataset, resolved and verified: `(path, sha256)`; None when `spec`
+/// is not a dataset name.
+pub fn dataset_file(spec: &str) -> Result<Option<(PathBuf, String)>> {
+    let Some(ds) = datasets::dataset(spec) else { return Ok(None) };
+    let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
+    let [file] = files.as_slice() else { bail!("dataset `{spec}` is not a single training file") };
+    Ok(Some((file.path.clone(), file.sha256.clone())))
+}
+
 pub fn prompt_set(spec: &str) -> Result<PromptSet> {
     prompt_set_with(spec, None)
 }

@@ -4,6 +4,7 @@
 //! rerun resumes where the last one stopped.
 
 use anyhow::{bail, Context, Result};
+use sl_science::report::read_json;
 use serde_json::{json, Value};
 use sl_catalog::datasets;
 use std::path::{Path, PathBuf};
@@ -181,10 +182,6 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
 
 fn s(x: impl ToString) -> String {
     x.to_string()
-}
-
-fn read_json(p: &Path) -> Result<Value> {
-    serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not valid JSON", p.display()))
 }
 
 /// A range as wide as `first..=last`, away from it: at the bottom if it fits below, else at the

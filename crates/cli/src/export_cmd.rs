@@ -116,10 +116,8 @@ fn data_source(spec: &str) -> Result<String> {
     if p.is_file() {
         return Ok(absolute(p));
     }
-    if let Some(ds) = sl_catalog::datasets::dataset(spec) {
-        let files = sl_catalog::datasets::resolve(&ds, &sl_catalog::datasets::DataOptions::from_env())?;
-        let [file] = files.as_slice() else { bail!("dataset `{spec}` is not a single training file") };
-        return Ok(absolute(&file.path));
+    if let Some((path, _)) = crate::datasets::dataset_file(spec)? {
+        return Ok(absolute(&path));
     }
     eprintln!("export: --data {spec} is neither a file here nor a dataset name; written as given (a path on the training machine?)");
     Ok(spec.to_string())

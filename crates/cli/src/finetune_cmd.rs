@@ -101,12 +101,10 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
         return Ok((read_records(path)?, format!("{spec} (sha256 {})", sl_science::sha256_hex(&bytes))));
     }
-    let Some(ds) = datasets::dataset(spec) else {
+    let Some((path, sha)) = crate::datasets::dataset_file(spec)? else {
         bail!("--data `{spec}`: no such file, and not a dataset name (datasets: {})", datasets::names().join(", "));
     };
-    let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
-    let [file] = files.as_slice() else { bail!("dataset `{spec}` is not a single training file") };
-    Ok((read_records(&file.path)?, format!("{spec} (sha256 {})", file.sha256)))
+    Ok((read_records(&path)?, format!("{spec} (sha256 {sha})")))
 }
 
 pub fn run(a: &FinetuneArgs) -> Result<()> {

@@ -45,6 +45,11 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
 }
 
+/// True when `p` exists and is not an empty directory (an output there would mix with old files).
+pub fn occupied(p: &Path) -> bool {
+    p.exists() && std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(true)
+}
+
 /// A directory being written: files go to `<dest>.tmp-<pid>`, `commit` renames it to `dest`.
 pub struct StagedDir {
     tmp: PathBuf,
@@ -54,7 +59,7 @@ pub struct StagedDir {
 
 impl StagedDir {
     pub fn new(dest: &Path) -> Result<StagedDir> {
-        if dest.exists() && std::fs::read_dir(dest).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if occupied(dest) {
             bail!("output directory {} already exists and is not empty", dest.display());
         }
         let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());

@@ -115,11 +115,7 @@ impl Trainer {
         let nll = self.head_loss(&h, batch)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
-        for (i, (_, var)) in self.trainable.iter().enumerate() {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                add_grad(&mut self.grads[i], g)?;
-            }
-        }
+        self.collect(&mut grads)?;
         Ok(value)
     }
 

@@ -170,7 +170,7 @@ pub fn build_records(model: &Model, data: &AlignData, opts: &AlignOptions, progr
 /// align.json and align_data.jsonl beside the weights.
 pub fn align(model: Model, data: &AlignData, opts: &AlignOptions, train: &FinetuneConfig, out: &Path, progress: &mut dyn FnMut(&str, usize)) -> Result<Value> {
     let t0 = std::time::Instant::now();
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if sl_engine::export::occupied(out) {
         bail!("output directory {} already exists and is not empty", out.display());
     }
     let (records, data_report) = build_records(&model, data, opts, &mut |n| progress("self-distillation", n))?;

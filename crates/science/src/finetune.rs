@@ -150,7 +150,7 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
     let resume_from = if run.resume {
         Some(latest_checkpoint(out).ok_or_else(|| anyhow::anyhow!("--resume: no checkpoint under {}", checkpoints_dir(out).display()))?)
     } else {
-        if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if sl_engine::export::occupied(out) {
             bail!("output directory {} already exists and is not empty (use --resume to continue a run there)", out.display());
         }
         None
@@ -200,10 +200,9 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
     };
 
     let device = Device::Cpu;
-    let held_batches: Vec<Batch> = held
-        .chunks(cfg.batch_size)
-        .map(|c| Batch::new(&c.iter().map(|e| e.ids.as_slice()).collect::<Vec<_>>(), &c.iter().map(|e| e.supervised_from).collect::<Vec<_>>(), &device))
-        .collect::<Result<_>>()?;
+    let batch_of = |examples: &[&Example]| Batch::new(&examples.iter().map(|e| e.ids.as_slice()).collect::<Vec<_>>(), &examples.iter().map(|e| e.supervised_from).collect::<Vec<_>>(), &device);
+    let held_refs: Vec<&Example> = held.iter().collect();
+    let held_batches: Vec<Batch> = held_refs.chunks(cfg.batch_size).map(batch_of).collect::<Result<_>>()?;
     let mut holdout_losses = vec![];
     let seconds_before = pos.seconds;
     let t_loop = Instant::now();
@@ -217,10 +216,7 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
                 break 'epochs;
             }
             let group = steps[pos.step_in_epoch];
-            let batches: Vec<Batch> = group
-                .iter()
-                .map(|mb| Batch::new(&mb.iter().map(|e| e.ids.as_slice()).collect::<Vec<_>>(), &mb.iter().map(|e| e.supervised_from).collect::<Vec<_>>(), &device))
-                .collect::<Result<_>>()?;
+            let batches: Vec<Batch> = group.iter().map(|mb| batch_of(mb)).collect::<Result<_>>()?;
             let targets: usize = batches.iter().map(|b| b.num_targets).sum();
             let mut loss_sum = 0.0;
             for b in &batches {

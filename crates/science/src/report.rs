@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use sl_engine::export::write_atomic;
 use std::path::Path;
 
-fn read_json(p: &Path) -> Result<Value> {
+/// A JSON file, with errors that name it.
+pub fn read_json(p: &Path) -> Result<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not valid JSON", p.display()))
 }
 
