@@ -3,7 +3,8 @@
 settings. Records {instruction, input, output} in file order, Alpaca template (Input variant when
 the input is not empty) + output + the tokenizer's EOS, truncated to --max-len, right-padded to
 the longest of each batch; loss on all tokens (transformers' causal-LM loss); AdamW (betas
-0.9/0.999, eps 1e-8, no weight decay, constant LR; torch's fused CPU kernel when it has one).
+0.9/0.999, eps 1e-8, no weight decay, constant LR,
+gradient norm clipped at 1.0 as transformers' Trainer does; torch's fused CPU kernel when it has one).
 --freeze I-J: SPPFT, requires_grad False on the attention and MLP weights of those layers.
 Times every step, the first included (ours' tokens/s covers its whole run too).
 
@@ -75,6 +76,7 @@ def main():
         ids, mask, labels = batch(rows, pad)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

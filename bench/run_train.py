@@ -4,7 +4,7 @@ tokens, AdamW at a constant LR 1e-4, on the paper's D_N (Normal_dataset.json): f
 and SPPFT (attention and MLP of --freeze frozen).
 
 Four arms, alternating, --reps repetitions: ours full, PyTorch full, ours SPPFT, PyTorch SPPFT.
-ours: `safety-layers finetune ... --limit-steps N` (its closing tokens/s line; train_log.jsonl for
+ours: `safety-layers finetune ... --max-steps N` (its closing tokens/s line; train_log.jsonl for
 the tokens and losses). PyTorch: bench/peer_train.py, the same data in file order and settings.
 Whole-process wall and peak RSS from /usr/bin/time -v. If our CLI has --no-shuffle / --holdout,
 the runner asks for file order and no hold-out so both sides see the same batches (then the
@@ -94,7 +94,7 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
                 o = c.timed([ours_bin, "finetune", "--model", c.MODEL, "--data", data, "--out", out, *freeze,
                              "--epochs", 1, "--lr", args.lr, "--batch-size", bs, "--max-len", max_len,
-                             "--lr-schedule", "constant", "--warmup-steps", 0, "--limit-steps", steps, *extra],
+                             "--lr-schedule", "constant", "--warmup-steps", 0, "--max-steps", steps, "--max-grad-norm", 1, *extra],
                             f"ours {arm} {r + 1}/{reps}")
                 m = re.findall(r"([\d.]+) tokens/s", o.stderr + o.stdout)
                 log = train_log(out, bs * max_len)

@@ -20,15 +20,8 @@ pub struct ExportArgs {
     /// Output directory (must not exist or be empty)
     #[arg(long)]
     pub out: PathBuf,
-    /// Freeze layers I-J (0-indexed, inclusive): their --freeze-modules get no gradient
-    #[arg(long, conflicts_with = "freeze_from")]
-    pub freeze: Option<String>,
-    /// Freeze the range chosen by `locate` (its locate.json)
-    #[arg(long)]
-    pub freeze_from: Option<PathBuf>,
-    /// Which modules of the frozen layers to freeze
-    #[arg(long, default_value = "attn,mlp", value_delimiter = ',')]
-    pub freeze_modules: Vec<String>,
+    #[command(flatten)]
+    pub freeze: crate::finetune_cmd::FreezeArgs,
     /// What the trainers load (a Hugging Face directory or hub id); default: the --model directory
     #[arg(long)]
     pub base_model: Option<String>,
@@ -129,12 +122,10 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     if cfg.num_layers == 0 {
         bail!("{config_from}: the model has no layers (num_hidden_layers = 0)");
     }
-    let range = match (&a.freeze, &a.freeze_from) {
-        (Some(s), _) => LayerRange::parse(s, cfg.num_layers)?,
-        (_, Some(p)) => crate::finetune_cmd::range_from_locate(p, cfg.num_layers)?,
-        _ => bail!("give the range to freeze with --freeze I-J or --freeze-from DIR/locate.json"),
+    let Some(range) = a.freeze.range(cfg.num_layers)? else {
+        bail!("give the range to freeze with --freeze I-J or --freeze-from DIR/locate.json");
     };
-    let plan = FreezePlan::new(&cfg, range, FreezeModule::parse_list(&a.freeze_modules)?)?;
+    let plan = FreezePlan::new(&cfg, range, FreezeModule::parse_list(&a.freeze.freeze_modules)?)?;
     let (paper, paper_source) = paper_lr(&cfg);
     let recipe = Recipe {
         epochs: a.epochs,

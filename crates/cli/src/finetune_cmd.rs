@@ -19,15 +19,8 @@ pub struct FinetuneArgs {
     pub data: String,
     #[arg(long)]
     pub out: PathBuf,
-    /// Freeze layers I-J (0-indexed, inclusive): their --freeze-modules get no gradient
-    #[arg(long, conflicts_with = "freeze_from")]
-    pub freeze: Option<String>,
-    /// Freeze the range chosen by `locate` (its locate.json)
-    #[arg(long)]
-    pub freeze_from: Option<PathBuf>,
-    /// Which modules of the frozen layers to freeze
-    #[arg(long, default_value = "attn,mlp", value_delimiter = ',')]
-    pub freeze_modules: Vec<String>,
+    #[command(flatten)]
+    pub freeze: FreezeArgs,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     #[arg(long, default_value_t = 1e-4)]
@@ -86,8 +79,33 @@ pub struct FinetuneArgs {
     pub abort_after_step: Option<usize>,
 }
 
+/// The freeze options `finetune` and `export` share.
+#[derive(clap::Args)]
+pub struct FreezeArgs {
+    /// Freeze layers I-J (0-indexed, inclusive): their --freeze-modules get no gradient
+    #[arg(long, conflicts_with = "freeze_from")]
+    pub freeze: Option<String>,
+    /// Freeze the range chosen by `locate` (its locate.json)
+    #[arg(long)]
+    pub freeze_from: Option<PathBuf>,
+    /// Which modules of the frozen layers to freeze
+    #[arg(long, default_value = "attn,mlp", value_delimiter = ',')]
+    pub freeze_modules: Vec<String>,
+}
+
+impl FreezeArgs {
+    /// The range given by --freeze or --freeze-from, if any.
+    pub fn range(&self, layers: usize) -> Result<Option<LayerRange>> {
+        Ok(match (&self.freeze, &self.freeze_from) {
+            (Some(s), _) => Some(LayerRange::parse(s, layers)?),
+            (_, Some(p)) => Some(range_from_locate(p, layers)?),
+            _ => None,
+        })
+    }
+}
+
 /// The range a locate.json chose.
-pub fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
+fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
         .with_context(|| format!("{} is not valid JSON", p.display()))?;
     let get = |k: &str| v["range"][k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{}: range.{k} is missing", p.display()));
@@ -110,11 +128,7 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
 pub fn run(a: &FinetuneArgs) -> Result<()> {
     let model = crate::datasets::load_model(&a.model)?;
     let layers = model.cfg().num_layers;
-    let freeze = match (&a.freeze, &a.freeze_from) {
-        (Some(s), _) => Some(LayerRange::parse(s, layers)?),
-        (_, Some(p)) => Some(range_from_locate(p, layers)?),
-        _ => None,
-    };
+    let freeze = a.freeze.range(layers)?;
     let (mut records, data_desc) = training_data(&a.data)?;
     if let Some(n) = a.limit {
         records.truncate(n);
@@ -123,7 +137,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         model: a.model.display().to_string(),
         data: data_desc,
         freeze,
-        freeze_modules: a.freeze_modules.clone(),
+        freeze_modules: a.freeze.freeze_modules.clone(),
         epochs: a.epochs,
         lr: a.lr,
         lr_schedule: a.lr_schedule.parse()?,

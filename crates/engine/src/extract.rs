@@ -1,7 +1,7 @@
 //! Hidden-state extraction: every `output_hidden_states` entry at the last prompt token, batched
 //! over prompts of different lengths.
 
-use crate::generate::left_pad;
+use crate::generate::{batch_cache, left_pad, shared_head_kv, shared_prefix_len};
 use crate::hooks::{Capture, Hook, Positions};
 use crate::model::{Decoder, Logits};
 use anyhow::{bail, Result};
@@ -20,10 +20,14 @@ pub fn hidden_last(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let mut out: Vec<Option<Tensor>> = vec![None; prompts.len()];
+    // The template head every prompt starts with is computed once, not once per prompt.
+    let shared = shared_prefix_len(prompts);
+    let head = shared_head_kv(dec, prompts, shared)?;
     for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+        let rows: Vec<&[u32]> = chunk.iter().map(|&i| &prompts[i][shared..]).collect();
         let (ids, pads) = left_pad(&rows, &dec.device)?;
-        let (_, cap) = dec.forward(&ids, &pads, None, &capture, Logits::None)?;
+        let mut cache = batch_cache(dec, head.as_ref(), shared, rows.len())?;
+        let (_, cap) = dec.forward(&ids, &pads, Some(&mut cache), &capture, Logits::None)?;
         let entries: Vec<Tensor> = (0..=n_layers)
             .map(|k| cap.get(Hook::hidden_entry(k, n_layers), Positions::Last).cloned().expect("captured"))
             .collect();

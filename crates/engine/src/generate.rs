@@ -67,13 +67,59 @@ pub struct Generation {
 /// Asked after every new token with the prompt's index and its tokens so far: true stops it.
 pub type StopFn<'a> = &'a (dyn Fn(usize, &[u32]) -> bool + Sync);
 
+/// Tokens every prompt starts with (a chat or Alpaca template's head), leaving each prompt at
+/// least one token of its own; 0 for fewer than two prompts. Those positions are computed once
+/// for all prompts: a row's keys/values there do not depend on the rest of the row.
+pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let (Some(first), true) = (prompts.first(), prompts.len() > 1) else { return 0 };
+    let mut n = first.len().saturating_sub(1);
+    for p in &prompts[1..] {
+        n = n.min(p.iter().zip(first).take_while(|(a, b)| a == b).count()).min(p.len().saturating_sub(1));
+    }
+    n
+}
+
+fn embed_head(dec: &Decoder, head: &[u32]) -> Result<Tensor> {
+    dec.embed(&Tensor::from_vec(head.to_vec(), (1, head.len()), &dec.device)?)
+}
+
+/// The shared prompt head (`x`: `[1, T, H]` entering `layers.start`) run once through `layers`:
+/// its keys/values and the residual stream leaving the last of them.
+fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<(KvCache, Tensor)> {
+    let ctx = dec.step_ctx(&[0], 0, x.dim(1)?, false)?;
+    let mut kv = KvCache::new(dec.num_layers());
+    let x = dec.run_layers(x, layers, &ctx, Some(&mut kv), &Capture::none(), &mut crate::hooks::Captured::default())?;
+    Ok((kv, x))
+}
+
+/// The keys/values of every layer for the prompts' first `shared` tokens, or None when 0.
+pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Result<Option<KvCache>> {
+    if shared == 0 {
+        return Ok(None);
+    }
+    Ok(Some(run_head(dec, embed_head(dec, &prompts[0][..shared])?, 0..dec.num_layers())?.0))
+}
+
+/// A fresh cache for a batch of `rows` rows: the shared head's keys/values copied to each, or
+/// empty.
+pub fn batch_cache(dec: &Decoder, head: Option<&KvCache>, shared: usize, rows: usize) -> Result<KvCache> {
+    match head {
+        Some(h) => KvCache::from_shared(h, shared, rows),
+        None => Ok(KvCache::new(dec.num_layers())),
+    }
+}
+
 /// The residual stream entering `start_layer` and the keys/values of the layers below it, for
 /// every prompt, batched as generation will batch them. Scaling layers >= `start_layer` changes
-/// none of it, so one prefix serves every range with that lower bound.
+/// none of it, so one prefix serves every range with that lower bound. The prompts' shared head
+/// is kept once (its residual stream entering `start_layer`) and run through the upper layers
+/// once per call instead of once per row.
 pub struct PrefixCache {
     pub start_layer: usize,
     batches: Vec<PrefixBatch>,
     num_prompts: usize,
+    shared: usize,
+    head_x: Option<Tensor>,
 }
 
 struct PrefixBatch {
@@ -92,18 +138,20 @@ fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
 
 impl PrefixCache {
     pub fn build(dec: &Decoder, prompts: &[Vec<u32>], batch_size: usize, start_layer: usize) -> Result<PrefixCache> {
+        let shared = shared_prefix_len(prompts);
+        let head = if shared > 0 { Some(run_head(dec, embed_head(dec, &prompts[0][..shared])?, 0..start_layer)?) } else { None };
         let mut out = Vec::new();
         for idx in batches(prompts, batch_size) {
-            let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
             let t = ids.dim(1)?;
-            let ctx = dec.step_ctx(&pads, 0, t, false)?;
-            let mut kv = KvCache::new(dec.num_layers());
+            let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
+            let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared, rows.len())?;
             let mut captured = crate::hooks::Captured::default();
             let x = dec.run_layers(dec.embed(&ids)?, 0..start_layer, &ctx, Some(&mut kv), &Capture::none(), &mut captured)?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
-        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len() })
+        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len(), shared, head_x: head.map(|h| h.1) })
     }
 
     /// Each batch: prompt indices, pad counts, residual stream entering `start_layer`, and the
@@ -134,16 +182,20 @@ pub fn greedy_with(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Generation>> {
     let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompts.len()];
+    let shared = if opts.no_cache { 0 } else { shared_prefix_len(prompts) };
+    let head = shared_head_kv(dec, prompts, shared)?;
     for idx in batches(prompts, opts.batch_size) {
-        let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
         let results = if opts.no_cache {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
             greedy_batch_uncached(dec, &rows, eos, opts)?
                 .into_iter()
                 .map(|ids| Generation { stop: stop_reason(&ids, eos, opts), ids })
                 .collect()
         } else {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
-            decode_batch(dec, First::Ids(ids), &idx, pads, KvCache::new(dec.num_layers()), eos, opts, stop)?
+            let cache = batch_cache(dec, head.as_ref(), shared, rows.len())?;
+            decode_batch(dec, First::Ids(ids), &idx, pads, cache, eos, opts, stop)?
         };
         for (&i, r) in idx.iter().zip(results) {
             out[i] = r;
@@ -164,9 +216,22 @@ pub fn greedy_from_prefix(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Generation>> {
     let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prefix.num_prompts];
+    let start = prefix.start_layer;
+    // The shared head through the (possibly scaled) upper layers, once for every batch.
+    let upper = match &prefix.head_x {
+        Some(x) => Some(run_head(dec, x.clone(), start..dec.num_layers())?.0),
+        None => None,
+    };
     for b in &prefix.batches {
-        let first = First::FromLayer(b.x.clone(), prefix.start_layer);
-        let results = decode_batch(dec, first, &b.idx, b.pads.clone(), b.kv.clone(), eos, opts, stop)?;
+        let first = First::FromLayer(b.x.clone(), start);
+        let mut kv = b.kv.clone();
+        if let Some(u) = &upper {
+            let mut u = KvCache::from_shared(u, prefix.shared, b.idx.len())?;
+            for l in start..dec.num_layers() {
+                kv.layers[l] = u.layers[l].take();
+            }
+        }
+        let results = decode_batch(dec, first, &b.idx, b.pads.clone(), kv, eos, opts, stop)?;
         for (&i, r) in b.idx.iter().zip(results) {
             out[i] = r;
         }

@@ -100,14 +100,35 @@ pub struct Layer {
 }
 
 /// Key/value tensors of every layer, `[B, Hkv, S, D]`.
+///
+/// The first `shared` positions may be a prompt prefix common to every row (computed once, then
+/// copied to each row); a row's left padding then sits right after them instead of at position 0.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub shared: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache { layers: vec![None; num_layers], shared: 0 }
+    }
+
+    /// A batch of `rows` rows that all start with the one-row cache `prefix` of `shared`
+    /// positions (its layers that hold anything), marked so padding goes after it.
+    pub fn from_shared(prefix: &KvCache, shared: usize, rows: usize) -> Result<KvCache> {
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let (_, h, s, d) = t.dims4()?;
+            Ok(t.broadcast_as((rows, h, s, d))?.contiguous()?)
+        };
+        let mut layers = Vec::with_capacity(prefix.layers.len());
+        for l in &prefix.layers {
+            layers.push(match l {
+                Some((k, v)) => Some((grow(k)?, grow(v)?)),
+                None => None,
+            });
+        }
+        Ok(KvCache { layers, shared })
     }
 
     /// Cached positions (of the first layer that holds any).
@@ -296,10 +317,27 @@ impl Decoder {
     /// Masks and rope angles for `new_tokens` tokens appended after `past` cached ones, rows
     /// left-padded by `pads[b]` tokens.
     pub fn step_ctx(&self, pads: &[usize], past: usize, new_tokens: usize, differentiable: bool) -> Result<StepCtx> {
+        self.step_ctx_shared(pads, 0, past, new_tokens, differentiable)
+    }
+
+    /// As `step_ctx`, with each row's padding after a prefix of `shared` positions that every
+    /// row has (computed once: see `KvCache::from_shared`).
+    pub fn step_ctx_shared(&self, pads: &[usize], shared: usize, past: usize, new_tokens: usize, differentiable: bool) -> Result<StepCtx> {
         let b = pads.len();
         let total = past + new_tokens;
         let window = self.cfg.sliding_window;
         let needs_sliding = self.cfg.layer_types.contains(&AttentionKind::Sliding);
+        let is_pad = |i: usize, pad: usize| i >= shared && i < shared + pad;
+        // Position ids count real tokens only; a pad gets 0, as transformers' left padding does.
+        let position = |i: usize, pad: usize| {
+            if i < shared {
+                i
+            } else if is_pad(i, pad) {
+                0
+            } else {
+                i - pad
+            }
+        };
         let build = |sliding: bool| -> Result<Vec<f32>> {
             let mut m = vec![0f32; b * new_tokens * total];
             for (r, &pad) in pads.iter().enumerate() {
@@ -307,12 +345,12 @@ impl Decoder {
                     let i = past + t;
                     let row = &mut m[(r * new_tokens + t) * total..(r * new_tokens + t + 1) * total];
                     for (j, v) in row.iter_mut().enumerate() {
-                        let mut ok = j <= i && j >= pad;
-                        if sliding {
-                            ok &= i - j.min(i) < window.unwrap_or(usize::MAX);
+                        let mut ok = j <= i && !is_pad(j, pad);
+                        if sliding && ok {
+                            ok = position(i, pad) - position(j, pad) < window.unwrap_or(usize::MAX);
                         }
                         // A padding query sees only itself, so no softmax row is empty.
-                        if i < pad {
+                        if is_pad(i, pad) {
                             ok = j == i;
                         }
                         if !ok {
@@ -326,10 +364,7 @@ impl Decoder {
         let mask_full_raw = build(false)?;
         let mask_sliding_raw = if needs_sliding { Some(build(true)?) } else { None };
         let as_tensor = |m: &Vec<f32>| Tensor::from_vec(m.clone(), (b, 1, new_tokens, total), &self.device);
-        let positions: Vec<Vec<u32>> = pads
-            .iter()
-            .map(|&pad| (past..total).map(|i| i.saturating_sub(pad) as u32).collect())
-            .collect();
+        let positions: Vec<Vec<u32>> = pads.iter().map(|&pad| (past..total).map(|i| position(i, pad) as u32).collect()).collect();
         let seq_len = pads.iter().map(|&p| total - p.min(total)).max().unwrap_or(0);
         Ok(StepCtx {
             batch: b,
@@ -504,7 +539,8 @@ impl Decoder {
     ) -> Result<(Option<Tensor>, Captured)> {
         let (_, t, _) = x.dims3()?;
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
-        let ctx = self.step_ctx(pads, past, t, false)?;
+        let shared = cache.as_ref().map(|c| c.shared).unwrap_or(0);
+        let ctx = self.step_ctx_shared(pads, shared, past, t, false)?;
         let mut captured = Captured::default();
         let stop = match (logits, capture.layers_needed()) {
             (Logits::None, Some(k)) => k.min(self.num_layers()),

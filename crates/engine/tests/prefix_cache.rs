@@ -1,7 +1,8 @@
 //! Generation that starts from a cached lower-layer prefix equals generation from scratch, for
 //! every range with that lower bound (the localisation sweep's speed-up must change nothing).
 
-use sl_engine::generate::{greedy_from_prefix, greedy_with, GenerateOptions, PrefixCache, StopReason};
+use sl_engine::extract::hidden_last;
+use sl_engine::generate::{greedy_from_prefix, greedy_with, shared_prefix_len, GenerateOptions, PrefixCache, StopReason};
 use sl_engine::{LayerRange, Model};
 use std::path::Path;
 
@@ -19,14 +20,20 @@ fn prefix_cache_equals_naive_generation() {
         let mut m = Model::load(&dir).unwrap();
         let p = prompts(&m);
         let opts = GenerateOptions { max_new_tokens: 8, batch_size: 3, ..Default::default() };
-        let start = 1;
-        let prefix = PrefixCache::build(&m.decoder, &p, opts.batch_size, start).unwrap();
-        for last in start..m.decoder.num_layers() {
-            m.decoder.scale_layers(LayerRange::new(start, last, m.decoder.num_layers()).unwrap(), 1.5).unwrap();
-            let naive = greedy_with(&m.decoder, &p, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
-            let cached = greedy_from_prefix(&m.decoder, &prefix, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
-            assert_eq!(naive, cached, "{family}: range {start}-{last}");
-            m.decoder.restore_scaling();
+        for start in [0, 1] {
+            let prefix = PrefixCache::build(&m.decoder, &p, opts.batch_size, start).unwrap();
+            for last in start..m.decoder.num_layers() {
+                m.decoder.scale_layers(LayerRange::new(start, last, m.decoder.num_layers()).unwrap(), 1.5).unwrap();
+                let naive = greedy_with(&m.decoder, &p, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
+                let cached = greedy_from_prefix(&m.decoder, &prefix, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
+                assert_eq!(naive, cached, "{family}: range {start}-{last}");
+                // Nor does the shared template head (the path without any cache recomputes it per row).
+                let nc = GenerateOptions { no_cache: true, ..opts.clone() };
+                let plain = greedy_with(&m.decoder, &p, &m.eos_token_ids, &nc, None, &mut |_| {}).unwrap();
+                let ids = |g: &[sl_engine::generate::Generation]| g.iter().map(|x| x.ids.clone()).collect::<Vec<_>>();
+                assert_eq!(ids(&plain), ids(&cached), "{family}: range {start}-{last}, no cache at all");
+                m.decoder.restore_scaling();
+            }
         }
     }
 }
@@ -46,4 +53,41 @@ fn stop_predicate_stops_rows() {
     assert_eq!(got[1].ids, full[1].ids[..3]);
     assert_eq!(got[2].ids, full[2].ids[..5]);
     assert_eq!((got[1].stop, got[2].stop, got[0].stop), (StopReason::Caller, StopReason::Caller, StopReason::MaxTokens));
+}
+
+/// The prompts' shared template head is computed once and copied to every row, with each row's
+/// padding after it: hidden states and generations must equal those of each prompt alone and of
+/// generation without any cache, sliding-window layers included (window 16 < these prompts).
+#[test]
+fn shared_prompt_head_changes_nothing() {
+    for family in ["llama3", "gemma2", "gemma3", "mistral", "phi3", "qwen3"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(family);
+        let m = Model::load(&dir).unwrap();
+        let p = prompts(&m);
+        let shared = shared_prefix_len(&p);
+        assert!(shared > 16, "{family}: the Alpaca head is shared ({shared} tokens)");
+        let batched = hidden_last(&m.decoder, &p, 3, &mut |_| {}).unwrap();
+        for (i, got) in batched.iter().enumerate() {
+            let alone = hidden_last(&m.decoder, &p[i..i + 1], 1, &mut |_| {}).unwrap();
+            let (a, b) = (got.to_vec2::<f32>().unwrap(), alone[0].to_vec2::<f32>().unwrap());
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                let worst = x.iter().zip(y).map(|(u, v)| (u - v).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5, "{family}: prompt {i} entry {k} differs by {worst}");
+            }
+        }
+        let opts = GenerateOptions { max_new_tokens: 8, batch_size: 3, ignore_eos: true, ..Default::default() };
+        let with_head = greedy_with(&m.decoder, &p, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
+        let plain = greedy_with(&m.decoder, &p, &m.eos_token_ids, &GenerateOptions { no_cache: true, ..opts }, None, &mut |_| {}).unwrap();
+        assert_eq!(with_head, plain, "{family}: generation with the shared head and without any cache");
+    }
+}
+
+#[test]
+fn shared_prefix_len_leaves_each_prompt_a_token() {
+    assert_eq!(shared_prefix_len(&[vec![1, 2, 3], vec![1, 2, 3]]), 2);
+    assert_eq!(shared_prefix_len(&[vec![1, 2, 3, 4], vec![1, 2, 5]]), 2);
+    assert_eq!(shared_prefix_len(&[vec![1, 2], vec![1]]), 0);
+    assert_eq!(shared_prefix_len(&[vec![7, 2], vec![1, 2]]), 0);
+    assert_eq!(shared_prefix_len(&[vec![1, 2, 3]]), 0);
+    assert_eq!(shared_prefix_len(&[]), 0);
 }
