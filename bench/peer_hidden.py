@@ -8,7 +8,7 @@ lm_head is computed (ours computes none either). Times the batches only, not loa
 tokenising, nor one untimed warm-up batch. With several --batch-sizes it times each once and
 reports the best.
 
-Prints one JSON line: {"batch_size", "tokens", "seconds", "tok_s", "lengths", "per_batch_size",
+Prints one JSON line: {"batch_size", "tokens", "seconds", "tok_s", "lengths", "shared", "per_batch_size",
 "check"} where check compares with ours' .safetensors (--ours): token ids equal and the largest
 relative error of the hidden states.
 """
@@ -57,6 +57,21 @@ def check(ours_path, ids, states):
     return {"ids_equal": same_ids, "max_rel_err": float(rel.max())}
 
 
+def shared_prefix_len(ids):
+    """Tokens every prompt starts with, each keeping one of its own (the engine's rule)."""
+    if len(ids) < 2:
+        return 0
+    n = len(ids[0]) - 1
+    for p in ids[1:]:
+        same = 0
+        for a, b in zip(p, ids[0]):
+            if a != b:
+                break
+            same += 1
+        n = min(n, same, len(p) - 1)
+    return max(n, 0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -79,7 +94,8 @@ def main():
             best = (bs, secs, states)
     bs, secs, states = best
     res = {"batch_size": bs, "tokens": tokens, "seconds": secs, "tok_s": tokens / secs,
-           "lengths": [len(i) for i in ids], "per_batch_size": per, "threads": torch.get_num_threads()}
+           "lengths": [len(i) for i in ids], "shared": shared_prefix_len(ids), "per_batch_size": per,
+           "threads": torch.get_num_threads()}
     if args.ours:
         res["check"] = check(args.ours, ids, states)
     print(json.dumps(res))

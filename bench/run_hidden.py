@@ -8,7 +8,8 @@ peer: transformers output_hidden_states on the same weights (`convert --dtype f3
 Alternates ours / peer for --reps repetitions; tok/s are in-process (model loading excluded on
 both sides); whole-process wall and peak RSS come from /usr/bin/time -v. Then a GEMM probe at the
 shapes and row count of our batches gives the roofline: ours as a share of it counts the FLOPs
-of the 30 decoder layers actually computed (no lm_head), on real tokens (and with padding).
+of the 30 decoder layers actually computed (no lm_head; the prompts' shared template head once),
+on real tokens (and with padding).
 Every repetition checks that both sides saw the same token ids and agree on the hidden states.
 
   bench/run_hidden.py            # the full benchmark (run on a quiet machine)
@@ -33,20 +34,30 @@ def layer_flops(cfg):
     return proj, heads, hd
 
 
-def flops(lengths, batch_size, cfg):
-    """(useful, computed, padded rows per batch): useful = real tokens, causal attention;
-    computed = what left-padded batches sorted longest first (ours) multiply, full T x T scores."""
+def attn(heads, hd, queries, keys_before):
+    """Score and weighted-sum FLOPs of `queries` causal queries after `keys_before` keys."""
+    return heads * 2 * 2 * hd * sum(keys_before + q + 1 for q in range(queries))
+
+
+def flops(lengths, batch_size, cfg, shared=0):
+    """(useful, computed, padded rows per batch, naive): the FLOPs of the decoder layers.
+    useful = real tokens, causal attention, the prompts' shared head of `shared` tokens once (ours
+    computes it once and copies its keys/values to every row); computed = what our left-padded
+    batches, sorted longest first, multiply (full T x (shared + T) scores); naive = every token of
+    every prompt, causal (what a peer without the shared head must do at least)."""
     proj, heads, hd = layer_flops(cfg)
     n_layers = cfg["num_hidden_layers"]
-    useful = sum(n_layers * (n * proj + heads * 2 * 2 * hd * n * (n + 1) // 2) for n in lengths)
-    order = sorted(lengths, reverse=True)
-    computed, rows = 0, []
+    naive = sum(n_layers * (n * proj + attn(heads, hd, n, 0)) for n in lengths)
+    head = n_layers * (shared * proj + attn(heads, hd, shared, 0))
+    useful = head + sum(n_layers * ((n - shared) * proj + attn(heads, hd, n - shared, shared)) for n in lengths)
+    order = sorted((n - shared for n in lengths), reverse=True)
+    computed, rows = head, []
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         t = chunk[0]
         rows.append(len(chunk) * t)
-        computed += n_layers * (len(chunk) * t * proj + len(chunk) * heads * 2 * 2 * hd * t * t)
-    return useful, computed, rows
+        computed += n_layers * (len(chunk) * t * proj + len(chunk) * heads * 2 * 2 * hd * t * (shared + t))
+    return useful, computed, rows, naive
 
 
 def main():
@@ -94,7 +105,8 @@ def main():
         lengths = res["lengths"]
 
     bad = [k for k in checks if not k.get("ids_equal") or k.get("max_rel_err", 1.0) > 1e-3]
-    useful, computed, rows = flops(lengths, args.batch_size, cfg)
+    shared = res.get("shared", 0)
+    useful, computed, rows, naive = flops(lengths, args.batch_size, cfg, shared)
     m = int(statistics.median(rows))
     g = c.timed([py, c.BENCH / "gemm_roofline.py", "--config", model_dir / "config.json", "--rows", m,
                  "--min-seconds", 0.05 if args.quick else 0.5], "gemm roofline").last_json()
@@ -112,9 +124,12 @@ def main():
         f"- GEMM roofline (best of torch / numpy on the layer's four matmuls at M = {m} rows, the median "
         f"padded rows of our batches): {roof:.1f} GFLOP/s (torch {g['results'][0]['torch']['layer']:.1f}, "
         f"numpy {g['results'][0]['numpy']['layer']:.1f})",
-        f"- ours at its median time {sec:.2f} s: {useful / 1e9:.1f} GFLOP of the {cfg['num_hidden_layers']} layers on real "
-        f"tokens = {useful_gf:.1f} GFLOP/s = {100 * useful_gf / roof:.0f}% of the roofline; counting what the padded "
-        f"batches compute ({computed / 1e9:.1f} GFLOP): {computed_gf:.1f} GFLOP/s = {100 * computed_gf / roof:.0f}%",
+        f"- the prompts share their first {shared} tokens (the Alpaca head): ours computes them once, so the "
+        f"{cfg['num_hidden_layers']} layers need {useful / 1e9:.1f} GFLOP on real tokens instead of {naive / 1e9:.1f} "
+        f"GFLOP token by token ({naive / useful:.2f}x less work)",
+        f"- ours at its median time {sec:.2f} s: {useful / 1e9:.1f} GFLOP = {useful_gf:.1f} GFLOP/s = "
+        f"{100 * useful_gf / roof:.0f}% of the roofline; counting what the padded batches compute "
+        f"({computed / 1e9:.1f} GFLOP): {computed_gf:.1f} GFLOP/s = {100 * computed_gf / roof:.0f}%",
         "- per-shape GEMM GFLOP/s: torch " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["torch"].items())
         + "; numpy " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["numpy"].items()),
     ]

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use sl_engine::export::StagedDir;
-use sl_engine::{LayerRange, ModelConfig};
+use sl_engine::ModelConfig;
 use sl_science::export_formats::{render, Format, Sources};
 use sl_science::export_plan::{paper_lr, FreezeModule, FreezePlan, Recipe};
 use std::path::{Path, PathBuf};

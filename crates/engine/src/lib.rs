@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 mod gguf_tokenizer;
 pub mod hooks;
+pub mod matmul_small;
 pub mod model;
 pub mod params;
 pub mod prompts;

@@ -29,7 +29,13 @@ impl Linear {
         let inner = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inner))?;
-        let y = if self.frozen { crate::frozen_linear::matmul_frozen(&x2, &self.weight)? } else { x2.matmul(&self.weight.t()?)? };
+        let y = if self.frozen {
+            crate::frozen_linear::matmul_frozen(&x2, &self.weight)?
+        } else if let Some(y) = crate::matmul_small::matmul_wt(&x2, &self.weight)? {
+            y // a decode step's few rows: stream the weight once
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
