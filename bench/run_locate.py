@@ -3,11 +3,11 @@
 first 200 over-rejection prompts (D_o) x 16 greedy tokens at a fixed alpha.
 
 Three arms on identical work, alternating, --reps repetitions:
-  ours          `safety-layers locate` (the lower-layer prefix cache on; early stop by default)
+  ours          `safety-layers locate` (defaults: early stop on, lower-layer prefix cache off)
   transformers  the paper's loop: for each run ours made (its locate.json: baseline + every range
                 tried), scale the range's weights in place, model.generate every prompt, judge
                 with the same GCG keyword rule, restore the weights
-  ours-nocache  `safety-layers locate --no-prefix-cache`
+  ours-cache    `safety-layers locate --prefix-cache` (the layers below each lower bound reused)
 The refusal count of every run must be equal across all three (and so the chosen range); the
 runner says which prompts differ otherwise and exits non-zero. It also reports how many responses
 have the same tokens in ours and the peer (up to where ours stopped early on a decided verdict). Seconds are in-process (loading
@@ -66,7 +66,7 @@ def main():
     base = [ours_bin, "locate", "--model", c.MODEL, "--over-rejection", prompts, "--limit", n, "--initial", args.initial,
             "--alpha", args.alpha, "--span", args.span, "--max-new-tokens", new, "--batch-size", args.batch_size]
 
-    arms = {"ours": [], "transformers": [], "ours-nocache": []}
+    arms = {"ours": [], "transformers": [], "ours-cache": []}
     walls = {k: [] for k in arms}
     rss = {k: [] for k in arms}
     mismatches, n_runs, sweep = [], None, None
@@ -80,10 +80,10 @@ def main():
                      "--runs", runs_file, "--max-new-tokens", new, "--batch-size", args.peer_batch_size,
                      "--threads", args.peer_threads], f"transformers {r + 1}/{reps}")
         peer = p.last_json()
-        out_nc = c.WORK / "locate_ours_nocache"
-        q = c.timed(base + ["--no-prefix-cache", "--out", out_nc], f"ours-nocache {r + 1}/{reps}")
+        out_nc = c.WORK / "locate_ours_cache"
+        q = c.timed(base + ["--prefix-cache", "--out", out_nc], f"ours-cache {r + 1}/{reps}")
         doc_nc, runs_nc = ours_runs(out_nc)
-        for arm, t, secs in (("ours", o, doc["seconds"]), ("transformers", p, peer["seconds"]), ("ours-nocache", q, doc_nc["seconds"])):
+        for arm, t, secs in (("ours", o, doc["seconds"]), ("transformers", p, peer["seconds"]), ("ours-cache", q, doc_nc["seconds"])):
             arms[arm].append(secs); walls[arm].append(t.wall); rss[arm].append(t.rss_kib / 1024)
         by_key = lambda rs: {(x["range"], x["alpha"]): x for x in rs}  # noqa: E731
         a, b, d = by_key(runs), by_key(peer["runs"]), by_key(runs_nc)
@@ -95,7 +95,7 @@ def main():
             if len(set(counts)) != 1:
                 diff = [i for i, (u, v) in enumerate(zip(a.get(k, {}).get("verdicts", []), b.get(k, {}).get("verdicts", []))) if u != v]
                 mismatches.append(f"repetition {r + 1}, run {k[0]} @ {k[1]}: ours {counts[0]}, transformers {counts[1]}, "
-                                  f"ours-nocache {counts[2]}; prompts judged differently by ours and transformers: {diff[:10]}")
+                                  f"ours-cache {counts[2]}; prompts judged differently by ours and transformers: {diff[:10]}")
         n_runs = len(runs)
         all_zero = all(x["refusals"] == 0 for x in runs)
         sweep = ("baseline " + str(doc["baseline"]) + "; upper " + " ".join(f"[{t[0]['first']},{t[0]['last']}] {t[1]}" for t in doc["upper_sweep"]["tried"])
@@ -112,7 +112,7 @@ def main():
         f"span {args.span}: {n_runs} runs (baseline + {n_runs - 1} ranges); {reps} repetitions alternating; "
         f"ours batch {args.batch_size}, transformers batch {args.peer_batch_size}.", "",
         "ours vs the transformers loop:", "", c.table(rows("transformers"), "ours", "transformers"), "",
-        "ours vs ours without the prefix cache:", "", c.table(rows("ours-nocache"), "ours", "ours-nocache"), "",
+        "ours vs ours with the lower-layer prefix cache:", "", c.table(rows("ours-cache"), "ours", "ours-cache"), "",
         f"- sweep (ours): {sweep}",
         "- refusal counts equal in every run of every repetition across the three arms: "
         + ("yes" if not mismatches else "NO:\n  - " + "\n  - ".join(mismatches)),

@@ -46,7 +46,13 @@ pub struct LocateArgs {
     /// Use only the first N queries
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Recompute the layers below each range instead of reusing them (slower; same counts)
+    /// Keep the layers below a range's lower bound (residual stream, keys/values) and reuse them
+    /// for every range with that bound. Same counts; since the prompts' shared template head is
+    /// computed once the saving is small and the held memory made full sweeps slower on SmolLM2
+    /// (bench/RESULTS.md), so it is off by default
+    #[arg(long, conflicts_with = "no_prefix_cache")]
+    pub prefix_cache: bool,
+    /// Recompute the layers below each range (the default)
     #[arg(long)]
     pub no_prefix_cache: bool,
     /// Generate every response to the end even when the judge has decided
@@ -110,7 +116,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         span: a.span,
         max_new_tokens: a.max_new_tokens,
         batch_size: a.batch_size,
-        prefix_cache: !a.no_prefix_cache,
+        prefix_cache: a.prefix_cache,
         early_stop: !a.no_early_stop,
         probe,
     };
@@ -125,7 +131,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     let meta = serde_json::json!({
         "model": a.model.display().to_string(), "over_rejection": set.name, "over_rejection_sha256": set.sha256,
         "template": a.template, "max_new_tokens": a.max_new_tokens, "span": a.span,
-        "prefix_cache": !a.no_prefix_cache, "early_stop": !a.no_early_stop,
+        "prefix_cache": a.prefix_cache, "early_stop": !a.no_early_stop,
     });
     write(&a.out, &loc, &res, initial, meta)?;
     eprintln!("baseline: {} of {n} refused; alpha {}", res.baseline, res.alpha);

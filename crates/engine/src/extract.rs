@@ -26,7 +26,8 @@ pub fn hidden_last(
     for chunk in order.chunks(batch_size.max(1)) {
         let rows: Vec<&[u32]> = chunk.iter().map(|&i| &prompts[i][shared..]).collect();
         let (ids, pads) = left_pad(&rows, &dec.device)?;
-        let mut cache = batch_cache(dec, head.as_ref(), shared, rows.len())?;
+        let mut cache = batch_cache(dec, head.as_ref(), shared);
+        cache.append = false; // the batch's own keys/values are not needed after each layer
         let (_, cap) = dec.forward(&ids, &pads, Some(&mut cache), &capture, Logits::None)?;
         let entries: Vec<Tensor> = (0..=n_layers)
             .map(|k| cap.get(Hook::hidden_entry(k, n_layers), Positions::Last).cloned().expect("captured"))

@@ -100,12 +100,12 @@ pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Res
     Ok(Some(run_head(dec, embed_head(dec, &prompts[0][..shared])?, 0..dec.num_layers())?.0))
 }
 
-/// A fresh cache for a batch of `rows` rows: the shared head's keys/values copied to each, or
+/// A fresh cache for a batch: the shared head's keys/values (one row, read by every row), or
 /// empty.
-pub fn batch_cache(dec: &Decoder, head: Option<&KvCache>, shared: usize, rows: usize) -> Result<KvCache> {
+pub fn batch_cache(dec: &Decoder, head: Option<&KvCache>, shared: usize) -> KvCache {
     match head {
-        Some(h) => KvCache::from_shared(h, shared, rows),
-        None => Ok(KvCache::new(dec.num_layers())),
+        Some(h) => KvCache::from_shared(h, shared),
+        None => KvCache::new(dec.num_layers()),
     }
 }
 
@@ -118,7 +118,6 @@ pub struct PrefixCache {
     pub start_layer: usize,
     batches: Vec<PrefixBatch>,
     num_prompts: usize,
-    shared: usize,
     head_x: Option<Tensor>,
 }
 
@@ -146,12 +145,12 @@ impl PrefixCache {
             let (ids, pads) = left_pad(&rows, &dec.device)?;
             let t = ids.dim(1)?;
             let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
-            let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared, rows.len())?;
+            let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
             let mut captured = crate::hooks::Captured::default();
             let x = dec.run_layers(dec.embed(&ids)?, 0..start_layer, &ctx, Some(&mut kv), &Capture::none(), &mut captured)?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
-        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len(), shared, head_x: head.map(|h| h.1) })
+        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len(), head_x: head.map(|h| h.1) })
     }
 
     /// Each batch: prompt indices, pad counts, residual stream entering `start_layer`, and the
@@ -194,7 +193,7 @@ pub fn greedy_with(
         } else {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
-            let cache = batch_cache(dec, head.as_ref(), shared, rows.len())?;
+            let cache = batch_cache(dec, head.as_ref(), shared);
             decode_batch(dec, First::Ids(ids), &idx, pads, cache, eos, opts, stop)?
         };
         for (&i, r) in idx.iter().zip(results) {
@@ -226,9 +225,8 @@ pub fn greedy_from_prefix(
         let first = First::FromLayer(b.x.clone(), start);
         let mut kv = b.kv.clone();
         if let Some(u) = &upper {
-            let mut u = KvCache::from_shared(u, prefix.shared, b.idx.len())?;
             for l in start..dec.num_layers() {
-                kv.layers[l] = u.layers[l].take();
+                kv.layers[l] = u.layers[l].clone();
             }
         }
         let results = decode_batch(dec, first, &b.idx, b.pads.clone(), kv, eos, opts, stop)?;

@@ -107,34 +107,26 @@ pub struct Layer {
 
 /// Key/value tensors of every layer, `[B, Hkv, S, D]`.
 ///
-/// The first `shared` positions may be a prompt prefix common to every row (computed once, then
-/// copied to each row); a row's left padding then sits right after them instead of at position 0.
-#[derive(Debug, Clone, Default)]
+/// The first `shared` positions may be a prompt prefix common to every row, computed once and
+/// held as one row (broadcast to the batch when a layer reads it); a row's left padding then sits
+/// right after them instead of at position 0. With `append` false a forward pass reads the cache
+/// but does not keep its own keys/values (hidden-state extraction needs no next step).
+#[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
     pub shared: usize,
+    pub append: bool,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers], shared: 0 }
+        KvCache { layers: vec![None; num_layers], shared: 0, append: true }
     }
 
-    /// A batch of `rows` rows that all start with the one-row cache `prefix` of `shared`
-    /// positions (its layers that hold anything), marked so padding goes after it.
-    pub fn from_shared(prefix: &KvCache, shared: usize, rows: usize) -> Result<KvCache> {
-        let grow = |t: &Tensor| -> Result<Tensor> {
-            let (_, h, s, d) = t.dims4()?;
-            Ok(t.broadcast_as((rows, h, s, d))?.contiguous()?)
-        };
-        let mut layers = Vec::with_capacity(prefix.layers.len());
-        for l in &prefix.layers {
-            layers.push(match l {
-                Some((k, v)) => Some((grow(k)?, grow(v)?)),
-                None => None,
-            });
-        }
-        Ok(KvCache { layers, shared })
+    /// A cache whose every row starts with the one-row cache `prefix` of `shared` positions,
+    /// marked so padding goes after it.
+    pub fn from_shared(prefix: &KvCache, shared: usize) -> KvCache {
+        KvCache { layers: prefix.layers.clone(), shared, append: true }
     }
 
     /// Cached positions (of the first layer that holds any).
@@ -418,11 +410,21 @@ impl Decoder {
         let k = rope::apply(&k, cos, sin, cfg.rotary_dim, ctx.differentiable)?.contiguous()?;
         let (k, v) = match cache {
             Some(c) => {
-                let kv = match c.layers[l].take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                let past = if c.append { c.layers[l].take() } else { c.layers[l].clone() };
+                let kv = match past {
+                    Some((pk, pv)) => {
+                        // A shared prefix is held as one row for the whole batch.
+                        let rows = |t: Tensor| -> Result<Tensor> {
+                            let (pb, h, s, d) = t.dims4()?;
+                            Ok(if pb == b { t } else { t.broadcast_as((b, h, s, d))?.contiguous()? })
+                        };
+                        (Tensor::cat(&[&rows(pk)?, &k], 2)?, Tensor::cat(&[&rows(pv)?, &v], 2)?)
+                    }
                     None => (k, v),
                 };
-                c.layers[l] = Some(kv.clone());
+                if c.append {
+                    c.layers[l] = Some(kv.clone());
+                }
                 kv
             }
             None => (k, v),
