@@ -1,9 +1,9 @@
 //! `x · wᵀ` for the few rows of a decode step, on CPU, without gradients.
 //!
 //! At decode time a projection sees one row per sequence (16-32 rows) against a weight of
-//! hundreds of thousands of values: the work is reading the weight once. candle's gemm packs the
-//! weight into panels on every call, which reads and writes it again; this kernel streams each
-//! weight row once and dots it with every input row while it sits in L1 (weights are stored
+//! hundreds of thousands of values: the work is reading the weight once. candle's gemm is tuned
+//! for large row counts (blocked, packed operands); this kernel streams each weight row once and
+//! dots it with every input row while it sits in L1 (weights are stored
 //! `[out, in]`, so a row of `w` is contiguous). AVX2+FMA when the CPU has it, else plain code.
 
 use anyhow::{bail, Result};
