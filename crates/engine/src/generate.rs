@@ -79,10 +79,6 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
     n
 }
 
-fn embed_head(dec: &Decoder, head: &[u32]) -> Result<Tensor> {
-    dec.embed(&Tensor::from_vec(head.to_vec(), (1, head.len()), &dec.device)?)
-}
-
 /// The shared prompt head (`x`: `[1, T, H]` entering `layers.start`) run once through `layers`:
 /// its keys/values and the residual stream leaving the last of them.
 fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<(KvCache, Tensor)> {
@@ -92,12 +88,18 @@ fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<
     Ok((kv, x))
 }
 
-/// The keys/values of every layer for the prompts' first `shared` tokens, or None when 0.
-pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Result<Option<KvCache>> {
+/// The prompts' first `shared` tokens run through layers `0..layers_end` (None when 0).
+fn shared_head(dec: &Decoder, prompts: &[Vec<u32>], shared: usize, layers_end: usize) -> Result<Option<(KvCache, Tensor)>> {
     if shared == 0 {
         return Ok(None);
     }
-    Ok(Some(run_head(dec, embed_head(dec, &prompts[0][..shared])?, 0..dec.num_layers())?.0))
+    let ids = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dec.device)?;
+    Ok(Some(run_head(dec, dec.embed(&ids)?, 0..layers_end)?))
+}
+
+/// The keys/values of every layer for the prompts' first `shared` tokens, or None when 0.
+pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Result<Option<KvCache>> {
+    Ok(shared_head(dec, prompts, shared, dec.num_layers())?.map(|h| h.0))
 }
 
 /// A fresh cache for a batch: the shared head's keys/values (one row, read by every row), or
@@ -138,7 +140,7 @@ fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
 impl PrefixCache {
     pub fn build(dec: &Decoder, prompts: &[Vec<u32>], batch_size: usize, start_layer: usize) -> Result<PrefixCache> {
         let shared = shared_prefix_len(prompts);
-        let head = if shared > 0 { Some(run_head(dec, embed_head(dec, &prompts[0][..shared])?, 0..start_layer)?) } else { None };
+        let head = shared_head(dec, prompts, shared, start_layer)?;
         let mut out = Vec::new();
         for idx in batches(prompts, batch_size) {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();

@@ -71,7 +71,7 @@ fn small_rows(xv: &[f32], wv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
                     let mut t = [[0f32; 4]; 2];
                     for (a, xa) in x.iter().enumerate().take(nx) {
                         for (c, wc) in w.iter().enumerate().take(nw) {
-                            t[a][c] = dot_plain(xa, wc);
+                            t[a][c] = crate::attn_cpu::dot(xa, wc);
                         }
                     }
                     t
@@ -98,20 +98,6 @@ fn has_avx2_fma() -> bool {
     {
         false
     }
-}
-
-/// Eight independent accumulators, so the sum can be vectorised (a plain iterator sum of f32
-/// must keep its sequential order).
-fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
 /// Two input rows against four weight rows: eight 8-lane accumulators, six loads per eight
