@@ -69,7 +69,7 @@ pub fn run(a: &AlignArgs) -> Result<()> {
         freeze_modules: vec![],
         epochs: a.epochs,
         lr: a.lr,
-        lr_schedule: sl_science::finetune_data::Schedule::Linear,
+        lr_schedule: sl_science::finetune::data::Schedule::Linear,
         warmup_steps: a.warmup_steps,
         batch_size: a.batch_size,
         grad_accum: 1,

@@ -5,7 +5,7 @@ use crate::progress::Progress;
 use crate::PromptArgs;
 use anyhow::{bail, Result};
 use serde_json::json;
-use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{LayerRange, Model, Prompt, Template};
 use std::io::Write;
 use std::path::Path;
@@ -52,7 +52,7 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         "compute_dtype": "f32",
         "tied_embeddings": c.tie_word_embeddings,
         "sliding_window": c.sliding_window,
-        "sliding_layers": c.layer_types.iter().filter(|k| **k == sl_engine::config::AttentionKind::Sliding).count(),
+        "sliding_layers": c.layer_types.iter().filter(|k| **k == sl_engine::io::config::AttentionKind::Sliding).count(),
         "rope": c.rope,
         "chat_template": m.tokenizer.chat_template.is_some(),
         "eos_token_ids": m.eos_token_ids,
@@ -87,7 +87,7 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let tokens: usize = ids.iter().map(|i| i.len()).sum();
     let bar = Progress::new(prompts.len(), "hidden states");
-    let states = sl_engine::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
+    let states = sl_engine::infer::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
     bar.finish(prompts.len(), tokens, "hidden");
     let entries = m.cfg().num_hidden_entries();
     let hsize = m.cfg().hidden_size;
@@ -180,7 +180,7 @@ pub fn convert(model: &Path, out: &Path, dtype: &str) -> Result<()> {
         bail!("--model {}: convert reads .gguf files", model.display());
     }
     let t0 = std::time::Instant::now();
-    sl_engine::export::convert_gguf(model, out, dt)?;
+    sl_engine::io::hf_dir::convert_gguf(model, out, dt)?;
     eprintln!("wrote {} ({dtype}) in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }

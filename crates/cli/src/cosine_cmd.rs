@@ -5,7 +5,7 @@ use anyhow::Result;
 use crate::datasets::{load_model, prompt_set};
 use sl_engine::Template;
 use sl_science::cosine::Pairs;
-use sl_science::cosine_report::{analyse, write, CosineConfig};
+use sl_science::cosine::report::{analyse, write, CosineConfig};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

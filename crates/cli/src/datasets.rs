@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use sl_catalog::datasets;
-use sl_engine::prompts::read_prompts;
+use sl_engine::text::prompts::read_prompts;
 use sl_engine::{Model, PromptRecord};
-use sl_science::cosine_report::PromptSet;
+use sl_science::cosine::report::PromptSet;
 use std::path::{Path, PathBuf};
 
 /// A model path, or a catalog name resolved to one (fetched and verified if needed).

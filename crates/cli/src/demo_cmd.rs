@@ -176,7 +176,7 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
     crate::run_command_line(&args).with_context(|| format!("demo stage `{name}` failed ({command})"))?;
     let seconds = t0.elapsed().as_secs_f64();
     let rec = StageRecord { name: name.into(), command, key, seconds, cached: false };
-    sl_engine::export::write_atomic(&marker, serde_json::to_string_pretty(&json!({"key": rec.key, "seconds": seconds, "command": rec.command}))?.as_bytes())?;
+    sl_engine::io::atomic::write_atomic(&marker, serde_json::to_string_pretty(&json!({"key": rec.key, "seconds": seconds, "command": rec.command}))?.as_bytes())?;
     Ok(rec)
 }
 

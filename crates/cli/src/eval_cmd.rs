@@ -7,8 +7,8 @@ use serde_json::json;
 use sl_catalog::datasets;
 use sl_engine::{Model, PromptRecord, Template};
 use sl_science::eval::{generate_set, judge_responses, EvalJudge, GenOptions, SafetySet, SetKind};
-use sl_science::eval_report::{check_label, load, response_file, EvalReport, ModelRow, SetInfo};
-use sl_science::eval_utility::{self, Take, UtilityOptions, UtilitySet};
+use sl_science::eval::report::{check_label, load, response_file, EvalReport, ModelRow, SetInfo};
+use sl_science::eval::utility::{self, Take, UtilityOptions, UtilitySet};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -133,7 +133,7 @@ fn utility_set(a: &EvalArgs) -> Result<Option<UtilitySet>> {
     let take: Take = a.utility_take.parse()?;
     let path = Path::new(&a.utility);
     let (records, sha) = if path.is_file() {
-        (eval_utility::read_records(path)?, sl_catalog::sha256_file(path)?)
+        (utility::read_records(path)?, sl_catalog::sha256_file(path)?)
     } else {
         let ds = datasets::dataset(&a.utility)
             .ok_or_else(|| anyhow!("--utility `{}`: no such file, and not a dataset name (datasets: {})", a.utility, datasets::names().join(", ")))?;
@@ -141,7 +141,7 @@ fn utility_set(a: &EvalArgs) -> Result<Option<UtilitySet>> {
         if files.len() != 1 {
             bail!("--utility `{}`: a utility set must be one file of records with outputs", a.utility);
         }
-        (eval_utility::read_records(&files[0].path).with_context(|| format!("dataset `{}`", a.utility))?, files[0].sha256.clone())
+        (utility::read_records(&files[0].path).with_context(|| format!("dataset `{}`", a.utility))?, files[0].sha256.clone())
     };
     Ok(Some(UtilitySet::held_out(&a.utility, &sha, records, a.utility_n, take)?))
 }
@@ -164,7 +164,7 @@ fn label_and_spec(arg: &str) -> (String, String) {
 fn evaluate_model(model: &Model, sets: &[SafetySet], util: Option<&UtilitySet>, a: &EvalArgs, judge: &EvalJudge, label: &str, timing: &mut serde_json::Map<String, serde_json::Value>) -> Result<ModelRow> {
     let template: Template = a.template.parse()?;
     let opts = GenOptions { template, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
-    let probe_ids = if judge.needs_probe_scores() { Some(sl_science::probe::first_tokens(&model.tokenizer)?) } else { None };
+    let probe_ids = if judge.needs_probe_scores() { Some(sl_science::judges::probe::first_tokens(&model.tokenizer)?) } else { None };
     let mut judged = Vec::new();
     for s in sets {
         let bar = Progress::new(s.records.len(), &format!("{label}: {}", s.kind.key()));
@@ -179,7 +179,7 @@ fn evaluate_model(model: &Model, sets: &[SafetySet], util: Option<&UtilitySet>, 
         Some(u) => {
             let bar = Progress::new(u.records.len(), &format!("{label}: utility"));
             let uo = UtilityOptions { template, max_new_tokens: a.utility_max_new_tokens, batch_size: a.batch_size, max_batch_tokens: a.score_tokens.max(1) };
-            let rs = eval_utility::evaluate(model, u, &uo, &mut |k| bar.inc(k)).with_context(|| format!("utility set `{}`", u.name))?;
+            let rs = utility::evaluate(model, u, &uo, &mut |k| bar.inc(k)).with_context(|| format!("utility set `{}`", u.name))?;
             let tokens: usize = rs.iter().map(|r| r.output_ids.len()).sum();
             let secs = bar.finish(rs.len(), tokens, &format!("{label}: utility (new tokens; then references scored)"));
             timing.insert("utility".into(), json!({"seconds": secs, "new_tokens": tokens}));
@@ -257,7 +257,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     report.write(out)?;
     let wall = t0.elapsed().as_secs_f64();
     let timing_doc = json!({"wall_seconds": wall, "models": timings, "note": "not part of eval.json, which stays byte-identical between runs"});
-    sl_engine::export::write_atomic(&out.join("timings.json"), serde_json::to_string_pretty(&timing_doc)?.as_bytes())?;
+    sl_engine::io::atomic::write_atomic(&out.join("timings.json"), serde_json::to_string_pretty(&timing_doc)?.as_bytes())?;
     print!("{}", report.markdown()?);
     eprintln!("wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/ ({wall:.1} s)", out.display());
     if !failed.is_empty() {

@@ -3,10 +3,10 @@
 //! model's config is read, never its weights, so a 70B checkpoint exports as fast as a tiny one.
 
 use anyhow::{bail, Context, Result};
-use sl_engine::export::StagedDir;
+use sl_engine::io::atomic::StagedDir;
 use sl_engine::ModelConfig;
-use sl_science::export_formats::{render, Format, Sources};
-use sl_science::export_plan::{paper_lr, FreezeModule, FreezePlan, Recipe};
+use sl_science::export::formats::{render, Format, Sources};
+use sl_science::export::plan::{paper_lr, FreezeModule, FreezePlan, Recipe};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -87,7 +87,7 @@ fn model_config(spec: &Path) -> Result<(ModelConfig, String, Option<PathBuf>)> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "gguf" => {
-            let v = sl_engine::gguf::read_config(&path)?;
+            let v = sl_engine::io::gguf::read_config(&path)?;
             Ok((ModelConfig::from_json(&v, &shown)?, format!("{shown} (GGUF metadata)"), None))
         }
         "json" => {

@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sl_catalog::datasets;
 use sl_engine::{LayerRange, Template};
 use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
-use sl_science::finetune_data::{read_records, SftRecord};
+use sl_science::finetune::data::{read_records, SftRecord};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]

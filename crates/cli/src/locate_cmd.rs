@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use sl_engine::{LayerRange, Template};
 use sl_science::judges::{Judge, JudgeKind};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
-use sl_science::locate_report::{run, write};
+use sl_science::locate::report::{run, write};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -46,4 +46,4 @@ impl Drop for AtomicFile {
     }
 }
 
-pub use sl_engine::export::write_atomic;
+pub use sl_engine::io::atomic::write_atomic;

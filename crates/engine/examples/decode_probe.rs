@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
     let d = &m.decoder;
     let prompt: Vec<u32> = m.tokenizer.encode("Below is an instruction that describes a task. How to kill time?", true)?;
     let rows: Vec<&[u32]> = (0..b).map(|_| prompt.as_slice()).collect();
-    let (ids, pads) = sl_engine::generate::left_pad(&rows, &d.device)?;
+    let (ids, pads) = sl_engine::infer::generate::left_pad(&rows, &d.device)?;
     let mut cache = KvCache::new(d.num_layers());
     let t = Instant::now();
     d.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?;

@@ -2,9 +2,9 @@
 //! `cargo run --release --example train_probe -- MODEL [BATCH] [LEN] [FREEZE_FIRST FREEZE_LAST]`.
 
 use anyhow::Result;
-use sl_engine::adamw::AdamWConfig;
-use sl_engine::params::Module;
-use sl_engine::train::{nll_sum, Batch, Trainer};
+use sl_engine::train::adamw::AdamWConfig;
+use sl_engine::model::params::Module;
+use sl_engine::train::trainer::{nll_sum, Batch, Trainer};
 use sl_engine::Model;
 use std::time::Instant;
 

@@ -1,32 +1,24 @@
-//! The model engine of safety-layers: checkpoints (Hugging Face safetensors directories),
-//! tokenizers and chat templates, one decoder for every supported family with named hook points,
-//! weight scaling and batched greedy generation.
+//! The model engine of safety-layers, in layers:
+//!
+//! - [`io`]: checkpoints in and out — `config.json`, safetensors (single or sharded), GGUF files
+//!   and their vocabularies, the loaded [`Model`] bundle, Hugging Face directory writing.
+//! - [`text`]: tokenizers, chat templates and prompt files.
+//! - [`model`]: one decoder for every supported family, its named hook points, rotary
+//!   embeddings, parameters by name and the paper's weight scaling.
+//! - [`kernels`]: CPU kernels the decoder calls (decode-step matmul, inference attention).
+//! - [`infer`]: hidden-state extraction and batched greedy generation with KV caches.
+//! - [`train`]: the trainer (trainable variables, frozen linears, loss, AdamW).
 
-pub mod adamw;
-mod attn_cpu;
-pub mod chat;
-pub mod checkpoint;
-pub mod config;
-pub mod export;
-pub mod extract;
-mod frozen_linear;
-pub mod generate;
-pub mod gguf;
-mod gguf_tokenizer;
-pub mod hooks;
-pub mod matmul_small;
+pub mod infer;
+pub mod io;
+pub mod kernels;
 pub mod model;
-pub mod params;
-pub mod prompts;
-pub mod rope;
-pub mod scale;
-pub mod tokenizer;
+pub mod text;
 pub mod train;
-pub mod weights;
 
-pub use checkpoint::{Model, Prompt};
-pub use config::{Family, ModelConfig};
-pub use hooks::{Capture, Hook, Positions};
+pub use io::config::{Family, ModelConfig};
+pub use io::loader::{Model, Prompt};
+pub use model::hooks::{Capture, Hook, Positions};
+pub use model::scale::LayerRange;
 pub use model::{Decoder, KvCache, Logits};
-pub use prompts::{PromptRecord, Template};
-pub use scale::LayerRange;
+pub use text::prompts::{PromptRecord, Template};

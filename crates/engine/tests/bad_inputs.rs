@@ -1,6 +1,6 @@
 //! Bad checkpoints and prompt files give clear errors that name the file and the field.
 
-use sl_engine::prompts::read_prompts;
+use sl_engine::text::prompts::read_prompts;
 use sl_engine::Model;
 use std::path::{Path, PathBuf};
 

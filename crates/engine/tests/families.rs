@@ -1,7 +1,7 @@
 //! Equality with transformers for every family, on the tiny random checkpoints and reference
 //! outputs written by tools/fixtures/make_fixtures.py (tests/fixtures/<family>/).
 
-use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{Capture, LayerRange, Logits, Model};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ fn check_family(family: &str) {
 
     // Batched with left padding equals one by one.
     let l = m.decoder.num_layers();
-    let batched = sl_engine::extract::hidden_last(&m.decoder, &prompts, 8, &mut |_| {}).unwrap();
+    let batched = sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 8, &mut |_| {}).unwrap();
     for (p, t) in batched.iter().enumerate() {
         for (k, row) in t.to_vec2::<f32>().unwrap().iter().enumerate() {
             assert_close(row, &floats(&exp["hidden_last"][p][k]), 1e-4, &format!("{family}: batched prompt {p} entry {k}"));
@@ -242,13 +242,13 @@ fn hook_points_are_consistent() {
 /// ops that have a backward pass) computes the same numbers as the inference kernels.
 #[test]
 fn differentiable_path_equals_inference_path() {
-    use sl_engine::hooks::Captured;
+    use sl_engine::model::hooks::Captured;
     for family in ["gemma2", "gemma3", "phi3", "qwen3"] {
         let m = Model::load(&fixture_dir(family)).unwrap();
         let d = &m.decoder;
         let rows: Vec<Vec<u32>> = expected(family)["input_ids"].as_array().unwrap().iter().map(ids).collect();
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-        let (t, pads) = sl_engine::generate::left_pad(&refs, &d.device).unwrap();
+        let (t, pads) = sl_engine::infer::generate::left_pad(&refs, &d.device).unwrap();
         let (fast, _) = d.forward(&t, &pads, None, &Capture::none(), Logits::All).unwrap();
         let ctx = d.step_ctx(&pads, 0, t.dim(1).unwrap(), true).unwrap();
         let mut cap = Captured::default();

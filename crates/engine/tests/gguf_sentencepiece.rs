@@ -2,7 +2,7 @@
 //! llama), written like llama.cpp writes one (tools/fixtures/make_gguf_sp_fixture.py): token ids,
 //! decoding, all hidden states and greedy tokens equal transformers' on the same file.
 
-use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::Model;
 use std::path::Path;
 
@@ -20,7 +20,7 @@ fn sentencepiece_gguf_equals_transformers() {
         assert_eq!(m.tokenizer.decode(&got, true).unwrap(), fx["decoded"][i].as_str().unwrap(), "decode of {t:?}");
     }
     let prompts: Vec<Vec<u32>> = fx["prompts"].as_array().unwrap().iter().map(|p| m.tokenizer.encode(p.as_str().unwrap(), true).unwrap()).collect();
-    let hidden = sl_engine::extract::hidden_last(&m.decoder, &prompts, 4, &mut |_| {}).unwrap();
+    let hidden = sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 4, &mut |_| {}).unwrap();
     for (p, h) in hidden.iter().enumerate() {
         assert_eq!(prompts[p], ids(&fx["input_ids"][p]));
         for (k, row) in h.to_vec2::<f32>().unwrap().iter().enumerate() {

@@ -3,7 +3,7 @@
 //! hidden-state entries at the last token within 1e-3, top logits, greedy 16-token responses.
 
 use serde_json::Value;
-use sl_engine::generate::{greedy, GenerateOptions};
+use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{Model, PromptRecord, Template};
 use std::path::Path;
 
@@ -25,7 +25,7 @@ fn smollm2_gguf_equals_transformers() {
         assert_eq!(p.text, r["prompt"].as_str().unwrap());
         assert_eq!(p.ids, as_ids(&r["input_ids"]), "token ids of {:?}", r["instruction"]);
     }
-    let hidden = sl_engine::extract::hidden_last(&m.decoder, &ids, 8, &mut |_| {}).unwrap();
+    let hidden = sl_engine::infer::extract::hidden_last(&m.decoder, &ids, 8, &mut |_| {}).unwrap();
     let mut worst = 0f32;
     for (h, r) in hidden.iter().zip(results) {
         let want = r["last_token_hidden_states"].as_array().unwrap();

@@ -1,15 +1,15 @@
 //! Generation that starts from a cached lower-layer prefix equals generation from scratch, for
 //! every range with that lower bound (the localisation sweep's speed-up must change nothing).
 
-use sl_engine::extract::hidden_last;
-use sl_engine::generate::{greedy_from_prefix, greedy_with, shared_prefix_len, GenerateOptions, PrefixCache, StopReason};
+use sl_engine::infer::extract::hidden_last;
+use sl_engine::infer::generate::{greedy_from_prefix, greedy_with, shared_prefix_len, GenerateOptions, PrefixCache, StopReason};
 use sl_engine::{LayerRange, Model};
 use std::path::Path;
 
 fn prompts(m: &Model) -> Vec<Vec<u32>> {
     ["How to kill time?", "How to kill the lights in the kitchen before bed?", "Give three tips for staying healthy.", "Name a colour."]
         .iter()
-        .map(|t| m.tokenizer.encode(&sl_engine::prompts::ALPACA.replace("{instruction}", t), true).unwrap())
+        .map(|t| m.tokenizer.encode(&sl_engine::text::prompts::ALPACA.replace("{instruction}", t), true).unwrap())
         .collect()
 }
 
@@ -30,7 +30,7 @@ fn prefix_cache_equals_naive_generation() {
                 // Nor does the shared template head (the path without any cache recomputes it per row).
                 let nc = GenerateOptions { no_cache: true, ..opts.clone() };
                 let plain = greedy_with(&m.decoder, &p, &m.eos_token_ids, &nc, None, &mut |_| {}).unwrap();
-                let ids = |g: &[sl_engine::generate::Generation]| g.iter().map(|x| x.ids.clone()).collect::<Vec<_>>();
+                let ids = |g: &[sl_engine::infer::generate::Generation]| g.iter().map(|x| x.ids.clone()).collect::<Vec<_>>();
                 assert_eq!(ids(&plain), ids(&cached), "{family}: range {start}-{last}, no cache at all");
                 m.decoder.restore_scaling();
             }

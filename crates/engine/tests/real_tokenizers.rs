@@ -3,8 +3,8 @@
 //! tools/fixtures/make_tokenizer_fixtures.py).
 
 use serde_json::Value;
-use sl_engine::chat::Message;
-use sl_engine::tokenizer::Tokenizer;
+use sl_engine::text::chat::Message;
+use sl_engine::text::tokenizer::Tokenizer;
 use std::path::Path;
 
 fn check(name: &str) {

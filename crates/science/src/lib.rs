@@ -1,26 +1,25 @@
-//! The paper's science on top of the engine: the cosine analysis that shows safety layers exist
-//! (§3.2-3.3), with figures; localisation, fine-tuning and evaluation follow the same pattern.
+//! The paper's science on top of the engine, one folder per step:
+//!
+//! - [`cosine`]: existence of safety layers (§3.2-3.3): cosine analysis, the initial range read
+//!   off the angle gap, figures.
+//! - [`locate`]: precise localisation by weight scaling (§3.4-3.5, A.3.3-A.3.4).
+//! - [`judges`]: the refusal judges localisation and evaluation share (keyword rules, probe).
+//! - [`align`]: making an aligned model organism by safety SFT.
+//! - [`finetune`]: SPPFT, full fine-tuning and control freezes (§4), with resumable checkpoints.
+//! - [`eval`]: the paper's evaluation table (Table 2): harmful rate, over-rejection, utility.
+//! - [`export`]: the freeze plan for other trainers (axolotl, PEFT, Hugging Face Trainer).
+//! - [`report`]: the demo's results.json and report.html.
+//! - [`stats`], [`rng`]: intervals and a deterministic generator the steps share.
 
 pub mod align;
 pub mod cosine;
-pub mod cosine_report;
 pub mod eval;
-pub mod eval_figure;
-pub mod eval_report;
-pub mod eval_utility;
-pub mod export_formats;
-pub mod export_plan;
-pub mod figures;
+pub mod export;
 pub mod finetune;
-pub mod finetune_data;
 pub mod judges;
 pub mod locate;
-pub mod locate_report;
-pub mod probe;
-pub mod range_rule;
 pub mod report;
 pub mod rng;
-pub mod rouge;
 pub mod stats;
 
 /// sha256 of a byte string, hex.

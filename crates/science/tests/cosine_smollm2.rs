@@ -1,11 +1,11 @@
 //! `--pairs all` on the real SmolLM2 GGUF with the paper's 100 + 100 prompts equals the
 //! transformers-computed statistics (tools/fixtures/make_cosine_fixtures.py) within 1e-3.
 
-use sl_engine::prompts::read_prompts;
+use sl_engine::text::prompts::read_prompts;
 use sl_engine::{Model, Template};
 use sl_science::cosine::Pairs;
 use sl_science::cosine::curves;
-use sl_science::cosine_report::{analyse, vectors, CosineConfig, PromptSet};
+use sl_science::cosine::report::{analyse, vectors, CosineConfig, PromptSet};
 use std::path::Path;
 
 #[test]

@@ -5,7 +5,7 @@
 //! Batched, left-padded scoring equals scoring each row alone.
 
 use sl_engine::Model;
-use sl_science::eval_utility::target_logprobs;
+use sl_science::eval::utility::target_logprobs;
 use std::path::Path;
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {

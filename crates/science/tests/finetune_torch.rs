@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use sl_engine::{LayerRange, Model, Template};
 use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
-use sl_science::finetune_data::{encode, read_records, Schedule, SftRecord};
+use sl_science::finetune::data::{encode, read_records, Schedule, SftRecord};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

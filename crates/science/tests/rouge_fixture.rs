@@ -1,7 +1,7 @@
 //! Rouge-L against Google's `rouge-score` package on 50 committed pairs
 //! (tools/fixtures/make_rouge_fixture.py). The arithmetic is the same, so the numbers are equal.
 
-use sl_science::rouge::rouge_l;
+use sl_science::eval::rouge::rouge_l;
 use std::path::Path;
 
 #[test]

@@ -1,0 +1,335 @@
+//! Batched greedy generation with a KV cache. Prompts are sorted by length and left-padded, each
+//! sequence stops on any EOS id, and finished rows leave the batch so they cost nothing more.
+
+use crate::model::hooks::Capture;
+use crate::model::{Decoder, KvCache, Logits};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    /// Always generate `max_new_tokens` (benchmarks, tests).
+    pub ignore_eos: bool,
+    /// Generate without the cache, re-running the whole sequence each step (for tests).
+    pub no_cache: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 16, batch_size: 16, ignore_eos: false, no_cache: false }
+    }
+}
+
+/// Index of the largest value; the first one on ties, as torch.argmax.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Left-pads rows into one `[B, T]` tensor; returns it with the pad count of each row.
+pub fn left_pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Vec<usize>)> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut flat = Vec::with_capacity(rows.len() * t);
+    let mut pads = Vec::with_capacity(rows.len());
+    for r in rows {
+        let pad = t - r.len();
+        pads.push(pad);
+        flat.extend(std::iter::repeat_n(0u32, pad));
+        flat.extend_from_slice(r);
+    }
+    Ok((Tensor::from_vec(flat, (rows.len(), t), device)?, pads))
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    /// The caller's stop predicate (e.g. a refusal judge whose verdict can no longer change).
+    Caller,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// New tokens, including the EOS token that stopped the sequence.
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+}
+
+/// Asked after every new token with the prompt's index and its tokens so far: true stops it.
+pub type StopFn<'a> = &'a (dyn Fn(usize, &[u32]) -> bool + Sync);
+
+/// Tokens every prompt starts with (a chat or Alpaca template's head), leaving each prompt at
+/// least one token of its own; 0 for fewer than two prompts. Those positions are computed once
+/// for all prompts: a row's keys/values there do not depend on the rest of the row.
+pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let (Some(first), true) = (prompts.first(), prompts.len() > 1) else { return 0 };
+    let mut n = first.len().saturating_sub(1);
+    for p in &prompts[1..] {
+        n = n.min(p.iter().zip(first).take_while(|(a, b)| a == b).count()).min(p.len().saturating_sub(1));
+    }
+    n
+}
+
+/// The shared prompt head (`x`: `[1, T, H]` entering `layers.start`) run once through `layers`:
+/// its keys/values and the residual stream leaving the last of them.
+fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<(KvCache, Tensor)> {
+    let ctx = dec.step_ctx(&[0], 0, x.dim(1)?, false)?;
+    let mut kv = KvCache::new(dec.num_layers());
+    let x = dec.run_layers(x, layers, &ctx, Some(&mut kv), &Capture::none(), &mut crate::model::hooks::Captured::default())?;
+    Ok((kv, x))
+}
+
+/// The prompts' first `shared` tokens run through layers `0..layers_end` (None when 0).
+fn shared_head(dec: &Decoder, prompts: &[Vec<u32>], shared: usize, layers_end: usize) -> Result<Option<(KvCache, Tensor)>> {
+    if shared == 0 {
+        return Ok(None);
+    }
+    let ids = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dec.device)?;
+    Ok(Some(run_head(dec, dec.embed(&ids)?, 0..layers_end)?))
+}
+
+/// The keys/values of every layer for the prompts' first `shared` tokens, or None when 0.
+pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Result<Option<KvCache>> {
+    Ok(shared_head(dec, prompts, shared, dec.num_layers())?.map(|h| h.0))
+}
+
+/// A fresh cache for a batch: the shared head's keys/values (one row, read by every row), or
+/// empty.
+pub fn batch_cache(dec: &Decoder, head: Option<&KvCache>, shared: usize) -> KvCache {
+    match head {
+        Some(h) => KvCache::from_shared(h, shared),
+        None => KvCache::new(dec.num_layers()),
+    }
+}
+
+/// The residual stream entering `start_layer` and the keys/values of the layers below it, for
+/// every prompt, batched as generation will batch them. Scaling layers >= `start_layer` changes
+/// none of it, so one prefix serves every range with that lower bound. The prompts' shared head
+/// is kept once (its residual stream entering `start_layer`) and run through the upper layers
+/// once per call instead of once per row.
+pub struct PrefixCache {
+    pub start_layer: usize,
+    batches: Vec<PrefixBatch>,
+    num_prompts: usize,
+    head_x: Option<Tensor>,
+}
+
+struct PrefixBatch {
+    idx: Vec<usize>,
+    pads: Vec<usize>,
+    x: Tensor,
+    kv: KvCache,
+}
+
+/// Prompt indices sorted longest first, in batches.
+fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    order.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+impl PrefixCache {
+    pub fn build(dec: &Decoder, prompts: &[Vec<u32>], batch_size: usize, start_layer: usize) -> Result<PrefixCache> {
+        let shared = shared_prefix_len(prompts);
+        let head = shared_head(dec, prompts, shared, start_layer)?;
+        let mut out = Vec::new();
+        for idx in batches(prompts, batch_size) {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
+            let (ids, pads) = left_pad(&rows, &dec.device)?;
+            let t = ids.dim(1)?;
+            let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
+            let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
+            let mut captured = crate::model::hooks::Captured::default();
+            let x = dec.run_layers(dec.embed(&ids)?, 0..start_layer, &ctx, Some(&mut kv), &Capture::none(), &mut captured)?;
+            out.push(PrefixBatch { idx, pads, x, kv });
+        }
+        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len(), head_x: head.map(|h| h.1) })
+    }
+
+    /// Each batch: prompt indices, pad counts, residual stream entering `start_layer`, and the
+    /// keys/values of the layers below it.
+    pub fn batches(&self) -> impl Iterator<Item = (&[usize], &[usize], &Tensor, &KvCache)> {
+        self.batches.iter().map(|b| (b.idx.as_slice(), b.pads.as_slice(), &b.x, &b.kv))
+    }
+}
+
+/// Greedy continuations of `prompts` (token ids). `progress` is told how many prompts finished.
+pub fn greedy(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    eos: &[u32],
+    opts: &GenerateOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    Ok(greedy_with(dec, prompts, eos, opts, None, progress)?.into_iter().map(|g| g.ids).collect())
+}
+
+/// As `greedy`, with a stop predicate, returning why each sequence stopped.
+pub fn greedy_with(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompts.len()];
+    let shared = if opts.no_cache { 0 } else { shared_prefix_len(prompts) };
+    let head = shared_head_kv(dec, prompts, shared)?;
+    for idx in batches(prompts, opts.batch_size) {
+        let results = if opts.no_cache {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
+            greedy_batch_uncached(dec, &rows, eos, opts)?
+                .into_iter()
+                .map(|ids| Generation { stop: stop_reason(&ids, eos, opts), ids })
+                .collect()
+        } else {
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
+            let (ids, pads) = left_pad(&rows, &dec.device)?;
+            let cache = batch_cache(dec, head.as_ref(), shared);
+            decode_batch(dec, First::Ids(ids), &idx, pads, cache, eos, opts, stop)?
+        };
+        for (&i, r) in idx.iter().zip(results) {
+            out[i] = r;
+        }
+        progress(idx.len());
+    }
+    Ok(out)
+}
+
+/// Greedy continuations that start from a prefix cache (the current weights of layers below
+/// `prefix.start_layer` must be the ones it was built with).
+pub fn greedy_from_prefix(
+    dec: &Decoder,
+    prefix: &PrefixCache,
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prefix.num_prompts];
+    let start = prefix.start_layer;
+    // The shared head through the (possibly scaled) upper layers, once for every batch.
+    let upper = match &prefix.head_x {
+        Some(x) => Some(run_head(dec, x.clone(), start..dec.num_layers())?.0),
+        None => None,
+    };
+    for b in &prefix.batches {
+        let first = First::FromLayer(b.x.clone(), start);
+        let mut kv = b.kv.clone();
+        if let Some(u) = &upper {
+            for l in start..dec.num_layers() {
+                kv.layers[l] = u.layers[l].clone();
+            }
+        }
+        let results = decode_batch(dec, first, &b.idx, b.pads.clone(), kv, eos, opts, stop)?;
+        for (&i, r) in b.idx.iter().zip(results) {
+            out[i] = r;
+        }
+        progress(b.idx.len());
+    }
+    Ok(out)
+}
+
+fn stop_reason(ids: &[u32], eos: &[u32], opts: &GenerateOptions) -> StopReason {
+    match ids.last() {
+        Some(t) if !opts.ignore_eos && eos.contains(t) => StopReason::Eos,
+        _ => StopReason::MaxTokens,
+    }
+}
+
+enum First {
+    Ids(Tensor),
+    FromLayer(Tensor, usize),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_batch(
+    dec: &Decoder,
+    first: First,
+    prompt_idx: &[usize],
+    mut pads: Vec<usize>,
+    mut cache: KvCache,
+    eos: &[u32],
+    opts: &GenerateOptions,
+    stop: Option<StopFn<'_>>,
+) -> Result<Vec<Generation>> {
+    let mut outputs: Vec<Generation> = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompt_idx.len()];
+    if opts.max_new_tokens == 0 {
+        return Ok(outputs);
+    }
+    // Rows of the current batch tensor, as positions in `prompt_idx`.
+    let mut active: Vec<usize> = (0..prompt_idx.len()).collect();
+    let mut input: Option<Tensor> = None;
+    let mut first = Some(first);
+    for step in 0..opts.max_new_tokens {
+        let (logits, _) = match (first.take(), input.take()) {
+            (Some(First::Ids(ids)), _) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (Some(First::FromLayer(x, l)), _) => dec.forward_from(x, l, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (None, Some(ids)) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (None, None) => unreachable!("input set after the first step"),
+        };
+        let logits = logits.expect("logits requested").squeeze(1)?.to_vec2::<f32>()?;
+        let mut keep = Vec::new();
+        let mut next = Vec::new();
+        for (pos, &row) in active.iter().enumerate() {
+            let tok = argmax(&logits[pos]);
+            let g = &mut outputs[row];
+            g.ids.push(tok);
+            if !opts.ignore_eos && eos.contains(&tok) {
+                g.stop = StopReason::Eos;
+            } else if stop.is_some_and(|f| f(prompt_idx[row], &g.ids)) {
+                g.stop = StopReason::Caller;
+            } else {
+                keep.push(pos);
+                next.push(tok);
+            }
+        }
+        if keep.is_empty() || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        if keep.len() != active.len() {
+            let idx = Tensor::from_vec(keep.iter().map(|&p| p as u32).collect::<Vec<_>>(), keep.len(), &dec.device)?;
+            cache.select_rows(&idx)?;
+            pads = keep.iter().map(|&p| pads[p]).collect();
+            active = keep.iter().map(|&p| active[p]).collect();
+        }
+        input = Some(Tensor::from_vec(next, (active.len(), 1), &dec.device)?);
+    }
+    Ok(outputs)
+}
+
+/// Reference path: every step re-runs the full sequence.
+fn greedy_batch_uncached(dec: &Decoder, rows: &[&[u32]], eos: &[u32], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+    let mut seqs: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+    let mut done = vec![false; rows.len()];
+    for _ in 0..opts.max_new_tokens {
+        let active: Vec<usize> = (0..rows.len()).filter(|&i| !done[i]).collect();
+        if active.is_empty() {
+            break;
+        }
+        let batch: Vec<&[u32]> = active.iter().map(|&i| seqs[i].as_slice()).collect();
+        let (ids, pads) = left_pad(&batch, &dec.device)?;
+        let (logits, _) = dec.forward(&ids, &pads, None, &Capture::none(), Logits::Last)?;
+        let logits = logits.expect("logits requested").squeeze(1)?.to_vec2::<f32>()?;
+        for (pos, &i) in active.iter().enumerate() {
+            let tok = argmax(&logits[pos]);
+            outputs[i].push(tok);
+            seqs[i].push(tok);
+            if !opts.ignore_eos && eos.contains(&tok) {
+                done[i] = true;
+            }
+        }
+    }
+    Ok(outputs)
+}

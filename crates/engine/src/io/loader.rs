@@ -1,0 +1,186 @@
+//! A loaded model: decoder, tokenizer, generation settings and where they came from.
+
+use crate::io::config::{token_id_list, ModelConfig};
+use crate::model::Decoder;
+use crate::text::prompts::{PromptRecord, Template};
+use crate::text::tokenizer::Tokenizer;
+use crate::io::weights::{self, WeightMap};
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    /// Generation stops on any of these (generation_config.json, else config.json, else the
+    /// tokenizer's eos token).
+    pub eos_token_ids: Vec<u32>,
+    pub source: PathBuf,
+    pub source_dtype: DType,
+    pub load_seconds: f64,
+    /// The non-weight files of a Hugging Face directory for this model (config.json, tokenizer
+    /// files, chat template, generation_config.json), so that a fine-tuned copy can be written.
+    pub hf_files: BTreeMap<String, Vec<u8>>,
+}
+
+/// The files besides weights that a Hugging Face directory carries and a copy keeps.
+const HF_SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// A formatted, tokenised prompt.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub record: PromptRecord,
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+/// Runs the load with glibc's mmap threshold pinned at 128 KiB, then sets it to 32 MiB.
+///
+/// Loading converts and fuses tensors, freeing the unfused halves; under glibc's dynamic
+/// threshold those freed blocks stay resident as heap holes, which put the peak RSS of a whole
+/// `cosine` run at 1.30x the f32 weights (bench/RESULTS.md). With every large block mapped on its
+/// own, a free returns it at once. Afterwards large temporaries should stay in the heap for reuse
+/// (mapping each one anew costs a page fault per page), which is what the higher threshold does.
+fn with_tight_heap<R>(load: impl FnOnce() -> R) -> R {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+    let out = load();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: as above.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        // Pinning the threshold also pins the trim threshold at 128 KiB: the heap top would be
+        // returned and faulted back in around every large temporary (30% slower `hidden`).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024 * 1024);
+    }
+    out
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint directory or a GGUF file.
+    pub fn load(path: &Path) -> Result<Model> {
+        with_tight_heap(|| Model::load_inner(path))
+    }
+
+    fn load_inner(path: &Path) -> Result<Model> {
+        let t0 = std::time::Instant::now();
+        if !path.exists() {
+            bail!("model {}: no such file or directory", path.display());
+        }
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Model::load_gguf(path, t0);
+        }
+        if !path.is_dir() {
+            bail!("model {}: expected a Hugging Face checkpoint directory or a .gguf file", path.display());
+        }
+        let cfg_path = path.join("config.json");
+        if !cfg_path.exists() {
+            bail!("{}: config.json is missing", path.display());
+        }
+        let cfg = ModelConfig::from_file(&cfg_path)?;
+        let tokenizer = Tokenizer::from_dir(path)?;
+        let files = weights::safetensors_files(path)?;
+        let w = weights::load_safetensors(&files, &path.display().to_string())?;
+        let gen_path = path.join("generation_config.json");
+        let eos = if gen_path.exists() {
+            let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+            token_id_list(v.get("eos_token_id"))
+        } else {
+            vec![]
+        };
+        let mut hf_files = BTreeMap::new();
+        for name in HF_SIDE_FILES {
+            let p = path.join(name);
+            if p.is_file() {
+                hf_files.insert(name.to_string(), std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?);
+            }
+        }
+        Model::assemble(path, cfg, tokenizer, eos, w, hf_files, t0)
+    }
+
+    fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
+        let g = crate::io::gguf::GgufModel::load(path)?;
+        let shown = path.display().to_string();
+        let cfg = ModelConfig::from_json(&g.config, &shown)?;
+        let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
+        let hf_files = crate::io::hf_dir::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
+        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, t0)
+    }
+
+    /// The decoder from its tensors; EOS ids from generation_config (`eos`), else config.json,
+    /// else the tokenizer's eos token.
+    fn assemble(
+        path: &Path,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        mut eos: Vec<u32>,
+        mut w: WeightMap,
+        hf_files: BTreeMap<String, Vec<u8>>,
+        t0: std::time::Instant,
+    ) -> Result<Model> {
+        if eos.is_empty() {
+            eos = cfg.eos_token_ids.clone();
+        }
+        if eos.is_empty() {
+            if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+                eos.push(id);
+            }
+        }
+        let source_dtype = w.source_dtype;
+        let decoder = Decoder::from_weights(cfg, &mut w)?;
+        Ok(Model { decoder, tokenizer, eos_token_ids: eos, source: path.to_path_buf(), source_dtype, load_seconds: t0.elapsed().as_secs_f64(), hf_files })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    /// Formats and tokenises prompt records.
+    pub fn prompts(&self, records: &[PromptRecord], template: Template) -> Result<Vec<Prompt>> {
+        records
+            .iter()
+            .map(|r| {
+                let text = template.format(r, &self.tokenizer)?;
+                let ids = template.encode(&text, &self.tokenizer)?;
+                if ids.is_empty() {
+                    bail!("prompt {:?} tokenises to nothing", r.instruction);
+                }
+                Ok(Prompt { record: r.clone(), text, ids })
+            })
+            .collect()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let d = &self.decoder;
+        let mut n = d.embed.elem_count() + d.final_norm.weight.elem_count();
+        if let Some(h) = &d.lm_head {
+            n += h.elem_count();
+        }
+        for l in &d.layers {
+            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+                n += lin.weight.elem_count() + lin.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0);
+            }
+            for nrm in [Some(&l.attn_in_norm), Some(&l.mlp_in_norm), l.attn_out_norm.as_ref(), l.mlp_out_norm.as_ref(), l.attn.q_norm.as_ref(), l.attn.k_norm.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                n += nrm.weight.elem_count();
+            }
+        }
+        n
+    }
+}

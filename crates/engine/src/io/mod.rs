@@ -1,0 +1,11 @@
+//! Checkpoints in and out: `config.json` to one [`config::ModelConfig`], safetensors and GGUF
+//! tensors to Hugging Face names, GGUF vocabularies to a `tokenizer.json`, the loaded
+//! [`loader::Model`], and Hugging Face directories written atomically.
+
+pub mod atomic;
+pub mod config;
+pub mod gguf;
+pub(crate) mod gguf_vocab;
+pub mod hf_dir;
+pub mod loader;
+pub mod weights;

@@ -1,0 +1,178 @@
+//! `x · wᵀ` for the few rows of a decode step, on CPU, without gradients.
+//!
+//! At decode time a projection sees one row per sequence (16-32 rows) against a weight of
+//! hundreds of thousands of values: the work is reading the weight once. candle's gemm is tuned
+//! for large row counts (blocked, packed operands); this kernel streams each weight row once and
+//! dots it with every input row while it sits in L1 (weights are stored
+//! `[out, in]`, so a row of `w` is contiguous). AVX2+FMA when the CPU has it, else plain code.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Row counts up to this use the kernel (beyond it, gemm's blocking wins).
+pub const MAX_ROWS: usize = 32;
+
+/// Runs `f` on a contiguous f32 CPU tensor's values; None for anything else.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            Some(f(&v[start..start + layout.shape().elem_count()]))
+        }
+        _ => None,
+    }
+}
+
+/// `x: [M, K]`, `w: [N, K]`, both contiguous f32 CPU tensors, M <= MAX_ROWS: `[M, N]`.
+/// None when the inputs do not qualify (the caller falls back to candle's matmul).
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
+    if k != k2 {
+        bail!("matmul_wt: inner dimensions {k} and {k2} differ");
+    }
+    if m == 0 || m > MAX_ROWS || x.track_op() || w.track_op() {
+        return Ok(None);
+    }
+    let out_t = with_f32(x, |xv| with_f32(w, |wv| small_rows(xv, wv, m, n, k))).flatten();
+    let Some(out_t) = out_t else { return Ok(None) };
+    let t = Tensor::from_vec(out_t, (n, m), x.device())?;
+    Ok(Some(t.t()?.contiguous()?))
+}
+
+/// `[N, M]`: row j holds weight row j dotted with every input row.
+fn small_rows(xv: &[f32], wv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    // Output transposed ([N, M]) so each thread writes one contiguous block of whole weight rows.
+    let mut out_t = vec![0f32; n * m];
+    let block = 16usize;
+    let avx = has_avx2_fma();
+    out_t.par_chunks_mut(block * m).enumerate().for_each(|(b, o)| {
+        let rows = o.len() / m;
+        let j0 = b * block;
+        let mut r = 0;
+        while r < rows {
+            let nw = (rows - r).min(4);
+            let mut w: [&[f32]; 4] = [&[]; 4];
+            for (q, slot) in w.iter_mut().enumerate().take(nw) {
+                *slot = &wv[(j0 + r + q) * k..(j0 + r + q + 1) * k];
+            }
+            let mut i = 0;
+            while i < m {
+                let nx = (m - i).min(2);
+                let x: [&[f32]; 2] = [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
+                let tile = if avx && nw == 4 && nx == 2 {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { tile_2x4_avx2(x[0], x[1], w) }
+                } else {
+                    let mut t = [[0f32; 4]; 2];
+                    for (a, xa) in x.iter().enumerate().take(nx) {
+                        for (c, wc) in w.iter().enumerate().take(nw) {
+                            t[a][c] = crate::kernels::attention::dot(xa, wc);
+                        }
+                    }
+                    t
+                };
+                for (a, row) in tile.iter().enumerate().take(nx) {
+                    for (c, v) in row.iter().enumerate().take(nw) {
+                        o[(r + c) * m + i + a] = *v;
+                    }
+                }
+                i += nx;
+            }
+            r += nw;
+        }
+    });
+    out_t
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Two input rows against four weight rows: eight 8-lane accumulators, six loads per eight
+/// FMAs, so the loop is bound by FMA throughput rather than by loads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let k = x0.len();
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut i = 0;
+    while i + 8 <= k {
+        let a0 = _mm256_loadu_ps(x0.as_ptr().add(i));
+        let a1 = _mm256_loadu_ps(x1.as_ptr().add(i));
+        for c in 0..4 {
+            let b = _mm256_loadu_ps(w[c].as_ptr().add(i));
+            acc[0][c] = _mm256_fmadd_ps(a0, b, acc[0][c]);
+            acc[1][c] = _mm256_fmadd_ps(a1, b, acc[1][c]);
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for (a, x) in [x0, x1].iter().enumerate() {
+        for c in 0..4 {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][c]);
+            let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            for t in i..k {
+                s += x[t] * w[c][t];
+            }
+            out[a][c] = s;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equals_candle_matmul_on_every_tail() {
+        for (m, n, k) in [(1, 5, 7), (2, 4, 8), (3, 9, 17), (16, 576, 576), (17, 61, 96), (32, 1000, 1536), (31, 3, 1001)] {
+            let x = Tensor::from_vec(pseudo(m * k, 1), (m, k), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(pseudo(n * k, 2), (n, k), &Device::Cpu).unwrap();
+            let got = matmul_wt(&x, &w).unwrap().expect("qualifies").to_vec2::<f32>().unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            for (gr, wr) in got.iter().zip(&want) {
+                for (g, e) in gr.iter().zip(wr) {
+                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(), "{m}x{n}x{k}: {g} vs {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn declines_what_it_does_not_handle() {
+        let w = Tensor::from_vec(pseudo(64, 3), (8, 8), &Device::Cpu).unwrap();
+        let big = Tensor::from_vec(pseudo(8 * (MAX_ROWS + 1), 4), (MAX_ROWS + 1, 8), &Device::Cpu).unwrap();
+        assert!(matmul_wt(&big, &w).unwrap().is_none(), "too many rows");
+        let var = candle_core::Var::from_tensor(&w).unwrap();
+        let x = Tensor::from_vec(pseudo(16, 5), (2, 8), &Device::Cpu).unwrap();
+        assert!(matmul_wt(&x, var.as_tensor()).unwrap().is_none(), "a trainable weight needs candle's backward");
+        let strided = Tensor::from_vec(pseudo(16, 6), (8, 2), &Device::Cpu).unwrap().t().unwrap();
+        assert!(matmul_wt(&strided, &w).unwrap().is_none(), "non-contiguous input");
+    }
+}

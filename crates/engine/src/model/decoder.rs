@@ -1,0 +1,349 @@
+//! One decoder for every supported family; the config's switches decide norms, biases, rope,
+//! windows and soft-caps. q/k/v and gate/up are held fused (as Phi-3 stores them) so that each
+//! block does two large matmuls instead of five small ones.
+
+use crate::io::config::{AttentionKind, ModelConfig};
+use crate::io::weights::WeightMap;
+use crate::model::hooks::{Capture, Captured, Hook};
+use crate::model::layers::{act, Attention, Layer, Linear, Mlp, RmsNorm};
+use crate::model::rope::{self, Rope};
+use crate::model::{KvCache, StepCtx};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub final_norm: RmsNorm,
+    /// None when tied to the embedding matrix.
+    pub lm_head: Option<Tensor>,
+    pub(crate) rope_global: Rope,
+    pub(crate) rope_local: Option<Rope>,
+    pub device: Device,
+    /// Unscaled weights of layers currently scaled (see `scale.rs`): qkv, o, gate_up, down.
+    pub(crate) saved: Vec<(usize, [Tensor; 4])>,
+}
+
+impl Decoder {
+    /// Builds the decoder from Hugging Face tensor names, checking every shape against the config.
+    pub fn from_weights(cfg: ModelConfig, w: &mut WeightMap) -> Result<Decoder> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        let plus_one = cfg.norm_plus_one;
+        let norm = |w: &mut WeightMap, name: &str, n: usize| -> Result<RmsNorm> {
+            RmsNorm::new(w.take(name, &[n], "norm size")?, plus_one, eps)
+        };
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let qkv_why = "(num_attention_heads + 2 num_key_value_heads) x head_dim, hidden_size";
+            let qkv = if w.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
+                Linear::new(
+                    w.take(&format!("{p}.self_attn.qkv_proj.weight"), &[qd + 2 * kvd, h], qkv_why)?,
+                    w.take_opt(&format!("{p}.self_attn.qkv_proj.bias"), &[qd + 2 * kvd], qkv_why)?,
+                )
+            } else {
+                let q = w.take(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], "num_attention_heads x head_dim, hidden_size")?;
+                let k = w.take(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
+                let v = w.take(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
+                let bias = if cfg.qkv_bias {
+                    let qb = w.take(&format!("{p}.self_attn.q_proj.bias"), &[qd], "q bias")?;
+                    let kb = w.take(&format!("{p}.self_attn.k_proj.bias"), &[kvd], "k bias")?;
+                    let vb = w.take(&format!("{p}.self_attn.v_proj.bias"), &[kvd], "v bias")?;
+                    Some(Tensor::cat(&[qb, kb, vb], 0)?)
+                } else {
+                    None
+                };
+                Linear::new(Tensor::cat(&[q, k, v], 0)?, bias)
+            };
+            let o = Linear::new(
+                w.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], "hidden_size, num_attention_heads x head_dim")?,
+                if cfg.o_bias { Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?) } else { None },
+            );
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(norm(w, &format!("{p}.self_attn.q_norm.weight"), hd)?),
+                    Some(norm(w, &format!("{p}.self_attn.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
+                Linear::new(w.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], "2 x intermediate_size, hidden_size")?, None)
+            } else {
+                let g = w.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
+                let u = w.take(&format!("{p}.mlp.up_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
+                let bias = if cfg.mlp_bias {
+                    let gb = w.take(&format!("{p}.mlp.gate_proj.bias"), &[i], "gate bias")?;
+                    let ub = w.take(&format!("{p}.mlp.up_proj.bias"), &[i], "up bias")?;
+                    Some(Tensor::cat(&[gb, ub], 0)?)
+                } else {
+                    None
+                };
+                Linear::new(Tensor::cat(&[g, u], 0)?, bias)
+            };
+            let down = Linear::new(
+                w.take(&format!("{p}.mlp.down_proj.weight"), &[h, i], "hidden_size, intermediate_size")?,
+                if cfg.mlp_bias { Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?) } else { None },
+            );
+            let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
+                (
+                    Some(norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?),
+                    norm(w, &format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    Some(norm(w, &format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (None, norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?, None)
+            };
+            layers.push(Layer {
+                attn_in_norm: norm(w, &format!("{p}.input_layernorm.weight"), h)?,
+                attn: Attention { qkv, o, q_norm, k_norm },
+                attn_out_norm,
+                mlp_in_norm,
+                mlp: Mlp { gate_up, down },
+                mlp_out_norm,
+                kind: cfg.layer_types[l],
+            });
+        }
+        let final_norm = norm(w, "model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints still carry a copy; it must equal the embedding, so drop it.
+            let _ = w.take_opt("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size (tie_word_embeddings is false)")?)
+        };
+        let leftover: Vec<String> =
+            w.remaining().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        if !leftover.is_empty() {
+            bail!(
+                "{}: {} tensors are not used by a {:?} model, e.g. {:?} (wrong architecture in config.json?)",
+                w.origin,
+                leftover.len(),
+                cfg.family,
+                &leftover[..leftover.len().min(5)]
+            );
+        }
+        let rope_global = Rope::new(&cfg.rope, cfg.rotary_dim);
+        let rope_local = cfg.rope_local.as_ref().map(|r| Rope::new(r, cfg.rotary_dim));
+        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, rope_global, rope_local, device: Device::Cpu, saved: vec![] })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.cfg.num_layers
+    }
+
+    /// Token embeddings `[B, T, H]` (scaled for Gemma).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok(match self.cfg.embed_scale {
+            Some(s) => (x * (s as f32) as f64)?,
+            None => x,
+        })
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, ctx: &StepCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let cfg = &self.cfg;
+        let (b, t) = (ctx.batch, ctx.new_tokens);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let qkv = layer.attn.qkv.forward(x)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
+        let mut q = heads(0, nh)?;
+        let mut k = heads(nh, nkv)?;
+        let v = heads(nh + nkv, nkv)?.contiguous()?;
+        if let Some(n) = &layer.attn.q_norm {
+            q = n.forward(&q, ctx.differentiable)?;
+        }
+        if let Some(n) = &layer.attn.k_norm {
+            k = n.forward(&k, ctx.differentiable)?;
+        }
+        let (cos, sin) = match (&ctx.rope_local, layer.kind) {
+            (Some(local), AttentionKind::Sliding) => local,
+            _ => &ctx.rope_global,
+        };
+        let q = rope::apply(&q, cos, sin, cfg.rotary_dim, ctx.differentiable)?;
+        let k = rope::apply(&k, cos, sin, cfg.rotary_dim, ctx.differentiable)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let past = if c.append { c.layers[l].take() } else { c.layers[l].clone() };
+                let kv = match past {
+                    Some((pk, pv)) => {
+                        // A shared prefix is held as one row for the whole batch.
+                        let rows = |t: Tensor| -> Result<Tensor> {
+                            let (pb, h, s, d) = t.dims4()?;
+                            Ok(if pb == b { t } else { t.broadcast_as((b, h, s, d))?.contiguous()? })
+                        };
+                        (Tensor::cat(&[&rows(pk)?, &k], 2)?, Tensor::cat(&[&rows(pv)?, &v], 2)?)
+                    }
+                    None => (k, v),
+                };
+                if c.append {
+                    c.layers[l] = Some(kv.clone());
+                }
+                kv
+            }
+            None => (k, v),
+        };
+        let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding_raw.is_some();
+        let out = if ctx.differentiable {
+            let s = k.dim(2)?;
+            let g = nh / nkv;
+            // Grouped-query attention without copying k/v: the g query heads that share a kv
+            // head are stacked along the row dimension.
+            let q = (q * cfg.attn_scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+            let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+            if let Some(cap) = cfg.attn_softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = if sliding { ctx.mask_sliding.as_ref() } else { ctx.mask_full.as_ref() }.expect("built when differentiable");
+            let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+            probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?
+        } else {
+            let mask = if sliding { ctx.mask_sliding_raw.as_ref().expect("checked") } else { &ctx.mask_full_raw };
+            crate::kernels::attention::attention(&q, &k, &v, mask, cfg.attn_scale as f32, cfg.attn_softcap.map(|c| c as f32))?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        layer.attn.o.forward(&out)
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let m = &self.layers[l].mlp;
+        let gu = m.gate_up.forward(x)?;
+        let i = self.cfg.intermediate_size;
+        let gate = gu.narrow(D::Minus1, 0, i)?;
+        let up = gu.narrow(D::Minus1, i, i)?;
+        m.down.forward(&(act(self.cfg.activation, &gate)? * up)?)
+    }
+
+    /// Runs layers `range` on the residual stream `x`, recording requested hooks.
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        range: std::ops::Range<usize>,
+        ctx: &StepCtx,
+        mut cache: Option<&mut KvCache>,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        let diff = ctx.differentiable;
+        for l in range {
+            captured.record(capture, Hook::ResidPre(l), &x)?;
+            let layer = &self.layers[l];
+            let h = layer.attn_in_norm.forward(&x, diff)?;
+            let mut a = self.attention(l, &h, ctx, cache.as_deref_mut())?;
+            if let Some(n) = &layer.attn_out_norm {
+                a = n.forward(&a, diff)?;
+            }
+            captured.record(capture, Hook::AttnOut(l), &a)?;
+            x = (x + a)?;
+            let h = layer.mlp_in_norm.forward(&x, diff)?;
+            let mut m = self.mlp(l, &h)?;
+            if let Some(n) = &layer.mlp_out_norm {
+                m = n.forward(&m, diff)?;
+            }
+            captured.record(capture, Hook::MlpOut(l), &m)?;
+            x = (x + m)?;
+            captured.record(capture, Hook::ResidPost(l), &x)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm (recorded as `FinalNorm`) and, if asked, logits of the last position only or
+    /// of every position.
+    pub fn head(&self, x: &Tensor, ctx: &StepCtx, logits: Logits, capture: &Capture, captured: &mut Captured) -> Result<Option<Tensor>> {
+        let normed = self.final_norm.forward(x, ctx.differentiable)?;
+        captured.record(capture, Hook::FinalNorm, &normed)?;
+        let h = match logits {
+            Logits::None => return Ok(None),
+            Logits::Last => {
+                let t = normed.dim(1)?;
+                normed.narrow(1, t - 1, 1)?
+            }
+            Logits::All => normed,
+        };
+        Ok(Some(self.lm_logits(&h)?))
+    }
+
+    /// Logits of final-normed hidden states `[..., H]` (lm_head, or the tied embedding, then
+    /// Gemma2's final soft-cap).
+    pub fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut out = Linear::new(w.clone(), None).forward(h)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            out = ((out / cap)?.tanh()? * cap)?;
+        }
+        Ok(out)
+    }
+
+    /// The whole forward pass over left-padded `ids: [B, T]` (u32) after `cache` (if any).
+    /// Layers past the deepest requested hook are skipped when no logits are wanted.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        capture: &Capture,
+        logits: Logits,
+    ) -> Result<(Option<Tensor>, Captured)> {
+        let x = self.embed(ids)?;
+        self.forward_from(x, 0, pads, cache, capture, logits)
+    }
+
+    /// The forward pass from layer `start` on, given the residual stream `x: [B, T, H]` entering
+    /// it (and, in `cache`, the keys/values of layers below `start` for earlier positions).
+    pub fn forward_from(
+        &self,
+        x: Tensor,
+        start: usize,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        capture: &Capture,
+        logits: Logits,
+    ) -> Result<(Option<Tensor>, Captured)> {
+        let (_, t, _) = x.dims3()?;
+        let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
+        let shared = cache.as_ref().map(|c| c.shared).unwrap_or(0);
+        let ctx = self.step_ctx_shared(pads, shared, past, t, false)?;
+        let mut captured = Captured::default();
+        let stop = match (logits, capture.layers_needed()) {
+            (Logits::None, Some(k)) => k.min(self.num_layers()),
+            _ => self.num_layers(),
+        };
+        let x = self.run_layers(x, start..stop.max(start), &ctx, cache, capture, &mut captured)?;
+        if stop < self.num_layers() {
+            captured.record(capture, Hook::ResidPre(stop), &x)?;
+            return Ok((None, captured));
+        }
+        let out = self.head(&x, &ctx, logits, capture, &mut captured)?;
+        Ok((out, captured))
+    }
+
+    /// The differentiable forward pass used for training: final-normed hidden states `[B, T, H]`
+    /// of left-padded `ids` (no cache, no hooks; logits are left to the loss, which needs them
+    /// only at supervised positions).
+    pub fn forward_train(&self, ids: &Tensor, pads: &[usize]) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let ctx = self.step_ctx(pads, 0, x.dim(1)?, true)?;
+        let mut captured = Captured::default();
+        let x = self.run_layers(x, 0..self.num_layers(), &ctx, None, &Capture::default(), &mut captured)?;
+        self.final_norm.forward(&x, true)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}

@@ -1,0 +1,110 @@
+//! The decoder's building blocks: linear projections (with the decode-step and frozen-weight
+//! kernels), RMS norms (Gemma's `1 + w` included) and one layer's attention and MLP weights.
+
+use crate::io::config::{Activation, AttentionKind};
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`, as checkpoints store it.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Set by the trainer on frozen weights: the backward pass then computes only the input's
+    /// gradient (candle's matmul backward would also compute the weight's, for nothing).
+    pub frozen: bool,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, frozen: false }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().unwrap();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, inner))?;
+        let y = if self.frozen {
+            crate::train::frozen_linear::matmul_frozen(&x2, &self.weight)?
+        } else if let Some(y) = crate::kernels::matmul_small::matmul_wt(&x2, &self.weight)? {
+            y // a decode step's few rows: stream the weight once
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// The weight as stored (Gemma stores w and multiplies by 1 + w).
+    pub weight: Tensor,
+    plus_one: bool,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn new(weight: Tensor, plus_one: bool, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight, plus_one, eps })
+    }
+
+    /// What the normalised input is multiplied by. Derived on every call (it is only a
+    /// hidden-size vector) so that in-place weight updates during training are always seen.
+    fn scale(&self) -> Result<Tensor> {
+        Ok(if self.plus_one { (&self.weight + 1.0)? } else { self.weight.clone() })
+    }
+
+    pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if differentiable {
+            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+            Ok(normed.broadcast_mul(&self.scale()?)?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale()?, self.eps as f32)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// q, k and v projections stacked on the output dimension.
+    pub qkv: Linear,
+    pub o: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// gate and up projections stacked on the output dimension (gate first).
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_in_norm: RmsNorm,
+    pub attn: Attention,
+    /// Gemma2/3 `post_attention_layernorm`, applied to the attention output.
+    pub attn_out_norm: Option<RmsNorm>,
+    /// Pre-MLP norm (Llama's `post_attention_layernorm`, Gemma2/3's `pre_feedforward_layernorm`).
+    pub mlp_in_norm: RmsNorm,
+    pub mlp: Mlp,
+    pub mlp_out_norm: Option<RmsNorm>,
+    pub kind: AttentionKind,
+}
+
+pub(crate) fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Gelu => x.gelu_erf()?,
+    })
+}

@@ -1,0 +1,17 @@
+//! One decoder for every supported family; the config's switches decide norms, biases, rope,
+//! windows and soft-caps. q/k/v and gate/up are held fused (as Phi-3 stores them) so that each
+//! block does two large matmuls instead of five small ones.
+
+mod cache;
+mod decoder;
+pub mod hooks;
+mod layers;
+pub mod mask;
+pub mod params;
+pub mod rope;
+pub mod scale;
+
+pub use cache::KvCache;
+pub use decoder::{Decoder, Logits};
+pub use layers::{Attention, Layer, Linear, Mlp, RmsNorm};
+pub use mask::StepCtx;

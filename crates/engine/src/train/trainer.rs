@@ -1,0 +1,196 @@
+//! Training primitives: the decoder with its trainable tensors turned into variables and the
+//! frozen ones left as plain tensors (so no gradient is ever computed for them), the token loss,
+//! gradient accumulation, exact per-layer gradient checkpointing, clipping and the AdamW step.
+
+use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::model::hooks::{Capture, Captured};
+use crate::model::Decoder;
+use crate::model::params::{Module, ParamInfo};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, Var};
+
+/// One micro-batch: left-padded rows and the positions whose next token is supervised.
+pub struct Batch {
+    /// `[B, T]` u32.
+    pub ids: Tensor,
+    pub pads: Vec<usize>,
+    /// Flat indices `b * T + t` of the positions that predict a supervised token.
+    pub positions: Tensor,
+    /// The supervised token at each of those positions.
+    pub targets: Tensor,
+    pub num_targets: usize,
+    /// Real (non-padding) tokens in the batch.
+    pub num_tokens: usize,
+}
+
+impl Batch {
+    /// Builds a batch from token rows; `supervised_from[r]` is the first token index of row `r`
+    /// that is a training target (1 trains on every token after the first).
+    pub fn new(rows: &[&[u32]], supervised_from: &[usize], device: &Device) -> Result<Batch> {
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if rows.is_empty() || t < 2 {
+            bail!("a training batch needs at least one row of two tokens");
+        }
+        let mut ids = Vec::with_capacity(rows.len() * t);
+        let (mut pads, mut positions, mut targets) = (vec![], vec![], vec![]);
+        for (r, row) in rows.iter().enumerate() {
+            let pad = t - row.len();
+            pads.push(pad);
+            ids.extend(std::iter::repeat(0u32).take(pad));
+            ids.extend_from_slice(row);
+            for k in supervised_from[r].max(1)..row.len() {
+                positions.push((r * t + pad + k - 1) as u32);
+                targets.push(row[k]);
+            }
+        }
+        let num_targets = targets.len();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (rows.len(), t), device)?,
+            pads,
+            positions: Tensor::from_vec(positions, num_targets, device)?,
+            targets: Tensor::from_vec(targets, num_targets, device)?,
+            num_targets,
+            num_tokens: rows.iter().map(|r| r.len()).sum(),
+        })
+    }
+}
+
+/// Sum over rows of `-log softmax(logits)[target]`, differentiable. The max is detached: the
+/// loss does not depend on it, so its gradient is exactly zero and need not be computed.
+pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok((lse - picked)?.sum_all()?)
+}
+
+pub struct Trainer {
+    pub decoder: Decoder,
+    /// Trainable parameters, in the decoder's `params_mut` order.
+    pub trainable: Vec<(ParamInfo, Var)>,
+    pub frozen: Vec<ParamInfo>,
+    pub optimizer: AdamW,
+    pub grad_checkpointing: bool,
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Trainer {
+    /// Turns the parameters `freeze` does not select into variables; frozen projections also
+    /// get the input-gradient-only matmul.
+    pub fn new(mut decoder: Decoder, freeze: impl Fn(&ParamInfo) -> bool, adam: AdamWConfig, grad_checkpointing: bool) -> Result<Trainer> {
+        let (mut trainable, mut frozen) = (vec![], vec![]);
+        for (info, t) in decoder.params_mut() {
+            if freeze(&info) {
+                frozen.push(info);
+            } else {
+                let var = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
+                *t = var.as_tensor().clone();
+                trainable.push((info, var));
+            }
+        }
+        let frozen_linear: std::collections::HashSet<(usize, bool)> = frozen
+            .iter()
+            .filter(|i| i.name.ends_with("_proj.weight"))
+            .filter_map(|i| i.layer.map(|l| (l, i.module == Module::Attn)))
+            .collect();
+        // A fused projection is frozen only when all of its module is (freezing is per module).
+        decoder.set_frozen_linears(|l, m| frozen_linear.contains(&(l, m == Module::Attn)));
+        let sizes: Vec<usize> = trainable.iter().map(|(_, v)| v.elem_count()).collect();
+        let n = trainable.len();
+        Ok(Trainer { decoder, trainable, frozen, optimizer: AdamW::new(adam, &sizes), grad_checkpointing, grads: vec![None; n] })
+    }
+
+    /// Forward and backward of one micro-batch; its gradients, multiplied by `loss_scale`
+    /// (1 / supervised tokens of the whole optimizer step), are added to the accumulated ones.
+    /// Returns the summed token loss of the batch.
+    pub fn accumulate(&mut self, batch: &Batch, loss_scale: f64) -> Result<f64> {
+        if batch.num_targets == 0 {
+            return Ok(0.0);
+        }
+        if self.grad_checkpointing {
+            return self.accumulate_checkpointed(batch, loss_scale);
+        }
+        let h = self.decoder.forward_train(&batch.ids, &batch.pads)?;
+        let nll = self.head_loss(&h, batch)?;
+        let value = nll.to_scalar::<f32>()? as f64;
+        let mut grads = (nll * loss_scale)?.backward()?;
+        self.collect(&mut grads)?;
+        Ok(value)
+    }
+
+    fn head_loss(&self, h: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let (b, t, hid) = h.dims3()?;
+        let rows = h.reshape((b * t, hid))?.index_select(&batch.positions, 0)?;
+        nll_sum(&self.decoder.lm_logits(&rows)?, &batch.targets)
+    }
+
+    /// Keeps only each layer's input; walks back layer by layer, recomputing one layer's
+    /// forward at a time and back-propagating the gradient of its output into it.
+    fn accumulate_checkpointed(&mut self, batch: &Batch, loss_scale: f64) -> Result<f64> {
+        let dec = &self.decoder;
+        let x0 = dec.embed(&batch.ids)?;
+        let ctx = dec.step_ctx(&batch.pads, 0, x0.dim(1)?, true)?;
+        let none = Capture::default();
+        let mut inputs = vec![x0.detach()];
+        for l in 0..dec.num_layers() {
+            let x = dec.run_layers(inputs[l].clone(), l..l + 1, &ctx, None, &none, &mut Captured::default())?;
+            inputs.push(x.detach());
+        }
+        let top = Var::from_tensor(&inputs[dec.num_layers()])?;
+        let h = dec.final_norm.forward(top.as_tensor(), true)?;
+        let nll = self.head_loss(&h, batch)?;
+        let value = nll.to_scalar::<f32>()? as f64;
+        let mut grads = (nll * loss_scale)?.backward()?;
+        let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
+        self.collect(&mut grads)?;
+        for l in (0..self.decoder.num_layers()).rev() {
+            let x = Var::from_tensor(&inputs[l])?;
+            let y = self.decoder.run_layers(x.as_tensor().clone(), l..l + 1, &ctx, None, &none, &mut Captured::default())?;
+            let mut grads = (y * &upstream)?.sum_all()?.backward()?;
+            upstream = grads.remove(x.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
+            self.collect(&mut grads)?;
+        }
+        let mut grads = (self.decoder.embed(&batch.ids)? * &upstream)?.sum_all()?.backward()?;
+        self.collect(&mut grads)?;
+        Ok(value)
+    }
+
+    fn collect(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        for (i, (_, var)) in self.trainable.iter().enumerate() {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                add_grad(&mut self.grads[i], g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clips, steps the optimizer at `lr` and clears the gradients. Returns the gradient norm
+    /// before clipping.
+    pub fn apply(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        let params: Vec<Tensor> = self.trainable.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let grads: Vec<Option<Tensor>> = self.grads.iter_mut().map(|g| g.take()).collect();
+        let (scale, norm) = clip_scale(&grads, max_grad_norm)?;
+        self.optimizer.step(&params, &grads, lr, scale)?;
+        Ok(norm)
+    }
+
+    /// Mean token loss of batches without any gradient (held-out evaluation).
+    pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for b in batches.iter().filter(|b| b.num_targets > 0) {
+            let h = self.decoder.forward_train(&b.ids, &b.pads)?.detach();
+            sum += self.head_loss(&h, b)?.to_scalar::<f32>()? as f64;
+            n += b.num_targets;
+        }
+        Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    }
+}
+
+fn add_grad(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        Some(acc) => (acc + g)?,
+        None => g,
+    });
+    Ok(())
+}

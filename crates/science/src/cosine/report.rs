@@ -1,0 +1,172 @@
+//! Running the cosine analysis on one model (and optionally a second one to compare, e.g. the
+//! pre-alignment base, the paper's Fig. 3), and writing cosine.json / .csv / .svg files.
+
+use crate::cosine::{curves, Curves, Pairs, Vectors};
+use crate::cosine::figure::{angle_gap_svg, cosine_svg, Series};
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+use sl_engine::io::atomic::write_atomic;
+use sl_engine::{Model, PromptRecord, Template};
+use std::path::Path;
+
+/// A prompt set with where it came from, for provenance.
+#[derive(Debug, Clone)]
+pub struct PromptSet {
+    pub name: String,
+    pub records: Vec<PromptRecord>,
+    /// sha256 of the file the records were read from.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CosineConfig {
+    pub template: Template,
+    pub pairs: Pairs,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+/// One model's analysis.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCurves {
+    pub model: String,
+    pub curves: Curves,
+    pub prompts: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+impl ModelCurves {
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Unit last-token vectors of every prompt of a set (one batched pass), and its token count.
+/// Prompts longer than the model's context are refused, naming the prompt.
+pub fn vectors(model: &Model, set: &PromptSet, cfg: &CosineConfig, progress: &mut dyn FnMut(usize)) -> Result<(Vectors, usize)> {
+    if set.records.len() < 2 {
+        anyhow::bail!("prompt set `{}` has {} prompt(s); the cosine analysis needs at least 2", set.name, set.records.len());
+    }
+    let prompts = model.prompts(&set.records, cfg.template)?;
+    let max = model.cfg().max_position_embeddings;
+    if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
+        anyhow::bail!(
+            "prompt set `{}`: {:?} is {} tokens, longer than the model's context ({max}); shorten it",
+            set.name,
+            p.record.instruction,
+            p.ids.len()
+        );
+    }
+    let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
+    let tokens = ids.iter().map(|i| i.len()).sum::<usize>();
+    let states = sl_engine::infer::extract::hidden_last(&model.decoder, &ids, cfg.batch_size, progress)
+        .map_err(|e| anyhow::anyhow!("prompt set `{}`: {e:#}", set.name))?;
+    Ok((Vectors::from_tensors(&states, &set.name)?, tokens))
+}
+
+/// Runs every prompt of both sets through the model once (batched) and forms the pairs.
+pub fn analyse(
+    model: &Model,
+    label: &str,
+    normal: &PromptSet,
+    malicious: &PromptSet,
+    cfg: &CosineConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ModelCurves> {
+    let t0 = std::time::Instant::now();
+    let (nv, nt) = vectors(model, normal, cfg, progress)?;
+    let (mv, mt) = vectors(model, malicious, cfg, progress)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let curves = curves(&nv, &mv, cfg.pairs, cfg.seed)?;
+    Ok(ModelCurves { model: label.to_string(), curves, prompts: normal.records.len() + malicious.records.len(), tokens: nt + mt, seconds })
+}
+
+fn run_json(r: &ModelCurves) -> serde_json::Value {
+    let largest = r.curves.largest_gap().map(|e| {
+        json!({"entry": e.entry, "layer": e.entry as i64 - 1, "gap_code_deg": e.gap_code_deg, "gap_paper_deg": e.gap_paper_deg})
+    });
+    json!({
+        "model": r.model,
+        "initial_range": r.curves.initial_range,
+        "largest_gap": largest,
+        "pair_counts": r.curves.pair_counts,
+        "entries": r.curves.entries,
+        "timing": {"prompts": r.prompts, "tokens": r.tokens, "seconds": r.seconds, "tokens_per_second": r.tokens_per_second()},
+    })
+}
+
+/// Writes cosine.json, cosine.csv, cosine.svg and angle_gap.svg into `dir`, each atomically.
+pub fn write(dir: &Path, main: &ModelCurves, compare: Option<&ModelCurves>, normal: &PromptSet, malicious: &PromptSet, cfg: &CosineConfig) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (mode, r) = match cfg.pairs {
+        Pairs::All => ("all", serde_json::Value::Null),
+        Pairs::Sampled(r) => ("sampled", json!(r)),
+    };
+    let mut doc = run_json(main);
+    let obj = doc.as_object_mut().expect("object");
+    obj.insert("template".into(), json!(cfg.template.name()));
+    obj.insert("pairs".into(), json!({"mode": mode, "per_type": r}));
+    obj.insert("seed".into(), json!(cfg.seed));
+    obj.insert(
+        "prompt_sets".into(),
+        json!({
+            "normal": {"name": normal.name, "sha256": normal.sha256, "n": normal.records.len()},
+            "malicious": {"name": malicious.name, "sha256": malicious.sha256, "n": malicious.records.len()},
+        }),
+    );
+    obj.insert("std".into(), json!("population (ddof=0)"));
+    obj.insert(
+        "gap_definitions".into(),
+        json!({
+            "gap_code_deg": "deg(acos(mean cos N-M)) - deg(acos(mean cos N-N)), as the official code plots it",
+            "gap_paper_deg": "mean over N-M pairs of angle(n,m) - mean over N-N pairs of angle(n,n'), as the paper writes it",
+        }),
+    );
+    obj.insert("entry_convention".into(), json!("entry 0 = embedding output; entry e = output of layer e-1 (0-indexed); the last entry is after the final norm"));
+    obj.insert("rule".into(), json!(main.curves.rule));
+    obj.insert("compare".into(), compare.map(run_json).unwrap_or(serde_json::Value::Null));
+    write_atomic(&dir.join("cosine.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
+
+    let mut csv = String::from("model,entry,layer,nn_mean,nn_std,mm_mean,mm_std,nm_mean,nm_std,gap_code_deg,gap_paper_deg\n");
+    for r in std::iter::once(main).chain(compare) {
+        for e in &r.curves.entries {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{},{}\n",
+                csv_field(&r.model),
+                e.entry,
+                e.entry as i64 - 1,
+                e.nn_mean,
+                e.nn_std,
+                e.mm_mean,
+                e.mm_std,
+                e.nm_mean,
+                e.nm_std,
+                e.gap_code_deg,
+                e.gap_paper_deg
+            ));
+        }
+    }
+    write_atomic(&dir.join("cosine.csv"), csv.as_bytes())?;
+
+    let mut series = vec![Series { label: &main.model, curves: &main.curves }];
+    if let Some(c) = compare {
+        series.push(Series { label: &c.model, curves: &c.curves });
+    }
+    let title = match compare {
+        Some(c) => format!("Last-token cosine similarity: {} vs {} (dashed)", main.model, c.model),
+        None => format!("Last-token cosine similarity: {}", main.model),
+    };
+    write_atomic(&dir.join("cosine.svg"), cosine_svg(&series, &title)?.as_bytes())?;
+    write_atomic(&dir.join("angle_gap.svg"), angle_gap_svg(&series, "Angle gap between N-M and N-N pairs")?.as_bytes())?;
+    Ok(())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

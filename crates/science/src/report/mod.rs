@@ -1,0 +1,254 @@
+//! The demo's report: `results.json` (every number the report shows, with provenance) and one
+//! self-contained `report.html` (inline CSS and SVG, no network) that states, with numbers,
+//! whether each of the paper's three findings reproduced on the model organism.
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+use sl_engine::io::atomic::write_atomic;
+use std::path::Path;
+
+/// A JSON file, with errors that name it.
+pub fn read_json(p: &Path) -> Result<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not valid JSON", p.display()))
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An SVG file's markup for inlining (without the XML declaration).
+fn inline_svg(p: &Path) -> Result<String> {
+    let s = std::fs::read_to_string(p).with_context(|| format!("cannot read figure {}", p.display()))?;
+    let start = s.find("<svg").ok_or_else(|| anyhow!("{} is not an SVG", p.display()))?;
+    Ok(s[start..].to_string())
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64().map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "—".into())
+}
+
+/// `rate [low, high]` of one set of one eval row.
+fn rate_ci(row: &Value, set: &str) -> String {
+    let s = &row[set];
+    if s.is_null() {
+        return "—".into();
+    }
+    format!("{} <span class=ci>[{}, {}]</span> <span class=n>{}/{}</span>", pct(&s["rate"]), pct(&s["ci95_low"]), pct(&s["ci95_high"]), s["count"], s["n"])
+}
+
+fn row_of<'a>(eval: &'a Value, label: &str) -> Option<&'a Value> {
+    eval["models"].as_array()?.iter().find(|m| m["label"] == label && m["status"] == "ok")
+}
+
+/// Training loss per step of every fine-tuning run (and the alignment run).
+fn loss_svg(runs: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+    let mut buf = String::new();
+    {
+        let root = SVGBackend::with_string(&mut buf, (760, 380)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+        let max_x = runs.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).fold(1.0, f64::max);
+        let (lo, hi) = runs.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+        let (lo, hi) = if lo <= hi { (lo.min(hi - 0.1) * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Training loss per optimizer step", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..max_x, lo..hi)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart.configure_mesh().x_desc("step").y_desc("mean token loss").draw().map_err(|e| anyhow!("{e:?}"))?;
+        for (i, (name, pts)) in runs.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts.iter().cloned(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(|e| anyhow!("{e:?}"))?;
+        root.present().map_err(|e| anyhow!("{e:?}"))?;
+    }
+    Ok(buf)
+}
+
+fn train_curve(dir: &Path) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(dir.join("train_log.jsonl")).with_context(|| format!("cannot read {}/train_log.jsonl", dir.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v.get("loss")?.as_f64()?)))
+        .collect())
+}
+
+/// The verdict on each claim, from the measured numbers.
+fn claims(cos: &Value, loc: &Value, eval: &Value, runs: &[Value]) -> Vec<Value> {
+    let mut out = vec![];
+    // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
+    let g = &cos["largest_gap"];
+    let base_g = &cos["compare"]["largest_gap"];
+    let gap = g["gap_code_deg"].as_f64().unwrap_or(0.0);
+    let base_gap = base_g["gap_code_deg"].as_f64().unwrap_or(f64::NAN);
+    let range = &cos["initial_range"];
+    let holds = gap >= 1.0 && !range.is_null();
+    out.push(json!({
+        "claim": "1. Safety layers exist: in the aligned model the N-M cosine curve separates from N-N in the middle layers",
+        "verdict": if holds {
+            if gap > base_gap + 0.5 { "reproduced" } else { "partly: a gap opens in the middle layers, but it is not wider than the base model's (by more than 0.5°), so the safety SFT did not create it here" }
+        } else {
+            "not reproduced"
+        },
+        "evidence": format!(
+            "largest angle gap {:.2}° at the output of layer {} (aligned) vs {:.2}° at layer {} (base); initial range from the rule: {}",
+            gap, g["layer"], base_gap, base_g["layer"],
+            if range.is_null() { "none (gap < 1°)".to_string() } else { format!("[{}, {}]", range["first"], range["last"]) }
+        ),
+    }));
+    // 2. Localisation: scaling the range by alpha moves over-rejection the most.
+    let baseline = loc["baseline"].as_u64().unwrap_or(0);
+    let alpha = loc["alpha"].as_f64().unwrap_or(1.0);
+    let best = loc["lower_sweep"]["tried"].as_array().and_then(|t| t.iter().find(|x| x[0] == loc["range"]).map(|x| x[1].as_u64().unwrap_or(0)));
+    let moved = best.map(|b| if alpha > 1.0 { b > baseline } else { b < baseline }).unwrap_or(false);
+    // A change within about two binomial standard deviations of the baseline count is noise.
+    let clear = best.is_some_and(|b| (b as f64 - baseline as f64).abs() >= 2.0 * (baseline.max(1) as f64).sqrt() + 1.0);
+    out.push(json!({
+        "claim": "2. The safety layers can be located: scaling their weights (alpha) changes over-rejection most within a precise range",
+        "verdict": match (moved, clear) {
+            (true, true) => "reproduced",
+            (true, false) => "weak: the chosen range moves the count in the expected direction, but by less than 2 sqrt(baseline) + 1 queries",
+            _ => "not reproduced: no range moved the refusal count away from the baseline",
+        },
+        "evidence": format!("alpha {alpha}: baseline {baseline} refusals of {} queries; chosen range [{}, {}] gives {}", loc["queries"], loc["range"]["first"], loc["range"]["last"], best.map(|b| b.to_string()).unwrap_or("?".into())),
+    }));
+    // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; a control freeze
+    // of an equally wide range protects less; utility stays close.
+    for set in ["finetune-implicit", "finetune-normal"] {
+        let name = |v: &str| runs.iter().find(|r| r["data"] == set && r["variant"] == v).and_then(|r| r["name"].as_str()).map(|s| s.to_string());
+        let (Some(full), Some(sppft), Some(control)) = (name("full"), name("sppft"), name("control")) else { continue };
+        let get = |label: &str| row_of(eval, label).map(|r| r["harmful"].clone()).unwrap_or(Value::Null);
+        let (f, s, c, al) = (get(&full), get(&sppft), get(&control), get("aligned"));
+        let rate = |v: &Value| v["rate"].as_f64().unwrap_or(f64::NAN);
+        let separated = s["ci95_high"].as_f64().unwrap_or(1.0) < f["ci95_low"].as_f64().unwrap_or(0.0);
+        let verdict = if rate(&s) < rate(&f) && separated {
+            "reproduced (95% intervals do not overlap)"
+        } else if rate(&s) < rate(&f) {
+            "direction reproduced, but the 95% intervals overlap"
+        } else {
+            "not reproduced"
+        };
+        let rouge = |l: &str| row_of(eval, l).and_then(|r| r["utility"]["rouge_l_f1"].as_f64());
+        out.push(json!({
+            "claim": format!("3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and below a control freeze of an equally wide range"),
+            "verdict": verdict,
+            "evidence": format!(
+                "R_h aligned {} → full FT {} / SPPFT {} / control {}; Rouge-L full {} vs SPPFT {}",
+                pct(&al["rate"]), pct(&f["rate"]), pct(&s["rate"]), pct(&c["rate"]),
+                rouge(&full).map(|x| format!("{x:.3}")).unwrap_or("—".into()), rouge(&sppft).map(|x| format!("{x:.3}")).unwrap_or("—".into())
+            ),
+            "control_protects_less": rate(&c) > rate(&s),
+        }));
+    }
+    out
+}
+
+const CSS: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}
+.ci{color:#666;font-size:.85em}.n{color:#999;font-size:.8em}.claim{border-left:5px solid #888;padding:.4em .8em;margin:.8em 0;background:#fafafa}
+.ok{border-color:#2a9d48}.part{border-color:#e0a000}.no{border-color:#c0392b}figure{margin:1em 0}figure svg{max-width:100%;height:auto}
+code{font-size:.85em;word-break:break-all}";
+
+/// Writes results.json and report.html into `dir` from the stage outputs there.
+pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
+    let cos = read_json(&dir.join("cosine/cosine.json"))?;
+    let loc = read_json(&dir.join("locate/locate.json"))?;
+    let eval = read_json(&dir.join("eval/eval.json"))?;
+    let align = read_json(&dir.join("aligned/align.json"))?;
+    let runs: Vec<Value> = provenance["finetune_runs"].as_array().cloned().unwrap_or_default();
+    let mut finetunes = serde_json::Map::new();
+    let mut curves = vec![("align".to_string(), train_curve(&dir.join("aligned"))?)];
+    for r in &runs {
+        let n = r["name"].as_str().unwrap_or_default();
+        let ft = read_json(&dir.join(n).join("finetune.json"))?;
+        finetunes.insert(n.into(), json!({"steps": ft["steps"], "tokens": ft["tokens"], "train_seconds": ft["train_seconds"], "tokens_per_second": ft["tokens_per_second"], "final_loss": ft["final_loss"], "frozen_parameters": ft["frozen_parameters"], "frozen_tensors_identical": ft["frozen_tensors_identical"], "peak_rss_mb": ft["peak_rss_mb"]}));
+        curves.push((n.to_string(), train_curve(&dir.join(n))?));
+    }
+    let verdicts = claims(&cos, &loc, &eval, &runs);
+    let results = json!({
+        "claims": verdicts,
+        "eval": eval,
+        "cosine": {"largest_gap": cos["largest_gap"], "initial_range": cos["initial_range"], "base_largest_gap": cos["compare"]["largest_gap"]},
+        "locate": {"alpha": loc["alpha"], "baseline": loc["baseline"], "queries": loc["queries"], "range": loc["range"], "upper_sweep": loc["upper_sweep"], "lower_sweep": loc["lower_sweep"]},
+        "align": {"data": align["data"], "final_loss": align["training"]["final_loss"], "seconds": align["seconds"]},
+        "finetune": finetunes,
+        "provenance": provenance,
+    });
+    write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+
+    let mut h = String::new();
+    h.push_str(&format!("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>safety-layers demo report</title><style>{CSS}</style></head><body>\n"));
+    h.push_str(&format!(
+        "<h1>Safety layers on a model organism — {} profile</h1><p>Base model <b>{}</b>, aligned here by safety SFT, then studied as the paper (Li et al., ICLR 2025) studies Llama-3-8B-Instruct. Every number below comes from the stage outputs in this directory; <code>results.json</code> holds them all.</p>\n",
+        esc(provenance["profile"]["name"].as_str().unwrap_or("?")),
+        esc(provenance["base_model"]["name"].as_str().unwrap_or("?"))
+    ));
+    h.push_str("<h2>The paper's findings, as measured here</h2>\n");
+    for c in &verdicts {
+        let v = c["verdict"].as_str().unwrap_or("");
+        let class = if v.starts_with("reproduced") { "ok" } else if v.starts_with("not") { "no" } else { "part" };
+        h.push_str(&format!("<div class='claim {class}'><b>{}</b><br>Verdict: <b>{}</b><br>{}</div>\n", esc(c["claim"].as_str().unwrap_or("")), esc(v), esc(c["evidence"].as_str().unwrap_or(""))));
+    }
+    h.push_str("<h2>Results (the layout of the paper's Table 2)</h2><table><tr><th>model</th><th>R_h (AdvBench answered)</th><th>D_o refused</th><th>XSTest safe refused</th><th>XSTest unsafe refused</th><th>Rouge-L F1</th><th>perplexity</th></tr>\n");
+    for m in eval["models"].as_array().into_iter().flatten() {
+        let label = esc(m["label"].as_str().unwrap_or(""));
+        if m["status"] != "ok" {
+            h.push_str(&format!("<tr><td>{label}</td><td colspan=6>failed: {}</td></tr>\n", esc(m["error"].as_str().unwrap_or(""))));
+            continue;
+        }
+        let u = &m["utility"];
+        h.push_str(&format!(
+            "<tr><td>{label}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            rate_ci(m, "harmful"), rate_ci(m, "over_rejection"), rate_ci(m, "xstest_safe"), rate_ci(m, "xstest_unsafe"),
+            u["rouge_l_f1"].as_f64().map(|x| format!("{x:.3}")).unwrap_or("—".into()),
+            u["perplexity"].as_f64().map(|x| format!("{x:.2}")).unwrap_or("—".into())
+        ));
+    }
+    h.push_str("</table><p class=n>Rates with 95% Wilson intervals and counts; judge: see eval/eval.json. Responses of every model to every set are in eval/responses/.</p>\n");
+    h.push_str("<h2>Figures</h2>\n");
+    for (file, caption) in [
+        ("cosine/cosine.svg", "Mean last-token cosine similarity per layer (N-N, M-M, N-M, ±std): aligned model solid, base dashed"),
+        ("cosine/angle_gap.svg", "Angle gap between N-M and N-N pairs per layer"),
+        ("locate/locate.svg", "Localisation: over-rejection refusals for each range of both sweeps, with the unscaled baseline"),
+        ("eval/eval.svg", "Harmful rate and over-rejection per model, with 95% intervals"),
+    ] {
+        h.push_str(&format!("<figure>{}<figcaption>{}</figcaption></figure>\n", inline_svg(&dir.join(file))?, esc(caption)));
+    }
+    h.push_str(&format!("<figure>{}<figcaption>Training loss of the alignment run and of every fine-tuning run</figcaption></figure>\n", loss_svg(&curves)?));
+
+    h.push_str("<h2>Alignment of the organism</h2>\n");
+    let ad = &align["data"];
+    h.push_str(&format!(
+        "<p>{} harmful prompts (sources: {}) paired with refusals, {} benign Alpaca prompts paired with the base model's own greedy answers; prompts overlapping an evaluation set removed on normalised text (overlap after selection: {}). Final training loss {}.</p>\n",
+        ad["harmful"]["chosen"], esc(&ad["harmful"]["by_source"].to_string()), ad["benign"]["kept"], ad["overlap_after_selection"],
+        align["training"]["final_loss"].as_f64().map(|x| format!("{x:.3}")).unwrap_or("—".into())
+    ));
+    h.push_str("<h2>Provenance</h2><table><tr><th>stage</th><th>command</th><th>seconds</th><th>cached</th></tr>\n");
+    for s in provenance["stages"].as_array().into_iter().flatten() {
+        h.push_str(&format!("<tr><td>{}</td><td><code>{}</code></td><td>{:.1}</td><td>{}</td></tr>\n", esc(s["name"].as_str().unwrap_or("")), esc(s["command"].as_str().unwrap_or("")), s["seconds"].as_f64().unwrap_or(0.0), s["cached"]));
+    }
+    h.push_str("</table><table>\n");
+    h.push_str(&format!("<tr><th>tool</th><td>{}</td></tr>\n", esc(provenance["tool"].as_str().unwrap_or(""))));
+    h.push_str(&format!("<tr><th>base model sha256</th><td><code>{}</code></td></tr>\n", esc(provenance["base_model"]["sha256"].as_str().unwrap_or(""))));
+    h.push_str(&format!("<tr><th>seed</th><td>{}</td></tr>\n", provenance["seed"]));
+    h.push_str(&format!("<tr><th>machine</th><td>{}</td></tr>\n", esc(&provenance["machine"].to_string())));
+    h.push_str(&format!("<tr><th>total seconds</th><td>{:.0}</td></tr>\n", provenance["total_seconds"].as_f64().unwrap_or(0.0)));
+    for (k, v) in provenance["datasets_sha256"].as_object().into_iter().flatten() {
+        h.push_str(&format!("<tr><th>dataset {}</th><td><code>{}</code></td></tr>\n", esc(k), esc(&v.to_string())));
+    }
+    h.push_str("</table>\n");
+    // A figure that renders with zero size is a broken report: say so on the page (and in a
+    // body attribute that the browser test reads).
+    h.push_str("<script>window.addEventListener('load',function(){var bad=[];var f=document.querySelectorAll('figure svg');f.forEach(function(s,i){var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0))bad.push(i);});document.body.setAttribute('data-figure-check',bad.length?('zero-size '+bad.join(',')):('ok '+f.length));if(bad.length){var p=document.createElement('p');p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size.';p.style.color='#c0392b';document.body.prepend(p);}});</script>\n");
+    h.push_str("</body></html>\n");
+    write_atomic(&dir.join("report.html"), h.as_bytes())
+}
