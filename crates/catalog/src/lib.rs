@@ -26,7 +26,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("safety-layers");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("safety-layers")
 }
 
@@ -53,7 +55,10 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 pub(crate) fn temp_beside(dest: &Path) -> Result<PathBuf> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     Ok(dir.join(format!(".{name}.part-{}", std::process::id())))
 }
 
@@ -64,21 +69,32 @@ pub(crate) fn verify_and_place(tmp: &Path, dest: &Path, sha256: &str, what: &str
         let _ = std::fs::remove_file(tmp);
         bail!("{what}: sha256 of the fetched file is {got}, expected {sha256}; nothing was kept");
     }
-    std::fs::rename(tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
+    std::fs::rename(tmp, dest)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
 }
 
 /// Downloads `url` with the system `curl` (no TLS library is linked into this program), then
 /// verifies and places it.
 pub fn fetch_url(url: &str, dest: &Path, sha256: &str) -> Result<()> {
     let tmp = temp_beside(dest)?;
-    let out = Command::new("curl").args(["-fsSL", "--retry", "2", "-o"]).arg(&tmp).arg(url).output();
+    let out = Command::new("curl")
+        .args(["-fsSL", "--retry", "2", "-o"])
+        .arg(&tmp)
+        .arg(url)
+        .output();
     let out = match out {
         Ok(o) => o,
-        Err(e) => bail!("cannot run `curl` to fetch {url} ({e}); install curl or place the file at {} by hand", dest.display()),
+        Err(e) => bail!(
+            "cannot run `curl` to fetch {url} ({e}); install curl or place the file at {} by hand",
+            dest.display()
+        ),
     };
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        bail!("fetching {url} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "fetching {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     verify_and_place(&tmp, dest, sha256, url)
 }

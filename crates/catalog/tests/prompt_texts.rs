@@ -11,7 +11,12 @@ fn shared_data() -> PathBuf {
 
 fn local(data_dir: &Path, cache: &Path) -> DataOptions {
     // Port 9 (discard) on localhost: any attempted download fails fast instead of reaching out.
-    DataOptions { data_dir: Some(data_dir.to_path_buf()), cache_dir: cache.to_path_buf(), origin: "http://127.0.0.1:9".into(), allow_download: false }
+    DataOptions {
+        data_dir: Some(data_dir.to_path_buf()),
+        cache_dir: cache.to_path_buf(),
+        origin: "http://127.0.0.1:9".into(),
+        allow_download: false,
+    }
 }
 
 fn prompts(name: &str) -> Vec<(String, Option<String>)> {
@@ -36,7 +41,10 @@ fn paper_advbench_equals_the_advbench_goal_column() {
 fn cos_malicious_is_advbench_goals_without_26_and_39() {
     // README: AdvBench goals 0..101 minus 26 and 39.
     let goals = texts("advbench");
-    let want: Vec<String> = (0..102).filter(|i| *i != 26 && *i != 39).map(|i| goals[i].clone()).collect();
+    let want: Vec<String> = (0..102)
+        .filter(|i| *i != 26 && *i != 39)
+        .map(|i| goals[i].clone())
+        .collect();
     assert_eq!(texts("paper-malicious"), want);
 }
 
@@ -71,8 +79,10 @@ fn xstest_filters_partition_the_file() {
 fn harmbench_is_test_then_val() {
     let h = texts("harmbench");
     assert_eq!(h.len(), 159 + 41);
-    let val: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(shared_data().join("refusal_direction/harmbench_val.json")).unwrap()).unwrap();
+    let val: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared_data().join("refusal_direction/harmbench_val.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(h[159], val[0]["instruction"].as_str().unwrap());
 }
 
@@ -92,33 +102,62 @@ fn missing_from_data_dir_falls_back_to_cache_and_downloads_can_be_off() {
     let empty = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     // Not in the data dir, not cached, downloads off: an error naming the file.
-    let e = format!("{:#}", datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap_err());
-    assert!(e.contains("refusal_direction/tdc2023.json") && e.contains("tdc2023"), "{e}");
+    let e = format!(
+        "{:#}",
+        datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap_err()
+    );
+    assert!(
+        e.contains("refusal_direction/tdc2023.json") && e.contains("tdc2023"),
+        "{e}"
+    );
     // Placed in the cache by hand: found there, verified.
     let at = cache.path().join(ds.files[0].rel);
     std::fs::create_dir_all(at.parent().unwrap()).unwrap();
     std::fs::copy(shared_data().join(ds.files[0].rel), &at).unwrap();
-    let got: Vec<ResolvedFile> = datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap();
+    let got: Vec<ResolvedFile> =
+        datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap();
     assert_eq!(got[0].source, Source::Cache);
     assert_eq!(got[0].sha256, ds.files[0].sha256);
     // A corrupted cached copy is refused, not silently replaced.
     std::fs::write(&at, b"[]").unwrap();
-    let e = format!("{:#}", datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap_err());
-    assert!(e.contains("tdc2023.json") && e.contains(ds.files[0].sha256) && e.contains("corrupted"), "{e}");
+    let e = format!(
+        "{:#}",
+        datasets::resolve(&ds, &local(empty.path(), cache.path())).unwrap_err()
+    );
+    assert!(
+        e.contains("tdc2023.json") && e.contains(ds.files[0].sha256) && e.contains("corrupted"),
+        "{e}"
+    );
 }
 
 #[test]
 fn every_entry_names_its_public_origin() {
     let sums = std::fs::read_to_string(shared_data().join("SHA256SUMS")).unwrap();
     for ds in datasets::datasets() {
-        assert!(!ds.files.is_empty() && !ds.description.is_empty(), "{}", ds.name);
+        assert!(
+            !ds.files.is_empty() && !ds.description.is_empty(),
+            "{}",
+            ds.name
+        );
         for f in &ds.files {
             // The table's hash is the one in SHA256SUMS for the same relative path.
-            assert!(sums.lines().any(|l| l == format!("{}  ./{}", f.sha256, f.rel)), "{}: {}", ds.name, f.rel);
+            assert!(
+                sums.lines()
+                    .any(|l| l == format!("{}  ./{}", f.sha256, f.rel)),
+                "{}: {}",
+                ds.name,
+                f.rel
+            );
             assert_eq!(f.origin.commit.len(), 40, "{}", ds.name);
             assert!(!f.origin.licence.is_empty());
             let url = f.url("https://raw.githubusercontent.com");
-            assert!(url.starts_with(&format!("https://raw.githubusercontent.com/{}/{}/", f.origin.repo, f.origin.commit)), "{url}");
+            assert!(
+                url.starts_with(&format!(
+                    "https://raw.githubusercontent.com/{}/{}/",
+                    f.origin.repo, f.origin.commit
+                )),
+                "{url}"
+            );
         }
     }
 }

@@ -7,7 +7,14 @@ use sl_science::finetune::FinetuneConfig;
 use std::path::PathBuf;
 
 /// Sets whose prompts training must never see: everything the paper evaluates or analyses.
-pub const PROTECTED: &[&str] = &["advbench", "paper-advbench", "over-rejection", "xstest", "paper-normal", "paper-malicious"];
+pub const PROTECTED: &[&str] = &[
+    "advbench",
+    "paper-advbench",
+    "over-rejection",
+    "xstest",
+    "paper-normal",
+    "paper-malicious",
+];
 /// The paper's normal sets, which benign training prompts must also avoid.
 pub const BENIGN_EXCLUDE: &[&str] = &["finetune-normal", "finetune-implicit"];
 
@@ -20,7 +27,11 @@ pub struct AlignArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Harmful prompt sources (dataset names or files), comma-separated
-    #[arg(long, default_value = "harmbench,strongreject,jailbreakbench,malicious-instruct,tdc2023", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "harmbench,strongreject,jailbreakbench,malicious-instruct,tdc2023",
+        value_delimiter = ','
+    )]
     pub harmful: Vec<String>,
     /// Benign prompt pool (dataset name or file)
     #[arg(long, default_value = "alpaca")]
@@ -49,7 +60,19 @@ pub struct AlignArgs {
 }
 
 fn sets(names: &[&str]) -> Result<Sets> {
-    names.iter().map(|n| Ok((n.to_string(), crate::datasets::prompt_set(n)?.records.into_iter().map(|r| r.instruction).collect()))).collect()
+    names
+        .iter()
+        .map(|n| {
+            Ok((
+                n.to_string(),
+                crate::datasets::prompt_set(n)?
+                    .records
+                    .into_iter()
+                    .map(|r| r.instruction)
+                    .collect(),
+            ))
+        })
+        .collect()
 }
 
 pub fn run(a: &AlignArgs) -> Result<()> {
@@ -58,10 +81,20 @@ pub fn run(a: &AlignArgs) -> Result<()> {
     let data = AlignData {
         harmful: sets(&harmful_names)?,
         protected: sets(PROTECTED)?,
-        benign_pool: crate::datasets::prompt_set(&a.benign)?.records.into_iter().map(|r| r.instruction).collect(),
+        benign_pool: crate::datasets::prompt_set(&a.benign)?
+            .records
+            .into_iter()
+            .map(|r| r.instruction)
+            .collect(),
         benign_exclude: sets(BENIGN_EXCLUDE)?,
     };
-    let opts = AlignOptions { harmful_n: a.harmful_n, benign_n: a.benign_n, answer_tokens: a.answer_tokens, batch_size: 16, seed: a.seed };
+    let opts = AlignOptions {
+        harmful_n: a.harmful_n,
+        benign_n: a.benign_n,
+        answer_tokens: a.answer_tokens,
+        batch_size: 16,
+        seed: a.seed,
+    };
     let train = FinetuneConfig {
         model: a.model.display().to_string(),
         data: "align: harmful -> refusals, benign -> self-distilled answers".into(),

@@ -16,7 +16,8 @@ fn load(model: &Path) -> Result<Model> {
 
 fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)> {
     let template: Template = args.template.parse()?;
-    let mut records = crate::datasets::prompt_set_with(&args.prompts, args.column.as_deref())?.records;
+    let mut records =
+        crate::datasets::prompt_set_with(&args.prompts, args.column.as_deref())?.records;
     if let Some(n) = args.limit {
         records.truncate(n);
     }
@@ -65,12 +66,25 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         println!("family:         {:?} ({})", c.family, c.architecture);
         println!("layers:         {}", c.num_layers);
         println!("hidden size:    {}", c.hidden_size);
-        println!("heads:          {} ({} kv heads, head_dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
+        println!(
+            "heads:          {} ({} kv heads, head_dim {})",
+            c.num_heads, c.num_kv_heads, c.head_dim
+        );
         println!("intermediate:   {}", c.intermediate_size);
         println!("vocab:          {}", c.vocab_size);
         println!("parameters:     {}", m.num_parameters());
-        println!("dtype:          {} storage, f32 compute", m.source_dtype.as_str());
-        println!("chat template:  {}", if m.tokenizer.chat_template.is_some() { "yes" } else { "no" });
+        println!(
+            "dtype:          {} storage, f32 compute",
+            m.source_dtype.as_str()
+        );
+        println!(
+            "chat template:  {}",
+            if m.tokenizer.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        );
         println!("eos ids:        {:?}", m.eos_token_ids);
         println!("loaded in:      {:.2} s", m.load_seconds);
     }
@@ -80,14 +94,18 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
 pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) -> Result<()> {
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext != "json" && ext != "safetensors" {
-        bail!("--out {}: expected a .json or .safetensors file name", out.display());
+        bail!(
+            "--out {}: expected a .json or .safetensors file name",
+            out.display()
+        );
     }
     let m = load(model)?;
     let (prompts, template) = load_prompts(&m, args)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let tokens: usize = ids.iter().map(|i| i.len()).sum();
     let bar = Progress::new(prompts.len(), "hidden states");
-    let states = sl_engine::infer::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
+    let states =
+        sl_engine::infer::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
     bar.finish(prompts.len(), tokens, "hidden");
     let entries = m.cfg().num_hidden_entries();
     let hsize = m.cfg().hidden_size;
@@ -111,12 +129,19 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
         let stacked = candle_core::Tensor::stack(&states, 0)?;
         let data: Vec<f32> = stacked.flatten_all()?.to_vec1()?;
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![prompts.len(), entries, hsize], &bytes)?;
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![prompts.len(), entries, hsize],
+            &bytes,
+        )?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("model".to_string(), model.display().to_string());
         meta.insert("template".to_string(), template.name().to_string());
         meta.insert("input_ids".to_string(), serde_json::to_string(&ids)?);
-        meta.insert("prompts".to_string(), serde_json::to_string(&prompts.iter().map(|p| &p.text).collect::<Vec<_>>())?);
+        meta.insert(
+            "prompts".to_string(),
+            serde_json::to_string(&prompts.iter().map(|p| &p.text).collect::<Vec<_>>())?,
+        );
         let buf = safetensors::tensor::serialize([("hidden_last", view)], Some(meta))?;
         write_atomic(out, &buf)?;
     }
@@ -126,9 +151,13 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
 
 /// Parses `I-J:ALPHA`.
 pub fn parse_scale(s: &str, num_layers: usize) -> Result<(LayerRange, f64)> {
-    let (r, a) = s.split_once(':').ok_or_else(|| anyhow::anyhow!("--scale `{s}`: expected I-J:ALPHA, e.g. 6-12:1.2"))?;
+    let (r, a) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--scale `{s}`: expected I-J:ALPHA, e.g. 6-12:1.2"))?;
     let range = LayerRange::parse(r, num_layers)?;
-    let alpha: f64 = a.parse().map_err(|_| anyhow::anyhow!("--scale `{s}`: `{a}` is not a number"))?;
+    let alpha: f64 = a
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--scale `{s}`: `{a}` is not a number"))?;
     if !alpha.is_finite() || alpha <= 0.0 {
         bail!("--scale `{s}`: alpha must be a positive finite number");
     }
@@ -148,13 +177,23 @@ pub fn generate(
     if let Some(s) = scale {
         let (range, alpha) = parse_scale(s, m.cfg().num_layers)?;
         let rep = m.decoder.scale_layers(range, alpha)?;
-        eprintln!("scaled {} matrices of layers {range} by {alpha}", rep.matrices.len());
+        eprintln!(
+            "scaled {} matrices of layers {range} by {alpha}",
+            rep.matrices.len()
+        );
     }
     let (prompts, _) = load_prompts(&m, args)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let opts = GenerateOptions { max_new_tokens, batch_size, ignore_eos, no_cache: false };
+    let opts = GenerateOptions {
+        max_new_tokens,
+        batch_size,
+        ignore_eos,
+        no_cache: false,
+    };
     let bar = Progress::new(prompts.len(), "generate");
-    let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |n| bar.inc(n))?;
+    let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |n| {
+        bar.inc(n)
+    })?;
     let new_tokens: usize = outs.iter().map(|o| o.len()).sum();
     bar.finish(prompts.len(), new_tokens, "generate (new tokens)");
     let mut f = AtomicFile::create(out)?;
@@ -176,11 +215,18 @@ pub fn convert(model: &Path, out: &Path, dtype: &str) -> Result<()> {
         other => bail!("--dtype {other}: expected f32, bf16 or f16"),
     };
     let model = &crate::datasets::model_path(model)?;
-    if !model.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if !model
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         bail!("--model {}: convert reads .gguf files", model.display());
     }
     let t0 = std::time::Instant::now();
     sl_engine::io::hf_dir::convert_gguf(model, out, dt)?;
-    eprintln!("wrote {} ({dtype}) in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({dtype}) in {:.1} s",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! `safety-layers cosine`.
 
+use crate::datasets::{load_model, prompt_set};
 use crate::progress::Progress;
 use anyhow::Result;
-use crate::datasets::{load_model, prompt_set};
 use sl_engine::Template;
-use sl_science::cosine::Pairs;
 use sl_science::cosine::report::{analyse, write, CosineConfig};
+use sl_science::cosine::Pairs;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -51,20 +51,39 @@ pub fn run(a: &CosineArgs) -> Result<()> {
     for m in std::iter::once(&a.model).chain(a.compare.as_ref()) {
         let model = load_model(m)?;
         let bar = Progress::new(n, &format!("cosine {}", m.display()));
-        let r = analyse(&model, &m.display().to_string(), &normal, &malicious, &cfg, &mut |k| bar.inc(k))?;
+        let r = analyse(
+            &model,
+            &m.display().to_string(),
+            &normal,
+            &malicious,
+            &cfg,
+            &mut |k| bar.inc(k),
+        )?;
         bar.finish(r.prompts, r.tokens, "cosine");
         runs.push(r);
     }
     write(&a.out, &runs[0], runs.get(1), &normal, &malicious, &cfg)?;
     let main = &runs[0];
     match main.curves.initial_range {
-        Some(r) => eprintln!("initial safety range: layers {}-{} (steepest growth at layer {})", r.first, r.last, r.steepest),
-        None => eprintln!("no initial safety range: the N-M vs N-N gap never grows by 1 degree per layer"),
+        Some(r) => eprintln!(
+            "initial safety range: layers {}-{} (steepest growth at layer {})",
+            r.first, r.last, r.steepest
+        ),
+        None => eprintln!(
+            "no initial safety range: the N-M vs N-N gap never grows by 1 degree per layer"
+        ),
     }
     if let Some(e) = main.curves.largest_gap() {
-        eprintln!("largest N-M vs N-N gap: {:.2} degrees at the output of layer {}", e.gap_code_deg, e.entry as i64 - 1);
+        eprintln!(
+            "largest N-M vs N-N gap: {:.2} degrees at the output of layer {}",
+            e.gap_code_deg,
+            e.entry as i64 - 1
+        );
     }
     eprintln!("rule: {}", main.curves.rule);
-    eprintln!("wrote {}/cosine.json, cosine.csv, cosine.svg, angle_gap.svg", a.out.display());
+    eprintln!(
+        "wrote {}/cosine.json, cosine.csv, cosine.svg, angle_gap.svg",
+        a.out.display()
+    );
     Ok(())
 }

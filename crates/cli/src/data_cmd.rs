@@ -16,9 +16,7 @@ pub enum DataAction {
         names: Vec<String>,
     },
     /// Verify local copies only (no download)
-    Verify {
-        names: Vec<String>,
-    },
+    Verify { names: Vec<String> },
 }
 
 fn selected(names: &[String]) -> Result<Vec<datasets::Dataset>> {
@@ -27,7 +25,14 @@ fn selected(names: &[String]) -> Result<Vec<datasets::Dataset>> {
     }
     names
         .iter()
-        .map(|n| datasets::dataset(n).ok_or_else(|| anyhow::anyhow!("unknown dataset `{n}` (datasets: {})", datasets::names().join(", "))))
+        .map(|n| {
+            datasets::dataset(n).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown dataset `{n}` (datasets: {})",
+                    datasets::names().join(", ")
+                )
+            })
+        })
         .collect()
 }
 
@@ -42,7 +47,13 @@ pub fn run(action: &DataAction) -> Result<()> {
             for d in all {
                 println!("{:<20} {:>6} rows  {}", d.name, d.rows, d.description);
                 for f in &d.files {
-                    println!("{:<20} {} ({}) sha256 {}", "", f.url("https://raw.githubusercontent.com"), f.origin.licence, f.sha256);
+                    println!(
+                        "{:<20} {} ({}) sha256 {}",
+                        "",
+                        f.url("https://raw.githubusercontent.com"),
+                        f.origin.licence,
+                        f.sha256
+                    );
                 }
             }
         }
@@ -54,7 +65,12 @@ pub fn run(action: &DataAction) -> Result<()> {
                 match datasets::resolve(&d, &opts) {
                     Ok(files) => {
                         for f in files {
-                            println!("ok      {:<20} {} ({:?})", d.name, f.path.display(), f.source);
+                            println!(
+                                "ok      {:<20} {} ({:?})",
+                                d.name,
+                                f.path.display(),
+                                f.source
+                            );
                         }
                     }
                     Err(e) => {

@@ -4,9 +4,9 @@
 //! rerun resumes where the last one stopped.
 
 use anyhow::{bail, Context, Result};
-use sl_science::report::read_json;
 use serde_json::{json, Value};
 use sl_catalog::datasets;
+use sl_science::report::read_json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -143,7 +143,10 @@ pub struct StageRecord {
 const STAGE_FILE: &str = ".stage.json";
 
 fn shell_quote(a: &str) -> String {
-    if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+    {
         a.to_string()
     } else {
         format!("'{}'", a.replace('\'', "'\\''"))
@@ -153,7 +156,10 @@ fn shell_quote(a: &str) -> String {
 /// Runs `args` (a command line of this tool whose output is `dir`) unless `dir` already holds
 /// the output of the same command with the same inputs.
 fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Result<StageRecord> {
-    let command = std::iter::once("safety-layers".to_string()).chain(args.iter().map(|a| shell_quote(a))).collect::<Vec<_>>().join(" ");
+    let command = std::iter::once("safety-layers".to_string())
+        .chain(args.iter().map(|a| shell_quote(a)))
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut h = format!("{}\n{command}\n", env!("CARGO_PKG_VERSION"));
     for d in deps {
         h.push_str(&d.key);
@@ -164,19 +170,39 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             if v["key"] == key.as_str() {
                 eprintln!("demo: {name}: cached ({})", dir.display());
-                return Ok(StageRecord { name: name.into(), command, key, seconds: v["seconds"].as_f64().unwrap_or(0.0), cached: true });
+                return Ok(StageRecord {
+                    name: name.into(),
+                    command,
+                    key,
+                    seconds: v["seconds"].as_f64().unwrap_or(0.0),
+                    cached: true,
+                });
             }
         }
     }
     if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear stale stage output {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot clear stale stage output {}", dir.display()))?;
     }
     eprintln!("demo: {name}: {command}");
     let t0 = Instant::now();
-    crate::run_command_line(&args).with_context(|| format!("demo stage `{name}` failed ({command})"))?;
+    crate::run_command_line(&args)
+        .with_context(|| format!("demo stage `{name}` failed ({command})"))?;
     let seconds = t0.elapsed().as_secs_f64();
-    let rec = StageRecord { name: name.into(), command, key, seconds, cached: false };
-    sl_engine::io::atomic::write_atomic(&marker, serde_json::to_string_pretty(&json!({"key": rec.key, "seconds": seconds, "command": rec.command}))?.as_bytes())?;
+    let rec = StageRecord {
+        name: name.into(),
+        command,
+        key,
+        seconds,
+        cached: false,
+    };
+    sl_engine::io::atomic::write_atomic(
+        &marker,
+        serde_json::to_string_pretty(
+            &json!({"key": rec.key, "seconds": seconds, "command": rec.command}),
+        )?
+        .as_bytes(),
+    )?;
     Ok(rec)
 }
 
@@ -205,53 +231,159 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     // 1. Fetch the base model and every dataset the stages read.
     let t_fetch = Instant::now();
     let base_path = crate::datasets::model_path(Path::new(&a.model))?;
-    let base_sha = if base_path.is_file() { sl_science::sha256_hex(&std::fs::read(&base_path)?) } else { "directory".into() };
+    let base_sha = if base_path.is_file() {
+        sl_science::sha256_hex(&std::fs::read(&base_path)?)
+    } else {
+        "directory".into()
+    };
     let mut data_shas = serde_json::Map::new();
     let opts = datasets::DataOptions::from_env();
-    for name in ["advbench", "over-rejection", "xstest", "paper-normal", "paper-malicious", "paper-advbench", "finetune-normal", "finetune-implicit", "harmbench", "strongreject", "jailbreakbench", "malicious-instruct", "tdc2023", "alpaca"] {
+    for name in [
+        "advbench",
+        "over-rejection",
+        "xstest",
+        "paper-normal",
+        "paper-malicious",
+        "paper-advbench",
+        "finetune-normal",
+        "finetune-implicit",
+        "harmbench",
+        "strongreject",
+        "jailbreakbench",
+        "malicious-instruct",
+        "tdc2023",
+        "alpaca",
+    ] {
         let ds = datasets::dataset(name).expect("catalog name");
         let files = datasets::resolve(&ds, &opts)?;
-        data_shas.insert(name.into(), json!(files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>()));
+        data_shas.insert(
+            name.into(),
+            json!(files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>()),
+        );
     }
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
     let base = base_path.display().to_string();
-    let base_rec = StageRecord { name: "fetch".into(), command: format!("safety-layers data fetch (model {})", a.model), key: base_sha.clone(), seconds: fetch_seconds, cached: false };
+    let base_rec = StageRecord {
+        name: "fetch".into(),
+        command: format!("safety-layers data fetch (model {})", a.model),
+        key: base_sha.clone(),
+        seconds: fetch_seconds,
+        cached: false,
+    };
 
     // 2. Align the base model into the organism.
-    let align = stage("align", &out.join("aligned"), vec![
-        s("align"), s("--model"), base.clone(), s("--out"), d("aligned"),
-        s("--harmful-n"), s(p.align_harmful), s("--benign-n"), s(p.align_benign), s("--answer-tokens"), s(p.align_answer_tokens),
-        s("--epochs"), s(p.align_epochs), s("--lr"), s(p.align_lr), s("--seed"), s(a.seed),
-    ], &[&base_rec])?;
+    let align = stage(
+        "align",
+        &out.join("aligned"),
+        vec![
+            s("align"),
+            s("--model"),
+            base.clone(),
+            s("--out"),
+            d("aligned"),
+            s("--harmful-n"),
+            s(p.align_harmful),
+            s("--benign-n"),
+            s(p.align_benign),
+            s("--answer-tokens"),
+            s(p.align_answer_tokens),
+            s("--epochs"),
+            s(p.align_epochs),
+            s("--lr"),
+            s(p.align_lr),
+            s("--seed"),
+            s(a.seed),
+        ],
+        &[&base_rec],
+    )?;
 
     // 3. Cosine analysis of the aligned model against the base.
-    let cosine = stage("cosine", &out.join("cosine"), vec![
-        s("cosine"), s("--model"), d("aligned"), s("--compare"), base.clone(), s("--pairs"), s(p.cosine_pairs), s("--seed"), s(a.seed), s("--out"), d("cosine"),
-    ], &[&align])?;
+    let cosine = stage(
+        "cosine",
+        &out.join("cosine"),
+        vec![
+            s("cosine"),
+            s("--model"),
+            d("aligned"),
+            s("--compare"),
+            base.clone(),
+            s("--pairs"),
+            s(p.cosine_pairs),
+            s("--seed"),
+            s(a.seed),
+            s("--out"),
+            d("cosine"),
+        ],
+        &[&align],
+    )?;
 
     // 4. Locate the safety layers.
-    let mut loc_args = vec![s("locate"), s("--model"), d("aligned"), s("--cosine"), out.join("cosine/cosine.json").display().to_string(), s("--alpha"), s(p.locate_alpha), s("--max-new-tokens"), s(p.locate_tokens), s("--out"), d("locate")];
+    let mut loc_args = vec![
+        s("locate"),
+        s("--model"),
+        d("aligned"),
+        s("--cosine"),
+        out.join("cosine/cosine.json").display().to_string(),
+        s("--alpha"),
+        s(p.locate_alpha),
+        s("--max-new-tokens"),
+        s(p.locate_tokens),
+        s("--out"),
+        d("locate"),
+    ];
     if let Some(n) = p.locate_queries {
         loc_args.extend([s("--limit"), s(n)]);
     }
     let locate = stage("locate", &out.join("locate"), loc_args, &[&cosine])?;
     let loc = read_json(&out.join("locate/locate.json"))?;
-    let (first, last) = (loc["range"]["first"].as_u64().unwrap_or(0) as usize, loc["range"]["last"].as_u64().unwrap_or(0) as usize);
-    let layers = read_json(&out.join("aligned/config.json"))?["num_hidden_layers"].as_u64().context("aligned/config.json: num_hidden_layers")? as usize;
+    let (first, last) = (
+        loc["range"]["first"].as_u64().unwrap_or(0) as usize,
+        loc["range"]["last"].as_u64().unwrap_or(0) as usize,
+    );
+    let layers = read_json(&out.join("aligned/config.json"))?["num_hidden_layers"]
+        .as_u64()
+        .context("aligned/config.json: num_hidden_layers")? as usize;
     let control = control_range(first, last, layers);
 
     // 5. Fine-tune the aligned model: full, SPPFT, control freeze.
     let mut runs = vec![];
     let mut ft_stages = vec![];
     for set in p.ft_sets {
-        let tag = if *set == "finetune-implicit" { "di" } else { "dn" };
-        for (variant, freeze) in [("full", None), ("sppft", Some((first, last))), ("control", Some(control))] {
+        let tag = if *set == "finetune-implicit" {
+            "di"
+        } else {
+            "dn"
+        };
+        for (variant, freeze) in [
+            ("full", None),
+            ("sppft", Some((first, last))),
+            ("control", Some(control)),
+        ] {
             let name = format!("ft-{tag}-{variant}");
             let mut args = vec![
-                s("finetune"), s("--model"), d("aligned"), s("--data"), s(set), s("--out"), d(&name),
-                s("--epochs"), s(p.ft_epochs), s("--lr"), s(p.ft_lr), s("--warmup-steps"), s(p.ft_warmup),
-                s("--batch-size"), s(p.ft_batch), s("--grad-accum"), s(p.ft_accum), s("--max-len"), s(p.ft_max_len),
-                s("--holdout"), s(0), s("--seed"), s(a.seed),
+                s("finetune"),
+                s("--model"),
+                d("aligned"),
+                s("--data"),
+                s(set),
+                s("--out"),
+                d(&name),
+                s("--epochs"),
+                s(p.ft_epochs),
+                s("--lr"),
+                s(p.ft_lr),
+                s("--warmup-steps"),
+                s(p.ft_warmup),
+                s("--batch-size"),
+                s(p.ft_batch),
+                s("--grad-accum"),
+                s(p.ft_accum),
+                s("--max-len"),
+                s(p.ft_max_len),
+                s("--holdout"),
+                s(0),
+                s("--seed"),
+                s(a.seed),
             ];
             if let Some(n) = p.ft_records {
                 args.extend([s("--limit"), s(n)]);
@@ -266,12 +398,27 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
 
     // 6. Evaluate every model.
-    let mut eval_args = vec![s("eval"), s("--model"), format!("base={base}"), s("--model"), format!("aligned={}", d("aligned"))];
+    let mut eval_args = vec![
+        s("eval"),
+        s("--model"),
+        format!("base={base}"),
+        s("--model"),
+        format!("aligned={}", d("aligned")),
+    ];
     for r in &runs {
         let n = r["name"].as_str().unwrap_or_default();
         eval_args.extend([s("--model"), format!("{n}={}", d(n))]);
     }
-    eval_args.extend([s("--max-new-tokens"), s(p.eval_tokens), s("--utility-n"), s(p.utility_n), s("--utility-max-new-tokens"), s(p.utility_tokens), s("--out"), d("eval")]);
+    eval_args.extend([
+        s("--max-new-tokens"),
+        s(p.eval_tokens),
+        s("--utility-n"),
+        s(p.utility_n),
+        s("--utility-max-new-tokens"),
+        s(p.utility_tokens),
+        s("--out"),
+        d("eval"),
+    ]);
     if let Some(n) = p.eval_limit {
         eval_args.extend([s("--limit"), s(n)]);
     }
@@ -296,13 +443,31 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     });
     let t_rep = Instant::now();
     sl_science::report::write(out, &provenance)?;
-    eprintln!("demo: report {:.1} s; total {:.0} s -> {}", t_rep.elapsed().as_secs_f64(), t0.elapsed().as_secs_f64(), out.join("report.html").display());
+    eprintln!(
+        "demo: report {:.1} s; total {:.0} s -> {}",
+        t_rep.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        out.join("report.html").display()
+    );
     Ok(())
 }
 
 fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1048576.0));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines().next().map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<f64>()
+                .unwrap_or(0.0)
+                / 1048576.0
+        })
+    });
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu_model": cpu,

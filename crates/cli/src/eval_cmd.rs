@@ -6,16 +6,20 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use sl_catalog::datasets;
 use sl_engine::{Model, PromptRecord, Template};
-use sl_science::eval::{generate_set, judge_responses, EvalJudge, GenOptions, SafetySet, SetKind};
 use sl_science::eval::report::{check_label, load, response_file, EvalReport, ModelRow, SetInfo};
 use sl_science::eval::utility::{self, Take, UtilityOptions, UtilitySet};
+use sl_science::eval::{generate_set, judge_responses, EvalJudge, GenOptions, SafetySet, SetKind};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Model to evaluate, one table row each (repeat the flag): Hugging Face directory, .gguf file
     /// or catalog name, optionally as LABEL=MODEL to name the row
-    #[arg(long = "model", required_unless_present = "responses", conflicts_with = "responses")]
+    #[arg(
+        long = "model",
+        required_unless_present = "responses",
+        conflicts_with = "responses"
+    )]
     pub models: Vec<String>,
     /// Re-judge the responses saved in an earlier eval output directory instead of generating
     /// (sets, models and generation settings come from DIR/eval.json)
@@ -82,26 +86,52 @@ fn judge_of(a: &EvalArgs) -> Result<EvalJudge> {
         }
     }
     Ok(if a.judge == "probe" {
-        EvalJudge::Probe { calibrate_against: crate::locate_cmd::judge_from("gcg", a.refusal_list.as_ref())?, threshold: a.probe_threshold }
+        EvalJudge::Probe {
+            calibrate_against: crate::locate_cmd::judge_from("gcg", a.refusal_list.as_ref())?,
+            threshold: a.probe_threshold,
+        }
     } else {
-        EvalJudge::Text(crate::locate_cmd::judge_from(&a.judge, a.refusal_list.as_ref())?)
+        EvalJudge::Text(crate::locate_cmd::judge_from(
+            &a.judge,
+            a.refusal_list.as_ref(),
+        )?)
     })
 }
 
 /// The judged sets named on the command line, each checked non-empty.
 fn safety_sets(a: &EvalArgs) -> Result<Vec<SafetySet>> {
     let mut sets = Vec::new();
-    let mut push = |kind: SetKind, name: String, sha256: String, mut records: Vec<PromptRecord>| -> Result<()> {
+    let mut push = |kind: SetKind,
+                    name: String,
+                    sha256: String,
+                    mut records: Vec<PromptRecord>|
+     -> Result<()> {
         if let Some(n) = a.limit {
             records.truncate(n);
         }
         if records.is_empty() {
-            bail!("the {} set `{name}` is empty{}", kind.key(), if a.limit == Some(0) { " (--limit 0)" } else { "" });
+            bail!(
+                "the {} set `{name}` is empty{}",
+                kind.key(),
+                if a.limit == Some(0) {
+                    " (--limit 0)"
+                } else {
+                    ""
+                }
+            );
         }
-        sets.push(SafetySet { kind, name, sha256, records });
+        sets.push(SafetySet {
+            kind,
+            name,
+            sha256,
+            records,
+        });
         Ok(())
     };
-    for (kind, spec) in [(SetKind::Harmful, &a.harmful), (SetKind::OverRejection, &a.over_rejection)] {
+    for (kind, spec) in [
+        (SetKind::Harmful, &a.harmful),
+        (SetKind::OverRejection, &a.over_rejection),
+    ] {
         if spec != "none" {
             let s = crate::datasets::prompt_set(spec)?;
             push(kind, s.name, s.sha256, s.records)?;
@@ -112,10 +142,23 @@ fn safety_sets(a: &EvalArgs) -> Result<Vec<SafetySet>> {
         if path.is_file() {
             let (safe, unsafe_) = sl_science::eval::read_xstest_csv(path)?;
             let sha = sl_catalog::sha256_file(path)?;
-            push(SetKind::XstestSafe, format!("{}[label=safe]", a.xstest), sha.clone(), safe)?;
-            push(SetKind::XstestUnsafe, format!("{}[label=unsafe]", a.xstest), sha, unsafe_)?;
+            push(
+                SetKind::XstestSafe,
+                format!("{}[label=safe]", a.xstest),
+                sha.clone(),
+                safe,
+            )?;
+            push(
+                SetKind::XstestUnsafe,
+                format!("{}[label=unsafe]", a.xstest),
+                sha,
+                unsafe_,
+            )?;
         } else if a.xstest == "xstest" {
-            for (kind, name) in [(SetKind::XstestSafe, "xstest-safe"), (SetKind::XstestUnsafe, "xstest-unsafe")] {
+            for (kind, name) in [
+                (SetKind::XstestSafe, "xstest-safe"),
+                (SetKind::XstestUnsafe, "xstest-unsafe"),
+            ] {
                 let s = crate::datasets::prompt_set(name)?;
                 push(kind, s.name, s.sha256, s.records)?;
             }
@@ -135,15 +178,33 @@ fn utility_set(a: &EvalArgs) -> Result<Option<UtilitySet>> {
     let (records, sha) = if path.is_file() {
         (utility::read_records(path)?, sl_catalog::sha256_file(path)?)
     } else {
-        let ds = datasets::dataset(&a.utility)
-            .ok_or_else(|| anyhow!("--utility `{}`: no such file, and not a dataset name (datasets: {})", a.utility, datasets::names().join(", ")))?;
+        let ds = datasets::dataset(&a.utility).ok_or_else(|| {
+            anyhow!(
+                "--utility `{}`: no such file, and not a dataset name (datasets: {})",
+                a.utility,
+                datasets::names().join(", ")
+            )
+        })?;
         let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
         if files.len() != 1 {
-            bail!("--utility `{}`: a utility set must be one file of records with outputs", a.utility);
+            bail!(
+                "--utility `{}`: a utility set must be one file of records with outputs",
+                a.utility
+            );
         }
-        (utility::read_records(&files[0].path).with_context(|| format!("dataset `{}`", a.utility))?, files[0].sha256.clone())
+        (
+            utility::read_records(&files[0].path)
+                .with_context(|| format!("dataset `{}`", a.utility))?,
+            files[0].sha256.clone(),
+        )
     };
-    Ok(Some(UtilitySet::held_out(&a.utility, &sha, records, a.utility_n, take)?))
+    Ok(Some(UtilitySet::held_out(
+        &a.utility,
+        &sha,
+        records,
+        a.utility_n,
+        take,
+    )?))
 }
 
 /// `LABEL=MODEL`, or MODEL with a label made from its name.
@@ -154,40 +215,109 @@ fn label_and_spec(arg: &str) -> (String, String) {
         }
     }
     let p = Path::new(arg);
-    let stem = if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { p.file_stem() } else { p.file_name() };
-    let base = stem.map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| arg.to_string());
-    let label: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    (if label.is_empty() || label == "." || label == ".." { "model".into() } else { label }, arg.to_string())
+    let stem = if p
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        p.file_stem()
+    } else {
+        p.file_name()
+    };
+    let base = stem
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| arg.to_string());
+    let label: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (
+        if label.is_empty() || label == "." || label == ".." {
+            "model".into()
+        } else {
+            label
+        },
+        arg.to_string(),
+    )
 }
 
 /// Responses of one model to every set, judged; `timing` collects seconds per step.
-fn evaluate_model(model: &Model, sets: &[SafetySet], util: Option<&UtilitySet>, a: &EvalArgs, judge: &EvalJudge, label: &str, timing: &mut serde_json::Map<String, serde_json::Value>) -> Result<ModelRow> {
+fn evaluate_model(
+    model: &Model,
+    sets: &[SafetySet],
+    util: Option<&UtilitySet>,
+    a: &EvalArgs,
+    judge: &EvalJudge,
+    label: &str,
+    timing: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<ModelRow> {
     let template: Template = a.template.parse()?;
-    let opts = GenOptions { template, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
-    let probe_ids = if judge.needs_probe_scores() { Some(sl_science::judges::probe::first_tokens(&model.tokenizer)?) } else { None };
+    let opts = GenOptions {
+        template,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+    };
+    let probe_ids = if judge.needs_probe_scores() {
+        Some(sl_science::judges::probe::first_tokens(&model.tokenizer)?)
+    } else {
+        None
+    };
     let mut judged = Vec::new();
     for s in sets {
         let bar = Progress::new(s.records.len(), &format!("{label}: {}", s.kind.key()));
-        let rs = generate_set(model, s, &opts, probe_ids.as_deref(), &mut |k| bar.inc(k)).with_context(|| format!("{} set `{}`", s.kind.key(), s.name))?;
+        let rs = generate_set(model, s, &opts, probe_ids.as_deref(), &mut |k| bar.inc(k))
+            .with_context(|| format!("{} set `{}`", s.kind.key(), s.name))?;
         let tokens: usize = rs.iter().map(|r| r.output_ids.len()).sum();
-        let secs = bar.finish(rs.len(), tokens, &format!("{label}: {} (new tokens)", s.kind.key()));
-        timing.insert(s.kind.key().into(), json!({"seconds": secs, "new_tokens": tokens}));
+        let secs = bar.finish(
+            rs.len(),
+            tokens,
+            &format!("{label}: {} (new tokens)", s.kind.key()),
+        );
+        timing.insert(
+            s.kind.key().into(),
+            json!({"seconds": secs, "new_tokens": tokens}),
+        );
         judged.push((s.kind, rs));
     }
     let calibration = judge_responses(&mut judged, judge, &|k| response_file(label, k.key()))?;
     let utility = match util {
         Some(u) => {
             let bar = Progress::new(u.records.len(), &format!("{label}: utility"));
-            let uo = UtilityOptions { template, max_new_tokens: a.utility_max_new_tokens, batch_size: a.batch_size, max_batch_tokens: a.score_tokens.max(1) };
-            let rs = utility::evaluate(model, u, &uo, &mut |k| bar.inc(k)).with_context(|| format!("utility set `{}`", u.name))?;
+            let uo = UtilityOptions {
+                template,
+                max_new_tokens: a.utility_max_new_tokens,
+                batch_size: a.batch_size,
+                max_batch_tokens: a.score_tokens.max(1),
+            };
+            let rs = utility::evaluate(model, u, &uo, &mut |k| bar.inc(k))
+                .with_context(|| format!("utility set `{}`", u.name))?;
             let tokens: usize = rs.iter().map(|r| r.output_ids.len()).sum();
-            let secs = bar.finish(rs.len(), tokens, &format!("{label}: utility (new tokens; then references scored)"));
-            timing.insert("utility".into(), json!({"seconds": secs, "new_tokens": tokens}));
+            let secs = bar.finish(
+                rs.len(),
+                tokens,
+                &format!("{label}: utility (new tokens; then references scored)"),
+            );
+            timing.insert(
+                "utility".into(),
+                json!({"seconds": secs, "new_tokens": tokens}),
+            );
             Some(rs)
         }
         None => None,
     };
-    Ok(ModelRow { label: label.into(), model: String::new(), error: None, sets: judged, utility, calibration })
+    Ok(ModelRow {
+        label: label.into(),
+        model: String::new(),
+        error: None,
+        sets: judged,
+        utility,
+        calibration,
+    })
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
@@ -195,7 +325,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     if let Some(dir) = &a.responses {
         return rejudge(a, dir);
     }
-    let out = a.out.as_ref().expect("clap requires --out without --responses");
+    let out = a
+        .out
+        .as_ref()
+        .expect("clap requires --out without --responses");
     let judge = judge_of(a)?;
     let template: Template = a.template.parse()?;
     if a.batch_size == 0 || a.max_new_tokens == 0 || a.utility_max_new_tokens == 0 {
@@ -239,7 +372,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         timings.insert(label.clone(), serde_json::Value::Object(timing));
         rows.push(row);
     }
-    let failed: Vec<String> = rows.iter().filter(|r| r.error.is_some()).map(|r| r.label.clone()).collect();
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|r| r.error.is_some())
+        .map(|r| r.label.clone())
+        .collect();
     if failed.len() == rows.len() {
         bail!("no model could be evaluated ({})", failed.join(", "));
     }
@@ -249,7 +386,15 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             "batch_size": a.batch_size, "limit": a.limit, "generation": "greedy, full responses (no early stop)",
         }),
         judge: judge.describe(),
-        sets: sets.iter().map(|s| SetInfo { kind: s.kind, name: s.name.clone(), sha256: s.sha256.clone(), prompts: s.records.len() }).collect(),
+        sets: sets
+            .iter()
+            .map(|s| SetInfo {
+                kind: s.kind,
+                name: s.name.clone(),
+                sha256: s.sha256.clone(),
+                prompts: s.records.len(),
+            })
+            .collect(),
         utility: util.as_ref().map(|u| u.describe()),
         rejudged_from: None,
         models: rows,
@@ -257,11 +402,22 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     report.write(out)?;
     let wall = t0.elapsed().as_secs_f64();
     let timing_doc = json!({"wall_seconds": wall, "models": timings, "note": "not part of eval.json, which stays byte-identical between runs"});
-    sl_engine::io::atomic::write_atomic(&out.join("timings.json"), serde_json::to_string_pretty(&timing_doc)?.as_bytes())?;
+    sl_engine::io::atomic::write_atomic(
+        &out.join("timings.json"),
+        serde_json::to_string_pretty(&timing_doc)?.as_bytes(),
+    )?;
     print!("{}", report.markdown()?);
-    eprintln!("wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/ ({wall:.1} s)", out.display());
+    eprintln!(
+        "wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/ ({wall:.1} s)",
+        out.display()
+    );
     if !failed.is_empty() {
-        bail!("{} of {} models failed: {} (their rows say why; the other rows are complete)", failed.len(), report.models.len(), failed.join(", "));
+        bail!(
+            "{} of {} models failed: {} (their rows say why; the other rows are complete)",
+            failed.len(),
+            report.models.len(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }
@@ -271,12 +427,23 @@ fn rejudge(a: &EvalArgs, dir: &Path) -> Result<()> {
     let mut report = load(dir)?;
     report.rejudge(&judge)?;
     report.rejudged_from = Some(dir.display().to_string());
-    let out = a.out.clone().unwrap_or_else(|| dir.join(format!("rejudged-{}", a.judge)));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("rejudged-{}", a.judge)));
     if out == dir {
-        bail!("--out {}: re-judging writes a new directory; choose another than the one read", out.display());
+        bail!(
+            "--out {}: re-judging writes a new directory; choose another than the one read",
+            out.display()
+        );
     }
     report.write(&out)?;
     print!("{}", report.markdown()?);
-    eprintln!("re-judged {} with {}; wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/", dir.display(), a.judge, out.display());
+    eprintln!(
+        "re-judged {} with {}; wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/",
+        dir.display(),
+        a.judge,
+        out.display()
+    );
     Ok(())
 }

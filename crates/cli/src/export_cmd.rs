@@ -75,16 +75,27 @@ pub struct ExportArgs {
 /// The model's config without its weights, where it came from, and the HF directory it sits in
 /// (None for a GGUF file, which these trainers cannot load).
 fn model_config(spec: &Path) -> Result<(ModelConfig, String, Option<PathBuf>)> {
-    let path = if spec.exists() { spec.to_path_buf() } else { crate::datasets::model_path(spec)? };
+    let path = if spec.exists() {
+        spec.to_path_buf()
+    } else {
+        crate::datasets::model_path(spec)?
+    };
     let shown = path.display().to_string();
     if path.is_dir() {
         let file = path.join("config.json");
         if !file.is_file() {
             bail!("{shown}: config.json is missing (export reads the model's shape from it)");
         }
-        return Ok((ModelConfig::from_file(&file)?, file.display().to_string(), Some(path)));
+        return Ok((
+            ModelConfig::from_file(&file)?,
+            file.display().to_string(),
+            Some(path),
+        ));
     }
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "gguf" => {
             let v = sl_engine::io::gguf::read_config(&path)?;
@@ -99,7 +110,10 @@ fn model_config(spec: &Path) -> Result<(ModelConfig, String, Option<PathBuf>)> {
 }
 
 fn absolute(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// A local file (made absolute, so the config works from any directory), a catalog dataset
@@ -118,19 +132,28 @@ fn data_source(spec: &str) -> Result<String> {
 
 pub fn run(a: &ExportArgs) -> Result<()> {
     let format: Format = a.format.parse()?;
-    let (cfg, config_from, hf_dir) = model_config(&a.model).with_context(|| format!("cannot read the config of model {}", a.model.display()))?;
+    let (cfg, config_from, hf_dir) = model_config(&a.model)
+        .with_context(|| format!("cannot read the config of model {}", a.model.display()))?;
     if cfg.num_layers == 0 {
         bail!("{config_from}: the model has no layers (num_hidden_layers = 0)");
     }
     let Some(range) = a.freeze.range(cfg.num_layers)? else {
         bail!("give the range to freeze with --freeze I-J or --freeze-from DIR/locate.json");
     };
-    let plan = FreezePlan::new(&cfg, range, FreezeModule::parse_list(&a.freeze.freeze_modules)?)?;
+    let plan = FreezePlan::new(
+        &cfg,
+        range,
+        FreezeModule::parse_list(&a.freeze.freeze_modules)?,
+    )?;
     let (paper, paper_source) = paper_lr(&cfg);
     let recipe = Recipe {
         epochs: a.epochs,
         lr: a.lr.unwrap_or(paper),
-        lr_source: if a.lr.is_some() { "--lr".into() } else { paper_source },
+        lr_source: if a.lr.is_some() {
+            "--lr".into()
+        } else {
+            paper_source
+        },
         lr_schedule: a.lr_schedule.clone(),
         warmup_steps: a.warmup_steps,
         micro_batch_size: a.batch_size,
@@ -158,7 +181,11 @@ pub fn run(a: &ExportArgs) -> Result<()> {
             "{config_from}: a GGUF file is not what these trainers load; give --base-model (a Hugging Face directory or hub id, e.g. the output of `safety-layers convert`)"
         ),
     };
-    let src = Sources { base_model, data: data_source(&a.data)?, config_from };
+    let src = Sources {
+        base_model,
+        data: data_source(&a.data)?,
+        config_from,
+    };
     // Everything is rendered before the directory is created, so a refused plan leaves nothing.
     let files = render(format, &plan, &cfg, &recipe, &src)?;
     let stage = StagedDir::new(&a.out)?;

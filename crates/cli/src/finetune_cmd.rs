@@ -4,8 +4,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sl_catalog::datasets;
 use sl_engine::{LayerRange, Template};
-use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use sl_science::finetune::data::{read_records, SftRecord};
+use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -106,9 +106,16 @@ impl FreezeArgs {
 
 /// The range a locate.json chose.
 fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
-        .with_context(|| format!("{} is not valid JSON", p.display()))?;
-    let get = |k: &str| v["range"][k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{}: range.{k} is missing", p.display()));
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let get = |k: &str| {
+        v["range"][k]
+            .as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| anyhow!("{}: range.{k} is missing", p.display()))
+    };
     LayerRange::new(get("first")?, get("last")?, layers)
 }
 
@@ -117,10 +124,16 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
     let path = Path::new(spec);
     if path.is_file() {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
-        return Ok((read_records(path)?, format!("{spec} (sha256 {})", sl_science::sha256_hex(&bytes))));
+        return Ok((
+            read_records(path)?,
+            format!("{spec} (sha256 {})", sl_science::sha256_hex(&bytes)),
+        ));
     }
     let Some((path, sha)) = crate::datasets::dataset_file(spec)? else {
-        bail!("--data `{spec}`: no such file, and not a dataset name (datasets: {})", datasets::names().join(", "));
+        bail!(
+            "--data `{spec}`: no such file, and not a dataset name (datasets: {})",
+            datasets::names().join(", ")
+        );
     };
     Ok((read_records(&path)?, format!("{spec} (sha256 {sha})")))
 }
@@ -156,12 +169,26 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         max_steps: a.max_steps,
         dtype: a.dtype.clone(),
     };
-    let run = RunOptions { resume: a.resume, save_every: a.save_every, keep_checkpoints: a.keep_checkpoints, abort_after_step: a.abort_after_step };
+    let run = RunOptions {
+        resume: a.resume,
+        save_every: a.save_every,
+        keep_checkpoints: a.keep_checkpoints,
+        abort_after_step: a.abort_after_step,
+    };
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(ProgressStyle::with_template("finetune {pos} steps {elapsed_precise} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("finetune {pos} steps {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let summary = finetune(model, &records, &cfg, &run, &a.out, &mut |s| {
         bar.set_position(s.step as u64);
-        bar.set_message(format!("epoch {:.2} loss {:.4} lr {:.2e} {:.0} tok/s", s.epoch, s.loss, s.lr, s.tokens as f64 / s.seconds.max(1e-9)));
+        bar.set_message(format!(
+            "epoch {:.2} loss {:.4} lr {:.2e} {:.0} tok/s",
+            s.epoch,
+            s.loss,
+            s.lr,
+            s.tokens as f64 / s.seconds.max(1e-9)
+        ));
     })?;
     bar.finish_and_clear();
     let j = &summary.json;

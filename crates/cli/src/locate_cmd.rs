@@ -4,8 +4,8 @@ use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
 use sl_engine::{LayerRange, Template};
 use sl_science::judges::{Judge, JudgeKind};
-use sl_science::locate::{AlphaMode, LocateConfig, Locator};
 use sl_science::locate::report::{run, write};
+use sl_science::locate::{AlphaMode, LocateConfig, Locator};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -77,13 +77,22 @@ fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
     let Some(p) = &a.cosine else {
         bail!("give the initial range with --initial I-J or --cosine DIR/cosine.json");
     };
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
-        .with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", p.display()))?;
     let r = &v["initial_range"];
     if r.is_null() {
-        bail!("{}: the cosine analysis found no initial range (no gap opens); give --initial I-J", p.display());
+        bail!(
+            "{}: the cosine analysis found no initial range (no gap opens); give --initial I-J",
+            p.display()
+        );
     }
-    let get = |k: &str| r[k].as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{}: initial_range.{k} is missing", p.display()));
+    let get = |k: &str| {
+        r[k].as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| anyhow!("{}: initial_range.{k} is missing", p.display()))
+    };
     LayerRange::new(get("first")?, get("last")?, n_layers)
 }
 
@@ -92,9 +101,14 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     let n_layers = model.cfg().num_layers;
     let initial = initial_range(a, n_layers)?;
     let alpha = if a.alpha == "auto" {
-        AlphaMode::Auto { std_threshold_per_721: a.std_threshold }
+        AlphaMode::Auto {
+            std_threshold_per_721: a.std_threshold,
+        }
     } else {
-        let x: f64 = a.alpha.parse().map_err(|_| anyhow!("--alpha `{}`: expected a number or `auto`", a.alpha))?;
+        let x: f64 = a
+            .alpha
+            .parse()
+            .map_err(|_| anyhow!("--alpha `{}`: expected a number or `auto`", a.alpha))?;
         if !x.is_finite() || x <= 0.0 || x == 1.0 {
             bail!("--alpha {x}: must be a positive finite number other than 1");
         }
@@ -102,7 +116,10 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     };
     // The probe judges without generating; its threshold is calibrated against gcg.
     let probe = a.judge == "probe";
-    let judge = judge_from(if probe { "gcg" } else { &a.judge }, a.refusal_list.as_ref())?;
+    let judge = judge_from(
+        if probe { "gcg" } else { &a.judge },
+        a.refusal_list.as_ref(),
+    )?;
     let mut set = crate::datasets::prompt_set(&a.over_rejection)?;
     if let Some(n) = a.limit {
         set.records.truncate(n);
@@ -126,27 +143,62 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     bar.set_length_unknown();
     let res = run(&mut loc, initial, alpha, &mut |k| bar.inc(k))?;
     let judged: usize = loc.runs.len() * n;
-    let generated: usize = loc.runs.values().flat_map(|r| &r.responses).map(|j| j.output_ids.len()).sum();
-    bar.finish(judged, generated, "locate (prompts over all runs, generated tokens)");
+    let generated: usize = loc
+        .runs
+        .values()
+        .flat_map(|r| &r.responses)
+        .map(|j| j.output_ids.len())
+        .sum();
+    bar.finish(
+        judged,
+        generated,
+        "locate (prompts over all runs, generated tokens)",
+    );
     let meta = serde_json::json!({
         "model": a.model.display().to_string(), "over_rejection": set.name, "over_rejection_sha256": set.sha256,
         "template": a.template, "max_new_tokens": a.max_new_tokens, "span": a.span,
         "prefix_cache": a.prefix_cache, "early_stop": !a.no_early_stop,
     });
     write(&a.out, &loc, &res, initial, meta)?;
-    eprintln!("baseline: {} of {n} refused; alpha {}", res.baseline, res.alpha);
+    eprintln!(
+        "baseline: {} of {n} refused; alpha {}",
+        res.baseline, res.alpha
+    );
     for s in [&res.upper, &res.lower] {
-        let row: Vec<String> = s.tried.iter().map(|(r, c)| format!("[{},{}] {}{}", r.first, r.last, c, if *r == s.best { "*" } else { "" })).collect();
+        let row: Vec<String> = s
+            .tried
+            .iter()
+            .map(|(r, c)| {
+                format!(
+                    "[{},{}] {}{}",
+                    r.first,
+                    r.last,
+                    c,
+                    if *r == s.best { "*" } else { "" }
+                )
+            })
+            .collect();
         eprintln!("{} sweep: {}", s.kind, row.join(" | "));
     }
     if let Some(c) = &loc.calibration {
         eprintln!("probe: threshold {:.4} calibrated on {} gcg-judged responses ({} refusals), agreement {:.3}", c.threshold, c.responses, c.gcg_refusals, c.agreement);
     }
     if let Some(a) = res.probe_agreement_final {
-        eprintln!("probe vs gcg on the chosen range's generated responses: {:.3} agreement", a);
+        eprintln!(
+            "probe vs gcg on the chosen range's generated responses: {:.3} agreement",
+            a
+        );
     }
-    eprintln!("safety layers: {} ({} runs, {:.1} s)", res.range(), loc.runs.len(), res.seconds);
-    eprintln!("wrote {}/locate.json, locate.csv, locate.svg, responses/", a.out.display());
+    eprintln!(
+        "safety layers: {} ({} runs, {:.1} s)",
+        res.range(),
+        loc.runs.len(),
+        res.seconds
+    );
+    eprintln!(
+        "wrote {}/locate.json, locate.csv, locate.svg, responses/",
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -163,17 +215,38 @@ pub struct JudgeArgs {
 
 pub fn run_judge(a: &JudgeArgs) -> Result<()> {
     let judge = judge_from(&a.judge, a.refusal_list.as_ref())?;
-    let text = std::fs::read_to_string(&a.responses).with_context(|| format!("cannot read {}", a.responses.display()))?;
+    let text = std::fs::read_to_string(&a.responses)
+        .with_context(|| format!("cannot read {}", a.responses.display()))?;
     let (mut n, mut refused) = (0usize, 0usize);
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: line {} is not valid JSON", a.responses.display(), i + 1))?;
-        let r = v["response"].as_str().ok_or_else(|| anyhow!("{}: line {} has no string field `response`", a.responses.display(), i + 1))?;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}: line {} is not valid JSON",
+                a.responses.display(),
+                i + 1
+            )
+        })?;
+        let r = v["response"].as_str().ok_or_else(|| {
+            anyhow!(
+                "{}: line {} has no string field `response`",
+                a.responses.display(),
+                i + 1
+            )
+        })?;
         n += 1;
         refused += judge.is_refusal(r) as usize;
     }
     if n == 0 {
         bail!("{}: no responses", a.responses.display());
     }
-    println!("{{\"judge\": \"{}\", \"responses\": {n}, \"refusals\": {refused}, \"compliances\": {}}}", a.judge, n - refused);
+    println!(
+        "{{\"judge\": \"{}\", \"responses\": {n}, \"refusals\": {refused}, \"compliances\": {}}}",
+        a.judge,
+        n - refused
+    );
     Ok(())
 }

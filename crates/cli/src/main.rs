@@ -6,9 +6,9 @@ mod cosine_cmd;
 mod data_cmd;
 mod datasets;
 mod demo_cmd;
+mod eval_cmd;
 mod export_cmd;
 mod finetune_cmd;
-mod eval_cmd;
 mod locate_cmd;
 mod output;
 mod progress;
@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "safety-layers", version, about = "Find the safety layers of aligned chat LLMs and fine-tune without destroying them")]
+#[command(
+    name = "safety-layers",
+    version,
+    about = "Find the safety layers of aligned chat LLMs and fine-tune without destroying them"
+)]
 struct Cli {
     /// Directory holding datasets in the catalog layout (else SAFETY_LAYERS_DATA, then the cache)
     #[arg(long, global = true)]
@@ -147,7 +151,9 @@ fn main() {
 /// Runs a command line as the binary would (the demo runs its stages through this, so each
 /// stage is exactly a command a user can rerun).
 pub fn run_command_line(args: &[String]) -> anyhow::Result<()> {
-    let cli = Cli::try_parse_from(std::iter::once("safety-layers".to_string()).chain(args.iter().cloned()))?;
+    let cli = Cli::try_parse_from(
+        std::iter::once("safety-layers".to_string()).chain(args.iter().cloned()),
+    )?;
     run(cli)
 }
 
@@ -161,7 +167,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
-        Command::Hidden { model, prompts, out, batch_size } => commands::hidden(&model, &prompts, &out, batch_size),
+        Command::Hidden {
+            model,
+            prompts,
+            out,
+            batch_size,
+        } => commands::hidden(&model, &prompts, &out, batch_size),
         Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Data { action } => data_cmd::run(&action),
         Command::Locate(args) => locate_cmd::run_locate(&args),
@@ -172,8 +183,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),
         Command::Export(args) => export_cmd::run(&args),
-        Command::Generate { model, prompts, max_new_tokens, scale, batch_size, ignore_eos, out } => {
-            commands::generate(&model, &prompts, max_new_tokens, scale.as_deref(), batch_size, ignore_eos, &out)
-        }
+        Command::Generate {
+            model,
+            prompts,
+            max_new_tokens,
+            scale,
+            batch_size,
+            ignore_eos,
+            out,
+        } => commands::generate(
+            &model,
+            &prompts,
+            max_new_tokens,
+            scale.as_deref(),
+            batch_size,
+            ignore_eos,
+            &out,
+        ),
     }
 }

@@ -13,14 +13,26 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(dest: &Path) -> Result<AtomicFile> {
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
         }
-        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "out".into());
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        Ok(AtomicFile { tmp, dest: dest.to_path_buf(), file: Some(std::io::BufWriter::new(file)) })
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(AtomicFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            file: Some(std::io::BufWriter::new(file)),
+        })
     }
 
     pub fn writer(&mut self) -> &mut impl Write {
@@ -29,10 +41,16 @@ impl AtomicFile {
 
     pub fn commit(mut self) -> Result<()> {
         let mut f = self.file.take().expect("open until committed");
-        f.flush().with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        f.flush()
+            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
         f.into_inner().map_err(|e| e.into_error())?.sync_all().ok();
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("cannot move {} to {}", self.tmp.display(), self.dest.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!(
+                "cannot move {} to {}",
+                self.tmp.display(),
+                self.dest.display()
+            )
+        })?;
         Ok(())
     }
 }

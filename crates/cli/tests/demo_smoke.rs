@@ -19,16 +19,33 @@ fn bin() -> Command {
 }
 
 fn chromium() -> Option<PathBuf> {
-    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|n| {
-        let out = Command::new("which").arg(n).output().ok()?;
-        out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    })
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|n| {
+            let out = Command::new("which").arg(n).output().ok()?;
+            out.status
+                .success()
+                .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
 }
 
 fn browser(exe: &Path, extra: &[String], page: &Path) -> std::process::Output {
     Command::new(exe)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        .args(["--disable-default-apps", "--no-first-run", "--enable-logging=stderr", "--v=0", "--window-size=1200,6000"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .args([
+            "--disable-default-apps",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1200,6000",
+        ])
         .args(extra)
         .arg(format!("file://{}", page.display()))
         .output()
@@ -39,46 +56,101 @@ fn browser(exe: &Path, extra: &[String], page: &Path) -> std::process::Output {
 fn smoke_profile_runs_caches_and_renders() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("demo");
-    let r = bin().args(["demo", "--profile", "smoke", "--out"]).arg(&out).output().unwrap();
-    assert!(r.status.success(), "demo failed: {}", String::from_utf8_lossy(&r.stderr));
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let r = bin()
+        .args(["demo", "--profile", "smoke", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        r.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let claims = results["claims"].as_array().unwrap();
     assert_eq!(claims.len(), 3, "one verdict per finding: {claims:?}");
     for c in claims {
-        assert!(!c["verdict"].as_str().unwrap().is_empty() && !c["evidence"].as_str().unwrap().is_empty());
+        assert!(
+            !c["verdict"].as_str().unwrap().is_empty()
+                && !c["evidence"].as_str().unwrap().is_empty()
+        );
     }
     let models = results["eval"]["models"].as_array().unwrap();
     assert_eq!(models.len(), 5, "base, aligned, full, SPPFT, control");
     assert!(models.iter().all(|m| m["status"] == "ok"), "{models:?}");
-    assert_eq!(results["finetune"]["ft-di-sppft"]["frozen_tensors_identical"], true);
+    assert_eq!(
+        results["finetune"]["ft-di-sppft"]["frozen_tensors_identical"],
+        true
+    );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Verdict") && html.matches("<figure>").count() == 5);
     // Self-contained: nothing is loaded from anywhere (SVG's xmlns names a namespace, not a fetch).
-    for fetch in ["src=\"http", "href=\"http", "src='http", "href='http", "url(http", "@import"] {
-        assert!(!html.contains(fetch), "the report must not reach the network ({fetch})");
+    for fetch in [
+        "src=\"http",
+        "href=\"http",
+        "src='http",
+        "href='http",
+        "url(http",
+        "@import",
+    ] {
+        assert!(
+            !html.contains(fetch),
+            "the report must not reach the network ({fetch})"
+        );
     }
 
     // A rerun resumes: every stage is found cached.
-    let r = bin().args(["demo", "--profile", "smoke", "--out"]).arg(&out).output().unwrap();
+    let r = bin()
+        .args(["demo", "--profile", "smoke", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    for stage in ["align", "cosine", "locate", "ft-di-full", "ft-di-sppft", "ft-di-control", "eval"] {
-        assert!(err.contains(&format!("demo: {stage}: cached")), "{stage} was recomputed:\n{err}");
+    for stage in [
+        "align",
+        "cosine",
+        "locate",
+        "ft-di-full",
+        "ft-di-sppft",
+        "ft-di-control",
+        "eval",
+    ] {
+        assert!(
+            err.contains(&format!("demo: {stage}: cached")),
+            "{stage} was recomputed:\n{err}"
+        );
     }
 
     let Some(exe) = chromium() else {
-        assert!(std::env::var("SAFETY_LAYERS_REQUIRE_BROWSER").as_deref() != Ok("1"), "Chromium is required here but not installed");
+        assert!(
+            std::env::var("SAFETY_LAYERS_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "Chromium is required here but not installed"
+        );
         eprintln!("skipping the browser check: no chromium installed");
         return;
     };
     let page = out.join("report.html");
     let png = d.path().join("report.png");
     let shot = browser(&exe, &[format!("--screenshot={}", png.display())], &page);
-    assert!(png.is_file() && std::fs::metadata(&png).unwrap().len() > 10_000, "no screenshot: {}", String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        png.is_file() && std::fs::metadata(&png).unwrap().len() > 10_000,
+        "no screenshot: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
     let dom = browser(&exe, &["--dump-dom".to_string()], &page);
     let dom_text = String::from_utf8_lossy(&dom.stdout);
-    assert!(dom_text.contains("data-figure-check=\"ok 5\""), "figures not all rendered: {}", dom_text.lines().find(|l| l.contains("<body")).unwrap_or(""));
-    let log = format!("{}\n{}", String::from_utf8_lossy(&dom.stderr), String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        dom_text.contains("data-figure-check=\"ok 5\""),
+        "figures not all rendered: {}",
+        dom_text.lines().find(|l| l.contains("<body")).unwrap_or("")
+    );
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&dom.stderr),
+        String::from_utf8_lossy(&shot.stderr)
+    );
     let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");
 }

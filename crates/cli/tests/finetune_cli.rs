@@ -13,7 +13,10 @@ fn root() -> PathBuf {
 }
 
 fn data(dir: &Path) -> PathBuf {
-    let all: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(root().join("../shared/data/paper/Normal_dataset.json")).unwrap()).unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("../shared/data/paper/Normal_dataset.json")).unwrap(),
+    )
+    .unwrap();
     let p = dir.join("d.json");
     std::fs::write(&p, serde_json::to_string(&all[..14]).unwrap()).unwrap();
     p
@@ -27,8 +30,32 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         .arg(data)
         .arg("--out")
         .arg(out)
-        .args(["--freeze", "1-2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "2", "--batch-size", "2", "--grad-accum", "2"])
-        .args(["--max-len", "48", "--holdout", "2", "--save-every", "2", "--dtype", "f32", "--weight-decay", "0.01"])
+        .args([
+            "--freeze",
+            "1-2",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+        ])
+        .args([
+            "--max-len",
+            "48",
+            "--holdout",
+            "2",
+            "--save-every",
+            "2",
+            "--dtype",
+            "f32",
+            "--weight-decay",
+            "0.01",
+        ])
         .args(extra)
         .output()
         .unwrap()
@@ -55,24 +82,48 @@ fn killed_and_resumed_equals_uninterrupted() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     // 12 training records, micro-batches of 2, 2 per step: 3 steps per epoch, 6 in all.
     let steps: Vec<u64> = losses(&a).iter().map(|(s, _)| *s).collect();
-    assert_eq!(steps, vec![1, 2, 3, 3, 4, 5, 6, 6], "step lines then a held-out line per epoch");
-    assert!(!a.join("checkpoints").exists(), "checkpoints are removed after a finished run");
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 3, 4, 5, 6, 6],
+        "step lines then a held-out line per epoch"
+    );
+    assert!(
+        !a.join("checkpoints").exists(),
+        "checkpoints are removed after a finished run"
+    );
 
     let r = train(&data, &b, &["--abort-after-step", "5"]);
     assert!(!r.status.success(), "the run should have been aborted");
-    assert!(b.join("checkpoints/step-00000004/state.json").is_file(), "the step-4 checkpoint survives the kill");
-    assert!(!b.join("config.json").exists(), "no model is written by an interrupted run");
+    assert!(
+        b.join("checkpoints/step-00000004/state.json").is_file(),
+        "the step-4 checkpoint survives the kill"
+    );
+    assert!(
+        !b.join("config.json").exists(),
+        "no model is written by an interrupted run"
+    );
     let r = train(&data, &b, &["--resume"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let (wa, wb) = (std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
-    assert!(wa == wb, "resumed weights differ from the uninterrupted run");
+    let (wa, wb) = (
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+    );
+    assert!(
+        wa == wb,
+        "resumed weights differ from the uninterrupted run"
+    );
     assert_eq!(losses(&a), losses(&b));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(b.join("finetune.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("finetune.json")).unwrap()).unwrap();
     assert_eq!(s["resumed"], true);
     assert_eq!(s["frozen_tensors_identical"], true);
 
     // The output is a checkpoint this tool (and transformers) loads.
-    let r = bin().args(["inspect", "--json", "--model"]).arg(&b).output().unwrap();
+    let r = bin()
+        .args(["inspect", "--json", "--model"])
+        .arg(&b)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 
     // Resuming with other settings is refused.
@@ -80,7 +131,11 @@ fn killed_and_resumed_equals_uninterrupted() {
     let _ = train(&data, &c, &["--abort-after-step", "2"]);
     let r = train(&data, &c, &["--resume", "--seed", "7"]);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("different settings"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("different settings"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 }
 
 #[test]
@@ -116,10 +171,28 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         assert!(err.contains(needle), "case {i}: {err}");
         assert!(!out.join("config.json").exists(), "case {i} wrote a model");
     }
-    let missing = bin().args(["finetune", "--model"]).arg(root().join("tests/fixtures/llama")).args(["--data", "no-such-data", "--out"]).arg(d.path().join("x")).output().unwrap();
+    let missing = bin()
+        .args(["finetune", "--model"])
+        .arg(root().join("tests/fixtures/llama"))
+        .args(["--data", "no-such-data", "--out"])
+        .arg(d.path().join("x"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-data"));
     let bad = d.path().join("bad.json");
     std::fs::write(&bad, "[{\"instruction\": \"x\"}]").unwrap();
-    let r = bin().args(["finetune", "--model"]).arg(root().join("tests/fixtures/llama")).arg("--data").arg(&bad).arg("--out").arg(d.path().join("y")).output().unwrap();
-    assert!(String::from_utf8_lossy(&r.stderr).contains("output"), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = bin()
+        .args(["finetune", "--model"])
+        .arg(root().join("tests/fixtures/llama"))
+        .arg("--data")
+        .arg(&bad)
+        .arg("--out")
+        .arg(d.path().join("y"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("output"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 }

@@ -2,8 +2,8 @@
 //! `cargo run --release --example train_probe -- MODEL [BATCH] [LEN] [FREEZE_FIRST FREEZE_LAST]`.
 
 use anyhow::Result;
-use sl_engine::train::adamw::AdamWConfig;
 use sl_engine::model::params::Module;
+use sl_engine::train::adamw::AdamWConfig;
 use sl_engine::train::trainer::{nll_sum, Batch, Trainer};
 use sl_engine::Model;
 use std::time::Instant;
@@ -18,12 +18,23 @@ fn main() -> Result<()> {
         _ => None,
     };
     let vocab = model.cfg().vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| ((i * 7919 + r * 104729) as u32) % vocab).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..b)
+        .map(|r| {
+            (0..t)
+                .map(|i| ((i * 7919 + r * 104729) as u32) % vocab)
+                .collect()
+        })
+        .collect();
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
     let batch = Batch::new(&refs, &vec![1; b], &candle_core::Device::Cpu)?;
     let mut tr = Trainer::new(
         model.decoder,
-        |i| freeze.is_some_and(|(a, z)| i.layer.is_some_and(|l| l >= a && l <= z) && matches!(i.module, Module::Attn | Module::Mlp)),
+        |i| {
+            freeze.is_some_and(|(a, z)| {
+                i.layer.is_some_and(|l| l >= a && l <= z)
+                    && matches!(i.module, Module::Attn | Module::Mlp)
+            })
+        },
         AdamWConfig::default(),
         false,
     )?;
@@ -31,7 +42,9 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let h = tr.decoder.forward_train(&batch.ids, &batch.pads)?;
         let (bb, tt, hid) = h.dims3()?;
-        let rows = h.reshape((bb * tt, hid))?.index_select(&batch.positions, 0)?;
+        let rows = h
+            .reshape((bb * tt, hid))?
+            .index_select(&batch.positions, 0)?;
         let loss = nll_sum(&tr.decoder.lm_logits(&rows)?, &batch.targets)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();

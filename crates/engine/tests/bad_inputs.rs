@@ -36,7 +36,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -49,18 +52,25 @@ fn missing_shard() {
         .expect("the qwen2 fixture is sharded");
     std::fs::remove_file(d.path().join(&shard)).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains(&shard) && e.contains("model.safetensors.index.json"), "{e}");
+    assert!(
+        e.contains(&shard) && e.contains("model.safetensors.index.json"),
+        "{e}"
+    );
 }
 
 #[test]
 fn config_disagrees_with_weights() {
     let d = copy_fixture(&llama_fixture());
     let p = d.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["intermediate_size"] = serde_json::json!(v["intermediate_size"].as_u64().unwrap() * 2);
     std::fs::write(&p, v.to_string()).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("mlp.gate_proj.weight") && e.contains("intermediate_size"), "{e}");
+    assert!(
+        e.contains("mlp.gate_proj.weight") && e.contains("intermediate_size"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -75,11 +85,17 @@ fn missing_tokenizer() {
 fn unknown_architecture() {
     let d = copy_fixture(&llama_fixture());
     let p = d.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["architectures"] = serde_json::json!(["FalconForCausalLM"]);
     std::fs::write(&p, v.to_string()).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("FalconForCausalLM") && e.contains("LlamaForCausalLM") && e.contains("Phi3ForCausalLM"), "{e}");
+    assert!(
+        e.contains("FalconForCausalLM")
+            && e.contains("LlamaForCausalLM")
+            && e.contains("Phi3ForCausalLM"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -101,8 +117,14 @@ fn prompt_files() {
     let csv = d.path().join("p.csv");
     std::fs::write(&csv, "goal,target\nDo a thing,Sure\n").unwrap();
     let e = format!("{:#}", read_prompts(&csv, Some("prompt")).unwrap_err());
-    assert!(e.contains("p.csv") && e.contains("`prompt`") && e.contains("goal, target"), "{e}");
-    assert_eq!(read_prompts(&csv, Some("goal")).unwrap()[0].instruction, "Do a thing");
+    assert!(
+        e.contains("p.csv") && e.contains("`prompt`") && e.contains("goal, target"),
+        "{e}"
+    );
+    assert_eq!(
+        read_prompts(&csv, Some("goal")).unwrap()[0].instruction,
+        "Do a thing"
+    );
 
     let jsonl = d.path().join("p.jsonl");
     std::fs::write(&jsonl, "{\"instruction\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
@@ -114,11 +136,32 @@ fn prompt_files() {
 fn paper_prompt_sets() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/paper");
     let normal = read_prompts(&shared.join("cos_normal.csv"), None).unwrap();
-    assert_eq!(normal.len(), 100, "cos_normal.csv (last line without newline)");
-    assert_eq!(read_prompts(&shared.join("cos_malicious.csv"), None).unwrap().len(), 100);
-    assert_eq!(read_prompts(&shared.join("Over_rejection_dataset.csv"), None).unwrap().len(), 731);
+    assert_eq!(
+        normal.len(),
+        100,
+        "cos_normal.csv (last line without newline)"
+    );
+    assert_eq!(
+        read_prompts(&shared.join("cos_malicious.csv"), None)
+            .unwrap()
+            .len(),
+        100
+    );
+    assert_eq!(
+        read_prompts(&shared.join("Over_rejection_dataset.csv"), None)
+            .unwrap()
+            .len(),
+        731
+    );
     let dn = read_prompts(&shared.join("Normal_dataset.json"), None).unwrap();
     assert_eq!(dn.len(), 1000);
-    assert!(dn.iter().any(|r| r.input.as_deref().is_some_and(|s| !s.is_empty())));
-    assert!(normal.iter().any(|r| r.instruction.contains("\"they are\"")), "quoted CSV fields are unquoted");
+    assert!(dn
+        .iter()
+        .any(|r| r.input.as_deref().is_some_and(|s| !s.is_empty())));
+    assert!(
+        normal
+            .iter()
+            .any(|r| r.instruction.contains("\"they are\"")),
+        "quoted CSV fields are unquoted"
+    );
 }

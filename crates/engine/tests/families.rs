@@ -1,28 +1,43 @@
 //! Equality with transformers for every family, on the tiny random checkpoints and reference
 //! outputs written by tools/fixtures/make_fixtures.py (tests/fixtures/<family>/).
 
+use serde_json::Value;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{Capture, LayerRange, Logits, Model};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const FAMILIES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"];
+const FAMILIES: &[&str] = &[
+    "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+];
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn expected(name: &str) -> Value {
     let p = fixture_dir(name).join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// |a - b| <= tol * max(1, |b|).
@@ -58,39 +73,84 @@ fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
     let mut hidden = Vec::new();
     let mut logits = Vec::new();
     for p in prompts {
-        let ids = candle_core::Tensor::new(p.as_slice(), &d.device).unwrap().unsqueeze(0).unwrap();
-        let (lg, cap) = d.forward(&ids, &[0], None, &Capture::all_hidden_last(l), Logits::Last).unwrap();
+        let ids = candle_core::Tensor::new(p.as_slice(), &d.device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (lg, cap) = d
+            .forward(&ids, &[0], None, &Capture::all_hidden_last(l), Logits::Last)
+            .unwrap();
         hidden.push(
             (0..=l)
                 .map(|k| {
-                    cap.get(sl_engine::Hook::hidden_entry(k, l), sl_engine::Positions::Last)
-                        .unwrap()
-                        .squeeze(0)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
+                    cap.get(
+                        sl_engine::Hook::hidden_entry(k, l),
+                        sl_engine::Positions::Last,
+                    )
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
                 })
                 .collect(),
         );
         logits.push(lg.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
-    let opts = GenerateOptions { max_new_tokens: 12, batch_size: 1, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        batch_size: 1,
+        ..Default::default()
+    };
     let greedy = greedy(d, prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
-    Outputs { hidden, logits, greedy }
+    Outputs {
+        hidden,
+        logits,
+        greedy,
+    }
 }
 
 fn compare(out: &Outputs, exp: &Value, family: &str, what: &str) {
-    for (p, (h, want)) in out.hidden.iter().zip(exp["hidden_last"].as_array().unwrap()).enumerate() {
+    for (p, (h, want)) in out
+        .hidden
+        .iter()
+        .zip(exp["hidden_last"].as_array().unwrap())
+        .enumerate()
+    {
         let want = want.as_array().unwrap();
-        assert_eq!(h.len(), want.len(), "{family} {what}: number of hidden-state entries");
+        assert_eq!(
+            h.len(),
+            want.len(),
+            "{family} {what}: number of hidden-state entries"
+        );
         for (k, (hk, wk)) in h.iter().zip(want).enumerate() {
-            assert_close(hk, &floats(wk), 1e-4, &format!("{family} {what}: prompt {p} hidden entry {k}"));
+            assert_close(
+                hk,
+                &floats(wk),
+                1e-4,
+                &format!("{family} {what}: prompt {p} hidden entry {k}"),
+            );
         }
     }
-    for (p, (lg, want)) in out.logits.iter().zip(exp["logits_last"].as_array().unwrap()).enumerate() {
-        assert_close(lg, &floats(want), 1e-4, &format!("{family} {what}: prompt {p} logits"));
+    for (p, (lg, want)) in out
+        .logits
+        .iter()
+        .zip(exp["logits_last"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_close(
+            lg,
+            &floats(want),
+            1e-4,
+            &format!("{family} {what}: prompt {p} logits"),
+        );
     }
-    for (p, (g, want)) in out.greedy.iter().zip(exp["greedy"].as_array().unwrap()).enumerate() {
+    for (p, (g, want)) in out
+        .greedy
+        .iter()
+        .zip(exp["greedy"].as_array().unwrap())
+        .enumerate()
+    {
         assert_eq!(g, &ids(want), "{family} {what}: prompt {p} greedy tokens");
     }
 }
@@ -99,8 +159,16 @@ fn check_family(family: &str) {
     let dir = fixture_dir(family);
     let exp = expected(family);
     let mut m = Model::load(&dir).unwrap_or_else(|e| panic!("{family}: {e:#}"));
-    let texts: Vec<String> = exp["prompts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
-    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t, true).unwrap()).collect();
+    let texts: Vec<String> = exp["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| m.tokenizer.encode(t, true).unwrap())
+        .collect();
     for (p, want) in prompts.iter().zip(exp["input_ids"].as_array().unwrap()) {
         assert_eq!(p, &ids(want), "{family}: tokenizer ids");
     }
@@ -108,34 +176,78 @@ fn check_family(family: &str) {
 
     // Batched with left padding equals one by one.
     let l = m.decoder.num_layers();
-    let batched = sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 8, &mut |_| {}).unwrap();
+    let batched =
+        sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 8, &mut |_| {}).unwrap();
     for (p, t) in batched.iter().enumerate() {
         for (k, row) in t.to_vec2::<f32>().unwrap().iter().enumerate() {
-            assert_close(row, &floats(&exp["hidden_last"][p][k]), 1e-4, &format!("{family}: batched prompt {p} entry {k}"));
+            assert_close(
+                row,
+                &floats(&exp["hidden_last"][p][k]),
+                1e-4,
+                &format!("{family}: batched prompt {p} entry {k}"),
+            );
         }
     }
     assert_eq!(batched[0].dim(0).unwrap(), l + 1);
-    let opts = GenerateOptions { max_new_tokens: 12, batch_size: 8, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        batch_size: 8,
+        ..Default::default()
+    };
     let g = greedy(&m.decoder, &prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
     for (p, want) in g.iter().zip(exp["greedy"].as_array().unwrap()) {
         assert_eq!(p, &ids(want), "{family}: batched greedy");
     }
     // The KV cache changes nothing.
-    let nc = GenerateOptions { no_cache: true, ..opts.clone() };
+    let nc = GenerateOptions {
+        no_cache: true,
+        ..opts.clone()
+    };
     let g2 = greedy(&m.decoder, &prompts, &m.eos_token_ids, &nc, &mut |_| {}).unwrap();
     assert_eq!(g, g2, "{family}: greedy with and without the KV cache");
 
     // Scaled layers.
     let sc = &exp["scaled"];
     let r = sc["range"].as_array().unwrap();
-    let range = LayerRange::new(r[0].as_u64().unwrap() as usize, r[1].as_u64().unwrap() as usize, l).unwrap();
-    let before = m.decoder.layers[range.first].attn.o.weight.to_vec2::<f32>().unwrap();
-    let rep = m.decoder.scale_layers(range, sc["alpha"].as_f64().unwrap()).unwrap();
-    assert_eq!(rep.matrices.len(), 7 * range.len(), "{family}: every q,k,v,o,gate,up,down scaled");
+    let range = LayerRange::new(
+        r[0].as_u64().unwrap() as usize,
+        r[1].as_u64().unwrap() as usize,
+        l,
+    )
+    .unwrap();
+    let before = m.decoder.layers[range.first]
+        .attn
+        .o
+        .weight
+        .to_vec2::<f32>()
+        .unwrap();
+    let rep = m
+        .decoder
+        .scale_layers(range, sc["alpha"].as_f64().unwrap())
+        .unwrap();
+    assert_eq!(
+        rep.matrices.len(),
+        7 * range.len(),
+        "{family}: every q,k,v,o,gate,up,down scaled"
+    );
     compare(&run_single(&m, &prompts), sc, family, "scaled");
     m.decoder.restore_scaling();
-    assert_eq!(m.decoder.layers[range.first].attn.o.weight.to_vec2::<f32>().unwrap(), before, "{family}: exact undo");
-    compare(&run_single(&m, &prompts), &exp, family, "after undoing the scaling");
+    assert_eq!(
+        m.decoder.layers[range.first]
+            .attn
+            .o
+            .weight
+            .to_vec2::<f32>()
+            .unwrap(),
+        before,
+        "{family}: exact undo"
+    );
+    compare(
+        &run_single(&m, &prompts),
+        &exp,
+        family,
+        "after undoing the scaling",
+    );
 }
 
 fn check_v4_config(family: &str) {
@@ -156,12 +268,32 @@ fn check_v4_config(family: &str) {
     std::fs::copy(&v4, tmp.path().join("config.json")).unwrap();
     let m5 = Model::load(&dir).unwrap();
     let m4 = Model::load(tmp.path()).unwrap_or_else(|e| panic!("{family} v4 config: {e:#}"));
-    assert_eq!(format!("{:?}", m4.cfg().rope), format!("{:?}", m5.cfg().rope), "{family}: rope from v4 and v5 layouts");
-    assert_eq!(format!("{:?}", m4.cfg().rope_local), format!("{:?}", m5.cfg().rope_local), "{family}: local rope");
-    assert_eq!(m4.cfg().layer_types, m5.cfg().layer_types, "{family}: layer types");
+    assert_eq!(
+        format!("{:?}", m4.cfg().rope),
+        format!("{:?}", m5.cfg().rope),
+        "{family}: rope from v4 and v5 layouts"
+    );
+    assert_eq!(
+        format!("{:?}", m4.cfg().rope_local),
+        format!("{:?}", m5.cfg().rope_local),
+        "{family}: local rope"
+    );
+    assert_eq!(
+        m4.cfg().layer_types,
+        m5.cfg().layer_types,
+        "{family}: layer types"
+    );
     let exp = expected(family);
-    let texts: Vec<String> = exp["prompts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
-    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m4.tokenizer.encode(t, true).unwrap()).collect();
+    let texts: Vec<String> = exp["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| m4.tokenizer.encode(t, true).unwrap())
+        .collect();
     compare(&run_single(&m4, &prompts), &exp, family, "v4 config");
 }
 
@@ -191,7 +323,10 @@ family_tests! {
 #[test]
 fn every_family_has_a_fixture() {
     for f in FAMILIES {
-        assert!(fixture_dir(f).join("expected.json").exists(), "missing fixture for {f}");
+        assert!(
+            fixture_dir(f).join("expected.json").exists(),
+            "missing fixture for {f}"
+        );
     }
 }
 
@@ -202,17 +337,40 @@ fn hook_points_are_consistent() {
     use sl_engine::{Hook, Positions};
     let m = Model::load(&fixture_dir("gemma2")).unwrap();
     let d = &m.decoder;
-    let ids = m.tokenizer.encode("Below is an instruction. Name three colours of the rainbow, please.", true).unwrap();
-    let ids = candle_core::Tensor::new(ids.as_slice(), &d.device).unwrap().unsqueeze(0).unwrap();
+    let ids = m
+        .tokenizer
+        .encode(
+            "Below is an instruction. Name three colours of the rainbow, please.",
+            true,
+        )
+        .unwrap();
+    let ids = candle_core::Tensor::new(ids.as_slice(), &d.device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let l = d.num_layers();
     let mut hooks = vec![(Hook::FinalNorm, Positions::Last)];
     for k in 0..l {
-        for h in [Hook::ResidPre(k), Hook::ResidPost(k), Hook::AttnOut(k), Hook::MlpOut(k)] {
+        for h in [
+            Hook::ResidPre(k),
+            Hook::ResidPost(k),
+            Hook::AttnOut(k),
+            Hook::MlpOut(k),
+        ] {
             hooks.push((h, Positions::All));
         }
     }
-    let (_, cap) = d.forward(&ids, &[0], None, &Capture { hooks }, Logits::None).unwrap();
-    let get = |h: Hook| cap.get(h, Positions::All).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (_, cap) = d
+        .forward(&ids, &[0], None, &Capture { hooks }, Logits::None)
+        .unwrap();
+    let get = |h: Hook| {
+        cap.get(h, Positions::All)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     for k in 0..l {
         let sum: Vec<f32> = get(Hook::ResidPre(k))
             .iter()
@@ -220,19 +378,34 @@ fn hook_points_are_consistent() {
             .zip(get(Hook::MlpOut(k)))
             .map(|((a, b), c)| a + b + c)
             .collect();
-        assert_close(&sum, &get(Hook::ResidPost(k)), 1e-5, &format!("layer {k} residual sum"));
+        assert_close(
+            &sum,
+            &get(Hook::ResidPost(k)),
+            1e-5,
+            &format!("layer {k} residual sum"),
+        );
         if k + 1 < l {
             assert_eq!(get(Hook::ResidPost(k)), get(Hook::ResidPre(k + 1)));
         }
     }
     // Asking only for an early layer stops there and gives the same tensor.
-    let early = Capture { hooks: vec![(Hook::ResidPre(2), Positions::Last)] };
+    let early = Capture {
+        hooks: vec![(Hook::ResidPre(2), Positions::Last)],
+    };
     assert_eq!(early.layers_needed(), Some(2));
     let (none, cap2) = d.forward(&ids, &[0], None, &early, Logits::None).unwrap();
     assert!(none.is_none());
     let all = get(Hook::ResidPre(2));
     let h = m.cfg().hidden_size;
-    assert_eq!(cap2.get(Hook::ResidPre(2), Positions::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), all[all.len() - h..]);
+    assert_eq!(
+        cap2.get(Hook::ResidPre(2), Positions::Last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        all[all.len() - h..]
+    );
     assert_eq!(Hook::parse("hidden.4", l).unwrap(), Hook::FinalNorm);
     assert_eq!(Hook::parse("resid_pre.1", l).unwrap(), Hook::ResidPre(1));
     assert!(Hook::parse("mlp_out.9", l).is_err());
@@ -246,19 +419,61 @@ fn differentiable_path_equals_inference_path() {
     for family in ["gemma2", "gemma3", "phi3", "qwen3"] {
         let m = Model::load(&fixture_dir(family)).unwrap();
         let d = &m.decoder;
-        let rows: Vec<Vec<u32>> = expected(family)["input_ids"].as_array().unwrap().iter().map(ids).collect();
+        let rows: Vec<Vec<u32>> = expected(family)["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let (t, pads) = sl_engine::infer::generate::left_pad(&refs, &d.device).unwrap();
-        let (fast, _) = d.forward(&t, &pads, None, &Capture::none(), Logits::All).unwrap();
+        let (fast, _) = d
+            .forward(&t, &pads, None, &Capture::none(), Logits::All)
+            .unwrap();
         let ctx = d.step_ctx(&pads, 0, t.dim(1).unwrap(), true).unwrap();
         let mut cap = Captured::default();
-        let x = d.run_layers(d.embed(&t).unwrap(), 0..d.num_layers(), &ctx, None, &Capture::none(), &mut cap).unwrap();
-        let slow = d.head(&x, &ctx, Logits::All, &Capture::none(), &mut cap).unwrap().unwrap();
+        let x = d
+            .run_layers(
+                d.embed(&t).unwrap(),
+                0..d.num_layers(),
+                &ctx,
+                None,
+                &Capture::none(),
+                &mut cap,
+            )
+            .unwrap();
+        let slow = d
+            .head(&x, &ctx, Logits::All, &Capture::none(), &mut cap)
+            .unwrap()
+            .unwrap();
         // Compare real (non-padding) positions only.
         for (b, &pad) in pads.iter().enumerate() {
-            let f = fast.as_ref().unwrap().get(b).unwrap().narrow(0, pad, t.dim(1).unwrap() - pad).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let s = slow.get(b).unwrap().narrow(0, pad, t.dim(1).unwrap() - pad).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_close(&s, &f, 1e-4, &format!("{family}: row {b} logits, differentiable vs inference"));
+            let f = fast
+                .as_ref()
+                .unwrap()
+                .get(b)
+                .unwrap()
+                .narrow(0, pad, t.dim(1).unwrap() - pad)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let s = slow
+                .get(b)
+                .unwrap()
+                .narrow(0, pad, t.dim(1).unwrap() - pad)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_close(
+                &s,
+                &f,
+                1e-4,
+                &format!("{family}: row {b} logits, differentiable vs inference"),
+            );
         }
     }
 }

@@ -9,28 +9,58 @@ use std::path::Path;
 #[test]
 fn sentencepiece_gguf_equals_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tiny_llama_sp_expected.json")).unwrap()).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tiny_llama_sp_expected.json")).unwrap(),
+    )
+    .unwrap();
     let m = Model::load(&dir.join("tiny_llama_sp.gguf")).unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     for (i, t) in fx["texts"].as_array().unwrap().iter().enumerate() {
         let t = t.as_str().unwrap();
         let got = m.tokenizer.encode(t, true).unwrap();
         assert_eq!(got, ids(&fx["ids"][i]), "ids of {t:?}");
-        assert_eq!(m.tokenizer.encode(t, false).unwrap(), ids(&fx["ids_without_special"][i]), "ids without special tokens of {t:?}");
-        assert_eq!(m.tokenizer.decode(&got, true).unwrap(), fx["decoded"][i].as_str().unwrap(), "decode of {t:?}");
+        assert_eq!(
+            m.tokenizer.encode(t, false).unwrap(),
+            ids(&fx["ids_without_special"][i]),
+            "ids without special tokens of {t:?}"
+        );
+        assert_eq!(
+            m.tokenizer.decode(&got, true).unwrap(),
+            fx["decoded"][i].as_str().unwrap(),
+            "decode of {t:?}"
+        );
     }
-    let prompts: Vec<Vec<u32>> = fx["prompts"].as_array().unwrap().iter().map(|p| m.tokenizer.encode(p.as_str().unwrap(), true).unwrap()).collect();
-    let hidden = sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 4, &mut |_| {}).unwrap();
+    let prompts: Vec<Vec<u32>> = fx["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| m.tokenizer.encode(p.as_str().unwrap(), true).unwrap())
+        .collect();
+    let hidden =
+        sl_engine::infer::extract::hidden_last(&m.decoder, &prompts, 4, &mut |_| {}).unwrap();
     for (p, h) in hidden.iter().enumerate() {
         assert_eq!(prompts[p], ids(&fx["input_ids"][p]));
         for (k, row) in h.to_vec2::<f32>().unwrap().iter().enumerate() {
             for (a, b) in row.iter().zip(fx["hidden_last"][p][k].as_array().unwrap()) {
                 let b = b.as_f64().unwrap() as f32;
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "prompt {p} entry {k}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "prompt {p} entry {k}: {a} vs {b}"
+                );
             }
         }
     }
-    let opts = GenerateOptions { max_new_tokens: 8, batch_size: 2, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        batch_size: 2,
+        ..Default::default()
+    };
     let g = greedy(&m.decoder, &prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
     for (p, want) in g.iter().zip(fx["greedy"].as_array().unwrap()) {
         assert_eq!(p, &ids(want));

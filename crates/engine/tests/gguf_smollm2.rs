@@ -10,20 +10,36 @@ use std::path::Path;
 #[test]
 fn smollm2_gguf_equals_transformers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let fx: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/gguf/smollm2_expected.json")).unwrap()).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/gguf/smollm2_expected.json")).unwrap(),
+    )
+    .unwrap();
     let m = Model::load(&root.join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     assert_eq!(m.cfg().num_layers, 30);
     assert_eq!(m.cfg().hidden_size, 576);
     assert_eq!((m.cfg().num_heads, m.cfg().num_kv_heads), (9, 3));
     let results = fx["results"].as_array().unwrap();
-    let records: Vec<PromptRecord> = results.iter().map(|r| PromptRecord::new(r["instruction"].as_str().unwrap())).collect();
+    let records: Vec<PromptRecord> = results
+        .iter()
+        .map(|r| PromptRecord::new(r["instruction"].as_str().unwrap()))
+        .collect();
     let prompts = m.prompts(&records, Template::Alpaca).unwrap();
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let as_ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let as_ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     for (p, r) in prompts.iter().zip(results) {
         assert_eq!(p.text, r["prompt"].as_str().unwrap());
-        assert_eq!(p.ids, as_ids(&r["input_ids"]), "token ids of {:?}", r["instruction"]);
+        assert_eq!(
+            p.ids,
+            as_ids(&r["input_ids"]),
+            "token ids of {:?}",
+            r["instruction"]
+        );
     }
     let hidden = sl_engine::infer::extract::hidden_last(&m.decoder, &ids, 8, &mut |_| {}).unwrap();
     let mut worst = 0f32;
@@ -41,10 +57,22 @@ fn smollm2_gguf_equals_transformers() {
         }
     }
     eprintln!("largest relative hidden-state error: {worst:e}");
-    let opts = GenerateOptions { max_new_tokens: 16, batch_size: 8, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        batch_size: 8,
+        ..Default::default()
+    };
     let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
     for (o, r) in outs.iter().zip(results) {
-        assert_eq!(o, &as_ids(&r["greedy"]["ids"]), "greedy tokens of {:?}", r["instruction"]);
-        assert_eq!(m.tokenizer.decode(o, true).unwrap(), r["greedy"]["text_skip_special"].as_str().unwrap());
+        assert_eq!(
+            o,
+            &as_ids(&r["greedy"]["ids"]),
+            "greedy tokens of {:?}",
+            r["instruction"]
+        );
+        assert_eq!(
+            m.tokenizer.decode(o, true).unwrap(),
+            r["greedy"]["text_skip_special"].as_str().unwrap()
+        );
     }
 }

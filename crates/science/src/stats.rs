@@ -30,8 +30,16 @@ pub fn wilson(count: usize, n: usize, z: f64) -> Option<(f64, f64)> {
     let centre = (p + z2 / (2.0 * n)) / denom;
     let half = z / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
     // At 0 and n the bound is exactly 0 or 1; rounding would otherwise leave ±1e-17.
-    let low = if count == 0 { 0.0 } else { (centre - half).max(0.0) };
-    let high = if count as f64 == n { 1.0 } else { (centre + half).min(1.0) };
+    let low = if count == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let high = if count as f64 == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
     Some((low, high))
 }
 
@@ -39,7 +47,13 @@ impl Proportion {
     /// None when n = 0 (an empty set has no rate) or count > n.
     pub fn new(count: usize, n: usize) -> Option<Proportion> {
         let (ci95_low, ci95_high) = wilson(count, n, Z95)?;
-        Some(Proportion { count, n, rate: count as f64 / n as f64, ci95_low, ci95_high })
+        Some(Proportion {
+            count,
+            n,
+            rate: count as f64 / n as f64,
+            ci95_low,
+            ci95_high,
+        })
     }
 }
 
@@ -51,9 +65,17 @@ mod tests {
     fn newcombe_1998_table() {
         // Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score),
         // published to 4 decimals.
-        for (k, n, lo, hi) in [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)] {
+        for (k, n, lo, hi) in [
+            (81, 263, 0.2553, 0.3662),
+            (15, 148, 0.0624, 0.1605),
+            (0, 20, 0.0, 0.1611),
+            (1, 29, 0.0061, 0.1718),
+        ] {
             let (l, h) = wilson(k, n, Z95).unwrap();
-            assert!((l - lo).abs() < 5e-5 && (h - hi).abs() < 5e-5, "{k}/{n}: ({l}, {h}) vs ({lo}, {hi})");
+            assert!(
+                (l - lo).abs() < 5e-5 && (h - hi).abs() < 5e-5,
+                "{k}/{n}: ({l}, {h}) vs ({lo}, {hi})"
+            );
         }
     }
 
@@ -72,7 +94,9 @@ mod tests {
             let p = Proportion::new(k, n).unwrap();
             assert!(p.ci95_low < p.rate && p.rate < p.ci95_high, "{k}/{n}");
             let (l2, h2) = wilson(n - k, n, Z95).unwrap();
-            assert!((p.ci95_low - (1.0 - h2)).abs() < 1e-12 && (p.ci95_high - (1.0 - l2)).abs() < 1e-12);
+            assert!(
+                (p.ci95_low - (1.0 - h2)).abs() < 1e-12 && (p.ci95_high - (1.0 - l2)).abs() < 1e-12
+            );
         }
         let small = wilson(5, 10, Z95).unwrap();
         let big = wilson(500, 1000, Z95).unwrap();

@@ -3,17 +3,20 @@
 
 use sl_engine::text::prompts::read_prompts;
 use sl_engine::{Model, Template};
-use sl_science::cosine::Pairs;
 use sl_science::cosine::curves;
 use sl_science::cosine::report::{analyse, vectors, CosineConfig, PromptSet};
+use sl_science::cosine::Pairs;
 use std::path::Path;
 
 #[test]
 fn all_pairs_equal_transformers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shared = root.join("../shared");
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/cosine/smollm2_all_pairs.json")).unwrap()).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/cosine/smollm2_all_pairs.json"))
+            .unwrap(),
+    )
+    .unwrap();
     let model = Model::load(&shared.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let set = |f: &str| PromptSet {
         name: f.to_string(),
@@ -21,9 +24,21 @@ fn all_pairs_equal_transformers() {
         sha256: String::new(),
     };
     let (normal, malicious) = (set("cos_normal.csv"), set("cos_malicious.csv"));
-    let cfg = CosineConfig { template: Template::Alpaca, pairs: Pairs::All, seed: 0, batch_size: 16 };
+    let cfg = CosineConfig {
+        template: Template::Alpaca,
+        pairs: Pairs::All,
+        seed: 0,
+        batch_size: 16,
+    };
     let r = analyse(&model, "smollm2", &normal, &malicious, &cfg, &mut |_| {}).unwrap();
-    assert_eq!((r.curves.pair_counts.nn, r.curves.pair_counts.mm, r.curves.pair_counts.nm), (4950, 4950, 10000));
+    assert_eq!(
+        (
+            r.curves.pair_counts.nn,
+            r.curves.pair_counts.mm,
+            r.curves.pair_counts.nm
+        ),
+        (4950, 4950, 10000)
+    );
     let want = fx["entries"].as_array().unwrap();
     assert_eq!(r.curves.entries.len(), want.len());
     for (got, w) in r.curves.entries.iter().zip(want) {
@@ -39,7 +54,11 @@ fn all_pairs_equal_transformers() {
         ];
         for (k, g) in pairs {
             let e = w[k].as_f64().unwrap();
-            assert!((g - e).abs() <= 1e-3, "entry {} {k}: {g} vs transformers {e}", got.entry);
+            assert!(
+                (g - e).abs() <= 1e-3,
+                "entry {} {k}: {g} vs transformers {e}",
+                got.entry
+            );
         }
     }
 
@@ -50,12 +69,28 @@ fn all_pairs_equal_transformers() {
     let sampled = curves(&nv, &mv, Pairs::Sampled(2000), 7).unwrap();
     let small = curves(&nv, &mv, Pairs::Sampled(20), 7).unwrap();
     let (mut err_big, mut err_small) = (0f64, 0f64);
-    for ((s, b), exact) in sampled.entries.iter().zip(&small.entries).zip(&r.curves.entries) {
-        for (got, sd, want) in [(s.nn_mean, exact.nn_std, exact.nn_mean), (s.mm_mean, exact.mm_std, exact.mm_mean), (s.nm_mean, exact.nm_std, exact.nm_mean)] {
-            assert!((got - want).abs() <= 5.0 * sd / (2000f64).sqrt() + 1e-9, "entry {}: sampled {got} vs exact {want}", s.entry);
+    for ((s, b), exact) in sampled
+        .entries
+        .iter()
+        .zip(&small.entries)
+        .zip(&r.curves.entries)
+    {
+        for (got, sd, want) in [
+            (s.nn_mean, exact.nn_std, exact.nn_mean),
+            (s.mm_mean, exact.mm_std, exact.mm_mean),
+            (s.nm_mean, exact.nm_std, exact.nm_mean),
+        ] {
+            assert!(
+                (got - want).abs() <= 5.0 * sd / (2000f64).sqrt() + 1e-9,
+                "entry {}: sampled {got} vs exact {want}",
+                s.entry
+            );
         }
         err_big += (s.nm_mean - exact.nm_mean).abs();
         err_small += (b.nm_mean - exact.nm_mean).abs();
     }
-    assert!(err_big < err_small, "more pairs, closer to the exact value ({err_big} vs {err_small})");
+    assert!(
+        err_big < err_small,
+        "more pairs, closer to the exact value ({err_big} vs {err_small})"
+    );
 }

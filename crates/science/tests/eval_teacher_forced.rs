@@ -9,14 +9,22 @@ use sl_science::eval::utility::target_logprobs;
 use std::path::Path;
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
 fn reference_logprobs_match_transformers() {
     for family in ["llama", "qwen3", "gemma2"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(family);
-        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(family);
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
         let model = Model::load(&dir).unwrap();
         let n = fx["input_ids"].as_array().unwrap().len();
         // Different reference lengths per row, so batches hold ragged rows.
@@ -31,15 +39,32 @@ fn reference_logprobs_match_transformers() {
         let alone = target_logprobs(&model.decoder, &rows, 1).unwrap();
         for i in 0..n {
             assert_eq!(batched[i].len(), rows[i].1.len());
-            assert!(batched[i].iter().all(|(_, top)| *top), "{family} row {i}: transformers' greedy tokens are the model's top choices");
+            assert!(
+                batched[i].iter().all(|(_, top)| *top),
+                "{family} row {i}: transformers' greedy tokens are the model's top choices"
+            );
             for (a, b) in batched[i].iter().zip(&alone[i]) {
-                assert!((a.0 - b.0).abs() < 1e-4, "{family} row {i}: batched {} vs alone {}", a.0, b.0);
+                assert!(
+                    (a.0 - b.0).abs() < 1e-4,
+                    "{family} row {i}: batched {} vs alone {}",
+                    a.0,
+                    b.0
+                );
             }
-            let logits: Vec<f64> = fx["logits_last"][i].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let logits: Vec<f64> = fx["logits_last"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
             let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = max + logits.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
             let want = logits[rows[i].1[0] as usize] - lse;
-            assert!((batched[i][0].0 - want).abs() < 1e-4, "{family} row {i}: {} vs transformers {want}", batched[i][0].0);
+            assert!(
+                (batched[i][0].0 - want).abs() < 1e-4,
+                "{family} row {i}: {} vs transformers {want}",
+                batched[i][0].0
+            );
         }
         // A reference token that is not greedy's choice scores lower than greedy's.
         let mut other = rows[0].clone();
@@ -47,7 +72,10 @@ fn reference_logprobs_match_transformers() {
         let lp = target_logprobs(&model.decoder, &[other], 64).unwrap();
         assert!(!lp[0][0].1 && lp[0][0].0 < batched[0][0].0, "{family}");
         // Rows with no reference tokens score nothing; an empty prompt is an error.
-        assert!(target_logprobs(&model.decoder, &[(rows[0].0.clone(), vec![])], 64).unwrap()[0].is_empty());
+        assert!(
+            target_logprobs(&model.decoder, &[(rows[0].0.clone(), vec![])], 64).unwrap()[0]
+                .is_empty()
+        );
         assert!(target_logprobs(&model.decoder, &[(vec![], vec![1])], 64).is_err());
     }
 }

@@ -6,8 +6,8 @@
 
 use candle_core::{Device, Tensor};
 use sl_engine::{LayerRange, Model, Template};
-use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use sl_science::finetune::data::{encode, read_records, Schedule, SftRecord};
+use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -52,19 +52,34 @@ fn load_st(p: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn check(family: &str, run: &str, checkpointing: bool) {
     let fx_dir = root().join("tests/fixtures/train");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx_dir.join(format!("{family}_{run}.json"))).unwrap()).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fx_dir.join(format!("{family}_{run}.json"))).unwrap(),
+    )
+    .unwrap();
     let model_dir = root().join("tests/fixtures").join(family);
     let model = Model::load(&model_dir).unwrap();
     let recs = records();
     // Same token ids as the Python side (template, BOS, EOS, truncation).
     for (r, want) in recs.iter().zip(fx["examples"].as_array().unwrap()) {
         let got = encode(&model, r, Template::Alpaca, 64, true).unwrap().ids;
-        let want: Vec<u32> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(got, want, "{family}: token ids of {:?}", r.instruction);
     }
     let freeze = (run == "sppft").then(|| LayerRange { first: 1, last: 2 });
@@ -72,14 +87,30 @@ fn check(family: &str, run: &str, checkpointing: bool) {
     cfg.grad_checkpointing = checkpointing;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    finetune(model, &recs, &cfg, &RunOptions::default(), &out, &mut |_| {}).unwrap();
+    finetune(
+        model,
+        &recs,
+        &cfg,
+        &RunOptions::default(),
+        &out,
+        &mut |_| {},
+    )
+    .unwrap();
 
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let want_losses = fx["losses"].as_array().unwrap();
     assert_eq!(log.len(), want_losses.len());
     for (i, (g, w)) in log.iter().zip(want_losses).enumerate() {
         let (g, w) = (g["loss"].as_f64().unwrap(), w.as_f64().unwrap());
-        assert!((g - w).abs() < 1e-4, "{family} {run} step {}: loss {g} vs torch {w}", i + 1);
+        assert!(
+            (g - w).abs() < 1e-4,
+            "{family} {run} step {}: loss {g} vs torch {w}",
+            i + 1
+        );
     }
     let got = load_st(&out.join("model.safetensors"));
     let want = load_st(&fx_dir.join(format!("{family}_{run}.safetensors")));
@@ -96,19 +127,37 @@ fn check(family: &str, run: &str, checkpointing: bool) {
     assert_eq!(got.len(), want.len(), "{family}: tensor count");
     let (mut worst, mut off, mut total) = ((0f32, String::new()), 0usize, 0usize);
     for (name, w) in &want {
-        let g = got.get(name).unwrap_or_else(|| panic!("{family}: output lacks {name}"));
-        let d: Vec<f32> = (g - w).unwrap().abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g = got
+            .get(name)
+            .unwrap_or_else(|| panic!("{family}: output lacks {name}"));
+        let d: Vec<f32> = (g - w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         off += d.iter().filter(|x| **x > 1e-5).count();
         total += d.len();
         let d = d.iter().cloned().fold(0f32, f32::max);
         if d > worst.0 {
             worst = (d, name.clone());
         }
-        let frozen = run == "sppft" && (name.contains("layers.1.") || name.contains("layers.2.")) && (name.contains("self_attn") || name.contains(".mlp."));
+        let frozen = run == "sppft"
+            && (name.contains("layers.1.") || name.contains("layers.2."))
+            && (name.contains("self_attn") || name.contains(".mlp."));
         if frozen {
-            assert_eq!(max_diff(g, &input[name]), 0.0, "{family}: frozen {name} changed");
+            assert_eq!(
+                max_diff(g, &input[name]),
+                0.0,
+                "{family}: frozen {name} changed"
+            );
         } else {
-            assert!(max_diff(g, &input[name]) > 0.0, "{family}: trainable {name} did not move");
+            assert!(
+                max_diff(g, &input[name]) > 0.0,
+                "{family}: trainable {name} did not move"
+            );
         }
     }
     // Adam divides each coordinate's gradient by its own RMS, so a coordinate whose true
@@ -117,12 +166,34 @@ fn check(family: &str, run: &str, checkpointing: bool) {
     // isolated coordinates by up to 1.6e-4 between float32 and float64 on this very run
     // (measured: 1 of 201,792 llama / 9 of 175,424 qwen2 values beyond 1e-5). So: every value
     // within 1e-5 except at most 1 in 10,000, and those within 2e-4.
-    assert!(off * 10_000 <= total, "{family} {run}: {off} of {total} final weights differ from torch by more than 1e-5");
-    assert!(worst.0 < 2e-4, "{family} {run}: final weights differ from torch by {} at {}", worst.0, worst.1);
-    let audit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("freeze_audit.json")).unwrap()).unwrap();
+    assert!(
+        off * 10_000 <= total,
+        "{family} {run}: {off} of {total} final weights differ from torch by more than 1e-5"
+    );
+    assert!(
+        worst.0 < 2e-4,
+        "{family} {run}: final weights differ from torch by {} at {}",
+        worst.0,
+        worst.1
+    );
+    let audit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("freeze_audit.json")).unwrap())
+            .unwrap();
     assert_eq!(audit["all_frozen_identical"], true);
-    let n_frozen = audit["tensors"].as_array().unwrap().iter().filter(|t| t["frozen"] == true).count();
-    assert_eq!(n_frozen, if run == "sppft" { audit["frozen_tensors"].as_u64().unwrap() as usize } else { 0 });
+    let n_frozen = audit["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["frozen"] == true)
+        .count();
+    assert_eq!(
+        n_frozen,
+        if run == "sppft" {
+            audit["frozen_tensors"].as_u64().unwrap() as usize
+        } else {
+            0
+        }
+    );
     if run == "sppft" {
         assert!(n_frozen >= 14, "{family}: only {n_frozen} frozen tensors");
     }
@@ -157,4 +228,3 @@ fn gradient_checkpointing_gives_the_same_run() {
     check("qwen2", "sppft", true);
     check("llama", "full", true);
 }
-

@@ -8,8 +8,13 @@ use sl_science::judges::{Judge, JudgeKind};
 use std::path::Path;
 
 fn labelled() -> Vec<serde_json::Value> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/judges/labelled_responses.jsonl");
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/judges/labelled_responses.jsonl");
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -17,14 +22,29 @@ fn verdicts_equal_the_labels() {
     let set = labelled();
     let count = |h: &str| set.iter().filter(|v| v["human"] == h).count();
     assert!(count("refusal") >= 15 && count("compliance") >= 15 && count("empty") >= 3);
-    let triggers = set.iter().filter(|v| v["human"] == "compliance" && v["gcg"] == true).count();
-    assert!(triggers >= 8, "compliances that trip the GCG list: {triggers}");
+    let triggers = set
+        .iter()
+        .filter(|v| v["human"] == "compliance" && v["gcg"] == true)
+        .count();
+    assert!(
+        triggers >= 8,
+        "compliances that trip the GCG list: {triggers}"
+    );
     for kind in [JudgeKind::Gcg, JudgeKind::Xstest] {
         let j = Judge::new(kind);
-        let key = if kind == JudgeKind::Gcg { "gcg" } else { "xstest" };
+        let key = if kind == JudgeKind::Gcg {
+            "gcg"
+        } else {
+            "xstest"
+        };
         for v in &set {
             let r = v["response"].as_str().unwrap();
-            assert_eq!(j.is_refusal(r), v[key].as_bool().unwrap(), "{key} on {r:?} ({})", v["note"]);
+            assert_eq!(
+                j.is_refusal(r),
+                v[key].as_bool().unwrap(),
+                "{key} on {r:?} ({})",
+                v["note"]
+            );
         }
     }
 }
@@ -45,12 +65,20 @@ fn empty_responses_are_not_refusals() {
 fn agreement_with_the_human_labels() {
     // On the non-empty responses: the GCG list flags trigger words in compliances (false
     // refusals), XSTest's prefixes miss refusals that do not open with a known phrase.
-    let set: Vec<_> = labelled().into_iter().filter(|v| v["human"] != "empty").collect();
+    let set: Vec<_> = labelled()
+        .into_iter()
+        .filter(|v| v["human"] != "empty")
+        .collect();
     let agree = |kind| {
         let j = Judge::new(kind);
-        set.iter().filter(|v| j.is_refusal(v["response"].as_str().unwrap()) == (v["human"] == "refusal")).count()
+        set.iter()
+            .filter(|v| j.is_refusal(v["response"].as_str().unwrap()) == (v["human"] == "refusal"))
+            .count()
     };
-    assert_eq!((agree(JudgeKind::Gcg), agree(JudgeKind::Xstest), set.len()), (21, 30, 40));
+    assert_eq!(
+        (agree(JudgeKind::Gcg), agree(JudgeKind::Xstest), set.len()),
+        (21, 30, 40)
+    );
 }
 
 #[test]
@@ -60,7 +88,10 @@ fn early_verdicts_never_contradict_the_final_one() {
         for v in labelled() {
             let full = v["response"].as_str().unwrap();
             let fin = j.is_refusal(full);
-            for (cut, _) in full.char_indices().chain(std::iter::once((full.len(), ' '))) {
+            for (cut, _) in full
+                .char_indices()
+                .chain(std::iter::once((full.len(), ' ')))
+            {
                 if let Some(early) = j.decided(&full[..cut]) {
                     assert_eq!(early, fin, "{kind:?} on {full:?} cut at {cut}");
                 }

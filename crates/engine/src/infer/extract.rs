@@ -30,7 +30,11 @@ pub fn hidden_last(
         cache.append = false; // the batch's own keys/values are not needed after each layer
         let (_, cap) = dec.forward(&ids, &pads, Some(&mut cache), &capture, Logits::None)?;
         let entries: Vec<Tensor> = (0..=n_layers)
-            .map(|k| cap.get(Hook::hidden_entry(k, n_layers), Positions::Last).cloned().expect("captured"))
+            .map(|k| {
+                cap.get(Hook::hidden_entry(k, n_layers), Positions::Last)
+                    .cloned()
+                    .expect("captured")
+            })
             .collect();
         let stacked = Tensor::stack(&entries, 1)?; // [B, L+1, H]
         for (pos, &i) in chunk.iter().enumerate() {
@@ -40,7 +44,10 @@ pub fn hidden_last(
         }
         progress(chunk.len());
     }
-    Ok(out.into_iter().map(|t| t.expect("every prompt processed")).collect())
+    Ok(out
+        .into_iter()
+        .map(|t| t.expect("every prompt processed"))
+        .collect())
 }
 
 /// Names the first hidden-state entry holding NaN or infinity.

@@ -18,7 +18,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 16, batch_size: 16, ignore_eos: false, no_cache: false }
+        GenerateOptions {
+            max_new_tokens: 16,
+            batch_size: 16,
+            ignore_eos: false,
+            no_cache: false,
+        }
     }
 }
 
@@ -71,10 +76,14 @@ pub type StopFn<'a> = &'a (dyn Fn(usize, &[u32]) -> bool + Sync);
 /// least one token of its own; 0 for fewer than two prompts. Those positions are computed once
 /// for all prompts: a row's keys/values there do not depend on the rest of the row.
 pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
-    let (Some(first), true) = (prompts.first(), prompts.len() > 1) else { return 0 };
+    let (Some(first), true) = (prompts.first(), prompts.len() > 1) else {
+        return 0;
+    };
     let mut n = first.len().saturating_sub(1);
     for p in &prompts[1..] {
-        n = n.min(p.iter().zip(first).take_while(|(a, b)| a == b).count()).min(p.len().saturating_sub(1));
+        n = n
+            .min(p.iter().zip(first).take_while(|(a, b)| a == b).count())
+            .min(p.len().saturating_sub(1));
     }
     n
 }
@@ -84,12 +93,24 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
 fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<(KvCache, Tensor)> {
     let ctx = dec.step_ctx(&[0], 0, x.dim(1)?, false)?;
     let mut kv = KvCache::new(dec.num_layers());
-    let x = dec.run_layers(x, layers, &ctx, Some(&mut kv), &Capture::none(), &mut crate::model::hooks::Captured::default())?;
+    let x = dec.run_layers(
+        x,
+        layers,
+        &ctx,
+        Some(&mut kv),
+        &Capture::none(),
+        &mut crate::model::hooks::Captured::default(),
+    )?;
     Ok((kv, x))
 }
 
 /// The prompts' first `shared` tokens run through layers `0..layers_end` (None when 0).
-fn shared_head(dec: &Decoder, prompts: &[Vec<u32>], shared: usize, layers_end: usize) -> Result<Option<(KvCache, Tensor)>> {
+fn shared_head(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    shared: usize,
+    layers_end: usize,
+) -> Result<Option<(KvCache, Tensor)>> {
     if shared == 0 {
         return Ok(None);
     }
@@ -98,7 +119,11 @@ fn shared_head(dec: &Decoder, prompts: &[Vec<u32>], shared: usize, layers_end: u
 }
 
 /// The keys/values of every layer for the prompts' first `shared` tokens, or None when 0.
-pub fn shared_head_kv(dec: &Decoder, prompts: &[Vec<u32>], shared: usize) -> Result<Option<KvCache>> {
+pub fn shared_head_kv(
+    dec: &Decoder,
+    prompts: &[Vec<u32>],
+    shared: usize,
+) -> Result<Option<KvCache>> {
     Ok(shared_head(dec, prompts, shared, dec.num_layers())?.map(|h| h.0))
 }
 
@@ -134,11 +159,19 @@ struct PrefixBatch {
 fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    order.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+    order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect()
 }
 
 impl PrefixCache {
-    pub fn build(dec: &Decoder, prompts: &[Vec<u32>], batch_size: usize, start_layer: usize) -> Result<PrefixCache> {
+    pub fn build(
+        dec: &Decoder,
+        prompts: &[Vec<u32>],
+        batch_size: usize,
+        start_layer: usize,
+    ) -> Result<PrefixCache> {
         let shared = shared_prefix_len(prompts);
         let head = shared_head(dec, prompts, shared, start_layer)?;
         let mut out = Vec::new();
@@ -149,16 +182,30 @@ impl PrefixCache {
             let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
             let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
             let mut captured = crate::model::hooks::Captured::default();
-            let x = dec.run_layers(dec.embed(&ids)?, 0..start_layer, &ctx, Some(&mut kv), &Capture::none(), &mut captured)?;
+            let x = dec.run_layers(
+                dec.embed(&ids)?,
+                0..start_layer,
+                &ctx,
+                Some(&mut kv),
+                &Capture::none(),
+                &mut captured,
+            )?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
-        Ok(PrefixCache { start_layer, batches: out, num_prompts: prompts.len(), head_x: head.map(|h| h.1) })
+        Ok(PrefixCache {
+            start_layer,
+            batches: out,
+            num_prompts: prompts.len(),
+            head_x: head.map(|h| h.1),
+        })
     }
 
     /// Each batch: prompt indices, pad counts, residual stream entering `start_layer`, and the
     /// keys/values of the layers below it.
     pub fn batches(&self) -> impl Iterator<Item = (&[usize], &[usize], &Tensor, &KvCache)> {
-        self.batches.iter().map(|b| (b.idx.as_slice(), b.pads.as_slice(), &b.x, &b.kv))
+        self.batches
+            .iter()
+            .map(|b| (b.idx.as_slice(), b.pads.as_slice(), &b.x, &b.kv))
     }
 }
 
@@ -170,7 +217,10 @@ pub fn greedy(
     opts: &GenerateOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
-    Ok(greedy_with(dec, prompts, eos, opts, None, progress)?.into_iter().map(|g| g.ids).collect())
+    Ok(greedy_with(dec, prompts, eos, opts, None, progress)?
+        .into_iter()
+        .map(|g| g.ids)
+        .collect())
 }
 
 /// As `greedy`, with a stop predicate, returning why each sequence stopped.
@@ -182,15 +232,28 @@ pub fn greedy_with(
     stop: Option<StopFn<'_>>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Generation>> {
-    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompts.len()];
-    let shared = if opts.no_cache { 0 } else { shared_prefix_len(prompts) };
+    let mut out = vec![
+        Generation {
+            ids: vec![],
+            stop: StopReason::MaxTokens
+        };
+        prompts.len()
+    ];
+    let shared = if opts.no_cache {
+        0
+    } else {
+        shared_prefix_len(prompts)
+    };
     let head = shared_head_kv(dec, prompts, shared)?;
     for idx in batches(prompts, opts.batch_size) {
         let results = if opts.no_cache {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
             greedy_batch_uncached(dec, &rows, eos, opts)?
                 .into_iter()
-                .map(|ids| Generation { stop: stop_reason(&ids, eos, opts), ids })
+                .map(|ids| Generation {
+                    stop: stop_reason(&ids, eos, opts),
+                    ids,
+                })
                 .collect()
         } else {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
@@ -216,7 +279,13 @@ pub fn greedy_from_prefix(
     stop: Option<StopFn<'_>>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Generation>> {
-    let mut out = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prefix.num_prompts];
+    let mut out = vec![
+        Generation {
+            ids: vec![],
+            stop: StopReason::MaxTokens
+        };
+        prefix.num_prompts
+    ];
     let start = prefix.start_layer;
     // The shared head through the (possibly scaled) upper layers, once for every batch.
     let upper = match &prefix.head_x {
@@ -263,7 +332,13 @@ fn decode_batch(
     opts: &GenerateOptions,
     stop: Option<StopFn<'_>>,
 ) -> Result<Vec<Generation>> {
-    let mut outputs: Vec<Generation> = vec![Generation { ids: vec![], stop: StopReason::MaxTokens }; prompt_idx.len()];
+    let mut outputs: Vec<Generation> = vec![
+        Generation {
+            ids: vec![],
+            stop: StopReason::MaxTokens
+        };
+        prompt_idx.len()
+    ];
     if opts.max_new_tokens == 0 {
         return Ok(outputs);
     }
@@ -273,12 +348,34 @@ fn decode_batch(
     let mut first = Some(first);
     for step in 0..opts.max_new_tokens {
         let (logits, _) = match (first.take(), input.take()) {
-            (Some(First::Ids(ids)), _) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
-            (Some(First::FromLayer(x, l)), _) => dec.forward_from(x, l, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
-            (None, Some(ids)) => dec.forward(&ids, &pads, Some(&mut cache), &Capture::none(), Logits::Last)?,
+            (Some(First::Ids(ids)), _) => dec.forward(
+                &ids,
+                &pads,
+                Some(&mut cache),
+                &Capture::none(),
+                Logits::Last,
+            )?,
+            (Some(First::FromLayer(x, l)), _) => dec.forward_from(
+                x,
+                l,
+                &pads,
+                Some(&mut cache),
+                &Capture::none(),
+                Logits::Last,
+            )?,
+            (None, Some(ids)) => dec.forward(
+                &ids,
+                &pads,
+                Some(&mut cache),
+                &Capture::none(),
+                Logits::Last,
+            )?,
             (None, None) => unreachable!("input set after the first step"),
         };
-        let logits = logits.expect("logits requested").squeeze(1)?.to_vec2::<f32>()?;
+        let logits = logits
+            .expect("logits requested")
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
         let mut keep = Vec::new();
         let mut next = Vec::new();
         for (pos, &row) in active.iter().enumerate() {
@@ -298,7 +395,11 @@ fn decode_batch(
             break;
         }
         if keep.len() != active.len() {
-            let idx = Tensor::from_vec(keep.iter().map(|&p| p as u32).collect::<Vec<_>>(), keep.len(), &dec.device)?;
+            let idx = Tensor::from_vec(
+                keep.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                keep.len(),
+                &dec.device,
+            )?;
             cache.select_rows(&idx)?;
             pads = keep.iter().map(|&p| pads[p]).collect();
             active = keep.iter().map(|&p| active[p]).collect();
@@ -309,7 +410,12 @@ fn decode_batch(
 }
 
 /// Reference path: every step re-runs the full sequence.
-fn greedy_batch_uncached(dec: &Decoder, rows: &[&[u32]], eos: &[u32], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+fn greedy_batch_uncached(
+    dec: &Decoder,
+    rows: &[&[u32]],
+    eos: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
     let mut seqs: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
     let mut done = vec![false; rows.len()];
@@ -321,7 +427,10 @@ fn greedy_batch_uncached(dec: &Decoder, rows: &[&[u32]], eos: &[u32], opts: &Gen
         let batch: Vec<&[u32]> = active.iter().map(|&i| seqs[i].as_slice()).collect();
         let (ids, pads) = left_pad(&batch, &dec.device)?;
         let (logits, _) = dec.forward(&ids, &pads, None, &Capture::none(), Logits::Last)?;
-        let logits = logits.expect("logits requested").squeeze(1)?.to_vec2::<f32>()?;
+        let logits = logits
+            .expect("logits requested")
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
         for (pos, &i) in active.iter().enumerate() {
             let tok = argmax(&logits[pos]);
             outputs[i].push(tok);

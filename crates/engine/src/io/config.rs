@@ -95,7 +95,9 @@ impl Activation {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
-            other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh, gelu)"),
+            other => {
+                bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh, gelu)")
+            }
         })
     }
 }
@@ -111,8 +113,15 @@ pub enum AttentionKind {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RopeScaling {
     Default,
-    Linear { factor: f64 },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
     /// Phi-3 `longrope` (formerly `su`): per-frequency factors, long ones past the original context.
     LongRope {
         short_factor: Vec<f64>,
@@ -182,23 +191,30 @@ fn req_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
         .ok_or_else(|| anyhow!("{file}: missing field `{key}`"))?
         .as_u64()
         .map(|x| x as usize)
-        .ok_or_else(|| anyhow!("{file}: field `{key}` must be a non-negative integer, got {}", v[key]))
+        .ok_or_else(|| {
+            anyhow!(
+                "{file}: field `{key}` must be a non-negative integer, got {}",
+                v[key]
+            )
+        })
 }
 
 fn opt_usize(v: &Value, key: &str, file: &str) -> Result<Option<usize>> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|x| Some(x as usize))
-            .ok_or_else(|| anyhow!("{file}: field `{key}` must be a non-negative integer, got {x}")),
+        Some(x) => x.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+            anyhow!("{file}: field `{key}` must be a non-negative integer, got {x}")
+        }),
     }
 }
 
 fn opt_f64(v: &Value, key: &str, file: &str) -> Result<Option<f64>> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => x.as_f64().map(Some).ok_or_else(|| anyhow!("{file}: field `{key}` must be a number, got {x}")),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| anyhow!("{file}: field `{key}` must be a number, got {x}")),
     }
 }
 
@@ -210,7 +226,10 @@ fn opt_bool(v: &Value, key: &str) -> Option<bool> {
 pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -220,7 +239,10 @@ fn f64_list(v: &Value, key: &str, file: &str) -> Result<Vec<f64>> {
         .and_then(|x| x.as_array())
         .ok_or_else(|| anyhow!("{file}: rope scaling field `{key}` must be a list of numbers"))?;
     a.iter()
-        .map(|x| x.as_f64().ok_or_else(|| anyhow!("{file}: rope scaling `{key}` holds a non-number {x}")))
+        .map(|x| {
+            x.as_f64()
+                .ok_or_else(|| anyhow!("{file}: rope scaling `{key}` holds a non-number {x}"))
+        })
         .collect()
 }
 
@@ -228,9 +250,15 @@ fn f64_list(v: &Value, key: &str, file: &str) -> Result<Vec<f64>> {
 /// (or null), `theta` the base frequency.
 fn parse_rope(params: Option<&Value>, theta: f64, top: &Value, file: &str) -> Result<RopeConfig> {
     let Some(p) = params.filter(|p| p.is_object()) else {
-        return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+        return Ok(RopeConfig {
+            theta,
+            scaling: RopeScaling::Default,
+        });
     };
-    let kind = get(p, "rope_type").or_else(|| get(p, "type")).and_then(|x| x.as_str()).unwrap_or("default");
+    let kind = get(p, "rope_type")
+        .or_else(|| get(p, "type"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("default");
     let factor = opt_f64(p, "factor", file)?;
     let scaling = match kind {
         "default" => RopeScaling::Default,
@@ -274,8 +302,10 @@ fn parse_rope(params: Option<&Value>, theta: f64, top: &Value, file: &str) -> Re
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         ModelConfig::from_json(&v, &path.display().to_string())
     }
 
@@ -287,7 +317,9 @@ impl ModelConfig {
             .map(str::to_string);
         let family = match &arch {
             Some(a) => Family::from_architecture(a),
-            None => get(v, "model_type").and_then(|m| m.as_str()).and_then(Family::from_model_type),
+            None => get(v, "model_type")
+                .and_then(|m| m.as_str())
+                .and_then(Family::from_model_type),
         };
         let Some(family) = family else {
             bail!(
@@ -319,13 +351,23 @@ impl ModelConfig {
         let act_name = get(v, "hidden_activation")
             .or_else(|| get(v, "hidden_act"))
             .and_then(|x| x.as_str())
-            .unwrap_or(if is_gemma { "gelu_pytorch_tanh" } else { "silu" });
+            .unwrap_or(if is_gemma {
+                "gelu_pytorch_tanh"
+            } else {
+                "silu"
+            });
         // transformers' Gemma (v1) forces the tanh approximation whatever `hidden_act` says.
-        let activation = if family == Family::Gemma { Activation::GeluTanh } else { Activation::parse(act_name)? };
+        let activation = if family == Family::Gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::parse(act_name)?
+        };
 
         let sliding_window = match family {
             Family::Llama | Family::Gemma => None,
-            Family::Qwen2 | Family::Qwen3 if opt_bool(v, "use_sliding_window") != Some(true) => None,
+            Family::Qwen2 | Family::Qwen3 if opt_bool(v, "use_sliding_window") != Some(true) => {
+                None
+            }
             _ => opt_usize(v, "sliding_window", file)?,
         };
         let layer_types = Self::layer_types(v, family, num_layers, sliding_window, file)?;
@@ -338,7 +380,11 @@ impl ModelConfig {
 
         let (rope, rope_local) = Self::ropes(v, family, file)?;
         // transformers-5 keeps partial_rotary_factor inside rope_parameters, 4 at the top level.
-        let partial = match get(v, "rope_parameters").map(|rp| opt_f64(rp, "partial_rotary_factor", file)).transpose()?.flatten() {
+        let partial = match get(v, "rope_parameters")
+            .map(|rp| opt_f64(rp, "partial_rotary_factor", file))
+            .transpose()?
+            .flatten()
+        {
             Some(p) => p,
             None => opt_f64(v, "partial_rotary_factor", file)?.unwrap_or(1.0),
         };
@@ -346,7 +392,12 @@ impl ModelConfig {
         if rotary_dim % 2 != 0 || rotary_dim == 0 {
             bail!("{file}: partial_rotary_factor {partial} gives an odd or zero rotary dimension {rotary_dim}");
         }
-        if let RopeScaling::LongRope { short_factor, long_factor, .. } = &rope.scaling {
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope.scaling
+        {
             if short_factor.len() != rotary_dim / 2 || long_factor.len() != rotary_dim / 2 {
                 bail!(
                     "{file}: longrope short_factor/long_factor have {}/{} entries, expected rotary_dim/2 = {}",
@@ -386,7 +437,11 @@ impl ModelConfig {
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             sandwich_norms: matches!(family, Family::Gemma2 | Family::Gemma3),
             attn_scale,
-            attn_softcap: if family == Family::Gemma2 { opt_f64(v, "attn_logit_softcapping", file)? } else { None },
+            attn_softcap: if family == Family::Gemma2 {
+                opt_f64(v, "attn_logit_softcapping", file)?
+            } else {
+                None
+            },
             final_softcap: if matches!(family, Family::Gemma2 | Family::Gemma3) {
                 opt_f64(v, "final_logit_softcapping", file)?
             } else {
@@ -400,7 +455,10 @@ impl ModelConfig {
             bos_token_id: token_id_list(get(v, "bos_token_id")).first().copied(),
             eos_token_ids: token_id_list(get(v, "eos_token_id")),
             pad_token_id: token_id_list(get(v, "pad_token_id")).first().copied(),
-            torch_dtype: get(v, "dtype").or_else(|| get(v, "torch_dtype")).and_then(|x| x.as_str()).map(str::to_string),
+            torch_dtype: get(v, "dtype")
+                .or_else(|| get(v, "torch_dtype"))
+                .and_then(|x| x.as_str())
+                .map(str::to_string),
         })
     }
 
@@ -413,7 +471,10 @@ impl ModelConfig {
     ) -> Result<Vec<AttentionKind>> {
         if let Some(list) = get(v, "layer_types").and_then(|x| x.as_array()) {
             if list.len() != n {
-                bail!("{file}: layer_types has {} entries but num_hidden_layers is {n}", list.len());
+                bail!(
+                    "{file}: layer_types has {} entries but num_hidden_layers is {n}",
+                    list.len()
+                );
             }
             return list
                 .iter()
@@ -439,18 +500,30 @@ impl ModelConfig {
                     let pattern = opt_usize(v, "sliding_window_pattern", file)?.unwrap_or(6);
                     pattern == 0 || (i + 1) % pattern != 0
                 }
-                Family::Qwen2 | Family::Qwen3 => i >= opt_usize(v, "max_window_layers", file)?.unwrap_or(0),
+                Family::Qwen2 | Family::Qwen3 => {
+                    i >= opt_usize(v, "max_window_layers", file)?.unwrap_or(0)
+                }
                 _ => true,
             })
         };
         (0..n)
-            .map(|i| Ok(if sliding(i)? { AttentionKind::Sliding } else { AttentionKind::Full }))
+            .map(|i| {
+                Ok(if sliding(i)? {
+                    AttentionKind::Sliding
+                } else {
+                    AttentionKind::Full
+                })
+            })
             .collect()
     }
 
     /// The global rope and, for Gemma3, the local one of sliding layers.
     fn ropes(v: &Value, family: Family, file: &str) -> Result<(RopeConfig, Option<RopeConfig>)> {
-        let default_theta = if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+        let default_theta = if family == Family::Gemma3 {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
         if let Some(rp) = get(v, "rope_parameters").filter(|x| x.is_object()) {
             // v5: either one rope description or one per layer type.
             if rp.get("full_attention").is_some() || rp.get("sliding_attention").is_some() {
@@ -478,7 +551,10 @@ impl ModelConfig {
         let global = parse_rope(get(v, "rope_scaling"), theta, v, file)?;
         let local = if family == Family::Gemma3 {
             let base = opt_f64(v, "rope_local_base_freq", file)?.unwrap_or(10_000.0);
-            Some(RopeConfig { theta: base, scaling: RopeScaling::Default })
+            Some(RopeConfig {
+                theta: base,
+                scaling: RopeScaling::Default,
+            })
         } else {
             None
         };

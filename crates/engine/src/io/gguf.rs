@@ -30,7 +30,12 @@ fn meta<'a>(c: &'a Content, key: &str) -> Option<&'a GValue> {
 }
 
 fn meta_u64(c: &Content, key: &str) -> Option<u64> {
-    meta(c, key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)).or_else(|| v.to_i32().ok().map(|x| x as u64)))
+    meta(c, key).and_then(|v| {
+        v.to_u64()
+            .ok()
+            .or_else(|| v.to_u32().ok().map(u64::from))
+            .or_else(|| v.to_i32().ok().map(|x| x as u64))
+    })
 }
 
 fn meta_f64(c: &Content, key: &str) -> Option<f64> {
@@ -38,12 +43,17 @@ fn meta_f64(c: &Content, key: &str) -> Option<f64> {
 }
 
 fn meta_str<'a>(c: &'a Content, key: &str) -> Option<&'a str> {
-    meta(c, key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+    meta(c, key)
+        .and_then(|v| v.to_string().ok())
+        .map(|s| s.as_str())
 }
 
 fn meta_strings(c: &Content, key: &str) -> Result<Vec<String>> {
     let v = meta(c, key).ok_or_else(|| anyhow!("metadata `{key}` is missing"))?;
-    v.to_vec()?.iter().map(|x| Ok(x.to_string()?.clone())).collect()
+    v.to_vec()?
+        .iter()
+        .map(|x| Ok(x.to_string()?.clone()))
+        .collect()
 }
 
 fn meta_ints(c: &Content, key: &str) -> Result<Vec<i64>> {
@@ -52,7 +62,12 @@ fn meta_ints(c: &Content, key: &str) -> Result<Vec<i64>> {
         Some(v) => v
             .to_vec()?
             .iter()
-            .map(|x| x.to_i32().map(i64::from).or_else(|_| x.to_u32().map(i64::from)).map_err(|e| anyhow!("{e}")))
+            .map(|x| {
+                x.to_i32()
+                    .map(i64::from)
+                    .or_else(|_| x.to_u32().map(i64::from))
+                    .map_err(|e| anyhow!("{e}"))
+            })
             .collect(),
     }
 }
@@ -114,14 +129,18 @@ fn hf_name(arch: &str, name: &str) -> Option<String> {
 pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let half = rows / n_head / 2;
-    Ok(w.reshape((n_head, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+    Ok(w.reshape((n_head, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 impl GgufModel {
     pub fn load(path: &Path) -> Result<GgufModel> {
         let shown = path.display().to_string();
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-        let content = Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+        let content = Content::read(&mut f)
+            .map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
         let arch = meta_str(&content, "general.architecture")
             .ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?
             .to_string();
@@ -143,10 +162,12 @@ impl GgufModel {
                 bail!("{shown}: tensor `{name}` has no Hugging Face counterpart for architecture `{arch}`");
             };
             let info = &content.tensor_infos[name];
-            *quant_types.entry(format!("{:?}", info.ggml_dtype)).or_insert(0usize) += 1;
-            let q = content
-                .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| anyhow!("{shown}: cannot read tensor `{name}` ({e}); is the file truncated?"))?;
+            *quant_types
+                .entry(format!("{:?}", info.ggml_dtype))
+                .or_insert(0usize) += 1;
+            let q = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| {
+                anyhow!("{shown}: cannot read tensor `{name}` ({e}); is the file truncated?")
+            })?;
             let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
             if matches!(arch.as_str(), "llama" | "mistral") {
                 if name.contains(".attn_q.") && t.rank() == 2 {
@@ -171,7 +192,13 @@ impl GgufModel {
         })
     }
 
-    fn config(c: &Content, arch: &str, hf_arch: &str, model_type: &str, shown: &str) -> Result<Value> {
+    fn config(
+        c: &Content,
+        arch: &str,
+        hf_arch: &str,
+        model_type: &str,
+        shown: &str,
+    ) -> Result<Value> {
         let key = |k: &str| format!("{arch}.{k}");
         let need = |k: &str| -> Result<u64> {
             meta_u64(c, &key(k)).ok_or_else(|| anyhow!("{shown}: metadata `{}` is missing", key(k)))
@@ -189,29 +216,55 @@ impl GgufModel {
         cfg.insert("architectures".into(), json!([hf_arch]));
         cfg.insert("model_type".into(), json!(model_type));
         cfg.insert("hidden_size".into(), json!(hidden));
-        cfg.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
+        cfg.insert(
+            "intermediate_size".into(),
+            json!(need("feed_forward_length")?),
+        );
         cfg.insert("num_hidden_layers".into(), json!(need("block_count")?));
         cfg.insert("num_attention_heads".into(), json!(heads));
-        cfg.insert("num_key_value_heads".into(), json!(meta_u64(c, &key("attention.head_count_kv")).unwrap_or(heads)));
+        cfg.insert(
+            "num_key_value_heads".into(),
+            json!(meta_u64(c, &key("attention.head_count_kv")).unwrap_or(heads)),
+        );
         cfg.insert("head_dim".into(), json!(head_dim));
         cfg.insert("vocab_size".into(), json!(vocab));
-        cfg.insert("max_position_embeddings".into(), json!(meta_u64(c, &key("context_length")).unwrap_or(4096)));
-        cfg.insert("rms_norm_eps".into(), json!(meta_f64(c, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6)));
-        cfg.insert("tie_word_embeddings".into(), json!(!c.tensor_infos.contains_key("output.weight")));
+        cfg.insert(
+            "max_position_embeddings".into(),
+            json!(meta_u64(c, &key("context_length")).unwrap_or(4096)),
+        );
+        cfg.insert(
+            "rms_norm_eps".into(),
+            json!(meta_f64(c, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6)),
+        );
+        cfg.insert(
+            "tie_word_embeddings".into(),
+            json!(!c.tensor_infos.contains_key("output.weight")),
+        );
         let mut rope = Map::new();
         rope.insert("rope_type".into(), json!("default"));
-        rope.insert("rope_theta".into(), json!(meta_f64(c, &key("rope.freq_base")).unwrap_or(10_000.0)));
+        rope.insert(
+            "rope_theta".into(),
+            json!(meta_f64(c, &key("rope.freq_base")).unwrap_or(10_000.0)),
+        );
         match meta_str(c, &key("rope.scaling.type")) {
             None | Some("none") => {}
             Some("linear") => {
                 rope.insert("rope_type".into(), json!("linear"));
-                rope.insert("factor".into(), json!(meta_f64(c, &key("rope.scaling.factor")).unwrap_or(1.0)));
+                rope.insert(
+                    "factor".into(),
+                    json!(meta_f64(c, &key("rope.scaling.factor")).unwrap_or(1.0)),
+                );
             }
-            Some(other) => bail!("{shown}: rope scaling `{other}` in GGUF metadata is not supported"),
+            Some(other) => {
+                bail!("{shown}: rope scaling `{other}` in GGUF metadata is not supported")
+            }
         }
         if let Some(rot) = meta_u64(c, &key("rope.dimension_count")) {
             if rot != head_dim {
-                cfg.insert("partial_rotary_factor".into(), json!(rot as f64 / head_dim as f64));
+                cfg.insert(
+                    "partial_rotary_factor".into(),
+                    json!(rot as f64 / head_dim as f64),
+                );
             }
         }
         if let Some(w) = meta_u64(c, &key("attention.sliding_window")) {
@@ -230,7 +283,11 @@ impl GgufModel {
         if rope["rope_type"] != "default" {
             cfg.insert("rope_scaling".into(), Value::Object(rope));
         }
-        for (hf, g) in [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"), ("pad_token_id", "tokenizer.ggml.padding_token_id")] {
+        for (hf, g) in [
+            ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+            ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+            ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+        ] {
             if let Some(id) = meta_u64(c, g) {
                 cfg.insert(hf.into(), json!(id));
             }
@@ -264,8 +321,10 @@ pub(crate) fn gguf_bool(c: &Content, key: &str) -> Option<bool> {
 pub fn read_config(path: &Path) -> Result<Value> {
     let shown = path.display().to_string();
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-    let content = Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
-    let arch = meta_str(&content, "general.architecture").ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?;
+    let content =
+        Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+    let arch = meta_str(&content, "general.architecture")
+        .ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?;
     let Some((hf_arch, model_type)) = hf_architecture(arch) else {
         bail!("{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)");
     };

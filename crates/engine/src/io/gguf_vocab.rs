@@ -11,7 +11,8 @@ fn bytes_to_unicode() -> Vec<char> {
     let mut table = vec!['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -28,7 +29,9 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// The pre-tokenizer split regex llama.cpp's `tokenizer.ggml.pre` names (None: GPT-2's own).
 fn split_regex(pre: Option<&str>) -> Option<&'static str> {
     match pre? {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral" => Some(LLAMA3_SPLIT),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral" => {
+            Some(LLAMA3_SPLIT)
+        }
         "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
         _ => None,
     }
@@ -49,12 +52,27 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
 
 /// Special tokens of the vocabulary and the tokenizer_config value shared by both kinds.
 fn config_value(c: &Content, tokens: &[String], add_bos_default: bool) -> Value {
-    let token_at = |key: &str| gguf_u64(c, key).and_then(|i| tokens.get(i as usize)).cloned();
+    let token_at = |key: &str| {
+        gguf_u64(c, key)
+            .and_then(|i| tokens.get(i as usize))
+            .cloned()
+    };
     let mut tc = Map::new();
     tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    tc.insert("add_bos_token".into(), json!(gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)));
-    tc.insert("add_eos_token".into(), json!(gguf_bool(c, "tokenizer.ggml.add_eos_token").unwrap_or(false)));
-    for (name, key) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"), ("unk_token", "tokenizer.ggml.unknown_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")] {
+    tc.insert(
+        "add_bos_token".into(),
+        json!(gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)),
+    );
+    tc.insert(
+        "add_eos_token".into(),
+        json!(gguf_bool(c, "tokenizer.ggml.add_eos_token").unwrap_or(false)),
+    );
+    for (name, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
         if let Some(t) = token_at(key) {
             tc.insert(name.into(), json!(t));
         }
@@ -76,7 +94,13 @@ fn bpe(vocab: Map<String, Value>, merges: impl serde::Serialize, sentencepiece: 
            "vocab": vocab, "merges": merges})
 }
 
-fn tokenizer_value(added: Vec<Value>, pre_tokenizer: Value, post_processor: Value, decoder: Value, model: Value) -> Value {
+fn tokenizer_value(
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    decoder: Value,
+    model: Value,
+) -> Value {
     json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
            "pre_tokenizer": pre_tokenizer, "post_processor": post_processor, "decoder": decoder, "model": model})
 }
@@ -84,7 +108,10 @@ fn tokenizer_value(added: Vec<Value>, pre_tokenizer: Value, post_processor: Valu
 /// `TemplateProcessing` adding the BOS token when `add_bos` says so.
 fn post_processor(c: &Content, tokens: &[String], add_bos: bool) -> Value {
     let bos_id = gguf_u64(c, "tokenizer.ggml.bos_token_id");
-    match bos_id.and_then(|i| tokens.get(i as usize)).filter(|_| add_bos) {
+    match bos_id
+        .and_then(|i| tokens.get(i as usize))
+        .filter(|_| add_bos)
+    {
         Some(b) => json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
@@ -100,12 +127,19 @@ fn post_processor(c: &Content, tokens: &[String], add_bos: bool) -> Value {
 /// derives them: every split of a token into two vocabulary pieces, best score first (ties:
 /// longer left piece, then longer right piece; equal keys keep vocabulary order).
 fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
-    let vocab: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let vocab: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     // dict(zip(tokens, scores)): a repeated token keeps its first position and its last score.
     let mut order: Vec<usize> = Vec::new();
     let mut score_of: std::collections::HashMap<&str, f32> = std::collections::HashMap::new();
     for (i, t) in tokens.iter().enumerate() {
-        if score_of.insert(t.as_str(), scores.get(i).copied().unwrap_or(0.0)).is_none() {
+        if score_of
+            .insert(t.as_str(), scores.get(i).copied().unwrap_or(0.0))
+            .is_none()
+        {
             order.push(i);
         }
     }
@@ -120,12 +154,18 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
             .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
             .collect();
         local.sort_by_key(|(l, r)| (vocab[l], vocab[r]));
-        merges.extend(local.into_iter().map(|(l, r)| (l.to_string(), r.to_string(), score)));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(l, r)| (l.to_string(), r.to_string(), score)),
+        );
     }
     let key = |m: &(String, String, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
     merges.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
     });
     merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
@@ -136,16 +176,31 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
 fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
     let tokens = gguf_strings(c, "tokenizer.ggml.tokens")?;
     let scores: Vec<f32> = match c.metadata.get("tokenizer.ggml.scores") {
-        Some(v) => v.to_vec()?.iter().map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?,
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}")))
+            .collect::<Result<_>>()?,
         None => vec![0.0; tokens.len()],
     };
     let types = gguf_ints(c, "tokenizer.ggml.token_type")?;
-    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    let merges: Vec<Value> = merges_from_scores(&tokens, &scores).into_iter().map(|(l, r)| json!([l, r])).collect();
-    let special_ids: Vec<u64> = ["tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+    let vocab: Map<String, Value> = tokens
         .iter()
-        .filter_map(|k| gguf_u64(c, k))
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
+    let merges: Vec<Value> = merges_from_scores(&tokens, &scores)
+        .into_iter()
+        .map(|(l, r)| json!([l, r]))
+        .collect();
+    let special_ids: Vec<u64> = [
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+    ]
+    .iter()
+    .filter_map(|k| gguf_u64(c, k))
+    .collect();
     let mut added = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         let ty = types.get(i).copied().unwrap_or(1);
@@ -179,11 +234,19 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
     let in_alphabet = |t: &str| t.chars().all(|ch| alphabet.contains(&ch));
     let mut vocab = Map::new();
     for (i, t) in tokens.iter().enumerate() {
-        let spelled = if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| table[b as usize]).collect() };
+        let spelled = if in_alphabet(t) {
+            t.clone()
+        } else {
+            t.bytes().map(|b| table[b as usize]).collect()
+        };
         vocab.insert(spelled, json!(i));
     }
     let mut added = Vec::new();
-    for (i, (t, ty)) in tokens.iter().zip(types.iter().chain(std::iter::repeat(&1))).enumerate() {
+    for (i, (t, ty)) in tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .enumerate()
+    {
         // 3 = control (special), 4 = user-defined (added, not special). A control token outside
         // the byte alphabet is a llama.cpp mislabel that transformers skips too.
         let special = match ty {
@@ -199,11 +262,19 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
             {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
         ]}),
-        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
     };
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(false);
     let post = post_processor(c, &tokens, add_bos);
     let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-    let tokenizer = tokenizer_value(added, pre_tokenizer, post, decoder, bpe(vocab, merges, false));
+    let tokenizer = tokenizer_value(
+        added,
+        pre_tokenizer,
+        post,
+        decoder,
+        bpe(vocab, merges, false),
+    );
     Ok((tokenizer, config_value(c, &tokens, false)))
 }

@@ -2,14 +2,18 @@
 //! config.json, model.safetensors, tokenizer files, generation_config.json — all written into a
 //! temporary sibling directory that is renamed into place only when complete.
 
+use crate::io::atomic::StagedDir;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
-use crate::io::atomic::StagedDir;
 use std::path::Path;
 
 /// Serialises tensors (by Hugging Face name) as one safetensors file in `dtype` (f32, bf16, f16).
-pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>, dtype: DType, meta: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: DType,
+    meta: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let st_dtype = match dtype {
         DType::F32 => safetensors::Dtype::F32,
         DType::BF16 => safetensors::Dtype::BF16,
@@ -21,21 +25,36 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>, dtype: DType, meta:
         let flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let bytes: Vec<u8> = match dtype {
             DType::F32 => flat.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::BF16 => flat.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-            _ => flat.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            DType::BF16 => flat
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => flat
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
         };
         buffers.push((name.clone(), t.dims().to_vec(), bytes));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
         .iter()
-        .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype, shape.clone(), b)?)))
+        .map(|(n, shape, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     Ok(safetensors::tensor::serialize(views, meta)?)
 }
 
 /// config.json, tokenizer files and generation_config.json of a GGUF model, as a Hugging Face
 /// directory holds them.
-pub fn gguf_side_files(config: &serde_json::Value, tokenizer_json: &serde_json::Value, tokenizer_config: &serde_json::Value) -> Result<BTreeMap<String, Vec<u8>>> {
+pub fn gguf_side_files(
+    config: &serde_json::Value,
+    tokenizer_json: &serde_json::Value,
+    tokenizer_config: &serde_json::Value,
+) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut gen = serde_json::Map::new();
     for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
         if let Some(v) = config.get(k) {
@@ -65,7 +84,13 @@ fn dtype_name(dtype: DType) -> &'static str {
 /// Writes a Hugging Face checkpoint into `stage`: weights in `dtype` (one model.safetensors, or
 /// shards of at most `max_shard_bytes` with model.safetensors.index.json, as save_pretrained
 /// does), the side files, and config.json with its dtype field set to `dtype`.
-pub fn write_hf_files(stage: &StagedDir, tensors: &BTreeMap<String, Tensor>, dtype: DType, side: &BTreeMap<String, Vec<u8>>, max_shard_bytes: usize) -> Result<()> {
+pub fn write_hf_files(
+    stage: &StagedDir,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: DType,
+    side: &BTreeMap<String, Vec<u8>>,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let elem = if dtype == DType::F32 { 4 } else { 2 };
     let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
     let mut size = 0usize;
@@ -76,13 +101,20 @@ pub fn write_hf_files(stage: &StagedDir, tensors: &BTreeMap<String, Tensor>, dty
             shards.push(BTreeMap::new());
             size = 0;
         }
-        shards.last_mut().expect("one shard").insert(name.clone(), t.clone());
+        shards
+            .last_mut()
+            .expect("one shard")
+            .insert(name.clone(), t.clone());
         size += bytes;
         total += bytes;
     }
-    let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
     if shards.len() == 1 {
-        stage.write("model.safetensors", &safetensors_bytes(&shards[0], dtype, Some(meta))?)?;
+        stage.write(
+            "model.safetensors",
+            &safetensors_bytes(&shards[0], dtype, Some(meta))?,
+        )?;
     } else {
         let n = shards.len();
         let mut map = serde_json::Map::new();
@@ -93,12 +125,20 @@ pub fn write_hf_files(stage: &StagedDir, tensors: &BTreeMap<String, Tensor>, dty
                 map.insert(name.clone(), serde_json::json!(file));
             }
         }
-        stage.write_json("model.safetensors.index.json", &serde_json::json!({"metadata": {"total_size": total}, "weight_map": map}))?;
+        stage.write_json(
+            "model.safetensors.index.json",
+            &serde_json::json!({"metadata": {"total_size": total}, "weight_map": map}),
+        )?;
     }
     for (name, bytes) in side {
         if name == "config.json" {
-            let mut cfg: serde_json::Value = serde_json::from_slice(bytes).context("config.json of the source model is not valid JSON")?;
-            let key = if cfg.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+            let mut cfg: serde_json::Value = serde_json::from_slice(bytes)
+                .context("config.json of the source model is not valid JSON")?;
+            let key = if cfg.get("dtype").is_some() {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
             cfg[key] = serde_json::json!(dtype_name(dtype));
             stage.write_json(name, &cfg)?;
         } else {

@@ -1,10 +1,10 @@
 //! A loaded model: decoder, tokenizer, generation settings and where they came from.
 
 use crate::io::config::{token_id_list, ModelConfig};
+use crate::io::weights::{self, WeightMap};
 use crate::model::Decoder;
 use crate::text::prompts::{PromptRecord, Template};
 use crate::text::tokenizer::Tokenizer;
-use crate::io::weights::{self, WeightMap};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::BTreeMap;
@@ -79,11 +79,18 @@ impl Model {
         if !path.exists() {
             bail!("model {}: no such file or directory", path.display());
         }
-        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             return Model::load_gguf(path, t0);
         }
         if !path.is_dir() {
-            bail!("model {}: expected a Hugging Face checkpoint directory or a .gguf file", path.display());
+            bail!(
+                "model {}: expected a Hugging Face checkpoint directory or a .gguf file",
+                path.display()
+            );
         }
         let cfg_path = path.join("config.json");
         if !cfg_path.exists() {
@@ -95,9 +102,10 @@ impl Model {
         let w = weights::load_safetensors(&files, &path.display().to_string())?;
         let gen_path = path.join("generation_config.json");
         let eos = if gen_path.exists() {
-            let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+            let text = std::fs::read_to_string(&gen_path)
+                .with_context(|| format!("cannot read {}", gen_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
             token_id_list(v.get("eos_token_id"))
         } else {
             vec![]
@@ -106,7 +114,10 @@ impl Model {
         for name in HF_SIDE_FILES {
             let p = path.join(name);
             if p.is_file() {
-                hf_files.insert(name.to_string(), std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?);
+                hf_files.insert(
+                    name.to_string(),
+                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                );
             }
         }
         Model::assemble(path, cfg, tokenizer, eos, w, hf_files, t0)
@@ -117,7 +128,8 @@ impl Model {
         let shown = path.display().to_string();
         let cfg = ModelConfig::from_json(&g.config, &shown)?;
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
-        let hf_files = crate::io::hf_dir::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
+        let hf_files =
+            crate::io::hf_dir::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
         Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, t0)
     }
 
@@ -136,13 +148,25 @@ impl Model {
             eos = cfg.eos_token_ids.clone();
         }
         if eos.is_empty() {
-            if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+            if let Some(id) = tokenizer
+                .eos_token
+                .as_deref()
+                .and_then(|t| tokenizer.token_id(t))
+            {
                 eos.push(id);
             }
         }
         let source_dtype = w.source_dtype;
         let decoder = Decoder::from_weights(cfg, &mut w)?;
-        Ok(Model { decoder, tokenizer, eos_token_ids: eos, source: path.to_path_buf(), source_dtype, load_seconds: t0.elapsed().as_secs_f64(), hf_files })
+        Ok(Model {
+            decoder,
+            tokenizer,
+            eos_token_ids: eos,
+            source: path.to_path_buf(),
+            source_dtype,
+            load_seconds: t0.elapsed().as_secs_f64(),
+            hf_files,
+        })
     }
 
     pub fn cfg(&self) -> &ModelConfig {
@@ -159,7 +183,11 @@ impl Model {
                 if ids.is_empty() {
                     bail!("prompt {:?} tokenises to nothing", r.instruction);
                 }
-                Ok(Prompt { record: r.clone(), text, ids })
+                Ok(Prompt {
+                    record: r.clone(),
+                    text,
+                    ids,
+                })
             })
             .collect()
     }
@@ -172,11 +200,19 @@ impl Model {
         }
         for l in &d.layers {
             for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
-                n += lin.weight.elem_count() + lin.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0);
+                n += lin.weight.elem_count()
+                    + lin.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0);
             }
-            for nrm in [Some(&l.attn_in_norm), Some(&l.mlp_in_norm), l.attn_out_norm.as_ref(), l.mlp_out_norm.as_ref(), l.attn.q_norm.as_ref(), l.attn.k_norm.as_ref()]
-                .into_iter()
-                .flatten()
+            for nrm in [
+                Some(&l.attn_in_norm),
+                Some(&l.mlp_in_norm),
+                l.attn_out_norm.as_ref(),
+                l.mlp_out_norm.as_ref(),
+                l.attn.q_norm.as_ref(),
+                l.attn.k_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 n += nrm.weight.elem_count();
             }

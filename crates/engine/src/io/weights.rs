@@ -19,7 +19,11 @@ pub struct WeightMap {
 
 impl WeightMap {
     pub fn new(tensors: HashMap<String, Tensor>, source_dtype: DType, origin: String) -> Self {
-        WeightMap { tensors, source_dtype, origin }
+        WeightMap {
+            tensors,
+            source_dtype,
+            origin,
+        }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -71,16 +75,21 @@ impl WeightMap {
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| anyhow!("{}: missing object field `weight_map`", index.display()))?;
         let mut files: Vec<String> = map
             .values()
-            .map(|f| f.as_str().map(str::to_string).ok_or_else(|| anyhow!("{}: non-string shard name {f}", index.display())))
+            .map(|f| {
+                f.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("{}: non-string shard name {f}", index.display()))
+            })
             .collect::<Result<_>>()?;
         files.sort();
         files.dedup();
@@ -88,7 +97,11 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         for f in files {
             let p = dir.join(&f);
             if !p.exists() {
-                bail!("{}: shard `{f}` named in weight_map does not exist ({})", index.display(), p.display());
+                bail!(
+                    "{}: shard `{f}` named in weight_map does not exist ({})",
+                    index.display(),
+                    p.display()
+                );
             }
             out.push(p);
         }
@@ -104,29 +117,44 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-fn to_f32_vec(view: &safetensors::tensor::TensorView<'_>, name: &str, file: &Path) -> Result<(Vec<f32>, DType)> {
+fn to_f32_vec(
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+    file: &Path,
+) -> Result<(Vec<f32>, DType)> {
     use safetensors::Dtype as S;
     let data = view.data();
     let (v, dt) = match view.dtype() {
         S::F32 => (
-            data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             DType::F32,
         ),
         S::BF16 => (
-            data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            data.chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             DType::BF16,
         ),
         S::F16 => (
-            data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            data.chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             DType::F16,
         ),
         S::F64 => (
             data.chunks_exact(8)
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .map(|b| {
+                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
                 .collect(),
             DType::F64,
         ),
-        other => bail!("{}: tensor `{name}` has dtype {other:?}; supported: F32, BF16, F16, F64", file.display()),
+        other => bail!(
+            "{}: tensor `{name}` has dtype {other:?}; supported: F32, BF16, F16, F64",
+            file.display()
+        ),
     };
     Ok((v, dt))
 }
@@ -136,12 +164,18 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
     let mut tensors = HashMap::new();
     let mut dtype_counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
     for file in files {
-        let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         // SAFETY: the file is opened read-only and not modified by us while mapped; a concurrent
         // writer would be a user error that at worst yields wrong numbers, as with any reader.
-        let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", file.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| anyhow!("{}: not a valid safetensors file ({e}); is it truncated?", file.display()))?;
+        let mmap = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("cannot map {}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file ({e}); is it truncated?",
+                file.display()
+            )
+        })?;
         let base = mmap.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let (data, dt) = to_f32_vec(&view, &name, file)?;
@@ -149,13 +183,24 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
             let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
             let e = dtype_counts.entry(dt.as_str()).or_insert((0, dt));
             e.0 += 1;
-            release_pages(&mmap, view.data().as_ptr() as usize - base, view.data().len());
+            release_pages(
+                &mmap,
+                view.data().as_ptr() as usize - base,
+                view.data().len(),
+            );
             if tensors.insert(name.clone(), t).is_some() {
-                bail!("{}: tensor `{name}` appears in more than one shard", file.display());
+                bail!(
+                    "{}: tensor `{name}` appears in more than one shard",
+                    file.display()
+                );
             }
         }
     }
-    let source_dtype = dtype_counts.values().max_by_key(|(n, _)| *n).map(|(_, d)| *d).unwrap_or(DType::F32);
+    let source_dtype = dtype_counts
+        .values()
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, d)| *d)
+        .unwrap_or(DType::F32);
     Ok(WeightMap::new(tensors, source_dtype, origin.to_string()))
 }
 
@@ -169,7 +214,9 @@ fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {
         if end > start {
             // SAFETY: DontNeed on a read-only private file mapping only drops cached pages; they are
             // re-read from the file if touched again, which we do not do.
-            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
         }
     }
 }

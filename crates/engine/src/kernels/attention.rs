@@ -41,7 +41,14 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `q: [B, H, T, D]`, `k`/`v: [B, Hkv, S, D]`, `mask: [B, T, S]` additive (0 or -inf).
 /// Returns `[B, H, T, D]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], scale: f32, softcap: Option<f32>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (_, hkv, s, _) = k.dims4()?;
     let g = h / hkv;

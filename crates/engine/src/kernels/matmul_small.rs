@@ -50,42 +50,46 @@ fn small_rows(xv: &[f32], wv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
     let mut out_t = vec![0f32; n * m];
     let block = 16usize;
     let avx = has_avx2_fma();
-    out_t.par_chunks_mut(block * m).enumerate().for_each(|(b, o)| {
-        let rows = o.len() / m;
-        let j0 = b * block;
-        let mut r = 0;
-        while r < rows {
-            let nw = (rows - r).min(4);
-            let mut w: [&[f32]; 4] = [&[]; 4];
-            for (q, slot) in w.iter_mut().enumerate().take(nw) {
-                *slot = &wv[(j0 + r + q) * k..(j0 + r + q + 1) * k];
-            }
-            let mut i = 0;
-            while i < m {
-                let nx = (m - i).min(2);
-                let x: [&[f32]; 2] = [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
-                let tile = if avx && nw == 4 && nx == 2 {
-                    // SAFETY: the CPU has AVX2 and FMA (checked above).
-                    unsafe { tile_2x4_avx2(x[0], x[1], w) }
-                } else {
-                    let mut t = [[0f32; 4]; 2];
-                    for (a, xa) in x.iter().enumerate().take(nx) {
-                        for (c, wc) in w.iter().enumerate().take(nw) {
-                            t[a][c] = crate::kernels::attention::dot(xa, wc);
+    out_t
+        .par_chunks_mut(block * m)
+        .enumerate()
+        .for_each(|(b, o)| {
+            let rows = o.len() / m;
+            let j0 = b * block;
+            let mut r = 0;
+            while r < rows {
+                let nw = (rows - r).min(4);
+                let mut w: [&[f32]; 4] = [&[]; 4];
+                for (q, slot) in w.iter_mut().enumerate().take(nw) {
+                    *slot = &wv[(j0 + r + q) * k..(j0 + r + q + 1) * k];
+                }
+                let mut i = 0;
+                while i < m {
+                    let nx = (m - i).min(2);
+                    let x: [&[f32]; 2] =
+                        [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
+                    let tile = if avx && nw == 4 && nx == 2 {
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        unsafe { tile_2x4_avx2(x[0], x[1], w) }
+                    } else {
+                        let mut t = [[0f32; 4]; 2];
+                        for (a, xa) in x.iter().enumerate().take(nx) {
+                            for (c, wc) in w.iter().enumerate().take(nw) {
+                                t[a][c] = crate::kernels::attention::dot(xa, wc);
+                            }
+                        }
+                        t
+                    };
+                    for (a, row) in tile.iter().enumerate().take(nx) {
+                        for (c, v) in row.iter().enumerate().take(nw) {
+                            o[(r + c) * m + i + a] = *v;
                         }
                     }
-                    t
-                };
-                for (a, row) in tile.iter().enumerate().take(nx) {
-                    for (c, v) in row.iter().enumerate().take(nw) {
-                        o[(r + c) * m + i + a] = *v;
-                    }
+                    i += nx;
                 }
-                i += nx;
+                r += nw;
             }
-            r += nw;
-        }
-    });
+        });
     out_t
 }
 
@@ -124,7 +128,8 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2]
         for c in 0..4 {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][c]);
-            let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
             for t in i..k {
                 s += x[t] * w[c][t];
             }
@@ -143,7 +148,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -151,14 +158,29 @@ mod tests {
 
     #[test]
     fn equals_candle_matmul_on_every_tail() {
-        for (m, n, k) in [(1, 5, 7), (2, 4, 8), (3, 9, 17), (16, 576, 576), (17, 61, 96), (32, 1000, 1536), (31, 3, 1001)] {
+        for (m, n, k) in [
+            (1, 5, 7),
+            (2, 4, 8),
+            (3, 9, 17),
+            (16, 576, 576),
+            (17, 61, 96),
+            (32, 1000, 1536),
+            (31, 3, 1001),
+        ] {
             let x = Tensor::from_vec(pseudo(m * k, 1), (m, k), &Device::Cpu).unwrap();
             let w = Tensor::from_vec(pseudo(n * k, 2), (n, k), &Device::Cpu).unwrap();
-            let got = matmul_wt(&x, &w).unwrap().expect("qualifies").to_vec2::<f32>().unwrap();
+            let got = matmul_wt(&x, &w)
+                .unwrap()
+                .expect("qualifies")
+                .to_vec2::<f32>()
+                .unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             for (gr, wr) in got.iter().zip(&want) {
                 for (g, e) in gr.iter().zip(wr) {
-                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(), "{m}x{n}x{k}: {g} vs {e}");
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                        "{m}x{n}x{k}: {g} vs {e}"
+                    );
                 }
             }
         }
@@ -167,12 +189,26 @@ mod tests {
     #[test]
     fn declines_what_it_does_not_handle() {
         let w = Tensor::from_vec(pseudo(64, 3), (8, 8), &Device::Cpu).unwrap();
-        let big = Tensor::from_vec(pseudo(8 * (MAX_ROWS + 1), 4), (MAX_ROWS + 1, 8), &Device::Cpu).unwrap();
+        let big = Tensor::from_vec(
+            pseudo(8 * (MAX_ROWS + 1), 4),
+            (MAX_ROWS + 1, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert!(matmul_wt(&big, &w).unwrap().is_none(), "too many rows");
         let var = candle_core::Var::from_tensor(&w).unwrap();
         let x = Tensor::from_vec(pseudo(16, 5), (2, 8), &Device::Cpu).unwrap();
-        assert!(matmul_wt(&x, var.as_tensor()).unwrap().is_none(), "a trainable weight needs candle's backward");
-        let strided = Tensor::from_vec(pseudo(16, 6), (8, 2), &Device::Cpu).unwrap().t().unwrap();
-        assert!(matmul_wt(&strided, &w).unwrap().is_none(), "non-contiguous input");
+        assert!(
+            matmul_wt(&x, var.as_tensor()).unwrap().is_none(),
+            "a trainable weight needs candle's backward"
+        );
+        let strided = Tensor::from_vec(pseudo(16, 6), (8, 2), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(
+            matmul_wt(&strided, &w).unwrap().is_none(),
+            "non-contiguous input"
+        );
     }
 }

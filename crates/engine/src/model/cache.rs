@@ -18,23 +18,40 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers], shared: 0, append: true }
+        KvCache {
+            layers: vec![None; num_layers],
+            shared: 0,
+            append: true,
+        }
     }
 
     /// A cache whose every row starts with the one-row cache `prefix` of `shared` positions,
     /// marked so padding goes after it.
     pub fn from_shared(prefix: &KvCache, shared: usize) -> KvCache {
-        KvCache { layers: prefix.layers.clone(), shared, append: true }
+        KvCache {
+            layers: prefix.layers.clone(),
+            shared,
+            append: true,
+        }
     }
 
     /// Cached positions (of the first layer that holds any).
     pub fn len(&self) -> usize {
-        self.layers.iter().flatten().next().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Cached positions of layer `l`.
     pub fn len_at(&self, l: usize) -> usize {
-        self.layers.get(l).and_then(|c| c.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers
+            .get(l)
+            .and_then(|c| c.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

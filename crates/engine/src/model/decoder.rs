@@ -35,20 +35,44 @@ impl Decoder {
         let norm = |w: &mut WeightMap, name: &str, n: usize| -> Result<RmsNorm> {
             RmsNorm::new(w.take(name, &[n], "norm size")?, plus_one, eps)
         };
-        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+        let embed = w.take(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            "vocab_size x hidden_size",
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let qkv_why = "(num_attention_heads + 2 num_key_value_heads) x head_dim, hidden_size";
             let qkv = if w.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
                 Linear::new(
-                    w.take(&format!("{p}.self_attn.qkv_proj.weight"), &[qd + 2 * kvd, h], qkv_why)?,
-                    w.take_opt(&format!("{p}.self_attn.qkv_proj.bias"), &[qd + 2 * kvd], qkv_why)?,
+                    w.take(
+                        &format!("{p}.self_attn.qkv_proj.weight"),
+                        &[qd + 2 * kvd, h],
+                        qkv_why,
+                    )?,
+                    w.take_opt(
+                        &format!("{p}.self_attn.qkv_proj.bias"),
+                        &[qd + 2 * kvd],
+                        qkv_why,
+                    )?,
                 )
             } else {
-                let q = w.take(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], "num_attention_heads x head_dim, hidden_size")?;
-                let k = w.take(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
-                let v = w.take(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], "num_key_value_heads x head_dim, hidden_size")?;
+                let q = w.take(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    &[qd, h],
+                    "num_attention_heads x head_dim, hidden_size",
+                )?;
+                let k = w.take(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    &[kvd, h],
+                    "num_key_value_heads x head_dim, hidden_size",
+                )?;
+                let v = w.take(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    &[kvd, h],
+                    "num_key_value_heads x head_dim, hidden_size",
+                )?;
                 let bias = if cfg.qkv_bias {
                     let qb = w.take(&format!("{p}.self_attn.q_proj.bias"), &[qd], "q bias")?;
                     let kb = w.take(&format!("{p}.self_attn.k_proj.bias"), &[kvd], "k bias")?;
@@ -60,8 +84,16 @@ impl Decoder {
                 Linear::new(Tensor::cat(&[q, k, v], 0)?, bias)
             };
             let o = Linear::new(
-                w.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd], "hidden_size, num_attention_heads x head_dim")?,
-                if cfg.o_bias { Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?) } else { None },
+                w.take(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, qd],
+                    "hidden_size, num_attention_heads x head_dim",
+                )?,
+                if cfg.o_bias {
+                    Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?)
+                } else {
+                    None
+                },
             );
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
@@ -72,10 +104,25 @@ impl Decoder {
                 (None, None)
             };
             let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
-                Linear::new(w.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h], "2 x intermediate_size, hidden_size")?, None)
+                Linear::new(
+                    w.take(
+                        &format!("{p}.mlp.gate_up_proj.weight"),
+                        &[2 * i, h],
+                        "2 x intermediate_size, hidden_size",
+                    )?,
+                    None,
+                )
             } else {
-                let g = w.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
-                let u = w.take(&format!("{p}.mlp.up_proj.weight"), &[i, h], "intermediate_size, hidden_size")?;
+                let g = w.take(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &[i, h],
+                    "intermediate_size, hidden_size",
+                )?;
+                let u = w.take(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &[i, h],
+                    "intermediate_size, hidden_size",
+                )?;
                 let bias = if cfg.mlp_bias {
                     let gb = w.take(&format!("{p}.mlp.gate_proj.bias"), &[i], "gate bias")?;
                     let ub = w.take(&format!("{p}.mlp.up_proj.bias"), &[i], "up bias")?;
@@ -86,21 +133,42 @@ impl Decoder {
                 Linear::new(Tensor::cat(&[g, u], 0)?, bias)
             };
             let down = Linear::new(
-                w.take(&format!("{p}.mlp.down_proj.weight"), &[h, i], "hidden_size, intermediate_size")?,
-                if cfg.mlp_bias { Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?) } else { None },
+                w.take(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, i],
+                    "hidden_size, intermediate_size",
+                )?,
+                if cfg.mlp_bias {
+                    Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?)
+                } else {
+                    None
+                },
             );
             let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
                 (
                     Some(norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?),
                     norm(w, &format!("{p}.pre_feedforward_layernorm.weight"), h)?,
-                    Some(norm(w, &format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                    Some(norm(
+                        w,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                        h,
+                    )?),
                 )
             } else {
-                (None, norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?, None)
+                (
+                    None,
+                    norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                    None,
+                )
             };
             layers.push(Layer {
                 attn_in_norm: norm(w, &format!("{p}.input_layernorm.weight"), h)?,
-                attn: Attention { qkv, o, q_norm, k_norm },
+                attn: Attention {
+                    qkv,
+                    o,
+                    q_norm,
+                    k_norm,
+                },
                 attn_out_norm,
                 mlp_in_norm,
                 mlp: Mlp { gate_up, down },
@@ -111,13 +179,24 @@ impl Decoder {
         let final_norm = norm(w, "model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints still carry a copy; it must equal the embedding, so drop it.
-            let _ = w.take_opt("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size")?;
+            let _ = w.take_opt(
+                "lm_head.weight",
+                &[cfg.vocab_size, h],
+                "vocab_size x hidden_size",
+            )?;
             None
         } else {
-            Some(w.take("lm_head.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size (tie_word_embeddings is false)")?)
+            Some(w.take(
+                "lm_head.weight",
+                &[cfg.vocab_size, h],
+                "vocab_size x hidden_size (tie_word_embeddings is false)",
+            )?)
         };
-        let leftover: Vec<String> =
-            w.remaining().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        let leftover: Vec<String> = w
+            .remaining()
+            .into_iter()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
         if !leftover.is_empty() {
             bail!(
                 "{}: {} tensors are not used by a {:?} model, e.g. {:?} (wrong architecture in config.json?)",
@@ -128,8 +207,21 @@ impl Decoder {
             );
         }
         let rope_global = Rope::new(&cfg.rope, cfg.rotary_dim);
-        let rope_local = cfg.rope_local.as_ref().map(|r| Rope::new(r, cfg.rotary_dim));
-        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, rope_global, rope_local, device: Device::Cpu, saved: vec![] })
+        let rope_local = cfg
+            .rope_local
+            .as_ref()
+            .map(|r| Rope::new(r, cfg.rotary_dim));
+        Ok(Decoder {
+            cfg,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope_global,
+            rope_local,
+            device: Device::Cpu,
+            saved: vec![],
+        })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -139,21 +231,34 @@ impl Decoder {
     /// Token embeddings `[B, T, H]` (scaled for Gemma).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         Ok(match self.cfg.embed_scale {
             Some(s) => (x * (s as f32) as f64)?,
             None => x,
         })
     }
 
-    fn attention(&self, l: usize, x: &Tensor, ctx: &StepCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &StepCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let layer = &self.layers[l];
         let cfg = &self.cfg;
         let (b, t) = (ctx.batch, ctx.new_tokens);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let qkv = layer.attn.qkv.forward(x)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(2, start * hd, n * hd)?.reshape((b, t, n, hd))?.transpose(1, 2)?)
+            Ok(qkv
+                .narrow(2, start * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?)
         };
         let mut q = heads(0, nh)?;
         let mut k = heads(nh, nkv)?;
@@ -172,15 +277,26 @@ impl Decoder {
         let k = rope::apply(&k, cos, sin, cfg.rotary_dim, ctx.differentiable)?.contiguous()?;
         let (k, v) = match cache {
             Some(c) => {
-                let past = if c.append { c.layers[l].take() } else { c.layers[l].clone() };
+                let past = if c.append {
+                    c.layers[l].take()
+                } else {
+                    c.layers[l].clone()
+                };
                 let kv = match past {
                     Some((pk, pv)) => {
                         // A shared prefix is held as one row for the whole batch.
                         let rows = |t: Tensor| -> Result<Tensor> {
                             let (pb, h, s, d) = t.dims4()?;
-                            Ok(if pb == b { t } else { t.broadcast_as((b, h, s, d))?.contiguous()? })
+                            Ok(if pb == b {
+                                t
+                            } else {
+                                t.broadcast_as((b, h, s, d))?.contiguous()?
+                            })
                         };
-                        (Tensor::cat(&[&rows(pk)?, &k], 2)?, Tensor::cat(&[&rows(pv)?, &v], 2)?)
+                        (
+                            Tensor::cat(&[&rows(pk)?, &k], 2)?,
+                            Tensor::cat(&[&rows(pv)?, &v], 2)?,
+                        )
                     }
                     None => (k, v),
                 };
@@ -197,17 +313,38 @@ impl Decoder {
             let g = nh / nkv;
             // Grouped-query attention without copying k/v: the g query heads that share a kv
             // head are stacked along the row dimension.
-            let q = (q * cfg.attn_scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+            let q = (q * cfg.attn_scale)?
+                .contiguous()?
+                .reshape((b, nkv, g * t, hd))?;
             let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
             if let Some(cap) = cfg.attn_softcap {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
-            let mask = if sliding { ctx.mask_sliding.as_ref() } else { ctx.mask_full.as_ref() }.expect("built when differentiable");
+            let mask = if sliding {
+                ctx.mask_sliding.as_ref()
+            } else {
+                ctx.mask_full.as_ref()
+            }
+            .expect("built when differentiable");
             let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-            probs.reshape((b, nkv, g * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?
+            probs
+                .reshape((b, nkv, g * t, s))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
         } else {
-            let mask = if sliding { ctx.mask_sliding_raw.as_ref().expect("checked") } else { &ctx.mask_full_raw };
-            crate::kernels::attention::attention(&q, &k, &v, mask, cfg.attn_scale as f32, cfg.attn_softcap.map(|c| c as f32))?
+            let mask = if sliding {
+                ctx.mask_sliding_raw.as_ref().expect("checked")
+            } else {
+                &ctx.mask_full_raw
+            };
+            crate::kernels::attention::attention(
+                &q,
+                &k,
+                &v,
+                mask,
+                cfg.attn_scale as f32,
+                cfg.attn_softcap.map(|c| c as f32),
+            )?
         };
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.attn.o.forward(&out)
@@ -257,7 +394,14 @@ impl Decoder {
 
     /// Final norm (recorded as `FinalNorm`) and, if asked, logits of the last position only or
     /// of every position.
-    pub fn head(&self, x: &Tensor, ctx: &StepCtx, logits: Logits, capture: &Capture, captured: &mut Captured) -> Result<Option<Tensor>> {
+    pub fn head(
+        &self,
+        x: &Tensor,
+        ctx: &StepCtx,
+        logits: Logits,
+        capture: &Capture,
+        captured: &mut Captured,
+    ) -> Result<Option<Tensor>> {
         let normed = self.final_norm.forward(x, ctx.differentiable)?;
         captured.record(capture, Hook::FinalNorm, &normed)?;
         let h = match logits {
@@ -316,7 +460,14 @@ impl Decoder {
             (Logits::None, Some(k)) => k.min(self.num_layers()),
             _ => self.num_layers(),
         };
-        let x = self.run_layers(x, start..stop.max(start), &ctx, cache, capture, &mut captured)?;
+        let x = self.run_layers(
+            x,
+            start..stop.max(start),
+            &ctx,
+            cache,
+            capture,
+            &mut captured,
+        )?;
         if stop < self.num_layers() {
             captured.record(capture, Hook::ResidPre(stop), &x)?;
             return Ok((None, captured));
@@ -332,7 +483,14 @@ impl Decoder {
         let x = self.embed(ids)?;
         let ctx = self.step_ctx(pads, 0, x.dim(1)?, true)?;
         let mut captured = Captured::default();
-        let x = self.run_layers(x, 0..self.num_layers(), &ctx, None, &Capture::default(), &mut captured)?;
+        let x = self.run_layers(
+            x,
+            0..self.num_layers(),
+            &ctx,
+            None,
+            &Capture::default(),
+            &mut captured,
+        )?;
         self.final_norm.forward(&x, true)
     }
 

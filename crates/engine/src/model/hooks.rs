@@ -58,8 +58,14 @@ impl Hook {
         let Some((kind, k)) = s.split_once('.') else {
             bail!("hook `{s}`: expected resid_pre.K, resid_post.K, attn_out.K, mlp_out.K, hidden.K or final_norm");
         };
-        let k: usize = k.parse().map_err(|_| anyhow::anyhow!("hook `{s}`: `{k}` is not a layer number"))?;
-        let limit = if kind == "hidden" { num_layers } else { num_layers - 1 };
+        let k: usize = k
+            .parse()
+            .map_err(|_| anyhow::anyhow!("hook `{s}`: `{k}` is not a layer number"))?;
+        let limit = if kind == "hidden" {
+            num_layers
+        } else {
+            num_layers - 1
+        };
         if k > limit {
             bail!("hook `{s}`: layer {k} is outside the model (0..={limit})");
         }
@@ -95,7 +101,11 @@ impl Capture {
 
     /// Every `output_hidden_states` entry at the last token.
     pub fn all_hidden_last(num_layers: usize) -> Self {
-        Capture { hooks: (0..=num_layers).map(|k| (Hook::hidden_entry(k, num_layers), Positions::Last)).collect() }
+        Capture {
+            hooks: (0..=num_layers)
+                .map(|k| (Hook::hidden_entry(k, num_layers), Positions::Last))
+                .collect(),
+        }
     }
 
     pub fn wants(&self, hook: Hook) -> bool {

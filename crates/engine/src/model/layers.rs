@@ -17,7 +17,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, frozen: false }
+        Linear {
+            weight,
+            bias,
+            frozen: false,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -52,13 +56,21 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub(crate) fn new(weight: Tensor, plus_one: bool, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight, plus_one, eps })
+        Ok(RmsNorm {
+            weight,
+            plus_one,
+            eps,
+        })
     }
 
     /// What the normalised input is multiplied by. Derived on every call (it is only a
     /// hidden-size vector) so that in-place weight updates during training are always seen.
     fn scale(&self) -> Result<Tensor> {
-        Ok(if self.plus_one { (&self.weight + 1.0)? } else { self.weight.clone() })
+        Ok(if self.plus_one {
+            (&self.weight + 1.0)?
+        } else {
+            self.weight.clone()
+        })
     }
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
@@ -67,7 +79,11 @@ impl RmsNorm {
             let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
             Ok(normed.broadcast_mul(&self.scale()?)?)
         } else {
-            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale()?, self.eps as f32)?)
+            Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.scale()?,
+                self.eps as f32,
+            )?)
         }
     }
 }

@@ -78,38 +78,76 @@ pub struct StepCtx {
 }
 
 impl Decoder {
-
     /// Masks and rope angles for `new_tokens` tokens appended after `past` cached ones, rows
     /// left-padded by `pads[b]` tokens.
-    pub fn step_ctx(&self, pads: &[usize], past: usize, new_tokens: usize, differentiable: bool) -> Result<StepCtx> {
+    pub fn step_ctx(
+        &self,
+        pads: &[usize],
+        past: usize,
+        new_tokens: usize,
+        differentiable: bool,
+    ) -> Result<StepCtx> {
         self.step_ctx_shared(pads, 0, past, new_tokens, differentiable)
     }
 
     /// As `step_ctx`, with each row's padding after a prefix of `shared` positions that every
     /// row has (computed once: see `KvCache::from_shared`).
-    pub fn step_ctx_shared(&self, pads: &[usize], shared: usize, past: usize, new_tokens: usize, differentiable: bool) -> Result<StepCtx> {
+    pub fn step_ctx_shared(
+        &self,
+        pads: &[usize],
+        shared: usize,
+        past: usize,
+        new_tokens: usize,
+        differentiable: bool,
+    ) -> Result<StepCtx> {
         let b = pads.len();
         let total = past + new_tokens;
         let window = self.cfg.sliding_window;
         let needs_sliding = self.cfg.layer_types.contains(&AttentionKind::Sliding);
-        let layout = PadLayout { shared, past, new_tokens };
+        let layout = PadLayout {
+            shared,
+            past,
+            new_tokens,
+        };
         let mask_full_raw = layout.additive_mask(pads, None);
-        let mask_sliding_raw = if needs_sliding { Some(layout.additive_mask(pads, window)) } else { None };
-        let as_tensor = |m: &Vec<f32>| Tensor::from_vec(m.clone(), (b, 1, new_tokens, total), &self.device);
-        let positions: Vec<Vec<u32>> = pads.iter().map(|&pad| (past..total).map(|i| layout.position(i, pad) as u32).collect()).collect();
-        let seq_len = pads.iter().map(|&p| total - p.min(total)).max().unwrap_or(0);
+        let mask_sliding_raw = if needs_sliding {
+            Some(layout.additive_mask(pads, window))
+        } else {
+            None
+        };
+        let as_tensor =
+            |m: &Vec<f32>| Tensor::from_vec(m.clone(), (b, 1, new_tokens, total), &self.device);
+        let positions: Vec<Vec<u32>> = pads
+            .iter()
+            .map(|&pad| {
+                (past..total)
+                    .map(|i| layout.position(i, pad) as u32)
+                    .collect()
+            })
+            .collect();
+        let seq_len = pads
+            .iter()
+            .map(|&p| total - p.min(total))
+            .max()
+            .unwrap_or(0);
         Ok(StepCtx {
             batch: b,
             new_tokens,
             past,
-            mask_full: if differentiable { Some(as_tensor(&mask_full_raw)?) } else { None },
+            mask_full: if differentiable {
+                Some(as_tensor(&mask_full_raw)?)
+            } else {
+                None
+            },
             mask_sliding: match &mask_sliding_raw {
                 Some(m) if differentiable => Some(as_tensor(m)?),
                 _ => None,
             },
             mask_full_raw,
             mask_sliding_raw,
-            rope_global: self.rope_global.cos_sin(&positions, seq_len, &self.device)?,
+            rope_global: self
+                .rope_global
+                .cos_sin(&positions, seq_len, &self.device)?,
             rope_local: match &self.rope_local {
                 Some(r) => Some(r.cos_sin(&positions, seq_len, &self.device)?),
                 None => None,

@@ -35,7 +35,12 @@ impl Rope {
         match &cfg.scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= *factor as f32),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let factor = *factor as f32;
                 let (low, high) = (*low_freq_factor as f32, *high_freq_factor as f32);
                 let old = *original_max_position_embeddings as f32;
@@ -43,7 +48,11 @@ impl Rope {
                 let high_wavelen = old / high;
                 for f in inv.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
@@ -53,7 +62,12 @@ impl Rope {
                     };
                 }
             }
-            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, attention_factor } => {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
                 let with = |factors: &[f64]| -> Vec<f32> {
                     (0..rot_dim)
                         .step_by(2)
@@ -69,12 +83,22 @@ impl Rope {
                 scale = *attention_factor as f32;
             }
         }
-        Rope { rot_dim, inv_freq: inv, long_inv_freq: long, scale }
+        Rope {
+            rot_dim,
+            inv_freq: inv,
+            long_inv_freq: long,
+            scale,
+        }
     }
 
     /// cos and sin, each `[B, T, rot_dim/2]`, for per-row positions `positions[b][t]`.
     /// `seq_len` is the longest sequence the call covers (selects longrope's long factors).
-    pub fn cos_sin(&self, positions: &[Vec<u32>], seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[Vec<u32>],
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let inv = match &self.long_inv_freq {
             Some((long, switch)) if seq_len > *switch => long,
             _ => &self.inv_freq,
@@ -102,12 +126,21 @@ impl Rope {
 
 /// Rotates `x: [B, H, T, D]` (rotate-half convention) on its first `rot_dim` dims.
 /// `differentiable` selects the slow path built from ops that have a backward pass.
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rot_dim: usize, differentiable: bool) -> Result<Tensor> {
+pub fn apply(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    rot_dim: usize,
+    differentiable: bool,
+) -> Result<Tensor> {
     let d = x.dim(3)?;
     let (rot, pass) = if rot_dim == d {
         (x.clone(), None)
     } else {
-        (x.narrow(3, 0, rot_dim)?, Some(x.narrow(3, rot_dim, d - rot_dim)?))
+        (
+            x.narrow(3, 0, rot_dim)?,
+            Some(x.narrow(3, rot_dim, d - rot_dim)?),
+        )
     };
     let rotated = if differentiable {
         // [B, T, half] -> [B, 1, T, rot]

@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// A 0-indexed inclusive layer range, as the paper writes `[i, j]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct LayerRange {
     pub first: usize,
     pub last: usize,
@@ -18,7 +20,10 @@ impl LayerRange {
             bail!("layer range {first}-{last}: the first layer is after the last");
         }
         if last >= num_layers {
-            bail!("layer range {first}-{last} is outside the model's layers 0-{}", num_layers - 1);
+            bail!(
+                "layer range {first}-{last} is outside the model's layers 0-{}",
+                num_layers - 1
+            );
         }
         Ok(LayerRange { first, last })
     }
@@ -27,7 +32,9 @@ impl LayerRange {
     pub fn parse(s: &str, num_layers: usize) -> Result<Self> {
         let (a, b) = s.split_once('-').unwrap_or((s, s));
         let p = |x: &str| -> Result<usize> {
-            x.trim().parse().map_err(|_| anyhow::anyhow!("layer range `{s}`: `{x}` is not a layer number (expected I-J)"))
+            x.trim().parse().map_err(|_| {
+                anyhow::anyhow!("layer range `{s}`: `{x}` is not a layer number (expected I-J)")
+            })
         };
         LayerRange::new(p(a)?, p(b)?, num_layers)
     }
@@ -60,7 +67,11 @@ pub struct ScaleReport {
 }
 
 fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.ne(b)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
+    Ok(a.ne(b)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        > 0.0)
 }
 
 impl Decoder {
@@ -91,22 +102,55 @@ impl Decoder {
             let p = format!("model.layers.{l}");
             let parts: [(&str, &Tensor, &Tensor, usize, usize); 7] = [
                 ("self_attn.q_proj", &orig[0], &layer.attn.qkv.weight, 0, qd),
-                ("self_attn.k_proj", &orig[0], &layer.attn.qkv.weight, qd, kvd),
-                ("self_attn.v_proj", &orig[0], &layer.attn.qkv.weight, qd + kvd, kvd),
-                ("self_attn.o_proj", &orig[1], &layer.attn.o.weight, 0, orig[1].dim(0)?),
+                (
+                    "self_attn.k_proj",
+                    &orig[0],
+                    &layer.attn.qkv.weight,
+                    qd,
+                    kvd,
+                ),
+                (
+                    "self_attn.v_proj",
+                    &orig[0],
+                    &layer.attn.qkv.weight,
+                    qd + kvd,
+                    kvd,
+                ),
+                (
+                    "self_attn.o_proj",
+                    &orig[1],
+                    &layer.attn.o.weight,
+                    0,
+                    orig[1].dim(0)?,
+                ),
                 ("mlp.gate_proj", &orig[2], &layer.mlp.gate_up.weight, 0, i),
                 ("mlp.up_proj", &orig[2], &layer.mlp.gate_up.weight, i, i),
-                ("mlp.down_proj", &orig[3], &layer.mlp.down.weight, 0, orig[3].dim(0)?),
+                (
+                    "mlp.down_proj",
+                    &orig[3],
+                    &layer.mlp.down.weight,
+                    0,
+                    orig[3].dim(0)?,
+                ),
             ];
             for (name, before, after, start, len) in parts {
-                if alpha != 1.0 && !changed(&before.narrow(0, start, len)?, &after.narrow(0, start, len)?)? {
+                if alpha != 1.0
+                    && !changed(
+                        &before.narrow(0, start, len)?,
+                        &after.narrow(0, start, len)?,
+                    )?
+                {
                     bail!("scaling {p}.{name} by {alpha} left it unchanged (all-zero weights?)");
                 }
                 matrices.push(format!("{p}.{name}.weight"));
             }
             self.saved.push((l, orig));
         }
-        Ok(ScaleReport { range, alpha, matrices })
+        Ok(ScaleReport {
+            range,
+            alpha,
+            matrices,
+        })
     }
 
     /// Puts back the exact original weights of any scaled layers.

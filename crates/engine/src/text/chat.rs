@@ -15,7 +15,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -43,7 +46,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
             let mut buf = Vec::new();
             let fmt = serde_json::ser::PrettyFormatter::with_indent(&ind);
             let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-            v.serialize(&mut ser).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+            v.serialize(&mut ser)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
             String::from_utf8(buf).unwrap_or_default()
         }
     };
@@ -55,9 +59,16 @@ fn sort_json(v: serde_json::Value) -> serde_json::Value {
         serde_json::Value::Object(m) => {
             let mut entries: Vec<_> = m.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort_json(v))).collect())
+            serde_json::Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_json(v)))
+                    .collect(),
+            )
         }
-        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sort_json).collect()),
+        serde_json::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(sort_json).collect())
+        }
         other => other,
     }
 }
@@ -68,12 +79,24 @@ fn python_json_compact(v: &serde_json::Value) -> String {
         serde_json::Value::Object(m) => {
             let parts: Vec<String> = m
                 .iter()
-                .map(|(k, v)| format!("{}: {}", serde_json::to_string(k).unwrap_or_default(), python_json_compact(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        serde_json::to_string(k).unwrap_or_default(),
+                        python_json_compact(v)
+                    )
+                })
                 .collect();
             format!("{{{}}}", parts.join(", "))
         }
         serde_json::Value::Array(a) => {
-            format!("[{}]", a.iter().map(python_json_compact).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                a.iter()
+                    .map(python_json_compact)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
         other => serde_json::to_string(other).unwrap_or_default(),
     }
@@ -101,7 +124,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template("chat", &self.source).map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
+        env.add_template("chat", &self.source)
+            .map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
         Ok(env)
     }
 
@@ -124,13 +148,20 @@ impl ChatTemplate {
         for (k, v) in &self.special {
             ctx.insert(k.clone(), Value::from(v.as_str()));
         }
-        ctx.insert("messages".into(), Value::from(minijinja::value::Serde(messages)));
-        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+        ctx.insert(
+            "messages".into(),
+            Value::from(minijinja::value::Serde(messages)),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
         for (k, v) in extra {
             ctx.insert(k.clone(), Value::from(minijinja::value::Serde(v)));
         }
-        tmpl.render(ctx).map_err(|e| anyhow!("chat template failed: {e:#}"))
+        tmpl.render(ctx)
+            .map_err(|e| anyhow!("chat template failed: {e:#}"))
     }
 }

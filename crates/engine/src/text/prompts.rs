@@ -22,7 +22,10 @@ pub struct PromptRecord {
 
 impl PromptRecord {
     pub fn new(instruction: &str) -> Self {
-        PromptRecord { instruction: instruction.to_string(), input: None }
+        PromptRecord {
+            instruction: instruction.to_string(),
+            input: None,
+        }
     }
 }
 
@@ -61,7 +64,9 @@ impl Template {
         Ok(match self {
             Template::Alpaca => match input {
                 None => ALPACA.replace("{instruction}", &rec.instruction),
-                Some(inp) => ALPACA_INPUT.replacen("{instruction}", &rec.instruction, 1).replacen("{input}", inp, 1),
+                Some(inp) => ALPACA_INPUT
+                    .replacen("{instruction}", &rec.instruction, 1)
+                    .replacen("{input}", inp, 1),
             },
             Template::Chat => {
                 let content = match input {
@@ -89,20 +94,30 @@ pub fn read_prompts(path: &Path, column: Option<&str>) -> Result<Vec<PromptRecor
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read prompt file {shown}"))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow!("{shown}: not UTF-8 text"))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let recs = match ext.as_str() {
         "json" => {
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{shown}: invalid JSON"))?;
-            let arr = v.as_array().ok_or_else(|| anyhow!("{shown}: expected a JSON list of records"))?;
-            arr.iter().enumerate().map(|(i, r)| record_from_json(r, column, &format!("{shown}: record {i}"))).collect::<Result<Vec<_>>>()?
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{shown}: invalid JSON"))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| anyhow!("{shown}: expected a JSON list of records"))?;
+            arr.iter()
+                .enumerate()
+                .map(|(i, r)| record_from_json(r, column, &format!("{shown}: record {i}")))
+                .collect::<Result<Vec<_>>>()?
         }
         "jsonl" => text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                let v: serde_json::Value =
-                    serde_json::from_str(l).with_context(|| format!("{shown}: line {} is not valid JSON", i + 1))?;
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .with_context(|| format!("{shown}: line {} is not valid JSON", i + 1))?;
                 record_from_json(&v, column, &format!("{shown}: line {}", i + 1))
             })
             .collect::<Result<Vec<_>>>()?,
@@ -111,7 +126,11 @@ pub fn read_prompts(path: &Path, column: Option<&str>) -> Result<Vec<PromptRecor
             if column.is_some() {
                 bail!("{shown}: --column applies to CSV, JSON and JSONL files only");
             }
-            text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).map(PromptRecord::new).collect()
+            text.lines()
+                .map(|l| l.trim_end_matches('\r'))
+                .filter(|l| !l.trim().is_empty())
+                .map(PromptRecord::new)
+                .collect()
         }
     };
     if recs.is_empty() {
@@ -129,18 +148,33 @@ fn record_from_json(v: &serde_json::Value, column: Option<&str>, at: &str) -> Re
         .get(key)
         .and_then(|x| x.as_str())
         .ok_or_else(|| anyhow!("{at}: missing string field `{key}`"))?;
-    let input = if column.is_none() { v.get("input").and_then(|x| x.as_str()).map(str::to_string) } else { None };
-    Ok(PromptRecord { instruction: instruction.to_string(), input })
+    let input = if column.is_none() {
+        v.get("input").and_then(|x| x.as_str()).map(str::to_string)
+    } else {
+        None
+    };
+    Ok(PromptRecord {
+        instruction: instruction.to_string(),
+        input,
+    })
 }
 
 fn read_csv(text: &str, column: Option<&str>, shown: &str) -> Result<Vec<PromptRecord>> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(column.is_some()).flexible(false).from_reader(text.as_bytes());
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(column.is_some())
+        .flexible(false)
+        .from_reader(text.as_bytes());
     let idx = match column {
         None => None,
         Some(c) => {
-            let headers = rdr.headers().with_context(|| format!("{shown}: cannot read the CSV header"))?;
+            let headers = rdr
+                .headers()
+                .with_context(|| format!("{shown}: cannot read the CSV header"))?;
             Some(headers.iter().position(|h| h == c).ok_or_else(|| {
-                anyhow!("{shown}: no column `{c}` in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(", "))
+                anyhow!(
+                    "{shown}: no column `{c}` in the header (columns: {})",
+                    headers.iter().collect::<Vec<_>>().join(", ")
+                )
             })?)
         }
     };
@@ -148,7 +182,9 @@ fn read_csv(text: &str, column: Option<&str>, shown: &str) -> Result<Vec<PromptR
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.with_context(|| format!("{shown}: malformed CSV near record {}", i + 1))?;
         let field = match idx {
-            Some(k) => rec.get(k).ok_or_else(|| anyhow!("{shown}: record {} has no column {k}", i + 1))?,
+            Some(k) => rec
+                .get(k)
+                .ok_or_else(|| anyhow!("{shown}: record {} has no column {k}", i + 1))?,
             None => {
                 if rec.len() != 1 {
                     bail!("{shown}: record {} has {} columns; name one with --column (and give the file a header)", i + 1, rec.len());

@@ -18,7 +18,10 @@ pub struct Tokenizer {
 fn token_string(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -32,7 +35,9 @@ fn template_source(v: Option<&Value>) -> Option<String> {
                 .iter()
                 .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
                 .or_else(|| list.first())?;
-            pick.get("template").and_then(|t| t.as_str()).map(str::to_string)
+            pick.get("template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
         }
         _ => None,
     }
@@ -42,40 +47,74 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let tj = dir.join("tokenizer.json");
         if !tj.exists() {
-            bail!("{}: tokenizer.json is missing (the tokenizer must be saved in the fast format)", dir.display());
+            bail!(
+                "{}: tokenizer.json is missing (the tokenizer must be saved in the fast format)",
+                dir.display()
+            );
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Value = if tc_path.exists() {
-            let text = std::fs::read_to_string(&tc_path).with_context(|| format!("cannot read {}", tc_path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", tc_path.display()))?
+            let text = std::fs::read_to_string(&tc_path)
+                .with_context(|| format!("cannot read {}", tc_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", tc_path.display()))?
         } else {
             Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
         let template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?)
+            Some(
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("cannot read {}", jinja.display()))?,
+            )
         } else {
             None
         };
-        Ok(Tokenizer::from_parts(inner, &tc, template, &dir.display().to_string()))
+        Ok(Tokenizer::from_parts(
+            inner,
+            &tc,
+            template,
+            &dir.display().to_string(),
+        ))
     }
 
     /// From a `tokenizer.json` value and a `tokenizer_config.json` value (e.g. rebuilt from GGUF).
-    pub fn from_json(tokenizer_json: &Value, tokenizer_config: &Value, origin: &str) -> Result<Tokenizer> {
+    pub fn from_json(
+        tokenizer_json: &Value,
+        tokenizer_config: &Value,
+        origin: &str,
+    ) -> Result<Tokenizer> {
         let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&tokenizer_json.to_string())
             .map_err(|e| anyhow!("{origin}: cannot build the tokenizer: {e}"))?;
         Ok(Tokenizer::from_parts(inner, tokenizer_config, None, origin))
     }
 
-    fn from_parts(inner: tokenizers::Tokenizer, tc: &Value, template_file: Option<String>, origin: &str) -> Tokenizer {
+    fn from_parts(
+        inner: tokenizers::Tokenizer,
+        tc: &Value,
+        template_file: Option<String>,
+        origin: &str,
+    ) -> Tokenizer {
         let source = template_file.or_else(|| template_source(tc.get("chat_template")));
         let chat_template = source.map(|src| {
-            let special = ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"]
-                .iter()
-                .filter_map(|key| token_string(tc.get(*key)).map(|s| (key.to_string(), s)))
-                .collect();
-            ChatTemplate { source: src, special }
+            let special = [
+                "bos_token",
+                "eos_token",
+                "unk_token",
+                "pad_token",
+                "sep_token",
+                "cls_token",
+                "mask_token",
+            ]
+            .iter()
+            .filter_map(|key| token_string(tc.get(*key)).map(|s| (key.to_string(), s)))
+            .collect();
+            ChatTemplate {
+                source: src,
+                special,
+            }
         });
         Tokenizer {
             inner,
@@ -89,12 +128,17 @@ impl Tokenizer {
     /// Token ids as transformers' tokenizer(text) gives them (`add_special_tokens` adds BOS
     /// where the tokenizer's post-processor does).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("{}: tokenization failed: {e}", self.origin))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("{}: tokenization failed: {e}", self.origin))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("{}: decoding failed: {e}", self.origin))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("{}: decoding failed: {e}", self.origin))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -105,7 +149,11 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         self.apply_chat_template_with(messages, add_generation_prompt, &serde_json::Map::new())
     }
 
@@ -115,10 +163,12 @@ impl Tokenizer {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
-        let t = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: the tokenizer has no chat template (use --template alpaca or raw)", self.origin))?;
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{}: the tokenizer has no chat template (use --template alpaca or raw)",
+                self.origin
+            )
+        })?;
         t.render_with(messages, add_generation_prompt, extra)
     }
 }

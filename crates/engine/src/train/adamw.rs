@@ -18,7 +18,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -62,16 +67,30 @@ impl InplaceOp2 for Update<'_> {
         "adamw-update"
     }
 
-    fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (p, g) else { candle_core::bail!("adamw: parameters and gradients must be f32") };
-        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets()) else {
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (p, g) else {
+            candle_core::bail!("adamw: parameters and gradients must be f32")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
             candle_core::bail!("adamw: parameter and gradient must be contiguous")
         };
         let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
         let mut guard = self.moments.lock().expect("adamw state lock");
         let Moments { m, v } = &mut **guard;
         if p.len() != g.len() || m.len() != p.len() {
-            candle_core::bail!("adamw: parameter has {} values, gradient {}, state {}", p.len(), g.len(), m.len());
+            candle_core::bail!(
+                "adamw: parameter has {} values, gradient {}, state {}",
+                p.len(),
+                g.len(),
+                m.len()
+            );
         }
         let s = self.s;
         p.par_chunks_mut(CHUNK)
@@ -99,15 +118,36 @@ impl InplaceOp2 for Update<'_> {
 impl AdamW {
     /// State for tensors of the given element counts, all moments zero.
     pub fn new(cfg: AdamWConfig, sizes: &[usize]) -> AdamW {
-        AdamW { cfg, step: 0, moments: sizes.iter().map(|&n| Moments { m: vec![0.0; n], v: vec![0.0; n] }).collect() }
+        AdamW {
+            cfg,
+            step: 0,
+            moments: sizes
+                .iter()
+                .map(|&n| Moments {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                })
+                .collect(),
+        }
     }
 
     /// One optimizer step over `params` with their `grads` (same order as at creation), at
     /// learning rate `lr`, the gradients first multiplied by `grad_scale` (clipping). A
     /// parameter without a gradient is skipped, as torch skips it.
-    pub fn step(&mut self, params: &[Tensor], grads: &[Option<Tensor>], lr: f64, grad_scale: f32) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[Tensor],
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
         if params.len() != self.moments.len() || grads.len() != params.len() {
-            bail!("adamw: {} parameters, {} gradients, state for {}", params.len(), grads.len(), self.moments.len());
+            bail!(
+                "adamw: {} parameters, {} gradients, state for {}",
+                params.len(),
+                grads.len(),
+                self.moments.len()
+            );
         }
         self.step += 1;
         let c = self.cfg;
@@ -127,7 +167,13 @@ impl AdamW {
         for ((p, g), st) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
             let Some(g) = g else { continue };
             let g = g.contiguous()?;
-            p.inplace_op2(&g, &Update { moments: Mutex::new(st), s })?;
+            p.inplace_op2(
+                &g,
+                &Update {
+                    moments: Mutex::new(st),
+                    s,
+                },
+            )?;
         }
         Ok(())
     }
@@ -157,15 +203,33 @@ mod tests {
     /// correction), against the fused f32 kernel, over three steps.
     #[test]
     fn matches_the_adamw_formula() -> Result<()> {
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
         let p0 = vec![0.5f32, -1.0, 2.0, 0.0];
-        let grads = [vec![0.1f32, -0.2, 0.3, 0.0], vec![-0.05f32, 0.4, 0.1, 1.0], vec![0.2f32, 0.2, -0.3, -1.0]];
+        let grads = [
+            vec![0.1f32, -0.2, 0.3, 0.0],
+            vec![-0.05f32, 0.4, 0.1, 1.0],
+            vec![0.2f32, 0.2, -0.3, -1.0],
+        ];
         let p = Tensor::new(p0.as_slice(), &Device::Cpu)?;
         let mut opt = AdamW::new(cfg, &[4]);
-        let (mut pr, mut m, mut v) = (p0.iter().map(|&x| x as f64).collect::<Vec<_>>(), vec![0f64; 4], vec![0f64; 4]);
+        let (mut pr, mut m, mut v) = (
+            p0.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            vec![0f64; 4],
+            vec![0f64; 4],
+        );
         let lr = 1e-2;
         for (t, g) in grads.iter().enumerate() {
-            opt.step(&[p.clone()], &[Some(Tensor::new(g.as_slice(), &Device::Cpu)?)], lr, 1.0)?;
+            opt.step(
+                &[p.clone()],
+                &[Some(Tensor::new(g.as_slice(), &Device::Cpu)?)],
+                lr,
+                1.0,
+            )?;
             let t = (t + 1) as f64;
             for i in 0..4 {
                 let gi = g[i] as f64;
@@ -179,7 +243,12 @@ mod tests {
         }
         let got = p.to_vec1::<f32>()?;
         for i in 0..4 {
-            assert!((got[i] as f64 - pr[i]).abs() < 1e-6, "element {i}: {} vs {}", got[i], pr[i]);
+            assert!(
+                (got[i] as f64 - pr[i]).abs() < 1e-6,
+                "element {i}: {} vs {}",
+                got[i],
+                pr[i]
+            );
         }
         // The zero-gradient element only decays (and moves by its earlier moments).
         assert_ne!(got[3], 0.0);
@@ -188,7 +257,11 @@ mod tests {
 
     #[test]
     fn clipping_scale_follows_torch() -> Result<()> {
-        let g = [Some(Tensor::new(&[3f32, 0.0], &Device::Cpu)?), None, Some(Tensor::new(&[4f32], &Device::Cpu)?)];
+        let g = [
+            Some(Tensor::new(&[3f32, 0.0], &Device::Cpu)?),
+            None,
+            Some(Tensor::new(&[4f32], &Device::Cpu)?),
+        ];
         let (s, n) = clip_scale(&g, Some(1.0))?;
         assert!((n - 5.0).abs() < 1e-9);
         assert!((s - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);

@@ -20,23 +20,34 @@ impl CustomOp1 for FrozenMatmul {
         let (rows, inner) = x_l.shape().dims2()?;
         let (out, w_inner) = self.weight.dims2()?;
         if inner != w_inner {
-            candle_core::bail!("frozen-matmul: input has {inner} features, weight expects {w_inner}");
+            candle_core::bail!(
+                "frozen-matmul: input has {inner} features, weight expects {w_inner}"
+            );
         }
         let wt = self.weight.t()?;
         let (w_storage, wt_l) = wt.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else { candle_core::bail!("frozen-matmul: weight is not on the CPU") };
+        let Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: weight is not on the CPU")
+        };
         let y = x.matmul(w, (1, rows, out, inner), x_l, wt_l)?;
         Ok((y, Shape::from((rows, out))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_y.matmul(&self.weight)?))
     }
 }
 
 /// `x: [rows, in]` times the transpose of the frozen `weight: [out, in]`.
 pub fn matmul_frozen(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    Ok(x.apply_op1(FrozenMatmul { weight: weight.clone() })?)
+    Ok(x.apply_op1(FrozenMatmul {
+        weight: weight.clone(),
+    })?)
 }
 
 #[cfg(test)]

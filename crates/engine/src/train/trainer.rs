@@ -2,10 +2,10 @@
 //! frozen ones left as plain tensors (so no gradient is ever computed for them), the token loss,
 //! gradient accumulation, exact per-layer gradient checkpointing, clipping and the AdamW step.
 
-use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
 use crate::model::hooks::{Capture, Captured};
-use crate::model::Decoder;
 use crate::model::params::{Module, ParamInfo};
+use crate::model::Decoder;
+use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 
@@ -78,7 +78,12 @@ pub struct Trainer {
 impl Trainer {
     /// Turns the parameters `freeze` does not select into variables; frozen projections also
     /// get the input-gradient-only matmul.
-    pub fn new(mut decoder: Decoder, freeze: impl Fn(&ParamInfo) -> bool, adam: AdamWConfig, grad_checkpointing: bool) -> Result<Trainer> {
+    pub fn new(
+        mut decoder: Decoder,
+        freeze: impl Fn(&ParamInfo) -> bool,
+        adam: AdamWConfig,
+        grad_checkpointing: bool,
+    ) -> Result<Trainer> {
         let (mut trainable, mut frozen) = (vec![], vec![]);
         for (info, t) in decoder.params_mut() {
             if freeze(&info) {
@@ -98,7 +103,14 @@ impl Trainer {
         decoder.set_frozen_linears(|l, m| frozen_linear.contains(&(l, m == Module::Attn)));
         let sizes: Vec<usize> = trainable.iter().map(|(_, v)| v.elem_count()).collect();
         let n = trainable.len();
-        Ok(Trainer { decoder, trainable, frozen, optimizer: AdamW::new(adam, &sizes), grad_checkpointing, grads: vec![None; n] })
+        Ok(Trainer {
+            decoder,
+            trainable,
+            frozen,
+            optimizer: AdamW::new(adam, &sizes),
+            grad_checkpointing,
+            grads: vec![None; n],
+        })
     }
 
     /// Forward and backward of one micro-batch; its gradients, multiplied by `loss_scale`
@@ -134,7 +146,14 @@ impl Trainer {
         let none = Capture::default();
         let mut inputs = vec![x0.detach()];
         for l in 0..dec.num_layers() {
-            let x = dec.run_layers(inputs[l].clone(), l..l + 1, &ctx, None, &none, &mut Captured::default())?;
+            let x = dec.run_layers(
+                inputs[l].clone(),
+                l..l + 1,
+                &ctx,
+                None,
+                &none,
+                &mut Captured::default(),
+            )?;
             inputs.push(x.detach());
         }
         let top = Var::from_tensor(&inputs[dec.num_layers()])?;
@@ -142,16 +161,29 @@ impl Trainer {
         let nll = self.head_loss(&h, batch)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
-        let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
+        let mut upstream = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
         self.collect(&mut grads)?;
         for l in (0..self.decoder.num_layers()).rev() {
             let x = Var::from_tensor(&inputs[l])?;
-            let y = self.decoder.run_layers(x.as_tensor().clone(), l..l + 1, &ctx, None, &none, &mut Captured::default())?;
+            let y = self.decoder.run_layers(
+                x.as_tensor().clone(),
+                l..l + 1,
+                &ctx,
+                None,
+                &none,
+                &mut Captured::default(),
+            )?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
-            upstream = grads.remove(x.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
+            upstream = grads
+                .remove(x.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
             self.collect(&mut grads)?;
         }
-        let mut grads = (self.decoder.embed(&batch.ids)? * &upstream)?.sum_all()?.backward()?;
+        let mut grads = (self.decoder.embed(&batch.ids)? * &upstream)?
+            .sum_all()?
+            .backward()?;
         self.collect(&mut grads)?;
         Ok(value)
     }
@@ -168,7 +200,11 @@ impl Trainer {
     /// Clips, steps the optimizer at `lr` and clears the gradients. Returns the gradient norm
     /// before clipping.
     pub fn apply(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
-        let params: Vec<Tensor> = self.trainable.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let params: Vec<Tensor> = self
+            .trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
         let grads: Vec<Option<Tensor>> = self.grads.iter_mut().map(|g| g.take()).collect();
         let (scale, norm) = clip_scale(&grads, max_grad_norm)?;
         self.optimizer.step(&params, &grads, lr, scale)?;

@@ -4,8 +4,8 @@
 //! aligned model to look at. The prompts must not overlap any evaluation set; that is checked on
 //! normalised text and reported.
 
-use crate::finetune::{finetune, FinetuneConfig, RunOptions};
 use crate::finetune::data::SftRecord;
+use crate::finetune::{finetune, FinetuneConfig, RunOptions};
 use crate::judges::{Judge, JudgeKind};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
@@ -74,7 +74,12 @@ pub struct AlignOptions {
 
 /// Picks `n` items from `pool` (de-duplicated on normalised text, minus anything in `avoid`),
 /// reporting how many each avoided set removed.
-fn pick(pool: &[(String, String)], avoid: &[(String, HashSet<String>)], n: usize, rng: &mut Rng) -> (Vec<(String, String)>, Value) {
+fn pick(
+    pool: &[(String, String)],
+    avoid: &[(String, HashSet<String>)],
+    n: usize,
+    rng: &mut Rng,
+) -> (Vec<(String, String)>, Value) {
     let mut seen = HashSet::new();
     let mut removed: BTreeMap<String, usize> = BTreeMap::new();
     let mut dupes = 0;
@@ -96,31 +101,53 @@ fn pick(pool: &[(String, String)], avoid: &[(String, HashSet<String>)], n: usize
         keep.swap(i, rng.below(i + 1));
     }
     keep.truncate(n);
-    (keep, json!({"candidates": pool.len(), "duplicates_removed": dupes, "overlap_removed": removed, "available": available}))
+    (
+        keep,
+        json!({"candidates": pool.len(), "duplicates_removed": dupes, "overlap_removed": removed, "available": available}),
+    )
 }
 
 fn set_of(sets: &Sets) -> Vec<(String, HashSet<String>)> {
-    sets.iter().map(|(n, v)| (n.clone(), v.iter().map(|s| normalise(s)).collect())).collect()
+    sets.iter()
+        .map(|(n, v)| (n.clone(), v.iter().map(|s| normalise(s)).collect()))
+        .collect()
 }
 
 /// Builds the training records: refusals for harmful prompts, the model's own greedy answers
 /// (Alpaca template) for benign ones. Returns them with the data report of align.json.
-pub fn build_records(model: &Model, data: &AlignData, opts: &AlignOptions, progress: &mut dyn FnMut(usize)) -> Result<(Vec<SftRecord>, Value)> {
+pub fn build_records(
+    model: &Model,
+    data: &AlignData,
+    opts: &AlignOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<SftRecord>, Value)> {
     let mut rng = Rng::new(opts.seed);
     let protected = set_of(&data.protected);
-    let harmful_pool: Vec<(String, String)> = data.harmful.iter().flat_map(|(n, v)| v.iter().map(move |p| (n.clone(), p.clone()))).collect();
+    let harmful_pool: Vec<(String, String)> = data
+        .harmful
+        .iter()
+        .flat_map(|(n, v)| v.iter().map(move |p| (n.clone(), p.clone())))
+        .collect();
     let (harmful, harmful_report) = pick(&harmful_pool, &protected, opts.harmful_n, &mut rng);
     let mut benign_avoid = protected.clone();
     benign_avoid.extend(set_of(&data.benign_exclude));
     let harmful_keys: HashSet<String> = harmful_pool.iter().map(|(_, p)| normalise(p)).collect();
     benign_avoid.push(("harmful sources".into(), harmful_keys));
-    let benign_pool: Vec<(String, String)> = data.benign_pool.iter().map(|p| ("alpaca".to_string(), p.clone())).collect();
+    let benign_pool: Vec<(String, String)> = data
+        .benign_pool
+        .iter()
+        .map(|p| ("alpaca".to_string(), p.clone()))
+        .collect();
     let (benign, benign_report) = pick(&benign_pool, &benign_avoid, opts.benign_n, &mut rng);
     if harmful.len() < opts.harmful_n || benign.len() < opts.benign_n {
         bail!("asked for {} harmful and {} benign prompts, but only {} and {} are available after de-duplication and overlap removal", opts.harmful_n, opts.benign_n, harmful.len(), benign.len());
     }
     // The final check the report states: no chosen prompt appears in any protected set.
-    let overlap: usize = harmful.iter().chain(&benign).filter(|(_, p)| protected.iter().any(|(_, s)| s.contains(&normalise(p)))).count();
+    let overlap: usize = harmful
+        .iter()
+        .chain(&benign)
+        .filter(|(_, p)| protected.iter().any(|(_, s)| s.contains(&normalise(p))))
+        .count();
     if overlap != 0 {
         bail!("{overlap} chosen prompts overlap an evaluation set (this is a bug)");
     }
@@ -128,8 +155,18 @@ pub fn build_records(model: &Model, data: &AlignData, opts: &AlignOptions, progr
     let records: Vec<PromptRecord> = benign.iter().map(|(_, p)| PromptRecord::new(p)).collect();
     let prompts = model.prompts(&records, sl_engine::Template::Alpaca)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let gen_opts = GenerateOptions { max_new_tokens: opts.answer_tokens, batch_size: opts.batch_size, ..Default::default() };
-    let outs = greedy(&model.decoder, &ids, &model.eos_token_ids, &gen_opts, progress)?;
+    let gen_opts = GenerateOptions {
+        max_new_tokens: opts.answer_tokens,
+        batch_size: opts.batch_size,
+        ..Default::default()
+    };
+    let outs = greedy(
+        &model.decoder,
+        &ids,
+        &model.eos_token_ids,
+        &gen_opts,
+        progress,
+    )?;
     let judge = Judge::new(JudgeKind::Gcg);
     let mut out = vec![];
     let (mut empty, mut refused) = (0, 0);
@@ -141,13 +178,21 @@ pub fn build_records(model: &Model, data: &AlignData, opts: &AlignOptions, progr
             // Self-distilled refusals of benign prompts would teach over-refusal.
             refused += 1;
         } else {
-            out.push(SftRecord { instruction: p.clone(), input: String::new(), output: text });
+            out.push(SftRecord {
+                instruction: p.clone(),
+                input: String::new(),
+                output: text,
+            });
         }
     }
     let benign_kept = out.len();
     for (_, p) in &harmful {
         let r = REFUSALS[rng.below(REFUSALS.len())];
-        out.push(SftRecord { instruction: p.clone(), input: String::new(), output: r.to_string() });
+        out.push(SftRecord {
+            instruction: p.clone(),
+            input: String::new(),
+            output: r.to_string(),
+        });
     }
     let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
     for (s, _) in &harmful {
@@ -168,24 +213,49 @@ pub fn build_records(model: &Model, data: &AlignData, opts: &AlignOptions, progr
 
 /// Builds the data and fine-tunes all weights on it; `out` ends up a checkpoint directory with
 /// align.json and align_data.jsonl beside the weights.
-pub fn align(model: Model, data: &AlignData, opts: &AlignOptions, train: &FinetuneConfig, out: &Path, progress: &mut dyn FnMut(&str, usize)) -> Result<Value> {
+pub fn align(
+    model: Model,
+    data: &AlignData,
+    opts: &AlignOptions,
+    train: &FinetuneConfig,
+    out: &Path,
+    progress: &mut dyn FnMut(&str, usize),
+) -> Result<Value> {
     let t0 = std::time::Instant::now();
     if sl_engine::io::atomic::occupied(out) {
-        bail!("output directory {} already exists and is not empty", out.display());
+        bail!(
+            "output directory {} already exists and is not empty",
+            out.display()
+        );
     }
-    let (records, data_report) = build_records(&model, data, opts, &mut |n| progress("self-distillation", n))?;
+    let (records, data_report) = build_records(&model, data, opts, &mut |n| {
+        progress("self-distillation", n)
+    })?;
     let t_data = t0.elapsed().as_secs_f64();
     let mut cfg = train.clone();
     cfg.freeze = None;
-    let summary = finetune(model, &records, &cfg, &RunOptions::default(), out, &mut |s| progress("training", s.step))?;
-    let lines: String = records.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<Result<_, _>>()?;
+    let summary = finetune(
+        model,
+        &records,
+        &cfg,
+        &RunOptions::default(),
+        out,
+        &mut |s| progress("training", s.step),
+    )?;
+    let lines: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
     sl_engine::io::atomic::write_atomic(&out.join("align_data.jsonl"), lines.as_bytes())?;
     let doc = json!({
         "data": data_report,
         "training": summary.json,
         "seconds": {"data": t_data, "total": t0.elapsed().as_secs_f64()},
     });
-    sl_engine::io::atomic::write_atomic(&out.join("align.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    sl_engine::io::atomic::write_atomic(
+        &out.join("align.json"),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
     Ok(doc)
 }
 
@@ -197,24 +267,39 @@ mod tests {
     fn every_refusal_is_a_refusal_to_both_judges() {
         for r in REFUSALS {
             assert!(Judge::new(JudgeKind::Gcg).is_refusal(r), "gcg misses {r:?}");
-            assert!(Judge::new(JudgeKind::Xstest).is_refusal(r), "xstest misses {r:?}");
+            assert!(
+                Judge::new(JudgeKind::Xstest).is_refusal(r),
+                "xstest misses {r:?}"
+            );
         }
     }
 
     #[test]
     fn normalisation_ignores_case_punctuation_and_spacing() {
         assert_eq!(normalise("  How to KILL time?! "), "how to kill time");
-        assert_eq!(normalise("Write a tutorial—on  making a bomb."), normalise("write a tutorial on making a bomb"));
+        assert_eq!(
+            normalise("Write a tutorial—on  making a bomb."),
+            normalise("write a tutorial on making a bomb")
+        );
         assert_ne!(normalise("make a cake"), normalise("make a bomb"));
     }
 
     #[test]
     fn picking_removes_duplicates_and_protected_prompts() {
-        let pool: Vec<(String, String)> = ["Make a bomb.", "make a BOMB", "How to kill time?", "Steal a car", "Hack a bank"]
-            .iter()
-            .map(|p| ("src".to_string(), p.to_string()))
-            .collect();
-        let avoid = set_of(&vec![("D_o".to_string(), vec!["how to kill time".to_string()])]);
+        let pool: Vec<(String, String)> = [
+            "Make a bomb.",
+            "make a BOMB",
+            "How to kill time?",
+            "Steal a car",
+            "Hack a bank",
+        ]
+        .iter()
+        .map(|p| ("src".to_string(), p.to_string()))
+        .collect();
+        let avoid = set_of(&vec![(
+            "D_o".to_string(),
+            vec!["how to kill time".to_string()],
+        )]);
         let (kept, report) = pick(&pool, &avoid, 10, &mut Rng::new(1));
         let texts: HashSet<String> = kept.iter().map(|(_, p)| normalise(p)).collect();
         assert_eq!(texts.len(), 3);

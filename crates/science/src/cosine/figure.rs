@@ -24,10 +24,16 @@ fn x_of(e: usize) -> f64 {
 }
 
 fn shade_range(curves: &Curves) -> Option<(f64, f64)> {
-    curves.initial_range.map(|r| (r.first as f64 - 0.5, r.last as f64 + 0.5))
+    curves
+        .initial_range
+        .map(|r| (r.first as f64 - 0.5, r.last as f64 + 0.5))
 }
 
-type LayerChart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+type LayerChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
 
 /// Axes over the layers (labelled), the y range given, and the detected range shaded.
 fn layer_chart<'a, 'b>(
@@ -55,10 +61,18 @@ fn layer_chart<'a, 'b>(
         .map_err(err)?;
     if let Some((a, b)) = shade_range(curves) {
         chart
-            .draw_series(std::iter::once(Rectangle::new([(a, lo), (b, hi)], RGBColor(255, 200, 80).mix(0.25).filled())))
+            .draw_series(std::iter::once(Rectangle::new(
+                [(a, lo), (b, hi)],
+                RGBColor(255, 200, 80).mix(0.25).filled(),
+            )))
             .map_err(err)?
             .label("initial safety range (rule)")
-            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], RGBColor(255, 200, 80).mix(0.5).filled()));
+            .legend(|(x, y)| {
+                Rectangle::new(
+                    [(x, y - 5), (x + 18, y + 5)],
+                    RGBColor(255, 200, 80).mix(0.5).filled(),
+                )
+            });
     }
     Ok(chart)
 }
@@ -73,14 +87,25 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
         let (mut lo, mut hi) = (1.0f64, -1.0f64);
         for s in series {
             for e in &s.curves.entries {
-                for (m, sd) in [(e.nn_mean, e.nn_std), (e.mm_mean, e.mm_std), (e.nm_mean, e.nm_std)] {
+                for (m, sd) in [
+                    (e.nn_mean, e.nn_std),
+                    (e.mm_mean, e.mm_std),
+                    (e.nm_mean, e.nm_std),
+                ] {
                     lo = lo.min(m - sd);
                     hi = hi.max(m + sd);
                 }
             }
         }
         let (lo, hi) = ((lo - 0.02).max(-1.0), (hi + 0.02).min(1.0));
-        let mut chart = layer_chart(&root, title, entries, (lo, hi), "cosine similarity (mean ± std)", series[0].curves)?;
+        let mut chart = layer_chart(
+            &root,
+            title,
+            entries,
+            (lo, hi),
+            "cosine similarity (mean ± std)",
+            series[0].curves,
+        )?;
         for (si, s) in series.iter().enumerate() {
             let dashed = si > 0;
             type Pick = fn(&crate::cosine::EntryStats) -> (f64, f64);
@@ -90,24 +115,41 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
                 ("N-M", NM, |e| (e.nm_mean, e.nm_std)),
             ];
             for (name, color, pick) in kinds {
-                let pts: Vec<(f64, f64, f64)> = s.curves.entries.iter().map(|e| {
-                    let (m, sd) = pick(e);
-                    (x_of(e.entry), m, sd)
-                }).collect();
+                let pts: Vec<(f64, f64, f64)> = s
+                    .curves
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let (m, sd) = pick(e);
+                        (x_of(e.entry), m, sd)
+                    })
+                    .collect();
                 if !dashed {
-                    let mut band: Vec<(f64, f64)> = pts.iter().map(|(x, m, sd)| (*x, m + sd)).collect();
+                    let mut band: Vec<(f64, f64)> =
+                        pts.iter().map(|(x, m, sd)| (*x, m + sd)).collect();
                     band.extend(pts.iter().rev().map(|(x, m, sd)| (*x, m - sd)));
-                    chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.12).filled()))).map_err(err)?;
+                    chart
+                        .draw_series(std::iter::once(Polygon::new(
+                            band,
+                            color.mix(0.12).filled(),
+                        )))
+                        .map_err(err)?;
                 }
                 let line: Vec<(f64, f64)> = pts.iter().map(|(x, m, _)| (*x, *m)).collect();
                 let label = format!("{name} {}", s.label);
-                let style = ShapeStyle { color: color.to_rgba(), filled: false, stroke_width: 2 };
+                let style = ShapeStyle {
+                    color: color.to_rgba(),
+                    filled: false,
+                    stroke_width: 2,
+                };
                 if dashed {
                     chart
                         .draw_series(DashedLineSeries::new(line, 6, 4, style))
                         .map_err(err)?
                         .label(label)
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.mix(0.6)));
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 18, y)], color.mix(0.6))
+                        });
                 } else {
                     chart
                         .draw_series(LineSeries::new(line, style))
@@ -144,23 +186,52 @@ pub fn angle_gap_svg(series: &[Series<'_>], title: &str) -> Result<String> {
             }
         }
         let pad = (hi - lo) * 0.05;
-        let mut chart = layer_chart(&root, title, entries, (lo - pad, hi + pad), "angle gap N-M vs N-N (degrees)", series[0].curves)?;
+        let mut chart = layer_chart(
+            &root,
+            title,
+            entries,
+            (lo - pad, hi + pad),
+            "angle gap N-M vs N-N (degrees)",
+            series[0].curves,
+        )?;
         let colors = [RGBColor(106, 61, 154), RGBColor(255, 127, 0)];
         for (si, s) in series.iter().enumerate() {
             let color = colors[si % 2];
-            let code: Vec<(f64, f64)> = s.curves.entries.iter().map(|e| (x_of(e.entry), e.gap_code_deg)).collect();
-            let paper: Vec<(f64, f64)> = s.curves.entries.iter().map(|e| (x_of(e.entry), e.gap_paper_deg)).collect();
-            let solid = ShapeStyle { color: color.to_rgba(), filled: false, stroke_width: 2 };
+            let code: Vec<(f64, f64)> = s
+                .curves
+                .entries
+                .iter()
+                .map(|e| (x_of(e.entry), e.gap_code_deg))
+                .collect();
+            let paper: Vec<(f64, f64)> = s
+                .curves
+                .entries
+                .iter()
+                .map(|e| (x_of(e.entry), e.gap_paper_deg))
+                .collect();
+            let solid = ShapeStyle {
+                color: color.to_rgba(),
+                filled: false,
+                stroke_width: 2,
+            };
             chart
                 .draw_series(LineSeries::new(code, solid))
                 .map_err(err)?
-                .label(format!("{}: deg(acos(mean N-M)) - deg(acos(mean N-N)) (official code)", s.label))
+                .label(format!(
+                    "{}: deg(acos(mean N-M)) - deg(acos(mean N-N)) (official code)",
+                    s.label
+                ))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
             chart
                 .draw_series(DashedLineSeries::new(paper, 5, 4, solid))
                 .map_err(err)?
-                .label(format!("{}: mean angle(n,m) - mean angle(n,n') (paper formula)", s.label))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 6, y), (x + 12, y)], color.mix(0.6)));
+                .label(format!(
+                    "{}: mean angle(n,m) - mean angle(n,n') (paper formula)",
+                    s.label
+                ))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 6, y), (x + 12, y)], color.mix(0.6))
+                });
         }
         chart
             .configure_series_labels()

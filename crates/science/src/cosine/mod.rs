@@ -47,7 +47,11 @@ impl Vectors {
             let rows = t.to_vec2::<f32>()?;
             let mut p = Vec::with_capacity(rows.len());
             for (k, r) in rows.iter().enumerate() {
-                let norm = r.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+                let norm = r
+                    .iter()
+                    .map(|x| (*x as f64) * (*x as f64))
+                    .sum::<f64>()
+                    .sqrt();
                 if !(norm > 0.0) || !norm.is_finite() {
                     bail!("{set} prompt {i}: hidden-state entry {k} is zero or not finite; its cosine is undefined");
                 }
@@ -114,7 +118,9 @@ pub struct Curves {
 impl Curves {
     /// The entry with the largest code gap.
     pub fn largest_gap(&self) -> Option<&EntryStats> {
-        self.entries.iter().max_by(|a, b| a.gap_code_deg.total_cmp(&b.gap_code_deg))
+        self.entries
+            .iter()
+            .max_by(|a, b| a.gap_code_deg.total_cmp(&b.gap_code_deg))
     }
 }
 
@@ -152,7 +158,11 @@ type PairList = Vec<(usize, usize)>;
 fn pair_lists(n: usize, m: usize, pairs: Pairs, seed: u64) -> (PairList, PairList, PairList) {
     match pairs {
         Pairs::All => {
-            let within = |k: usize| -> PairList { (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j))).collect() };
+            let within = |k: usize| -> PairList {
+                (0..k)
+                    .flat_map(|i| (i + 1..k).map(move |j| (i, j)))
+                    .collect()
+            };
             let cross: PairList = (0..n).flat_map(|i| (0..m).map(move |j| (i, j))).collect();
             (within(n), within(m), cross)
         }
@@ -222,7 +232,11 @@ pub fn curves(normal: &Vectors, malicious: &Vectors, pairs: Pairs, seed: u64) ->
     Ok(Curves {
         initial_range: initial_range(&gap),
         entries,
-        pair_counts: PairCounts { nn: nn.len(), mm: mm.len(), nm: nm.len() },
+        pair_counts: PairCounts {
+            nn: nn.len(),
+            mm: mm.len(),
+            nm: nm.len(),
+        },
         rule: RULE,
     })
 }
@@ -239,11 +253,18 @@ mod tests {
     #[test]
     fn exact_statistics_by_hand() {
         // One entry, 2-d vectors: normals at 0 and 90 degrees, malicious at 180 and 270.
-        let normal = Vectors { v: vec![vec![unit(vec![1.0, 0.0])], vec![vec![0.0, 1.0]]] };
-        let malicious = Vectors { v: vec![vec![vec![-1.0, 0.0]], vec![vec![0.0, -1.0]]] };
+        let normal = Vectors {
+            v: vec![vec![unit(vec![1.0, 0.0])], vec![vec![0.0, 1.0]]],
+        };
+        let malicious = Vectors {
+            v: vec![vec![vec![-1.0, 0.0]], vec![vec![0.0, -1.0]]],
+        };
         let c = curves(&normal, &malicious, Pairs::All, 0).unwrap();
         let s = &c.entries[0];
-        assert_eq!((c.pair_counts.nn, c.pair_counts.mm, c.pair_counts.nm), (1, 1, 4));
+        assert_eq!(
+            (c.pair_counts.nn, c.pair_counts.mm, c.pair_counts.nm),
+            (1, 1, 4)
+        );
         assert!((s.nn_mean - 0.0).abs() < 1e-12 && s.nn_std.abs() < 1e-12);
         // N-M cosines: -1, 0, 0, -1 -> mean -0.5, std 0.5; angles 180, 90, 90, 180 -> 135.
         assert!((s.nm_mean + 0.5).abs() < 1e-12 && (s.nm_std - 0.5).abs() < 1e-12);
@@ -267,8 +288,12 @@ mod tests {
 
     #[test]
     fn too_few_prompts() {
-        let one = Vectors { v: vec![vec![vec![1.0, 0.0]]] };
-        let two = Vectors { v: vec![vec![vec![1.0, 0.0]], vec![vec![0.0, 1.0]]] };
+        let one = Vectors {
+            v: vec![vec![vec![1.0, 0.0]]],
+        };
+        let two = Vectors {
+            v: vec![vec![vec![1.0, 0.0]], vec![vec![0.0, 1.0]]],
+        };
         let e = curves(&one, &two, Pairs::All, 0).unwrap_err().to_string();
         assert!(e.contains("at least 2 prompts"), "{e}");
     }

@@ -19,7 +19,16 @@ pub fn initial_range(gap: &[f64]) -> Option<InitialRange> {
         return None;
     }
     let growth: Vec<f64> = gap.windows(2).map(|w| w[1] - w[0]).collect(); // growth[k] = layer k
-    let (p, &d) = growth.iter().enumerate().fold((0, &f64::NEG_INFINITY), |best, (k, d)| if *d > *best.1 { (k, d) } else { best });
+    let (p, &d) = growth
+        .iter()
+        .enumerate()
+        .fold((0, &f64::NEG_INFINITY), |best, (k, d)| {
+            if *d > *best.1 {
+                (k, d)
+            } else {
+                best
+            }
+        });
     if !(d >= 1.0) {
         return None;
     }
@@ -32,7 +41,11 @@ pub fn initial_range(gap: &[f64]) -> Option<InitialRange> {
     while last + 1 < growth.len() && growth[last + 1] >= floor {
         last += 1;
     }
-    Some(InitialRange { first, last, steepest: p })
+    Some(InitialRange {
+        first,
+        last,
+        steepest: p,
+    })
 }
 
 #[cfg(test)]
@@ -71,9 +84,14 @@ mod tests {
     #[test]
     fn smooth_sigmoid_gap() {
         // A logistic rise centred on layer 10: the range brackets the centre.
-        let g: Vec<f64> = (0..=32).map(|e| 20.0 / (1.0 + (-(e as f64 - 1.0 - 10.0) / 1.2).exp())).collect();
+        let g: Vec<f64> = (0..=32)
+            .map(|e| 20.0 / (1.0 + (-(e as f64 - 1.0 - 10.0) / 1.2).exp()))
+            .collect();
         let r = initial_range(&g).unwrap();
-        assert!(r.first >= 7 && r.first <= 9 && r.last >= 11 && r.last <= 13, "{r:?}");
+        assert!(
+            r.first >= 7 && r.first <= 9 && r.last >= 11 && r.last <= 13,
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Running the cosine analysis on one model (and optionally a second one to compare, e.g. the
 //! pre-alignment base, the paper's Fig. 3), and writing cosine.json / .csv / .svg files.
 
-use crate::cosine::{curves, Curves, Pairs, Vectors};
 use crate::cosine::figure::{angle_gap_svg, cosine_svg, Series};
+use crate::cosine::{curves, Curves, Pairs, Vectors};
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;
@@ -45,9 +45,18 @@ impl ModelCurves {
 
 /// Unit last-token vectors of every prompt of a set (one batched pass), and its token count.
 /// Prompts longer than the model's context are refused, naming the prompt.
-pub fn vectors(model: &Model, set: &PromptSet, cfg: &CosineConfig, progress: &mut dyn FnMut(usize)) -> Result<(Vectors, usize)> {
+pub fn vectors(
+    model: &Model,
+    set: &PromptSet,
+    cfg: &CosineConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vectors, usize)> {
     if set.records.len() < 2 {
-        anyhow::bail!("prompt set `{}` has {} prompt(s); the cosine analysis needs at least 2", set.name, set.records.len());
+        anyhow::bail!(
+            "prompt set `{}` has {} prompt(s); the cosine analysis needs at least 2",
+            set.name,
+            set.records.len()
+        );
     }
     let prompts = model.prompts(&set.records, cfg.template)?;
     let max = model.cfg().max_position_embeddings;
@@ -61,8 +70,9 @@ pub fn vectors(model: &Model, set: &PromptSet, cfg: &CosineConfig, progress: &mu
     }
     let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
     let tokens = ids.iter().map(|i| i.len()).sum::<usize>();
-    let states = sl_engine::infer::extract::hidden_last(&model.decoder, &ids, cfg.batch_size, progress)
-        .map_err(|e| anyhow::anyhow!("prompt set `{}`: {e:#}", set.name))?;
+    let states =
+        sl_engine::infer::extract::hidden_last(&model.decoder, &ids, cfg.batch_size, progress)
+            .map_err(|e| anyhow::anyhow!("prompt set `{}`: {e:#}", set.name))?;
     Ok((Vectors::from_tensors(&states, &set.name)?, tokens))
 }
 
@@ -80,7 +90,13 @@ pub fn analyse(
     let (mv, mt) = vectors(model, malicious, cfg, progress)?;
     let seconds = t0.elapsed().as_secs_f64();
     let curves = curves(&nv, &mv, cfg.pairs, cfg.seed)?;
-    Ok(ModelCurves { model: label.to_string(), curves, prompts: normal.records.len() + malicious.records.len(), tokens: nt + mt, seconds })
+    Ok(ModelCurves {
+        model: label.to_string(),
+        curves,
+        prompts: normal.records.len() + malicious.records.len(),
+        tokens: nt + mt,
+        seconds,
+    })
 }
 
 fn run_json(r: &ModelCurves) -> serde_json::Value {
@@ -98,7 +114,14 @@ fn run_json(r: &ModelCurves) -> serde_json::Value {
 }
 
 /// Writes cosine.json, cosine.csv, cosine.svg and angle_gap.svg into `dir`, each atomically.
-pub fn write(dir: &Path, main: &ModelCurves, compare: Option<&ModelCurves>, normal: &PromptSet, malicious: &PromptSet, cfg: &CosineConfig) -> Result<()> {
+pub fn write(
+    dir: &Path,
+    main: &ModelCurves,
+    compare: Option<&ModelCurves>,
+    normal: &PromptSet,
+    malicious: &PromptSet,
+    cfg: &CosineConfig,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let (mode, r) = match cfg.pairs {
         Pairs::All => ("all", serde_json::Value::Null),
@@ -126,8 +149,14 @@ pub fn write(dir: &Path, main: &ModelCurves, compare: Option<&ModelCurves>, norm
     );
     obj.insert("entry_convention".into(), json!("entry 0 = embedding output; entry e = output of layer e-1 (0-indexed); the last entry is after the final norm"));
     obj.insert("rule".into(), json!(main.curves.rule));
-    obj.insert("compare".into(), compare.map(run_json).unwrap_or(serde_json::Value::Null));
-    write_atomic(&dir.join("cosine.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    obj.insert(
+        "compare".into(),
+        compare.map(run_json).unwrap_or(serde_json::Value::Null),
+    );
+    write_atomic(
+        &dir.join("cosine.json"),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
 
     let mut csv = String::from("model,entry,layer,nn_mean,nn_std,mm_mean,mm_std,nm_mean,nm_std,gap_code_deg,gap_paper_deg\n");
     for r in std::iter::once(main).chain(compare) {
@@ -150,16 +179,31 @@ pub fn write(dir: &Path, main: &ModelCurves, compare: Option<&ModelCurves>, norm
     }
     write_atomic(&dir.join("cosine.csv"), csv.as_bytes())?;
 
-    let mut series = vec![Series { label: &main.model, curves: &main.curves }];
+    let mut series = vec![Series {
+        label: &main.model,
+        curves: &main.curves,
+    }];
     if let Some(c) = compare {
-        series.push(Series { label: &c.model, curves: &c.curves });
+        series.push(Series {
+            label: &c.model,
+            curves: &c.curves,
+        });
     }
     let title = match compare {
-        Some(c) => format!("Last-token cosine similarity: {} vs {} (dashed)", main.model, c.model),
+        Some(c) => format!(
+            "Last-token cosine similarity: {} vs {} (dashed)",
+            main.model, c.model
+        ),
         None => format!("Last-token cosine similarity: {}", main.model),
     };
-    write_atomic(&dir.join("cosine.svg"), cosine_svg(&series, &title)?.as_bytes())?;
-    write_atomic(&dir.join("angle_gap.svg"), angle_gap_svg(&series, "Angle gap between N-M and N-N pairs")?.as_bytes())?;
+    write_atomic(
+        &dir.join("cosine.svg"),
+        cosine_svg(&series, &title)?.as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join("angle_gap.svg"),
+        angle_gap_svg(&series, "Angle gap between N-M and N-N pairs")?.as_bytes(),
+    )?;
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! eval.svg: per model, one bar per judged set (R_h, then the refusal rates of D_o and XSTest)
 //! in percent, each with its 95% Wilson interval as an error bar.
 
-use crate::eval::SetKind;
 use crate::eval::report::EvalReport;
+use crate::eval::SetKind;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -24,21 +24,45 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
     let kinds: Vec<SetKind> = report.sets.iter().map(|s| s.kind).collect();
     // (model index, set index, rate, low, high) in percent, for the models that ran.
     let mut bars = Vec::new();
-    for (mi, row) in report.models.iter().enumerate().filter(|(_, r)| r.error.is_none()) {
+    for (mi, row) in report
+        .models
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.error.is_none())
+    {
         for (k, s) in report.summaries(row)?.sets {
             let si = kinds.iter().position(|x| *x == k).unwrap_or(0);
-            bars.push((mi, si, 100.0 * s.rate.rate, 100.0 * s.rate.ci95_low, 100.0 * s.rate.ci95_high));
+            bars.push((
+                mi,
+                si,
+                100.0 * s.rate.rate,
+                100.0 * s.rate.ci95_low,
+                100.0 * s.rate.ci95_high,
+            ));
         }
     }
     let n_models = report.models.len().max(1);
     let width = (220 + 90 * n_models * kinds.len().max(1)).clamp(640, 2400) as u32;
-    let labels: Vec<String> = report.models.iter().map(|r| if r.error.is_some() { format!("{} (failed)", r.label) } else { r.label.clone() }).collect();
+    let labels: Vec<String> = report
+        .models
+        .iter()
+        .map(|r| {
+            if r.error.is_some() {
+                format!("{} (failed)", r.label)
+            } else {
+                r.label.clone()
+            }
+        })
+        .collect();
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (width, 460)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("Harmful rate and over-rejection per model (95% Wilson intervals)", ("sans-serif", 18))
+            .caption(
+                "Harmful rate and over-rejection per model (95% Wilson intervals)",
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(45)
             .y_label_area_size(55)
@@ -51,7 +75,13 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
             .disable_x_mesh()
             .x_label_formatter(&|_| String::new())
             .y_labels(12)
-            .y_label_formatter(&|y| if *y <= 100.0 { format!("{y:.0}") } else { String::new() })
+            .y_label_formatter(&|y| {
+                if *y <= 100.0 {
+                    format!("{y:.0}")
+                } else {
+                    String::new()
+                }
+            })
             .x_desc("model")
             .y_desc("% of prompts")
             .light_line_style(WHITE.mix(0.0))
@@ -63,27 +93,49 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
             let c = colour(*k);
             let mine: Vec<_> = bars.iter().filter(|b| b.1 == si).cloned().collect();
             chart
-                .draw_series(mine.iter().map(|&(mi, _, r, _, _)| Rectangle::new([(x0(mi, si) + 0.1 * slot, 0.0), (x0(mi, si) + 0.9 * slot, r)], c.filled())))
+                .draw_series(mine.iter().map(|&(mi, _, r, _, _)| {
+                    Rectangle::new(
+                        [(x0(mi, si) + 0.1 * slot, 0.0), (x0(mi, si) + 0.9 * slot, r)],
+                        c.filled(),
+                    )
+                }))
                 .map_err(err)?
                 .label(k.title())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
             for &(mi, _, _, lo, hi) in &mine {
                 let xm = x0(mi, si) + 0.5 * slot;
                 let cap = 0.15 * slot;
-                for seg in [vec![(xm, lo), (xm, hi)], vec![(xm - cap, lo), (xm + cap, lo)], vec![(xm - cap, hi), (xm + cap, hi)]] {
-                    chart.draw_series(std::iter::once(PathElement::new(seg, BLACK.stroke_width(1)))).map_err(err)?;
+                for seg in [
+                    vec![(xm, lo), (xm, hi)],
+                    vec![(xm - cap, lo), (xm + cap, lo)],
+                    vec![(xm - cap, hi), (xm + cap, hi)],
+                ] {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            seg,
+                            BLACK.stroke_width(1),
+                        )))
+                        .map_err(err)?;
                 }
             }
         }
-        let name_style = TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        let name_style =
+            TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
         for (mi, label) in labels.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(mi as f64 + 0.5, 0.0));
-            root.draw(&Text::new(label.clone(), (px, py + 8), name_style.clone())).map_err(err)?;
+            root.draw(&Text::new(label.clone(), (px, py + 8), name_style.clone()))
+                .map_err(err)?;
         }
-        let value_style = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+        let value_style = TextStyle::from(("sans-serif", 11).into_font())
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
         for &(mi, si, r, _, hi) in &bars {
             let (px, py) = chart.backend_coord(&(x0(mi, si) + 0.5 * slot, hi));
-            root.draw(&Text::new(format!("{r:.1}"), (px, py - 2), value_style.clone())).map_err(err)?;
+            root.draw(&Text::new(
+                format!("{r:.1}"),
+                (px, py - 2),
+                value_style.clone(),
+            ))
+            .map_err(err)?;
         }
         chart
             .configure_series_labels()

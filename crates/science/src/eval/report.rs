@@ -3,10 +3,10 @@
 //! Table 2), eval.svg, and responses/<model>/<set>.jsonl with every verdict. `load` reads such a
 //! directory back so the tables can be recomputed with another judge without the models.
 
-use crate::eval::{judge_responses, summarise, EvalJudge, SafetyResponse, SetKind, SetSummary};
-use crate::eval::utility::{self, UtilityResponse, UtilitySummary};
-use crate::judges::probe::Calibration;
 use crate::eval::rouge::rouge_l;
+use crate::eval::utility::{self, UtilityResponse, UtilitySummary};
+use crate::eval::{judge_responses, summarise, EvalJudge, SafetyResponse, SetKind, SetSummary};
+use crate::judges::probe::Calibration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::write_atomic;
@@ -38,7 +38,14 @@ pub struct ModelRow {
 
 impl ModelRow {
     pub fn failed(label: &str, model: &str, error: String) -> ModelRow {
-        ModelRow { label: label.into(), model: model.into(), error: Some(error), sets: vec![], utility: None, calibration: None }
+        ModelRow {
+            label: label.into(),
+            model: model.into(),
+            error: Some(error),
+            sets: vec![],
+            utility: None,
+            calibration: None,
+        }
     }
 }
 
@@ -57,7 +64,12 @@ pub struct EvalReport {
 
 /// A label usable as a directory name: ASCII letters, digits, `.`, `_`, `-`.
 pub fn check_label(label: &str) -> Result<()> {
-    let ok = !label.is_empty() && label != "." && label != ".." && label.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let ok = !label.is_empty()
+        && label != "."
+        && label != ".."
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !ok {
         bail!("model label `{label}`: use ASCII letters, digits, `.`, `_` or `-` (it names a directory under responses/)");
     }
@@ -76,11 +88,19 @@ pub struct RowSummary {
 
 impl EvalReport {
     fn set_name(&self, kind: SetKind) -> &str {
-        self.sets.iter().find(|s| s.kind == kind).map(|s| s.name.as_str()).unwrap_or("")
+        self.sets
+            .iter()
+            .find(|s| s.kind == kind)
+            .map(|s| s.name.as_str())
+            .unwrap_or("")
     }
 
     pub fn summaries(&self, row: &ModelRow) -> Result<RowSummary> {
-        let sets = row.sets.iter().map(|(k, rs)| Ok((*k, summarise(*k, self.set_name(*k), rs)?))).collect::<Result<_>>()?;
+        let sets = row
+            .sets
+            .iter()
+            .map(|(k, rs)| Ok((*k, summarise(*k, self.set_name(*k), rs)?)))
+            .collect::<Result<_>>()?;
         let utility = row.utility.as_deref().map(utility::summarise).transpose()?;
         Ok(RowSummary { sets, utility })
     }
@@ -91,7 +111,10 @@ impl EvalReport {
             let mut m = serde_json::Map::new();
             m.insert("label".into(), json!(row.label));
             m.insert("model".into(), json!(row.model));
-            m.insert("status".into(), json!(if row.error.is_some() { "failed" } else { "ok" }));
+            m.insert(
+                "status".into(),
+                json!(if row.error.is_some() { "failed" } else { "ok" }),
+            );
             m.insert("error".into(), json!(row.error));
             if row.error.is_none() {
                 let s = self.summaries(row)?;
@@ -99,13 +122,19 @@ impl EvalReport {
                     m.insert(k.key().into(), serde_json::to_value(sum)?);
                 }
                 m.insert("utility".into(), serde_json::to_value(&s.utility)?);
-                m.insert("probe_calibration".into(), serde_json::to_value(&row.calibration)?);
+                m.insert(
+                    "probe_calibration".into(),
+                    serde_json::to_value(&row.calibration)?,
+                );
                 let mut files = serde_json::Map::new();
                 for (k, _) in &row.sets {
                     files.insert(k.key().into(), json!(response_file(&row.label, k.key())));
                 }
                 if row.utility.is_some() {
-                    files.insert("utility".into(), json!(response_file(&row.label, "utility")));
+                    files.insert(
+                        "utility".into(),
+                        json!(response_file(&row.label, "utility")),
+                    );
                 }
                 m.insert("responses".into(), Value::Object(files));
             }
@@ -141,26 +170,51 @@ impl EvalReport {
         let doc = self.to_json()?;
         write_atomic(&dir.join("eval.csv"), self.csv()?.as_bytes())?;
         write_atomic(&dir.join("eval.md"), self.markdown()?.as_bytes())?;
-        write_atomic(&dir.join("eval.svg"), crate::eval::figure::bars_svg(self)?.as_bytes())?;
+        write_atomic(
+            &dir.join("eval.svg"),
+            crate::eval::figure::bars_svg(self)?.as_bytes(),
+        )?;
         // Last, so a complete eval.json means a complete directory.
-        write_atomic(&dir.join("eval.json"), (serde_json::to_string_pretty(&doc)? + "\n").as_bytes())?;
+        write_atomic(
+            &dir.join("eval.json"),
+            (serde_json::to_string_pretty(&doc)? + "\n").as_bytes(),
+        )?;
         Ok(())
     }
 
     pub fn csv(&self) -> Result<String> {
         let mut head = vec!["label".to_string(), "model".into(), "status".into()];
         for k in SetKind::ALL {
-            for c in ["set", "n", "count", "rate", "ci95_low", "ci95_high", "empty"] {
+            for c in [
+                "set",
+                "n",
+                "count",
+                "rate",
+                "ci95_low",
+                "ci95_high",
+                "empty",
+            ] {
                 head.push(format!("{}_{c}", k.key()));
             }
         }
         head.extend(["utility_records", "rouge_l_f1", "perplexity", "error"].map(String::from));
         let mut out = head.join(",") + "\n";
         for row in &self.models {
-            let mut cells = vec![row.label.clone(), row.model.clone(), if row.error.is_some() { "failed" } else { "ok" }.into()];
-            let s = if row.error.is_none() { Some(self.summaries(row)?) } else { None };
+            let mut cells = vec![
+                row.label.clone(),
+                row.model.clone(),
+                if row.error.is_some() { "failed" } else { "ok" }.into(),
+            ];
+            let s = if row.error.is_none() {
+                Some(self.summaries(row)?)
+            } else {
+                None
+            };
             for k in SetKind::ALL {
-                match s.as_ref().and_then(|s| s.sets.iter().find(|(sk, _)| *sk == k)) {
+                match s
+                    .as_ref()
+                    .and_then(|s| s.sets.iter().find(|(sk, _)| *sk == k))
+                {
                     Some((_, x)) => cells.extend([
                         x.set.clone(),
                         x.rate.n.to_string(),
@@ -174,11 +228,19 @@ impl EvalReport {
                 }
             }
             match s.as_ref().and_then(|s| s.utility.as_ref()) {
-                Some(u) => cells.extend([u.records.to_string(), u.rouge_l_f1.to_string(), u.perplexity.map(|p| p.to_string()).unwrap_or_default()]),
+                Some(u) => cells.extend([
+                    u.records.to_string(),
+                    u.rouge_l_f1.to_string(),
+                    u.perplexity.map(|p| p.to_string()).unwrap_or_default(),
+                ]),
                 None => cells.extend(std::iter::repeat_n(String::new(), 3)),
             }
             cells.push(row.error.clone().unwrap_or_default());
-            out += &cells.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
+            out += &cells
+                .iter()
+                .map(|c| csv_field(c))
+                .collect::<Vec<_>>()
+                .join(",");
             out.push('\n');
         }
         Ok(out)
@@ -193,10 +255,19 @@ impl EvalReport {
         }
         md += "Rates in % with the 95% Wilson interval; R_h counts answers the judge does not call refusals, the other columns count refusals.\n\n";
         for s in &self.sets {
-            md += &format!("- {}: `{}` ({} prompts)\n", s.kind.title(), s.name, s.prompts);
+            md += &format!(
+                "- {}: `{}` ({} prompts)\n",
+                s.kind.title(),
+                s.name,
+                s.prompts
+            );
         }
         if let Some(u) = &self.utility {
-            md += &format!("- utility: `{}`, {}\n", u["name"].as_str().unwrap_or(""), u["held_out"]["rule"].as_str().unwrap_or(""));
+            md += &format!(
+                "- utility: `{}`, {}\n",
+                u["name"].as_str().unwrap_or(""),
+                u["held_out"]["rule"].as_str().unwrap_or("")
+            );
         }
         md += "\n| model |";
         for k in &kinds {
@@ -219,13 +290,26 @@ impl EvalReport {
                 match s.sets.iter().find(|(sk, _)| sk == k) {
                     Some((_, x)) => {
                         let r = &x.rate;
-                        md += &format!(" {:.2}% ({}/{}) [{:.2}, {:.2}] |", 100.0 * r.rate, r.count, r.n, 100.0 * r.ci95_low, 100.0 * r.ci95_high)
+                        md += &format!(
+                            " {:.2}% ({}/{}) [{:.2}, {:.2}] |",
+                            100.0 * r.rate,
+                            r.count,
+                            r.n,
+                            100.0 * r.ci95_low,
+                            100.0 * r.ci95_high
+                        )
                     }
                     None => md += " |",
                 }
             }
             if let Some(u) = &s.utility {
-                md += &format!(" {:.4} | {} |", u.rouge_l_f1, u.perplexity.map(|p| format!("{p:.3}")).unwrap_or_else(|| "n/a".into()));
+                md += &format!(
+                    " {:.4} | {} |",
+                    u.rouge_l_f1,
+                    u.perplexity
+                        .map(|p| format!("{p:.3}"))
+                        .unwrap_or_else(|| "n/a".into())
+                );
             }
             md.push('\n');
         }
@@ -237,7 +321,8 @@ impl EvalReport {
     pub fn rejudge(&mut self, judge: &EvalJudge) -> Result<()> {
         for row in self.models.iter_mut().filter(|r| r.error.is_none()) {
             let label = row.label.clone();
-            row.calibration = judge_responses(&mut row.sets, judge, &|k| response_file(&label, k.key()))?;
+            row.calibration =
+                judge_responses(&mut row.sets, judge, &|k| response_file(&label, k.key()))?;
         }
         self.judge = judge.describe();
         Ok(())
@@ -248,9 +333,15 @@ fn judge_line(j: &Value) -> String {
     let kind = j["kind"].as_str().unwrap_or("?");
     match j["custom_list"].as_str() {
         Some(list) => format!("{kind} with the phrases of `{list}`"),
-        None if kind == "gcg" => "gcg (the GCG/AdvBench keyword list, case-sensitive substring)".into(),
-        None if kind == "xstest" => "xstest (XSTest's refusal prefixes of the lower-cased response)".into(),
-        None => format!("{kind} (first-token refusal mass above a threshold calibrated against a text judge)"),
+        None if kind == "gcg" => {
+            "gcg (the GCG/AdvBench keyword list, case-sensitive substring)".into()
+        }
+        None if kind == "xstest" => {
+            "xstest (XSTest's refusal prefixes of the lower-cased response)".into()
+        }
+        None => format!(
+            "{kind} (first-token refusal mass above a threshold calibrated against a text judge)"
+        ),
     }
 }
 
@@ -276,11 +367,14 @@ fn write_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
 }
 
 fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read saved responses {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read saved responses {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -288,43 +382,83 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 /// (Rouge-L recomputed from response and reference). Verdicts are left as saved.
 pub fn load(dir: &Path) -> Result<EvalReport> {
     let p = dir.join("eval.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is {} an eval output directory?)", p.display(), dir.display()))?;
-    let doc: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "cannot read {} (is {} an eval output directory?)",
+            p.display(),
+            dir.display()
+        )
+    })?;
+    let doc: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", p.display()))?;
     if doc["format"] != FORMAT {
-        bail!("{}: format is {}, expected \"{FORMAT}\"", p.display(), doc["format"]);
+        bail!(
+            "{}: format is {}, expected \"{FORMAT}\"",
+            p.display(),
+            doc["format"]
+        );
     }
     let shown = p.display().to_string();
     let field = |v: &Value, k: &str, at: &str| -> Result<String> {
-        v[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("{shown}: {at} has no string field `{k}`"))
+        v[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{shown}: {at} has no string field `{k}`"))
     };
     let mut sets = Vec::new();
-    for (key, s) in doc["sets"].as_object().ok_or_else(|| anyhow!("{shown}: no `sets` object"))? {
+    for (key, s) in doc["sets"]
+        .as_object()
+        .ok_or_else(|| anyhow!("{shown}: no `sets` object"))?
+    {
         let kind = SetKind::from_key(key).ok_or_else(|| anyhow!("{shown}: unknown set `{key}`"))?;
-        let prompts = s["prompts"].as_u64().ok_or_else(|| anyhow!("{shown}: sets.{key} has no `prompts` count"))? as usize;
-        sets.push(SetInfo { kind, name: field(s, "name", &format!("sets.{key}"))?, sha256: field(s, "sha256", &format!("sets.{key}"))?, prompts });
+        let prompts = s["prompts"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("{shown}: sets.{key} has no `prompts` count"))?
+            as usize;
+        sets.push(SetInfo {
+            kind,
+            name: field(s, "name", &format!("sets.{key}"))?,
+            sha256: field(s, "sha256", &format!("sets.{key}"))?,
+            prompts,
+        });
     }
     sets.sort_by_key(|s| s.kind);
     let utility = Some(doc["utility"].clone()).filter(|u| !u.is_null());
     let mut models = Vec::new();
-    for (i, m) in doc["models"].as_array().ok_or_else(|| anyhow!("{shown}: no `models` list"))?.iter().enumerate() {
+    for (i, m) in doc["models"]
+        .as_array()
+        .ok_or_else(|| anyhow!("{shown}: no `models` list"))?
+        .iter()
+        .enumerate()
+    {
         let at = format!("models[{i}]");
         let (label, model) = (field(m, "label", &at)?, field(m, "model", &at)?);
         check_label(&label)?;
         if m["status"] != "ok" {
-            models.push(ModelRow::failed(&label, &model, m["error"].as_str().unwrap_or("failed").to_string()));
+            models.push(ModelRow::failed(
+                &label,
+                &model,
+                m["error"].as_str().unwrap_or("failed").to_string(),
+            ));
             continue;
         }
         let mut row_sets = Vec::new();
         for s in &sets {
-            let rs: Vec<SafetyResponse> = read_jsonl(&dir.join(response_file(&label, s.kind.key())))?;
+            let rs: Vec<SafetyResponse> =
+                read_jsonl(&dir.join(response_file(&label, s.kind.key())))?;
             if rs.len() != s.prompts {
-                bail!("{}: {} responses, eval.json says the set has {}", dir.join(response_file(&label, s.kind.key())).display(), rs.len(), s.prompts);
+                bail!(
+                    "{}: {} responses, eval.json says the set has {}",
+                    dir.join(response_file(&label, s.kind.key())).display(),
+                    rs.len(),
+                    s.prompts
+                );
             }
             row_sets.push((s.kind, rs));
         }
         let util = match &utility {
             Some(_) => {
-                let mut us: Vec<UtilityResponse> = read_jsonl(&dir.join(response_file(&label, "utility")))?;
+                let mut us: Vec<UtilityResponse> =
+                    read_jsonl(&dir.join(response_file(&label, "utility")))?;
                 for u in us.iter_mut() {
                     u.rouge_l = rouge_l(&u.response, &u.reference);
                 }
@@ -332,7 +466,21 @@ pub fn load(dir: &Path) -> Result<EvalReport> {
             }
             None => None,
         };
-        models.push(ModelRow { label, model, error: None, sets: row_sets, utility: util, calibration: None });
+        models.push(ModelRow {
+            label,
+            model,
+            error: None,
+            sets: row_sets,
+            utility: util,
+            calibration: None,
+        });
     }
-    Ok(EvalReport { settings: doc["settings"].clone(), judge: doc["judge"].clone(), sets, utility, rejudged_from: None, models })
+    Ok(EvalReport {
+        settings: doc["settings"].clone(),
+        judge: doc["judge"].clone(),
+        sets,
+        utility,
+        rejudged_from: None,
+        models,
+    })
 }

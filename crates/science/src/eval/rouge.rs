@@ -17,7 +17,11 @@ pub struct RougeScore {
 }
 
 impl RougeScore {
-    pub const ZERO: RougeScore = RougeScore { precision: 0.0, recall: 0.0, f1: 0.0 };
+    pub const ZERO: RougeScore = RougeScore {
+        precision: 0.0,
+        recall: 0.0,
+        f1: 0.0,
+    };
 }
 
 /// Tokens as `rouge-score` makes them (see the module comment).
@@ -37,7 +41,11 @@ pub fn lcs_len<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     let mut cur = vec![0usize; short.len() + 1];
     for x in long {
         for (j, y) in short.iter().enumerate() {
-            cur[j + 1] = if x == y { prev[j] + 1 } else { cur[j].max(prev[j + 1]) };
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                cur[j].max(prev[j + 1])
+            };
         }
         std::mem::swap(&mut prev, &mut cur);
     }
@@ -55,8 +63,16 @@ pub fn rouge_l(prediction: &str, reference: &str) -> RougeScore {
     let lcs = lcs_len(&r, &p) as f64;
     let precision = lcs / p.len() as f64;
     let recall = lcs / r.len() as f64;
-    let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-    RougeScore { precision, recall, f1 }
+    let f1 = if precision + recall > 0.0 {
+        2.0 * precision * recall / (precision + recall)
+    } else {
+        0.0
+    };
+    RougeScore {
+        precision,
+        recall,
+        f1,
+    }
 }
 
 #[cfg(test)]

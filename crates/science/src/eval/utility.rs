@@ -53,27 +53,51 @@ pub struct UtilitySet {
 /// optional `input` (the Alpaca layout of the paper's D_N and D_I).
 pub fn read_records(path: &Path) -> Result<Vec<UtilityRecord>> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read utility set {shown}"))?;
-    let values: Vec<(String, serde_json::Value)> = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl")) {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read utility set {shown}"))?;
+    let values: Vec<(String, serde_json::Value)> = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
+    {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| Ok((format!("line {}", i + 1), serde_json::from_str(l).with_context(|| format!("{shown}: line {} is not valid JSON", i + 1))?)))
+            .map(|(i, l)| {
+                Ok((
+                    format!("line {}", i + 1),
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{shown}: line {} is not valid JSON", i + 1))?,
+                ))
+            })
             .collect::<Result<_>>()?
     } else {
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{shown}: invalid JSON"))?;
-        let arr = v.as_array().ok_or_else(|| anyhow!("{shown}: expected a JSON list of records"))?;
-        arr.iter().enumerate().map(|(i, r)| (format!("record {i}"), r.clone())).collect()
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{shown}: invalid JSON"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| anyhow!("{shown}: expected a JSON list of records"))?;
+        arr.iter()
+            .enumerate()
+            .map(|(i, r)| (format!("record {i}"), r.clone()))
+            .collect()
     };
     values
         .into_iter()
         .enumerate()
         .map(|(index, (at, v))| {
-            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).ok_or_else(|| anyhow!("{shown}: {at} has no string field `{k}`"));
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .ok_or_else(|| anyhow!("{shown}: {at} has no string field `{k}`"))
+            };
             Ok(UtilityRecord {
                 index,
                 instruction: field("instruction")?.to_string(),
-                input: v.get("input").and_then(|x| x.as_str()).filter(|s| !s.is_empty()).map(str::to_string),
+                input: v
+                    .get("input")
+                    .and_then(|x| x.as_str())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
                 reference: field("output")?.to_string(),
             })
         })
@@ -82,7 +106,13 @@ pub fn read_records(path: &Path) -> Result<Vec<UtilityRecord>> {
 
 impl UtilitySet {
     /// The `n` records that fine-tuning holds out: the last n of the file (or the first n).
-    pub fn held_out(name: &str, sha256: &str, all: Vec<UtilityRecord>, n: usize, take: Take) -> Result<UtilitySet> {
+    pub fn held_out(
+        name: &str,
+        sha256: &str,
+        all: Vec<UtilityRecord>,
+        n: usize,
+        take: Take,
+    ) -> Result<UtilitySet> {
         let total = all.len();
         if n == 0 {
             bail!("--utility-n 0: the utility set would be empty");
@@ -97,11 +127,20 @@ impl UtilitySet {
             Take::First => all.into_iter().take(n).collect(),
             Take::Last => all.into_iter().skip(total - n).collect(),
         };
-        Ok(UtilitySet { name: name.to_string(), sha256: sha256.to_string(), total, take, records })
+        Ok(UtilitySet {
+            name: name.to_string(),
+            sha256: sha256.to_string(),
+            total,
+            take,
+            records,
+        })
     }
 
     pub fn describe(&self) -> serde_json::Value {
-        let (first, last) = (self.records.first().map(|r| r.index), self.records.last().map(|r| r.index));
+        let (first, last) = (
+            self.records.first().map(|r| r.index),
+            self.records.last().map(|r| r.index),
+        );
         serde_json::json!({
             "name": self.name,
             "sha256": self.sha256,
@@ -150,7 +189,11 @@ fn zero_rouge() -> RougeScore {
 /// it was the model's top choice. Rows are batched by length, at most `max_batch_tokens`
 /// positions per forward pass (a row longer than that runs alone), so the `[B, T, vocab]`
 /// logits stay bounded.
-pub fn target_logprobs(dec: &Decoder, rows: &[(Vec<u32>, Vec<u32>)], max_batch_tokens: usize) -> Result<Vec<Vec<(f64, bool)>>> {
+pub fn target_logprobs(
+    dec: &Decoder,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    max_batch_tokens: usize,
+) -> Result<Vec<Vec<(f64, bool)>>> {
     if let Some(i) = rows.iter().position(|r| r.0.is_empty()) {
         bail!("row {i}: an empty prompt gives no position to predict the first target from");
     }
@@ -164,7 +207,10 @@ pub fn target_logprobs(dec: &Decoder, rows: &[(Vec<u32>, Vec<u32>)], max_batch_t
         let fit = (max_batch_tokens / width.max(1)).max(1);
         let batch = &order[start..(start + fit).min(order.len())];
         start += batch.len();
-        let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| [rows[i].0.as_slice(), rows[i].1.as_slice()].concat()).collect();
+        let seqs: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|&i| [rows[i].0.as_slice(), rows[i].1.as_slice()].concat())
+            .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         let (ids, pads) = left_pad(&refs, &dec.device)?;
         let (logits, _) = dec.forward(&ids, &pads, None, &Capture::none(), Logits::All)?;
@@ -172,8 +218,15 @@ pub fn target_logprobs(dec: &Decoder, rows: &[(Vec<u32>, Vec<u32>)], max_batch_t
         for (b, &i) in batch.iter().enumerate() {
             let (p, t) = (rows[i].0.len(), &rows[i].1);
             // The logits at position k predict token k + 1.
-            let rows_lp = logits.get(b)?.narrow(0, pads[b] + p - 1, t.len())?.to_vec2::<f32>()?;
-            out[i] = rows_lp.iter().zip(t).map(|(lg, &tok)| log_softmax_at(lg, tok)).collect();
+            let rows_lp = logits
+                .get(b)?
+                .narrow(0, pads[b] + p - 1, t.len())?
+                .to_vec2::<f32>()?;
+            out[i] = rows_lp
+                .iter()
+                .zip(t)
+                .map(|(lg, &tok)| log_softmax_at(lg, tok))
+                .collect();
         }
     }
     Ok(out)
@@ -190,7 +243,12 @@ fn log_softmax_at(logits: &[f32], tok: u32) -> (f64, bool) {
 /// Reference token ids after the prompt: the tokens of prompt + reference past the prompt's own
 /// tokens when tokenising them together keeps the prompt's tokens (as training sees the text),
 /// else the reference tokenised alone.
-fn reference_ids(model: &Model, prompt: &sl_engine::Prompt, reference: &str, template: Template) -> Result<Vec<u32>> {
+fn reference_ids(
+    model: &Model,
+    prompt: &sl_engine::Prompt,
+    reference: &str,
+    template: Template,
+) -> Result<Vec<u32>> {
     if reference.is_empty() {
         return Ok(vec![]);
     }
@@ -210,16 +268,40 @@ pub struct UtilityOptions {
 }
 
 /// Greedy responses, Rouge-L and teacher-forced reference NLL for every held-out record.
-pub fn evaluate(model: &Model, set: &UtilitySet, opts: &UtilityOptions, progress: &mut dyn FnMut(usize)) -> Result<Vec<UtilityResponse>> {
+pub fn evaluate(
+    model: &Model,
+    set: &UtilitySet,
+    opts: &UtilityOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<UtilityResponse>> {
     if set.records.is_empty() {
         bail!("the utility set `{}` is empty", set.name);
     }
-    let recs: Vec<PromptRecord> = set.records.iter().map(|r| PromptRecord { instruction: r.instruction.clone(), input: r.input.clone() }).collect();
+    let recs: Vec<PromptRecord> = set
+        .records
+        .iter()
+        .map(|r| PromptRecord {
+            instruction: r.instruction.clone(),
+            input: r.input.clone(),
+        })
+        .collect();
     let prompts = model.prompts(&recs, opts.template)?;
     crate::eval::check_context(model, &set.name, &prompts)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let g = GenerateOptions { max_new_tokens: opts.max_new_tokens, batch_size: opts.batch_size, ignore_eos: false, no_cache: false };
-    let gens = greedy_with(&model.decoder, &ids, &model.eos_token_ids, &g, None, progress)?;
+    let g = GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        batch_size: opts.batch_size,
+        ignore_eos: false,
+        no_cache: false,
+    };
+    let gens = greedy_with(
+        &model.decoder,
+        &ids,
+        &model.eos_token_ids,
+        &g,
+        None,
+        progress,
+    )?;
 
     let ctx = model.cfg().max_position_embeddings;
     let mut rows = Vec::with_capacity(prompts.len());
@@ -244,7 +326,10 @@ pub fn evaluate(model: &Model, set: &UtilitySet, opts: &UtilityOptions, progress
             rouge_l: rouge_l(&response, &r.reference),
             response,
             output_ids: gen.ids,
-            stop: serde_json::to_value(gen.stop)?.as_str().unwrap_or_default().to_string(),
+            stop: serde_json::to_value(gen.stop)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             reference_tokens: lp.len(),
             nll: -lp.iter().map(|(l, _)| l).sum::<f64>(),
             truncated: tr,
@@ -293,27 +378,53 @@ mod tests {
     use super::*;
 
     fn rec(i: usize) -> UtilityRecord {
-        UtilityRecord { index: i, instruction: format!("q{i}"), input: None, reference: format!("a{i}") }
+        UtilityRecord {
+            index: i,
+            instruction: format!("q{i}"),
+            input: None,
+            reference: format!("a{i}"),
+        }
     }
 
     #[test]
     fn held_out_takes_the_end_by_default() {
         let all: Vec<_> = (0..10).map(rec).collect();
         let s = UtilitySet::held_out("d", "x", all.clone(), 3, Take::Last).unwrap();
-        assert_eq!(s.records.iter().map(|r| r.index).collect::<Vec<_>>(), [7, 8, 9]);
+        assert_eq!(
+            s.records.iter().map(|r| r.index).collect::<Vec<_>>(),
+            [7, 8, 9]
+        );
         let d = s.describe();
-        assert_eq!((d["held_out"]["first_index"].as_u64(), d["held_out"]["last_index"].as_u64()), (Some(7), Some(9)));
+        assert_eq!(
+            (
+                d["held_out"]["first_index"].as_u64(),
+                d["held_out"]["last_index"].as_u64()
+            ),
+            (Some(7), Some(9))
+        );
         let s = UtilitySet::held_out("d", "x", all.clone(), 2, Take::First).unwrap();
-        assert_eq!(s.records.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1]);
-        assert!(UtilitySet::held_out("d", "x", all.clone(), 0, Take::Last).unwrap_err().to_string().contains("empty"));
-        assert!(UtilitySet::held_out("d", "x", all, 11, Take::Last).unwrap_err().to_string().contains("only 10"));
+        assert_eq!(
+            s.records.iter().map(|r| r.index).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert!(UtilitySet::held_out("d", "x", all.clone(), 0, Take::Last)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(UtilitySet::held_out("d", "x", all, 11, Take::Last)
+            .unwrap_err()
+            .to_string()
+            .contains("only 10"));
         assert!(UtilitySet::held_out("d", "x", vec![], 1, Take::Last).is_err());
     }
 
     #[test]
     fn log_softmax_by_hand() {
         let (lp, top) = log_softmax_at(&[0.0, 0.0, 0.0, 0.0], 2);
-        assert!((lp - (0.25f64).ln()).abs() < 1e-12 && !top, "ties: the first maximum is greedy's");
+        assert!(
+            (lp - (0.25f64).ln()).abs() < 1e-12 && !top,
+            "ties: the first maximum is greedy's"
+        );
         let (lp, top) = log_softmax_at(&[1.0, 3.0], 1);
         assert!((lp - (3f64.exp() / (1f64.exp() + 3f64.exp())).ln()).abs() < 1e-12 && top);
     }
@@ -321,12 +432,29 @@ mod tests {
     #[test]
     fn summary_by_hand() {
         let r = |f1: f64, tokens: usize, nll: f64| UtilityResponse {
-            index: 0, instruction: String::new(), input: None, reference: String::new(), response: String::new(), output_ids: vec![], stop: "eos".into(),
-            rouge_l: RougeScore { precision: f1, recall: f1, f1 }, reference_tokens: tokens, nll, truncated: false,
+            index: 0,
+            instruction: String::new(),
+            input: None,
+            reference: String::new(),
+            response: String::new(),
+            output_ids: vec![],
+            stop: "eos".into(),
+            rouge_l: RougeScore {
+                precision: f1,
+                recall: f1,
+                f1,
+            },
+            reference_tokens: tokens,
+            nll,
+            truncated: false,
         };
         let s = summarise(&[r(0.5, 2, 2.0), r(1.0, 6, 2.0)]).unwrap();
         assert_eq!(s.rouge_l_f1, 0.75);
-        assert_eq!(s.mean_nll, Some(0.5), "token-weighted: 4 nats over 8 tokens");
+        assert_eq!(
+            s.mean_nll,
+            Some(0.5),
+            "token-weighted: 4 nats over 8 tokens"
+        );
         assert!((s.perplexity.unwrap() - 0.5f64.exp()).abs() < 1e-12);
         assert_eq!(summarise(&[r(0.0, 0, 0.0)]).unwrap().perplexity, None);
         assert!(summarise(&[]).is_err());

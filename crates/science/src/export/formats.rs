@@ -40,13 +40,37 @@ pub struct Sources {
 }
 
 /// The file names and contents to write for `format`.
-pub fn render(format: Format, plan: &FreezePlan, cfg: &ModelConfig, recipe: &Recipe, src: &Sources) -> Result<Vec<(String, String)>> {
+pub fn render(
+    format: Format,
+    plan: &FreezePlan,
+    cfg: &ModelConfig,
+    recipe: &Recipe,
+    src: &Sources,
+) -> Result<Vec<(String, String)>> {
     let mut files = match format {
-        Format::Axolotl => vec![("axolotl.yaml".to_string(), axolotl_yaml(plan, cfg, recipe, src)), ds_zero2()],
-        Format::Peft => vec![("adapter_config.json".to_string(), pretty(&adapter_config(plan, recipe, src)?))],
-        Format::HfTrainer => vec![("train_sppft.py".to_string(), hf_trainer_script(plan, cfg, recipe, src)), ds_zero2()],
+        Format::Axolotl => vec![
+            (
+                "axolotl.yaml".to_string(),
+                axolotl_yaml(plan, cfg, recipe, src),
+            ),
+            ds_zero2(),
+        ],
+        Format::Peft => vec![(
+            "adapter_config.json".to_string(),
+            pretty(&adapter_config(plan, recipe, src)?),
+        )],
+        Format::HfTrainer => vec![
+            (
+                "train_sppft.py".to_string(),
+                hf_trainer_script(plan, cfg, recipe, src),
+            ),
+            ds_zero2(),
+        ],
     };
-    files.push(("freeze_plan.json".to_string(), pretty(&plan_json(format, plan, cfg, recipe, src)?)));
+    files.push((
+        "freeze_plan.json".to_string(),
+        pretty(&plan_json(format, plan, cfg, recipe, src)?),
+    ));
     files.push(("README.md".to_string(), readme(format, plan, src)));
     Ok(files)
 }
@@ -71,7 +95,13 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-fn plan_json(format: Format, plan: &FreezePlan, cfg: &ModelConfig, recipe: &Recipe, src: &Sources) -> Result<Value> {
+fn plan_json(
+    format: Format,
+    plan: &FreezePlan,
+    cfg: &ModelConfig,
+    recipe: &Recipe,
+    src: &Sources,
+) -> Result<Value> {
     let (frozen, trainable) = plan.split(cfg);
     let lora = match format {
         Format::Peft => Some(plan.lora_targets()?),
@@ -125,7 +155,13 @@ fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources)
         y.push_str(&s);
         y.push('\n');
     };
-    line(format!("# SPPFT (Li et al., ICLR 2025): layers {} of this {}-layer {} train with their {} frozen.", plan.range, plan.num_layers, plan.architecture, modules_text(plan)));
+    line(format!(
+        "# SPPFT (Li et al., ICLR 2025): layers {} of this {}-layer {} train with their {} frozen.",
+        plan.range,
+        plan.num_layers,
+        plan.architecture,
+        modules_text(plan)
+    ));
     line("# Written by `safety-layers export`; freeze_plan.json beside it lists every tensor, frozen or not.".into());
     line("# Run from this directory (ds_zero2.json is found relative to it):  axolotl train axolotl.yaml".into());
     line(format!("base_model: {}", quoted(&src.base_model)));
@@ -138,14 +174,20 @@ fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources)
     line(format!("  - path: {}", quoted(&src.data)));
     line("    ds_type: json".into());
     line("    type: alpaca".into());
-    line(format!("val_set_size: {}  # records held out (axolotl draws them at random)", r.holdout));
+    line(format!(
+        "val_set_size: {}  # records held out (axolotl draws them at random)",
+        r.holdout
+    ));
     line("dataset_prepared_path: last_run_prepared".into());
     line("output_dir: ./sppft-out".into());
     line(String::new());
     line(format!("sequence_len: {}", r.max_len));
     line("sample_packing: false".into());
     line("pad_to_sequence_len: false".into());
-    line(format!("train_on_inputs: {}  # loss on the prompt too, as the paper's code", r.train_on_inputs));
+    line(format!(
+        "train_on_inputs: {}  # loss on the prompt too, as the paper's code",
+        r.train_on_inputs
+    ));
     line(String::new());
     line(format!("num_epochs: {}", r.epochs));
     line(format!("micro_batch_size: {}", r.micro_batch_size));
@@ -165,7 +207,14 @@ fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources)
     line(format!("max_grad_norm: {}", float(r.max_grad_norm)));
     line(format!("seed: {}", r.seed));
     line(String::new());
-    line(format!("bf16: {bf16}  # {}", if bf16 { "mixed precision" } else { "the paper trains in fp32" }));
+    line(format!(
+        "bf16: {bf16}  # {}",
+        if bf16 {
+            "mixed precision"
+        } else {
+            "the paper trains in fp32"
+        }
+    ));
     line("fp16: false".into());
     line("tf32: false".into());
     line(format!("gradient_checkpointing: {}", r.grad_checkpointing));
@@ -187,14 +236,25 @@ fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources)
 }
 
 fn modules_text(plan: &FreezePlan) -> String {
-    plan.modules.iter().map(|m| m.hf_module()).collect::<Vec<_>>().join(" and ")
+    plan.modules
+        .iter()
+        .map(|m| m.hf_module())
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// As PEFT's `LoraConfig.save_pretrained` writes it (the long-standing keys; newer PEFT fills
 /// the rest with defaults).
 fn adapter_config(plan: &FreezePlan, r: &Recipe, src: &Sources) -> Result<Value> {
     let (target_modules, layers_to_transform, layers_pattern) = match plan.lora_targets()? {
-        LoraTargets::Layers { target_modules, layers_to_transform } => (json!(target_modules), json!(layers_to_transform), json!("layers")),
+        LoraTargets::Layers {
+            target_modules,
+            layers_to_transform,
+        } => (
+            json!(target_modules),
+            json!(layers_to_transform),
+            json!("layers"),
+        ),
         LoraTargets::Regex(re) => (json!(re), Value::Null, Value::Null),
     };
     Ok(json!({
@@ -225,11 +285,20 @@ fn hf_trainer_script(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sou
     let (frozen, _) = plan.split(cfg);
     let modules: Vec<String> = plan.modules.iter().map(|m| quoted(m.hf_module())).collect();
     let mut c = String::new();
-    c.push_str(&format!("# The plan: layers {} of {} ({}), {} frozen tensors.\n", plan.range, src.config_from, plan.architecture, frozen.len()));
+    c.push_str(&format!(
+        "# The plan: layers {} of {} ({}), {} frozen tensors.\n",
+        plan.range,
+        src.config_from,
+        plan.architecture,
+        frozen.len()
+    ));
     c.push_str(&format!("BASE_MODEL = {}\n", quoted(&src.base_model)));
     c.push_str(&format!("DATA = {}\n", quoted(&src.data)));
     c.push_str("OUTPUT_DIR = \"sppft-out\"\n");
-    c.push_str(&format!("FREEZE_FIRST, FREEZE_LAST = {}, {}  # 0-indexed, inclusive\n", plan.range.first, plan.range.last));
+    c.push_str(&format!(
+        "FREEZE_FIRST, FREEZE_LAST = {}, {}  # 0-indexed, inclusive\n",
+        plan.range.first, plan.range.last
+    ));
     c.push_str(&format!("FREEZE_MODULES = ({},)\n", modules.join(", ")));
     c.push_str("FROZEN_PARAMETERS = [\n");
     for n in &frozen {
@@ -245,12 +314,33 @@ fn hf_trainer_script(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sou
     c.push_str(&format!("MAX_LEN = {}\n", r.max_len));
     c.push_str(&format!("WEIGHT_DECAY = {}\n", float(r.weight_decay)));
     c.push_str(&format!("MAX_GRAD_NORM = {}\n", float(r.max_grad_norm)));
-    c.push_str(&format!("ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = {}, {}, {}\n", float(r.adam_beta1), float(r.adam_beta2), float(r.adam_epsilon)));
-    c.push_str(&format!("HOLDOUT = {}  # the last N records, evaluated each epoch\n", r.holdout));
+    c.push_str(&format!(
+        "ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = {}, {}, {}\n",
+        float(r.adam_beta1),
+        float(r.adam_beta2),
+        float(r.adam_epsilon)
+    ));
+    c.push_str(&format!(
+        "HOLDOUT = {}  # the last N records, evaluated each epoch\n",
+        r.holdout
+    ));
     c.push_str(&format!("SEED = {}\n", r.seed));
-    c.push_str(&format!("TRAIN_ON_INPUTS = {}\n", if r.train_on_inputs { "True" } else { "False" }));
-    c.push_str(&format!("PRECISION = {}  # fp32 is the paper's; bf16 = mixed precision over fp32 weights\n", quoted(&r.precision)));
-    c.push_str(&format!("GRAD_CHECKPOINTING = {}\n", if r.grad_checkpointing { "True" } else { "False" }));
+    c.push_str(&format!(
+        "TRAIN_ON_INPUTS = {}\n",
+        if r.train_on_inputs { "True" } else { "False" }
+    ));
+    c.push_str(&format!(
+        "PRECISION = {}  # fp32 is the paper's; bf16 = mixed precision over fp32 weights\n",
+        quoted(&r.precision)
+    ));
+    c.push_str(&format!(
+        "GRAD_CHECKPOINTING = {}\n",
+        if r.grad_checkpointing {
+            "True"
+        } else {
+            "False"
+        }
+    ));
     c.push_str(&format!("ALPACA = {}\n", quoted(ALPACA)));
     c.push_str(&format!("ALPACA_INPUT = {}", quoted(ALPACA_INPUT)));
     include_str!("hf_trainer.py").replace("# @@PLAN@@", &c)

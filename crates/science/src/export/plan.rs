@@ -69,7 +69,11 @@ pub fn hf_parameter_names(cfg: &ModelConfig) -> Vec<String> {
         let attn = FreezeModule::Attn.projections(cfg.family);
         for proj in attn {
             names.push(format!("{p}.self_attn.{proj}.weight"));
-            let biased = if *proj == "o_proj" { cfg.o_bias } else { cfg.qkv_bias };
+            let biased = if *proj == "o_proj" {
+                cfg.o_bias
+            } else {
+                cfg.qkv_bias
+            };
             if biased {
                 names.push(format!("{p}.self_attn.{proj}.bias"));
             }
@@ -117,7 +121,11 @@ pub struct FreezePlan {
 }
 
 impl FreezePlan {
-    pub fn new(cfg: &ModelConfig, range: LayerRange, modules: Vec<FreezeModule>) -> Result<FreezePlan> {
+    pub fn new(
+        cfg: &ModelConfig,
+        range: LayerRange,
+        modules: Vec<FreezeModule>,
+    ) -> Result<FreezePlan> {
         if cfg.num_layers == 0 {
             bail!("the model config has no layers (num_hidden_layers = 0)");
         }
@@ -126,7 +134,13 @@ impl FreezePlan {
         if modules.is_empty() {
             bail!("nothing to freeze: no module named");
         }
-        Ok(FreezePlan { family: cfg.family, architecture: cfg.architecture.clone(), num_layers: cfg.num_layers, range, modules })
+        Ok(FreezePlan {
+            family: cfg.family,
+            architecture: cfg.architecture.clone(),
+            num_layers: cfg.num_layers,
+            range,
+            modules,
+        })
     }
 
     pub fn freezes(&self, m: FreezeModule) -> bool {
@@ -136,18 +150,25 @@ impl FreezePlan {
     /// The rule itself, on a Hugging Face parameter name.
     pub fn is_frozen(&self, name: &str) -> bool {
         match layer_and_module(name) {
-            Some((l, module)) => self.range.layers().contains(&l) && self.modules.iter().any(|m| m.hf_module() == module),
+            Some((l, module)) => {
+                self.range.layers().contains(&l)
+                    && self.modules.iter().any(|m| m.hf_module() == module)
+            }
             None => false,
         }
     }
 
     /// (frozen, trainable) names of the model, in registration order.
     pub fn split(&self, cfg: &ModelConfig) -> (Vec<String>, Vec<String>) {
-        hf_parameter_names(cfg).into_iter().partition(|n| self.is_frozen(n))
+        hf_parameter_names(cfg)
+            .into_iter()
+            .partition(|n| self.is_frozen(n))
     }
 
     pub fn outside_layers(&self) -> Vec<usize> {
-        (0..self.num_layers).filter(|l| !self.range.layers().contains(l)).collect()
+        (0..self.num_layers)
+            .filter(|l| !self.range.layers().contains(l))
+            .collect()
     }
 
     /// axolotl's `unfrozen_parameters`: axolotl freezes every parameter, then unfreezes those a
@@ -157,14 +178,20 @@ impl FreezePlan {
     /// `$` ends the exact names.
     pub fn axolotl_unfrozen(&self, cfg: &ModelConfig) -> Vec<AxolotlPattern> {
         let mut out = Vec::new();
-        for name in hf_parameter_names(cfg).iter().filter(|n| layer_and_module(n).is_none()) {
+        for name in hf_parameter_names(cfg)
+            .iter()
+            .filter(|n| layer_and_module(n).is_none())
+        {
             let keeps = match name.as_str() {
                 "model.embed_tokens.weight" => "the token embeddings",
                 "model.norm.weight" => "the final norm",
                 "lm_head.weight" => "the output head",
                 _ => name.as_str(),
             };
-            out.push(AxolotlPattern { pattern: format!("^{name}$"), keeps: keeps.to_string() });
+            out.push(AxolotlPattern {
+                pattern: format!("^{name}$"),
+                keeps: keeps.to_string(),
+            });
         }
         let outside = self.outside_layers();
         if !outside.is_empty() {
@@ -174,14 +201,26 @@ impl FreezePlan {
             });
         }
         let inside: Vec<usize> = self.range.layers().collect();
-        let frozen: Vec<String> = self.modules.iter().map(|m| format!("{}.", m.hf_module())).collect();
+        let frozen: Vec<String> = self
+            .modules
+            .iter()
+            .map(|m| format!("{}.", m.hf_module()))
+            .collect();
         out.push(AxolotlPattern {
             // A negative lookahead: in the range, everything whose submodule is not frozen.
-            pattern: format!("^model.layers.{}.(?!{})", alternation(&inside), frozen.join("|")),
+            pattern: format!(
+                "^model.layers.{}.(?!{})",
+                alternation(&inside),
+                frozen.join("|")
+            ),
             keeps: format!(
                 "layers {}: everything but {} (the layers' norms{})",
                 self.range,
-                self.modules.iter().map(|m| m.hf_module()).collect::<Vec<_>>().join(" and "),
+                self.modules
+                    .iter()
+                    .map(|m| m.hf_module())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
                 match self.modules.as_slice() {
                     [FreezeModule::Attn] => " and mlp",
                     [FreezeModule::Mlp] => " and self_attn",
@@ -195,8 +234,10 @@ impl FreezePlan {
     /// LoRA-SPPFT: adapters on the projections of every layer outside the range; inside it, on
     /// the projections of the submodules that are not frozen.
     pub fn lora_targets(&self) -> Result<LoraTargets> {
-        let all: Vec<&'static str> =
-            [FreezeModule::Attn, FreezeModule::Mlp].iter().flat_map(|m| m.projections(self.family).iter().copied()).collect();
+        let all: Vec<&'static str> = [FreezeModule::Attn, FreezeModule::Mlp]
+            .iter()
+            .flat_map(|m| m.projections(self.family).iter().copied())
+            .collect();
         let outside = self.outside_layers();
         if self.modules.len() == 2 {
             if outside.is_empty() {
@@ -206,16 +247,37 @@ impl FreezePlan {
                     self.num_layers - 1
                 );
             }
-            return Ok(LoraTargets::Layers { target_modules: all.iter().map(|s| s.to_string()).collect(), layers_to_transform: outside });
+            return Ok(LoraTargets::Layers {
+                target_modules: all.iter().map(|s| s.to_string()).collect(),
+                layers_to_transform: outside,
+            });
         }
         // One submodule frozen: PEFT's layers_to_transform applies to every target module, so the
         // selection is one regex that PEFT matches in full against each module name.
-        let kept = if self.freezes(FreezeModule::Attn) { FreezeModule::Mlp } else { FreezeModule::Attn };
-        let projections = |m: FreezeModule| format!("{}\\.(?:{})", m.hf_module(), m.projections(self.family).join("|"));
-        let every = format!("(?:{}|{})", projections(FreezeModule::Attn), projections(FreezeModule::Mlp));
+        let kept = if self.freezes(FreezeModule::Attn) {
+            FreezeModule::Mlp
+        } else {
+            FreezeModule::Attn
+        };
+        let projections = |m: FreezeModule| {
+            format!(
+                "{}\\.(?:{})",
+                m.hf_module(),
+                m.projections(self.family).join("|")
+            )
+        };
+        let every = format!(
+            "(?:{}|{})",
+            projections(FreezeModule::Attn),
+            projections(FreezeModule::Mlp)
+        );
         let inside: Vec<usize> = self.range.layers().collect();
         let regex = if outside.is_empty() {
-            format!("model\\.layers\\.{}\\.{}", alternation(&inside), projections(kept))
+            format!(
+                "model\\.layers\\.{}\\.{}",
+                alternation(&inside),
+                projections(kept)
+            )
         } else {
             format!(
                 "model\\.layers\\.(?:{}\\.{}|{}\\.{})",
@@ -232,7 +294,14 @@ impl FreezePlan {
 /// `(?:0|1|13)`: layer numbers as an alternation (explicit, so `1` never matches `13`'s prefix:
 /// every use is followed by a literal dot).
 fn alternation(layers: &[usize]) -> String {
-    format!("(?:{})", layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("|"))
+    format!(
+        "(?:{})",
+        layers
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("|")
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,7 +314,10 @@ pub struct AxolotlPattern {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum LoraTargets {
     /// `target_modules` as a list of module-name suffixes, restricted to `layers_to_transform`.
-    Layers { target_modules: Vec<String>, layers_to_transform: Vec<usize> },
+    Layers {
+        target_modules: Vec<String>,
+        layers_to_transform: Vec<usize>,
+    },
     /// `target_modules` as one regex, matched in full against module names.
     Regex(String),
 }
@@ -287,25 +359,41 @@ pub fn paper_lr(cfg: &ModelConfig) -> (f64, String) {
         Family::Llama if cfg.vocab_size == 32_000 => (3e-4, "paper Table 6 (Llama-2)".into()),
         Family::Gemma | Family::Gemma2 | Family::Gemma3 => (1e-4, "paper Table 6 (gemma)".into()),
         Family::Phi3 => (6e-4, "paper Table 6 (Phi-3)".into()),
-        _ => (1e-4, "finetune's default (the paper trained no model of this kind)".into()),
+        _ => (
+            1e-4,
+            "finetune's default (the paper trained no model of this kind)".into(),
+        ),
     }
 }
 
 impl Recipe {
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.micro_batch_size == 0 || self.grad_accum == 0 || self.max_len == 0 {
+        if self.epochs == 0
+            || self.micro_batch_size == 0
+            || self.grad_accum == 0
+            || self.max_len == 0
+        {
             bail!("--epochs, --batch-size, --grad-accum and --max-len must be at least 1");
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr {}: must be a positive finite number", self.lr);
         }
         if !["linear", "cosine", "constant"].contains(&self.lr_schedule.as_str()) {
-            bail!("unknown --lr-schedule `{}` (expected linear, cosine or constant)", self.lr_schedule);
+            bail!(
+                "unknown --lr-schedule `{}` (expected linear, cosine or constant)",
+                self.lr_schedule
+            );
         }
         if !["fp32", "bf16"].contains(&self.precision.as_str()) {
-            bail!("unknown --precision `{}` (expected fp32, the paper's, or bf16)", self.precision);
+            bail!(
+                "unknown --precision `{}` (expected fp32, the paper's, or bf16)",
+                self.precision
+            );
         }
-        for (flag, v) in [("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm)] {
+        for (flag, v) in [
+            ("--weight-decay", self.weight_decay),
+            ("--max-grad-norm", self.max_grad_norm),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("{flag} {v}: must be a finite number >= 0");
             }

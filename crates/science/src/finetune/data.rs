@@ -19,14 +19,18 @@ pub struct SftRecord {
 /// Reads records from a JSON array or JSONL file; every record needs `instruction` and `output`.
 pub fn read_records(path: &Path) -> Result<Vec<SftRecord>> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training data {shown}"))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read training data {shown}"))?;
     let values: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
         serde_json::from_str(&text).with_context(|| format!("{shown} is not a valid JSON array"))?
     } else {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{shown}:{}: not valid JSON", i + 1)))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{shown}:{}: not valid JSON", i + 1))
+            })
             .collect::<Result<_>>()?
     };
     let records: Vec<SftRecord> = values
@@ -59,9 +63,18 @@ pub struct Example {
 /// `<|eot_id|>` for every model, a defect — the tokenizer's own EOS is used here). Chat: the
 /// template rendered over the user turn and the assistant's answer. With `train_on_inputs`
 /// every token after the first is a target, else only the answer's.
-pub fn encode(model: &Model, rec: &SftRecord, template: Template, max_len: usize, train_on_inputs: bool) -> Result<Example> {
+pub fn encode(
+    model: &Model,
+    rec: &SftRecord,
+    template: Template,
+    max_len: usize,
+    train_on_inputs: bool,
+) -> Result<Example> {
     let tok = &model.tokenizer;
-    let prompt_rec = PromptRecord { instruction: rec.instruction.clone(), input: Some(rec.input.clone()) };
+    let prompt_rec = PromptRecord {
+        instruction: rec.instruction.clone(),
+        input: Some(rec.input.clone()),
+    };
     let prompt = template.format(&prompt_rec, tok)?;
     let (mut ids, prompt_len) = match template {
         Template::Chat => {
@@ -69,18 +82,36 @@ pub fn encode(model: &Model, rec: &SftRecord, template: Template, max_len: usize
                 "" => rec.instruction.clone(),
                 inp => format!("{}\n\n{}", rec.instruction, inp),
             };
-            let full = tok.apply_chat_template(&[Message::new("user", &user), Message::new("assistant", &rec.output)], false)?;
+            let full = tok.apply_chat_template(
+                &[
+                    Message::new("user", &user),
+                    Message::new("assistant", &rec.output),
+                ],
+                false,
+            )?;
             (tok.encode(&full, false)?, tok.encode(&prompt, false)?.len())
         }
-        _ => (tok.encode(&format!("{prompt}{}", rec.output), true)?, tok.encode(&prompt, true)?.len()),
+        _ => (
+            tok.encode(&format!("{prompt}{}", rec.output), true)?,
+            tok.encode(&prompt, true)?.len(),
+        ),
     };
     ids.truncate(max_len);
-    let eos = *model.eos_token_ids.first().ok_or_else(|| anyhow::anyhow!("the model has no EOS token to end training examples with"))?;
+    let eos = *model.eos_token_ids.first().ok_or_else(|| {
+        anyhow::anyhow!("the model has no EOS token to end training examples with")
+    })?;
     if template != Template::Chat && ids.last() != Some(&eos) && ids.len() < max_len {
         ids.push(eos);
     }
-    let supervised_from = if train_on_inputs { 1 } else { prompt_len.min(ids.len()) };
-    Ok(Example { ids, supervised_from })
+    let supervised_from = if train_on_inputs {
+        1
+    } else {
+        prompt_len.min(ids.len())
+    };
+    Ok(Example {
+        ids,
+        supervised_from,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +143,9 @@ pub fn lr_factor(schedule: Schedule, step: usize, total: usize, warmup: usize) -
     }
     match schedule {
         Schedule::Constant => 1.0,
-        Schedule::Linear => ((total - step.min(total)) as f64 / (total - warmup.min(total)).max(1) as f64).max(0.0),
+        Schedule::Linear => {
+            ((total - step.min(total)) as f64 / (total - warmup.min(total)).max(1) as f64).max(0.0)
+        }
         Schedule::Cosine => {
             let progress = (step - warmup) as f64 / (total - warmup.min(total)).max(1) as f64;
             (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
@@ -125,7 +158,8 @@ pub fn lr_factor(schedule: Schedule, step: usize, total: usize, warmup: usize) -
 pub fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = crate::rng::Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            crate::rng::Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         for i in (1..n).rev() {
             order.swap(i, rng.below(i + 1));
         }
@@ -139,7 +173,8 @@ mod tests {
 
     #[test]
     fn schedules_match_transformers() -> Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train/schedules.json");
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train/schedules.json");
         let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir)?)?;
         assert!(cases.len() >= 9);
         for c in cases {
@@ -147,11 +182,17 @@ mod tests {
                 "constant_with_warmup" => Schedule::Constant,
                 k => k.parse()?,
             };
-            let (total, warmup) = (c["total"].as_u64().unwrap() as usize, c["warmup"].as_u64().unwrap() as usize);
+            let (total, warmup) = (
+                c["total"].as_u64().unwrap() as usize,
+                c["warmup"].as_u64().unwrap() as usize,
+            );
             let base = c["base_lr"].as_f64().unwrap();
             for (step, want) in c["lrs"].as_array().unwrap().iter().enumerate() {
                 let got = base * lr_factor(kind, step, total, warmup);
-                assert!((got - want.as_f64().unwrap()).abs() < 1e-12, "{kind:?} total {total} warmup {warmup} step {step}: {got} vs {want}");
+                assert!(
+                    (got - want.as_f64().unwrap()).abs() < 1e-12,
+                    "{kind:?} total {total} warmup {warmup} step {step}: {got} vs {want}"
+                );
             }
         }
         Ok(())
@@ -173,12 +214,23 @@ mod tests {
     fn records_need_instruction_and_output() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl");
-        std::fs::write(&p, "{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\":\"a\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\":\"a\"}\n",
+        )
+        .unwrap();
         let e = read_records(&p).unwrap_err().to_string();
         assert!(e.contains("record 1") && e.contains("output"), "{e}");
         std::fs::write(&p, "[]").unwrap();
-        assert!(read_records(&p).unwrap_err().to_string().contains("no training records"));
-        std::fs::write(&p, "[{\"instruction\":\"a\",\"input\":\"x\",\"output\":\"b\"}]").unwrap();
+        assert!(read_records(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no training records"));
+        std::fs::write(
+            &p,
+            "[{\"instruction\":\"a\",\"input\":\"x\",\"output\":\"b\"}]",
+        )
+        .unwrap();
         assert_eq!(read_records(&p).unwrap()[0].input, "x");
     }
 }

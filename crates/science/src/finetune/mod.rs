@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sl_engine::train::adamw::AdamWConfig;
 use sl_engine::io::atomic::{write_atomic, StagedDir};
 use sl_engine::io::hf_dir::{safetensors_bytes, write_hf_files};
 use sl_engine::model::params::{hf_names_of, Module, ParamInfo};
+use sl_engine::train::adamw::AdamWConfig;
 use sl_engine::train::trainer::{Batch, Trainer};
 use sl_engine::{LayerRange, Model, Template};
 use std::collections::BTreeMap;
@@ -56,7 +56,9 @@ impl FinetuneConfig {
     }
 
     fn frozen(&self, info: &ParamInfo) -> bool {
-        let Some(range) = self.freeze else { return false };
+        let Some(range) = self.freeze else {
+            return false;
+        };
         let in_range = info.layer.is_some_and(|l| range.layers().contains(&l));
         let module = match info.module {
             Module::Attn => "attn",
@@ -139,19 +141,35 @@ fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("state.json").is_file())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join("state.json").is_file()
+        })
         .collect();
     found.sort();
     found.pop()
 }
 
 /// Fine-tunes `model` on `records` and writes the result into `out` (see the module docs).
-pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: &RunOptions, out: &Path, progress: &mut dyn FnMut(&StepLog)) -> Result<Summary> {
+pub fn finetune(
+    model: Model,
+    records: &[SftRecord],
+    cfg: &FinetuneConfig,
+    run: &RunOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&StepLog),
+) -> Result<Summary> {
     let t_start = Instant::now();
     validate(cfg, records.len(), model.cfg().num_layers)?;
     let out_dtype = parse_dtype(&cfg.dtype, model.source_dtype)?;
     let resume_from = if run.resume {
-        Some(latest_checkpoint(out).ok_or_else(|| anyhow::anyhow!("--resume: no checkpoint under {}", checkpoints_dir(out).display()))?)
+        Some(latest_checkpoint(out).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--resume: no checkpoint under {}",
+                checkpoints_dir(out).display()
+            )
+        })?)
     } else {
         if sl_engine::io::atomic::occupied(out) {
             bail!("output directory {} already exists and is not empty (use --resume to continue a run there)", out.display());
@@ -167,7 +185,10 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
             .map(|(i, r)| {
                 let e = encode(&model, r, cfg.template, cfg.max_len, cfg.train_on_inputs)?;
                 if e.ids.len() < 2 {
-                    bail!("training record {i} ({:?}) tokenises to fewer than two tokens", r.instruction);
+                    bail!(
+                        "training record {i} ({:?}) tokenises to fewer than two tokens",
+                        r.instruction
+                    );
                 }
                 Ok(e)
             })
@@ -175,16 +196,34 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
     };
     let train = encode_all(&records[..split])?;
     let held = encode_all(&records[split..])?;
-    let before: BTreeMap<String, String> = model.decoder.hf_tensors()?.iter().map(|(n, t)| Ok((n.clone(), sha_of(t)?))).collect::<Result<_>>()?;
+    let before: BTreeMap<String, String> = model
+        .decoder
+        .hf_tensors()?
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), sha_of(t)?)))
+        .collect::<Result<_>>()?;
 
-    let Model { decoder, hf_files, .. } = model;
-    let adam = AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() };
+    let Model {
+        decoder, hf_files, ..
+    } = model;
+    let adam = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
+    };
     let mut trainer = Trainer::new(decoder, |i| cfg.frozen(i), adam, cfg.grad_checkpointing)?;
     let fingerprint = cfg.fingerprint()?;
     let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let mut pos = Position { fingerprint: fingerprint.clone(), global_step: 0, epoch: 0, step_in_epoch: 0, tokens: 0, seconds: 0.0, log: vec![] };
+    let mut pos = Position {
+        fingerprint: fingerprint.clone(),
+        global_step: 0,
+        epoch: 0,
+        step_in_epoch: 0,
+        tokens: 0,
+        seconds: 0.0,
+        log: vec![],
+    };
     if let Some(ckpt) = &resume_from {
         pos = load_checkpoint(&mut trainer, ckpt)?;
         if pos.fingerprint != fingerprint {
@@ -203,16 +242,34 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
     };
 
     let device = Device::Cpu;
-    let batch_of = |examples: &[&Example]| Batch::new(&examples.iter().map(|e| e.ids.as_slice()).collect::<Vec<_>>(), &examples.iter().map(|e| e.supervised_from).collect::<Vec<_>>(), &device);
+    let batch_of = |examples: &[&Example]| {
+        Batch::new(
+            &examples
+                .iter()
+                .map(|e| e.ids.as_slice())
+                .collect::<Vec<_>>(),
+            &examples
+                .iter()
+                .map(|e| e.supervised_from)
+                .collect::<Vec<_>>(),
+            &device,
+        )
+    };
     let held_refs: Vec<&Example> = held.iter().collect();
-    let held_batches: Vec<Batch> = held_refs.chunks(cfg.batch_size).map(batch_of).collect::<Result<_>>()?;
+    let held_batches: Vec<Batch> = held_refs
+        .chunks(cfg.batch_size)
+        .map(batch_of)
+        .collect::<Result<_>>()?;
     let mut holdout_losses = vec![];
     let seconds_before = pos.seconds;
     let t_loop = Instant::now();
     let stop_at = cfg.max_steps.unwrap_or(usize::MAX).min(total_steps);
     'epochs: while pos.epoch < cfg.epochs {
         let order = epoch_order(train.len(), cfg.seed, pos.epoch, cfg.shuffle);
-        let micro: Vec<Vec<&Example>> = order.chunks(cfg.batch_size).map(|c| c.iter().map(|&i| &train[i]).collect()).collect();
+        let micro: Vec<Vec<&Example>> = order
+            .chunks(cfg.batch_size)
+            .map(|c| c.iter().map(|&i| &train[i]).collect())
+            .collect();
         let steps: Vec<&[Vec<&Example>]> = micro.chunks(cfg.grad_accum).collect();
         while pos.step_in_epoch < steps.len() {
             if pos.global_step >= stop_at {
@@ -225,7 +282,13 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
             for b in &batches {
                 loss_sum += trainer.accumulate(b, 1.0 / targets.max(1) as f64)?;
             }
-            let lr = cfg.lr * lr_factor(cfg.lr_schedule, pos.global_step, total_steps, cfg.warmup_steps);
+            let lr = cfg.lr
+                * lr_factor(
+                    cfg.lr_schedule,
+                    pos.global_step,
+                    total_steps,
+                    cfg.warmup_steps,
+                );
             trainer.apply(lr, cfg.max_grad_norm)?;
             pos.global_step += 1;
             pos.step_in_epoch += 1;
@@ -246,12 +309,17 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
                 pos.step_in_epoch = 0;
                 if !held_batches.is_empty() {
                     let l = trainer.eval_loss(&held_batches)?;
-                    holdout_losses.push(json!({"epoch": pos.epoch, "step": pos.global_step, "holdout_loss": l}));
+                    holdout_losses.push(
+                        json!({"epoch": pos.epoch, "step": pos.global_step, "holdout_loss": l}),
+                    );
                     let entry = json!({"step": pos.global_step, "epoch": pos.epoch as f64, "holdout_loss": l, "seconds": pos.seconds});
                     append(&mut pos, entry)?;
                 }
             }
-            if run.save_every.is_some_and(|n| n > 0 && pos.global_step % n == 0) {
+            if run
+                .save_every
+                .is_some_and(|n| n > 0 && pos.global_step % n == 0)
+            {
                 save_checkpoint(&trainer, &pos, out)?;
             }
             if run.abort_after_step == Some(pos.global_step) {
@@ -300,7 +368,9 @@ pub fn finetune(model: Model, records: &[SftRecord], cfg: &FinetuneConfig, run: 
 
 fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
     if cfg.epochs == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.max_len < 2 {
-        bail!("--epochs, --batch-size and --grad-accum must be at least 1 and --max-len at least 2");
+        bail!(
+            "--epochs, --batch-size and --grad-accum must be at least 1 and --max-len at least 2"
+        );
     }
     if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", cfg.lr);
@@ -309,11 +379,18 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
         bail!("--weight-decay must be >= 0, got {}", cfg.weight_decay);
     }
     if cfg.holdout >= n {
-        bail!("--holdout {} leaves no training records out of {n}", cfg.holdout);
+        bail!(
+            "--holdout {} leaves no training records out of {n}",
+            cfg.holdout
+        );
     }
     if let Some(r) = cfg.freeze {
         if r.last >= layers {
-            bail!("--freeze {}-{} is outside the model's {layers} layers", r.first, r.last);
+            bail!(
+                "--freeze {}-{} is outside the model's {layers} layers",
+                r.first,
+                r.last
+            );
         }
     }
     for m in &cfg.freeze_modules {
@@ -325,9 +402,17 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
 }
 
 /// For every Hugging Face tensor: frozen or not, and the hash of its values before and after.
-fn freeze_audit(trainer: &Trainer, before: &BTreeMap<String, String>, after: &BTreeMap<String, Tensor>) -> Result<Value> {
+fn freeze_audit(
+    trainer: &Trainer,
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, Tensor>,
+) -> Result<Value> {
     let family = trainer.decoder.cfg.family;
-    let frozen: std::collections::HashSet<String> = trainer.frozen.iter().flat_map(|i| hf_names_of(&i.name, family)).collect();
+    let frozen: std::collections::HashSet<String> = trainer
+        .frozen
+        .iter()
+        .flat_map(|i| hf_names_of(&i.name, family))
+        .collect();
     let mut rows = vec![];
     let (mut all_identical, mut frozen_params) = (true, 0usize);
     for (name, t) in after {
@@ -365,11 +450,23 @@ fn save_checkpoint(trainer: &Trainer, pos: &Position, out: &Path) -> Result<()> 
     for ((info, var), st) in trainer.trainable.iter().zip(&trainer.optimizer.moments) {
         params.insert(info.name.clone(), var.as_tensor().clone());
         let shape = var.dims().to_vec();
-        moments.insert(format!("m.{}", info.name), Tensor::from_slice(&st.m, shape.as_slice(), &Device::Cpu)?);
-        moments.insert(format!("v.{}", info.name), Tensor::from_slice(&st.v, shape.as_slice(), &Device::Cpu)?);
+        moments.insert(
+            format!("m.{}", info.name),
+            Tensor::from_slice(&st.m, shape.as_slice(), &Device::Cpu)?,
+        );
+        moments.insert(
+            format!("v.{}", info.name),
+            Tensor::from_slice(&st.v, shape.as_slice(), &Device::Cpu)?,
+        );
     }
-    stage.write("params.safetensors", &safetensors_bytes(&params, DType::F32, None)?)?;
-    stage.write("optimizer.safetensors", &safetensors_bytes(&moments, DType::F32, None)?)?;
+    stage.write(
+        "params.safetensors",
+        &safetensors_bytes(&params, DType::F32, None)?,
+    )?;
+    stage.write(
+        "optimizer.safetensors",
+        &safetensors_bytes(&moments, DType::F32, None)?,
+    )?;
     let mut state = serde_json::to_value(pos)?;
     state["optimizer_step"] = json!(trainer.optimizer.step);
     stage.write_json("state.json", &state)?;
@@ -377,7 +474,10 @@ fn save_checkpoint(trainer: &Trainer, pos: &Position, out: &Path) -> Result<()> 
     // Older checkpoints are superseded once the new one is complete.
     for e in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
         let p = e.path();
-        if p != dest && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) {
+        if p != dest
+            && p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        {
             let _ = std::fs::remove_dir_all(p);
         }
     }
@@ -385,22 +485,41 @@ fn save_checkpoint(trainer: &Trainer, pos: &Position, out: &Path) -> Result<()> 
 }
 
 fn load_checkpoint(trainer: &mut Trainer, dir: &Path) -> Result<Position> {
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?).with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let pos: Position = serde_json::from_value(state.clone()).with_context(|| format!("{}: bad state.json", dir.display()))?;
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)
+        .with_context(|| format!("{}: bad state.json", dir.display()))?;
+    let pos: Position = serde_json::from_value(state.clone())
+        .with_context(|| format!("{}: bad state.json", dir.display()))?;
     let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu)?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
-    for ((info, var), st) in trainer.trainable.iter().zip(trainer.optimizer.moments.iter_mut()) {
+    for ((info, var), st) in trainer
+        .trainable
+        .iter()
+        .zip(trainer.optimizer.moments.iter_mut())
+    {
         let get = |map: &std::collections::HashMap<String, Tensor>, key: &str| -> Result<Tensor> {
-            let t = map.get(key).ok_or_else(|| anyhow::anyhow!("{}: checkpoint lacks `{key}`", dir.display()))?;
+            let t = map
+                .get(key)
+                .ok_or_else(|| anyhow::anyhow!("{}: checkpoint lacks `{key}`", dir.display()))?;
             if t.dims() != var.dims() {
-                bail!("{}: `{key}` has shape {:?}, the model {:?}", dir.display(), t.dims(), var.dims());
+                bail!(
+                    "{}: `{key}` has shape {:?}, the model {:?}",
+                    dir.display(),
+                    t.dims(),
+                    var.dims()
+                );
             }
             Ok(t.clone())
         };
         var.set(&get(&params, &info.name)?)?;
-        st.m = get(&moments, &format!("m.{}", info.name))?.flatten_all()?.to_vec1()?;
-        st.v = get(&moments, &format!("v.{}", info.name))?.flatten_all()?.to_vec1()?;
+        st.m = get(&moments, &format!("m.{}", info.name))?
+            .flatten_all()?
+            .to_vec1()?;
+        st.v = get(&moments, &format!("v.{}", info.name))?
+            .flatten_all()?
+            .to_vec1()?;
     }
-    trainer.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(pos.global_step as u64);
+    trainer.optimizer.step = state["optimizer_step"]
+        .as_u64()
+        .unwrap_or(pos.global_step as u64);
     Ok(pos)
 }

@@ -7,7 +7,9 @@ pub mod report;
 use crate::judges::Judge;
 use anyhow::{bail, Result};
 use serde::Serialize;
-use sl_engine::infer::generate::{greedy_from_prefix, greedy_with, GenerateOptions, Generation, PrefixCache, StopReason};
+use sl_engine::infer::generate::{
+    greedy_from_prefix, greedy_with, GenerateOptions, Generation, PrefixCache, StopReason,
+};
 use sl_engine::{LayerRange, Model, Prompt};
 use std::collections::BTreeMap;
 
@@ -17,7 +19,9 @@ pub enum AlphaMode {
     Fixed(f64),
     /// A.3.4: step away from 1 by 0.05 until the std of the lower-bound sweep's counts reaches
     /// this many refusals per 721 queries (scaled to the set size).
-    Auto { std_threshold_per_721: f64 },
+    Auto {
+        std_threshold_per_721: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +96,11 @@ pub fn best_bound(tried: impl Iterator<Item = (i64, usize)>, centre: i64, maximi
     let better = |a: usize, b: usize| if maximise { a > b } else { a < b };
     tried
         .fold(None::<(i64, usize)>, |acc, (b, c)| match acc {
-            Some((ab, ac)) if !(better(c, ac) || (c == ac && (b - centre).abs() < (ab - centre).abs())) => acc,
+            Some((ab, ac))
+                if !(better(c, ac) || (c == ac && (b - centre).abs() < (ab - centre).abs())) =>
+            {
+                acc
+            }
             _ => Some((b, c)),
         })
         .map(|(b, _)| b)
@@ -104,13 +112,32 @@ fn key(alpha: f64) -> i64 {
 }
 
 impl<'a> Locator<'a> {
-    pub fn new(model: &'a mut Model, prompts: Vec<Prompt>, judge: Judge, cfg: LocateConfig) -> Result<Self> {
+    pub fn new(
+        model: &'a mut Model,
+        prompts: Vec<Prompt>,
+        judge: Judge,
+        cfg: LocateConfig,
+    ) -> Result<Self> {
         if prompts.is_empty() {
             bail!("the over-rejection set is empty");
         }
         let ids = prompts.iter().map(|p| p.ids.clone()).collect();
-        let probe_ids = if cfg.probe { crate::judges::probe::first_tokens(&model.tokenizer)? } else { vec![] };
-        Ok(Locator { model, prompts, ids, judge, cfg, runs: BTreeMap::new(), prefix: None, probe_ids, calibration: None })
+        let probe_ids = if cfg.probe {
+            crate::judges::probe::first_tokens(&model.tokenizer)?
+        } else {
+            vec![]
+        };
+        Ok(Locator {
+            model,
+            prompts,
+            ids,
+            judge,
+            cfg,
+            runs: BTreeMap::new(),
+            prefix: None,
+            probe_ids,
+            calibration: None,
+        })
     }
 
     pub fn num_prompts(&self) -> usize {
@@ -118,7 +145,12 @@ impl<'a> Locator<'a> {
     }
 
     /// Refusals with `range` scaled by `alpha` (None: the unscaled model). Runs are memoised.
-    pub fn count(&mut self, range: Option<LayerRange>, alpha: f64, progress: &mut dyn FnMut(usize)) -> Result<usize> {
+    pub fn count(
+        &mut self,
+        range: Option<LayerRange>,
+        alpha: f64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<usize> {
         let range = if alpha == 1.0 { None } else { range };
         if let Some(r) = self.runs.get(&(range, key(alpha))) {
             return Ok(r.refusals);
@@ -145,7 +177,16 @@ impl<'a> Locator<'a> {
             _ => self.generate_judged(range, alpha, self.cfg.early_stop, progress)?,
         };
         let refusals = responses.iter().filter(|r| r.refusal).count();
-        self.runs.insert((range, key(alpha)), Run { range, alpha, refusals, seconds: t0.elapsed().as_secs_f64(), responses });
+        self.runs.insert(
+            (range, key(alpha)),
+            Run {
+                range,
+                alpha,
+                refusals,
+                seconds: t0.elapsed().as_secs_f64(),
+                responses,
+            },
+        );
         Ok(refusals)
     }
 
@@ -154,26 +195,61 @@ impl<'a> Locator<'a> {
         self.model.decoder.restore_scaling();
         let Some(r) = range else { return Ok(false) };
         let use_prefix = self.cfg.prefix_cache && r.first > 0;
-        if use_prefix && self.prefix.as_ref().map(|p| p.start_layer != r.first).unwrap_or(true) {
+        if use_prefix
+            && self
+                .prefix
+                .as_ref()
+                .map(|p| p.start_layer != r.first)
+                .unwrap_or(true)
+        {
             // Built with the unscaled weights of the layers below the range.
             self.prefix = None;
-            self.prefix = Some(PrefixCache::build(&self.model.decoder, &self.ids, self.cfg.batch_size, r.first)?);
+            self.prefix = Some(PrefixCache::build(
+                &self.model.decoder,
+                &self.ids,
+                self.cfg.batch_size,
+                r.first,
+            )?);
         }
         self.model.decoder.scale_layers(r, alpha)?;
         Ok(use_prefix)
     }
 
     /// Greedy responses with `range` scaled, judged by the text judge.
-    pub fn generate_judged(&mut self, range: Option<LayerRange>, alpha: f64, early_stop: bool, progress: &mut dyn FnMut(usize)) -> Result<Vec<Judged>> {
-        let opts = GenerateOptions { max_new_tokens: self.cfg.max_new_tokens, batch_size: self.cfg.batch_size, ignore_eos: false, no_cache: false };
+    pub fn generate_judged(
+        &mut self,
+        range: Option<LayerRange>,
+        alpha: f64,
+        early_stop: bool,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Judged>> {
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.max_new_tokens,
+            batch_size: self.cfg.batch_size,
+            ignore_eos: false,
+            no_cache: false,
+        };
         let use_prefix = self.prepare(range, alpha)?;
         let tok = &self.model.tokenizer;
         let judge = &self.judge;
-        let stop_fn = |_: usize, ids: &[u32]| -> bool { tok.decode(ids, true).ok().and_then(|t| judge.decided(&t)).is_some() };
-        let stop: Option<sl_engine::infer::generate::StopFn<'_>> = if early_stop { Some(&stop_fn) } else { None };
+        let stop_fn = |_: usize, ids: &[u32]| -> bool {
+            tok.decode(ids, true)
+                .ok()
+                .and_then(|t| judge.decided(&t))
+                .is_some()
+        };
+        let stop: Option<sl_engine::infer::generate::StopFn<'_>> =
+            if early_stop { Some(&stop_fn) } else { None };
         let eos = &self.model.eos_token_ids;
         let gens: Vec<Generation> = if use_prefix {
-            greedy_from_prefix(&self.model.decoder, self.prefix.as_ref().expect("prepared"), eos, &opts, stop, progress)?
+            greedy_from_prefix(
+                &self.model.decoder,
+                self.prefix.as_ref().expect("prepared"),
+                eos,
+                &opts,
+                stop,
+                progress,
+            )?
         } else {
             greedy_with(&self.model.decoder, &self.ids, eos, &opts, stop, progress)?
         };
@@ -182,22 +258,44 @@ impl<'a> Locator<'a> {
         for (p, g) in self.prompts.iter().zip(gens) {
             let response = self.model.tokenizer.decode(&g.ids, true)?;
             let refusal = self.judge.is_refusal(&response);
-            out.push(Judged { prompt: p.record.instruction.clone(), response, output_ids: g.ids, refusal, stop: g.stop, probe_score: None });
+            out.push(Judged {
+                prompt: p.record.instruction.clone(),
+                response,
+                output_ids: g.ids,
+                refusal,
+                stop: g.stop,
+                probe_score: None,
+            });
         }
         Ok(out)
     }
 
     fn probe_scores(&mut self, range: Option<LayerRange>, alpha: f64) -> Result<Vec<f64>> {
         let use_prefix = self.prepare(range, alpha)?;
-        let prefix = if use_prefix { self.prefix.as_ref() } else { None };
-        let s = crate::judges::probe::scores(&self.model.decoder, &self.ids, self.cfg.batch_size, &self.probe_ids, prefix);
+        let prefix = if use_prefix {
+            self.prefix.as_ref()
+        } else {
+            None
+        };
+        let s = crate::judges::probe::scores(
+            &self.model.decoder,
+            &self.ids,
+            self.cfg.batch_size,
+            &self.probe_ids,
+            prefix,
+        );
         self.model.decoder.restore_scaling();
         s
     }
 
     /// Calibrates the probe's threshold against the text judge on generated responses of the
     /// unscaled model and of `range` scaled by `alpha` (so both verdicts occur).
-    pub fn calibrate_probe(&mut self, range: LayerRange, alpha: f64, progress: &mut dyn FnMut(usize)) -> Result<()> {
+    pub fn calibrate_probe(
+        &mut self,
+        range: LayerRange,
+        alpha: f64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<()> {
         let mut scores = Vec::new();
         let mut labels = Vec::new();
         for r in [None, Some(range)] {
@@ -211,20 +309,40 @@ impl<'a> Locator<'a> {
 
     /// Share of prompts where the probe's verdict on a run equals the text judge's verdict on the
     /// responses it replaced (generated now for that run).
-    pub fn probe_agreement(&mut self, range: Option<LayerRange>, alpha: f64, progress: &mut dyn FnMut(usize)) -> Result<Option<f64>> {
-        let Some(run) = self.runs.get(&(if alpha == 1.0 { None } else { range }, key(alpha))) else { return Ok(None) };
+    pub fn probe_agreement(
+        &mut self,
+        range: Option<LayerRange>,
+        alpha: f64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Option<f64>> {
+        let Some(run) = self
+            .runs
+            .get(&(if alpha == 1.0 { None } else { range }, key(alpha)))
+        else {
+            return Ok(None);
+        };
         if run.responses.first().and_then(|r| r.probe_score).is_none() {
             return Ok(None);
         }
         let verdicts: Vec<bool> = run.responses.iter().map(|r| r.refusal).collect();
         let judged = self.generate_judged(range, alpha, false, progress)?;
-        let same = verdicts.iter().zip(&judged).filter(|(v, j)| **v == j.refusal).count();
+        let same = verdicts
+            .iter()
+            .zip(&judged)
+            .filter(|(v, j)| **v == j.refusal)
+            .count();
         Ok(Some(same as f64 / verdicts.len().max(1) as f64))
     }
 
     /// Moves one bound of `start` over bound-span..bound+span (extended past the edge while the
     /// best sits on it) and keeps the best range.
-    pub fn sweep(&mut self, start: LayerRange, upper: bool, alpha: f64, progress: &mut dyn FnMut(usize)) -> Result<Sweep> {
+    pub fn sweep(
+        &mut self,
+        start: LayerRange,
+        upper: bool,
+        alpha: f64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Sweep> {
         let n_layers = self.model.decoder.num_layers();
         let maximise = alpha > 1.0;
         let make = |b: i64| -> Option<LayerRange> {
@@ -260,7 +378,12 @@ impl<'a> Locator<'a> {
                 hi = best_b + 1;
             } else {
                 let best = tried[&best_b].0;
-                return Ok(Sweep { kind: if upper { "upper" } else { "lower" }, alpha, tried: tried.into_values().collect(), best });
+                return Ok(Sweep {
+                    kind: if upper { "upper" } else { "lower" },
+                    alpha,
+                    tried: tried.into_values().collect(),
+                    best,
+                });
             }
         }
     }
@@ -268,19 +391,37 @@ impl<'a> Locator<'a> {
     /// Chooses alpha by A.3.4: away from 1 in steps of 0.05 (up unless the baseline already
     /// refuses more than half the set), until the lower-bound sweep's count std reaches the
     /// threshold (scaled to the set size). Returns every step tried.
-    pub fn auto_alpha(&mut self, initial: LayerRange, threshold_per_721: f64, progress: &mut dyn FnMut(usize)) -> Result<(f64, Vec<AlphaStep>)> {
+    pub fn auto_alpha(
+        &mut self,
+        initial: LayerRange,
+        threshold_per_721: f64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(f64, Vec<AlphaStep>)> {
         let baseline = self.count(None, 1.0, progress)?;
         let up = baseline * 2 <= self.num_prompts();
         let threshold = threshold_per_721 * self.num_prompts() as f64 / 721.0;
         let mut steps = Vec::new();
         for k in 1..=10 {
-            let alpha = if up { 1.0 + 0.05 * k as f64 } else { 1.0 - 0.05 * k as f64 };
+            let alpha = if up {
+                1.0 + 0.05 * k as f64
+            } else {
+                1.0 - 0.05 * k as f64
+            };
             let alpha = (alpha * 100.0).round() / 100.0;
             let sweep = self.sweep(initial, false, alpha, progress)?;
             let counts: Vec<usize> = sweep.tried.iter().map(|(_, c)| *c).collect();
             let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
-            let std = (counts.iter().map(|c| (*c as f64 - mean).powi(2)).sum::<f64>() / counts.len() as f64).sqrt();
-            steps.push(AlphaStep { alpha, lower_sweep_counts: counts, std });
+            let std = (counts
+                .iter()
+                .map(|c| (*c as f64 - mean).powi(2))
+                .sum::<f64>()
+                / counts.len() as f64)
+                .sqrt();
+            steps.push(AlphaStep {
+                alpha,
+                lower_sweep_counts: counts,
+                std,
+            });
             if std >= threshold {
                 return Ok((alpha, steps));
             }
@@ -311,7 +452,21 @@ mod tests {
         let phi = [(13, 209), (14, 190), (15, 149), (16, 181), (17, 189)];
         assert_eq!(best_bound(phi.into_iter(), 15, false), 15);
         // A flat sweep keeps the starting bound; a strict best at the edge is taken (and extended).
-        assert_eq!(best_bound([(8, 0), (9, 0), (10, 0), (11, 0), (12, 0)].into_iter(), 10, true), 10);
-        assert_eq!(best_bound([(8, 5), (9, 0), (10, 0), (11, 0), (12, 0)].into_iter(), 10, true), 8);
+        assert_eq!(
+            best_bound(
+                [(8, 0), (9, 0), (10, 0), (11, 0), (12, 0)].into_iter(),
+                10,
+                true
+            ),
+            10
+        );
+        assert_eq!(
+            best_bound(
+                [(8, 5), (9, 0), (10, 0), (11, 0), (12, 0)].into_iter(),
+                10,
+                true
+            ),
+            8
+        );
     }
 }

@@ -27,7 +27,12 @@ impl LocateResult {
 }
 
 /// Baseline, alpha (fixed or A.3.4), upper-bound sweep from `initial`, then lower-bound sweep.
-pub fn run(loc: &mut Locator<'_>, initial: LayerRange, alpha: AlphaMode, progress: &mut dyn FnMut(usize)) -> Result<LocateResult> {
+pub fn run(
+    loc: &mut Locator<'_>,
+    initial: LayerRange,
+    alpha: AlphaMode,
+    progress: &mut dyn FnMut(usize),
+) -> Result<LocateResult> {
     let t0 = std::time::Instant::now();
     if loc.probe_enabled() {
         let a = match alpha {
@@ -39,21 +44,46 @@ pub fn run(loc: &mut Locator<'_>, initial: LayerRange, alpha: AlphaMode, progres
     let baseline = loc.count(None, 1.0, progress)?;
     let (alpha, alpha_steps) = match alpha {
         AlphaMode::Fixed(a) => (a, vec![]),
-        AlphaMode::Auto { std_threshold_per_721 } => loc.auto_alpha(initial, std_threshold_per_721, progress)?,
+        AlphaMode::Auto {
+            std_threshold_per_721,
+        } => loc.auto_alpha(initial, std_threshold_per_721, progress)?,
     };
     let upper = loc.sweep(initial, true, alpha, progress)?;
-    let lower = loc.sweep(LayerRange { first: initial.first, last: upper.best.last }, false, alpha, progress)?;
+    let lower = loc.sweep(
+        LayerRange {
+            first: initial.first,
+            last: upper.best.last,
+        },
+        false,
+        alpha,
+        progress,
+    )?;
     let seconds = t0.elapsed().as_secs_f64();
     let probe_agreement_final = loc.probe_agreement(Some(lower.best), alpha, progress)?;
-    Ok(LocateResult { alpha, alpha_steps, baseline, upper, lower, seconds, probe_agreement_final })
+    Ok(LocateResult {
+        alpha,
+        alpha_steps,
+        baseline,
+        upper,
+        lower,
+        seconds,
+        probe_agreement_final,
+    })
 }
 
 fn range_name(r: Option<LayerRange>) -> String {
-    r.map(|r| r.to_string()).unwrap_or_else(|| "baseline".into())
+    r.map(|r| r.to_string())
+        .unwrap_or_else(|| "baseline".into())
 }
 
 /// Writes locate.json, locate.csv, locate.svg and responses/<range>@<alpha>.jsonl into `dir`.
-pub fn write(dir: &Path, loc: &Locator<'_>, res: &LocateResult, initial: LayerRange, meta: serde_json::Value) -> Result<()> {
+pub fn write(
+    dir: &Path,
+    loc: &Locator<'_>,
+    res: &LocateResult,
+    initial: LayerRange,
+    meta: serde_json::Value,
+) -> Result<()> {
     std::fs::create_dir_all(dir.join("responses"))?;
     let runs: Vec<serde_json::Value> = loc
         .runs
@@ -76,12 +106,25 @@ pub fn write(dir: &Path, loc: &Locator<'_>, res: &LocateResult, initial: LayerRa
         "runs": runs,
         "seconds": res.seconds,
     });
-    write_atomic(&dir.join("locate.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    write_atomic(
+        &dir.join("locate.json"),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
 
     let mut csv = String::from("sweep,alpha,baseline,range,first,last,refusals,best\n");
     for s in [&res.upper, &res.lower] {
         for (r, c) in &s.tried {
-            csv.push_str(&format!("{},{},{},{},{},{},{},{}\n", s.kind, s.alpha, res.baseline, r, r.first, r.last, c, if *r == s.best { "*" } else { "" }));
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{},{}\n",
+                s.kind,
+                s.alpha,
+                res.baseline,
+                r,
+                r.first,
+                r.last,
+                c,
+                if *r == s.best { "*" } else { "" }
+            ));
         }
     }
     write_atomic(&dir.join("locate.csv"), csv.as_bytes())?;
@@ -95,7 +138,11 @@ pub fn write(dir: &Path, loc: &Locator<'_>, res: &LocateResult, initial: LayerRa
             }))?);
             lines.push('\n');
         }
-        write_atomic(&dir.join("responses").join(format!("{}@{}.jsonl", range_name(r.range), r.alpha)), lines.as_bytes())?;
+        write_atomic(
+            &dir.join("responses")
+                .join(format!("{}@{}.jsonl", range_name(r.range), r.alpha)),
+            lines.as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -111,7 +158,15 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
         let root = SVGBackend::with_string(&mut svg, (960, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let panels = root.split_evenly((1, 2));
-        let max = res.upper.tried.iter().chain(&res.lower.tried).map(|(_, c)| *c).max().unwrap_or(0).max(res.baseline);
+        let max = res
+            .upper
+            .tried
+            .iter()
+            .chain(&res.lower.tried)
+            .map(|(_, c)| *c)
+            .max()
+            .unwrap_or(0)
+            .max(res.baseline);
         for (panel, s) in panels.iter().zip([&res.upper, &res.lower]) {
             let n = s.tried.len();
             let title = format!("{} bound sweep (alpha {})", s.kind, s.alpha);
@@ -122,7 +177,11 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
                 .y_label_area_size(50)
                 .build_cartesian_2d(0f64..n as f64, 0f64..(max as f64 * 1.15 + 1.0))
                 .map_err(err)?;
-            let labels: Vec<String> = s.tried.iter().map(|(r, _)| format!("[{},{}]", r.first, r.last)).collect();
+            let labels: Vec<String> = s
+                .tried
+                .iter()
+                .map(|(r, _)| format!("[{},{}]", r.first, r.last))
+                .collect();
             chart
                 .configure_mesh()
                 .x_labels(n)
@@ -134,16 +193,31 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
                 .map_err(err)?;
             chart
                 .draw_series(s.tried.iter().enumerate().map(|(i, (r, c))| {
-                    let color = if *r == s.best { RGBColor(214, 39, 40) } else { RGBColor(31, 119, 180) };
-                    Rectangle::new([(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *c as f64)], color.filled())
+                    let color = if *r == s.best {
+                        RGBColor(214, 39, 40)
+                    } else {
+                        RGBColor(31, 119, 180)
+                    };
+                    Rectangle::new(
+                        [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *c as f64)],
+                        color.filled(),
+                    )
                 }))
                 .map_err(err)?;
             chart
-                .draw_series(LineSeries::new(vec![(0.0, res.baseline as f64), (n as f64, res.baseline as f64)], BLACK.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    vec![(0.0, res.baseline as f64), (n as f64, res.baseline as f64)],
+                    BLACK.stroke_width(2),
+                ))
                 .map_err(err)?
                 .label(format!("unscaled baseline ({})", res.baseline))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
-            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(err)?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
         }
         root.present().map_err(err)?;
     }

@@ -10,22 +10,33 @@ use std::path::Path;
 
 /// A JSON file, with errors that name it.
 pub fn read_json(p: &Path) -> Result<Value> {
-    serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{} is not valid JSON", p.display()))
+    serde_json::from_str(
+        &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", p.display()))
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// An SVG file's markup for inlining (without the XML declaration).
 fn inline_svg(p: &Path) -> Result<String> {
-    let s = std::fs::read_to_string(p).with_context(|| format!("cannot read figure {}", p.display()))?;
-    let start = s.find("<svg").ok_or_else(|| anyhow!("{} is not an SVG", p.display()))?;
+    let s = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read figure {}", p.display()))?;
+    let start = s
+        .find("<svg")
+        .ok_or_else(|| anyhow!("{} is not an SVG", p.display()))?;
     Ok(s[start..].to_string())
 }
 
 fn pct(v: &Value) -> String {
-    v.as_f64().map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "—".into())
+    v.as_f64()
+        .map(|x| format!("{:.1}%", 100.0 * x))
+        .unwrap_or_else(|| "—".into())
 }
 
 /// `rate [low, high]` of one set of one eval row.
@@ -34,11 +45,21 @@ fn rate_ci(row: &Value, set: &str) -> String {
     if s.is_null() {
         return "—".into();
     }
-    format!("{} <span class=ci>[{}, {}]</span> <span class=n>{}/{}</span>", pct(&s["rate"]), pct(&s["ci95_low"]), pct(&s["ci95_high"]), s["count"], s["n"])
+    format!(
+        "{} <span class=ci>[{}, {}]</span> <span class=n>{}/{}</span>",
+        pct(&s["rate"]),
+        pct(&s["ci95_low"]),
+        pct(&s["ci95_high"]),
+        s["count"],
+        s["n"]
+    )
 }
 
 fn row_of<'a>(eval: &'a Value, label: &str) -> Option<&'a Value> {
-    eval["models"].as_array()?.iter().find(|m| m["label"] == label && m["status"] == "ok")
+    eval["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["label"] == label && m["status"] == "ok")
 }
 
 /// Training loss per step of every fine-tuning run (and the alignment run).
@@ -47,9 +68,19 @@ fn loss_svg(runs: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
     {
         let root = SVGBackend::with_string(&mut buf, (760, 380)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
-        let max_x = runs.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).fold(1.0, f64::max);
-        let (lo, hi) = runs.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
-        let (lo, hi) = if lo <= hi { (lo.min(hi - 0.1) * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+        let max_x = runs
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.0))
+            .fold(1.0, f64::max);
+        let (lo, hi) = runs
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.1))
+            .fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+        let (lo, hi) = if lo <= hi {
+            (lo.min(hi - 0.1) * 0.95, hi * 1.05)
+        } else {
+            (0.0, 1.0)
+        };
         let mut chart = ChartBuilder::on(&root)
             .caption("Training loss per optimizer step", ("sans-serif", 20))
             .margin(12)
@@ -57,23 +88,36 @@ fn loss_svg(runs: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
             .y_label_area_size(55)
             .build_cartesian_2d(0.0..max_x, lo..hi)
             .map_err(|e| anyhow!("{e:?}"))?;
-        chart.configure_mesh().x_desc("step").y_desc("mean token loss").draw().map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("mean token loss")
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
         for (i, (name, pts)) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
                 .draw_series(LineSeries::new(pts.iter().cloned(), color.stroke_width(2)))
                 .map_err(|e| anyhow!("{e:?}"))?
                 .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
         root.present().map_err(|e| anyhow!("{e:?}"))?;
     }
     Ok(buf)
 }
 
 fn train_curve(dir: &Path) -> Result<Vec<(f64, f64)>> {
-    let text = std::fs::read_to_string(dir.join("train_log.jsonl")).with_context(|| format!("cannot read {}/train_log.jsonl", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("train_log.jsonl"))
+        .with_context(|| format!("cannot read {}/train_log.jsonl", dir.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -107,10 +151,24 @@ fn claims(cos: &Value, loc: &Value, eval: &Value, runs: &[Value]) -> Vec<Value> 
     // 2. Localisation: scaling the range by alpha moves over-rejection the most.
     let baseline = loc["baseline"].as_u64().unwrap_or(0);
     let alpha = loc["alpha"].as_f64().unwrap_or(1.0);
-    let best = loc["lower_sweep"]["tried"].as_array().and_then(|t| t.iter().find(|x| x[0] == loc["range"]).map(|x| x[1].as_u64().unwrap_or(0)));
-    let moved = best.map(|b| if alpha > 1.0 { b > baseline } else { b < baseline }).unwrap_or(false);
+    let best = loc["lower_sweep"]["tried"].as_array().and_then(|t| {
+        t.iter()
+            .find(|x| x[0] == loc["range"])
+            .map(|x| x[1].as_u64().unwrap_or(0))
+    });
+    let moved = best
+        .map(|b| {
+            if alpha > 1.0 {
+                b > baseline
+            } else {
+                b < baseline
+            }
+        })
+        .unwrap_or(false);
     // A change within about two binomial standard deviations of the baseline count is noise.
-    let clear = best.is_some_and(|b| (b as f64 - baseline as f64).abs() >= 2.0 * (baseline.max(1) as f64).sqrt() + 1.0);
+    let clear = best.is_some_and(|b| {
+        (b as f64 - baseline as f64).abs() >= 2.0 * (baseline.max(1) as f64).sqrt() + 1.0
+    });
     out.push(json!({
         "claim": "2. The safety layers can be located: scaling their weights (alpha) changes over-rejection most within a precise range",
         "verdict": match (moved, clear) {
@@ -123,12 +181,26 @@ fn claims(cos: &Value, loc: &Value, eval: &Value, runs: &[Value]) -> Vec<Value> 
     // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; a control freeze
     // of an equally wide range protects less; utility stays close.
     for set in ["finetune-implicit", "finetune-normal"] {
-        let name = |v: &str| runs.iter().find(|r| r["data"] == set && r["variant"] == v).and_then(|r| r["name"].as_str()).map(|s| s.to_string());
-        let (Some(full), Some(sppft), Some(control)) = (name("full"), name("sppft"), name("control")) else { continue };
-        let get = |label: &str| row_of(eval, label).map(|r| r["harmful"].clone()).unwrap_or(Value::Null);
+        let name = |v: &str| {
+            runs.iter()
+                .find(|r| r["data"] == set && r["variant"] == v)
+                .and_then(|r| r["name"].as_str())
+                .map(|s| s.to_string())
+        };
+        let (Some(full), Some(sppft), Some(control)) =
+            (name("full"), name("sppft"), name("control"))
+        else {
+            continue;
+        };
+        let get = |label: &str| {
+            row_of(eval, label)
+                .map(|r| r["harmful"].clone())
+                .unwrap_or(Value::Null)
+        };
         let (f, s, c, al) = (get(&full), get(&sppft), get(&control), get("aligned"));
         let rate = |v: &Value| v["rate"].as_f64().unwrap_or(f64::NAN);
-        let separated = s["ci95_high"].as_f64().unwrap_or(1.0) < f["ci95_low"].as_f64().unwrap_or(0.0);
+        let separated =
+            s["ci95_high"].as_f64().unwrap_or(1.0) < f["ci95_low"].as_f64().unwrap_or(0.0);
         let verdict = if rate(&s) < rate(&f) && separated {
             "reproduced (95% intervals do not overlap)"
         } else if rate(&s) < rate(&f) {
@@ -164,7 +236,10 @@ pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
     let loc = read_json(&dir.join("locate/locate.json"))?;
     let eval = read_json(&dir.join("eval/eval.json"))?;
     let align = read_json(&dir.join("aligned/align.json"))?;
-    let runs: Vec<Value> = provenance["finetune_runs"].as_array().cloned().unwrap_or_default();
+    let runs: Vec<Value> = provenance["finetune_runs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let mut finetunes = serde_json::Map::new();
     let mut curves = vec![("align".to_string(), train_curve(&dir.join("aligned"))?)];
     for r in &runs {
@@ -183,7 +258,10 @@ pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
         "finetune": finetunes,
         "provenance": provenance,
     });
-    write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    write_atomic(
+        &dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
 
     let mut h = String::new();
     h.push_str(&format!("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>safety-layers demo report</title><style>{CSS}</style></head><body>\n"));
@@ -195,14 +273,28 @@ pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
     h.push_str("<h2>The paper's findings, as measured here</h2>\n");
     for c in &verdicts {
         let v = c["verdict"].as_str().unwrap_or("");
-        let class = if v.starts_with("reproduced") { "ok" } else if v.starts_with("not") { "no" } else { "part" };
-        h.push_str(&format!("<div class='claim {class}'><b>{}</b><br>Verdict: <b>{}</b><br>{}</div>\n", esc(c["claim"].as_str().unwrap_or("")), esc(v), esc(c["evidence"].as_str().unwrap_or(""))));
+        let class = if v.starts_with("reproduced") {
+            "ok"
+        } else if v.starts_with("not") {
+            "no"
+        } else {
+            "part"
+        };
+        h.push_str(&format!(
+            "<div class='claim {class}'><b>{}</b><br>Verdict: <b>{}</b><br>{}</div>\n",
+            esc(c["claim"].as_str().unwrap_or("")),
+            esc(v),
+            esc(c["evidence"].as_str().unwrap_or(""))
+        ));
     }
     h.push_str("<h2>Results (the layout of the paper's Table 2)</h2><table><tr><th>model</th><th>R_h (AdvBench answered)</th><th>D_o refused</th><th>XSTest safe refused</th><th>XSTest unsafe refused</th><th>Rouge-L F1</th><th>perplexity</th></tr>\n");
     for m in eval["models"].as_array().into_iter().flatten() {
         let label = esc(m["label"].as_str().unwrap_or(""));
         if m["status"] != "ok" {
-            h.push_str(&format!("<tr><td>{label}</td><td colspan=6>failed: {}</td></tr>\n", esc(m["error"].as_str().unwrap_or(""))));
+            h.push_str(&format!(
+                "<tr><td>{label}</td><td colspan=6>failed: {}</td></tr>\n",
+                esc(m["error"].as_str().unwrap_or(""))
+            ));
             continue;
         }
         let u = &m["utility"];
@@ -234,16 +326,45 @@ pub fn write(dir: &Path, provenance: &Value) -> Result<()> {
     ));
     h.push_str("<h2>Provenance</h2><table><tr><th>stage</th><th>command</th><th>seconds</th><th>cached</th></tr>\n");
     for s in provenance["stages"].as_array().into_iter().flatten() {
-        h.push_str(&format!("<tr><td>{}</td><td><code>{}</code></td><td>{:.1}</td><td>{}</td></tr>\n", esc(s["name"].as_str().unwrap_or("")), esc(s["command"].as_str().unwrap_or("")), s["seconds"].as_f64().unwrap_or(0.0), s["cached"]));
+        h.push_str(&format!(
+            "<tr><td>{}</td><td><code>{}</code></td><td>{:.1}</td><td>{}</td></tr>\n",
+            esc(s["name"].as_str().unwrap_or("")),
+            esc(s["command"].as_str().unwrap_or("")),
+            s["seconds"].as_f64().unwrap_or(0.0),
+            s["cached"]
+        ));
     }
     h.push_str("</table><table>\n");
-    h.push_str(&format!("<tr><th>tool</th><td>{}</td></tr>\n", esc(provenance["tool"].as_str().unwrap_or(""))));
-    h.push_str(&format!("<tr><th>base model sha256</th><td><code>{}</code></td></tr>\n", esc(provenance["base_model"]["sha256"].as_str().unwrap_or(""))));
-    h.push_str(&format!("<tr><th>seed</th><td>{}</td></tr>\n", provenance["seed"]));
-    h.push_str(&format!("<tr><th>machine</th><td>{}</td></tr>\n", esc(&provenance["machine"].to_string())));
-    h.push_str(&format!("<tr><th>total seconds</th><td>{:.0}</td></tr>\n", provenance["total_seconds"].as_f64().unwrap_or(0.0)));
-    for (k, v) in provenance["datasets_sha256"].as_object().into_iter().flatten() {
-        h.push_str(&format!("<tr><th>dataset {}</th><td><code>{}</code></td></tr>\n", esc(k), esc(&v.to_string())));
+    h.push_str(&format!(
+        "<tr><th>tool</th><td>{}</td></tr>\n",
+        esc(provenance["tool"].as_str().unwrap_or(""))
+    ));
+    h.push_str(&format!(
+        "<tr><th>base model sha256</th><td><code>{}</code></td></tr>\n",
+        esc(provenance["base_model"]["sha256"].as_str().unwrap_or(""))
+    ));
+    h.push_str(&format!(
+        "<tr><th>seed</th><td>{}</td></tr>\n",
+        provenance["seed"]
+    ));
+    h.push_str(&format!(
+        "<tr><th>machine</th><td>{}</td></tr>\n",
+        esc(&provenance["machine"].to_string())
+    ));
+    h.push_str(&format!(
+        "<tr><th>total seconds</th><td>{:.0}</td></tr>\n",
+        provenance["total_seconds"].as_f64().unwrap_or(0.0)
+    ));
+    for (k, v) in provenance["datasets_sha256"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        h.push_str(&format!(
+            "<tr><th>dataset {}</th><td><code>{}</code></td></tr>\n",
+            esc(k),
+            esc(&v.to_string())
+        ));
     }
     h.push_str("</table>\n");
     // A figure that renders with zero size is a broken report: say so on the page (and in a
