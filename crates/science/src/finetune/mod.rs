@@ -255,7 +255,8 @@ pub fn finetune(
 impl RunOptions {
     /// Whether a checkpoint is written after optimizer step `step`.
     fn saves_at(&self, step: usize) -> bool {
-        self.save_every.is_some_and(|n| n > 0 && step % n == 0)
+        self.save_every
+            .is_some_and(|n| n > 0 && step.is_multiple_of(n))
     }
 }
 

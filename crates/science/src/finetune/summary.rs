@@ -63,6 +63,76 @@ pub fn read(path: &Path) -> Result<FinetuneSummary> {
 mod tests {
     use super::*;
 
+    fn summary() -> FinetuneSummary {
+        FinetuneSummary {
+            schema_version: SCHEMA_VERSION,
+            config: FinetuneConfig {
+                model: "m".into(),
+                data: "d".into(),
+                freeze: Some(sl_engine::LayerRange { first: 1, last: 2 }),
+                freeze_modules: vec!["attn".into(), "mlp".into()],
+                epochs: 1,
+                lr: 1e-4,
+                lr_schedule: crate::finetune::data::Schedule::Linear,
+                warmup_steps: 0,
+                batch_size: 2,
+                grad_accum: 1,
+                max_len: 64,
+                weight_decay: 0.0,
+                max_grad_norm: None,
+                template: sl_engine::Template::Alpaca,
+                train_on_inputs: true,
+                holdout: 1,
+                seed: 42,
+                shuffle: true,
+                grad_checkpointing: false,
+                max_steps: None,
+                dtype: "auto".into(),
+            },
+            examples: Examples {
+                train: 3,
+                holdout: 1,
+                holdout_rule: "r".into(),
+            },
+            steps: 2,
+            steps_per_epoch: 2,
+            total_steps_scheduled: 2,
+            tokens: 40,
+            train_seconds: 0.5,
+            tokens_per_second: 80.0,
+            final_loss: None,
+            holdout_losses: vec![HoldoutLoss {
+                epoch: 1,
+                step: 2,
+                holdout_loss: 2.5,
+            }],
+            trainable_parameters: 10,
+            frozen_parameters: 5,
+            frozen_tensors_identical: true,
+            peak_rss_mb: Some(12.0),
+            wall_seconds: 1.0,
+            resumed: false,
+            output_dtype: "f32".into(),
+        }
+    }
+
+    #[test]
+    fn what_is_written_reads_back_and_a_renamed_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("finetune.json");
+        let text = serde_json::to_string_pretty(&summary()).unwrap();
+        assert!(text.starts_with("{\n  \"schema_version\": 1,"), "{text}");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read(&path).unwrap(), summary());
+        // A null optional field is fine, an absent one is not.
+        std::fs::write(&path, text.replace("\"final_loss\"", "\"last_loss\"")).unwrap();
+        let e = format!("{:#}", read(&path).unwrap_err());
+        assert!(
+            e.contains("finetune.json") && e.contains("final_loss"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_missing_field_is_named_with_the_file() {
         let dir = tempfile::tempdir().unwrap();
