@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use sl_engine::io::atomic::StagedDir;
 use sl_engine::ModelConfig;
 use sl_science::export::formats::{render, Format, Sources};
-use sl_science::export::plan::{paper_lr, FreezeModule, FreezePlan, Recipe};
+use sl_science::export::plan::{paper_lr, FreezePlan, Recipe};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -140,11 +140,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     let Some(range) = a.freeze.range(cfg.num_layers)? else {
         bail!("give the range to freeze with --freeze I-J or --freeze-from DIR/locate.json");
     };
-    let plan = FreezePlan::new(
-        &cfg,
-        range,
-        FreezeModule::parse_list(&a.freeze.freeze_modules)?,
-    )?;
+    let plan = FreezePlan::new(&cfg, range, a.freeze.modules()?)?;
     let (paper, paper_source) = paper_lr(&cfg);
     let recipe = Recipe {
         epochs: a.epochs,
@@ -193,7 +189,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         stage.write(name, text.as_bytes())?;
     }
     stage.commit()?;
-    let (frozen, trainable) = plan.split(&cfg);
+    let (frozen, trainable) = plan.split();
     eprintln!(
         "export: {} for {} ({} layers): layers {} {} frozen, {} of {} tensors; lr {} ({}) -> {} ({})",
         a.format,

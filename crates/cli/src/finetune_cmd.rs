@@ -5,6 +5,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sl_catalog::datasets;
 use sl_engine::{LayerRange, Template};
 use sl_science::finetune::data::{read_records, SftRecord};
+use sl_science::finetune::freeze::FreezeModule;
 use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use std::path::{Path, PathBuf};
 
@@ -102,6 +103,11 @@ impl FreezeArgs {
             _ => None,
         })
     }
+
+    /// The modules of --freeze-modules, by the one parser `finetune` also applies.
+    pub fn modules(&self) -> Result<Vec<FreezeModule>> {
+        FreezeModule::parse_list(&self.freeze_modules)
+    }
 }
 
 /// The range a locate.json chose.
@@ -191,17 +197,17 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         ));
     })?;
     bar.finish_and_clear();
-    let j = &summary.json;
+    let s = &summary.record;
     eprintln!(
         "finetune: {} steps, {} tokens in {:.1} s, {:.1} tokens/s, final loss {:.4}, {} trainable / {} frozen parameters, peak RSS {:.0} MB -> {}",
-        j["steps"],
-        j["tokens"],
-        j["train_seconds"].as_f64().unwrap_or(0.0),
-        j["tokens_per_second"].as_f64().unwrap_or(0.0),
-        j["final_loss"].as_f64().unwrap_or(f64::NAN),
-        j["trainable_parameters"],
-        j["frozen_parameters"],
-        j["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        s.steps,
+        s.tokens,
+        s.train_seconds,
+        s.tokens_per_second,
+        s.final_loss.unwrap_or(f64::NAN),
+        s.trainable_parameters,
+        s.frozen_parameters,
+        s.peak_rss_mb.unwrap_or(0.0),
         a.out.display()
     );
     Ok(())

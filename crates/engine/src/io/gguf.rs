@@ -6,7 +6,9 @@
 //! becomes a `tokenizer.json` value plus a `tokenizer_config.json` value with the chat template.
 //! `convert` writes those values to disk unchanged.
 
+use crate::io::config::ModelConfig;
 use crate::io::weights::WeightMap;
+use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{DType, Device, Tensor};
@@ -87,39 +89,48 @@ fn hf_architecture(arch: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// llama.cpp tensor names to Hugging Face ones.
-fn hf_name(arch: &str, name: &str) -> Option<String> {
-    let sandwich = matches!(arch, "gemma2" | "gemma3");
-    if name == "token_embd.weight" {
-        return Some("model.embed_tokens.weight".into());
-    }
-    if name == "output_norm.weight" {
-        return Some("model.norm.weight".into());
-    }
-    if name == "output.weight" {
-        return Some("lm_head.weight".into());
+/// llama.cpp's name of a layer tensor: the slot of our decoder it fills and, when it is one piece
+/// of a fused slot, which piece (None: the whole slot, stored fused).
+fn llama_cpp_slot(arch: &str, part: &str) -> Option<(Slot, Option<usize>)> {
+    Some(match part {
+        "attn_norm" => (Slot::AttnInNorm, Some(0)),
+        "post_attention_norm" => (Slot::AttnOutNorm, Some(0)),
+        "ffn_norm" => (Slot::MlpInNorm, Some(0)),
+        "post_ffw_norm" => (Slot::MlpOutNorm, Some(0)),
+        "attn_q" => (Slot::Qkv, Some(0)),
+        "attn_k" => (Slot::Qkv, Some(1)),
+        "attn_v" => (Slot::Qkv, Some(2)),
+        "attn_qkv" => (Slot::Qkv, None),
+        "attn_output" => (Slot::O, Some(0)),
+        "attn_q_norm" => (Slot::QNorm, Some(0)),
+        "attn_k_norm" => (Slot::KNorm, Some(0)),
+        "ffn_gate" => (Slot::GateUp, Some(0)),
+        "ffn_up" if arch == "phi3" => (Slot::GateUp, None),
+        "ffn_up" => (Slot::GateUp, Some(1)),
+        "ffn_down" => (Slot::Down, Some(0)),
+        _ => return None,
+    })
+}
+
+/// llama.cpp tensor names to Hugging Face ones, the latter from the layout table (`split` holds
+/// one tensor per projection, `fused` the fused slots).
+fn hf_name(arch: &str, split: &Layout, fused: &Layout, name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some(EMBED.into()),
+        "output_norm.weight" => return Some(FINAL_NORM.into()),
+        "output.weight" => return Some(LM_HEAD.into()),
+        _ => {}
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (part, suffix) = tail.rsplit_once('.')?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" if sandwich => "pre_feedforward_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
-        "post_ffw_norm" => "post_feedforward_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+    let (slot, piece) = llama_cpp_slot(arch, part)?;
+    // The weight's entry names the piece; the bias takes the same name (whether the config
+    // expects one is the loader's question).
+    let hf = match piece {
+        _ if !slot.is_matrix() => fused.slot_suffix(slot),
+        Some(k) => split.entry(slot, k, Part::Weight)?.suffix,
+        None => fused.entry(slot, 0, Part::Weight)?.suffix,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
@@ -148,6 +159,8 @@ impl GgufModel {
             bail!("{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)");
         };
         let config = Self::config(&content, &arch, hf_arch, model_type, &shown)?;
+        let cfg = ModelConfig::from_json(&config, &shown)?;
+        let (split, fused) = (Layout::split(&cfg), Layout::fused(&cfg));
         let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
         let n_kv = config["num_key_value_heads"].as_u64().unwrap_or(0) as usize;
         let mut tensors = HashMap::new();
@@ -155,7 +168,7 @@ impl GgufModel {
         names.sort();
         let mut quant_types = std::collections::BTreeMap::new();
         for name in names {
-            let Some(hf) = hf_name(&arch, name) else {
+            let Some(hf) = hf_name(&arch, &split, &fused, name) else {
                 if name.starts_with("rope_") {
                     continue; // llama.cpp's precomputed rope factors; the config carries them
                 }

@@ -6,10 +6,12 @@ use crate::io::config::{AttentionKind, ModelConfig};
 use crate::io::weights::WeightMap;
 use crate::model::hooks::{Capture, Captured, Hook};
 use crate::model::layers::{act, Attention, Layer, Linear, Mlp, RmsNorm};
+use crate::model::layout::{Layout, Part, Slot, TopTensor};
 use crate::model::rope::{self, Rope};
 use crate::model::{KvCache, StepCtx};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
 
 pub struct Decoder {
     pub cfg: ModelConfig,
@@ -26,171 +28,70 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Builds the decoder from Hugging Face tensor names, checking every shape against the config.
+    /// Builds the decoder from Hugging Face tensor names (the layout table's), checking every
+    /// shape against the config.
     pub fn from_weights(cfg: ModelConfig, w: &mut WeightMap) -> Result<Decoder> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let eps = cfg.rms_norm_eps;
-        let plus_one = cfg.norm_plus_one;
-        let norm = |w: &mut WeightMap, name: &str, n: usize| -> Result<RmsNorm> {
-            RmsNorm::new(w.take(name, &[n], "norm size")?, plus_one, eps)
-        };
-        let embed = w.take(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-            "vocab_size x hidden_size",
-        )?;
+        let (eps, plus_one) = (cfg.rms_norm_eps, cfg.norm_plus_one);
+        let stored = Layout::stored(&cfg);
+        let top = |w: &mut WeightMap, t: TopTensor| w.take(t.name, &t.shape, t.why);
+        let embed = top(w, stored.embed())?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let qkv_why = "(num_attention_heads + 2 num_key_value_heads) x head_dim, hidden_size";
-            let qkv = if w.contains(&format!("{p}.self_attn.qkv_proj.weight")) {
-                Linear::new(
-                    w.take(
-                        &format!("{p}.self_attn.qkv_proj.weight"),
-                        &[qd + 2 * kvd, h],
-                        qkv_why,
-                    )?,
-                    w.take_opt(
-                        &format!("{p}.self_attn.qkv_proj.bias"),
-                        &[qd + 2 * kvd],
-                        qkv_why,
-                    )?,
-                )
-            } else {
-                let q = w.take(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    &[qd, h],
-                    "num_attention_heads x head_dim, hidden_size",
-                )?;
-                let k = w.take(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    &[kvd, h],
-                    "num_key_value_heads x head_dim, hidden_size",
-                )?;
-                let v = w.take(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    &[kvd, h],
-                    "num_key_value_heads x head_dim, hidden_size",
-                )?;
-                let bias = if cfg.qkv_bias {
-                    let qb = w.take(&format!("{p}.self_attn.q_proj.bias"), &[qd], "q bias")?;
-                    let kb = w.take(&format!("{p}.self_attn.k_proj.bias"), &[kvd], "k bias")?;
-                    let vb = w.take(&format!("{p}.self_attn.v_proj.bias"), &[kvd], "v bias")?;
-                    Some(Tensor::cat(&[qb, kb, vb], 0)?)
-                } else {
-                    None
-                };
-                Linear::new(Tensor::cat(&[q, k, v], 0)?, bias)
+            // A checkpoint holding the fused tensor is read fused, whatever its family.
+            let fused = |slot| w.contains(&stored.slot_name(l, slot, Part::Weight));
+            let layout = Layout::with_storage(&cfg, fused(Slot::Qkv), fused(Slot::GateUp));
+            // The pieces of each slot, in row order (the table lists them so).
+            let mut pieces: HashMap<(Slot, Part), Vec<Tensor>> = HashMap::new();
+            for t in layout.layer_tensors() {
+                let x = w.take(&t.name(l), &t.shape, t.why)?;
+                pieces.entry((t.slot, t.part)).or_default().push(x);
+            }
+            let mut get = |slot, part| -> Result<Option<Tensor>> {
+                Ok(match pieces.remove(&(slot, part)) {
+                    Some(mut v) if v.len() == 1 => v.pop(),
+                    Some(v) => Some(Tensor::cat(&v, 0)?),
+                    None => None,
+                })
             };
-            let o = Linear::new(
-                w.take(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, qd],
-                    "hidden_size, num_attention_heads x head_dim",
-                )?,
-                if cfg.o_bias {
-                    Some(w.take(&format!("{p}.self_attn.o_proj.bias"), &[h], "o bias")?)
-                } else {
-                    None
-                },
+            let mut linear = |slot| -> Result<Linear> {
+                let weight = get(slot, Part::Weight)?.expect("the table lists every weight");
+                Ok(Linear::new(weight, get(slot, Part::Bias)?))
+            };
+            let (qkv, o, gate_up, down) = (
+                linear(Slot::Qkv)?,
+                linear(Slot::O)?,
+                linear(Slot::GateUp)?,
+                linear(Slot::Down)?,
             );
-            let (q_norm, k_norm) = if cfg.qk_norm {
-                (
-                    Some(norm(w, &format!("{p}.self_attn.q_norm.weight"), hd)?),
-                    Some(norm(w, &format!("{p}.self_attn.k_norm.weight"), hd)?),
-                )
-            } else {
-                (None, None)
+            let mut norm = |slot| -> Result<Option<RmsNorm>> {
+                get(slot, Part::Weight)?
+                    .map(|t| RmsNorm::new(t, plus_one, eps))
+                    .transpose()
             };
-            let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
-                Linear::new(
-                    w.take(
-                        &format!("{p}.mlp.gate_up_proj.weight"),
-                        &[2 * i, h],
-                        "2 x intermediate_size, hidden_size",
-                    )?,
-                    None,
-                )
-            } else {
-                let g = w.take(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    &[i, h],
-                    "intermediate_size, hidden_size",
-                )?;
-                let u = w.take(
-                    &format!("{p}.mlp.up_proj.weight"),
-                    &[i, h],
-                    "intermediate_size, hidden_size",
-                )?;
-                let bias = if cfg.mlp_bias {
-                    let gb = w.take(&format!("{p}.mlp.gate_proj.bias"), &[i], "gate bias")?;
-                    let ub = w.take(&format!("{p}.mlp.up_proj.bias"), &[i], "up bias")?;
-                    Some(Tensor::cat(&[gb, ub], 0)?)
-                } else {
-                    None
-                };
-                Linear::new(Tensor::cat(&[g, u], 0)?, bias)
-            };
-            let down = Linear::new(
-                w.take(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, i],
-                    "hidden_size, intermediate_size",
-                )?,
-                if cfg.mlp_bias {
-                    Some(w.take(&format!("{p}.mlp.down_proj.bias"), &[h], "down bias")?)
-                } else {
-                    None
-                },
-            );
-            let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
-                (
-                    Some(norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?),
-                    norm(w, &format!("{p}.pre_feedforward_layernorm.weight"), h)?,
-                    Some(norm(
-                        w,
-                        &format!("{p}.post_feedforward_layernorm.weight"),
-                        h,
-                    )?),
-                )
-            } else {
-                (
-                    None,
-                    norm(w, &format!("{p}.post_attention_layernorm.weight"), h)?,
-                    None,
-                )
-            };
+            let present = "the table lists this norm for every config";
             layers.push(Layer {
-                attn_in_norm: norm(w, &format!("{p}.input_layernorm.weight"), h)?,
+                attn_in_norm: norm(Slot::AttnInNorm)?.expect(present),
                 attn: Attention {
                     qkv,
                     o,
-                    q_norm,
-                    k_norm,
+                    q_norm: norm(Slot::QNorm)?,
+                    k_norm: norm(Slot::KNorm)?,
                 },
-                attn_out_norm,
-                mlp_in_norm,
+                attn_out_norm: norm(Slot::AttnOutNorm)?,
+                mlp_in_norm: norm(Slot::MlpInNorm)?.expect(present),
                 mlp: Mlp { gate_up, down },
-                mlp_out_norm,
+                mlp_out_norm: norm(Slot::MlpOutNorm)?,
                 kind: cfg.layer_types[l],
             });
         }
-        let final_norm = norm(w, "model.norm.weight", h)?;
+        let final_norm = RmsNorm::new(top(w, stored.final_norm())?, plus_one, eps)?;
+        let head = stored.lm_head();
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints still carry a copy; it must equal the embedding, so drop it.
-            let _ = w.take_opt(
-                "lm_head.weight",
-                &[cfg.vocab_size, h],
-                "vocab_size x hidden_size",
-            )?;
+            let _ = w.take_opt(head.name, &head.shape, head.why)?;
             None
         } else {
-            Some(w.take(
-                "lm_head.weight",
-                &[cfg.vocab_size, h],
-                "vocab_size x hidden_size (tie_word_embeddings is false)",
-            )?)
+            Some(top(w, head)?)
         };
         let leftover: Vec<String> = w
             .remaining()

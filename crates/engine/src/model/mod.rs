@@ -6,6 +6,7 @@ mod cache;
 mod decoder;
 pub mod hooks;
 mod layers;
+pub mod layout;
 pub mod mask;
 pub mod params;
 pub mod rope;

@@ -2,27 +2,13 @@
 //! and the writer's view (Hugging Face tensor names, with fused q/k/v and gate/up split back
 //! unless the family stores them fused, as Phi-3 does).
 
-use crate::io::config::Family;
-use crate::model::{Decoder, RmsNorm};
+use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
+use crate::model::{Decoder, Layer};
 use anyhow::Result;
 use candle_core::Tensor;
-use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Which part of the model a parameter belongs to; freezing is decided per layer and module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Module {
-    Embed,
-    /// Everything under `self_attn` (projections, biases, q/k norms).
-    Attn,
-    /// Everything under `mlp`.
-    Mlp,
-    /// A layer's norms (outside `self_attn`/`mlp`, so SPPFT keeps them trainable).
-    Norm,
-    FinalNorm,
-    LmHead,
-}
+pub use crate::model::layout::{hf_names_of, Module};
 
 #[derive(Debug, Clone)]
 pub struct ParamInfo {
@@ -33,139 +19,96 @@ pub struct ParamInfo {
     pub module: Module,
 }
 
-fn info(name: String, layer: Option<usize>, module: Module) -> ParamInfo {
-    ParamInfo {
-        name,
-        layer,
-        module,
+/// A layer's tensors by slot, in the trainer's fixed order (the order of its optimizer state).
+fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
+    fn norm<'a>(
+        out: &mut Vec<(Slot, Part, &'a mut Tensor)>,
+        slot: Slot,
+        t: Option<&'a mut Tensor>,
+    ) {
+        if let Some(t) = t {
+            out.push((slot, Part::Weight, t));
+        }
     }
-}
-
-/// Hugging Face names of a layer's norms, in the order attn_in, attn_out, mlp_in, mlp_out.
-fn norm_names(sandwich: bool) -> [&'static str; 4] {
-    if sandwich {
-        [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ]
-    } else {
-        ["input_layernorm", "", "post_attention_layernorm", ""]
+    let mut out = vec![];
+    let Layer {
+        attn_in_norm,
+        attn,
+        attn_out_norm,
+        mlp_in_norm,
+        mlp,
+        mlp_out_norm,
+        ..
+    } = layer;
+    norm(&mut out, Slot::AttnInNorm, Some(&mut attn_in_norm.weight));
+    out.push((Slot::Qkv, Part::Weight, &mut attn.qkv.weight));
+    if let Some(b) = attn.qkv.bias.as_mut() {
+        out.push((Slot::Qkv, Part::Bias, b));
     }
+    norm(
+        &mut out,
+        Slot::QNorm,
+        attn.q_norm.as_mut().map(|n| &mut n.weight),
+    );
+    norm(
+        &mut out,
+        Slot::KNorm,
+        attn.k_norm.as_mut().map(|n| &mut n.weight),
+    );
+    out.push((Slot::O, Part::Weight, &mut attn.o.weight));
+    if let Some(b) = attn.o.bias.as_mut() {
+        out.push((Slot::O, Part::Bias, b));
+    }
+    norm(
+        &mut out,
+        Slot::AttnOutNorm,
+        attn_out_norm.as_mut().map(|n| &mut n.weight),
+    );
+    norm(&mut out, Slot::MlpInNorm, Some(&mut mlp_in_norm.weight));
+    out.push((Slot::GateUp, Part::Weight, &mut mlp.gate_up.weight));
+    if let Some(b) = mlp.gate_up.bias.as_mut() {
+        out.push((Slot::GateUp, Part::Bias, b));
+    }
+    out.push((Slot::Down, Part::Weight, &mut mlp.down.weight));
+    if let Some(b) = mlp.down.bias.as_mut() {
+        out.push((Slot::Down, Part::Bias, b));
+    }
+    norm(
+        &mut out,
+        Slot::MlpOutNorm,
+        mlp_out_norm.as_mut().map(|n| &mut n.weight),
+    );
+    out
 }
 
 impl Decoder {
     /// Every parameter tensor with its name and place, mutable (the trainer swaps them for
     /// variables). The order is fixed: embedding, layers bottom-up, final norm, lm_head.
     pub fn params_mut(&mut self) -> Vec<(ParamInfo, &mut Tensor)> {
-        let sandwich = self.cfg.sandwich_norms;
-        let mut out: Vec<(ParamInfo, &mut Tensor)> = vec![(
-            info("model.embed_tokens.weight".into(), None, Module::Embed),
-            &mut self.embed,
-        )];
+        let fused = Layout::fused(&self.cfg);
+        let top = |name: &str, module| ParamInfo {
+            name: name.to_string(),
+            layer: None,
+            module,
+        };
+        let mut out: Vec<(ParamInfo, &mut Tensor)> =
+            vec![(top(EMBED, Module::Embed), &mut self.embed)];
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            let names = norm_names(sandwich);
-            out.push((
-                info(format!("{p}.{}.weight", names[0]), Some(l), Module::Norm),
-                &mut layer.attn_in_norm.weight,
-            ));
-            out.push((
-                info(
-                    format!("{p}.self_attn.qkv_proj.weight"),
-                    Some(l),
-                    Module::Attn,
-                ),
-                &mut layer.attn.qkv.weight,
-            ));
-            if let Some(b) = layer.attn.qkv.bias.as_mut() {
-                out.push((
-                    info(
-                        format!("{p}.self_attn.qkv_proj.bias"),
-                        Some(l),
-                        Module::Attn,
-                    ),
-                    b,
-                ));
-            }
-            if let Some(n) = layer.attn.q_norm.as_mut() {
-                out.push((
-                    info(
-                        format!("{p}.self_attn.q_norm.weight"),
-                        Some(l),
-                        Module::Attn,
-                    ),
-                    &mut n.weight,
-                ));
-            }
-            if let Some(n) = layer.attn.k_norm.as_mut() {
-                out.push((
-                    info(
-                        format!("{p}.self_attn.k_norm.weight"),
-                        Some(l),
-                        Module::Attn,
-                    ),
-                    &mut n.weight,
-                ));
-            }
-            out.push((
-                info(
-                    format!("{p}.self_attn.o_proj.weight"),
-                    Some(l),
-                    Module::Attn,
-                ),
-                &mut layer.attn.o.weight,
-            ));
-            if let Some(b) = layer.attn.o.bias.as_mut() {
-                out.push((
-                    info(format!("{p}.self_attn.o_proj.bias"), Some(l), Module::Attn),
-                    b,
-                ));
-            }
-            if let Some(n) = layer.attn_out_norm.as_mut() {
-                out.push((
-                    info(format!("{p}.{}.weight", names[1]), Some(l), Module::Norm),
-                    &mut n.weight,
-                ));
-            }
-            out.push((
-                info(format!("{p}.{}.weight", names[2]), Some(l), Module::Norm),
-                &mut layer.mlp_in_norm.weight,
-            ));
-            out.push((
-                info(format!("{p}.mlp.gate_up_proj.weight"), Some(l), Module::Mlp),
-                &mut layer.mlp.gate_up.weight,
-            ));
-            if let Some(b) = layer.mlp.gate_up.bias.as_mut() {
-                out.push((
-                    info(format!("{p}.mlp.gate_up_proj.bias"), Some(l), Module::Mlp),
-                    b,
-                ));
-            }
-            out.push((
-                info(format!("{p}.mlp.down_proj.weight"), Some(l), Module::Mlp),
-                &mut layer.mlp.down.weight,
-            ));
-            if let Some(b) = layer.mlp.down.bias.as_mut() {
-                out.push((
-                    info(format!("{p}.mlp.down_proj.bias"), Some(l), Module::Mlp),
-                    b,
-                ));
-            }
-            if let Some(n) = layer.mlp_out_norm.as_mut() {
-                out.push((
-                    info(format!("{p}.{}.weight", names[3]), Some(l), Module::Norm),
-                    &mut n.weight,
-                ));
+            for (slot, part, t) in slots_mut(layer) {
+                let info = ParamInfo {
+                    name: fused.slot_name(l, slot, part),
+                    layer: Some(l),
+                    module: slot.module(),
+                };
+                out.push((info, t));
             }
         }
         out.push((
-            info("model.norm.weight".into(), None, Module::FinalNorm),
+            top(FINAL_NORM, Module::FinalNorm),
             &mut self.final_norm.weight,
         ));
         if let Some(h) = self.lm_head.as_mut() {
-            out.push((info("lm_head.weight".into(), None, Module::LmHead), h));
+            out.push((top(LM_HEAD, Module::LmHead), h));
         }
         out
     }
@@ -187,105 +130,54 @@ impl Decoder {
         }
     }
 
-    /// Every tensor under its Hugging Face name, as a checkpoint of this family stores it.
+    /// Every tensor under its Hugging Face name, as a checkpoint of this family stores it (the
+    /// fused slots cut back into the table's pieces).
     pub fn hf_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let cfg = &self.cfg;
-        let fused = cfg.family == Family::Phi3;
-        let (qd, kvd, i) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let table = Layout::stored(&self.cfg).layer_tensors();
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), self.embed.clone());
-        let names = norm_names(cfg.sandwich_norms);
+        out.insert(EMBED.to_string(), self.embed.clone());
         for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            let mut put = |name: String, t: &Tensor| {
-                out.insert(name, t.clone());
-            };
-            let norms: [Option<&RmsNorm>; 4] = [
-                Some(&layer.attn_in_norm),
-                layer.attn_out_norm.as_ref(),
-                Some(&layer.mlp_in_norm),
-                layer.mlp_out_norm.as_ref(),
-            ];
-            for (n, name) in norms.iter().zip(names) {
-                if let Some(n) = n {
-                    put(format!("{p}.{name}.weight"), &n.weight);
-                }
-            }
-            let qkv = &layer.attn.qkv;
-            if fused {
-                put(format!("{p}.self_attn.qkv_proj.weight"), &qkv.weight);
-                if let Some(b) = &qkv.bias {
-                    put(format!("{p}.self_attn.qkv_proj.bias"), b);
-                }
-            } else {
-                for (proj, start, len) in [
-                    ("q_proj", 0, qd),
-                    ("k_proj", qd, kvd),
-                    ("v_proj", qd + kvd, kvd),
-                ] {
-                    put(
-                        format!("{p}.self_attn.{proj}.weight"),
-                        &qkv.weight.narrow(0, start, len)?,
-                    );
-                    if let Some(b) = &qkv.bias {
-                        put(
-                            format!("{p}.self_attn.{proj}.bias"),
-                            &b.narrow(0, start, len)?,
-                        );
-                    }
-                }
-            }
-            if let Some(n) = &layer.attn.q_norm {
-                put(format!("{p}.self_attn.q_norm.weight"), &n.weight);
-            }
-            if let Some(n) = &layer.attn.k_norm {
-                put(format!("{p}.self_attn.k_norm.weight"), &n.weight);
-            }
-            put(format!("{p}.self_attn.o_proj.weight"), &layer.attn.o.weight);
-            if let Some(b) = &layer.attn.o.bias {
-                put(format!("{p}.self_attn.o_proj.bias"), b);
-            }
-            let gu = &layer.mlp.gate_up;
-            if fused {
-                put(format!("{p}.mlp.gate_up_proj.weight"), &gu.weight);
-            } else {
-                for (proj, start) in [("gate_proj", 0), ("up_proj", i)] {
-                    put(
-                        format!("{p}.mlp.{proj}.weight"),
-                        &gu.weight.narrow(0, start, i)?,
-                    );
-                    if let Some(b) = &gu.bias {
-                        put(format!("{p}.mlp.{proj}.bias"), &b.narrow(0, start, i)?);
-                    }
-                }
-            }
-            put(format!("{p}.mlp.down_proj.weight"), &layer.mlp.down.weight);
-            if let Some(b) = &layer.mlp.down.bias {
-                put(format!("{p}.mlp.down_proj.bias"), b);
+            for t in &table {
+                let Some(whole) = slot_tensor(layer, t.slot, t.part) else {
+                    continue;
+                };
+                let piece = if t.rows.start == 0 && t.rows.end == whole.dim(0)? {
+                    whole.clone()
+                } else {
+                    whole.narrow(0, t.rows.start, t.rows.len())?
+                };
+                out.insert(t.name(l), piece);
             }
         }
-        out.insert(
-            "model.norm.weight".to_string(),
-            self.final_norm.weight.clone(),
-        );
+        out.insert(FINAL_NORM.to_string(), self.final_norm.weight.clone());
         if let Some(h) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), h.clone());
+            out.insert(LM_HEAD.to_string(), h.clone());
         }
         Ok(out)
     }
 }
 
-/// The Hugging Face tensor names a fused internal name stands for (itself when not fused).
-pub fn hf_names_of(internal: &str, family: Family) -> Vec<String> {
-    if family == Family::Phi3 {
-        return vec![internal.to_string()];
-    }
-    let split = |from: &str, to: &[&str]| -> Option<Vec<String>> {
-        internal
-            .contains(from)
-            .then(|| to.iter().map(|t| internal.replace(from, t)).collect())
+/// The tensor a layer holds in `slot` (None when the layer has no such norm or bias).
+pub(crate) fn slot_tensor(layer: &Layer, slot: Slot, part: Part) -> Option<&Tensor> {
+    let linear = match slot {
+        Slot::Qkv => &layer.attn.qkv,
+        Slot::O => &layer.attn.o,
+        Slot::GateUp => &layer.mlp.gate_up,
+        Slot::Down => &layer.mlp.down,
+        _ => {
+            let norm = match slot {
+                Slot::QNorm => layer.attn.q_norm.as_ref(),
+                Slot::KNorm => layer.attn.k_norm.as_ref(),
+                Slot::AttnInNorm => Some(&layer.attn_in_norm),
+                Slot::AttnOutNorm => layer.attn_out_norm.as_ref(),
+                Slot::MlpInNorm => Some(&layer.mlp_in_norm),
+                _ => layer.mlp_out_norm.as_ref(),
+            };
+            return norm.filter(|_| part == Part::Weight).map(|n| &n.weight);
+        }
     };
-    split("qkv_proj", &["q_proj", "k_proj", "v_proj"])
-        .or_else(|| split("gate_up_proj", &["gate_proj", "up_proj"]))
-        .unwrap_or_else(|| vec![internal.to_string()])
+    match part {
+        Part::Weight => Some(&linear.weight),
+        Part::Bias => linear.bias.as_ref(),
+    }
 }

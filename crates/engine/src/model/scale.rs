@@ -1,6 +1,8 @@
 //! The paper's intervention: multiply the attention and MLP weight matrices of a layer range by
 //! alpha (norms and biases untouched), and undo it exactly by restoring the saved originals.
 
+use crate::model::layout::{LayerTensor, Layout, Part, Slot};
+use crate::model::params::slot_tensor;
 use crate::model::Decoder;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -66,6 +68,9 @@ pub struct ScaleReport {
     pub matrices: Vec<String>,
 }
 
+/// The slots saved per scaled layer, in `Decoder::saved`'s order.
+const SAVED: [Slot; 4] = [Slot::Qkv, Slot::O, Slot::GateUp, Slot::Down];
+
 fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
     Ok(a.ne(b)?
         .to_dtype(candle_core::DType::F32)?
@@ -84,8 +89,13 @@ impl Decoder {
         LayerRange::new(range.first, range.last, self.num_layers())?;
         self.restore_scaling();
         let mut matrices = Vec::new();
-        let (qd, kvd) = (self.cfg.q_dim(), self.cfg.kv_dim());
-        let i = self.cfg.intermediate_size;
+        // Each matrix as a checkpoint names it, one per projection even where the family stores
+        // them fused (the paper's code silently skipped o_proj; this check would not).
+        let table: Vec<LayerTensor> = Layout::split(&self.cfg)
+            .layer_tensors()
+            .into_iter()
+            .filter(|t| t.slot.is_matrix() && t.part == Part::Weight)
+            .collect();
         for l in range.layers() {
             let layer = &mut self.layers[l];
             let orig = [
@@ -98,51 +108,26 @@ impl Decoder {
             layer.attn.o.weight = (&orig[1] * alpha)?;
             layer.mlp.gate_up.weight = (&orig[2] * alpha)?;
             layer.mlp.down.weight = (&orig[3] * alpha)?;
-            // Check each matrix as the checkpoint names it (the paper's code silently skipped o_proj).
-            let p = format!("model.layers.{l}");
-            let parts: [(&str, &Tensor, &Tensor, usize, usize); 7] = [
-                ("self_attn.q_proj", &orig[0], &layer.attn.qkv.weight, 0, qd),
-                (
-                    "self_attn.k_proj",
-                    &orig[0],
-                    &layer.attn.qkv.weight,
-                    qd,
-                    kvd,
-                ),
-                (
-                    "self_attn.v_proj",
-                    &orig[0],
-                    &layer.attn.qkv.weight,
-                    qd + kvd,
-                    kvd,
-                ),
-                (
-                    "self_attn.o_proj",
-                    &orig[1],
-                    &layer.attn.o.weight,
-                    0,
-                    orig[1].dim(0)?,
-                ),
-                ("mlp.gate_proj", &orig[2], &layer.mlp.gate_up.weight, 0, i),
-                ("mlp.up_proj", &orig[2], &layer.mlp.gate_up.weight, i, i),
-                (
-                    "mlp.down_proj",
-                    &orig[3],
-                    &layer.mlp.down.weight,
-                    0,
-                    orig[3].dim(0)?,
-                ),
-            ];
-            for (name, before, after, start, len) in parts {
+            for t in &table {
+                let k = SAVED
+                    .iter()
+                    .position(|s| *s == t.slot)
+                    .expect("a matrix slot");
+                let after =
+                    slot_tensor(layer, t.slot, Part::Weight).expect("matrices always exist");
+                let (start, len) = (t.rows.start, t.rows.len());
                 if alpha != 1.0
                     && !changed(
-                        &before.narrow(0, start, len)?,
+                        &orig[k].narrow(0, start, len)?,
                         &after.narrow(0, start, len)?,
                     )?
                 {
-                    bail!("scaling {p}.{name} by {alpha} left it unchanged (all-zero weights?)");
+                    bail!(
+                        "scaling model.layers.{l}.{} by {alpha} left it unchanged (all-zero weights?)",
+                        t.suffix
+                    );
                 }
-                matrices.push(format!("{p}.{name}.weight"));
+                matrices.push(t.name(l));
             }
             self.saved.push((l, orig));
         }

@@ -49,10 +49,7 @@ pub fn render(
 ) -> Result<Vec<(String, String)>> {
     let mut files = match format {
         Format::Axolotl => vec![
-            (
-                "axolotl.yaml".to_string(),
-                axolotl_yaml(plan, cfg, recipe, src),
-            ),
+            ("axolotl.yaml".to_string(), axolotl_yaml(plan, recipe, src)),
             ds_zero2(),
         ],
         Format::Peft => vec![(
@@ -62,7 +59,7 @@ pub fn render(
         Format::HfTrainer => vec![
             (
                 "train_sppft.py".to_string(),
-                hf_trainer_script(plan, cfg, recipe, src),
+                hf_trainer_script(plan, recipe, src),
             ),
             ds_zero2(),
         ],
@@ -102,7 +99,7 @@ fn plan_json(
     recipe: &Recipe,
     src: &Sources,
 ) -> Result<Value> {
-    let (frozen, trainable) = plan.split(cfg);
+    let (frozen, trainable) = plan.split();
     let lora = match format {
         Format::Peft => Some(plan.lora_targets()?),
         _ => None,
@@ -118,7 +115,7 @@ fn plan_json(
         "parameters": hf_parameter_names(cfg).len(),
         "frozen_parameters": frozen,
         "trainable_parameters": trainable,
-        "axolotl_unfrozen_parameters": plan.axolotl_unfrozen(cfg).into_iter().map(|p| p.pattern).collect::<Vec<_>>(),
+        "axolotl_unfrozen_parameters": plan.axolotl_unfrozen().into_iter().map(|p| p.pattern).collect::<Vec<_>>(),
         "lora_targets": lora,
     }))
 }
@@ -148,7 +145,7 @@ fn ds_zero2() -> (String, String) {
     ("ds_zero2.json".to_string(), pretty(&v))
 }
 
-fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources) -> String {
+fn axolotl_yaml(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
     let bf16 = r.precision == "bf16";
     let mut y = String::new();
     let mut line = |s: String| {
@@ -228,7 +225,7 @@ fn axolotl_yaml(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources)
     line("# axolotl freezes every parameter, then unfreezes those a pattern matches (Python re.match from".into());
     line("# the start of the name; a `.` is a literal dot). Everything but the frozen range stays trainable.".into());
     line("unfrozen_parameters:".into());
-    for p in plan.axolotl_unfrozen(cfg) {
+    for p in plan.axolotl_unfrozen() {
         line(format!("  # {}", p.keeps));
         line(format!("  - {}", quoted(&p.pattern)));
     }
@@ -281,8 +278,8 @@ fn adapter_config(plan: &FreezePlan, r: &Recipe, src: &Sources) -> Result<Value>
     }))
 }
 
-fn hf_trainer_script(plan: &FreezePlan, cfg: &ModelConfig, r: &Recipe, src: &Sources) -> String {
-    let (frozen, _) = plan.split(cfg);
+fn hf_trainer_script(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
+    let (frozen, _) = plan.split();
     let modules: Vec<String> = plan.modules.iter().map(|m| quoted(m.hf_module())).collect();
     let mut c = String::new();
     c.push_str(&format!(

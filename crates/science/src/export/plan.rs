@@ -2,186 +2,36 @@
 //! model (from its config alone, no weights), which of them a layer range freezes, and the same
 //! selection written as axolotl `unfrozen_parameters` regexes and as PEFT LoRA targets.
 //!
-//! The rule is the one `finetune` applies: in layers `first..=last`, every parameter under
-//! `self_attn` (projections, their biases, Qwen3/Gemma3 q/k norms) and/or under `mlp` is frozen;
-//! the layers' own norms, the embeddings, the final norm and lm_head stay trainable.
+//! The rule and the plan are `finetune`'s own (`finetune::freeze`); the names come from the
+//! engine's layout table.
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 use sl_engine::io::config::{Family, ModelConfig};
+use sl_engine::model::layout::Layout;
+
+pub use crate::finetune::freeze::{FreezeModule, FreezePlan};
+#[cfg(test)]
 use sl_engine::LayerRange;
 
-/// A part of a decoder layer that can be frozen, named as in `--freeze-modules`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FreezeModule {
-    Attn,
-    Mlp,
-}
-
-impl FreezeModule {
-    pub fn parse_list(items: &[String]) -> Result<Vec<FreezeModule>> {
-        let mut out = Vec::new();
-        for s in items {
-            let m = match s.trim() {
-                "attn" => FreezeModule::Attn,
-                "mlp" => FreezeModule::Mlp,
-                other => bail!("unknown --freeze-modules entry `{other}` (expected attn, mlp)"),
-            };
-            if !out.contains(&m) {
-                out.push(m);
-            }
-        }
-        if out.is_empty() {
-            bail!("--freeze-modules is empty: name attn, mlp or both");
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    /// The submodule's attribute name inside a transformers decoder layer.
-    pub fn hf_module(self) -> &'static str {
-        match self {
-            FreezeModule::Attn => "self_attn",
-            FreezeModule::Mlp => "mlp",
-        }
-    }
-
-    /// The linear layers of this submodule as transformers names them for `family` (the names a
-    /// LoRA config targets). Phi-3 stores q/k/v and gate/up fused.
-    pub fn projections(self, family: Family) -> &'static [&'static str] {
-        match (self, family == Family::Phi3) {
-            (FreezeModule::Attn, true) => &["qkv_proj", "o_proj"],
-            (FreezeModule::Attn, false) => &["q_proj", "k_proj", "v_proj", "o_proj"],
-            (FreezeModule::Mlp, true) => &["gate_up_proj", "down_proj"],
-            (FreezeModule::Mlp, false) => &["gate_proj", "up_proj", "down_proj"],
-        }
-    }
-}
-
 /// Every parameter name `model.named_parameters()` yields for this config, in transformers'
-/// registration order. A tied lm_head is the embedding's tensor and is listed once, as
-/// transformers lists it.
+/// registration order (the layout table's). A tied lm_head is the embedding's tensor and is
+/// listed once, as transformers lists it.
 pub fn hf_parameter_names(cfg: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["model.embed_tokens.weight".to_string()];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        let attn = FreezeModule::Attn.projections(cfg.family);
-        for proj in attn {
-            names.push(format!("{p}.self_attn.{proj}.weight"));
-            let biased = if *proj == "o_proj" {
-                cfg.o_bias
-            } else {
-                cfg.qkv_bias
-            };
-            if biased {
-                names.push(format!("{p}.self_attn.{proj}.bias"));
-            }
-        }
-        if cfg.qk_norm {
-            names.push(format!("{p}.self_attn.q_norm.weight"));
-            names.push(format!("{p}.self_attn.k_norm.weight"));
-        }
-        for proj in FreezeModule::Mlp.projections(cfg.family) {
-            names.push(format!("{p}.mlp.{proj}.weight"));
-            if cfg.mlp_bias {
-                names.push(format!("{p}.mlp.{proj}.bias"));
-            }
-        }
-        names.push(format!("{p}.input_layernorm.weight"));
-        names.push(format!("{p}.post_attention_layernorm.weight"));
-        if cfg.sandwich_norms {
-            names.push(format!("{p}.pre_feedforward_layernorm.weight"));
-            names.push(format!("{p}.post_feedforward_layernorm.weight"));
-        }
-    }
-    names.push("model.norm.weight".to_string());
-    if !cfg.tie_word_embeddings {
-        names.push("lm_head.weight".to_string());
-    }
-    names
+    Layout::stored(cfg).hf_names()
 }
 
-/// `model.layers.N.<module>.` → (N, module); None for anything outside the decoder layers.
-fn layer_and_module(name: &str) -> Option<(usize, &str)> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let module = tail.split('.').next()?;
-    Some((layer.parse().ok()?, module))
-}
-
-/// What to freeze, checked against the model's shape.
-#[derive(Debug, Clone, Serialize)]
-pub struct FreezePlan {
-    pub family: Family,
-    pub architecture: String,
-    pub num_layers: usize,
-    pub range: LayerRange,
-    pub modules: Vec<FreezeModule>,
-}
-
+/// The freeze plan in the terms of other trainers.
 impl FreezePlan {
-    pub fn new(
-        cfg: &ModelConfig,
-        range: LayerRange,
-        modules: Vec<FreezeModule>,
-    ) -> Result<FreezePlan> {
-        if cfg.num_layers == 0 {
-            bail!("the model config has no layers (num_hidden_layers = 0)");
-        }
-        // Re-check here so a range built elsewhere cannot slip past the model's bounds.
-        let range = LayerRange::new(range.first, range.last, cfg.num_layers)?;
-        if modules.is_empty() {
-            bail!("nothing to freeze: no module named");
-        }
-        Ok(FreezePlan {
-            family: cfg.family,
-            architecture: cfg.architecture.clone(),
-            num_layers: cfg.num_layers,
-            range,
-            modules,
-        })
-    }
-
-    pub fn freezes(&self, m: FreezeModule) -> bool {
-        self.modules.contains(&m)
-    }
-
-    /// The rule itself, on a Hugging Face parameter name.
-    pub fn is_frozen(&self, name: &str) -> bool {
-        match layer_and_module(name) {
-            Some((l, module)) => {
-                self.range.layers().contains(&l)
-                    && self.modules.iter().any(|m| m.hf_module() == module)
-            }
-            None => false,
-        }
-    }
-
-    /// (frozen, trainable) names of the model, in registration order.
-    pub fn split(&self, cfg: &ModelConfig) -> (Vec<String>, Vec<String>) {
-        hf_parameter_names(cfg)
-            .into_iter()
-            .partition(|n| self.is_frozen(n))
-    }
-
-    pub fn outside_layers(&self) -> Vec<usize> {
-        (0..self.num_layers)
-            .filter(|l| !self.range.layers().contains(l))
-            .collect()
-    }
-
     /// axolotl's `unfrozen_parameters`: axolotl freezes every parameter, then unfreezes those a
     /// pattern matches with Python `re.match` (anchored at the start only) after turning each
     /// `.` into a literal dot (older releases escape every dot, newer ones every dot not before
     /// `+`). So the patterns use `.` only as a literal separator and need no trailing wildcard;
     /// `$` ends the exact names.
-    pub fn axolotl_unfrozen(&self, cfg: &ModelConfig) -> Vec<AxolotlPattern> {
+    pub fn axolotl_unfrozen(&self) -> Vec<AxolotlPattern> {
         let mut out = Vec::new();
-        for name in hf_parameter_names(cfg)
-            .iter()
-            .filter(|n| layer_and_module(n).is_none())
-        {
+        let names = self.layout.hf_names();
+        for name in names.iter().filter(|n| !n.starts_with("model.layers.")) {
             let keeps = match name.as_str() {
                 "model.embed_tokens.weight" => "the token embeddings",
                 "model.norm.weight" => "the final norm",
@@ -236,7 +86,7 @@ impl FreezePlan {
     pub fn lora_targets(&self) -> Result<LoraTargets> {
         let all: Vec<&'static str> = [FreezeModule::Attn, FreezeModule::Mlp]
             .iter()
-            .flat_map(|m| m.projections(self.family).iter().copied())
+            .flat_map(|m| self.projections(*m))
             .collect();
         let outside = self.outside_layers();
         if self.modules.len() == 2 {
@@ -259,13 +109,8 @@ impl FreezePlan {
         } else {
             FreezeModule::Attn
         };
-        let projections = |m: FreezeModule| {
-            format!(
-                "{}\\.(?:{})",
-                m.hf_module(),
-                m.projections(self.family).join("|")
-            )
-        };
+        let projections =
+            |m: FreezeModule| format!("{}\\.(?:{})", m.hf_module(), self.projections(m).join("|"));
         let every = format!(
             "(?:{}|{})",
             projections(FreezeModule::Attn),

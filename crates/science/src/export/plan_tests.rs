@@ -40,7 +40,7 @@ fn llama3_sppft_freezes_exactly_the_seven_projections_of_layers_6_to_12() {
         "embed, 9 tensors per layer, final norm, lm_head"
     );
     let p = plan(&c, 6, 12, &["attn", "mlp"]);
-    let (frozen, trainable) = p.split(&c);
+    let (frozen, trainable) = p.split();
     assert_eq!(frozen.len(), 7 * 7);
     let mut want = Vec::new();
     for l in 6..=12 {
@@ -94,7 +94,7 @@ fn layer_numbers_are_matched_whole() {
 fn phi3_names_are_fused_and_freeze_whole() {
     let c = phi3_mini();
     let p = plan(&c, 11, 15, &["attn", "mlp"]);
-    let (frozen, _) = p.split(&c);
+    let (frozen, _) = p.split();
     assert_eq!(frozen.len(), 5 * 4);
     assert!(frozen.contains(&"model.layers.11.self_attn.qkv_proj.weight".to_string()));
     assert!(frozen.contains(&"model.layers.15.mlp.gate_up_proj.weight".to_string()));
@@ -125,7 +125,7 @@ fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
         json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100, "tie_word_embeddings": true}),
     );
-    let (frozen, trainable) = plan(&qwen2, 1, 2, &["attn", "mlp"]).split(&qwen2);
+    let (frozen, trainable) = plan(&qwen2, 1, 2, &["attn", "mlp"]).split();
     assert!(frozen.contains(&"model.layers.1.self_attn.q_proj.bias".to_string()));
     assert!(
         !hf_parameter_names(&qwen2)
@@ -143,7 +143,7 @@ fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
         json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "head_dim": 16,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100}),
     );
-    let (frozen, _) = plan(&qwen3, 0, 0, &["attn"]).split(&qwen3);
+    let (frozen, _) = plan(&qwen3, 0, 0, &["attn"]).split();
     assert_eq!(frozen.len(), 6, "q/k/v/o + q_norm + k_norm");
     assert!(frozen.contains(&"model.layers.0.self_attn.k_norm.weight".to_string()));
 
@@ -151,7 +151,7 @@ fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
         json!({"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "head_dim": 16,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100}),
     );
-    let (frozen, trainable) = plan(&gemma2, 2, 3, &["mlp"]).split(&gemma2);
+    let (frozen, trainable) = plan(&gemma2, 2, 3, &["mlp"]).split();
     assert_eq!(frozen.len(), 2 * 3);
     for n in [
         "pre_feedforward_layernorm",
@@ -169,7 +169,7 @@ fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
 fn axolotl_patterns_name_the_top_level_tensors_and_the_layer_sets() {
     let c = llama3_8b();
     let pats: Vec<String> = plan(&c, 6, 12, &["attn", "mlp"])
-        .axolotl_unfrozen(&c)
+        .axolotl_unfrozen()
         .into_iter()
         .map(|p| p.pattern)
         .collect();
@@ -191,7 +191,7 @@ fn axolotl_patterns_name_the_top_level_tensors_and_the_layer_sets() {
     // Nothing in a pattern is a dot wildcard, which axolotl would turn into a literal dot.
     assert!(pats.iter().all(|p| !p.contains(".+") && !p.contains(".*")));
     // The whole model frozen in range: no pattern for outside layers.
-    let all = plan(&c, 0, 31, &["mlp"]).axolotl_unfrozen(&c);
+    let all = plan(&c, 0, 31, &["mlp"]).axolotl_unfrozen();
     assert_eq!(all.len(), 4);
     assert_eq!(
         all[3].pattern,

@@ -1,21 +1,29 @@
 //! The paper's remedy (§4): fine-tuning with the safety layers' attention and MLP weights frozen
 //! (SPPFT), full fine-tuning, and control freezes — one loop, with checkpoints that a killed run
 //! resumes from to the same final weights, a training log, and a freeze audit.
+//!
+//! The loop reads as the steps it takes: next batch, forward and backward (gradients
+//! accumulated over the micro-batches of one optimizer step), update, maybe evaluate on the
+//! held-out records at an epoch's end, maybe save a checkpoint.
 
+pub mod checkpoint;
 pub mod data;
+pub mod freeze;
+pub mod summary;
 
+use crate::finetune::checkpoint::{checkpoints_dir, Checkpoint};
 use crate::finetune::data::{encode, epoch_order, lr_factor, Example, Schedule, SftRecord};
+use crate::finetune::freeze::{freeze_audit, tensor_hashes, FreezeModule, FreezePlan};
+use crate::finetune::summary::{Examples, FinetuneSummary, HoldoutLoss, SCHEMA_VERSION};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::{write_atomic, StagedDir};
-use sl_engine::io::hf_dir::{safetensors_bytes, write_hf_files};
-use sl_engine::model::params::{hf_names_of, Module, ParamInfo};
+use sl_engine::io::hf_dir::write_hf_files;
 use sl_engine::train::adamw::AdamWConfig;
 use sl_engine::train::trainer::{Batch, Trainer};
 use sl_engine::{LayerRange, Model, Template};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,17 +63,20 @@ impl FinetuneConfig {
         Ok(crate::sha256_hex(serde_json::to_string(self)?.as_bytes()))
     }
 
-    fn frozen(&self, info: &ParamInfo) -> bool {
-        let Some(range) = self.freeze else {
-            return false;
-        };
-        let in_range = info.layer.is_some_and(|l| range.layers().contains(&l));
-        let module = match info.module {
-            Module::Attn => "attn",
-            Module::Mlp => "mlp",
-            _ => return false,
-        };
-        in_range && self.freeze_modules.iter().any(|m| m == module)
+    /// The freeze plan of `--freeze` and `--freeze-modules` (None: nothing frozen).
+    fn freeze_plan(
+        &self,
+        model: &sl_engine::io::config::ModelConfig,
+    ) -> Result<Option<FreezePlan>> {
+        self.freeze
+            .map(|range| {
+                FreezePlan::new(
+                    model,
+                    range,
+                    FreezeModule::parse_list(&self.freeze_modules)?,
+                )
+            })
+            .transpose()
     }
 }
 
@@ -90,27 +101,10 @@ pub struct StepLog {
     pub seconds: f64,
 }
 
-/// Where the run is, saved in every checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Position {
-    fingerprint: String,
-    global_step: usize,
-    epoch: usize,
-    /// Next optimizer step within the epoch.
-    step_in_epoch: usize,
-    tokens: usize,
-    seconds: f64,
-    log: Vec<Value>,
-}
-
 pub struct Summary {
+    pub record: FinetuneSummary,
+    /// `record` as JSON.
     pub json: Value,
-}
-
-fn sha_of(t: &Tensor) -> Result<String> {
-    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Ok(crate::sha256_hex(&bytes))
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -132,25 +126,6 @@ fn parse_dtype(s: &str, source: DType) -> Result<DType> {
     })
 }
 
-fn checkpoints_dir(out: &Path) -> PathBuf {
-    out.join("checkpoints")
-}
-
-fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(out))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                && p.join("state.json").is_file()
-        })
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 /// Fine-tunes `model` on `records` and writes the result into `out` (see the module docs).
 pub fn finetune(
     model: Model,
@@ -163,8 +138,132 @@ pub fn finetune(
     let t_start = Instant::now();
     validate(cfg, records.len(), model.cfg().num_layers)?;
     let out_dtype = parse_dtype(&cfg.dtype, model.source_dtype)?;
-    let resume_from = if run.resume {
-        Some(latest_checkpoint(out).ok_or_else(|| {
+    let resume_from = prepare_out(out, run.resume)?;
+    let split = records.len() - cfg.holdout;
+    let train = encode_all(&model, &records[..split], cfg)?;
+    let held = encode_all(&model, &records[split..], cfg)?;
+    let before = tensor_hashes(&model.decoder.hf_tensors()?)?;
+
+    let Model {
+        decoder, hf_files, ..
+    } = model;
+    let plan = cfg.freeze_plan(&decoder.cfg)?;
+    let frozen = |i: &sl_engine::model::params::ParamInfo| {
+        plan.as_ref()
+            .is_some_and(|p| p.freezes_param(i.layer, i.module))
+    };
+    let adam = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut trainer = Trainer::new(decoder, frozen, adam, cfg.grad_checkpointing)?;
+    let fingerprint = cfg.fingerprint()?;
+    let mut ckpt = match &resume_from {
+        Some(dir) => checkpoint::resume(&mut trainer, dir, &fingerprint)?,
+        None => Checkpoint::start(fingerprint),
+    };
+    let mut log = TrainLog::open(&out.join("train_log.jsonl"), &ckpt)?;
+    let mut steps = Steps::new(&train, cfg);
+    let held_batches = batches(&held.iter().collect::<Vec<_>>(), cfg.batch_size)?;
+    let mut holdout_losses = vec![];
+    let clock = Clock::resume(ckpt.seconds);
+    while let Some(micro) = steps.next(&ckpt)? {
+        let (loss, targets) = forward_backward(&mut trainer, &micro)?;
+        let lr = update(&mut trainer, cfg, ckpt.global_step, steps.total)?;
+        let entry = advance(
+            &mut ckpt,
+            &micro,
+            loss / targets.max(1) as f64,
+            lr,
+            &steps,
+            &clock,
+        );
+        progress(&entry);
+        log.append(&mut ckpt, serde_json::to_value(&entry)?)?;
+        if ckpt.step_in_epoch == steps.per_epoch {
+            ckpt.epoch += 1;
+            ckpt.step_in_epoch = 0;
+            if let Some(l) = evaluate(&trainer, &held_batches)? {
+                holdout_losses.push(HoldoutLoss {
+                    epoch: ckpt.epoch,
+                    step: ckpt.global_step,
+                    holdout_loss: l,
+                });
+                let entry = json!({"step": ckpt.global_step, "epoch": ckpt.epoch as f64, "holdout_loss": l, "seconds": ckpt.seconds});
+                log.append(&mut ckpt, entry)?;
+            }
+        }
+        if run.saves_at(ckpt.global_step) {
+            checkpoint::save(&trainer, &ckpt, out)?;
+        }
+        if run.abort_after_step == Some(ckpt.global_step) {
+            std::process::abort();
+        }
+    }
+
+    // Outputs: the model, the audit, the summary.
+    let tensors = trainer.decoder.hf_tensors()?;
+    let audit = freeze_audit(&trainer, &before, &tensors)?;
+    let stage = StagedDir::new(&out.join(".model"))?;
+    write_hf_files(&stage, &tensors, out_dtype, &hf_files, 5 << 30)?;
+    stage.write_json("freeze_audit.json", &audit)?;
+    let train_seconds = ckpt.seconds;
+    let record = FinetuneSummary {
+        schema_version: SCHEMA_VERSION,
+        config: cfg.clone(),
+        examples: Examples {
+            train: train.len(),
+            holdout: held.len(),
+            holdout_rule: "the last --holdout records of the data".into(),
+        },
+        steps: ckpt.global_step,
+        steps_per_epoch: steps.per_epoch,
+        total_steps_scheduled: steps.total,
+        tokens: ckpt.tokens,
+        train_seconds,
+        tokens_per_second: ckpt.tokens as f64 / train_seconds.max(1e-9),
+        final_loss: ckpt
+            .log
+            .iter()
+            .rev()
+            .find_map(|v| v.get("loss").and_then(|l| l.as_f64())),
+        holdout_losses,
+        trainable_parameters: trainer
+            .trainable
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>(),
+        frozen_parameters: audit["frozen_parameters"].as_u64().unwrap_or(0) as usize,
+        frozen_tensors_identical: audit["all_frozen_identical"].as_bool().unwrap_or(false),
+        peak_rss_mb: peak_rss_mb(),
+        wall_seconds: t_start.elapsed().as_secs_f64(),
+        resumed: resume_from.is_some(),
+        output_dtype: format!("{out_dtype:?}").to_lowercase(),
+    };
+    stage.write(
+        "finetune.json",
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    stage.commit_into(out)?;
+    if !run.keep_checkpoints {
+        let _ = std::fs::remove_dir_all(checkpoints_dir(out));
+    }
+    let json = serde_json::to_value(&record)?;
+    Ok(Summary { record, json })
+}
+
+impl RunOptions {
+    /// Whether a checkpoint is written after optimizer step `step`.
+    fn saves_at(&self, step: usize) -> bool {
+        self.save_every
+            .is_some_and(|n| n > 0 && step.is_multiple_of(n))
+    }
+}
+
+/// The checkpoint to resume from, or None after checking that `out` is free for a new run.
+fn prepare_out(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
+    let from = if resume {
+        Some(checkpoint::latest(out).ok_or_else(|| {
             anyhow::anyhow!(
                 "--resume: no checkpoint under {}",
                 checkpoints_dir(out).display()
@@ -177,193 +276,173 @@ pub fn finetune(
         None
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok(from)
+}
 
-    let split = records.len() - cfg.holdout;
-    let encode_all = |recs: &[SftRecord]| -> Result<Vec<Example>> {
-        recs.iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let e = encode(&model, r, cfg.template, cfg.max_len, cfg.train_on_inputs)?;
-                if e.ids.len() < 2 {
-                    bail!(
-                        "training record {i} ({:?}) tokenises to fewer than two tokens",
-                        r.instruction
-                    );
-                }
-                Ok(e)
-            })
-            .collect()
-    };
-    let train = encode_all(&records[..split])?;
-    let held = encode_all(&records[split..])?;
-    let before: BTreeMap<String, String> = model
-        .decoder
-        .hf_tensors()?
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), sha_of(t)?)))
-        .collect::<Result<_>>()?;
-
-    let Model {
-        decoder, hf_files, ..
-    } = model;
-    let adam = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut trainer = Trainer::new(decoder, |i| cfg.frozen(i), adam, cfg.grad_checkpointing)?;
-    let fingerprint = cfg.fingerprint()?;
-    let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let mut pos = Position {
-        fingerprint: fingerprint.clone(),
-        global_step: 0,
-        epoch: 0,
-        step_in_epoch: 0,
-        tokens: 0,
-        seconds: 0.0,
-        log: vec![],
-    };
-    if let Some(ckpt) = &resume_from {
-        pos = load_checkpoint(&mut trainer, ckpt)?;
-        if pos.fingerprint != fingerprint {
-            bail!("--resume: {} was written by a run with different settings or data; start a new run in a new directory", ckpt.display());
-        }
-    }
-    let log_path = out.join("train_log.jsonl");
-    let log_text: String = pos.log.iter().map(|v| format!("{v}\n")).collect();
-    write_atomic(&log_path, log_text.as_bytes())?;
-    let mut log_file = std::fs::OpenOptions::new().append(true).open(&log_path)?;
-    let mut append = |pos: &mut Position, v: Value| -> Result<()> {
-        writeln!(log_file, "{v}")?;
-        log_file.flush()?;
-        pos.log.push(v);
-        Ok(())
-    };
-
-    let device = Device::Cpu;
-    let batch_of = |examples: &[&Example]| {
-        Batch::new(
-            &examples
-                .iter()
-                .map(|e| e.ids.as_slice())
-                .collect::<Vec<_>>(),
-            &examples
-                .iter()
-                .map(|e| e.supervised_from)
-                .collect::<Vec<_>>(),
-            &device,
-        )
-    };
-    let held_refs: Vec<&Example> = held.iter().collect();
-    let held_batches: Vec<Batch> = held_refs
-        .chunks(cfg.batch_size)
-        .map(batch_of)
-        .collect::<Result<_>>()?;
-    let mut holdout_losses = vec![];
-    let seconds_before = pos.seconds;
-    let t_loop = Instant::now();
-    let stop_at = cfg.max_steps.unwrap_or(usize::MAX).min(total_steps);
-    'epochs: while pos.epoch < cfg.epochs {
-        let order = epoch_order(train.len(), cfg.seed, pos.epoch, cfg.shuffle);
-        let micro: Vec<Vec<&Example>> = order
-            .chunks(cfg.batch_size)
-            .map(|c| c.iter().map(|&i| &train[i]).collect())
-            .collect();
-        let steps: Vec<&[Vec<&Example>]> = micro.chunks(cfg.grad_accum).collect();
-        while pos.step_in_epoch < steps.len() {
-            if pos.global_step >= stop_at {
-                break 'epochs;
-            }
-            let group = steps[pos.step_in_epoch];
-            let batches: Vec<Batch> = group.iter().map(|mb| batch_of(mb)).collect::<Result<_>>()?;
-            let targets: usize = batches.iter().map(|b| b.num_targets).sum();
-            let mut loss_sum = 0.0;
-            for b in &batches {
-                loss_sum += trainer.accumulate(b, 1.0 / targets.max(1) as f64)?;
-            }
-            let lr = cfg.lr
-                * lr_factor(
-                    cfg.lr_schedule,
-                    pos.global_step,
-                    total_steps,
-                    cfg.warmup_steps,
+fn encode_all(model: &Model, recs: &[SftRecord], cfg: &FinetuneConfig) -> Result<Vec<Example>> {
+    recs.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let e = encode(model, r, cfg.template, cfg.max_len, cfg.train_on_inputs)?;
+            if e.ids.len() < 2 {
+                bail!(
+                    "training record {i} ({:?}) tokenises to fewer than two tokens",
+                    r.instruction
                 );
-            trainer.apply(lr, cfg.max_grad_norm)?;
-            pos.global_step += 1;
-            pos.step_in_epoch += 1;
-            pos.tokens += batches.iter().map(|b| b.num_tokens).sum::<usize>();
-            pos.seconds = seconds_before + t_loop.elapsed().as_secs_f64();
-            let entry = StepLog {
-                step: pos.global_step,
-                epoch: pos.epoch as f64 + pos.step_in_epoch as f64 / steps.len() as f64,
-                loss: loss_sum / targets.max(1) as f64,
-                lr,
-                tokens: pos.tokens,
-                seconds: pos.seconds,
-            };
-            progress(&entry);
-            append(&mut pos, serde_json::to_value(&entry)?)?;
-            if pos.step_in_epoch == steps.len() {
-                pos.epoch += 1;
-                pos.step_in_epoch = 0;
-                if !held_batches.is_empty() {
-                    let l = trainer.eval_loss(&held_batches)?;
-                    holdout_losses.push(
-                        json!({"epoch": pos.epoch, "step": pos.global_step, "holdout_loss": l}),
-                    );
-                    let entry = json!({"step": pos.global_step, "epoch": pos.epoch as f64, "holdout_loss": l, "seconds": pos.seconds});
-                    append(&mut pos, entry)?;
-                }
             }
-            if run
-                .save_every
-                .is_some_and(|n| n > 0 && pos.global_step % n == 0)
-            {
-                save_checkpoint(&trainer, &pos, out)?;
-            }
-            if run.abort_after_step == Some(pos.global_step) {
-                std::process::abort();
-            }
-            if pos.step_in_epoch == 0 {
-                // The epoch ended: the next one has its own order.
-                break;
-            }
+            Ok(e)
+        })
+        .collect()
+}
+
+/// `examples` as left-padded micro-batches of `size`.
+fn batches(examples: &[&Example], size: usize) -> Result<Vec<Batch>> {
+    examples
+        .chunks(size)
+        .map(|mb| {
+            let ids: Vec<&[u32]> = mb.iter().map(|e| e.ids.as_slice()).collect();
+            let from: Vec<usize> = mb.iter().map(|e| e.supervised_from).collect();
+            Batch::new(&ids, &from, &Device::Cpu)
+        })
+        .collect()
+}
+
+/// The run's optimizer steps: each epoch's order of the training examples, cut into
+/// micro-batches of `batch_size`, `grad_accum` of them per step.
+struct Steps<'a> {
+    train: &'a [Example],
+    cfg: &'a FinetuneConfig,
+    per_epoch: usize,
+    /// Steps the schedule spans (all epochs).
+    total: usize,
+    /// Steps actually taken (`max_steps` may stop early).
+    stop_at: usize,
+    /// The current epoch and its order.
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl<'a> Steps<'a> {
+    fn new(train: &'a [Example], cfg: &'a FinetuneConfig) -> Steps<'a> {
+        let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
+        let per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+        let total = per_epoch * cfg.epochs;
+        Steps {
+            train,
+            cfg,
+            per_epoch,
+            total,
+            stop_at: cfg.max_steps.unwrap_or(usize::MAX).min(total),
+            order: None,
         }
     }
 
-    // Outputs: the model, the audit, the summary.
-    let tensors = trainer.decoder.hf_tensors()?;
-    let audit = freeze_audit(&trainer, &before, &tensors)?;
-    let stage = StagedDir::new(&out.join(".model"))?;
-    write_hf_files(&stage, &tensors, out_dtype, &hf_files, 5 << 30)?;
-    stage.write_json("freeze_audit.json", &audit)?;
-    let train_seconds = pos.seconds;
-    let json = json!({
-        "config": cfg,
-        "examples": {"train": train.len(), "holdout": held.len(), "holdout_rule": "the last --holdout records of the data"},
-        "steps": pos.global_step,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps_scheduled": total_steps,
-        "tokens": pos.tokens,
-        "train_seconds": train_seconds,
-        "tokens_per_second": pos.tokens as f64 / train_seconds.max(1e-9),
-        "final_loss": pos.log.iter().rev().find_map(|v| v.get("loss").and_then(|l| l.as_f64())),
-        "holdout_losses": holdout_losses,
-        "trainable_parameters": trainer.trainable.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
-        "frozen_parameters": audit["frozen_parameters"],
-        "frozen_tensors_identical": audit["all_frozen_identical"],
-        "peak_rss_mb": peak_rss_mb(),
-        "wall_seconds": t_start.elapsed().as_secs_f64(),
-        "resumed": resume_from.is_some(),
-        "output_dtype": format!("{out_dtype:?}").to_lowercase(),
-    });
-    stage.write_json("finetune.json", &json)?;
-    stage.commit_into(out)?;
-    if !run.keep_checkpoints {
-        let _ = std::fs::remove_dir_all(checkpoints_dir(out));
+    /// The micro-batches of the step the run stands at; None when the run is over.
+    fn next(&mut self, at: &Checkpoint) -> Result<Option<Vec<Batch>>> {
+        if at.epoch >= self.cfg.epochs || at.global_step >= self.stop_at {
+            return Ok(None);
+        }
+        if self.order.as_ref().map(|(e, _)| *e) != Some(at.epoch) {
+            let (n, c) = (self.train.len(), self.cfg);
+            self.order = Some((at.epoch, epoch_order(n, c.seed, at.epoch, c.shuffle)));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        let start = at.step_in_epoch * per_step;
+        let examples: Vec<&Example> = order[start..(start + per_step).min(order.len())]
+            .iter()
+            .map(|&i| &self.train[i])
+            .collect();
+        batches(&examples, self.cfg.batch_size).map(Some)
     }
-    Ok(Summary { json })
+}
+
+/// Forward and backward over the micro-batches of one step, gradients accumulated with each
+/// token weighted alike; returns the summed loss and the number of supervised tokens.
+fn forward_backward(trainer: &mut Trainer, micro: &[Batch]) -> Result<(f64, usize)> {
+    let targets: usize = micro.iter().map(|b| b.num_targets).sum();
+    let mut loss_sum = 0.0;
+    for b in micro {
+        loss_sum += trainer.accumulate(b, 1.0 / targets.max(1) as f64)?;
+    }
+    Ok((loss_sum, targets))
+}
+
+/// The optimizer step at the schedule's learning rate for `step`; returns that rate.
+fn update(trainer: &mut Trainer, cfg: &FinetuneConfig, step: usize, total: usize) -> Result<f64> {
+    let lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total, cfg.warmup_steps);
+    trainer.apply(lr, cfg.max_grad_norm)?;
+    Ok(lr)
+}
+
+/// The held-out loss, if any records are held out.
+fn evaluate(trainer: &Trainer, held: &[Batch]) -> Result<Option<f64>> {
+    if held.is_empty() {
+        return Ok(None);
+    }
+    trainer.eval_loss(held).map(Some)
+}
+
+/// Training time across resumptions.
+struct Clock {
+    before: f64,
+    since: Instant,
+}
+
+impl Clock {
+    fn resume(before: f64) -> Clock {
+        Clock {
+            before,
+            since: Instant::now(),
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.before + self.since.elapsed().as_secs_f64()
+    }
+}
+
+/// Moves the checkpoint past the step just taken and returns its log entry.
+fn advance(
+    ckpt: &mut Checkpoint,
+    micro: &[Batch],
+    loss: f64,
+    lr: f64,
+    steps: &Steps,
+    clock: &Clock,
+) -> StepLog {
+    ckpt.global_step += 1;
+    ckpt.step_in_epoch += 1;
+    ckpt.tokens += micro.iter().map(|b| b.num_tokens).sum::<usize>();
+    ckpt.seconds = clock.seconds();
+    StepLog {
+        step: ckpt.global_step,
+        epoch: ckpt.epoch as f64 + ckpt.step_in_epoch as f64 / steps.per_epoch as f64,
+        loss,
+        lr,
+        tokens: ckpt.tokens,
+        seconds: ckpt.seconds,
+    }
+}
+
+/// `train_log.jsonl`: rewritten from the checkpoint's copy on start, then appended line by line.
+struct TrainLog {
+    file: std::fs::File,
+}
+
+impl TrainLog {
+    fn open(path: &Path, ckpt: &Checkpoint) -> Result<TrainLog> {
+        let text: String = ckpt.log.iter().map(|v| format!("{v}\n")).collect();
+        write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(TrainLog { file })
+    }
+
+    fn append(&mut self, ckpt: &mut Checkpoint, v: Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        self.file.flush()?;
+        ckpt.log.push(v);
+        Ok(())
+    }
 }
 
 fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
@@ -393,133 +472,6 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
             );
         }
     }
-    for m in &cfg.freeze_modules {
-        if m != "attn" && m != "mlp" {
-            bail!("unknown --freeze-modules entry `{m}` (expected attn, mlp)");
-        }
-    }
+    FreezeModule::parse_list(&cfg.freeze_modules)?;
     Ok(())
-}
-
-/// For every Hugging Face tensor: frozen or not, and the hash of its values before and after.
-fn freeze_audit(
-    trainer: &Trainer,
-    before: &BTreeMap<String, String>,
-    after: &BTreeMap<String, Tensor>,
-) -> Result<Value> {
-    let family = trainer.decoder.cfg.family;
-    let frozen: std::collections::HashSet<String> = trainer
-        .frozen
-        .iter()
-        .flat_map(|i| hf_names_of(&i.name, family))
-        .collect();
-    let mut rows = vec![];
-    let (mut all_identical, mut frozen_params) = (true, 0usize);
-    for (name, t) in after {
-        let is_frozen = frozen.contains(name);
-        let h_after = sha_of(t)?;
-        let h_before = before.get(name).cloned().unwrap_or_default();
-        let identical = h_after == h_before;
-        if is_frozen {
-            frozen_params += t.elem_count();
-            if !identical {
-                all_identical = false;
-            }
-        }
-        rows.push(json!({"name": name, "frozen": is_frozen, "sha256_before": h_before, "sha256_after": h_after, "identical": identical}));
-    }
-    if !all_identical {
-        bail!("freeze audit failed: a frozen tensor changed during training (this is a bug)");
-    }
-    Ok(json!({
-        "hash": "sha256 of the tensor's float32 little-endian values, in Hugging Face layout",
-        "frozen_tensors": frozen.len(),
-        "frozen_parameters": frozen_params,
-        "all_frozen_identical": all_identical,
-        "tensors": rows,
-    }))
-}
-
-fn save_checkpoint(trainer: &Trainer, pos: &Position, out: &Path) -> Result<()> {
-    let dir = checkpoints_dir(out);
-    std::fs::create_dir_all(&dir)?;
-    let dest = dir.join(format!("step-{:08}", pos.global_step));
-    let stage = StagedDir::new(&dest)?;
-    let mut params = BTreeMap::new();
-    let mut moments = BTreeMap::new();
-    for ((info, var), st) in trainer.trainable.iter().zip(&trainer.optimizer.moments) {
-        params.insert(info.name.clone(), var.as_tensor().clone());
-        let shape = var.dims().to_vec();
-        moments.insert(
-            format!("m.{}", info.name),
-            Tensor::from_slice(&st.m, shape.as_slice(), &Device::Cpu)?,
-        );
-        moments.insert(
-            format!("v.{}", info.name),
-            Tensor::from_slice(&st.v, shape.as_slice(), &Device::Cpu)?,
-        );
-    }
-    stage.write(
-        "params.safetensors",
-        &safetensors_bytes(&params, DType::F32, None)?,
-    )?;
-    stage.write(
-        "optimizer.safetensors",
-        &safetensors_bytes(&moments, DType::F32, None)?,
-    )?;
-    let mut state = serde_json::to_value(pos)?;
-    state["optimizer_step"] = json!(trainer.optimizer.step);
-    stage.write_json("state.json", &state)?;
-    stage.commit()?;
-    // Older checkpoints are superseded once the new one is complete.
-    for e in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
-        let p = e.path();
-        if p != dest
-            && p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-        {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-    Ok(())
-}
-
-fn load_checkpoint(trainer: &mut Trainer, dir: &Path) -> Result<Position> {
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)
-        .with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let pos: Position = serde_json::from_value(state.clone())
-        .with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu)?;
-    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
-    for ((info, var), st) in trainer
-        .trainable
-        .iter()
-        .zip(trainer.optimizer.moments.iter_mut())
-    {
-        let get = |map: &std::collections::HashMap<String, Tensor>, key: &str| -> Result<Tensor> {
-            let t = map
-                .get(key)
-                .ok_or_else(|| anyhow::anyhow!("{}: checkpoint lacks `{key}`", dir.display()))?;
-            if t.dims() != var.dims() {
-                bail!(
-                    "{}: `{key}` has shape {:?}, the model {:?}",
-                    dir.display(),
-                    t.dims(),
-                    var.dims()
-                );
-            }
-            Ok(t.clone())
-        };
-        var.set(&get(&params, &info.name)?)?;
-        st.m = get(&moments, &format!("m.{}", info.name))?
-            .flatten_all()?
-            .to_vec1()?;
-        st.v = get(&moments, &format!("v.{}", info.name))?
-            .flatten_all()?
-            .to_vec1()?;
-    }
-    trainer.optimizer.step = state["optimizer_step"]
-        .as_u64()
-        .unwrap_or(pos.global_step as u64);
-    Ok(pos)
 }
