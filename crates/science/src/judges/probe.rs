@@ -101,7 +101,7 @@ pub fn scores(
     Ok(out)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Calibration {
     pub threshold: f64,
     /// Share of calibration responses where probe and gcg agree.
