@@ -58,6 +58,12 @@ pub fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::deserialize(d)
 }
 
+/// For `#[serde(deserialize_with = "f64_or_infinity")]` on an f64 that may be +∞, which JSON
+/// (serde_json) writes as null.
+pub fn f64_or_infinity<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

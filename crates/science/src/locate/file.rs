@@ -148,6 +148,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_infinite_probe_threshold_reads_back() {
+        let mut v = sample();
+        v["judge"]["calibration"]["threshold"] = Value::Null;
+        let f: LocateFile = crate::schema::from_str(&v.to_string(), SCHEMA_VERSION).unwrap();
+        let LocateJudge::Probe(p) = f.judge else {
+            panic!("a probe judge")
+        };
+        assert_eq!(p.calibration.unwrap().threshold, f64::INFINITY);
+    }
+
+    #[test]
     fn a_judge_without_a_field_names_it() {
         let mut v = sample();
         v["judge"].as_object_mut().unwrap().remove("calibration");
