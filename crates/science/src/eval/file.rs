@@ -45,7 +45,7 @@ pub struct SetFileInfo {
 #[serde(tag = "status")]
 pub enum EvalModel {
     #[serde(rename = "ok")]
-    Ok(EvalRow),
+    Ok(Box<EvalRow>),
     #[serde(rename = "failed")]
     Failed(FailedRow),
 }
@@ -100,15 +100,6 @@ impl EvalRow {
     }
 }
 
-impl EvalModel {
-    pub fn label(&self) -> &str {
-        match self {
-            EvalModel::Ok(r) => &r.label,
-            EvalModel::Failed(r) => &r.label,
-        }
-    }
-}
-
 impl EvalFile {
     pub fn read(path: &Path) -> Result<EvalFile> {
         schema::read(path, SCHEMA_VERSION)
@@ -122,7 +113,7 @@ impl EvalFile {
     /// The evaluated row of `label`, if any.
     pub fn row(&self, label: &str) -> Option<&EvalRow> {
         self.models.iter().find_map(|m| match m {
-            EvalModel::Ok(r) if r.label == label => Some(r),
+            EvalModel::Ok(r) if r.label == label => Some(r.as_ref()),
             _ => None,
         })
     }

@@ -142,7 +142,7 @@ impl EvalReport {
             for (k, sum) in s.sets {
                 *r.set_mut(k) = Some(sum);
             }
-            models.push(EvalModel::Ok(r));
+            models.push(EvalModel::Ok(Box::new(r)));
         }
         let sets = self
             .sets
