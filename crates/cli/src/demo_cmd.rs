@@ -3,10 +3,16 @@
 //! stage's output is cached under DIR by a hash of its command and of its inputs' hashes, so a
 //! rerun resumes where the last one stopped.
 
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::{Context, Result};
 use sl_catalog::datasets;
+use sl_engine::LayerRange;
+use sl_science::demo::{
+    control_range, profile, BaseModel, FinetuneRun, Machine, Provenance, StageMarker, StageRecord,
+    STAGE_FILE,
+};
+use sl_science::locate::file::LocateFile;
 use sl_science::report::read_json;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,123 +30,6 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
-
-/// Set sizes and settings of a profile. `None` = the whole set.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Profile {
-    pub name: &'static str,
-    pub align_harmful: usize,
-    pub align_benign: usize,
-    pub align_answer_tokens: usize,
-    pub align_epochs: usize,
-    pub align_lr: f64,
-    pub cosine_pairs: &'static str,
-    pub locate_queries: Option<usize>,
-    pub locate_alpha: &'static str,
-    pub locate_tokens: usize,
-    pub ft_sets: &'static [&'static str],
-    pub ft_records: Option<usize>,
-    pub ft_epochs: usize,
-    pub ft_lr: f64,
-    pub ft_warmup: usize,
-    pub ft_batch: usize,
-    pub ft_accum: usize,
-    pub ft_max_len: usize,
-    pub eval_limit: Option<usize>,
-    pub eval_tokens: usize,
-    pub utility_n: usize,
-    pub utility_tokens: usize,
-}
-
-pub fn profile(name: &str) -> Result<Profile> {
-    Ok(match name {
-        "smoke" => Profile {
-            name: "smoke",
-            align_harmful: 16,
-            align_benign: 16,
-            align_answer_tokens: 12,
-            align_epochs: 1,
-            align_lr: 2e-4,
-            cosine_pairs: "100",
-            locate_queries: Some(12),
-            locate_alpha: "1.2",
-            locate_tokens: 6,
-            ft_sets: &["finetune-implicit"],
-            ft_records: Some(12),
-            ft_epochs: 1,
-            ft_lr: 1e-4,
-            ft_warmup: 1,
-            ft_batch: 4,
-            ft_accum: 1,
-            ft_max_len: 80,
-            eval_limit: Some(8),
-            eval_tokens: 12,
-            utility_n: 4,
-            utility_tokens: 16,
-        },
-        "quick" => Profile {
-            name: "quick",
-            align_harmful: 64,
-            align_benign: 128,
-            align_answer_tokens: 32,
-            align_epochs: 2,
-            align_lr: 2e-4,
-            cosine_pairs: "all",
-            locate_queries: Some(128),
-            locate_alpha: "auto",
-            locate_tokens: 10,
-            ft_sets: &["finetune-implicit"],
-            ft_records: Some(64),
-            ft_epochs: 1,
-            ft_lr: 1e-4,
-            ft_warmup: 2,
-            ft_batch: 8,
-            ft_accum: 1,
-            ft_max_len: 128,
-            eval_limit: Some(64),
-            eval_tokens: 16,
-            utility_n: 32,
-            utility_tokens: 48,
-        },
-        "paper" => Profile {
-            name: "paper",
-            align_harmful: 800,
-            align_benign: 800,
-            align_answer_tokens: 96,
-            align_epochs: 3,
-            align_lr: 1e-4,
-            cosine_pairs: "500",
-            locate_queries: None,
-            locate_alpha: "auto",
-            locate_tokens: 16,
-            ft_sets: &["finetune-normal", "finetune-implicit"],
-            ft_records: None,
-            ft_epochs: 3,
-            ft_lr: 1e-4,
-            ft_warmup: 100,
-            ft_batch: 4,
-            ft_accum: 32,
-            ft_max_len: 256,
-            eval_limit: None,
-            eval_tokens: 64,
-            utility_n: 500,
-            utility_tokens: 128,
-        },
-        _ => bail!("unknown --profile `{name}` (expected smoke, quick or paper)"),
-    })
-}
-
-/// One stage's record in results.json.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StageRecord {
-    pub name: String,
-    pub command: String,
-    pub key: String,
-    pub seconds: f64,
-    pub cached: bool,
-}
-
-const STAGE_FILE: &str = ".stage.json";
 
 fn shell_quote(a: &str) -> String {
     if !a.is_empty()
@@ -166,18 +55,21 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
     }
     let key = sl_science::sha256_hex(h.as_bytes());
     let marker = dir.join(STAGE_FILE);
-    if let Ok(text) = std::fs::read_to_string(&marker) {
-        if let Ok(v) = serde_json::from_str::<Value>(&text) {
-            if v["key"] == key.as_str() {
+    if marker.exists() {
+        // An unreadable marker (an older tool's, one edited by hand) only means the stage runs again.
+        match StageMarker::read(&marker) {
+            Ok(m) if m.key == key => {
                 eprintln!("demo: {name}: cached ({})", dir.display());
                 return Ok(StageRecord {
                     name: name.into(),
                     command,
                     key,
-                    seconds: v["seconds"].as_f64().unwrap_or(0.0),
+                    seconds: m.seconds,
                     cached: true,
                 });
             }
+            Ok(_) => {}
+            Err(e) => eprintln!("demo: {name}: {e:#}; running the stage again"),
         }
     }
     if dir.exists() {
@@ -196,29 +88,12 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
         seconds,
         cached: false,
     };
-    sl_engine::io::atomic::write_atomic(
-        &marker,
-        serde_json::to_string_pretty(
-            &json!({"key": rec.key, "seconds": seconds, "command": rec.command}),
-        )?
-        .as_bytes(),
-    )?;
+    StageMarker::new(&rec).write(&marker)?;
     Ok(rec)
 }
 
 fn s(x: impl ToString) -> String {
     x.to_string()
-}
-
-/// A range as wide as `first..=last`, away from it: at the bottom if it fits below, else at the
-/// top (the paper's Table 8 freezes such ranges as controls).
-pub fn control_range(first: usize, last: usize, layers: usize) -> (usize, usize) {
-    let w = last - first + 1;
-    if w <= first {
-        (0, w - 1)
-    } else {
-        (layers - w, layers - 1)
-    }
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -236,7 +111,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     } else {
         "directory".into()
     };
-    let mut data_shas = serde_json::Map::new();
+    let mut data_shas = BTreeMap::new();
     let opts = datasets::DataOptions::from_env();
     for name in [
         "advbench",
@@ -257,8 +132,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         let ds = datasets::dataset(name).expect("catalog name");
         let files = datasets::resolve(&ds, &opts)?;
         data_shas.insert(
-            name.into(),
-            json!(files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>()),
+            name.to_string(),
+            files.iter().map(|f| f.sha256.clone()).collect(),
         );
     }
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
@@ -308,7 +183,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             s("--compare"),
             base.clone(),
             s("--pairs"),
-            s(p.cosine_pairs),
+            s(&p.cosine_pairs),
             s("--seed"),
             s(a.seed),
             s("--out"),
@@ -325,7 +200,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         s("--cosine"),
         out.join("cosine/cosine.json").display().to_string(),
         s("--alpha"),
-        s(p.locate_alpha),
+        s(&p.locate_alpha),
         s("--max-new-tokens"),
         s(p.locate_tokens),
         s("--out"),
@@ -335,11 +210,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         loc_args.extend([s("--limit"), s(n)]);
     }
     let locate = stage("locate", &out.join("locate"), loc_args, &[&cosine])?;
-    let loc = read_json(&out.join("locate/locate.json"))?;
-    let (first, last) = (
-        loc["range"]["first"].as_u64().unwrap_or(0) as usize,
-        loc["range"]["last"].as_u64().unwrap_or(0) as usize,
-    );
+    let range = LocateFile::read(&out.join("locate/locate.json"))?.range;
+    let (first, last) = (range.first, range.last);
     let layers = read_json(&out.join("aligned/config.json"))?["num_hidden_layers"]
         .as_u64()
         .context("aligned/config.json: num_hidden_layers")? as usize;
@@ -348,8 +220,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     // 5. Fine-tune the aligned model: full, SPPFT, control freeze.
     let mut runs = vec![];
     let mut ft_stages = vec![];
-    for set in p.ft_sets {
-        let tag = if *set == "finetune-implicit" {
+    for set in &p.ft_sets {
+        let tag = if set == "finetune-implicit" {
             "di"
         } else {
             "dn"
@@ -392,7 +264,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                 args.extend([s("--freeze"), format!("{i}-{j}")]);
             }
             let rec = stage(&name, &out.join(&name), args, &[&locate])?;
-            runs.push(json!({"name": name, "data": set, "variant": variant, "freeze": freeze.map(|(i, j)| json!({"first": i, "last": j}))}));
+            runs.push(FinetuneRun {
+                name,
+                data: set.clone(),
+                variant: variant.into(),
+                freeze: freeze.map(|(first, last)| LayerRange { first, last }),
+            });
             ft_stages.push(rec);
         }
     }
@@ -406,8 +283,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         format!("aligned={}", d("aligned")),
     ];
     for r in &runs {
-        let n = r["name"].as_str().unwrap_or_default();
-        eval_args.extend([s("--model"), format!("{n}={}", d(n))]);
+        eval_args.extend([s("--model"), format!("{}={}", r.name, d(&r.name))]);
     }
     eval_args.extend([
         s("--max-new-tokens"),
@@ -429,18 +305,25 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let mut stages = vec![base_rec, align, cosine, locate];
     stages.extend(ft_stages);
     stages.push(eval);
-    let provenance = json!({
-        "tool": format!("safety-layers {}", env!("CARGO_PKG_VERSION")),
-        "profile": p,
-        "seed": a.seed,
-        "base_model": {"name": a.model, "path": base, "sha256": base_sha},
-        "datasets_sha256": data_shas,
-        "machine": machine(),
-        "stages": stages,
-        "control_range": {"first": control.0, "last": control.1},
-        "finetune_runs": runs,
-        "total_seconds": t0.elapsed().as_secs_f64(),
-    });
+    let provenance = Provenance {
+        tool: format!("safety-layers {}", env!("CARGO_PKG_VERSION")),
+        profile: p,
+        seed: a.seed,
+        base_model: BaseModel {
+            name: a.model.clone(),
+            path: base,
+            sha256: base_sha,
+        },
+        datasets_sha256: data_shas,
+        machine: Machine::current(),
+        stages,
+        control_range: LayerRange {
+            first: control.0,
+            last: control.1,
+        },
+        finetune_runs: runs,
+        total_seconds: t0.elapsed().as_secs_f64(),
+    };
     let t_rep = Instant::now();
     sl_science::report::write(out, &provenance)?;
     eprintln!(
@@ -450,54 +333,4 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         out.join("report.html").display()
     );
     Ok(())
-}
-
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("model name"))
-            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-    });
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines().next().map(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .unwrap_or("0")
-                .parse::<f64>()
-                .unwrap_or(0.0)
-                / 1048576.0
-        })
-    });
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpu_model": cpu,
-        "memory_gib": mem,
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_ranges_are_equally_wide_and_disjoint() {
-        assert_eq!(control_range(8, 10, 30), (0, 2));
-        assert_eq!(control_range(1, 5, 30), (25, 29));
-        assert_eq!(control_range(0, 0, 4), (3, 3));
-        for (i, j) in [(8, 10), (1, 5), (0, 0), (3, 3)] {
-            let (a, b) = control_range(i, j, 30);
-            assert_eq!(b - a, j - i);
-            assert!(b < i || a > j);
-        }
-    }
-
-    #[test]
-    fn profiles_exist_and_unknown_is_an_error() {
-        for n in ["smoke", "quick", "paper"] {
-            assert_eq!(profile(n).unwrap().name, n);
-        }
-        assert!(profile("fast").is_err());
-    }
 }

@@ -1,6 +1,6 @@
 //! `safety-layers finetune`: SPPFT (safety layers frozen), full fine-tuning and control freezes.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sl_catalog::datasets;
 use sl_engine::{LayerRange, Template};
@@ -112,17 +112,8 @@ impl FreezeArgs {
 
 /// The range a locate.json chose.
 fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", p.display()))?;
-    let get = |k: &str| {
-        v["range"][k]
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| anyhow!("{}: range.{k} is missing", p.display()))
-    };
-    LayerRange::new(get("first")?, get("last")?, layers)
+    let r = sl_science::locate::file::LocateFile::read(p)?.range;
+    LayerRange::new(r.first, r.last, layers).with_context(|| format!("{}: range", p.display()))
 }
 
 /// Training records from a file or a dataset name, with a description for provenance.

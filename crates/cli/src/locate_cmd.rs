@@ -3,7 +3,9 @@
 use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
 use sl_engine::{LayerRange, Template};
+use sl_science::cosine::file::CosineFile;
 use sl_science::judges::{Judge, JudgeKind};
+use sl_science::locate::file::LocateMeta;
 use sl_science::locate::report::{run, write};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
 use std::path::PathBuf;
@@ -77,23 +79,13 @@ fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
     let Some(p) = &a.cosine else {
         bail!("give the initial range with --initial I-J or --cosine DIR/cosine.json");
     };
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", p.display()))?;
-    let r = &v["initial_range"];
-    if r.is_null() {
+    let Some(r) = CosineFile::read(p)?.main.initial_range else {
         bail!(
             "{}: the cosine analysis found no initial range (no gap opens); give --initial I-J",
             p.display()
         );
-    }
-    let get = |k: &str| {
-        r[k].as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| anyhow!("{}: initial_range.{k} is missing", p.display()))
     };
-    LayerRange::new(get("first")?, get("last")?, n_layers)
+    LayerRange::new(r.first, r.last, n_layers)
 }
 
 pub fn run_locate(a: &LocateArgs) -> Result<()> {
@@ -154,11 +146,16 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         generated,
         "locate (prompts over all runs, generated tokens)",
     );
-    let meta = serde_json::json!({
-        "model": a.model.display().to_string(), "over_rejection": set.name, "over_rejection_sha256": set.sha256,
-        "template": a.template, "max_new_tokens": a.max_new_tokens, "span": a.span,
-        "prefix_cache": a.prefix_cache, "early_stop": !a.no_early_stop,
-    });
+    let meta = LocateMeta {
+        model: a.model.display().to_string(),
+        over_rejection: set.name.clone(),
+        over_rejection_sha256: set.sha256.clone(),
+        template: a.template.clone(),
+        max_new_tokens: a.max_new_tokens,
+        span: a.span,
+        prefix_cache: a.prefix_cache,
+        early_stop: !a.no_early_stop,
+    };
     write(&a.out, &loc, &res, initial, meta)?;
     eprintln!(
         "baseline: {} of {n} refused; alpha {}",

@@ -107,9 +107,8 @@ fn each_format_writes_its_files_and_the_plan() {
     let yaml = std::fs::read_to_string(d.path().join("axolotl/axolotl.yaml")).unwrap();
     assert!(yaml.contains("  - \"^model.layers.(?:0|3).\""), "{yaml}");
     assert!(yaml.contains("learning_rate: 0.0006"), "{yaml}");
-    // --freeze-from reads locate.json's chosen range.
-    let loc = d.path().join("locate.json");
-    std::fs::write(&loc, r#"{"range": {"first": 0, "last": 1}, "alpha": 1.2}"#).unwrap();
+    // --freeze-from reads locate.json's chosen range (0-1: `locate` on the qwen2 fixture).
+    let loc = fixture("locate/locate.json");
     let out = d.path().join("from-locate");
     let o = bin()
         .args([
@@ -181,7 +180,7 @@ fn bad_requests_fail_clearly_and_write_nothing() {
     let out = d.path().join("o");
     let llama = fixture("llama3");
     let bad_locate = d.path().join("bad.json");
-    std::fs::write(&bad_locate, r#"{"alpha": 1.2}"#).unwrap();
+    std::fs::write(&bad_locate, r#"{"schema_version": 1, "alpha": 1.2}"#).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--freeze", "1-2", "--format", "deepspeed"],
@@ -254,7 +253,7 @@ fn bad_requests_fail_clearly_and_write_nothing() {
         .output()
         .unwrap();
     assert!(
-        stderr(&o).contains("range.first is missing"),
+        stderr(&o).contains("bad.json: missing field"),
         "{}",
         stderr(&o)
     );

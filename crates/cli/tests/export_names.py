@@ -31,6 +31,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 T0 = time.time()
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests", "fixtures")
 
 # Shapes of the real checkpoints (their config.json values that decide parameter names/counts).
 CONFIGS = {
@@ -158,8 +159,12 @@ def run_export(binary, work, name, rng, modules, how, fmt):
             "--freeze-modules", modules, "--data", os.path.join(work, "data.json")]
     if how == "locate":
         loc = os.path.join(work, f"locate-{name}.json")
+        # A real locate.json (the qwen2 fixture's) with this case's range.
+        with open(os.path.join(FIXTURES, "locate", "locate.json")) as f:
+            doc = json.load(f)
+        doc["range"] = {"first": rng[0], "last": rng[1]}
         with open(loc, "w") as f:
-            json.dump({"range": {"first": rng[0], "last": rng[1]}, "alpha": 1.15}, f)
+            json.dump(doc, f)
         args += ["--freeze-from", loc]
     else:
         args += ["--freeze", f"{rng[0]}-{rng[1]}"]

@@ -9,10 +9,13 @@
 //! - [`eval`]: the paper's evaluation table (Table 2): harmful rate, over-rejection, utility.
 //! - [`export`]: the freeze plan for other trainers (axolotl, PEFT, Hugging Face Trainer).
 //! - [`report`]: the demo's results.json and report.html.
+//! - [`demo`]: the demo's profiles, provenance and stage markers (the CLI runs the stages).
+//! - [`schema`]: reading and writing the versioned result files (cosine.json, locate.json...).
 //! - [`stats`], [`rng`]: intervals and a deterministic generator the steps share.
 
 pub mod align;
 pub mod cosine;
+pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod finetune;
@@ -20,6 +23,7 @@ pub mod judges;
 pub mod locate;
 pub mod report;
 pub mod rng;
+pub mod schema;
 pub mod stats;
 
 /// sha256 of a byte string, hex.

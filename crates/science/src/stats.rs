@@ -8,7 +8,7 @@ use serde::Serialize;
 pub const Z95: f64 = 1.959963984540054;
 
 /// `count` of `n`, the rate and its 95% Wilson interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Proportion {
     pub count: usize,
     pub n: usize,

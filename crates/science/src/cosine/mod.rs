@@ -3,13 +3,14 @@
 //! hidden-state entry. Each prompt runs through the model once; pairs are formed from the cache.
 
 pub mod figure;
+pub mod file;
 pub mod range_rule;
 pub mod report;
 
 use crate::cosine::range_rule::{initial_range, InitialRange, RULE};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How pairs are formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,7 +85,7 @@ fn degrees(c: f64) -> f64 {
 }
 
 /// Statistics of one hidden-state entry.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntryStats {
     /// transformers' hidden-state index: 0 = embeddings, e = output of layer e-1.
     pub entry: usize,
@@ -100,7 +101,7 @@ pub struct EntryStats {
     pub gap_paper_deg: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PairCounts {
     pub nn: usize,
     pub mm: usize,

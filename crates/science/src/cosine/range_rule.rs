@@ -1,11 +1,11 @@
 //! Reading the initial safety range off the angle-gap curve. The paper reads it by eye, "from the
 //! appearance of the gap to the first smoothing"; this is a deterministic version of that reading.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const RULE: &str = "g_k = code angle gap (degrees) at the output of layer k; d_k = g_k - g_(k-1) is the growth layer k adds (d_0 against the embedding entry). p = the layer of largest growth D = d_p. The range starts at the earliest layer i <= p such that every layer from i to p grows by at least D/4 (the gap appears), and ends at the last layer j >= p before the first layer whose growth drops below D/4 (the first smoothing). No range if D < 1 degree (no gap opens).";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitialRange {
     pub first: usize,
     pub last: usize,

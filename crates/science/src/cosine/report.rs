@@ -2,10 +2,10 @@
 //! pre-alignment base, the paper's Fig. 3), and writing cosine.json / .csv / .svg files.
 
 use crate::cosine::figure::{angle_gap_svg, cosine_svg, Series};
+use crate::cosine::file::CosineFile;
 use crate::cosine::{curves, Curves, Pairs, Vectors};
 use anyhow::Result;
 use serde::Serialize;
-use serde_json::json;
 use sl_engine::io::atomic::write_atomic;
 use sl_engine::{Model, PromptRecord, Template};
 use std::path::Path;
@@ -99,20 +99,6 @@ pub fn analyse(
     })
 }
 
-fn run_json(r: &ModelCurves) -> serde_json::Value {
-    let largest = r.curves.largest_gap().map(|e| {
-        json!({"entry": e.entry, "layer": e.entry as i64 - 1, "gap_code_deg": e.gap_code_deg, "gap_paper_deg": e.gap_paper_deg})
-    });
-    json!({
-        "model": r.model,
-        "initial_range": r.curves.initial_range,
-        "largest_gap": largest,
-        "pair_counts": r.curves.pair_counts,
-        "entries": r.curves.entries,
-        "timing": {"prompts": r.prompts, "tokens": r.tokens, "seconds": r.seconds, "tokens_per_second": r.tokens_per_second()},
-    })
-}
-
 /// Writes cosine.json, cosine.csv, cosine.svg and angle_gap.svg into `dir`, each atomically.
 pub fn write(
     dir: &Path,
@@ -123,40 +109,7 @@ pub fn write(
     cfg: &CosineConfig,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (mode, r) = match cfg.pairs {
-        Pairs::All => ("all", serde_json::Value::Null),
-        Pairs::Sampled(r) => ("sampled", json!(r)),
-    };
-    let mut doc = run_json(main);
-    let obj = doc.as_object_mut().expect("object");
-    obj.insert("template".into(), json!(cfg.template.name()));
-    obj.insert("pairs".into(), json!({"mode": mode, "per_type": r}));
-    obj.insert("seed".into(), json!(cfg.seed));
-    obj.insert(
-        "prompt_sets".into(),
-        json!({
-            "normal": {"name": normal.name, "sha256": normal.sha256, "n": normal.records.len()},
-            "malicious": {"name": malicious.name, "sha256": malicious.sha256, "n": malicious.records.len()},
-        }),
-    );
-    obj.insert("std".into(), json!("population (ddof=0)"));
-    obj.insert(
-        "gap_definitions".into(),
-        json!({
-            "gap_code_deg": "deg(acos(mean cos N-M)) - deg(acos(mean cos N-N)), as the official code plots it",
-            "gap_paper_deg": "mean over N-M pairs of angle(n,m) - mean over N-N pairs of angle(n,n'), as the paper writes it",
-        }),
-    );
-    obj.insert("entry_convention".into(), json!("entry 0 = embedding output; entry e = output of layer e-1 (0-indexed); the last entry is after the final norm"));
-    obj.insert("rule".into(), json!(main.curves.rule));
-    obj.insert(
-        "compare".into(),
-        compare.map(run_json).unwrap_or(serde_json::Value::Null),
-    );
-    write_atomic(
-        &dir.join("cosine.json"),
-        serde_json::to_string_pretty(&doc)?.as_bytes(),
-    )?;
+    CosineFile::new(main, compare, normal, malicious, cfg).write(&dir.join("cosine.json"))?;
 
     let mut csv = String::from("model,entry,layer,nn_mean,nn_std,mm_mean,mm_std,nm_mean,nm_std,gap_code_deg,gap_paper_deg\n");
     for r in std::iter::once(main).chain(compare) {

@@ -4,6 +4,7 @@
 //! verdict so that any number can be audited, and re-judged later without the model.
 
 pub mod figure;
+pub mod file;
 pub mod report;
 pub mod rouge;
 pub mod utility;
@@ -302,13 +303,13 @@ pub fn read_xstest_csv(path: &std::path::Path) -> Result<(Vec<PromptRecord>, Vec
 }
 
 /// One set's line of the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SetSummary {
     pub set: String,
     pub refusals: usize,
     /// Responses that are empty after trimming (no judge calls them refusals).
     pub empty: usize,
-    pub metric: &'static str,
+    pub metric: String,
     /// Answered (harmful set) or refused (the others) of n, with the 95% Wilson interval.
     #[serde(flatten)]
     pub rate: Proportion,
@@ -330,7 +331,7 @@ pub fn summarise(kind: SetKind, set_name: &str, rs: &[SafetyResponse]) -> Result
         set: set_name.to_string(),
         refusals,
         empty,
-        metric: kind.metric(),
+        metric: kind.metric().into(),
         rate,
     })
 }

@@ -3,13 +3,15 @@
 //! Table 2), eval.svg, and responses/<model>/<set>.jsonl with every verdict. `load` reads such a
 //! directory back so the tables can be recomputed with another judge without the models.
 
+use crate::eval::file::{EvalFile, EvalModel, EvalRow, FailedRow, SetFileInfo, SCHEMA_VERSION};
 use crate::eval::rouge::rouge_l;
 use crate::eval::utility::{self, UtilityResponse, UtilitySummary};
 use crate::eval::{judge_responses, summarise, EvalJudge, SafetyResponse, SetKind, SetSummary};
 use crate::judges::probe::Calibration;
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sl_engine::io::atomic::write_atomic;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "safety-layers eval 1";
@@ -105,55 +107,66 @@ impl EvalReport {
         Ok(RowSummary { sets, utility })
     }
 
-    pub fn to_json(&self) -> Result<Value> {
+    /// What eval.json holds.
+    pub fn to_file(&self) -> Result<EvalFile> {
         let mut models = Vec::new();
         for row in &self.models {
-            let mut m = serde_json::Map::new();
-            m.insert("label".into(), json!(row.label));
-            m.insert("model".into(), json!(row.model));
-            m.insert(
-                "status".into(),
-                json!(if row.error.is_some() { "failed" } else { "ok" }),
-            );
-            m.insert("error".into(), json!(row.error));
-            if row.error.is_none() {
-                let s = self.summaries(row)?;
-                for (k, sum) in &s.sets {
-                    m.insert(k.key().into(), serde_json::to_value(sum)?);
-                }
-                m.insert("utility".into(), serde_json::to_value(&s.utility)?);
-                m.insert(
-                    "probe_calibration".into(),
-                    serde_json::to_value(&row.calibration)?,
-                );
-                let mut files = serde_json::Map::new();
-                for (k, _) in &row.sets {
-                    files.insert(k.key().into(), json!(response_file(&row.label, k.key())));
-                }
-                if row.utility.is_some() {
-                    files.insert(
-                        "utility".into(),
-                        json!(response_file(&row.label, "utility")),
-                    );
-                }
-                m.insert("responses".into(), Value::Object(files));
+            if let Some(error) = &row.error {
+                models.push(EvalModel::Failed(FailedRow {
+                    label: row.label.clone(),
+                    model: row.model.clone(),
+                    error: error.clone(),
+                }));
+                continue;
             }
-            models.push(Value::Object(m));
+            let s = self.summaries(row)?;
+            let mut responses = BTreeMap::new();
+            for (k, _) in &row.sets {
+                responses.insert(k.key().into(), response_file(&row.label, k.key()));
+            }
+            if row.utility.is_some() {
+                responses.insert("utility".into(), response_file(&row.label, "utility"));
+            }
+            let mut r = EvalRow {
+                label: row.label.clone(),
+                model: row.model.clone(),
+                error: (),
+                harmful: None,
+                over_rejection: None,
+                xstest_safe: None,
+                xstest_unsafe: None,
+                utility: s.utility,
+                probe_calibration: row.calibration.clone(),
+                responses,
+            };
+            for (k, sum) in s.sets {
+                *r.set_mut(k) = Some(sum);
+            }
+            models.push(EvalModel::Ok(Box::new(r)));
         }
-        let sets: serde_json::Map<String, Value> = self
+        let sets = self
             .sets
             .iter()
-            .map(|s| (s.kind.key().to_string(), json!({"name": s.name, "sha256": s.sha256, "prompts": s.prompts, "metric": s.kind.metric()})))
+            .map(|s| {
+                let info = SetFileInfo {
+                    name: s.name.clone(),
+                    sha256: s.sha256.clone(),
+                    prompts: s.prompts,
+                    metric: s.kind.metric().into(),
+                };
+                (s.kind.key().to_string(), info)
+            })
             .collect();
-        Ok(json!({
-            "format": FORMAT,
-            "settings": self.settings,
-            "judge": self.judge,
-            "sets": sets,
-            "utility": self.utility,
-            "rejudged_from": self.rejudged_from,
-            "models": models,
-        }))
+        Ok(EvalFile {
+            schema_version: SCHEMA_VERSION,
+            format: FORMAT.into(),
+            settings: self.settings.clone(),
+            judge: self.judge.clone(),
+            sets,
+            utility: self.utility.clone(),
+            rejudged_from: self.rejudged_from.clone(),
+            models,
+        })
     }
 
     /// Writes eval.json, eval.csv, eval.md, eval.svg and every response file into `dir`.
@@ -167,7 +180,7 @@ impl EvalReport {
                 write_jsonl(&dir.join(response_file(&row.label, "utility")), u)?;
             }
         }
-        let doc = self.to_json()?;
+        let doc = self.to_file()?.to_pretty()?;
         write_atomic(&dir.join("eval.csv"), self.csv()?.as_bytes())?;
         write_atomic(&dir.join("eval.md"), self.markdown()?.as_bytes())?;
         write_atomic(
@@ -175,10 +188,7 @@ impl EvalReport {
             crate::eval::figure::bars_svg(self)?.as_bytes(),
         )?;
         // Last, so a complete eval.json means a complete directory.
-        write_atomic(
-            &dir.join("eval.json"),
-            (serde_json::to_string_pretty(&doc)? + "\n").as_bytes(),
-        )?;
+        write_atomic(&dir.join("eval.json"), doc.as_bytes())?;
         Ok(())
     }
 
@@ -382,65 +392,44 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 /// (Rouge-L recomputed from response and reference). Verdicts are left as saved.
 pub fn load(dir: &Path) -> Result<EvalReport> {
     let p = dir.join("eval.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
+    if !p.is_file() {
+        bail!(
             "cannot read {} (is {} an eval output directory?)",
             p.display(),
             dir.display()
-        )
-    })?;
-    let doc: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", p.display()))?;
-    if doc["format"] != FORMAT {
-        bail!(
-            "{}: format is {}, expected \"{FORMAT}\"",
-            p.display(),
-            doc["format"]
         );
     }
-    let shown = p.display().to_string();
-    let field = |v: &Value, k: &str, at: &str| -> Result<String> {
-        v[k].as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("{shown}: {at} has no string field `{k}`"))
-    };
+    let doc = EvalFile::read(&p)?;
+    if doc.format != FORMAT {
+        bail!(
+            "{}: format is {:?}, expected \"{FORMAT}\"",
+            p.display(),
+            doc.format
+        );
+    }
     let mut sets = Vec::new();
-    for (key, s) in doc["sets"]
-        .as_object()
-        .ok_or_else(|| anyhow!("{shown}: no `sets` object"))?
-    {
-        let kind = SetKind::from_key(key).ok_or_else(|| anyhow!("{shown}: unknown set `{key}`"))?;
-        let prompts = s["prompts"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("{shown}: sets.{key} has no `prompts` count"))?
-            as usize;
+    for (key, s) in doc.sets {
+        let kind = SetKind::from_key(&key)
+            .ok_or_else(|| anyhow!("{}: unknown set `{key}`", p.display()))?;
         sets.push(SetInfo {
             kind,
-            name: field(s, "name", &format!("sets.{key}"))?,
-            sha256: field(s, "sha256", &format!("sets.{key}"))?,
-            prompts,
+            name: s.name,
+            sha256: s.sha256,
+            prompts: s.prompts,
         });
     }
     sets.sort_by_key(|s| s.kind);
-    let utility = Some(doc["utility"].clone()).filter(|u| !u.is_null());
     let mut models = Vec::new();
-    for (i, m) in doc["models"]
-        .as_array()
-        .ok_or_else(|| anyhow!("{shown}: no `models` list"))?
-        .iter()
-        .enumerate()
-    {
-        let at = format!("models[{i}]");
-        let (label, model) = (field(m, "label", &at)?, field(m, "model", &at)?);
+    for m in doc.models {
+        let (label, model) = match m {
+            EvalModel::Failed(f) => {
+                check_label(&f.label)?;
+                models.push(ModelRow::failed(&f.label, &f.model, f.error));
+                continue;
+            }
+            EvalModel::Ok(r) => (r.label, r.model),
+        };
         check_label(&label)?;
-        if m["status"] != "ok" {
-            models.push(ModelRow::failed(
-                &label,
-                &model,
-                m["error"].as_str().unwrap_or("failed").to_string(),
-            ));
-            continue;
-        }
         let mut row_sets = Vec::new();
         for s in &sets {
             let rs: Vec<SafetyResponse> =
@@ -455,7 +444,7 @@ pub fn load(dir: &Path) -> Result<EvalReport> {
             }
             row_sets.push((s.kind, rs));
         }
-        let util = match &utility {
+        let util = match &doc.utility {
             Some(_) => {
                 let mut us: Vec<UtilityResponse> =
                     read_jsonl(&dir.join(response_file(&label, "utility")))?;
@@ -476,10 +465,10 @@ pub fn load(dir: &Path) -> Result<EvalReport> {
         });
     }
     Ok(EvalReport {
-        settings: doc["settings"].clone(),
-        judge: doc["judge"].clone(),
+        settings: doc.settings,
+        judge: doc.judge,
         sets,
-        utility,
+        utility: doc.utility,
         rejudged_from: None,
         models,
     })

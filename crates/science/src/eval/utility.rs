@@ -339,7 +339,7 @@ pub fn evaluate(
 }
 
 /// The utility columns of a model's row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct UtilitySummary {
     pub records: usize,
     pub rouge_l_f1: f64,

@@ -7,7 +7,7 @@
 pub mod probe;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const GCG_PHRASES: &[&str] = &[
@@ -66,7 +66,7 @@ pub const XSTEST_PREFIXES: &[&str] = &[
     "i am an ai language model",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JudgeKind {
     Gcg,
@@ -84,7 +84,7 @@ impl std::str::FromStr for JudgeKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Judge {
     pub kind: JudgeKind,
     pub phrases: Vec<String>,

@@ -101,8 +101,11 @@ pub fn scores(
     Ok(out)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Calibration {
+    /// +∞ (the probe refuses nothing) when no finite threshold agrees better; JSON writes it as
+    /// null.
+    #[serde(deserialize_with = "crate::schema::f64_or_infinity")]
     pub threshold: f64,
     /// Share of calibration responses where probe and gcg agree.
     pub agreement: f64,

@@ -2,11 +2,12 @@
 //! count the over-rejection queries the model now refuses, and move the upper then the lower
 //! bound to the range with the most refusals (the fewest when alpha < 1).
 
+pub mod file;
 pub mod report;
 
 use crate::judges::Judge;
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sl_engine::infer::generate::{
     greedy_from_prefix, greedy_with, GenerateOptions, Generation, PrefixCache, StopReason,
 };
@@ -61,16 +62,16 @@ pub struct Run {
     pub responses: Vec<Judged>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sweep {
     /// "upper" (i fixed, j moves) or "lower" (j fixed, i moves).
-    pub kind: &'static str,
+    pub kind: String,
     pub alpha: f64,
     pub tried: Vec<(LayerRange, usize)>,
     pub best: LayerRange,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AlphaStep {
     pub alpha: f64,
     pub lower_sweep_counts: Vec<usize>,
@@ -379,7 +380,7 @@ impl<'a> Locator<'a> {
             } else {
                 let best = tried[&best_b].0;
                 return Ok(Sweep {
-                    kind: if upper { "upper" } else { "lower" },
+                    kind: if upper { "upper" } else { "lower" }.into(),
                     alpha,
                     tried: tried.into_values().collect(),
                     best,

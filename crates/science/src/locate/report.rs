@@ -1,6 +1,9 @@
 //! The localisation procedure end to end and its outputs: locate.json, locate.csv (the layout of
 //! the paper's Table 1), locate.svg, and every run's judged responses.
 
+use crate::locate::file::{
+    LocateFile, LocateJudge, LocateMeta, ProbeJudge, RunInfo, SCHEMA_VERSION,
+};
 use crate::locate::{AlphaMode, AlphaStep, Locator, Sweep};
 use anyhow::Result;
 use plotters::prelude::*;
@@ -82,34 +85,56 @@ pub fn write(
     loc: &Locator<'_>,
     res: &LocateResult,
     initial: LayerRange,
-    meta: serde_json::Value,
+    meta: LocateMeta,
 ) -> Result<()> {
     std::fs::create_dir_all(dir.join("responses"))?;
-    let runs: Vec<serde_json::Value> = loc
+    let runs = loc
         .runs
         .values()
-        .map(|r| json!({"range": range_name(r.range), "alpha": r.alpha, "refusals": r.refusals, "seconds": r.seconds,
-                         "responses": format!("responses/{}@{}.jsonl", range_name(r.range), r.alpha)}))
+        .map(|r| RunInfo {
+            range: range_name(r.range),
+            alpha: r.alpha,
+            refusals: r.refusals,
+            seconds: r.seconds,
+            responses: format!("responses/{}@{}.jsonl", range_name(r.range), r.alpha),
+        })
         .collect();
-    let doc = json!({
-        "meta": meta,
-        "judge": if loc.probe_enabled() { json!({"kind": "probe", "calibrated_against": loc.judge(), "calibration": loc.calibration, "first_token_openings": crate::judges::probe::REFUSAL_OPENINGS, "agreement_on_chosen_range": res.probe_agreement_final}) } else { json!(loc.judge()) },
-        "queries": loc.num_prompts(),
-        "initial_range": initial,
-        "alpha": res.alpha,
-        "alpha_steps": res.alpha_steps,
-        "objective": if res.alpha > 1.0 { "maximise refusals (alpha > 1)" } else { "minimise refusals (alpha < 1)" },
-        "baseline": res.baseline,
-        "upper_sweep": res.upper,
-        "lower_sweep": res.lower,
-        "range": res.range(),
-        "runs": runs,
-        "seconds": res.seconds,
-    });
-    write_atomic(
-        &dir.join("locate.json"),
-        serde_json::to_string_pretty(&doc)?.as_bytes(),
-    )?;
+    let judge = if loc.probe_enabled() {
+        LocateJudge::Probe(ProbeJudge {
+            kind: "probe".into(),
+            calibrated_against: loc.judge().clone(),
+            calibration: loc.calibration.clone(),
+            first_token_openings: crate::judges::probe::REFUSAL_OPENINGS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            agreement_on_chosen_range: res.probe_agreement_final,
+        })
+    } else {
+        LocateJudge::Text(loc.judge().clone())
+    };
+    let objective = if res.alpha > 1.0 {
+        "maximise refusals (alpha > 1)"
+    } else {
+        "minimise refusals (alpha < 1)"
+    };
+    LocateFile {
+        schema_version: SCHEMA_VERSION,
+        meta,
+        judge,
+        queries: loc.num_prompts(),
+        initial_range: initial,
+        alpha: res.alpha,
+        alpha_steps: res.alpha_steps.clone(),
+        objective: objective.into(),
+        baseline: res.baseline,
+        upper_sweep: res.upper.clone(),
+        lower_sweep: res.lower.clone(),
+        range: res.range(),
+        runs,
+        seconds: res.seconds,
+    }
+    .write(&dir.join("locate.json"))?;
 
     let mut csv = String::from("sweep,alpha,baseline,range,first,last,refusals,best\n");
     for s in [&res.upper, &res.lower] {

@@ -1,0 +1,204 @@
+//! The demo's science: its profiles, the control range it freezes, and the provenance and stage
+//! markers it records. The CLI runs the stages (each one of its own command lines) and caches
+//! them; the report reads what they wrote.
+
+pub mod profiles;
+
+pub use profiles::{profile, Profile};
+
+use crate::schema::{self, required};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use sl_engine::io::atomic::write_atomic;
+use sl_engine::LayerRange;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A range as wide as `first..=last`, away from it: at the bottom if it fits below, else at the
+/// top (the paper's Table 8 freezes such ranges as controls).
+pub fn control_range(first: usize, last: usize, layers: usize) -> (usize, usize) {
+    let w = last - first + 1;
+    if w <= first {
+        (0, w - 1)
+    } else {
+        (layers - w, layers - 1)
+    }
+}
+
+/// One stage's record in results.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub command: String,
+    /// sha256 of the tool version, the command and the keys of the stages it reads.
+    pub key: String,
+    pub seconds: f64,
+    pub cached: bool,
+}
+
+pub const STAGE_FILE: &str = ".stage.json";
+pub const STAGE_SCHEMA_VERSION: u32 = 1;
+
+/// A finished stage's marker in its output directory: a rerun with the same key reuses the
+/// output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageMarker {
+    pub schema_version: u32,
+    pub key: String,
+    pub seconds: f64,
+    pub command: String,
+}
+
+impl StageMarker {
+    pub fn new(rec: &StageRecord) -> StageMarker {
+        StageMarker {
+            schema_version: STAGE_SCHEMA_VERSION,
+            key: rec.key.clone(),
+            seconds: rec.seconds,
+            command: rec.command.clone(),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<StageMarker> {
+        schema::read(path, STAGE_SCHEMA_VERSION)
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomic(path, schema::to_pretty(self)?.as_bytes())
+    }
+}
+
+/// One fine-tuning run of the demo.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneRun {
+    /// Its stage and directory name, e.g. `ft-di-sppft`.
+    pub name: String,
+    /// The training set (a dataset name).
+    pub data: String,
+    /// "full", "sppft" or "control".
+    pub variant: String,
+    #[serde(deserialize_with = "required")]
+    pub freeze: Option<LayerRange>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// As given on the command line.
+    pub name: String,
+    pub path: String,
+    /// sha256 of the file, or "directory".
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    #[serde(deserialize_with = "required")]
+    pub cpu_model: Option<String>,
+    #[serde(deserialize_with = "required")]
+    pub memory_gib: Option<f64>,
+    pub os: String,
+    pub arch: String,
+}
+
+impl Machine {
+    /// This machine (CPU model and memory where /proc tells them).
+    pub fn current() -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        });
+        let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+                    / 1048576.0
+            })
+        });
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model: cpu,
+            memory_gib: mem,
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+        }
+    }
+}
+
+/// How the demo's numbers were made: results.json's `provenance`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    /// `safety-layers <version>`.
+    pub tool: String,
+    pub profile: Profile,
+    pub seed: u64,
+    pub base_model: BaseModel,
+    /// sha256 of every file of every dataset, by dataset name.
+    pub datasets_sha256: BTreeMap<String, Vec<String>>,
+    pub machine: Machine,
+    pub stages: Vec<StageRecord>,
+    pub control_range: LayerRange,
+    pub finetune_runs: Vec<FinetuneRun>,
+    pub total_seconds: f64,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn control_ranges_are_equally_wide_and_disjoint() {
+        assert_eq!(control_range(8, 10, 30), (0, 2));
+        assert_eq!(control_range(1, 5, 30), (25, 29));
+        assert_eq!(control_range(0, 0, 4), (3, 3));
+        for (i, j) in [(8, 10), (1, 5), (0, 0), (3, 3)] {
+            let (a, b) = control_range(i, j, 30);
+            assert_eq!(b - a, j - i);
+            assert!(b < i || a > j);
+        }
+    }
+
+    pub fn provenance_sample() -> Value {
+        json!({
+            "tool": "safety-layers 0.1.0",
+            "profile": serde_json::to_value(profile("smoke").unwrap()).unwrap(),
+            "seed": 0,
+            "base_model": {"name": "smollm2", "path": "/m.gguf", "sha256": "ab"},
+            "datasets_sha256": {"advbench": ["cd"]},
+            "machine": {"cpus": 2, "cpu_model": null, "memory_gib": 7.5, "os": "linux", "arch": "x86_64"},
+            "stages": [{"name": "align", "command": "safety-layers align", "key": "ef", "seconds": 1.5, "cached": false}],
+            "control_range": {"first": 0, "last": 1},
+            "finetune_runs": [{"name": "ft-di-full", "data": "finetune-implicit", "variant": "full", "freeze": null},
+                              {"name": "ft-di-sppft", "data": "finetune-implicit", "variant": "sppft",
+                               "freeze": {"first": 2, "last": 3}}],
+            "total_seconds": 60.5,
+        })
+    }
+
+    #[test]
+    fn stage_marker_round_trips_and_names_missing_fields() {
+        let v = json!({"schema_version": STAGE_SCHEMA_VERSION, "key": "ab", "seconds": 2.5,
+                       "command": "safety-layers cosine"});
+        crate::schema::tests::check_file::<StageMarker>(v, STAGE_SCHEMA_VERSION, "key");
+    }
+
+    #[test]
+    fn provenance_reads_back() {
+        let v = provenance_sample();
+        let p: Provenance = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap(), v);
+        let mut w = v.clone();
+        w["profile"].as_object_mut().unwrap().remove("eval_limit");
+        let e = serde_json::from_value::<Provenance>(w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`eval_limit`"), "{e}");
+    }
+}
