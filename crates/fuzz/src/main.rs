@@ -73,7 +73,9 @@ fn parse_args() -> Result<Args> {
         }
     }
     if is_worker {
-        let [name] = a.targets.as_slice() else { bail!("a worker runs exactly one --target") };
+        let [name] = a.targets.as_slice() else {
+            bail!("a worker runs exactly one --target")
+        };
         a.worker = Some(worker::Job {
             target: name.clone(),
             seed: a.seed,
@@ -137,10 +139,17 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
         };
         let mut next = 0u64;
         while next < a.execs && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
             let mut child = Command::new(&exe)
                 .args(["--target", t.name, "--seed", &a.seed.to_string()])
-                .args(["--worker-start", &next.to_string(), "--execs", &a.execs.to_string()])
+                .args([
+                    "--worker-start",
+                    &next.to_string(),
+                    "--execs",
+                    &a.execs.to_string(),
+                ])
                 .arg("--out")
                 .arg(&a.out)
                 .env("SL_FUZZ_SECONDS", format!("{left}"))
@@ -179,7 +188,8 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
                         match (f.next(), f.next().and_then(|x| x.parse::<u64>().ok())) {
                             (Some("S"), Some(i)) => current = Some(i),
                             (Some("D"), Some(i)) => {
-                                let peak: usize = f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                                let peak: usize =
+                                    f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
                                 let len: usize = f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
                                 if peak > s.worst_peak_bytes {
                                     s.worst_peak_bytes = peak;
@@ -191,7 +201,10 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
                             }
                             (Some("F"), Some(i)) => {
                                 let rest: Vec<&str> = f.collect();
-                                let (kind, msg) = (rest.first().copied().unwrap_or("?"), rest.get(1).copied().unwrap_or(""));
+                                let (kind, msg) = (
+                                    rest.first().copied().unwrap_or("?"),
+                                    rest.get(1).copied().unwrap_or(""),
+                                );
                                 s.findings.push(save(a, t.name, &inputs, i, kind, msg)?);
                             }
                             _ => {}
@@ -219,18 +232,28 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
                 s.execs += 1;
                 next = i + 1;
             } else if !status.success() {
-                bail!("fuzz worker for {} failed outside an input: {status}\n{tail}", t.name);
+                bail!(
+                    "fuzz worker for {} failed outside an input: {status}\n{tail}",
+                    t.name
+                );
             }
         }
         s.seconds = t0.elapsed().as_secs_f64();
         s.execs_per_second = s.execs as f64 / s.seconds.max(1e-9);
         println!(
             "{:<22} {:>9} execs {:>8.0}/s  worst peak {:>10} B (input {} B)  findings {}",
-            s.target, s.execs, s.execs_per_second, s.worst_peak_bytes, s.worst_peak_input_len,
+            s.target,
+            s.execs,
+            s.execs_per_second,
+            s.worst_peak_bytes,
+            s.worst_peak_input_len,
             s.findings.len()
         );
         for f in &s.findings {
-            println!("  {} at input {}: {} -> {}", f.kind, f.input, f.message, f.saved);
+            println!(
+                "  {} at input {}: {} -> {}",
+                f.kind, f.input, f.message, f.saved
+            );
         }
         out.push(s);
     }
@@ -238,12 +261,25 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
 }
 
 /// Saves input `i` of a target as a finding file and describes it.
-fn save(a: &Args, target: &str, inputs: &worker::Inputs, i: u64, kind: &str, msg: &str) -> Result<Finding> {
+fn save(
+    a: &Args,
+    target: &str,
+    inputs: &worker::Inputs,
+    i: u64,
+    kind: &str,
+    msg: &str,
+) -> Result<Finding> {
     let dir = a.out.join("findings").join(target);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{kind}-{i}.bin"));
-    std::fs::write(&path, inputs.get(i)).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(Finding { kind: kind.into(), input: i, saved: path.display().to_string(), message: msg.into() })
+    std::fs::write(&path, inputs.get(i))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Finding {
+        kind: kind.into(),
+        input: i,
+        saved: path.display().to_string(),
+        message: msg.into(),
+    })
 }
 
 fn ctx_from_env() -> targets::Ctx {
@@ -269,7 +305,11 @@ fn main() {
         let path = a.out.join("summary.json");
         std::fs::write(&path, serde_json::to_string_pretty(&summaries)?)?;
         let n: usize = summaries.iter().map(|s| s.findings.len()).sum();
-        println!("{} targets, {n} findings; summary in {}", summaries.len(), path.display());
+        println!(
+            "{} targets, {n} findings; summary in {}",
+            summaries.len(),
+            path.display()
+        );
         Ok(n == 0)
     };
     match run() {

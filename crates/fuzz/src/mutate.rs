@@ -106,7 +106,11 @@ pub fn json(rng: &mut Rng, v: &mut serde_json::Value) {
     for _ in 0..rng.below(6) {
         let step = match cur {
             Value::Object(m) if !m.is_empty() => {
-                let k = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+                let k = m
+                    .keys()
+                    .nth(rng.below(m.len()))
+                    .cloned()
+                    .unwrap_or_default();
                 let esc = k.replace('~', "~0").replace('/', "~1");
                 m.get(&k).map(|n| (n, esc))
             }
@@ -125,14 +129,24 @@ pub fn json(rng: &mut Rng, v: &mut serde_json::Value) {
             _ => break,
         }
     }
-    let Some(node) = v.pointer_mut(&pointer) else { return };
+    let Some(node) = v.pointer_mut(&pointer) else {
+        return;
+    };
     match (rng.below(5), &mut *node) {
         (0, Value::Object(m)) if !m.is_empty() => {
-            let k = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+            let k = m
+                .keys()
+                .nth(rng.below(m.len()))
+                .cloned()
+                .unwrap_or_default();
             m.remove(&k);
         }
         (1, Value::Object(m)) if !m.is_empty() => {
-            let k = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+            let k = m
+                .keys()
+                .nth(rng.below(m.len()))
+                .cloned()
+                .unwrap_or_default();
             if let Some(x) = m.remove(&k) {
                 m.insert(format!("{k}_"), x);
             }

@@ -2,9 +2,9 @@
 //! with a line to the supervisor before (`S i`) and after (`D i peak len`) and one per finding
 //! (`F i kind message`).
 
+use crate::alloc;
 use crate::mutate::{self, Rng};
 use crate::targets::{self, Ctx, Target};
-use crate::alloc;
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,7 +32,10 @@ impl Inputs {
         let dir = ctx.root.join("crates/fuzz/regressions").join(t.name);
         let mut regressions = Vec::new();
         if dir.is_dir() {
-            let mut files: Vec<_> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            let mut files: Vec<_> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .collect();
             files.sort();
             for f in files {
                 regressions.push(targets::read_seed(&f)?);
@@ -40,7 +43,13 @@ impl Inputs {
         }
         let seeds = (t.seeds)(ctx).with_context(|| format!("seeds of fuzz target {}", t.name))?;
         anyhow::ensure!(!seeds.is_empty(), "fuzz target {} has no seeds", t.name);
-        Ok(Inputs { regressions, seeds, mutate: t.mutate, max_len: t.max_len, seed })
+        Ok(Inputs {
+            regressions,
+            seeds,
+            mutate: t.mutate,
+            max_len: t.max_len,
+            seed,
+        })
     }
 
     pub fn get(&self, i: u64) -> Vec<u8> {
@@ -78,9 +87,15 @@ fn one_line(s: &str) -> String {
 
 pub fn run(job: &Job, ctx: &Ctx) -> Result<()> {
     let all = targets::all();
-    let t = all.iter().find(|t| t.name == job.target).context("unknown target")?;
+    let t = all
+        .iter()
+        .find(|t| t.name == job.target)
+        .context("unknown target")?;
     let inputs = Inputs::new(t, ctx, job.seed)?;
-    let seconds: f64 = std::env::var("SL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10.0);
+    let seconds: f64 = std::env::var("SL_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     // Panics are caught and reported as findings; the default hook would print each one.
     std::panic::set_hook(Box::new(|_| {}));
@@ -89,12 +104,17 @@ pub fn run(job: &Job, ctx: &Ctx) -> Result<()> {
         let input = inputs.get(i);
         let dir = job.scratch.join(format!("w{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(t.file_name);
-        std::fs::write(&path, &input).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, &input)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         say(&format!("S {i}"));
         let start = alloc::live();
-        alloc::begin(t.mem_base.saturating_add(t.mem_factor.saturating_mul(input.len())));
+        alloc::begin(
+            t.mem_base
+                .saturating_add(t.mem_factor.saturating_mul(input.len())),
+        );
         let result = std::panic::catch_unwind(|| (t.run)(&path));
         let peak = alloc::end(start);
         match result {

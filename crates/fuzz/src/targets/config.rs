@@ -9,7 +9,10 @@ use std::path::Path;
 fn seeds(ctx: &Ctx) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let dir = ctx.root.join("tests/fixtures");
-    let mut fams: Vec<_> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    let mut fams: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
     fams.sort();
     for f in fams {
         let p = f.join("config.json");

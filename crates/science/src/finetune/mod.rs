@@ -242,7 +242,7 @@ pub fn finetune(
     };
     stage.write(
         "finetune.json",
-        serde_json::to_string_pretty(&record)?.as_bytes(),
+        crate::schema::to_pretty(&record)?.as_bytes(),
     )?;
     stage.commit_into(out)?;
     if !run.keep_checkpoints {

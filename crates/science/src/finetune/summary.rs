@@ -1,7 +1,7 @@
 //! `finetune.json`: what a finished run did, as one typed record (read back by `read`).
 
 use crate::finetune::FinetuneConfig;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -54,9 +54,7 @@ pub struct HoldoutLoss {
 
 /// Reads a `finetune.json`; a missing or renamed field is named with the file.
 pub fn read(path: &Path) -> Result<FinetuneSummary> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a finetune.json", path.display()))
+    crate::schema::read(path, SCHEMA_VERSION)
 }
 
 #[cfg(test)]

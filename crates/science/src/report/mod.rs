@@ -11,7 +11,7 @@ use crate::eval::SetSummary;
 use crate::locate::file::LocateFile;
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
-use results::{Claim, CosineResults, LocateResults, ResultsFile, SCHEMA_VERSION};
+use results::{Claim, CosineResults, FinetuneBrief, LocateResults, ResultsFile, SCHEMA_VERSION};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::write_atomic;
 use std::collections::BTreeMap;
@@ -261,8 +261,8 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
     let mut curves = vec![("align".to_string(), train_curve(&dir.join("aligned"))?)];
     for r in runs {
         let n = r.name.as_str();
-        let ft = read_json(&dir.join(n).join("finetune.json"))?;
-        finetunes.insert(n.to_string(), json!({"steps": ft["steps"], "tokens": ft["tokens"], "train_seconds": ft["train_seconds"], "tokens_per_second": ft["tokens_per_second"], "final_loss": ft["final_loss"], "frozen_parameters": ft["frozen_parameters"], "frozen_tensors_identical": ft["frozen_tensors_identical"], "peak_rss_mb": ft["peak_rss_mb"]}));
+        let ft = crate::finetune::summary::read(&dir.join(n).join("finetune.json"))?;
+        finetunes.insert(n.to_string(), FinetuneBrief::from(&ft));
         curves.push((n.to_string(), train_curve(&dir.join(n))?));
     }
     let verdicts = claims(&cos, &loc, &eval, runs);

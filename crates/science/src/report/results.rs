@@ -28,8 +28,38 @@ pub struct ResultsFile {
     /// From aligned/align.json: `data`, `final_loss` (its `training.final_loss`), `seconds`.
     pub align: Value,
     /// From each run's finetune.json, by run name.
-    pub finetune: BTreeMap<String, Value>,
+    pub finetune: BTreeMap<String, FinetuneBrief>,
     pub provenance: Provenance,
+}
+
+/// What the report shows of one fine-tuning run (from its finetune.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneBrief {
+    pub steps: usize,
+    pub tokens: usize,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+    #[serde(deserialize_with = "crate::schema::required")]
+    pub final_loss: Option<f64>,
+    pub frozen_parameters: usize,
+    pub frozen_tensors_identical: bool,
+    #[serde(deserialize_with = "crate::schema::required")]
+    pub peak_rss_mb: Option<f64>,
+}
+
+impl From<&crate::finetune::summary::FinetuneSummary> for FinetuneBrief {
+    fn from(s: &crate::finetune::summary::FinetuneSummary) -> Self {
+        FinetuneBrief {
+            steps: s.steps,
+            tokens: s.tokens,
+            train_seconds: s.train_seconds,
+            tokens_per_second: s.tokens_per_second,
+            final_loss: s.final_loss,
+            frozen_parameters: s.frozen_parameters,
+            frozen_tensors_identical: s.frozen_tensors_identical,
+            peak_rss_mb: s.peak_rss_mb,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
