@@ -2,6 +2,7 @@
 //! helpers are in common.rs.
 
 mod bad_inputs;
+mod common;
 mod families;
 mod gguf_sentencepiece;
 mod gguf_smollm2;
