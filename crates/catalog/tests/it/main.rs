@@ -2,5 +2,6 @@
 //! helpers are in common.rs.
 
 mod catalog;
+mod common;
 mod from_env;
 mod prompt_texts;
