@@ -2,6 +2,7 @@
 //! helpers are in common.rs.
 
 mod cli;
+mod common;
 mod demo_smoke;
 mod eval_smollm2;
 mod export_cli;

@@ -225,6 +225,9 @@ fn qwen2_sppft_equals_torch() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_run() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
     check("qwen2", "sppft", true);
     check("llama", "full", true);
 }
