@@ -199,6 +199,15 @@ fn req_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
         })
 }
 
+/// A required count that cannot be 0 (a model without layers, heads or vocabulary is a broken
+/// config, and 0 would underflow later, e.g. `num_layers - 1` in hooks and scaling).
+fn req_positive(v: &Value, key: &str, file: &str) -> Result<usize> {
+    match req_usize(v, key, file)? {
+        0 => bail!("{file}: field `{key}` must be at least 1, got 0"),
+        n => Ok(n),
+    }
+}
+
 fn opt_usize(v: &Value, key: &str, file: &str) -> Result<Option<usize>> {
     match get(v, key) {
         None => Ok(None),
@@ -331,14 +340,15 @@ impl ModelConfig {
             );
         };
         let architecture = arch.unwrap_or_else(|| family.architecture().to_string());
-        let hidden_size = req_usize(v, "hidden_size", file)?;
+        let hidden_size = req_positive(v, "hidden_size", file)?;
         let num_heads = req_usize(v, "num_attention_heads", file)?;
-        let num_layers = req_usize(v, "num_hidden_layers", file)?;
+        let num_layers = req_positive(v, "num_hidden_layers", file)?;
         let num_kv_heads = opt_usize(v, "num_key_value_heads", file)?.unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("{file}: num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})");
         }
         let head_dim = match opt_usize(v, "head_dim", file)? {
+            Some(0) => bail!("{file}: field `head_dim` must be at least 1, got 0"),
             Some(h) => h,
             None => {
                 if hidden_size % num_heads != 0 {
@@ -370,6 +380,10 @@ impl ModelConfig {
             }
             _ => opt_usize(v, "sliding_window", file)?,
         };
+        // A window of 0 would leave a query no key to attend to (an all -inf softmax row).
+        if sliding_window == Some(0) {
+            bail!("{file}: field `sliding_window` must be at least 1, got 0");
+        }
         let layer_types = Self::layer_types(v, family, num_layers, sliding_window, file)?;
 
         let query_pre_attn_scalar = opt_f64(v, "query_pre_attn_scalar", file)?;
@@ -418,7 +432,7 @@ impl ModelConfig {
         Ok(ModelConfig {
             family,
             architecture,
-            vocab_size: req_usize(v, "vocab_size", file)?,
+            vocab_size: req_positive(v, "vocab_size", file)?,
             hidden_size,
             intermediate_size: req_usize(v, "intermediate_size", file)?,
             num_layers,
@@ -574,3 +588,7 @@ impl ModelConfig {
         self.num_layers + 1
     }
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

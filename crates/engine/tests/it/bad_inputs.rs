@@ -1,25 +1,16 @@
 //! Bad checkpoints and prompt files give clear errors that name the file and the field.
 
+use crate::common::{copy_fixture, fixture, shared, skip_without_shared};
 use sl_engine::text::prompts::read_prompts;
 use sl_engine::Model;
 use std::path::{Path, PathBuf};
 
 fn llama_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+    fixture("llama")
 }
 
 fn qwen2_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2")
-}
-
-/// A writable copy of a fixture directory.
-fn copy_fixture(src: &Path) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    tmp
+    fixture("qwen2")
 }
 
 fn load_err(dir: &Path) -> String {
@@ -134,7 +125,10 @@ fn prompt_files() {
 
 #[test]
 fn paper_prompt_sets() {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/paper");
+    if skip_without_shared(&["data/paper"]) {
+        return;
+    }
+    let shared = shared().join("data/paper");
     let normal = read_prompts(&shared.join("cos_normal.csv"), None).unwrap();
     assert_eq!(
         normal.len(),

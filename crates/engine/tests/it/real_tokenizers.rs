@@ -2,19 +2,22 @@
 //! Python `tokenizers` and transformers' apply_chat_template give (fixtures from
 //! tools/fixtures/make_tokenizer_fixtures.py).
 
+use crate::common::{root, shared, skip_without_shared};
 use serde_json::Value;
 use sl_engine::text::chat::Message;
 use sl_engine::text::tokenizer::Tokenizer;
-use std::path::Path;
 
 fn check(name: &str) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if skip_without_shared(&["tokenizers"]) {
+        return;
+    }
+    let root = root();
     let fx: Value = serde_json::from_str(
         &std::fs::read_to_string(root.join(format!("tests/fixtures/tokenizers/{name}.json")))
             .unwrap(),
     )
     .unwrap();
-    let tok = Tokenizer::from_dir(&root.join("../shared/tokenizers").join(name)).unwrap();
+    let tok = Tokenizer::from_dir(&shared().join("tokenizers").join(name)).unwrap();
     let ids = |v: &Value| -> Vec<u32> {
         v.as_array()
             .unwrap()

@@ -1,17 +1,8 @@
 //! The command line end to end on a fixture checkpoint: outputs, exit codes, no partial files.
 
+use crate::common::{bin, copy_dir, fixture, shared, skip_without_shared};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_safety-layers"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn prompts(dir: &Path) -> PathBuf {
     let p = dir.join("prompts.txt");
@@ -175,12 +166,11 @@ fn bad_input_fails_without_partial_output() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("missing"));
 }
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
-
 #[test]
 fn models_and_datasets_by_name() {
+    if skip_without_shared(&["data", "models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let cache = d.path().join("cache");
     let with_catalog = |c: &mut Command| {
@@ -260,14 +250,6 @@ fn models_and_datasets_by_name() {
         String::from_utf8_lossy(&out.stderr).contains("paper-normal"),
         "the error lists the dataset names"
     );
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

@@ -2,17 +2,15 @@
 //! transformers' own greedy tokens (tests/fixtures/<family>/expected.json, plain and with layers
 //! 1-2 scaled by 1.2), judged by a phrase list drawn from those tokens.
 
+use crate::common::fixture;
 use sl_engine::{LayerRange, Model, PromptRecord, Template};
 use sl_science::judges::{Judge, JudgeKind};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
-use std::path::Path;
 
 #[test]
 fn counts_equal_hand_computed_counts_from_transformers_tokens() {
     for family in ["llama", "gemma2", "qwen2"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(family);
+        let dir = fixture(family);
         let fx: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();

@@ -4,9 +4,9 @@
 //! the first one's log-probability equals log_softmax of transformers' last-token logits.
 //! Batched, left-padded scoring equals scoring each row alone.
 
+use crate::common::fixture;
 use sl_engine::Model;
 use sl_science::eval::utility::target_logprobs;
-use std::path::Path;
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
@@ -19,9 +19,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 #[test]
 fn reference_logprobs_match_transformers() {
     for family in ["llama", "qwen3", "gemma2"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(family);
+        let dir = fixture(family);
         let fx: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();

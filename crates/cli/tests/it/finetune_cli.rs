@@ -1,20 +1,12 @@
 //! `finetune` from the command line: a run killed mid-way and resumed ends with byte-identical
 //! weights and the same log; the output loads back; bad inputs fail clearly without output.
 
+use crate::common::{bin, root, shared, skip_without_shared};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_safety-layers"))
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn data(dir: &Path) -> PathBuf {
     let all: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(root().join("../shared/data/paper/Normal_dataset.json")).unwrap(),
+        &std::fs::read_to_string(shared().join("data/paper/Normal_dataset.json")).unwrap(),
     )
     .unwrap();
     let p = dir.join("d.json");
@@ -75,6 +67,9 @@ fn losses(out: &Path) -> Vec<(u64, String)> {
 
 #[test]
 fn killed_and_resumed_equals_uninterrupted() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let data = data(d.path());
     let (a, b) = (d.path().join("a"), d.path().join("b"));
@@ -140,6 +135,9 @@ fn killed_and_resumed_equals_uninterrupted() {
 
 #[test]
 fn bad_inputs_fail_clearly_and_write_nothing() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let data = data(d.path());
     let cases: Vec<(Vec<&str>, &str)> = vec![

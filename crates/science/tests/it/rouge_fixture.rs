@@ -1,13 +1,12 @@
 //! Rouge-L against Google's `rouge-score` package on 50 committed pairs
 //! (tools/fixtures/make_rouge_fixture.py). The arithmetic is the same, so the numbers are equal.
 
+use crate::common::fixture;
 use sl_science::eval::rouge::rouge_l;
-use std::path::Path;
 
 #[test]
 fn rouge_l_equals_rouge_score_on_50_pairs() {
-    let p =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/rouge/rouge_l_pairs.json");
+    let p = fixture("rouge/rouge_l_pairs.json");
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let pairs = doc["pairs"].as_array().unwrap();

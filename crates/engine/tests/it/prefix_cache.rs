@@ -1,12 +1,12 @@
 //! Generation that starts from a cached lower-layer prefix equals generation from scratch, for
 //! every range with that lower bound (the localisation sweep's speed-up must change nothing).
 
+use crate::common::fixture;
 use sl_engine::infer::extract::hidden_last;
 use sl_engine::infer::generate::{
     greedy_from_prefix, greedy_with, shared_prefix_len, GenerateOptions, PrefixCache, StopReason,
 };
 use sl_engine::{LayerRange, Model};
-use std::path::Path;
 
 fn prompts(m: &Model) -> Vec<Vec<u32>> {
     [
@@ -30,9 +30,7 @@ fn prompts(m: &Model) -> Vec<Vec<u32>> {
 #[test]
 fn prefix_cache_equals_naive_generation() {
     for family in ["llama3", "gemma3", "phi3"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(family);
+        let dir = fixture(family);
         let mut m = Model::load(&dir).unwrap();
         let p = prompts(&m);
         let opts = GenerateOptions {
@@ -84,7 +82,7 @@ fn prefix_cache_equals_naive_generation() {
 
 #[test]
 fn stop_predicate_stops_rows() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let dir = fixture("llama");
     let m = Model::load(&dir).unwrap();
     let p = prompts(&m);
     let opts = GenerateOptions {
@@ -125,9 +123,7 @@ fn stop_predicate_stops_rows() {
 #[test]
 fn shared_prompt_head_changes_nothing() {
     for family in ["llama3", "gemma2", "gemma3", "mistral", "phi3", "qwen3"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(family);
+        let dir = fixture(family);
         let m = Model::load(&dir).unwrap();
         let p = prompts(&m);
         let shared = shared_prefix_len(&p);

@@ -2,22 +2,13 @@
 //! agreement with `generate` + `judge`, a model that fails to load, re-judging without the
 //! model, byte-identical eval.json on a second run, and bad inputs.
 
-use std::path::{Path, PathBuf};
+use crate::common::{fixture, shared, skip_without_shared};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 /// The binary with the catalog pointed at ../shared and a private cache (no downloads).
 fn bin(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_safety-layers"));
+    let mut c = crate::common::bin();
     c.env("SAFETY_LAYERS_DATA", shared().join("data"))
         .env("SAFETY_LAYERS_MODELS", shared().join("models"))
         .env("XDG_CACHE_HOME", cache);
@@ -62,6 +53,9 @@ const SMALL: &[&str] = &[
 
 #[test]
 fn eval_table_responses_failed_model_and_rejudge() {
+    if skip_without_shared(&["data", "models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("ev");
     let mut args = vec![
@@ -264,6 +258,9 @@ fn eval_table_responses_failed_model_and_rejudge() {
 
 #[test]
 fn eval_json_is_byte_identical_on_a_second_run() {
+    if skip_without_shared(&["data", "models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("ev");
     let mut args = vec![
@@ -364,6 +361,9 @@ fn eval_with_the_probe_judge_on_a_fixture() {
 
 #[test]
 fn bad_inputs_fail_before_any_output() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let empty = d.path().join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();

@@ -1,17 +1,20 @@
 //! `--pairs all` on the real SmolLM2 GGUF with the paper's 100 + 100 prompts equals the
 //! transformers-computed statistics (tools/fixtures/make_cosine_fixtures.py) within 1e-3.
 
+use crate::common::{root, shared, skip_without_shared};
 use sl_engine::text::prompts::read_prompts;
 use sl_engine::{Model, Template};
 use sl_science::cosine::curves;
 use sl_science::cosine::report::{analyse, vectors, CosineConfig, PromptSet};
 use sl_science::cosine::Pairs;
-use std::path::Path;
 
 #[test]
 fn all_pairs_equal_transformers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let shared = root.join("../shared");
+    if skip_without_shared(&["models/SmolLM2-135M-Instruct.Q4_1.gguf", "data/paper"]) {
+        return;
+    }
+    let root = root();
+    let shared = shared();
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/fixtures/cosine/smollm2_all_pairs.json"))
             .unwrap(),

@@ -2,26 +2,12 @@
 //! model shapes (checked in Python against transformers, see export_names.py), and bad requests
 //! fail with a clear message and leave no output behind.
 
-use std::path::{Path, PathBuf};
+// The default --data is a catalog name: bin_with_catalog points the catalog at the shared
+// datasets if the environment does not.
+use crate::common::bin_with_catalog as bin;
+use crate::common::{fixture, shared, skip_without_python_peers, skip_without_shared};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_safety-layers"));
-    // The default --data is a catalog name; point the catalog at the shared datasets if the
-    // environment does not.
-    if std::env::var_os("SAFETY_LAYERS_DATA").is_none() {
-        c.env("SAFETY_LAYERS_DATA", root().join("../shared/data"));
-    }
-    c
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
 
 fn export(args: &[&str], model: &Path, out: &Path) -> Output {
     bin()
@@ -41,20 +27,16 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn exported_configs_select_exactly_the_frozen_names_of_real_models() {
+    if skip_without_shared(&["data"]) || skip_without_python_peers() {
+        return;
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/export_names.py");
-    let run = Command::new("python3")
+    let out = Command::new("python3")
         .arg(&script)
         .arg(env!("CARGO_BIN_EXE_safety-layers"))
-        .env("SAFETY_LAYERS_DATA", root().join("../shared/data"))
-        .output();
-    let out = match run {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: python3 is not installed, so the exported configs cannot be checked against transformers");
-            return;
-        }
-        Err(e) => panic!("cannot run python3: {e}"),
-    };
+        .env("SAFETY_LAYERS_DATA", shared().join("data"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     println!("{text}");
     assert!(
@@ -66,6 +48,9 @@ fn exported_configs_select_exactly_the_frozen_names_of_real_models() {
 
 #[test]
 fn each_format_writes_its_files_and_the_plan() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     for (format, file) in [
         ("axolotl", "axolotl.yaml"),
@@ -142,11 +127,10 @@ fn each_format_writes_its_files_and_the_plan() {
 
 #[test]
 fn a_gguf_gives_its_shape_from_metadata_and_needs_a_base_model() {
-    let gguf = root().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        println!("skipped: {} is missing", gguf.display());
+    if skip_without_shared(&["models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
         return;
     }
+    let gguf = shared().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
     let o = export(&["--freeze", "3-7", "--format", "hf-trainer"], &gguf, &out);
@@ -176,6 +160,9 @@ fn a_gguf_gives_its_shape_from_metadata_and_needs_a_base_model() {
 
 #[test]
 fn bad_requests_fail_clearly_and_write_nothing() {
+    if skip_without_shared(&["data"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
     let llama = fixture("llama3");

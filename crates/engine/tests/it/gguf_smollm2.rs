@@ -2,19 +2,22 @@
 //! file with `gguf_file=` (fixture from tools/fixtures/make_gguf_fixtures.py): token ids, all 31
 //! hidden-state entries at the last token within 1e-3, top logits, greedy 16-token responses.
 
+use crate::common::{root, shared, skip_without_shared};
 use serde_json::Value;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::{Model, PromptRecord, Template};
-use std::path::Path;
 
 #[test]
 fn smollm2_gguf_equals_transformers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if skip_without_shared(&["models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
+    let root = root();
     let fx: Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/fixtures/gguf/smollm2_expected.json")).unwrap(),
     )
     .unwrap();
-    let m = Model::load(&root.join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let m = Model::load(&shared().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     assert_eq!(m.cfg().num_layers, 30);
     assert_eq!(m.cfg().hidden_size, 576);
     assert_eq!((m.cfg().num_heads, m.cfg().num_kv_heads), (9, 3));

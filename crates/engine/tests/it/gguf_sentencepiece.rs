@@ -2,13 +2,13 @@
 //! llama), written like llama.cpp writes one (tools/fixtures/make_gguf_sp_fixture.py): token ids,
 //! decoding, all hidden states and greedy tokens equal transformers' on the same file.
 
+use crate::common::fixture;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::Model;
-use std::path::Path;
 
 #[test]
 fn sentencepiece_gguf_equals_transformers() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf");
+    let dir = fixture("gguf");
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("tiny_llama_sp_expected.json")).unwrap(),
     )

@@ -3,20 +3,9 @@
 //! non-empty and no console error (the browser part is skipped, with a message, where no
 //! Chromium is installed, unless SAFETY_LAYERS_REQUIRE_BROWSER=1 as in CI).
 
+use crate::common::{bin_with_catalog as bin, skip_without_shared};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_safety-layers"));
-    if std::env::var_os("SAFETY_LAYERS_DATA").is_none() {
-        c.env("SAFETY_LAYERS_DATA", root.join("../shared/data"));
-    }
-    if std::env::var_os("SAFETY_LAYERS_MODELS").is_none() {
-        c.env("SAFETY_LAYERS_MODELS", root.join("../shared/models"));
-    }
-    c
-}
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -54,6 +43,9 @@ fn browser(exe: &Path, extra: &[String], page: &Path) -> std::process::Output {
 
 #[test]
 fn smoke_profile_runs_caches_and_renders() {
+    if skip_without_shared(&["data", "models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("demo");
     let r = bin()

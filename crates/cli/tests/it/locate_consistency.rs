@@ -1,19 +1,13 @@
 //! `locate` on the real SmolLM2 GGUF: every count it reports equals what `generate --scale`
 //! followed by `judge` gives for the same range (no prefix cache, no early stop on that side).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_safety-layers"))
-}
-
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
+use crate::common::{bin, shared, skip_without_shared};
 
 #[test]
 fn locate_counts_equal_generate_plus_judge() {
+    if skip_without_shared(&["data", "models/SmolLM2-135M-Instruct.Q4_1.gguf"]) {
+        return;
+    }
     let model = shared().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let d = tempfile::tempdir().unwrap();
     // The first 100 over-rejection queries (the quality bar), as a file both commands read.

@@ -1,0 +1,10 @@
+//! The engine crate's integration tests, one binary (one link, one run); shared paths and
+//! helpers are in common.rs.
+
+mod bad_inputs;
+mod common;
+mod families;
+mod gguf_sentencepiece;
+mod gguf_smollm2;
+mod prefix_cache;
+mod real_tokenizers;
