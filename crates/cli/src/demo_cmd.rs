@@ -237,7 +237,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "directory".into()
     };
     let mut data_shas = serde_json::Map::new();
-    let opts = datasets::DataOptions::from_env();
+    let opts = crate::datasets::data_options();
     for name in [
         "advbench",
         "over-rejection",
