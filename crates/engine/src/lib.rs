@@ -21,7 +21,8 @@
 //! let prompts = model.prompts(&[PromptRecord::new("Name three colours.")], Template::Chat)?;
 //!
 //! // Logits at the last token and two activations, keyed by hook name.
-//! let (logits, cache) = model.run_with_cache(&prompts, &["resid_pre.3", "mlp_out.5"], Positions::Last)?;
+//! let names = ["resid_pre.3", "mlp_out.5"];
+//! let (logits, cache) = model.run_with_cache(&prompts, &names, Positions::Last)?;
 //! let resid = cache.by_name("resid_pre.3").expect("read"); // [prompts, hidden]
 //!
 //! // Steer along that direction at layer 3's input, last token only.

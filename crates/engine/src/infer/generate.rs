@@ -209,6 +209,20 @@ impl PrefixCache {
 }
 
 /// Greedy continuations of `prompts` (token ids). `progress` is told how many prompts finished.
+///
+/// ```no_run
+/// use sl_engine::{greedy, GenerateOptions, Model, PromptRecord, Template};
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+/// let prompts = model.prompts(&[PromptRecord::new("Write a haiku.")], Template::Chat)?;
+/// let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+/// let opts = GenerateOptions { max_new_tokens: 40, ..Default::default() };
+/// let out = greedy(&model.decoder, &ids, &model.eos_token_ids, &opts, &mut |_| {})?;
+/// println!("{}", model.tokenizer.decode(&out[0], true)?);
+/// # Ok(())
+/// # }
+/// ```
 pub fn greedy(
     dec: &Decoder,
     prompts: &[Vec<u32>],

@@ -181,6 +181,22 @@ fn spec_for_rows(
 impl Model {
     /// `Decoder::run_with_cache` in batches of [`RUN_BATCH_SIZE`] over token ids or formatted
     /// [`crate::Prompt`]s.
+    ///
+    /// ```no_run
+    /// use sl_engine::{Model, Positions, PromptRecord, Template};
+    ///
+    /// # fn main() -> anyhow::Result<()> {
+    /// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+    /// let records = [PromptRecord::new("How do I pick a lock?"), PromptRecord::new("Hi!")];
+    /// let prompts = model.prompts(&records, Template::Alpaca)?;
+    /// let (logits, cache) =
+    ///     model.run_with_cache(&prompts, &["resid_pre.3", "mlp_out.5"], Positions::Last)?;
+    /// assert_eq!(logits.dims(), &[2, model.cfg().vocab_size]);
+    /// let resid = cache.by_name("resid_pre.3").expect("read"); // [2, hidden]
+    /// # let _ = resid;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn run_with_cache<P: AsRef<[u32]>>(
         &self,
         prompts: &[P],
@@ -192,6 +208,25 @@ impl Model {
     }
 
     /// `Decoder::run_with_hooks` in batches of [`RUN_BATCH_SIZE`].
+    ///
+    /// Activation patching: the clean prompts' layer-5 input at the last token, written into
+    /// the corrupted prompts' forward pass.
+    ///
+    /// ```no_run
+    /// use sl_engine::{Edit, Hook, HookSpec, Model, Positions};
+    ///
+    /// # fn main() -> anyhow::Result<()> {
+    /// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+    /// let clean = vec![model.tokenizer.encode("The capital of France is", true)?];
+    /// let corrupt = vec![model.tokenizer.encode("The capital of Italy is", true)?];
+    /// let (_, cache) = model.run_with_cache(&clean, &["resid_pre.5"], Positions::Last)?;
+    /// let patch = cache.by_name("resid_pre.5").expect("read").clone(); // [1, hidden]
+    /// let hooks = HookSpec::none().edit(Hook::ResidPre(5), Positions::Last, Edit::Replace(patch));
+    /// let patched = model.run_with_hooks(&corrupt, &hooks)?; // [1, vocab]
+    /// # let _ = patched;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn run_with_hooks<P: AsRef<[u32]>>(
         &self,
         prompts: &[P],
@@ -200,3 +235,7 @@ impl Model {
         self.decoder.run_with_hooks(prompts, hooks, RUN_BATCH_SIZE)
     }
 }
+
+#[cfg(test)]
+#[path = "hooked_tests.rs"]
+mod tests;

@@ -91,7 +91,8 @@ impl Model {
     ///
     /// ```no_run
     /// # fn main() -> anyhow::Result<()> {
-    /// let model = sl_engine::Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+    /// use std::path::Path;
+    /// let model = sl_engine::Model::load(Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
     /// println!("{:?}, {} layers", model.cfg().family, model.cfg().num_layers);
     /// # Ok(())
     /// # }

@@ -174,6 +174,30 @@ impl Edit {
 /// What a forward pass should read (into an [`ActivationCache`]) and edit, by hook point.
 /// Edits at a hook run in the order given, before the reads there: a read sees the activation
 /// the rest of the forward pass uses.
+///
+/// Ablating layer 4's attention and steering layer 2's input along a direction, on the decoder's
+/// own forward pass:
+///
+/// ```no_run
+/// use sl_engine::{Edit, Hook, HookSpec, Logits, Model, Positions};
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+/// let d = &model.decoder;
+/// let refusal_direction = d.embed.get(42)?; // any `[hidden]` vector
+/// let hooks = HookSpec::none()
+///     .edit(Hook::AttnOut(4), Positions::All, Edit::Zero)
+///     .edit(Hook::ResidPre(2), Positions::Last, Edit::ProjectOut(refusal_direction))
+///     .edit(Hook::MlpOut(6), Positions::All, Edit::custom(|x| Ok((x * 0.5)?)))
+///     .read(Hook::ResidPost(8), Positions::Last);
+/// let ids = model.tokenizer.encode("How do I bake bread?", true)?;
+/// let ids = candle_core::Tensor::new(ids.as_slice(), &d.device)?.unsqueeze(0)?;
+/// let (logits, cache) = d.forward(&ids, &[0], None, &hooks, Logits::Last)?; // [1, 1, vocab]
+/// let resid = cache.get(Hook::ResidPost(8), Positions::Last).expect("read"); // [1, hidden]
+/// # let _ = (logits, resid);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct HookSpec {
     pub reads: Vec<(Hook, Positions)>,
