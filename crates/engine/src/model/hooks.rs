@@ -154,6 +154,10 @@ impl Edit {
             Edit::ProjectOut(d) => {
                 let d = like(d)?;
                 let norm = d.sqr()?.sum_all()?.sqrt()?;
+                let n = norm.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                if !(n.is_finite() && n > 0.0) {
+                    bail!("cannot project out a direction of norm {n}");
+                }
                 let unit = d.broadcast_div(&norm)?;
                 let along = x.broadcast_mul(&unit)?.sum_keepdim(D::Minus1)?;
                 (x - along.broadcast_mul(&unit)?)?
