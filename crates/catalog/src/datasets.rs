@@ -329,8 +329,15 @@ impl DataOptions {
     /// `SAFETY_LAYERS_DATA`, the cache under `$XDG_CACHE_HOME` (or ~/.cache), and
     /// `SAFETY_LAYERS_DATA_ORIGIN` (default: GitHub's raw-file host).
     pub fn from_env() -> DataOptions {
+        DataOptions::from_env_with(None)
+    }
+
+    /// As `from_env`, with the data directory given by the caller (e.g. a `--data-dir` flag)
+    /// taking precedence over `SAFETY_LAYERS_DATA`.
+    pub fn from_env_with(data_dir: Option<PathBuf>) -> DataOptions {
         DataOptions {
-            data_dir: std::env::var_os("SAFETY_LAYERS_DATA").map(PathBuf::from),
+            data_dir: data_dir
+                .or_else(|| std::env::var_os("SAFETY_LAYERS_DATA").map(PathBuf::from)),
             cache_dir: cache_dir().join("data"),
             origin: std::env::var("SAFETY_LAYERS_DATA_ORIGIN")
                 .unwrap_or_else(|_| GITHUB_RAW.to_string()),

@@ -39,9 +39,18 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
+    /// `SAFETY_LAYERS_MODELS`, the cache under `$XDG_CACHE_HOME` (or ~/.cache), and
+    /// `SAFETY_LAYERS_PIP`.
     pub fn from_env() -> ModelOptions {
+        ModelOptions::from_env_with(None)
+    }
+
+    /// As `from_env`, with the models directory given by the caller (e.g. a `--models-dir`
+    /// flag) taking precedence over `SAFETY_LAYERS_MODELS`.
+    pub fn from_env_with(models_dir: Option<PathBuf>) -> ModelOptions {
         ModelOptions {
-            models_dir: std::env::var_os("SAFETY_LAYERS_MODELS").map(PathBuf::from),
+            models_dir: models_dir
+                .or_else(|| std::env::var_os("SAFETY_LAYERS_MODELS").map(PathBuf::from)),
             cache_dir: cache_dir().join("models"),
             pip: std::env::var("SAFETY_LAYERS_PIP")
                 .map(|s| s.split_whitespace().map(str::to_string).collect())

@@ -1,7 +1,7 @@
 //! `safety-layers data list|fetch|verify`.
 
 use anyhow::{bail, Result};
-use sl_catalog::datasets::{self, DataOptions};
+use sl_catalog::datasets;
 
 #[derive(clap::Subcommand)]
 pub enum DataAction {
@@ -58,7 +58,7 @@ pub fn run(action: &DataAction) -> Result<()> {
             }
         }
         DataAction::Fetch { names } | DataAction::Verify { names } => {
-            let mut opts = DataOptions::from_env();
+            let mut opts = crate::datasets::data_options();
             opts.allow_download = matches!(action, DataAction::Fetch { .. });
             let mut failed = 0;
             for d in selected(names)? {

@@ -3,21 +3,64 @@
 use anyhow::{bail, Context, Result};
 use sl_catalog::datasets;
 use sl_engine::text::prompts::read_prompts;
-use sl_engine::{Model, PromptRecord};
+use sl_engine::{LoadOptions, Model, PromptRecord};
 use sl_science::cosine::report::PromptSet;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// The `--data-dir` / `--models-dir` flags of the command line being run (None: the catalog's
+/// environment variables and cache decide). Held here, not in the environment, so that the
+/// catalog is told its directories rather than reading them back from a mutated environment.
+#[derive(Debug, Clone, Default)]
+pub struct Locations {
+    pub data_dir: Option<PathBuf>,
+    pub models_dir: Option<PathBuf>,
+}
+
+static LOCATIONS: RwLock<Locations> = RwLock::new(Locations {
+    data_dir: None,
+    models_dir: None,
+});
+
+/// Records the flags of a command line; a flag left out keeps an earlier command line's value
+/// (the demo runs its stages as nested command lines).
+pub fn set_locations(flags: Locations) {
+    let mut l = LOCATIONS.write().unwrap_or_else(|e| e.into_inner());
+    if flags.data_dir.is_some() {
+        l.data_dir = flags.data_dir;
+    }
+    if flags.models_dir.is_some() {
+        l.models_dir = flags.models_dir;
+    }
+}
+
+fn locations() -> Locations {
+    LOCATIONS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Where datasets come from: `--data-dir`, else SAFETY_LAYERS_DATA, then the cache.
+pub fn data_options() -> datasets::DataOptions {
+    datasets::DataOptions::from_env_with(locations().data_dir)
+}
+
+/// Where models come from: `--models-dir`, else SAFETY_LAYERS_MODELS, then the cache.
+pub fn model_options() -> sl_catalog::models::ModelOptions {
+    sl_catalog::models::ModelOptions::from_env_with(locations().models_dir)
+}
 
 /// A model path, or a catalog name resolved to one (fetched and verified if needed).
 pub fn model_path(spec: &Path) -> Result<PathBuf> {
     let s = spec.to_string_lossy();
-    let (p, _) =
-        sl_catalog::models::resolve_model(&s, &sl_catalog::models::ModelOptions::from_env())?;
+    let (p, _) = sl_catalog::models::resolve_model(&s, &model_options())?;
     Ok(p)
 }
 
+/// Loads a model with the allocator tuned for loading (the binary owns its process; see
+/// `sl_engine::tune_allocator_around`).
 pub fn load_model(spec: &Path) -> Result<Model> {
     let p = model_path(spec)?;
-    Model::load(&p).with_context(|| format!("cannot load model {}", spec.display()))
+    let opts = LoadOptions { tune_malloc: true };
+    Model::load_with(&p, &opts).with_context(|| format!("cannot load model {}", spec.display()))
 }
 
 /// A prompt set from a file (with an optional column) or a dataset name.
@@ -40,7 +83,7 @@ pub fn prompt_set_with(spec: &str, column: Option<&str>) -> Result<PromptSet> {
     if column.is_some() {
         bail!("--column applies to prompt files, not to the dataset `{spec}`");
     }
-    let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
+    let files = datasets::resolve(&ds, &data_options())?;
     let records = datasets::read_prompts(&ds, &files)?
         .into_iter()
         .map(|(instruction, input)| PromptRecord { instruction, input })
@@ -66,7 +109,7 @@ pub fn dataset_file(spec: &str) -> Result<Option<(PathBuf, String)>> {
     let Some(ds) = datasets::dataset(spec) else {
         return Ok(None);
     };
-    let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
+    let files = datasets::resolve(&ds, &data_options())?;
     let [file] = files.as_slice() else {
         bail!("dataset `{spec}` is not a single training file")
     };

@@ -112,7 +112,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "directory".into()
     };
     let mut data_shas = BTreeMap::new();
-    let opts = datasets::DataOptions::from_env();
+    let opts = crate::datasets::data_options();
     for name in [
         "advbench",
         "over-rejection",

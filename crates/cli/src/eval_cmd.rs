@@ -185,7 +185,7 @@ fn utility_set(a: &EvalArgs) -> Result<Option<UtilitySet>> {
                 datasets::names().join(", ")
             )
         })?;
-        let files = datasets::resolve(&ds, &datasets::DataOptions::from_env())?;
+        let files = datasets::resolve(&ds, &crate::datasets::data_options())?;
         if files.len() != 1 {
             bail!(
                 "--utility `{}`: a utility set must be one file of records with outputs",

@@ -128,18 +128,20 @@ enum Command {
 }
 
 fn main() {
+    // candle's element-wise thread pool spin-waits at every op: on 2 cores shared with anything
+    // else, training ran 2.5x slower with it (train_probe, alternating runs); matmuls keep their
+    // own threads. candle reads only this variable, so it stays an environment variable, set
+    // first thing, while the process has one thread (set_var is unsound once others run). An
+    // explicit CANDLE_NUM_THREADS still wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     // Behave like other command-line tools when the reader goes away (`... | head`): end
     // quietly instead of panicking on a closed stdout.
     #[cfg(unix)]
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    // candle's element-wise thread pool spin-waits at every op: on 2 cores shared with anything
-    // else, training ran 2.5x slower with it (train_probe, alternating runs); matmuls keep their
-    // own threads. An explicit CANDLE_NUM_THREADS still wins.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -158,13 +160,11 @@ pub fn run_command_line(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // The catalog reads its locations from the environment; the flags override it.
-    if let Some(d) = &cli.data_dir {
-        std::env::set_var("SAFETY_LAYERS_DATA", d);
-    }
-    if let Some(d) = &cli.models_dir {
-        std::env::set_var("SAFETY_LAYERS_MODELS", d);
-    }
+    // The catalog is handed these with each lookup (flag, else the environment variable).
+    datasets::set_locations(datasets::Locations {
+        data_dir: cli.data_dir.clone(),
+        models_dir: cli.models_dir.clone(),
+    });
     match cli.command {
         Command::Inspect { model, json } => commands::inspect(&model, json),
         Command::Hidden {

@@ -1,5 +1,5 @@
 //! Times one decode step of a real model, and its parts (for profiling the engine by hand).
-use sl_engine::{Capture, KvCache, Logits, Model};
+use sl_engine::{Hook, HookSpec, KvCache, Logits, Model, Positions};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -18,13 +18,7 @@ fn main() -> anyhow::Result<()> {
     let (ids, pads) = sl_engine::infer::generate::left_pad(&rows, &d.device)?;
     let mut cache = KvCache::new(d.num_layers());
     let t = Instant::now();
-    d.forward(
-        &ids,
-        &pads,
-        Some(&mut cache),
-        &Capture::none(),
-        Logits::Last,
-    )?;
+    d.logits(&ids, &pads, Some(&mut cache), Logits::Last)?;
     println!(
         "prefill B={b} T={}: {:.3} s",
         prompt.len(),
@@ -33,23 +27,13 @@ fn main() -> anyhow::Result<()> {
     let next = candle_core::Tensor::from_vec(vec![42u32; b], (b, 1), &d.device)?;
     for _ in 0..3 {
         let t = Instant::now();
-        d.forward(
-            &next,
-            &pads,
-            Some(&mut cache),
-            &Capture::none(),
-            Logits::Last,
-        )?;
+        d.logits(&next, &pads, Some(&mut cache), Logits::Last)?;
         println!("decode step: {:.3} s", t.elapsed().as_secs_f64());
     }
     let t = Instant::now();
-    d.forward(
-        &next,
-        &pads,
-        Some(&mut cache.clone()),
-        &Capture::none(),
-        Logits::None,
-    )?;
+    // Reading the final norm runs every layer and stops before the lm_head.
+    let final_norm = HookSpec::none().read(Hook::FinalNorm, Positions::Last);
+    d.activations(&next, &pads, Some(&mut cache.clone()), &final_norm)?;
     println!(
         "decode step without lm_head: {:.3} s",
         t.elapsed().as_secs_f64()

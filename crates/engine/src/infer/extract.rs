@@ -2,8 +2,8 @@
 //! over prompts of different lengths.
 
 use crate::infer::generate::{batch_cache, left_pad, shared_head_kv, shared_prefix_len};
-use crate::model::hooks::{Capture, Hook, Positions};
-use crate::model::{Decoder, Logits};
+use crate::model::hooks::{Hook, HookSpec, Positions};
+use crate::model::Decoder;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -16,7 +16,7 @@ pub fn hidden_last(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Tensor>> {
     let n_layers = dec.num_layers();
-    let capture = Capture::all_hidden_last(n_layers);
+    let hooks = HookSpec::all_hidden_last(n_layers);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let mut out: Vec<Option<Tensor>> = vec![None; prompts.len()];
@@ -28,7 +28,7 @@ pub fn hidden_last(
         let (ids, pads) = left_pad(&rows, &dec.device)?;
         let mut cache = batch_cache(dec, head.as_ref(), shared);
         cache.append = false; // the batch's own keys/values are not needed after each layer
-        let (_, cap) = dec.forward(&ids, &pads, Some(&mut cache), &capture, Logits::None)?;
+        let cap = dec.activations(&ids, &pads, Some(&mut cache), &hooks)?;
         let entries: Vec<Tensor> = (0..=n_layers)
             .map(|k| {
                 cap.get(Hook::hidden_entry(k, n_layers), Positions::Last)

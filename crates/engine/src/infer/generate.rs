@@ -1,7 +1,7 @@
 //! Batched greedy generation with a KV cache. Prompts are sorted by length and left-padded, each
 //! sequence stops on any EOS id, and finished rows leave the batch so they cost nothing more.
 
-use crate::model::hooks::Capture;
+use crate::model::hooks::{ActivationCache, HookSpec};
 use crate::model::{Decoder, KvCache, Logits};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -98,8 +98,8 @@ fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<
         layers,
         &ctx,
         Some(&mut kv),
-        &Capture::none(),
-        &mut crate::model::hooks::Captured::default(),
+        &HookSpec::none(),
+        &mut ActivationCache::default(),
     )?;
     Ok((kv, x))
 }
@@ -181,14 +181,13 @@ impl PrefixCache {
             let t = ids.dim(1)?;
             let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
             let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
-            let mut captured = crate::model::hooks::Captured::default();
             let x = dec.run_layers(
                 dec.embed(&ids)?,
                 0..start_layer,
                 &ctx,
                 Some(&mut kv),
-                &Capture::none(),
-                &mut captured,
+                &HookSpec::none(),
+                &mut ActivationCache::default(),
             )?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
@@ -210,6 +209,20 @@ impl PrefixCache {
 }
 
 /// Greedy continuations of `prompts` (token ids). `progress` is told how many prompts finished.
+///
+/// ```no_run
+/// use sl_engine::{greedy, GenerateOptions, Model, PromptRecord, Template};
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+/// let prompts = model.prompts(&[PromptRecord::new("Write a haiku.")], Template::Chat)?;
+/// let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+/// let opts = GenerateOptions { max_new_tokens: 40, ..Default::default() };
+/// let out = greedy(&model.decoder, &ids, &model.eos_token_ids, &opts, &mut |_| {})?;
+/// println!("{}", model.tokenizer.decode(&out[0], true)?);
+/// # Ok(())
+/// # }
+/// ```
 pub fn greedy(
     dec: &Decoder,
     prompts: &[Vec<u32>],
@@ -347,35 +360,17 @@ fn decode_batch(
     let mut input: Option<Tensor> = None;
     let mut first = Some(first);
     for step in 0..opts.max_new_tokens {
-        let (logits, _) = match (first.take(), input.take()) {
-            (Some(First::Ids(ids)), _) => dec.forward(
-                &ids,
-                &pads,
-                Some(&mut cache),
-                &Capture::none(),
-                Logits::Last,
-            )?,
-            (Some(First::FromLayer(x, l)), _) => dec.forward_from(
-                x,
-                l,
-                &pads,
-                Some(&mut cache),
-                &Capture::none(),
-                Logits::Last,
-            )?,
-            (None, Some(ids)) => dec.forward(
-                &ids,
-                &pads,
-                Some(&mut cache),
-                &Capture::none(),
-                Logits::Last,
-            )?,
+        let logits = match (first.take(), input.take()) {
+            (Some(First::Ids(ids)), _) => {
+                dec.logits(&ids, &pads, Some(&mut cache), Logits::Last)?
+            }
+            (Some(First::FromLayer(x, l)), _) => {
+                dec.logits_from(x, l, &pads, Some(&mut cache), Logits::Last)?
+            }
+            (None, Some(ids)) => dec.logits(&ids, &pads, Some(&mut cache), Logits::Last)?,
             (None, None) => unreachable!("input set after the first step"),
         };
-        let logits = logits
-            .expect("logits requested")
-            .squeeze(1)?
-            .to_vec2::<f32>()?;
+        let logits = logits.squeeze(1)?.to_vec2::<f32>()?;
         let mut keep = Vec::new();
         let mut next = Vec::new();
         for (pos, &row) in active.iter().enumerate() {
@@ -426,9 +421,8 @@ fn greedy_batch_uncached(
         }
         let batch: Vec<&[u32]> = active.iter().map(|&i| seqs[i].as_slice()).collect();
         let (ids, pads) = left_pad(&batch, &dec.device)?;
-        let (logits, _) = dec.forward(&ids, &pads, None, &Capture::none(), Logits::Last)?;
-        let logits = logits
-            .expect("logits requested")
+        let logits = dec
+            .logits(&ids, &pads, None, Logits::Last)?
             .squeeze(1)?
             .to_vec2::<f32>()?;
         for (pos, &i) in active.iter().enumerate() {

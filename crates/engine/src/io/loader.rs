@@ -43,14 +43,31 @@ pub struct Prompt {
     pub ids: Vec<u32>,
 }
 
-/// Runs the load with glibc's mmap threshold pinned at 128 KiB, then sets it to 32 MiB.
+impl AsRef<[u32]> for Prompt {
+    fn as_ref(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
+/// How `Model::load_with` loads.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Tune glibc's allocator for the load and for the inference after it (see
+    /// [`tune_allocator_around`]). This changes process-wide allocator settings, so it is off
+    /// unless the caller — the `safety-layers` binary, or a program that owns its process —
+    /// asks for it.
+    pub tune_malloc: bool,
+}
+
+/// Runs `load` with glibc's mmap threshold pinned at 128 KiB, then sets it to 32 MiB (a no-op
+/// on other platforms). Process-wide: only for programs that own their allocator settings.
 ///
 /// Loading converts and fuses tensors, freeing the unfused halves; under glibc's dynamic
 /// threshold those freed blocks stay resident as heap holes, which put the peak RSS of a whole
 /// `cosine` run at 1.30x the f32 weights (bench/RESULTS.md). With every large block mapped on its
 /// own, a free returns it at once. Afterwards large temporaries should stay in the heap for reuse
 /// (mapping each one anew costs a page fault per page), which is what the higher threshold does.
-fn with_tight_heap<R>(load: impl FnOnce() -> R) -> R {
+pub fn tune_allocator_around<R>(load: impl FnOnce() -> R) -> R {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; any value is valid.
     unsafe {
@@ -69,9 +86,28 @@ fn with_tight_heap<R>(load: impl FnOnce() -> R) -> R {
 }
 
 impl Model {
-    /// Loads a Hugging Face checkpoint directory or a GGUF file.
+    /// Loads a Hugging Face checkpoint directory or a GGUF file, leaving the process's allocator
+    /// settings alone.
+    ///
+    /// ```no_run
+    /// # fn main() -> anyhow::Result<()> {
+    /// use std::path::Path;
+    /// let model = sl_engine::Model::load(Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+    /// println!("{:?}, {} layers", model.cfg().family, model.cfg().num_layers);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn load(path: &Path) -> Result<Model> {
-        with_tight_heap(|| Model::load_inner(path))
+        Model::load_with(path, &LoadOptions::default())
+    }
+
+    /// As `load`, with options (the CLI tunes the allocator; `tune_allocator_around` says why).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        if opts.tune_malloc {
+            tune_allocator_around(|| Model::load_inner(path))
+        } else {
+            Model::load_inner(path)
+        }
     }
 
     fn load_inner(path: &Path) -> Result<Model> {

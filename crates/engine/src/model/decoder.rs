@@ -4,7 +4,7 @@
 
 use crate::io::config::{AttentionKind, ModelConfig};
 use crate::io::weights::WeightMap;
-use crate::model::hooks::{Capture, Captured, Hook};
+use crate::model::hooks::{ActivationCache, Hook, HookSpec};
 use crate::model::layers::{act, Attention, Layer, Linear, Mlp, RmsNorm};
 use crate::model::layout::{Layout, Part, Slot, TopTensor};
 use crate::model::rope::{self, Rope};
@@ -260,60 +260,70 @@ impl Decoder {
         m.down.forward(&(act(self.cfg.activation, &gate)? * up)?)
     }
 
-    /// Runs layers `range` on the residual stream `x`, recording requested hooks.
+    /// Runs layers `range` on the residual stream `x`, applying the spec's edits and recording
+    /// its reads at every hook point on the way.
     pub fn run_layers(
         &self,
         mut x: Tensor,
         range: std::ops::Range<usize>,
         ctx: &StepCtx,
         mut cache: Option<&mut KvCache>,
-        capture: &Capture,
-        captured: &mut Captured,
+        hooks: &HookSpec,
+        acts: &mut ActivationCache,
     ) -> Result<Tensor> {
         let diff = ctx.differentiable;
         for l in range {
-            captured.record(capture, Hook::ResidPre(l), &x)?;
+            x = hooks.apply(Hook::ResidPre(l), x, acts)?;
             let layer = &self.layers[l];
             let h = layer.attn_in_norm.forward(&x, diff)?;
             let mut a = self.attention(l, &h, ctx, cache.as_deref_mut())?;
             if let Some(n) = &layer.attn_out_norm {
                 a = n.forward(&a, diff)?;
             }
-            captured.record(capture, Hook::AttnOut(l), &a)?;
+            let a = hooks.apply(Hook::AttnOut(l), a, acts)?;
             x = (x + a)?;
             let h = layer.mlp_in_norm.forward(&x, diff)?;
             let mut m = self.mlp(l, &h)?;
             if let Some(n) = &layer.mlp_out_norm {
                 m = n.forward(&m, diff)?;
             }
-            captured.record(capture, Hook::MlpOut(l), &m)?;
+            let m = hooks.apply(Hook::MlpOut(l), m, acts)?;
             x = (x + m)?;
-            captured.record(capture, Hook::ResidPost(l), &x)?;
+            x = hooks.apply(Hook::ResidPost(l), x, acts)?;
         }
         Ok(x)
     }
 
-    /// Final norm (recorded as `FinalNorm`) and, if asked, logits of the last position only or
-    /// of every position.
+    /// Final norm (the `FinalNorm` hook point) and the logits of the last position only or of
+    /// every position.
     pub fn head(
         &self,
         x: &Tensor,
         ctx: &StepCtx,
         logits: Logits,
-        capture: &Capture,
-        captured: &mut Captured,
-    ) -> Result<Option<Tensor>> {
-        let normed = self.final_norm.forward(x, ctx.differentiable)?;
-        captured.record(capture, Hook::FinalNorm, &normed)?;
+        hooks: &HookSpec,
+        acts: &mut ActivationCache,
+    ) -> Result<Tensor> {
+        let normed = self.final_normed(x, ctx, hooks, acts)?;
         let h = match logits {
-            Logits::None => return Ok(None),
             Logits::Last => {
                 let t = normed.dim(1)?;
                 normed.narrow(1, t - 1, 1)?
             }
             Logits::All => normed,
         };
-        Ok(Some(self.lm_logits(&h)?))
+        self.lm_logits(&h)
+    }
+
+    fn final_normed(
+        &self,
+        x: &Tensor,
+        ctx: &StepCtx,
+        hooks: &HookSpec,
+        acts: &mut ActivationCache,
+    ) -> Result<Tensor> {
+        let normed = self.final_norm.forward(x, ctx.differentiable)?;
+        hooks.apply(Hook::FinalNorm, normed, acts)
     }
 
     /// Logits of final-normed hidden states `[..., H]` (lm_head, or the tied embedding, then
@@ -327,18 +337,45 @@ impl Decoder {
         Ok(out)
     }
 
-    /// The whole forward pass over left-padded `ids: [B, T]` (u32) after `cache` (if any).
-    /// Layers past the deepest requested hook are skipped when no logits are wanted.
+    /// Logits of left-padded `ids: [B, T]` (u32) after `cache` (if any): `[B, 1, V]` for
+    /// `Logits::Last`, `[B, T, V]` for `Logits::All`.
+    pub fn logits(
+        &self,
+        ids: &Tensor,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        which: Logits,
+    ) -> Result<Tensor> {
+        Ok(self.forward(ids, pads, cache, &HookSpec::none(), which)?.0)
+    }
+
+    /// As `logits`, from layer `start` on, given the residual stream entering it (see
+    /// `forward_from`).
+    pub fn logits_from(
+        &self,
+        x: Tensor,
+        start: usize,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        which: Logits,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_from(x, start, pads, cache, &HookSpec::none(), which)?
+            .0)
+    }
+
+    /// The whole forward pass over left-padded `ids: [B, T]` (u32) after `cache` (if any), with
+    /// the spec's edits applied: the logits (as `logits`) and the activations it read.
     pub fn forward(
         &self,
         ids: &Tensor,
         pads: &[usize],
         cache: Option<&mut KvCache>,
-        capture: &Capture,
-        logits: Logits,
-    ) -> Result<(Option<Tensor>, Captured)> {
+        hooks: &HookSpec,
+        which: Logits,
+    ) -> Result<(Tensor, ActivationCache)> {
         let x = self.embed(ids)?;
-        self.forward_from(x, 0, pads, cache, capture, logits)
+        self.forward_from(x, 0, pads, cache, hooks, which)
     }
 
     /// The forward pass from layer `start` on, given the residual stream `x: [B, T, H]` entering
@@ -349,32 +386,58 @@ impl Decoder {
         start: usize,
         pads: &[usize],
         cache: Option<&mut KvCache>,
-        capture: &Capture,
-        logits: Logits,
-    ) -> Result<(Option<Tensor>, Captured)> {
+        hooks: &HookSpec,
+        which: Logits,
+    ) -> Result<(Tensor, ActivationCache)> {
+        let (logits, acts) = self.pass(x, start, pads, cache, hooks, Some(which))?;
+        Ok((logits.expect("logits asked for"), acts))
+    }
+
+    /// Only the activations the spec reads: layers past the deepest read are skipped and no
+    /// logits are computed.
+    pub fn activations(
+        &self,
+        ids: &Tensor,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        hooks: &HookSpec,
+    ) -> Result<ActivationCache> {
+        let x = self.embed(ids)?;
+        Ok(self.pass(x, 0, pads, cache, hooks, None)?.1)
+    }
+
+    /// One forward pass; with `logits` None it stops after the deepest read.
+    fn pass(
+        &self,
+        x: Tensor,
+        start: usize,
+        pads: &[usize],
+        cache: Option<&mut KvCache>,
+        hooks: &HookSpec,
+        logits: Option<Logits>,
+    ) -> Result<(Option<Tensor>, ActivationCache)> {
         let (_, t, _) = x.dims3()?;
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
         let shared = cache.as_ref().map(|c| c.shared).unwrap_or(0);
         let ctx = self.step_ctx_shared(pads, shared, past, t, false)?;
-        let mut captured = Captured::default();
-        let stop = match (logits, capture.layers_needed()) {
-            (Logits::None, Some(k)) => k.min(self.num_layers()),
+        let mut acts = ActivationCache::default();
+        let stop = match (logits, hooks.layers_needed()) {
+            (None, Some(k)) => k.min(self.num_layers()),
             _ => self.num_layers(),
         };
-        let x = self.run_layers(
-            x,
-            start..stop.max(start),
-            &ctx,
-            cache,
-            capture,
-            &mut captured,
-        )?;
+        let x = self.run_layers(x, start..stop.max(start), &ctx, cache, hooks, &mut acts)?;
         if stop < self.num_layers() {
-            captured.record(capture, Hook::ResidPre(stop), &x)?;
-            return Ok((None, captured));
+            hooks.apply(Hook::ResidPre(stop), x, &mut acts)?;
+            return Ok((None, acts));
         }
-        let out = self.head(&x, &ctx, logits, capture, &mut captured)?;
-        Ok((out, captured))
+        let out = match logits {
+            Some(which) => Some(self.head(&x, &ctx, which, hooks, &mut acts)?),
+            None => {
+                self.final_normed(&x, &ctx, hooks, &mut acts)?;
+                None
+            }
+        };
+        Ok((out, acts))
     }
 
     /// The differentiable forward pass used for training: final-normed hidden states `[B, T, H]`
@@ -383,14 +446,13 @@ impl Decoder {
     pub fn forward_train(&self, ids: &Tensor, pads: &[usize]) -> Result<Tensor> {
         let x = self.embed(ids)?;
         let ctx = self.step_ctx(pads, 0, x.dim(1)?, true)?;
-        let mut captured = Captured::default();
         let x = self.run_layers(
             x,
             0..self.num_layers(),
             &ctx,
             None,
-            &Capture::default(),
-            &mut captured,
+            &HookSpec::none(),
+            &mut ActivationCache::default(),
         )?;
         self.final_norm.forward(&x, true)
     }
@@ -400,9 +462,11 @@ impl Decoder {
     }
 }
 
+/// Which positions' logits a forward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
-    None,
+    /// Each row's last position: `[B, 1, V]`.
     Last,
+    /// Every position: `[B, T, V]`.
     All,
 }

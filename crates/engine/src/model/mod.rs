@@ -4,6 +4,7 @@
 
 mod cache;
 mod decoder;
+pub mod heads;
 pub mod hooks;
 mod layers;
 pub mod layout;
@@ -14,5 +15,6 @@ pub mod scale;
 
 pub use cache::KvCache;
 pub use decoder::{Decoder, Logits};
+pub use heads::HeadWeights;
 pub use layers::{Attention, Layer, Linear, Mlp, RmsNorm};
 pub use mask::StepCtx;

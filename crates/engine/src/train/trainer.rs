@@ -2,7 +2,7 @@
 //! frozen ones left as plain tensors (so no gradient is ever computed for them), the token loss,
 //! gradient accumulation, exact per-layer gradient checkpointing, clipping and the AdamW step.
 
-use crate::model::hooks::{Capture, Captured};
+use crate::model::hooks::{ActivationCache, HookSpec};
 use crate::model::params::{Module, ParamInfo};
 use crate::model::Decoder;
 use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
@@ -143,7 +143,7 @@ impl Trainer {
         let dec = &self.decoder;
         let x0 = dec.embed(&batch.ids)?;
         let ctx = dec.step_ctx(&batch.pads, 0, x0.dim(1)?, true)?;
-        let none = Capture::default();
+        let none = HookSpec::none();
         let mut inputs = vec![x0.detach()];
         for l in 0..dec.num_layers() {
             let x = dec.run_layers(
@@ -152,7 +152,7 @@ impl Trainer {
                 &ctx,
                 None,
                 &none,
-                &mut Captured::default(),
+                &mut ActivationCache::default(),
             )?;
             inputs.push(x.detach());
         }
@@ -173,7 +173,7 @@ impl Trainer {
                 &ctx,
                 None,
                 &none,
-                &mut Captured::default(),
+                &mut ActivationCache::default(),
             )?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
             upstream = grads

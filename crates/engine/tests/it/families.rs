@@ -4,7 +4,7 @@
 use crate::common::fixture as fixture_dir;
 use serde_json::Value;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
-use sl_engine::{Capture, LayerRange, Logits, Model};
+use sl_engine::{HookSpec, LayerRange, Logits, Model};
 
 const FAMILIES: &[&str] = &[
     "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
@@ -72,7 +72,13 @@ fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
             .unsqueeze(0)
             .unwrap();
         let (lg, cap) = d
-            .forward(&ids, &[0], None, &Capture::all_hidden_last(l), Logits::Last)
+            .forward(
+                &ids,
+                &[0],
+                None,
+                &HookSpec::all_hidden_last(l),
+                Logits::Last,
+            )
             .unwrap();
         hidden.push(
             (0..=l)
@@ -89,7 +95,7 @@ fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
                 })
                 .collect(),
         );
-        logits.push(lg.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        logits.push(lg.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
     let opts = GenerateOptions {
         max_new_tokens: 12,
@@ -354,9 +360,11 @@ fn hook_points_are_consistent() {
             hooks.push((h, Positions::All));
         }
     }
-    let (_, cap) = d
-        .forward(&ids, &[0], None, &Capture { hooks }, Logits::None)
-        .unwrap();
+    let spec = HookSpec {
+        reads: hooks,
+        edits: vec![],
+    };
+    let cap = d.activations(&ids, &[0], None, &spec).unwrap();
     let get = |h: Hook| {
         cap.get(h, Positions::All)
             .unwrap()
@@ -383,12 +391,9 @@ fn hook_points_are_consistent() {
         }
     }
     // Asking only for an early layer stops there and gives the same tensor.
-    let early = Capture {
-        hooks: vec![(Hook::ResidPre(2), Positions::Last)],
-    };
+    let early = HookSpec::none().read(Hook::ResidPre(2), Positions::Last);
     assert_eq!(early.layers_needed(), Some(2));
-    let (none, cap2) = d.forward(&ids, &[0], None, &early, Logits::None).unwrap();
-    assert!(none.is_none());
+    let cap2 = d.activations(&ids, &[0], None, &early).unwrap();
     let all = get(Hook::ResidPre(2));
     let h = m.cfg().hidden_size;
     assert_eq!(
@@ -409,7 +414,7 @@ fn hook_points_are_consistent() {
 /// ops that have a backward pass) computes the same numbers as the inference kernels.
 #[test]
 fn differentiable_path_equals_inference_path() {
-    use sl_engine::model::hooks::Captured;
+    use sl_engine::ActivationCache;
     for family in ["gemma2", "gemma3", "phi3", "qwen3"] {
         let m = Model::load(&fixture_dir(family)).unwrap();
         let d = &m.decoder;
@@ -421,30 +426,25 @@ fn differentiable_path_equals_inference_path() {
             .collect();
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let (t, pads) = sl_engine::infer::generate::left_pad(&refs, &d.device).unwrap();
-        let (fast, _) = d
-            .forward(&t, &pads, None, &Capture::none(), Logits::All)
-            .unwrap();
+        let fast = d.logits(&t, &pads, None, Logits::All).unwrap();
         let ctx = d.step_ctx(&pads, 0, t.dim(1).unwrap(), true).unwrap();
-        let mut cap = Captured::default();
+        let mut cap = ActivationCache::default();
         let x = d
             .run_layers(
                 d.embed(&t).unwrap(),
                 0..d.num_layers(),
                 &ctx,
                 None,
-                &Capture::none(),
+                &HookSpec::none(),
                 &mut cap,
             )
             .unwrap();
         let slow = d
-            .head(&x, &ctx, Logits::All, &Capture::none(), &mut cap)
-            .unwrap()
+            .head(&x, &ctx, Logits::All, &HookSpec::none(), &mut cap)
             .unwrap();
         // Compare real (non-padding) positions only.
         for (b, &pad) in pads.iter().enumerate() {
             let f = fast
-                .as_ref()
-                .unwrap()
                 .get(b)
                 .unwrap()
                 .narrow(0, pad, t.dim(1).unwrap() - pad)

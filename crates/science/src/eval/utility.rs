@@ -8,7 +8,7 @@ use crate::eval::rouge::{rouge_l, RougeScore};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sl_engine::infer::generate::{greedy_with, left_pad, GenerateOptions};
-use sl_engine::{Capture, Decoder, Logits, Model, PromptRecord, Template};
+use sl_engine::{Decoder, Logits, Model, PromptRecord, Template};
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -213,8 +213,7 @@ pub fn target_logprobs(
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         let (ids, pads) = left_pad(&refs, &dec.device)?;
-        let (logits, _) = dec.forward(&ids, &pads, None, &Capture::none(), Logits::All)?;
-        let logits = logits.ok_or_else(|| anyhow!("the decoder returned no logits"))?;
+        let logits = dec.logits(&ids, &pads, None, Logits::All)?;
         for (b, &i) in batch.iter().enumerate() {
             let (p, t) = (rows[i].0.len(), &rows[i].1);
             // The logits at position k predict token k + 1.

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use serde::Serialize;
 use sl_engine::infer::generate::{left_pad, PrefixCache};
-use sl_engine::{Capture, Decoder, Logits};
+use sl_engine::{Decoder, Logits};
 
 /// Openings of refusals as models write them at the start of an answer.
 pub const REFUSAL_OPENINGS: &[&str] = &[
@@ -60,21 +60,14 @@ pub fn scores(
     match prefix {
         Some(p) => {
             for (idx, pads, x, kv) in p.batches() {
-                let (lg, _) = dec.forward_from(
+                let lg = dec.logits_from(
                     x.clone(),
                     p.start_layer,
                     pads,
                     Some(&mut kv.clone()),
-                    &Capture::none(),
                     Logits::Last,
                 )?;
-                for (row, &i) in lg
-                    .expect("logits")
-                    .squeeze(1)?
-                    .to_vec2::<f32>()?
-                    .iter()
-                    .zip(idx)
-                {
+                for (row, &i) in lg.squeeze(1)?.to_vec2::<f32>()?.iter().zip(idx) {
                     out[i] = mass(row, ids);
                 }
             }
@@ -85,14 +78,8 @@ pub fn scores(
             for chunk in order.chunks(batch_size.max(1)) {
                 let rows: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
                 let (t, pads) = left_pad(&rows, &dec.device)?;
-                let (lg, _) = dec.forward(&t, &pads, None, &Capture::none(), Logits::Last)?;
-                for (row, &i) in lg
-                    .expect("logits")
-                    .squeeze(1)?
-                    .to_vec2::<f32>()?
-                    .iter()
-                    .zip(chunk)
-                {
+                let lg = dec.logits(&t, &pads, None, Logits::Last)?;
+                for (row, &i) in lg.squeeze(1)?.to_vec2::<f32>()?.iter().zip(chunk) {
                     out[i] = mass(row, ids);
                 }
             }
