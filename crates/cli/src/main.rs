@@ -26,7 +26,8 @@ struct Cli {
     /// Directory holding datasets in the catalog layout (else SAFETY_LAYERS_DATA, then the cache)
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// Directory holding model files such as SmolLM2-135M-Instruct.Q4_1.gguf (else SAFETY_LAYERS_MODELS)
+    /// Directory holding model files such as SmolLM2-135M-Instruct.Q4_1.gguf (else
+    /// SAFETY_LAYERS_MODELS)
     #[arg(long, global = true)]
     models_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -35,7 +36,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct PromptArgs {
-    /// Prompt file (.txt / single-column .csv, one prompt per line; .csv with --column; .json or .jsonl records) or dataset name
+    /// Prompt file (.txt / single-column .csv, one prompt per line; .csv with --column; .json or
+    /// .jsonl records) or dataset name
     #[arg(long)]
     pub prompts: String,
     /// Column (CSV with header) or field (JSON/JSONL) holding the prompt
@@ -72,7 +74,8 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
     },
-    /// The paper's cosine analysis: where N-M similarity falls away from N-N (existence of safety layers)
+    /// The paper's cosine analysis: where N-M similarity falls away from N-N (existence of safety
+    /// layers)
     Cosine(cosine_cmd::CosineArgs),
     /// The paper's localisation: scale layer ranges, count over-rejections, sweep the bounds
     Locate(locate_cmd::LocateArgs),
@@ -82,7 +85,8 @@ enum Command {
     Align(align_cmd::AlignArgs),
     /// Fine-tune: SPPFT (--freeze the safety layers), full fine-tuning, or a control freeze
     Finetune(finetune_cmd::FinetuneArgs),
-    /// The paper's Table 2 columns per model: R_h on AdvBench, refusals on D_o and XSTest, Rouge-L and perplexity on held-out records
+    /// The paper's Table 2 columns per model: R_h on AdvBench, refusals on D_o and XSTest, Rouge-L
+    /// and perplexity on held-out records
     Eval(eval_cmd::EvalArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
@@ -91,7 +95,8 @@ enum Command {
         #[command(subcommand)]
         action: data_cmd::DataAction,
     },
-    /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat template)
+    /// Convert a GGUF file into a Hugging Face directory (config, safetensors, tokenizer, chat
+    /// template)
     Convert {
         /// The .gguf file
         #[arg(long)]
@@ -103,7 +108,8 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
-    /// Write the SPPFT freeze plan as a ready config for distributed trainers (axolotl, PEFT LoRA, HF Trainer + DeepSpeed)
+    /// Write the SPPFT freeze plan as a ready config for distributed trainers (axolotl, PEFT LoRA,
+    /// HF Trainer + DeepSpeed)
     Export(export_cmd::ExportArgs),
     /// Batched greedy generation, optionally with a layer range's weights scaled
     Generate {
@@ -113,7 +119,8 @@ enum Command {
         prompts: PromptArgs,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
-        /// Scale the attention and MLP weights of layers I..J (0-indexed, inclusive) by ALPHA: I-J:ALPHA
+        /// Scale the attention and MLP weights of layers I..J (0-indexed, inclusive) by ALPHA:
+        /// I-J:ALPHA
         #[arg(long)]
         scale: Option<String>,
         #[arg(long, default_value_t = 16)]

@@ -42,7 +42,13 @@ fn main() -> candle_core::Result<()> {
             },
             20,
         );
-        println!("m={m} k={k} n={n}: x@W^T(view) {:.1} GF/s | x@Wt(contig) {:.1} GF/s | W@x^T {:.1} GF/s", flops / a / 1e9, flops / b / 1e9, flops / c / 1e9);
+        println!(
+            "m={m} k={k} n={n}: x@W^T(view) {:.1} GF/s | x@Wt(contig) {:.1} GF/s | W@x^T \
+            {:.1} GF/s",
+            flops / a / 1e9,
+            flops / b / 1e9,
+            flops / c / 1e9
+        );
     }
     Ok(())
 }

@@ -56,7 +56,8 @@ fn main() -> Result<()> {
         tr.apply(1e-5, Some(1.0))?;
         let t4 = Instant::now();
         println!(
-            "rep {rep}: forward {:.2}s backward {:.2}s (accumulate {:.2}s) optimizer {:.2}s; {:.1} tok/s for fwd+bwd",
+            "rep {rep}: forward {:.2}s backward {:.2}s (accumulate {:.2}s) optimizer {:.2}s; \
+                {:.1} tok/s for fwd+bwd",
             (t1 - t0).as_secs_f64(),
             (t2 - t1).as_secs_f64(),
             (t3 - t2).as_secs_f64(),

@@ -100,7 +100,8 @@ impl Decoder {
             .collect();
         if !leftover.is_empty() {
             bail!(
-                "{}: {} tensors are not used by a {:?} model, e.g. {:?} (wrong architecture in config.json?)",
+                "{}: {} tensors are not used by a {:?} model, e.g. {:?} (wrong architecture in \
+                    config.json?)",
                 w.origin,
                 leftover.len(),
                 cfg.family,

@@ -62,7 +62,10 @@ impl Hook {
             return Ok(Hook::FinalNorm);
         }
         let Some((kind, k)) = s.split_once('.') else {
-            bail!("hook `{s}`: expected resid_pre.K, resid_post.K, attn_out.K, mlp_out.K, hidden.K or final_norm");
+            bail!(
+                "hook `{s}`: expected resid_pre.K, resid_post.K, attn_out.K, mlp_out.K, \
+                hidden.K or final_norm"
+            );
         };
         let k: usize = k
             .parse()
