@@ -1,7 +1,7 @@
 //! The engine's one model description, read from a Hugging Face `config.json` in either the
 //! transformers-4 layout (`rope_theta` + `rope_scaling`) or the transformers-5 layout
 //! (`rope_parameters`, possibly keyed by layer type). Every family becomes a set of switches on
-//! the single decoder in `model.rs`; nothing downstream looks at the family name again.
+//! the single decoder in `model/decoder.rs`; nothing downstream looks at the family name again.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -122,7 +122,8 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
-    /// Phi-3 `longrope` (formerly `su`): per-frequency factors, long ones past the original context.
+    /// Phi-3 `longrope` (formerly `su`): per-frequency factors, long ones past the original
+    /// context.
     LongRope {
         short_factor: Vec<f64>,
         long_factor: Vec<f64>,
@@ -278,17 +279,28 @@ fn parse_rope(params: Option<&Value>, theta: f64, top: &Value, file: &str) -> Re
             factor: factor.ok_or_else(|| anyhow!("{file}: llama3 rope scaling needs `factor`"))?,
             low_freq_factor: opt_f64(p, "low_freq_factor", file)?.unwrap_or(1.0),
             high_freq_factor: opt_f64(p, "high_freq_factor", file)?.unwrap_or(4.0),
-            original_max_position_embeddings: opt_usize(p, "original_max_position_embeddings", file)?
-                .ok_or_else(|| anyhow!("{file}: llama3 rope scaling needs `original_max_position_embeddings`"))?,
+            original_max_position_embeddings: opt_usize(
+                p,
+                "original_max_position_embeddings",
+                file,
+            )?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{file}: llama3 rope scaling needs \
+                         `original_max_position_embeddings`"
+                )
+            })?,
         },
         "longrope" | "su" => {
             let max_pos = req_usize(top, "max_position_embeddings", file)?;
             let orig = match opt_usize(p, "original_max_position_embeddings", file)? {
                 Some(o) => o,
-                None => opt_usize(top, "original_max_position_embeddings", file)?.unwrap_or(max_pos),
+                None => {
+                    opt_usize(top, "original_max_position_embeddings", file)?.unwrap_or(max_pos)
+                }
             };
-            // transformers: factor = max_position_embeddings / original_max_position_embeddings when
-            // not given; attention_factor = sqrt(1 + ln(factor) / ln(original)) unless given.
+            // transformers: factor = max_position_embeddings / original_max_position_embeddings
+            // when not given; attention_factor = sqrt(1 + ln(factor) / ln(original)) unless given.
             let factor = factor.unwrap_or(max_pos as f64 / orig as f64);
             let attention_factor = match opt_f64(p, "attention_factor", file)? {
                 Some(a) => a,
@@ -303,7 +315,8 @@ fn parse_rope(params: Option<&Value>, theta: f64, top: &Value, file: &str) -> Re
             }
         }
         other => bail!(
-            "{file}: rope scaling type {other:?} is not supported (supported: default, linear, llama3, longrope/su)"
+            "{file}: rope scaling type {other:?} is not supported (supported: default, linear, \
+             llama3, longrope/su)"
         ),
     };
     Ok(RopeConfig { theta, scaling })
@@ -345,14 +358,20 @@ impl ModelConfig {
         let num_layers = req_positive(v, "num_hidden_layers", file)?;
         let num_kv_heads = opt_usize(v, "num_key_value_heads", file)?.unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            bail!("{file}: num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})");
+            bail!(
+                "{file}: num_attention_heads ({num_heads}) must be a positive multiple of \
+                 num_key_value_heads ({num_kv_heads})"
+            );
         }
         let head_dim = match opt_usize(v, "head_dim", file)? {
             Some(0) => bail!("{file}: field `head_dim` must be at least 1, got 0"),
             Some(h) => h,
             None => {
                 if hidden_size % num_heads != 0 {
-                    bail!("{file}: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given");
+                    bail!(
+                        "{file}: hidden_size {hidden_size} is not divisible by num_attention_heads \
+                         {num_heads} and no head_dim is given"
+                    );
                 }
                 hidden_size / num_heads
             }
@@ -403,8 +422,11 @@ impl ModelConfig {
             None => opt_f64(v, "partial_rotary_factor", file)?.unwrap_or(1.0),
         };
         let rotary_dim = ((head_dim as f64) * partial) as usize;
-        if rotary_dim % 2 != 0 || rotary_dim == 0 {
-            bail!("{file}: partial_rotary_factor {partial} gives an odd or zero rotary dimension {rotary_dim}");
+        if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
+            bail!(
+                "{file}: partial_rotary_factor {partial} gives an odd or zero rotary dimension \
+                 {rotary_dim}"
+            );
         }
         if let RopeScaling::LongRope {
             short_factor,
@@ -414,7 +436,8 @@ impl ModelConfig {
         {
             if short_factor.len() != rotary_dim / 2 || long_factor.len() != rotary_dim / 2 {
                 bail!(
-                    "{file}: longrope short_factor/long_factor have {}/{} entries, expected rotary_dim/2 = {}",
+                    "{file}: longrope short_factor/long_factor have {}/{} entries, expected \
+                     rotary_dim/2 = {}",
                     short_factor.len(),
                     long_factor.len(),
                     rotary_dim / 2
@@ -496,7 +519,10 @@ impl ModelConfig {
                     Some("full_attention") => Ok(AttentionKind::Full),
                     Some("sliding_attention") => {
                         if window.is_none() {
-                            bail!("{file}: layer_types names sliding_attention but no sliding_window is set")
+                            bail!(
+                                "{file}: layer_types names sliding_attention but no \
+                                 sliding_window is set"
+                            )
                         }
                         Ok(AttentionKind::Sliding)
                     }
@@ -509,10 +535,10 @@ impl ModelConfig {
                 return Ok(false);
             }
             Ok(match family {
-                Family::Gemma2 => i % 2 == 0,
+                Family::Gemma2 => i.is_multiple_of(2),
                 Family::Gemma3 => {
                     let pattern = opt_usize(v, "sliding_window_pattern", file)?.unwrap_or(6);
-                    pattern == 0 || (i + 1) % pattern != 0
+                    pattern == 0 || !(i + 1).is_multiple_of(pattern)
                 }
                 Family::Qwen2 | Family::Qwen3 => {
                     i >= opt_usize(v, "max_window_layers", file)?.unwrap_or(0)
@@ -551,7 +577,10 @@ impl ModelConfig {
                     }
                 };
                 let full = one("full_attention")?.ok_or_else(|| {
-                    anyhow!("{file}: rope_parameters is keyed by layer type but has no `full_attention` entry")
+                    anyhow!(
+                        "{file}: rope_parameters is keyed by layer type but has no \
+                         `full_attention` entry"
+                    )
                 })?;
                 let local = one("sliding_attention")?;
                 return Ok((full, local));

@@ -273,7 +273,8 @@ fn a_sliding_window_of_zero_is_refused_where_it_is_used() {
     fails_naming(
         &with(
             base(),
-            json!({"layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]}),
+            json!({"layer_types": ["full_attention", "sliding_attention", "full_attention",
+                                   "full_attention"]}),
         ),
         &["sliding_attention", "no sliding_window"],
     );

@@ -156,7 +156,10 @@ impl GgufModel {
             .ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?
             .to_string();
         let Some((hf_arch, model_type)) = hf_architecture(&arch) else {
-            bail!("{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)");
+            bail!(
+                "{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, \
+                 qwen2, qwen3, gemma, gemma2, gemma3, phi3)"
+            );
         };
         let config = Self::config(&content, &arch, hf_arch, model_type, &shown)?;
         let cfg = ModelConfig::from_json(&config, &shown)?;
@@ -172,7 +175,10 @@ impl GgufModel {
                 if name.starts_with("rope_") {
                     continue; // llama.cpp's precomputed rope factors; the config carries them
                 }
-                bail!("{shown}: tensor `{name}` has no Hugging Face counterpart for architecture `{arch}`");
+                bail!(
+                    "{shown}: tensor `{name}` has no Hugging Face counterpart for architecture \
+                     `{arch}`"
+                );
             };
             let info = &content.tensor_infos[name];
             *quant_types
@@ -220,9 +226,15 @@ impl GgufModel {
         let heads = need("attention.head_count")?;
         let vocab = match meta_u64(c, &key("vocab_size")) {
             Some(v) => v,
-            None => meta(c, "tokenizer.ggml.tokens").and_then(|t| t.to_vec().ok()).map(|t| t.len() as u64).ok_or_else(|| {
-                anyhow!("{shown}: neither `{}` nor `tokenizer.ggml.tokens` gives the vocabulary size", key("vocab_size"))
-            })?,
+            None => meta(c, "tokenizer.ggml.tokens")
+                .and_then(|t| t.to_vec().ok())
+                .map(|t| t.len() as u64)
+                .ok_or_else(|| {
+                    anyhow!(
+                    "{shown}: neither `{}` nor `tokenizer.ggml.tokens` gives the vocabulary size",
+                    key("vocab_size")
+                )
+                })?,
         };
         let head_dim = meta_u64(c, &key("attention.key_length")).unwrap_or(hidden / heads.max(1));
         let mut cfg = Map::new();
@@ -339,7 +351,10 @@ pub fn read_config(path: &Path) -> Result<Value> {
     let arch = meta_str(&content, "general.architecture")
         .ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?;
     let Some((hf_arch, model_type)) = hf_architecture(arch) else {
-        bail!("{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)");
+        bail!(
+            "{shown}: GGUF architecture `{arch}` is not supported (supported: llama, mistral, \
+             qwen2, qwen3, gemma, gemma2, gemma3, phi3)"
+        );
     };
     GgufModel::config(&content, arch, hf_arch, model_type, &shown)
 }

@@ -23,8 +23,15 @@ fn bytes_to_unicode() -> Vec<char> {
     table
 }
 
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Raw strings cannot continue across lines, so the regexes are joined with `concat!`.
+const LLAMA3_SPLIT: &str = concat!(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+const QWEN2_SPLIT: &str = concat!(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 /// The pre-tokenizer split regex llama.cpp's `tokenizer.ggml.pre` names (None: GPT-2's own).
 fn split_regex(pre: Option<&str>) -> Option<&'static str> {
@@ -45,7 +52,10 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
         // Gemma and Phi-3 vocabularies need transformers' own adjustments, not implemented yet.
         "llama" if !arch.starts_with("gemma") && arch != "phi3" => sentencepiece(c),
         _ => bail!(
-            "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported yet (supported: gpt2 byte-level BPE, and llama SentencePiece-style for llama/mistral/qwen archs); convert the model with its Hugging Face tokenizer.json instead"
+            "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported \
+             yet (supported: gpt2 byte-level BPE, and llama SentencePiece-style for \
+             llama/mistral/qwen archs); convert the model with its Hugging Face tokenizer.json \
+             instead"
         ),
     }
 }
@@ -84,14 +94,15 @@ fn config_value(c: &Content, tokens: &[String], add_bos_default: bool) -> Value 
 }
 
 fn added_token(id: usize, content: &str, special: bool) -> Value {
-    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": false, "special": special})
 }
 
 /// A BPE model; SentencePiece-style vocabularies fall back to bytes and fuse unknowns.
 fn bpe(vocab: Map<String, Value>, merges: impl serde::Serialize, sentencepiece: bool) -> Value {
     json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-           "end_of_word_suffix": null, "fuse_unk": sentencepiece, "byte_fallback": sentencepiece, "ignore_merges": false,
-           "vocab": vocab, "merges": merges})
+           "end_of_word_suffix": null, "fuse_unk": sentencepiece, "byte_fallback": sentencepiece,
+           "ignore_merges": false, "vocab": vocab, "merges": merges})
 }
 
 fn tokenizer_value(
@@ -101,8 +112,9 @@ fn tokenizer_value(
     decoder: Value,
     model: Value,
 ) -> Value {
-    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-           "pre_tokenizer": pre_tokenizer, "post_processor": post_processor, "decoder": decoder, "model": model})
+    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+           "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+           "decoder": decoder, "model": model})
 }
 
 /// `TemplateProcessing` adding the BOS token when `add_bos` says so.
@@ -113,12 +125,17 @@ fn post_processor(c: &Content, tokens: &[String], add_bos: bool) -> Value {
         .filter(|_| add_bos)
     {
         Some(b) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {b.as_str(): {"id": b, "ids": [bos_id], "tokens": [b]}}}),
         None => json!({"type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {}}),
     }
 }
@@ -212,7 +229,8 @@ fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(true);
     let tokenizer = tokenizer_value(
         added,
-        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
+               "split": false}),
         post_processor(c, &tokens, add_bos),
         json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
@@ -260,15 +278,18 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
     let pre_tokenizer = match split_regex(pre) {
         Some(re) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}
         ]}),
         None => {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                   "use_regex": true})
         }
     };
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(false);
     let post = post_processor(c, &tokens, add_bos);
-    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                         "use_regex": true});
     let tokenizer = tokenizer_value(
         added,
         pre_tokenizer,

@@ -112,7 +112,8 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     bail!(
-        "{}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read; convert .bin files with transformers first)",
+        "{}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints \
+         are read; convert .bin files with transformers first)",
         dir.display()
     )
 }
@@ -166,8 +167,11 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
     for file in files {
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        // SAFETY: the file is opened read-only and not modified by us while mapped; a concurrent
-        // writer would be a user error that at worst yields wrong numbers, as with any reader.
+        // SAFETY: memmap2 maps the file shared and read-only (PROT_READ, MAP_SHARED); we never
+        // write through it and the mapping lives only for this loop. Another process can still
+        // change the file under us, as with any mmap reader: a concurrent write changes the bytes
+        // we read (wrong numbers), and a file truncated while mapped raises SIGBUS (the process
+        // dies) when a page past its new end is touched. Both are outside our control.
         let mmap = unsafe { memmap2::Mmap::map(&f) }
             .with_context(|| format!("cannot map {}", file.display()))?;
         let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
@@ -212,8 +216,9 @@ fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {
         let start = offset.div_ceil(page) * page;
         let end = (offset + len) / page * page;
         if end > start {
-            // SAFETY: DontNeed on a read-only private file mapping only drops cached pages; they are
-            // re-read from the file if touched again, which we do not do.
+            // SAFETY: DontNeed on a read-only shared file mapping only unmaps these pages from
+            // this process (the page cache keeps the file's data); they are read from the file
+            // again if touched, which we do not do.
             let _ = unsafe {
                 mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };

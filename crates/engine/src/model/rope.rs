@@ -53,7 +53,11 @@ impl Rope {
                     } else {
                         *f
                     };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // transformers: ~(wavelen < high) * ~(wavelen > low); a NaN wavelength is
+                    // neither, so it counts as medium there and here.
+                    use std::cmp::Ordering::{Greater, Less};
+                    let medium = wavelen.partial_cmp(&high_wavelen) != Some(Less)
+                        && wavelen.partial_cmp(&low_wavelen) != Some(Greater);
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

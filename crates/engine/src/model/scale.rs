@@ -123,7 +123,8 @@ impl Decoder {
                     )?
                 {
                     bail!(
-                        "scaling model.layers.{l}.{} by {alpha} left it unchanged (all-zero weights?)",
+                        "scaling model.layers.{l}.{} by {alpha} left it unchanged \
+                         (all-zero weights?)",
                         t.suffix
                     );
                 }

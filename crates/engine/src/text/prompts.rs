@@ -10,8 +10,11 @@ use crate::text::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
-pub const ALPACA: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
-pub const ALPACA_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
+pub const ALPACA: &str = "Below is an instruction that describes a task. Write a response that \
+    appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
+pub const ALPACA_INPUT: &str = "Below is an instruction that describes a task, paired with an \
+    input that provides further context. Write a response that appropriately completes the \
+    request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PromptRecord {
@@ -187,7 +190,12 @@ fn read_csv(text: &str, column: Option<&str>, shown: &str) -> Result<Vec<PromptR
                 .ok_or_else(|| anyhow!("{shown}: record {} has no column {k}", i + 1))?,
             None => {
                 if rec.len() != 1 {
-                    bail!("{shown}: record {} has {} columns; name one with --column (and give the file a header)", i + 1, rec.len());
+                    bail!(
+                        "{shown}: record {} has {} columns; name one with --column (and give the \
+                         file a header)",
+                        i + 1,
+                        rec.len()
+                    );
                 }
                 &rec[0]
             }

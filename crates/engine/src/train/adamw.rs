@@ -101,7 +101,8 @@ impl InplaceOp2 for Update<'_> {
                     let gi = g[i] * s.grad_scale;
                     // torch: param.mul_(1 - lr * wd); exp_avg.lerp_(grad, 1 - b1);
                     // exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2);
-                    // denom = exp_avg_sq.sqrt() / bc2_sqrt + eps; param.addcdiv_(exp_avg, denom, -step_size)
+                    // denom = exp_avg_sq.sqrt() / bc2_sqrt + eps;
+                    // param.addcdiv_(exp_avg, denom, -step_size)
                     let pi = p[i] * s.decay;
                     let mi = m[i] + s.one_minus_b1 * (gi - m[i]);
                     let vi = v[i] * s.b2 + s.one_minus_b2 * gi * gi;
@@ -225,7 +226,7 @@ mod tests {
         let lr = 1e-2;
         for (t, g) in grads.iter().enumerate() {
             opt.step(
-                &[p.clone()],
+                std::slice::from_ref(&p),
                 &[Some(Tensor::new(g.as_slice(), &Device::Cpu)?)],
                 lr,
                 1.0,

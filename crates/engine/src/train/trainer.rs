@@ -36,7 +36,7 @@ impl Batch {
         for (r, row) in rows.iter().enumerate() {
             let pad = t - row.len();
             pads.push(pad);
-            ids.extend(std::iter::repeat(0u32).take(pad));
+            ids.extend(std::iter::repeat_n(0u32, pad));
             ids.extend_from_slice(row);
             for k in supervised_from[r].max(1)..row.len() {
                 positions.push((r * t + pad + k - 1) as u32);

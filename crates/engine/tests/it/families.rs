@@ -1,5 +1,5 @@
 //! Equality with transformers for every family, on the tiny random checkpoints and reference
-//! outputs written by tools/fixtures/make_fixtures.py (tests/fixtures/<family>/).
+//! outputs written by tools/fixtures/make_family_fixtures.py (tests/fixtures/<family>/).
 
 use crate::common::fixture as fixture_dir;
 use serde_json::Value;
@@ -40,7 +40,8 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs() / w.abs().max(1.0);
-        if !(err <= worst.0) {
+        // A NaN error (or a NaN worst so far) counts as worse: it must show up in the report.
+        if err.partial_cmp(&worst.0).is_none_or(|o| o.is_gt()) {
             worst = (err, i);
         }
     }

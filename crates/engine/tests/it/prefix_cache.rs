@@ -59,7 +59,8 @@ fn prefix_cache_equals_naive_generation() {
                 )
                 .unwrap();
                 assert_eq!(naive, cached, "{family}: range {start}-{last}");
-                // Nor does the shared template head (the path without any cache recomputes it per row).
+                // Nor does the shared template head (the path without any cache recomputes it
+                // per row).
                 let nc = GenerateOptions {
                     no_cache: true,
                     ..opts.clone()
