@@ -127,7 +127,8 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(
             s,
-            "{\n  \"schema_version\": 1,\n  \"alpha\": {\n    \"a\": 2,\n    \"b\": 1\n  },\n  \"zeta\": 2\n}"
+            "{\n  \"schema_version\": 1,\n  \"alpha\": {\n    \"a\": 2,\n    \"b\": 1\n  },\
+             \n  \"zeta\": 2\n}"
         );
     }
 

@@ -103,7 +103,8 @@ fn pick(
     keep.truncate(n);
     (
         keep,
-        json!({"candidates": pool.len(), "duplicates_removed": dupes, "overlap_removed": removed, "available": available}),
+        json!({"candidates": pool.len(), "duplicates_removed": dupes, "overlap_removed": removed,
+               "available": available}),
     )
 }
 
@@ -140,7 +141,14 @@ pub fn build_records(
         .collect();
     let (benign, benign_report) = pick(&benign_pool, &benign_avoid, opts.benign_n, &mut rng);
     if harmful.len() < opts.harmful_n || benign.len() < opts.benign_n {
-        bail!("asked for {} harmful and {} benign prompts, but only {} and {} are available after de-duplication and overlap removal", opts.harmful_n, opts.benign_n, harmful.len(), benign.len());
+        bail!(
+            "asked for {} harmful and {} benign prompts, but only {} and {} are available after \
+             de-duplication and overlap removal",
+            opts.harmful_n,
+            opts.benign_n,
+            harmful.len(),
+            benign.len()
+        );
     }
     // The final check the report states: no chosen prompt appears in any protected set.
     let overlap: usize = harmful
@@ -199,12 +207,21 @@ pub fn build_records(
         *by_source.entry(s.clone()).or_default() += 1;
     }
     let report = json!({
-        "harmful": {"selection": harmful_report, "chosen": harmful.len(), "by_source": by_source, "sources": data.harmful.iter().map(|(n, _)| n).collect::<Vec<_>>()},
-        "benign": {"selection": benign_report, "chosen": benign.len(), "kept": benign_kept, "dropped_empty_answer": empty, "dropped_answer_judged_refusal": refused, "answers": "greedy, Alpaca template, the base model itself", "answer_tokens": opts.answer_tokens},
-        "protected_sets": data.protected.iter().map(|(n, v)| json!({"name": n, "prompts": v.len()})).collect::<Vec<_>>(),
-        "benign_excluded_sets": data.benign_exclude.iter().map(|(n, v)| json!({"name": n, "prompts": v.len()})).collect::<Vec<_>>(),
+        "harmful": {"selection": harmful_report, "chosen": harmful.len(), "by_source": by_source,
+                    "sources": data.harmful.iter().map(|(n, _)| n).collect::<Vec<_>>()},
+        "benign": {"selection": benign_report, "chosen": benign.len(), "kept": benign_kept,
+                   "dropped_empty_answer": empty, "dropped_answer_judged_refusal": refused,
+                   "answers": "greedy, Alpaca template, the base model itself",
+                   "answer_tokens": opts.answer_tokens},
+        "protected_sets": data.protected.iter()
+            .map(|(n, v)| json!({"name": n, "prompts": v.len()}))
+            .collect::<Vec<_>>(),
+        "benign_excluded_sets": data.benign_exclude.iter()
+            .map(|(n, v)| json!({"name": n, "prompts": v.len()}))
+            .collect::<Vec<_>>(),
         "overlap_after_selection": overlap,
-        "normalisation": "lower-case, runs of non-alphanumeric characters collapsed to one space, trimmed",
+        "normalisation":
+            "lower-case, runs of non-alphanumeric characters collapsed to one space, trimmed",
         "refusals": REFUSALS,
         "records": out.len(),
     });

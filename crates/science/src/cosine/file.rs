@@ -150,10 +150,16 @@ impl CosineFile {
             },
             std: "population (ddof=0)".into(),
             gap_definitions: GapDefinitions {
-                gap_code_deg: "deg(acos(mean cos N-M)) - deg(acos(mean cos N-N)), as the official code plots it".into(),
-                gap_paper_deg: "mean over N-M pairs of angle(n,m) - mean over N-N pairs of angle(n,n'), as the paper writes it".into(),
+                gap_code_deg: "deg(acos(mean cos N-M)) - deg(acos(mean cos N-N)), as the official \
+                               code plots it"
+                    .into(),
+                gap_paper_deg: "mean over N-M pairs of angle(n,m) - mean over N-N pairs of \
+                                angle(n,n'), as the paper writes it"
+                    .into(),
             },
-            entry_convention: "entry 0 = embedding output; entry e = output of layer e-1 (0-indexed); the last entry is after the final norm".into(),
+            entry_convention: "entry 0 = embedding output; entry e = output of layer e-1 \
+                               (0-indexed); the last entry is after the final norm"
+                .into(),
             rule: main.curves.rule.to_string(),
         }
     }
@@ -180,7 +186,8 @@ pub(crate) mod tests {
             "largest_gap": {"entry": 2, "layer": 1, "gap_code_deg": 3.5, "gap_paper_deg": 3.25},
             "pair_counts": {"nn": 3, "mm": 3, "nm": 9},
             "entries": [{"entry": 0, "nn_mean": 0.9, "nn_std": 0.01, "mm_mean": 0.8, "mm_std": 0.02,
-                         "nm_mean": 0.7, "nm_std": 0.03, "gap_code_deg": 3.5, "gap_paper_deg": 3.25}],
+                         "nm_mean": 0.7, "nm_std": 0.03, "gap_code_deg": 3.5,
+                         "gap_paper_deg": 3.25}],
             "timing": {"prompts": 6, "tokens": 60, "seconds": 0.5, "tokens_per_second": 120.0},
         })
     }

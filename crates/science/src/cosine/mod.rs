@@ -53,8 +53,11 @@ impl Vectors {
                     .map(|x| (*x as f64) * (*x as f64))
                     .sum::<f64>()
                     .sqrt();
-                if !(norm > 0.0) || !norm.is_finite() {
-                    bail!("{set} prompt {i}: hidden-state entry {k} is zero or not finite; its cosine is undefined");
+                if norm <= 0.0 || !norm.is_finite() {
+                    bail!(
+                        "{set} prompt {i}: hidden-state entry {k} is zero or not finite; its \
+                         cosine is undefined"
+                    );
                 }
                 p.push(r.iter().map(|x| *x as f64 / norm).collect());
             }

@@ -3,7 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const RULE: &str = "g_k = code angle gap (degrees) at the output of layer k; d_k = g_k - g_(k-1) is the growth layer k adds (d_0 against the embedding entry). p = the layer of largest growth D = d_p. The range starts at the earliest layer i <= p such that every layer from i to p grows by at least D/4 (the gap appears), and ends at the last layer j >= p before the first layer whose growth drops below D/4 (the first smoothing). No range if D < 1 degree (no gap opens).";
+pub const RULE: &str = "g_k = code angle gap (degrees) at the output of layer k; \
+    d_k = g_k - g_(k-1) is the growth layer k adds (d_0 against the embedding entry). p = the \
+    layer of largest growth D = d_p. The range starts at the earliest layer i <= p such that every \
+    layer from i to p grows by at least D/4 (the gap appears), and ends at the last layer j >= p \
+    before the first layer whose growth drops below D/4 (the first smoothing). No range if \
+    D < 1 degree (no gap opens).";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitialRange {
@@ -29,7 +34,8 @@ pub fn initial_range(gap: &[f64]) -> Option<InitialRange> {
                 best
             }
         });
-    if !(d >= 1.0) {
+    // A NaN growth (from a NaN gap) opens no range either.
+    if d.is_nan() || d < 1.0 {
         return None;
     }
     let floor = d / 4.0;

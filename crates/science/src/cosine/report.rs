@@ -62,7 +62,8 @@ pub fn vectors(
     let max = model.cfg().max_position_embeddings;
     if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
         anyhow::bail!(
-            "prompt set `{}`: {:?} is {} tokens, longer than the model's context ({max}); shorten it",
+            "prompt set `{}`: {:?} is {} tokens, longer than the model's context ({max}); \
+             shorten it",
             set.name,
             p.record.instruction,
             p.ids.len()
@@ -111,7 +112,10 @@ pub fn write(
     std::fs::create_dir_all(dir)?;
     CosineFile::new(main, compare, normal, malicious, cfg).write(&dir.join("cosine.json"))?;
 
-    let mut csv = String::from("model,entry,layer,nn_mean,nn_std,mm_mean,mm_std,nm_mean,nm_std,gap_code_deg,gap_paper_deg\n");
+    let mut csv = String::from(
+        "model,entry,layer,nn_mean,nn_std,mm_mean,mm_std,nm_mean,nm_std,gap_code_deg,\
+         gap_paper_deg\n",
+    );
     for r in std::iter::once(main).chain(compare) {
         for e in &r.curves.entries {
             csv.push_str(&format!(

@@ -1,6 +1,6 @@
 //! Evaluation the way the paper's tables do it (Table 2): per model, the harmful rate R_h on
 //! AdvBench, refusals on the over-rejection set D_o and on XSTest's safe and unsafe prompts, and
-//! utility on held-out fine-tuning records (eval_utility.rs). Every response is kept with its
+//! utility on held-out fine-tuning records (utility.rs). Every response is kept with its
 //! verdict so that any number can be audited, and re-judged later without the model.
 
 pub mod figure;
@@ -127,7 +127,9 @@ impl EvalJudge {
             } => serde_json::json!({
                 "kind": "probe",
                 "first_token_openings": crate::judges::probe::REFUSAL_OPENINGS,
-                "threshold": threshold.map(|t| serde_json::json!(t)).unwrap_or_else(|| serde_json::json!("calibrated per model")),
+                "threshold": threshold
+                    .map(|t| serde_json::json!(t))
+                    .unwrap_or_else(|| serde_json::json!("calibrated per model")),
                 "calibrated_against": calibrate_against,
             }),
         }
@@ -240,7 +242,12 @@ pub fn judge_responses(
             for (kind, rs) in sets.iter() {
                 for r in rs {
                     let Some(s) = r.probe_score else {
-                        bail!("{}: response {} has no probe_score (generate with --judge probe to record it)", file_of(*kind), r.index);
+                        bail!(
+                            "{}: response {} has no probe_score (generate with --judge probe to \
+                             record it)",
+                            file_of(*kind),
+                            r.index
+                        );
                     };
                     scores.push(s);
                     labels.push(calibrate_against.is_refusal(&r.response));

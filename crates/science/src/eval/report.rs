@@ -1,7 +1,7 @@
 //! The evaluation table and its files: eval.json (stable keys, no timings, so the same command
 //! gives the same bytes), eval.csv and eval.md (models as rows, the layout of the paper's
-//! Table 2), eval.svg, and responses/<model>/<set>.jsonl with every verdict. `load` reads such a
-//! directory back so the tables can be recomputed with another judge without the models.
+//! Table 2), eval.svg, and `responses/<model>/<set>.jsonl` with every verdict. `load` reads
+//! such a directory back so the tables can be recomputed with another judge without the models.
 
 use crate::eval::file::{EvalFile, EvalModel, EvalRow, FailedRow, SetFileInfo, SCHEMA_VERSION};
 use crate::eval::rouge::rouge_l;
@@ -73,7 +73,10 @@ pub fn check_label(label: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !ok {
-        bail!("model label `{label}`: use ASCII letters, digits, `.`, `_` or `-` (it names a directory under responses/)");
+        bail!(
+            "model label `{label}`: use ASCII letters, digits, `.`, `_` or `-` (it names a \
+             directory under responses/)"
+        );
     }
     Ok(())
 }
@@ -263,7 +266,8 @@ impl EvalReport {
         if let Some(r) = &self.rejudged_from {
             md += &format!("Re-judged from the responses saved in `{r}`. ");
         }
-        md += "Rates in % with the 95% Wilson interval; R_h counts answers the judge does not call refusals, the other columns count refusals.\n\n";
+        md += "Rates in % with the 95% Wilson interval; R_h counts answers the judge does not \
+               call refusals, the other columns count refusals.\n\n";
         for s in &self.sets {
             md += &format!(
                 "- {}: `{}` ({} prompts)\n",

@@ -103,11 +103,13 @@ mod tests {
 
     #[test]
     fn rouge_l_by_hand() {
-        // Tokens: p = the cat sat on the mat (6), r = the cat is on the mat (6); LCS = the cat on the mat (5).
+        // Tokens: p = the cat sat on the mat (6), r = the cat is on the mat (6);
+        // LCS = the cat on the mat (5).
         let s = rouge_l("The cat sat on the mat.", "the cat is on the mat");
         assert_eq!((s.precision, s.recall), (5.0 / 6.0, 5.0 / 6.0));
         assert!((s.f1 - 5.0 / 6.0).abs() < 1e-15);
-        // p = police killed the gunman (4), r = police kill the gunman (4); LCS = police the gunman (3).
+        // p = police killed the gunman (4), r = police kill the gunman (4);
+        // LCS = police the gunman (3).
         let s = rouge_l("police killed the gunman", "police kill the gunman");
         assert_eq!((s.precision, s.recall, s.f1), (0.75, 0.75, 0.75));
         // p = a b (2), r = a x b y (4): LCS 2, P = 1, R = 0.5, F = 2*0.5/1.5 = 2/3.

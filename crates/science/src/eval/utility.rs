@@ -146,14 +146,21 @@ impl UtilitySet {
             "sha256": self.sha256,
             "records_in_set": self.total,
             "held_out": {
-                "rule": format!("the {} {} records of the set (the records fine-tuning holds out)", match self.take { Take::First => "first", Take::Last => "last" }, self.records.len()),
+                "rule": format!(
+                    "the {} {} records of the set (the records fine-tuning holds out)",
+                    match self.take { Take::First => "first", Take::Last => "last" },
+                    self.records.len()
+                ),
                 "take": self.take,
                 "n": self.records.len(),
                 "first_index": first,
                 "last_index": last,
             },
-            "rouge_l": "F1 of the longest common token subsequence; rouge-score's tokenisation: lower-cased, tokens are runs of ASCII a-z0-9 (punctuation, whitespace, other characters separate), no stemming; mean over records",
-            "perplexity": "exp(total NLL / total tokens) of the reference tokens given the formatted prompt, teacher-forced; reference text only, no EOS",
+            "rouge_l": "F1 of the longest common token subsequence; rouge-score's tokenisation: \
+                        lower-cased, tokens are runs of ASCII a-z0-9 (punctuation, whitespace, \
+                        other characters separate), no stemming; mean over records",
+            "perplexity": "exp(total NLL / total tokens) of the reference tokens given the \
+                           formatted prompt, teacher-forced; reference text only, no EOS",
         })
     }
 }

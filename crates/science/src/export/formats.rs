@@ -107,15 +107,18 @@ fn plan_json(
     Ok(json!({
         "format": format,
         "sources": src,
-        "model": {"family": plan.family, "architecture": plan.architecture, "num_layers": plan.num_layers,
-                  "tie_word_embeddings": cfg.tie_word_embeddings},
+        "model": {"family": plan.family, "architecture": plan.architecture,
+                  "num_layers": plan.num_layers, "tie_word_embeddings": cfg.tie_word_embeddings},
         "freeze": {"first": plan.range.first, "last": plan.range.last, "modules": plan.modules,
-                   "rule": "in layers first..=last, every parameter under the named submodules (self_attn, mlp) is frozen; norms, embeddings, the final norm and lm_head train"},
+                   "rule": "in layers first..=last, every parameter under the named submodules \
+                            (self_attn, mlp) is frozen; norms, embeddings, the final norm and \
+                            lm_head train"},
         "recipe": recipe,
         "parameters": hf_parameter_names(cfg).len(),
         "frozen_parameters": frozen,
         "trainable_parameters": trainable,
-        "axolotl_unfrozen_parameters": plan.axolotl_unfrozen().into_iter().map(|p| p.pattern).collect::<Vec<_>>(),
+        "axolotl_unfrozen_parameters":
+            plan.axolotl_unfrozen().into_iter().map(|p| p.pattern).collect::<Vec<_>>(),
         "lora_targets": lora,
     }))
 }
@@ -159,13 +162,25 @@ fn axolotl_yaml(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
         plan.architecture,
         modules_text(plan)
     ));
-    line("# Written by `safety-layers export`; freeze_plan.json beside it lists every tensor, frozen or not.".into());
-    line("# Run from this directory (ds_zero2.json is found relative to it):  axolotl train axolotl.yaml".into());
+    line(
+        "# Written by `safety-layers export`; freeze_plan.json beside it lists every tensor, \
+         frozen or not."
+            .into(),
+    );
+    line(
+        "# Run from this directory (ds_zero2.json is found relative to it):  \
+         axolotl train axolotl.yaml"
+            .into(),
+    );
     line(format!("base_model: {}", quoted(&src.base_model)));
     line("model_type: AutoModelForCausalLM".into());
     line("tokenizer_type: AutoTokenizer".into());
     line(String::new());
-    line("# The paper's {instruction, input, output} records in the Alpaca template (Input variant when".into());
+    line(
+        "# The paper's {instruction, input, output} records in the Alpaca template (Input variant \
+         when"
+            .into(),
+    );
     line("# the record has one), ended by the tokenizer's EOS.".into());
     line("datasets:".into());
     line(format!("  - path: {}", quoted(&src.data)));
@@ -189,7 +204,8 @@ fn axolotl_yaml(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
     line(format!("num_epochs: {}", r.epochs));
     line(format!("micro_batch_size: {}", r.micro_batch_size));
     line(format!(
-        "gradient_accumulation_steps: {}  # per GPU: the paper's batch is {} on one process; divide by the GPU count to keep it",
+        "gradient_accumulation_steps: {}  # per GPU: the paper's batch is {} on one process; \
+         divide by the GPU count to keep it",
         r.grad_accum,
         r.micro_batch_size * r.grad_accum
     ));
@@ -222,8 +238,16 @@ fn axolotl_yaml(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
         line("evals_per_epoch: 1".into());
     }
     line(String::new());
-    line("# axolotl freezes every parameter, then unfreezes those a pattern matches (Python re.match from".into());
-    line("# the start of the name; a `.` is a literal dot). Everything but the frozen range stays trainable.".into());
+    line(
+        "# axolotl freezes every parameter, then unfreezes those a pattern matches (Python \
+         re.match from"
+            .into(),
+    );
+    line(
+        "# the start of the name; a `.` is a literal dot). Everything but the frozen range stays \
+         trainable."
+            .into(),
+    );
     line("unfrozen_parameters:".into());
     for p in plan.axolotl_unfrozen() {
         line(format!("  # {}", p.keeps));
@@ -345,9 +369,10 @@ fn hf_trainer_script(plan: &FreezePlan, r: &Recipe, src: &Sources) -> String {
 
 fn readme(format: Format, plan: &FreezePlan, src: &Sources) -> String {
     let head = format!(
-        "# SPPFT plan: {} layers {} frozen ({})\n\nWritten by `safety-layers export` from {}. `freeze_plan.json` lists every \
-         parameter of the model by its Hugging Face name, frozen or trainable, and the recipe (the paper's \
-         hyper-parameters unless overridden). Model: `{}`. Data: `{}`.\n\n",
+        "# SPPFT plan: {} layers {} frozen ({})\n\nWritten by `safety-layers export` from {}. \
+         `freeze_plan.json` lists every parameter of the model by its Hugging Face name, frozen or \
+         trainable, and the recipe (the paper's hyper-parameters unless overridden). Model: `{}`. \
+         Data: `{}`.\n\n",
         plan.architecture,
         plan.range,
         modules_text(plan),
@@ -356,21 +381,31 @@ fn readme(format: Format, plan: &FreezePlan, src: &Sources) -> String {
         src.data
     );
     let body = match format {
-        Format::Axolotl => "`axolotl.yaml` is a full fine-tune whose `unfrozen_parameters` leave only the range's \
-             frozen submodules out; DeepSpeed ZeRO-2 (`ds_zero2.json`) shards gradients and optimizer state.\n\n\
+        Format::Axolotl => {
+            "`axolotl.yaml` is a full fine-tune whose `unfrozen_parameters` leave only the \
+             range's frozen submodules out; DeepSpeed ZeRO-2 (`ds_zero2.json`) shards gradients \
+             and optimizer state.\n\n\
              ```sh\ncd THIS_DIR && axolotl train axolotl.yaml\n```\n\n\
-             `gradient_accumulation_steps` counts per GPU: divide it by the number of GPUs to keep the paper's batch.\n",
-        Format::Peft => "`adapter_config.json` is a PEFT LoRA config for LoRA-SPPFT: adapters on the projections of \
-             every layer outside the range (`layers_to_transform`), none on the frozen submodules inside it. \
-             The base model is frozen by PEFT as usual.\n\n\
+             `gradient_accumulation_steps` counts per GPU: divide it by the number of GPUs to keep \
+             the paper's batch.\n"
+        }
+        Format::Peft => {
+            "`adapter_config.json` is a PEFT LoRA config for LoRA-SPPFT: adapters on the \
+             projections of every layer outside the range (`layers_to_transform`), none on the \
+             frozen submodules inside it. The base model is frozen by PEFT as usual.\n\n\
              ```python\nfrom peft import LoraConfig, get_peft_model\n\
              model = get_peft_model(model, LoraConfig.from_pretrained(\"THIS_DIR\"))\n```\n\n\
-             With `safety-layers export --format hf-trainer`, `train_sppft.py --lora THIS_DIR` trains it.\n",
-        Format::HfTrainer => "`train_sppft.py` loads the model in fp32, sets `requires_grad = False` on exactly the \
-             planned tensors (it stops if the model's names differ from the plan), and trains with the \
-             Hugging Face Trainer and DeepSpeed ZeRO-2 (`ds_zero2.json`).\n\n\
+             With `safety-layers export --format hf-trainer`, `train_sppft.py --lora THIS_DIR` \
+             trains it.\n"
+        }
+        Format::HfTrainer => {
+            "`train_sppft.py` loads the model in fp32, sets `requires_grad = False` on exactly \
+             the planned tensors (it stops if the model's names differ from the plan), and trains \
+             with the Hugging Face Trainer and DeepSpeed ZeRO-2 (`ds_zero2.json`).\n\n\
              ```sh\ncd THIS_DIR && deepspeed --num_gpus 8 train_sppft.py\n```\n\n\
-             `--no-deepspeed` runs one process without DeepSpeed; `--max-steps N` makes a smoke run.\n",
+             `--no-deepspeed` runs one process without DeepSpeed; `--max-steps N` makes a smoke \
+             run.\n"
+        }
     };
     head + body
 }

@@ -92,7 +92,8 @@ impl FreezePlan {
         if self.modules.len() == 2 {
             if outside.is_empty() {
                 bail!(
-                    "the range {} covers every layer of the model (0-{}): LoRA-SPPFT would have no layer to adapt",
+                    "the range {} covers every layer of the model (0-{}): LoRA-SPPFT would have \
+                     no layer to adapt",
                     self.range,
                     self.num_layers - 1
                 );

@@ -10,17 +10,18 @@ fn cfg(v: serde_json::Value) -> ModelConfig {
 /// Meta-Llama-3-8B-Instruct's shape.
 fn llama3_8b() -> ModelConfig {
     cfg(
-        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
-        "rope_theta": 500000.0, "tie_word_embeddings": false}),
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_hidden_layers": 32, "vocab_size": 128256, "rope_theta": 500000.0,
+        "tie_word_embeddings": false}),
     )
 }
 
 fn phi3_mini() -> ModelConfig {
     cfg(
         json!({"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32064,
-        "max_position_embeddings": 4096, "tie_word_embeddings": false}),
+        "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
+        "vocab_size": 32064, "max_position_embeddings": 4096, "tie_word_embeddings": false}),
     )
 }
 
@@ -123,7 +124,8 @@ fn phi3_names_are_fused_and_freeze_whole() {
 fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
     let qwen2 = cfg(
         json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100, "tie_word_embeddings": true}),
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+        "vocab_size": 100, "tie_word_embeddings": true}),
     );
     let (frozen, trainable) = plan(&qwen2, 1, 2, &["attn", "mlp"]).split();
     assert!(frozen.contains(&"model.layers.1.self_attn.q_proj.bias".to_string()));
@@ -140,16 +142,18 @@ fn biases_and_qk_norms_go_with_their_module_and_sandwich_norms_stay() {
     );
 
     let qwen3 = cfg(
-        json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "head_dim": 16,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100}),
+        json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+        "vocab_size": 100}),
     );
     let (frozen, _) = plan(&qwen3, 0, 0, &["attn"]).split();
     assert_eq!(frozen.len(), 6, "q/k/v/o + q_norm + k_norm");
     assert!(frozen.contains(&"model.layers.0.self_attn.k_norm.weight".to_string()));
 
     let gemma2 = cfg(
-        json!({"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "head_dim": 16,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100}),
+        json!({"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+        "vocab_size": 100}),
     );
     let (frozen, trainable) = plan(&gemma2, 2, 3, &["mlp"]).split();
     assert_eq!(frozen.len(), 2 * 3);
@@ -255,8 +259,9 @@ fn paper_learning_rates_by_model() {
     assert_eq!(paper_lr(&llama3_8b()).0, 1e-4);
     assert_eq!(paper_lr(&phi3_mini()).0, 6e-4);
     let llama2 = cfg(
-        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-        "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000}),
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "vocab_size": 32000}),
     );
     assert_eq!(
         paper_lr(&llama2),
@@ -264,7 +269,8 @@ fn paper_learning_rates_by_model() {
     );
     let smol = cfg(
         json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152}),
+        "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
+        "vocab_size": 49152}),
     );
     assert!(paper_lr(&smol).1.starts_with("finetune's default"));
 }

@@ -146,7 +146,11 @@ pub fn resume(trainer: &mut Trainer, dir: &Path, fingerprint: &str) -> Result<Ch
         .as_u64()
         .unwrap_or(ckpt.global_step as u64);
     if ckpt.fingerprint != fingerprint {
-        bail!("--resume: {} was written by a run with different settings or data; start a new run in a new directory", dir.display());
+        bail!(
+            "--resume: {} was written by a run with different settings or data; start a new run \
+             in a new directory",
+            dir.display()
+        );
     }
     Ok(ckpt)
 }

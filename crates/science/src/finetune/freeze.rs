@@ -174,7 +174,10 @@ pub fn freeze_audit(
                 all_identical = false;
             }
         }
-        rows.push(json!({"name": name, "frozen": is_frozen, "sha256_before": h_before, "sha256_after": h_after, "identical": identical}));
+        rows.push(
+            json!({"name": name, "frozen": is_frozen, "sha256_before": h_before,
+                         "sha256_after": h_after, "identical": identical}),
+        );
     }
     if !all_identical {
         bail!("freeze audit failed: a frozen tensor changed during training (this is a bug)");

@@ -189,7 +189,8 @@ pub fn finetune(
                     step: ckpt.global_step,
                     holdout_loss: l,
                 });
-                let entry = json!({"step": ckpt.global_step, "epoch": ckpt.epoch as f64, "holdout_loss": l, "seconds": ckpt.seconds});
+                let entry = json!({"step": ckpt.global_step, "epoch": ckpt.epoch as f64,
+                                   "holdout_loss": l, "seconds": ckpt.seconds});
                 log.append(&mut ckpt, entry)?;
             }
         }
@@ -271,7 +272,11 @@ fn prepare_out(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
         })?)
     } else {
         if sl_engine::io::atomic::occupied(out) {
-            bail!("output directory {} already exists and is not empty (use --resume to continue a run there)", out.display());
+            bail!(
+                "output directory {} already exists and is not empty (use --resume to continue a \
+                 run there)",
+                out.display()
+            );
         }
         None
     };

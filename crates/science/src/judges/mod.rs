@@ -2,6 +2,7 @@
 //!
 //! - `gcg`: the GCG / AdvBench keyword list (PAPER.md), case-sensitive substring anywhere.
 //! - `xstest`: XSTest's string match: the lower-cased, stripped response starts with a prefix.
+//!
 //! Both take a custom phrase list instead of their default (`--refusal-list FILE`).
 
 pub mod probe;

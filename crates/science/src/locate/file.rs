@@ -111,15 +111,20 @@ pub(crate) mod tests {
 
     pub fn sample() -> Value {
         let sweep = |kind: &str| {
-            json!({"kind": kind, "alpha": 1.2, "tried": [[{"first": 1, "last": 2}, 5], [{"first": 1, "last": 3}, 7]],
+            json!({"kind": kind, "alpha": 1.2,
+                   "tried": [[{"first": 1, "last": 2}, 5], [{"first": 1, "last": 3}, 7]],
                    "best": {"first": 1, "last": 3}})
         };
         json!({
             "schema_version": SCHEMA_VERSION,
-            "meta": {"model": "m", "over_rejection": "do", "over_rejection_sha256": "ab", "template": "alpaca",
-                     "max_new_tokens": 4, "span": 1, "prefix_cache": false, "early_stop": true},
-            "judge": {"kind": "probe", "calibrated_against": {"kind": "gcg", "phrases": ["Sorry"], "custom_list": null},
-                      "calibration": {"threshold": 0.5, "agreement": 1.0, "responses": 12, "gcg_refusals": 3},
+            "meta": {"model": "m", "over_rejection": "do", "over_rejection_sha256": "ab",
+                     "template": "alpaca", "max_new_tokens": 4, "span": 1, "prefix_cache": false,
+                     "early_stop": true},
+            "judge": {"kind": "probe",
+                      "calibrated_against": {"kind": "gcg", "phrases": ["Sorry"],
+                                             "custom_list": null},
+                      "calibration": {"threshold": 0.5, "agreement": 1.0, "responses": 12,
+                                      "gcg_refusals": 3},
                       "first_token_openings": ["I"], "agreement_on_chosen_range": 0.75},
             "queries": 6,
             "initial_range": {"first": 1, "last": 2},

@@ -446,10 +446,12 @@ mod tests {
 
     #[test]
     fn best_bound_by_hand() {
-        // Table 1, Llama-3 upper sweep: [7,10] 272, [7,11] 241, [7,12] 283*, [7,13] 266, [7,14] 256.
+        // Table 1, Llama-3 upper sweep:
+        // [7,10] 272, [7,11] 241, [7,12] 283*, [7,13] 266, [7,14] 256.
         let upper = [(10, 272), (11, 241), (12, 283), (13, 266), (14, 256)];
         assert_eq!(best_bound(upper.into_iter(), 12, true), 12);
-        // Phi-3 (alpha < 1, minimum wins): [11,13] 209, [11,14] 190, [11,15] 149*, [11,16] 181, [11,17] 189.
+        // Phi-3 (alpha < 1, minimum wins):
+        // [11,13] 209, [11,14] 190, [11,15] 149*, [11,16] 181, [11,17] 189.
         let phi = [(13, 209), (14, 190), (15, 149), (16, 181), (17, 189)];
         assert_eq!(best_bound(phi.into_iter(), 15, false), 15);
         // A flat sweep keeps the starting bound; a strict best at the edge is taken (and extended).

@@ -79,7 +79,7 @@ fn range_name(r: Option<LayerRange>) -> String {
         .unwrap_or_else(|| "baseline".into())
 }
 
-/// Writes locate.json, locate.csv, locate.svg and responses/<range>@<alpha>.jsonl into `dir`.
+/// Writes locate.json, locate.csv, locate.svg and `responses/<range>@<alpha>.jsonl` into `dir`.
 pub fn write(
     dir: &Path,
     loc: &Locator<'_>,
@@ -159,7 +159,8 @@ pub fn write(
         let mut lines = String::new();
         for j in &r.responses {
             lines.push_str(&serde_json::to_string(&json!({
-                "prompt": j.prompt, "response": j.response, "output_ids": j.output_ids, "refusal": j.refusal, "stop": j.stop, "probe_score": j.probe_score,
+                "prompt": j.prompt, "response": j.response, "output_ids": j.output_ids,
+                "refusal": j.refusal, "stop": j.stop, "probe_score": j.probe_score,
             }))?);
             lines.push('\n');
         }

@@ -156,16 +156,31 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneR
     let range = cos.main.initial_range;
     let holds = gap >= 1.0 && range.is_some();
     out.push(Claim {
-        claim: "1. Safety layers exist: in the aligned model the N-M cosine curve separates from N-N in the middle layers".into(),
+        claim: "1. Safety layers exist: in the aligned model the N-M cosine curve separates from \
+                N-N in the middle layers"
+            .into(),
         verdict: if holds {
-            if gap > base_gap + 0.5 { "reproduced" } else { "partly: a gap opens in the middle layers, but it is not wider than the base model's (by more than 0.5°), so the safety SFT did not create it here" }
+            if gap > base_gap + 0.5 {
+                "reproduced"
+            } else {
+                "partly: a gap opens in the middle layers, but it is not wider than the base \
+                 model's (by more than 0.5°), so the safety SFT did not create it here"
+            }
         } else {
             "not reproduced"
-        }.into(),
+        }
+        .into(),
         evidence: format!(
-            "largest angle gap {:.2}° at the output of layer {} (aligned) vs {:.2}° at layer {} (base); initial range from the rule: {}",
-            gap, gap_layer(g), base_gap, gap_layer(base_g),
-            match range { None => "none (gap < 1°)".to_string(), Some(r) => format!("[{}, {}]", r.first, r.last) }
+            "largest angle gap {:.2}° at the output of layer {} (aligned) vs {:.2}° at layer {} \
+             (base); initial range from the rule: {}",
+            gap,
+            gap_layer(g),
+            base_gap,
+            gap_layer(base_g),
+            match range {
+                None => "none (gap < 1°)".to_string(),
+                Some(r) => format!("[{}, {}]", r.first, r.last),
+            }
         ),
         control_protects_less: None,
     });
@@ -189,13 +204,26 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneR
         (b as f64 - baseline as f64).abs() >= 2.0 * (baseline.max(1) as f64).sqrt() + 1.0
     });
     out.push(Claim {
-        claim: "2. The safety layers can be located: scaling their weights (alpha) changes over-rejection most within a precise range".into(),
+        claim: "2. The safety layers can be located: scaling their weights (alpha) changes \
+                over-rejection most within a precise range"
+            .into(),
         verdict: match (moved, clear) {
             (true, true) => "reproduced",
-            (true, false) => "weak: the chosen range moves the count in the expected direction, but by less than 2 sqrt(baseline) + 1 queries",
+            (true, false) => {
+                "weak: the chosen range moves the count in the expected direction, but by less \
+                 than 2 sqrt(baseline) + 1 queries"
+            }
             _ => "not reproduced: no range moved the refusal count away from the baseline",
-        }.into(),
-        evidence: format!("alpha {alpha}: baseline {baseline} refusals of {} queries; chosen range [{}, {}] gives {}", loc.queries, loc.range.first, loc.range.last, best.map(|b| b.to_string()).unwrap_or("?".into())),
+        }
+        .into(),
+        evidence: format!(
+            "alpha {alpha}: baseline {baseline} refusals of {} queries; chosen range [{}, {}] \
+             gives {}",
+            loc.queries,
+            loc.range.first,
+            loc.range.last,
+            best.map(|b| b.to_string()).unwrap_or("?".into())
+        ),
         control_protects_less: None,
     });
     // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; a control freeze
@@ -230,12 +258,23 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneR
         };
         let rate_of = |v: Option<&SetSummary>| pct(v.map(|v| v.rate.rate));
         out.push(Claim {
-            claim: format!("3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and below a control freeze of an equally wide range"),
+            claim: format!(
+                "3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and \
+                 below a control freeze of an equally wide range"
+            ),
             verdict: verdict.into(),
             evidence: format!(
                 "R_h aligned {} → full FT {} / SPPFT {} / control {}; Rouge-L full {} vs SPPFT {}",
-                rate_of(al), rate_of(f), rate_of(s), rate_of(c),
-                rouge(&full).map(|x| format!("{x:.3}")).unwrap_or("—".into()), rouge(&sppft).map(|x| format!("{x:.3}")).unwrap_or("—".into())
+                rate_of(al),
+                rate_of(f),
+                rate_of(s),
+                rate_of(c),
+                rouge(&full)
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or("—".into()),
+                rouge(&sppft)
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or("—".into())
             ),
             control_protects_less: Some(rate(c) > rate(s)),
         });
@@ -243,11 +282,18 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneR
     out
 }
 
-const CSS: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}table{border-collapse:collapse;margin:.6em 0}
-td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}
-.ci{color:#666;font-size:.85em}.n{color:#999;font-size:.8em}.claim{border-left:5px solid #888;padding:.4em .8em;margin:.8em 0;background:#fafafa}
-.ok{border-color:#2a9d48}.part{border-color:#e0a000}.no{border-color:#c0392b}figure{margin:1em 0}figure svg{max-width:100%;height:auto}
+// Lines ending in `\` continue without a line break (Rust string continuation); the others end
+// in a real newline of the stylesheet.
+const CSS: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;\
+    padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}\
+    table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\
+    th{background:#f4f4f4}
+.ci{color:#666;font-size:.85em}.n{color:#999;font-size:.8em}\
+    .claim{border-left:5px solid #888;padding:.4em .8em;margin:.8em 0;background:#fafafa}
+.ok{border-color:#2a9d48}.part{border-color:#e0a000}.no{border-color:#c0392b}figure{margin:1em 0}\
+    figure svg{max-width:100%;height:auto}
 code{font-size:.85em;word-break:break-all}";
 
 /// Writes results.json and report.html into `dir` from the stage outputs there.
@@ -282,7 +328,8 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
             upper_sweep: loc.upper_sweep.clone(),
             lower_sweep: loc.lower_sweep.clone(),
         },
-        align: json!({"data": align["data"], "final_loss": align["training"]["final_loss"], "seconds": align["seconds"]}),
+        align: json!({"data": align["data"], "final_loss": align["training"]["final_loss"],
+                      "seconds": align["seconds"]}),
         finetune: finetunes,
         provenance: provenance.clone(),
         eval,
@@ -291,9 +338,15 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
     let eval = &results.eval;
 
     let mut h = String::new();
-    h.push_str(&format!("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>safety-layers demo report</title><style>{CSS}</style></head><body>\n"));
     h.push_str(&format!(
-        "<h1>Safety layers on a model organism — {} profile</h1><p>Base model <b>{}</b>, aligned here by safety SFT, then studied as the paper (Li et al., ICLR 2025) studies Llama-3-8B-Instruct. Every number below comes from the stage outputs in this directory; <code>results.json</code> holds them all.</p>\n",
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>\
+         <title>safety-layers demo report</title><style>{CSS}</style></head><body>\n"
+    ));
+    h.push_str(&format!(
+        "<h1>Safety layers on a model organism — {} profile</h1><p>Base model <b>{}</b>, aligned \
+         here by safety SFT, then studied as the paper (Li et al., ICLR 2025) studies \
+         Llama-3-8B-Instruct. Every number below comes from the stage outputs in this directory; \
+         <code>results.json</code> holds them all.</p>\n",
         esc(&provenance.profile.name),
         esc(&provenance.base_model.name)
     ));
@@ -314,7 +367,11 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
             esc(&c.evidence)
         ));
     }
-    h.push_str("<h2>Results (the layout of the paper's Table 2)</h2><table><tr><th>model</th><th>R_h (AdvBench answered)</th><th>D_o refused</th><th>XSTest safe refused</th><th>XSTest unsafe refused</th><th>Rouge-L F1</th><th>perplexity</th></tr>\n");
+    h.push_str(
+        "<h2>Results (the layout of the paper's Table 2)</h2><table><tr><th>model</th>\
+         <th>R_h (AdvBench answered)</th><th>D_o refused</th><th>XSTest safe refused</th>\
+         <th>XSTest unsafe refused</th><th>Rouge-L F1</th><th>perplexity</th></tr>\n",
+    );
     for m in &eval.models {
         let m = match m {
             EvalModel::Failed(f) => {
@@ -329,32 +386,76 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         };
         let u = m.utility.as_ref();
         h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            esc(&m.label), rate_ci(m.harmful.as_ref()), rate_ci(m.over_rejection.as_ref()), rate_ci(m.xstest_safe.as_ref()), rate_ci(m.xstest_unsafe.as_ref()),
-            u.map(|u| format!("{:.3}", u.rouge_l_f1)).unwrap_or("—".into()),
-            u.and_then(|u| u.perplexity).map(|x| format!("{x:.2}")).unwrap_or("—".into())
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             </tr>\n",
+            esc(&m.label),
+            rate_ci(m.harmful.as_ref()),
+            rate_ci(m.over_rejection.as_ref()),
+            rate_ci(m.xstest_safe.as_ref()),
+            rate_ci(m.xstest_unsafe.as_ref()),
+            u.map(|u| format!("{:.3}", u.rouge_l_f1))
+                .unwrap_or("—".into()),
+            u.and_then(|u| u.perplexity)
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or("—".into())
         ));
     }
-    h.push_str("</table><p class=n>Rates with 95% Wilson intervals and counts; judge: see eval/eval.json. Responses of every model to every set are in eval/responses/.</p>\n");
+    h.push_str(
+        "</table><p class=n>Rates with 95% Wilson intervals and counts; judge: see eval/eval.json. \
+         Responses of every model to every set are in eval/responses/.</p>\n",
+    );
     h.push_str("<h2>Figures</h2>\n");
     for (file, caption) in [
-        ("cosine/cosine.svg", "Mean last-token cosine similarity per layer (N-N, M-M, N-M, ±std): aligned model solid, base dashed"),
-        ("cosine/angle_gap.svg", "Angle gap between N-M and N-N pairs per layer"),
-        ("locate/locate.svg", "Localisation: over-rejection refusals for each range of both sweeps, with the unscaled baseline"),
-        ("eval/eval.svg", "Harmful rate and over-rejection per model, with 95% intervals"),
+        (
+            "cosine/cosine.svg",
+            "Mean last-token cosine similarity per layer (N-N, M-M, N-M, ±std): aligned model \
+             solid, base dashed",
+        ),
+        (
+            "cosine/angle_gap.svg",
+            "Angle gap between N-M and N-N pairs per layer",
+        ),
+        (
+            "locate/locate.svg",
+            "Localisation: over-rejection refusals for each range of both sweeps, with the \
+             unscaled baseline",
+        ),
+        (
+            "eval/eval.svg",
+            "Harmful rate and over-rejection per model, with 95% intervals",
+        ),
     ] {
-        h.push_str(&format!("<figure>{}<figcaption>{}</figcaption></figure>\n", inline_svg(&dir.join(file))?, esc(caption)));
+        h.push_str(&format!(
+            "<figure>{}<figcaption>{}</figcaption></figure>\n",
+            inline_svg(&dir.join(file))?,
+            esc(caption)
+        ));
     }
-    h.push_str(&format!("<figure>{}<figcaption>Training loss of the alignment run and of every fine-tuning run</figcaption></figure>\n", loss_svg(&curves)?));
+    h.push_str(&format!(
+        "<figure>{}<figcaption>Training loss of the alignment run and of every fine-tuning run\
+         </figcaption></figure>\n",
+        loss_svg(&curves)?
+    ));
 
     h.push_str("<h2>Alignment of the organism</h2>\n");
     let ad = &align["data"];
     h.push_str(&format!(
-        "<p>{} harmful prompts (sources: {}) paired with refusals, {} benign Alpaca prompts paired with the base model's own greedy answers; prompts overlapping an evaluation set removed on normalised text (overlap after selection: {}). Final training loss {}.</p>\n",
-        ad["harmful"]["chosen"], esc(&ad["harmful"]["by_source"].to_string()), ad["benign"]["kept"], ad["overlap_after_selection"],
-        align["training"]["final_loss"].as_f64().map(|x| format!("{x:.3}")).unwrap_or("—".into())
+        "<p>{} harmful prompts (sources: {}) paired with refusals, {} benign Alpaca prompts \
+         paired with the base model's own greedy answers; prompts overlapping an evaluation set \
+         removed on normalised text (overlap after selection: {}). Final training loss {}.</p>\n",
+        ad["harmful"]["chosen"],
+        esc(&ad["harmful"]["by_source"].to_string()),
+        ad["benign"]["kept"],
+        ad["overlap_after_selection"],
+        align["training"]["final_loss"]
+            .as_f64()
+            .map(|x| format!("{x:.3}"))
+            .unwrap_or("—".into())
     ));
-    h.push_str("<h2>Provenance</h2><table><tr><th>stage</th><th>command</th><th>seconds</th><th>cached</th></tr>\n");
+    h.push_str(
+        "<h2>Provenance</h2><table><tr><th>stage</th><th>command</th><th>seconds</th>\
+         <th>cached</th></tr>\n",
+    );
     for s in &provenance.stages {
         h.push_str(&format!(
             "<tr><td>{}</td><td><code>{}</code></td><td>{:.1}</td><td>{}</td></tr>\n",
@@ -396,7 +497,16 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
     h.push_str("</table>\n");
     // A figure that renders with zero size is a broken report: say so on the page (and in a
     // body attribute that the browser test reads).
-    h.push_str("<script>window.addEventListener('load',function(){var bad=[];var f=document.querySelectorAll('figure svg');f.forEach(function(s,i){var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0))bad.push(i);});document.body.setAttribute('data-figure-check',bad.length?('zero-size '+bad.join(',')):('ok '+f.length));if(bad.length){var p=document.createElement('p');p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size.';p.style.color='#c0392b';document.body.prepend(p);}});</script>\n");
+    h.push_str(
+        "<script>window.addEventListener('load',function(){var bad=[];\
+         var f=document.querySelectorAll('figure svg');f.forEach(function(s,i){\
+         var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0))bad.push(i);});\
+         document.body.setAttribute('data-figure-check',\
+         bad.length?('zero-size '+bad.join(',')):('ok '+f.length));\
+         if(bad.length){var p=document.createElement('p');\
+         p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size.';\
+         p.style.color='#c0392b';document.body.prepend(p);}});</script>\n",
+    );
     h.push_str("</body></html>\n");
     write_atomic(&dir.join("report.html"), h.as_bytes())
 }

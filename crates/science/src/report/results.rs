@@ -124,11 +124,14 @@ mod tests {
             "eval": crate::eval::file::tests::sample(),
             "cosine": {"largest_gap": cos["largest_gap"], "initial_range": cos["initial_range"],
                        "base_largest_gap": cos["compare"]["largest_gap"]},
-            "locate": {"alpha": loc["alpha"], "baseline": loc["baseline"], "queries": loc["queries"],
-                       "range": loc["range"], "upper_sweep": loc["upper_sweep"],
-                       "lower_sweep": loc["lower_sweep"]},
+            "locate": {"alpha": loc["alpha"], "baseline": loc["baseline"],
+                       "queries": loc["queries"], "range": loc["range"],
+                       "upper_sweep": loc["upper_sweep"], "lower_sweep": loc["lower_sweep"]},
             "align": {"data": {"harmful": {"chosen": 16}}, "final_loss": 1.25, "seconds": 3.5},
-            "finetune": {"ft-di-full": {"steps": 3}},
+            "finetune": {"ft-di-full": {"steps": 3, "tokens": 120, "train_seconds": 1.5,
+                                        "tokens_per_second": 80.0, "final_loss": 2.25,
+                                        "frozen_parameters": 0, "frozen_tensors_identical": true,
+                                        "peak_rss_mb": null}},
             "provenance": crate::demo::tests::provenance_sample(),
         });
         crate::schema::tests::check_file::<ResultsFile>(v.clone(), SCHEMA_VERSION, "provenance");

@@ -82,7 +82,7 @@ fn check(family: &str, run: &str, checkpointing: bool) {
             .collect();
         assert_eq!(got, want, "{family}: token ids of {:?}", r.instruction);
     }
-    let freeze = (run == "sppft").then(|| LayerRange { first: 1, last: 2 });
+    let freeze = (run == "sppft").then_some(LayerRange { first: 1, last: 2 });
     let mut cfg = config(freeze);
     cfg.grad_checkpointing = checkpointing;
     let tmp = tempfile::tempdir().unwrap();

@@ -35,7 +35,8 @@ fn counts_equal_hand_computed_counts_from_transformers_tokens() {
             .iter()
             .map(|g| decode(&model, g))
             .collect();
-        // "Refusal" phrases: a piece of transformers' scaled answer to prompt 0 and its plain answer to prompt 2.
+        // "Refusal" phrases: a piece of transformers' scaled answer to prompt 0 and its plain
+        // answer to prompt 2.
         let pick = |s: &str| s.chars().take(6).collect::<String>();
         let phrases = [pick(&scaled[0]), pick(&plain[2])];
         let d = tempfile::tempdir().unwrap();
