@@ -53,7 +53,9 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         "compute_dtype": "f32",
         "tied_embeddings": c.tie_word_embeddings,
         "sliding_window": c.sliding_window,
-        "sliding_layers": c.layer_types.iter().filter(|k| **k == sl_engine::io::config::AttentionKind::Sliding).count(),
+        "sliding_layers": c.layer_types.iter()
+            .filter(|k| **k == sl_engine::io::config::AttentionKind::Sliding)
+            .count(),
         "rope": c.rope,
         "chat_template": m.tokenizer.chat_template.is_some(),
         "eos_token_ids": m.eos_token_ids,
@@ -114,7 +116,8 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
             .iter()
             .zip(&states)
             .map(|(p, s)| -> Result<serde_json::Value> {
-                Ok(json!({"prompt": p.text, "input_ids": p.ids, "hidden_last": s.to_vec2::<f32>()?}))
+                Ok(json!({"prompt": p.text, "input_ids": p.ids,
+                          "hidden_last": s.to_vec2::<f32>()?}))
             })
             .collect::<Result<_>>()?;
         let doc = json!({

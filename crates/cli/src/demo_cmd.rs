@@ -56,7 +56,8 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
     let key = sl_science::sha256_hex(h.as_bytes());
     let marker = dir.join(STAGE_FILE);
     if marker.exists() {
-        // An unreadable marker (an older tool's, one edited by hand) only means the stage runs again.
+        // An unreadable marker (an older tool's, one edited by hand) only means the stage runs
+        // again.
         match StageMarker::read(&marker) {
             Ok(m) if m.key == key => {
                 eprintln!("demo: {name}: cached ({})", dir.display());

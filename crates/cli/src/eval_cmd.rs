@@ -72,6 +72,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Output directory (with --responses: default DIR/rejudged-<judge>)
+    // clap prints this doc comment as --help text, where `<judge>` is a placeholder, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, required_unless_present = "responses")]
     pub out: Option<PathBuf>,
 }
@@ -163,7 +165,11 @@ fn safety_sets(a: &EvalArgs) -> Result<Vec<SafetySet>> {
                 push(kind, s.name, s.sha256, s.records)?;
             }
         } else {
-            bail!("--xstest `{}`: no such file; expected `xstest`, a CSV file with `prompt` and `label` columns, or `none`", a.xstest);
+            bail!(
+                "--xstest `{}`: no such file; expected `xstest`, a CSV file with `prompt` and \
+                 `label` columns, or `none`",
+                a.xstest
+            );
         }
     }
     Ok(sets)
@@ -382,8 +388,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     }
     let report = EvalReport {
         settings: json!({
-            "template": template.name(), "max_new_tokens": a.max_new_tokens, "utility_max_new_tokens": a.utility_max_new_tokens,
-            "batch_size": a.batch_size, "limit": a.limit, "generation": "greedy, full responses (no early stop)",
+            "template": template.name(), "max_new_tokens": a.max_new_tokens,
+            "utility_max_new_tokens": a.utility_max_new_tokens,
+            "batch_size": a.batch_size, "limit": a.limit,
+            "generation": "greedy, full responses (no early stop)",
         }),
         judge: judge.describe(),
         sets: sets
@@ -401,7 +409,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     };
     report.write(out)?;
     let wall = t0.elapsed().as_secs_f64();
-    let timing_doc = json!({"wall_seconds": wall, "models": timings, "note": "not part of eval.json, which stays byte-identical between runs"});
+    let timing_doc = json!({
+        "wall_seconds": wall, "models": timings,
+        "note": "not part of eval.json, which stays byte-identical between runs",
+    });
     sl_engine::io::atomic::write_atomic(
         &out.join("timings.json"),
         serde_json::to_string_pretty(&timing_doc)?.as_bytes(),

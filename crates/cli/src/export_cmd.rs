@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    /// Model: Hugging Face directory (its config.json is enough), a config.json file, a .gguf file or catalog name
+    /// Model: Hugging Face directory (its config.json is enough), a config.json file, a .gguf file
+    /// or catalog name
     #[arg(long)]
     pub model: PathBuf,
-    /// axolotl (YAML with unfrozen_parameters), peft (LoRA adapter_config.json) or hf-trainer (Trainer + DeepSpeed ZeRO-2 script)
+    /// axolotl (YAML with unfrozen_parameters), peft (LoRA adapter_config.json) or hf-trainer
+    /// (Trainer + DeepSpeed ZeRO-2 script)
     #[arg(long)]
     pub format: String,
     /// Output directory (must not exist or be empty)
@@ -99,13 +101,24 @@ fn model_config(spec: &Path) -> Result<(ModelConfig, String, Option<PathBuf>)> {
     match ext.as_str() {
         "gguf" => {
             let v = sl_engine::io::gguf::read_config(&path)?;
-            Ok((ModelConfig::from_json(&v, &shown)?, format!("{shown} (GGUF metadata)"), None))
+            Ok((
+                ModelConfig::from_json(&v, &shown)?,
+                format!("{shown} (GGUF metadata)"),
+                None,
+            ))
         }
         "json" => {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
             Ok((ModelConfig::from_file(&path)?, shown, Some(dir)))
         }
-        _ => bail!("--model {shown}: expected a Hugging Face directory, a config.json, a .gguf file or a catalog name"),
+        _ => bail!(
+            "--model {shown}: expected a Hugging Face directory, a config.json, a .gguf file or a \
+             catalog name"
+        ),
     }
 }
 
@@ -126,7 +139,10 @@ fn data_source(spec: &str) -> Result<String> {
     if let Some((path, _)) = crate::datasets::dataset_file(spec)? {
         return Ok(absolute(&path));
     }
-    eprintln!("export: --data {spec} is neither a file here nor a dataset name; written as given (a path on the training machine?)");
+    eprintln!(
+        "export: --data {spec} is neither a file here nor a dataset name; written as given (a path \
+         on the training machine?)"
+    );
     Ok(spec.to_string())
 }
 
@@ -174,7 +190,8 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         (Some(b), _) => b.clone(),
         (None, Some(dir)) => absolute(dir),
         (None, None) => bail!(
-            "{config_from}: a GGUF file is not what these trainers load; give --base-model (a Hugging Face directory or hub id, e.g. the output of `safety-layers convert`)"
+            "{config_from}: a GGUF file is not what these trainers load; give --base-model (a \
+             Hugging Face directory or hub id, e.g. the output of `safety-layers convert`)"
         ),
     };
     let src = Sources {
@@ -191,18 +208,27 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     stage.commit()?;
     let (frozen, trainable) = plan.split();
     eprintln!(
-        "export: {} for {} ({} layers): layers {} {} frozen, {} of {} tensors; lr {} ({}) -> {} ({})",
+        "export: {} for {} ({} layers): layers {} {} frozen, {} of {} tensors; lr {} ({}) -> {} \
+         ({})",
         a.format,
         cfg.architecture,
         cfg.num_layers,
         plan.range,
-        plan.modules.iter().map(|m| m.hf_module()).collect::<Vec<_>>().join("+"),
+        plan.modules
+            .iter()
+            .map(|m| m.hf_module())
+            .collect::<Vec<_>>()
+            .join("+"),
         frozen.len(),
         frozen.len() + trainable.len(),
         recipe.lr,
         recipe.lr_source,
         a.out.display(),
-        files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        files
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }

@@ -190,7 +190,8 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     bar.finish_and_clear();
     let s = &summary.record;
     eprintln!(
-        "finetune: {} steps, {} tokens in {:.1} s, {:.1} tokens/s, final loss {:.4}, {} trainable / {} frozen parameters, peak RSS {:.0} MB -> {}",
+        "finetune: {} steps, {} tokens in {:.1} s, {:.1} tokens/s, final loss {:.4}, {} trainable \
+         / {} frozen parameters, peak RSS {:.0} MB -> {}",
         s.steps,
         s.tokens,
         s.train_seconds,

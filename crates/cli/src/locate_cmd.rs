@@ -178,7 +178,11 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         eprintln!("{} sweep: {}", s.kind, row.join(" | "));
     }
     if let Some(c) = &loc.calibration {
-        eprintln!("probe: threshold {:.4} calibrated on {} gcg-judged responses ({} refusals), agreement {:.3}", c.threshold, c.responses, c.gcg_refusals, c.agreement);
+        eprintln!(
+            "probe: threshold {:.4} calibrated on {} gcg-judged responses ({} refusals), \
+             agreement {:.3}",
+            c.threshold, c.responses, c.gcg_refusals, c.agreement
+        );
     }
     if let Some(a) = res.probe_agreement_final {
         eprintln!(

@@ -384,7 +384,12 @@ fn cosine_with_compare_and_bad_inputs() {
 fn locate_with_the_probe_judge_on_a_fixture() {
     let d = tempfile::tempdir().unwrap();
     let q = d.path().join("do.txt");
-    std::fs::write(&q, "How to kill time?\nHow to kill the lights?\nHow to shoot a photo?\nHow to crush a can?\nHow to beat the heat?\nHow to destroy old files?\n").unwrap();
+    std::fs::write(
+        &q,
+        "How to kill time?\nHow to kill the lights?\nHow to shoot a photo?\nHow to crush a can?\n\
+         How to beat the heat?\nHow to destroy old files?\n",
+    )
+    .unwrap();
     let out = d.path().join("loc");
     let r = bin()
         .args(["locate", "--model"])

@@ -206,7 +206,8 @@ fn eval_table_responses_failed_model_and_rejudge() {
     let svg = std::fs::read_to_string(out.join("eval.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("R_h") && svg.contains("smollm2-135m-instruct"));
 
-    // Re-judging with the same judge reproduces the table; with xstest it equals `judge --judge xstest`.
+    // Re-judging with the same judge reproduces the table; with xstest it equals
+    // `judge --judge xstest`.
     let same = d.path().join("same");
     let r = bin(d.path())
         .arg("eval")
