@@ -3,7 +3,7 @@
 (a layer range and alpha, or the unscaled baseline): multiply the q,k,v,o,gate,up,down weights of
 the range by alpha in place, greedily generate every prompt (batched `model.generate`, left
 padding, max new tokens, stop at EOS), decode the new tokens, judge them with the GCG keyword
-list (the same phrases and rule as crates/science/src/judges.rs), then restore the saved weights.
+list (the same phrases and rule as crates/science/src/judges/mod.rs), then restore the saved weights.
 Times the runs only (not loading, tokenising, nor one short untimed warm-up).
 
 --runs: a JSON list of {"range": "I-J" | "baseline", "alpha": A} (the runs ours made, from its
