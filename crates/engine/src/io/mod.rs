@@ -8,4 +8,5 @@ pub mod gguf;
 pub(crate) mod gguf_vocab;
 pub mod hf_dir;
 pub mod loader;
+pub mod rope_config;
 pub mod weights;
