@@ -477,6 +477,9 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
             );
         }
     }
-    FreezeModule::parse_list(&cfg.freeze_modules)?;
+    // Modules matter only with a range; align trains everything and names none.
+    if cfg.freeze.is_some() {
+        FreezeModule::parse_list(&cfg.freeze_modules)?;
+    }
     Ok(())
 }
