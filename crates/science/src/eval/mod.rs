@@ -160,6 +160,36 @@ pub fn check_context(model: &Model, set_name: &str, prompts: &[sl_engine::Prompt
     Ok(())
 }
 
+/// The prompts of `records` (checked against the context) and a full greedy response to each
+/// with (template, max new tokens, batch size). No early stop: a saved response must be
+/// re-judgeable by any judge later.
+pub(crate) fn respond(
+    model: &Model,
+    set_name: &str,
+    records: &[sl_engine::PromptRecord],
+    (template, max_new_tokens, batch_size): (Template, usize, usize),
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<sl_engine::Prompt>, Vec<sl_engine::Generation>)> {
+    let prompts = model.prompts(records, template)?;
+    check_context(model, set_name, &prompts)?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let g = GenerateOptions {
+        max_new_tokens,
+        batch_size,
+        ignore_eos: false,
+        no_cache: false,
+    };
+    let gens = greedy_with(
+        &model.decoder,
+        &ids,
+        &model.eos_token_ids,
+        &g,
+        None,
+        progress,
+    )?;
+    Ok((prompts, gens))
+}
+
 /// Greedy responses to every prompt of `set` (verdicts not yet given), with probe scores when
 /// `probe_ids` are given. `progress` is told how many prompts finished.
 pub fn generate_set(
@@ -172,24 +202,14 @@ pub fn generate_set(
     if set.records.is_empty() {
         bail!("the {} set `{}` is empty", set.kind.key(), set.name);
     }
-    let prompts = model.prompts(&set.records, opts.template)?;
-    check_context(model, &set.name, &prompts)?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    // Full responses, no early stop: a saved response must be re-judgeable by any judge.
-    let g = GenerateOptions {
-        max_new_tokens: opts.max_new_tokens,
-        batch_size: opts.batch_size,
-        ignore_eos: false,
-        no_cache: false,
-    };
-    let gens = greedy_with(
-        &model.decoder,
-        &ids,
-        &model.eos_token_ids,
-        &g,
-        None,
+    let (prompts, gens) = respond(
+        model,
+        &set.name,
+        &set.records,
+        (opts.template, opts.max_new_tokens, opts.batch_size),
         progress,
     )?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let scores = match probe_ids {
         Some(pid) => Some(crate::judges::probe::scores(
             &model.decoder,

@@ -7,7 +7,7 @@
 use crate::eval::rouge::{rouge_l, RougeScore};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sl_engine::infer::generate::{greedy_with, left_pad, GenerateOptions};
+use sl_engine::infer::generate::left_pad;
 use sl_engine::{Decoder, Logits, Model, PromptRecord, Template};
 use std::path::Path;
 
@@ -291,21 +291,11 @@ pub fn evaluate(
             input: r.input.clone(),
         })
         .collect();
-    let prompts = model.prompts(&recs, opts.template)?;
-    crate::eval::check_context(model, &set.name, &prompts)?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let g = GenerateOptions {
-        max_new_tokens: opts.max_new_tokens,
-        batch_size: opts.batch_size,
-        ignore_eos: false,
-        no_cache: false,
-    };
-    let gens = greedy_with(
-        &model.decoder,
-        &ids,
-        &model.eos_token_ids,
-        &g,
-        None,
+    let (prompts, gens) = crate::eval::respond(
+        model,
+        &set.name,
+        &recs,
+        (opts.template, opts.max_new_tokens, opts.batch_size),
         progress,
     )?;
 
