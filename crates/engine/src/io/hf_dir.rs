@@ -1,6 +1,7 @@
-//! Writing Hugging Face checkpoint directories (GGUF conversion now; fine-tuned models later):
-//! config.json, model.safetensors, tokenizer files, generation_config.json — all written into a
-//! temporary sibling directory that is renamed into place only when complete.
+//! Writing Hugging Face checkpoint directories (`convert` of a GGUF file, fine-tuned and aligned
+//! models): config.json, model.safetensors (or shards and their index), tokenizer files,
+//! generation_config.json — staged beside the destination (`io::atomic::StagedDir`) and moved
+//! into place only when complete.
 
 use crate::io::atomic::StagedDir;
 use anyhow::{bail, Context, Result};
