@@ -486,6 +486,9 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
             );
         }
     }
-    FreezeModule::parse_list(&cfg.freeze_modules)?;
+    // `align` freezes nothing and names no modules; an empty list is an error only with a range.
+    if cfg.freeze.is_some() || !cfg.freeze_modules.is_empty() {
+        FreezeModule::parse_list(&cfg.freeze_modules)?;
+    }
     Ok(())
 }
