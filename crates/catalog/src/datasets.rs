@@ -305,6 +305,16 @@ pub fn names() -> Vec<&'static str> {
     datasets().iter().map(|d| d.name).collect()
 }
 
+/// "unknown dataset `x`; did you mean `y`? (datasets: ...)" for a name not in the catalog.
+pub fn unknown(name: &str) -> String {
+    let names = names();
+    format!(
+        "unknown dataset `{name}`{} (datasets: {})",
+        crate::did_you_mean(name, &names),
+        names.join(", ")
+    )
+}
+
 impl DataFile {
     pub fn url(&self, origin_base: &str) -> String {
         format!(

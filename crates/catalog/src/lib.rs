@@ -5,6 +5,9 @@
 
 pub mod datasets;
 pub mod models;
+mod suggest;
+
+pub use suggest::{closest, did_you_mean};
 
 use anyhow::{bail, Context, Result};
 use std::io::Read;

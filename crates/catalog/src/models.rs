@@ -70,9 +70,11 @@ pub fn resolve_model(spec: &str, opts: &ModelOptions) -> Result<(PathBuf, Source
     }
     let Some(entry) = models().into_iter().find(|m| m.name == spec) else {
         let names: Vec<String> = models().into_iter().map(|m| m.name).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         bail!(
-            "model `{spec}`: no such file or directory, and not a catalog name (catalog: {}; or \
-            hf:Org/Name)",
+            "model `{spec}`: no such file or directory, and not a catalog name{} (catalog: {}; \
+             or hf:Org/Name)",
+            crate::did_you_mean(spec, &refs),
             names.join(", ")
         );
     };

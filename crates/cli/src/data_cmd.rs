@@ -25,14 +25,7 @@ fn selected(names: &[String]) -> Result<Vec<datasets::Dataset>> {
     }
     names
         .iter()
-        .map(|n| {
-            datasets::dataset(n).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown dataset `{n}` (datasets: {})",
-                    datasets::names().join(", ")
-                )
-            })
-        })
+        .map(|n| datasets::dataset(n).ok_or_else(|| anyhow::anyhow!("{}", datasets::unknown(n))))
         .collect()
 }
 

@@ -76,8 +76,8 @@ pub fn prompt_set_with(spec: &str, column: Option<&str>) -> Result<PromptSet> {
     }
     let Some(ds) = datasets::dataset(spec) else {
         bail!(
-            "prompts `{spec}`: no such file, and not a dataset name (datasets: {})",
-            datasets::names().join(", ")
+            "prompts `{spec}`: no such file, and {}",
+            datasets::unknown(spec)
         );
     };
     if column.is_some() {

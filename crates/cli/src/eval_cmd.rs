@@ -186,9 +186,9 @@ fn utility_set(a: &EvalArgs) -> Result<Option<UtilitySet>> {
     } else {
         let ds = datasets::dataset(&a.utility).ok_or_else(|| {
             anyhow!(
-                "--utility `{}`: no such file, and not a dataset name (datasets: {})",
+                "--utility `{}`: no such file, and {}",
                 a.utility,
-                datasets::names().join(", ")
+                datasets::unknown(&a.utility)
             )
         })?;
         let files = datasets::resolve(&ds, &crate::datasets::data_options())?;

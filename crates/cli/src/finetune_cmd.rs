@@ -128,8 +128,8 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
     }
     let Some((path, sha)) = crate::datasets::dataset_file(spec)? else {
         bail!(
-            "--data `{spec}`: no such file, and not a dataset name (datasets: {})",
-            datasets::names().join(", ")
+            "--data `{spec}`: no such file, and {}",
+            datasets::unknown(spec)
         );
     };
     Ok((read_records(&path)?, format!("{spec} (sha256 {sha})")))

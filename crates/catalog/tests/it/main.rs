@@ -5,3 +5,4 @@ mod catalog;
 mod common;
 mod from_env;
 mod prompt_texts;
+mod suggest;

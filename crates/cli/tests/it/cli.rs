@@ -475,3 +475,71 @@ fn locate_auto_alpha_reports_every_step() {
     }
     assert_eq!(v["alpha"], steps.last().unwrap()["alpha"]);
 }
+
+#[test]
+fn misspelled_names_suggest_the_catalog_name_meant() {
+    let d = tempfile::tempdir().unwrap();
+    let llama = fixture("llama").display().to_string();
+    let ft_out = d.path().join("ft").display().to_string();
+    let h_out = d.path().join("h.json").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["inspect", "--model", "smollm2-135m-instrct"],
+            "did you mean `smollm2-135m-instruct`?",
+        ),
+        (
+            vec![
+                "finetune",
+                "--model",
+                &llama,
+                "--data",
+                "finetun-implicit",
+                "--out",
+                &ft_out,
+            ],
+            "unknown dataset `finetun-implicit`; did you mean `finetune-implicit`?",
+        ),
+        (
+            vec![
+                "hidden",
+                "--model",
+                &llama,
+                "--prompts",
+                "advbnch",
+                "--out",
+                &h_out,
+            ],
+            "unknown dataset `advbnch`; did you mean `advbench`?",
+        ),
+        (
+            vec!["data", "verify", "xstets"],
+            "unknown dataset `xstets`; did you mean `xstest`?",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!d.path().join("ft/config.json").exists() && !d.path().join("h.json").exists());
+    // A name far from every catalog name gets the list, not a guess.
+    let r = bin()
+        .args([
+            "hidden",
+            "--model",
+            &llama,
+            "--prompts",
+            "my-prompts",
+            "--out",
+            &h_out,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("unknown dataset `my-prompts` (datasets: "),
+        "{err}"
+    );
+    assert!(!err.contains("did you mean"), "{err}");
+}

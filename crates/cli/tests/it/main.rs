@@ -7,4 +7,5 @@ mod demo_smoke;
 mod eval_smollm2;
 mod export_cli;
 mod finetune_cli;
+mod kill;
 mod locate_consistency;

@@ -1,5 +1,9 @@
 //! Outputs that are either complete or absent: files written to a temporary sibling and renamed
 //! into place, directories staged beside their destination and renamed when complete.
+//!
+//! Temporaries are named `.<name>.tmp-<pid>`. A killed process leaves its temporary behind; the
+//! next writer of the same name removes those of processes no longer running, and no reader
+//! ever takes a dot-named `.tmp-` entry for an output.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -16,13 +20,63 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
+    remove_stale_temporaries(dir, &name);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    if let Err(e) = std::fs::write(&tmp, bytes) {
+    if let Err(e) = write_synced(&tmp, bytes) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+        return Err(e);
     }
     std::fs::rename(&tmp, dest)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
+}
+
+/// Writes `bytes` to `path` and flushes them to disk, so that a rename after it never exposes a
+/// file whose data is still only in memory (a power loss would otherwise leave it empty).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_data())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes `dir/.<name>.tmp-<pid>` entries left by killed processes (those whose pid no longer
+/// runs). A live writer's temporary is left alone; so is anything this cannot parse.
+pub fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+/// Whether process `pid` exists (Linux: /proc/<pid>; elsewhere assumed alive, so nothing of a
+/// possibly running writer is removed).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
 }
 
 /// True when `p` exists and is not an empty directory (an output there would mix with old files).
@@ -58,6 +112,7 @@ impl StagedDir {
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
+        remove_stale_temporaries(parent, &name);
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
@@ -69,9 +124,13 @@ impl StagedDir {
         })
     }
 
+    /// The staging directory, for writers that fill it themselves (a nested run's outputs).
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let p = self.tmp.join(name);
-        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+        write_synced(&self.tmp.join(name), bytes)
     }
 
     pub fn write_json(&self, name: &str, v: &serde_json::Value) -> Result<()> {
@@ -104,6 +163,15 @@ impl StagedDir {
             .map(|e| e.file_name())
             .collect();
         names.sort_by_key(|n| n == "config.json");
+        // An old config.json would vouch for a directory whose other files are half replaced.
+        if names.iter().any(|n| n == "config.json") {
+            match std::fs::remove_file(dir.join("config.json")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot replace {}", dir.display()))
+                }
+                _ => {}
+            }
+        }
         for n in names {
             std::fs::rename(self.tmp.join(&n), dir.join(&n))
                 .with_context(|| format!("cannot move {:?} into {}", n, dir.display()))?;
@@ -119,5 +187,55 @@ impl Drop for StagedDir {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        // No process has pid 4294967295 (Linux caps pids at 2^22).
+        let dead_file = d.path().join(".out.json.tmp-4294967295");
+        let dead_dir = d.path().join(".model.tmp-4294967295");
+        let mine = d
+            .path()
+            .join(format!(".out.json.tmp-{}", std::process::id()));
+        let other = d.path().join(".other.json.tmp-4294967295");
+        std::fs::write(&dead_file, "half").unwrap();
+        std::fs::create_dir(&dead_dir).unwrap();
+        std::fs::write(dead_dir.join("config.json"), "{").unwrap();
+        std::fs::write(&other, "x").unwrap();
+        write_atomic(&d.path().join("out.json"), b"{}").unwrap();
+        assert!(!dead_file.exists() && !mine.exists());
+        assert!(
+            other.exists(),
+            "another name's temporary is not this writer's to remove"
+        );
+        let stage = StagedDir::new(&d.path().join("model")).unwrap();
+        assert!(
+            !dead_dir.exists(),
+            "a killed writer's staging directory is removed"
+        );
+        stage.write("config.json", b"{}").unwrap();
+        stage.commit().unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("model/config.json")).unwrap(),
+            b"{}"
+        );
+    }
+
+    #[test]
+    fn committing_into_a_directory_drops_its_old_config_first() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "old").unwrap();
+        let stage = StagedDir::new(&d.path().join(".m")).unwrap();
+        stage.write("weights", b"w").unwrap();
+        stage.write("config.json", b"new").unwrap();
+        stage.commit_into(d.path()).unwrap();
+        assert_eq!(std::fs::read(d.path().join("config.json")).unwrap(), b"new");
+        assert!(!d.path().join(".m").exists());
     }
 }

@@ -11,6 +11,7 @@ use crate::rng::Rng;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use sl_engine::infer::generate::{greedy, GenerateOptions};
+use sl_engine::io::atomic::StagedDir;
 use sl_engine::{Model, PromptRecord};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -251,28 +252,29 @@ pub fn align(
     let t_data = t0.elapsed().as_secs_f64();
     let mut cfg = train.clone();
     cfg.freeze = None;
+    // The whole directory is staged and renamed into place at the end: a killed run leaves no
+    // `out` (a rerun starts afresh), never a model without its align.json.
+    let stage = StagedDir::new(out)?;
     let summary = finetune(
         model,
         &records,
         &cfg,
         &RunOptions::default(),
-        out,
+        stage.path(),
         &mut |s| progress("training", s.step),
     )?;
     let lines: String = records
         .iter()
         .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
         .collect::<Result<_, _>>()?;
-    sl_engine::io::atomic::write_atomic(&out.join("align_data.jsonl"), lines.as_bytes())?;
+    stage.write("align_data.jsonl", lines.as_bytes())?;
     let doc = json!({
         "data": data_report,
         "training": summary.json,
         "seconds": {"data": t_data, "total": t0.elapsed().as_secs_f64()},
     });
-    sl_engine::io::atomic::write_atomic(
-        &out.join("align.json"),
-        serde_json::to_string_pretty(&doc)?.as_bytes(),
-    )?;
+    stage.write("align.json", serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    stage.commit()?;
     Ok(doc)
 }
 

@@ -174,6 +174,15 @@ impl EvalReport {
 
     /// Writes eval.json, eval.csv, eval.md, eval.svg and every response file into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        // An earlier run's eval.json would vouch for a directory whose files are being replaced;
+        // a kill from here on leaves no eval.json, and a rerun writes everything again.
+        match std::fs::remove_file(dir.join("eval.json")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e)
+                    .with_context(|| format!("cannot replace {}/eval.json", dir.display()))
+            }
+            _ => {}
+        }
         for row in self.models.iter().filter(|r| r.error.is_none()) {
             check_label(&row.label)?;
             for (k, rs) in &row.sets {

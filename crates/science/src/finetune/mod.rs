@@ -165,7 +165,8 @@ pub fn finetune(
     let mut log = TrainLog::open(&out.join("train_log.jsonl"), &ckpt)?;
     let mut steps = Steps::new(&train, cfg);
     let held_batches = batches(&held.iter().collect::<Vec<_>>(), cfg.batch_size)?;
-    let mut holdout_losses = vec![];
+    // A resumed run's earlier held-out losses are in its log.
+    let mut holdout_losses: Vec<HoldoutLoss> = ckpt.log.iter().filter_map(holdout_entry).collect();
     let clock = Clock::resume(ckpt.seconds);
     while let Some(micro) = steps.next(&ckpt)? {
         let (loss, targets) = forward_backward(&mut trainer, &micro)?;
@@ -253,6 +254,15 @@ pub fn finetune(
     Ok(Summary { record, json })
 }
 
+/// The held-out loss a `train_log.jsonl` line records, if it is such a line.
+fn holdout_entry(v: &Value) -> Option<HoldoutLoss> {
+    Some(HoldoutLoss {
+        epoch: v.get("epoch")?.as_f64()? as usize,
+        step: v.get("step")?.as_u64()? as usize,
+        holdout_loss: v.get("holdout_loss")?.as_f64()?,
+    })
+}
+
 impl RunOptions {
     /// Whether a checkpoint is written after optimizer step `step`.
     fn saves_at(&self, step: usize) -> bool {
@@ -264,12 +274,16 @@ impl RunOptions {
 /// The checkpoint to resume from, or None after checking that `out` is free for a new run.
 fn prepare_out(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
     let from = if resume {
-        Some(checkpoint::latest(out).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--resume: no checkpoint under {}",
-                checkpoints_dir(out).display()
-            )
-        })?)
+        let latest = checkpoint::latest(out);
+        // A run killed before its first checkpoint resumes from step 0; a finished one (its
+        // config.json is moved in last) has nothing to resume.
+        if latest.is_none() && out.join("config.json").exists() {
+            bail!(
+                "--resume: {} holds a finished run and no checkpoint; nothing to resume",
+                out.display()
+            );
+        }
+        latest
     } else {
         if sl_engine::io::atomic::occupied(out) {
             bail!(
@@ -443,8 +457,8 @@ impl TrainLog {
     }
 
     fn append(&mut self, ckpt: &mut Checkpoint, v: Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        self.file.flush()?;
+        // One write per line: a kill leaves whole lines (and a resume rewrites the log anyway).
+        self.file.write_all(format!("{v}\n").as_bytes())?;
         ckpt.log.push(v);
         Ok(())
     }
@@ -477,8 +491,8 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
             );
         }
     }
-    // Modules matter only with a range; align trains everything and names none.
-    if cfg.freeze.is_some() {
+    // `align` freezes nothing and names no modules; an empty list is an error only with a range.
+    if cfg.freeze.is_some() || !cfg.freeze_modules.is_empty() {
         FreezeModule::parse_list(&cfg.freeze_modules)?;
     }
     Ok(())
