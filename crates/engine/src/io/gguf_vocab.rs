@@ -44,18 +44,30 @@ fn split_regex(pre: Option<&str>) -> Option<&'static str> {
     }
 }
 
+/// The tokenizer of a GGUF file alone (its metadata; no tensor is read), as the tokenizer.json
+/// and tokenizer_config.json values transformers would build from it.
+pub fn from_file(path: &std::path::Path) -> Result<(Value, Value)> {
+    let shown = path.display().to_string();
+    let mut f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {shown}: {e}"))?;
+    let content = Content::read(&mut f)
+        .map_err(|e| anyhow::anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+    build(&content, &shown)
+}
+
+/// The tokenizer.json and tokenizer_config.json values of a GGUF vocabulary.
 pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
     let model = gguf_str(c, "tokenizer.ggml.model").unwrap_or("");
     let arch = gguf_str(c, "general.architecture").unwrap_or("");
     match model {
         "gpt2" => byte_level(c),
-        // Gemma and Phi-3 vocabularies need transformers' own adjustments, not implemented yet.
-        "llama" if !arch.starts_with("gemma") && arch != "phi3" => sentencepiece(c),
+        "llama" if arch.starts_with("gemma") => sentencepiece(c, SpFlavour::Gemma),
+        "llama" if arch == "phi3" => sentencepiece(c, SpFlavour::Phi3),
+        "llama" => sentencepiece(c, SpFlavour::Llama),
         _ => bail!(
             "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported \
-             yet (supported: gpt2 byte-level BPE, and llama SentencePiece-style for \
-             llama/mistral/qwen archs); convert the model with its Hugging Face tokenizer.json \
-             instead"
+             (supported: gpt2 byte-level BPE, and llama SentencePiece-style vocabularies); \
+             convert the model with its Hugging Face tokenizer.json instead"
         ),
     }
 }
@@ -107,13 +119,14 @@ fn bpe(vocab: Map<String, Value>, merges: impl serde::Serialize, sentencepiece: 
 
 fn tokenizer_value(
     added: Vec<Value>,
+    normalizer: Value,
     pre_tokenizer: Value,
     post_processor: Value,
     decoder: Value,
     model: Value,
 ) -> Value {
     json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-           "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+           "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
            "decoder": decoder, "model": model})
 }
 
@@ -187,26 +200,67 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
     merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
+/// How transformers rebuilds a SentencePiece-style (`llama`) GGUF vocabulary, by architecture
+/// (transformers' `GGUF_SENTENCEPIECE_BUILDERS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpFlavour {
+    /// `LlamaTokenizer`: Metaspace pre-tokenizer, merges from the scores.
+    Llama,
+    /// `GemmaTokenizer`: spaces replaced by a normalizer and split after, whitespace-run tokens
+    /// respelled with `▁`, merges ordered by vocabulary position (the file's scores do not follow
+    /// Gemma's merge order), `<unk>` as the model's unknown token, no decoder strip.
+    Gemma,
+    /// `LlamaTokenizer` with the prefix space from a normalizer (`Prepend ▁`, then spaces to `▁`)
+    /// and no pre-tokenizer, as Phi-3's own tokenizer.json has it.
+    Phi3,
+}
+
+/// Python's `str.isspace` for one character: Unicode White_Space plus the ASCII separators
+/// U+001C..U+001F, which Python counts and Rust does not.
+fn python_isspace(ch: char) -> bool {
+    ch.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&ch)
+}
+
 /// llama.cpp's `llama` vocabulary (SentencePiece pieces with scores and byte tokens), rebuilt as
-/// transformers' LlamaTokenizer does: Metaspace pre-tokenizer, byte-fallback BPE, merges from the
-/// scores, BOS added unless the file says otherwise.
-fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
+/// transformers does for the architecture: byte-fallback BPE, merges implied by the vocabulary,
+/// control tokens as special added tokens, user-defined ones as plain added tokens, BOS added
+/// unless the file says otherwise.
+fn sentencepiece(c: &Content, flavour: SpFlavour) -> Result<(Value, Value)> {
     let tokens = gguf_strings(c, "tokenizer.ggml.tokens")?;
-    let scores: Vec<f32> = match c.metadata.get("tokenizer.ggml.scores") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}")))
-            .collect::<Result<_>>()?,
-        None => vec![0.0; tokens.len()],
-    };
     let types = gguf_ints(c, "tokenizer.ggml.token_type")?;
-    let vocab: Map<String, Value> = tokens
+    // Gemma stores a token of two or more spaces as real spaces, where its tokenizer looks up
+    // `▁▁`: respelled first, so the vocabulary and the merges built from it match.
+    let spelled: Vec<String> = match flavour {
+        SpFlavour::Gemma => tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.chars().all(python_isspace) {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect(),
+        _ => tokens.clone(),
+    };
+    let scores: Vec<f32> = match flavour {
+        // Position in the file, best first (transformers' `vocab_scores={token: -index}`).
+        SpFlavour::Gemma => (0..spelled.len()).map(|i| -(i as f32)).collect(),
+        _ => match c.metadata.get("tokenizer.ggml.scores") {
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}")))
+                .collect::<Result<_>>()?,
+            None => vec![0.0; tokens.len()],
+        },
+    };
+    let vocab: Map<String, Value> = spelled
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    let merges: Vec<Value> = merges_from_scores(&tokens, &scores)
+    let merges: Vec<Value> = merges_from_scores(&spelled, &scores)
         .into_iter()
         .map(|(l, r)| json!([l, r]))
         .collect();
@@ -222,23 +276,50 @@ fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
     for (i, t) in tokens.iter().enumerate() {
         let ty = types.get(i).copied().unwrap_or(1);
         let special = ty == 3 || special_ids.contains(&(i as u64));
-        if special || ty == 4 {
+        // A user-defined token is added only under a spelling the vocabulary has (transformers
+        // looks up the file's spelling, so Gemma's respelled space runs are not added).
+        if special || (ty == 4 && vocab.contains_key(t)) {
             added.push(added_token(i, t, special));
         }
     }
     let add_bos = gguf_bool(c, "tokenizer.ggml.add_bos_token").unwrap_or(true);
+    let replace_back =
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "});
+    let to_meta = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": 0});
+    let byte_fallback = json!({"type": "ByteFallback"});
+    let fuse = json!({"type": "Fuse"});
+    let (normalizer, pre_tokenizer, decoders) = match flavour {
+        SpFlavour::Llama => (
+            Value::Null,
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
+                   "split": false}),
+            vec![replace_back, byte_fallback, fuse, strip],
+        ),
+        SpFlavour::Gemma => (
+            to_meta,
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                   "invert": false}),
+            vec![replace_back, byte_fallback, fuse],
+        ),
+        SpFlavour::Phi3 => (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, to_meta]}),
+            Value::Null,
+            vec![replace_back, byte_fallback, fuse, strip],
+        ),
+    };
+    let mut model = bpe(vocab, merges, true);
+    if flavour == SpFlavour::Gemma {
+        model["unk_token"] = json!("<unk>");
+    }
     let tokenizer = tokenizer_value(
         added,
-        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
-               "split": false}),
+        normalizer,
+        pre_tokenizer,
         post_processor(c, &tokens, add_bos),
-        json!({"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        ]}),
-        bpe(vocab, merges, true),
+        json!({"type": "Sequence", "decoders": decoders}),
+        model,
     );
     Ok((tokenizer, config_value(c, &tokens, true)))
 }
@@ -292,6 +373,7 @@ fn byte_level(c: &Content) -> Result<(Value, Value)> {
                          "use_regex": true});
     let tokenizer = tokenizer_value(
         added,
+        Value::Null,
         pre_tokenizer,
         post,
         decoder,

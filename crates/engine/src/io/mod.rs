@@ -5,7 +5,7 @@
 pub mod atomic;
 pub mod config;
 pub mod gguf;
-pub(crate) mod gguf_vocab;
+pub mod gguf_vocab;
 pub mod hf_dir;
 pub mod loader;
 pub mod rope_config;

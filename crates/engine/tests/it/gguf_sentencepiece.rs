@@ -66,3 +66,44 @@ fn sentencepiece_gguf_equals_transformers() {
         assert_eq!(p, &ids(want));
     }
 }
+
+/// Gemma-3 and Phi-3 SentencePiece vocabularies (tools/fixtures/make_gguf_vocab_fixtures.py):
+/// token ids with and without special tokens, and decoding, equal transformers' on the same
+/// vocabulary-only files. Gemma's space runs are stored as spaces and its scores are out of
+/// merge order; Phi-3 takes its prefix space from a normalizer.
+#[test]
+fn gemma_and_phi3_vocabularies_equal_transformers() {
+    let dir = fixture("gguf");
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tiny_vocab_expected.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let texts = fx["texts"].as_array().unwrap();
+    for (file, want) in fx["files"].as_object().unwrap() {
+        let path = dir.join(file);
+        let (tj, tc) = sl_engine::io::gguf_vocab::from_file(&path).unwrap();
+        let tok = sl_engine::Tokenizer::from_json(&tj, &tc, file).unwrap();
+        for (i, t) in texts.iter().enumerate() {
+            let t = t.as_str().unwrap();
+            let got = tok.encode(t, true).unwrap();
+            assert_eq!(got, ids(&want["ids"][i]), "{file}: ids of {t:?}");
+            assert_eq!(
+                tok.encode(t, false).unwrap(),
+                ids(&want["ids_without_special"][i]),
+                "{file}: ids without special tokens of {t:?}"
+            );
+            assert_eq!(
+                tok.decode(&got, true).unwrap(),
+                want["decoded"][i].as_str().unwrap(),
+                "{file}: decode of {t:?}"
+            );
+        }
+    }
+}
