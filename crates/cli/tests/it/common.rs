@@ -1,23 +1,11 @@
 //! Paths and helpers the command line's integration tests share.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+#[path = "../../../../tests/support/common.rs"]
+mod support;
+pub use support::*;
+
+use std::path::Path;
 use std::process::Command;
-
-/// The workspace root: tests/fixtures, tools/.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `../shared` beside the workspace: datasets, the SmolLM2 GGUF.
-pub fn shared() -> PathBuf {
-    root().join("../shared")
-}
-
-/// A checked-in fixture: tests/fixtures/<name>.
-pub fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
 
 /// The `safety-layers` binary cargo built for these tests.
 pub fn bin() -> Command {
@@ -44,41 +32,4 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
-}
-
-/// True (after one `skipped:` line) when python3 cannot import torch, transformers and yaml, so
-/// the test returns; a failure instead under SAFETY_LAYERS_REQUIRE_PEERS=1, as in CI.
-pub fn skip_without_python_peers() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch, transformers, yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    !ok && skip(
-        "SAFETY_LAYERS_REQUIRE_PEERS",
-        "needs python3 with torch, transformers, pyyaml",
-    )
-}
-
-/// True (after one `skipped:` line) when `../shared` lacks one of `parts`, so the test returns;
-/// a failure instead under SAFETY_LAYERS_REQUIRE_SHARED=1, as in CI.
-pub fn skip_without_shared(parts: &[&str]) -> bool {
-    match parts.iter().find(|p| !shared().join(p).exists()) {
-        Some(p) => skip(
-            "SAFETY_LAYERS_REQUIRE_SHARED",
-            &format!("needs ../shared/{p}"),
-        ),
-        None => false,
-    }
-}
-
-/// One `skipped: <test>: <why>` line, or a panic where `require` is set to 1.
-fn skip(require: &str, why: &str) -> bool {
-    // libtest names each test's thread after the test.
-    let test = std::thread::current().name().unwrap_or("test").to_string();
-    if std::env::var(require).as_deref() == Ok("1") {
-        panic!("{test}: {why} ({require}=1)");
-    }
-    // Written to stderr directly, past the harness's output capture, so a skip is never silent.
-    let _ = writeln!(std::io::stderr(), "skipped: {test}: {why}");
-    true
 }
