@@ -2,7 +2,7 @@
 //! way transformers' GGUF loader rebuilds it, so token ids equal transformers' on the same file.
 
 use crate::io::gguf::{gguf_bool, gguf_ints, gguf_str, gguf_strings, gguf_u64};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde_json::{json, Map, Value};
 
@@ -41,9 +41,11 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
     let model = gguf_str(c, "tokenizer.ggml.model").unwrap_or("");
     let arch = gguf_str(c, "general.architecture").unwrap_or("");
     match model {
-        "gpt2" => byte_level(c),
+        "gpt2" => byte_level(c).with_context(|| format!("{shown}: vocabulary")),
         // Gemma and Phi-3 vocabularies need transformers' own adjustments, not implemented yet.
-        "llama" if !arch.starts_with("gemma") && arch != "phi3" => sentencepiece(c),
+        "llama" if !arch.starts_with("gemma") && arch != "phi3" => {
+            sentencepiece(c).with_context(|| format!("{shown}: vocabulary"))
+        }
         _ => bail!(
             "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported yet (supported: gpt2 byte-level BPE, and llama SentencePiece-style for llama/mistral/qwen archs); convert the model with its Hugging Face tokenizer.json instead"
         ),
@@ -179,7 +181,10 @@ fn sentencepiece(c: &Content) -> Result<(Value, Value)> {
         Some(v) => v
             .to_vec()?
             .iter()
-            .map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}")))
+            .map(|x| {
+                x.to_f32()
+                    .map_err(|e| anyhow::anyhow!("metadata `tokenizer.ggml.scores`: {e}"))
+            })
             .collect::<Result<_>>()?,
         None => vec![0.0; tokens.len()],
     };

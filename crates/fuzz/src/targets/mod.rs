@@ -1,6 +1,10 @@
 //! The fuzz targets: every parser that reads a file a user may have downloaded.
 
+mod checkpoint;
 mod config;
+mod gguf;
+mod safetensors;
+mod safetensors_index;
 
 use crate::mutate::Rng;
 use anyhow::Result;
@@ -34,7 +38,13 @@ pub struct Target {
 
 /// Every target, in a fixed order.
 pub fn all() -> Vec<Target> {
-    vec![config::target()]
+    vec![
+        config::target(),
+        gguf::target(),
+        safetensors::target(),
+        safetensors_index::target(),
+        checkpoint::target(),
+    ]
 }
 
 /// Reads a seed file, naming it on failure.
