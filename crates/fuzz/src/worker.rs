@@ -22,7 +22,7 @@ pub struct Job {
 pub struct Inputs {
     regressions: Vec<Vec<u8>>,
     seeds: Vec<Vec<u8>>,
-    mutate: Option<fn(&mut Rng, &[u8]) -> Option<Vec<u8>>>,
+    mutate: Option<targets::Mutate>,
     max_len: usize,
     seed: u64,
 }

@@ -17,6 +17,9 @@ pub struct Ctx {
     pub shared: PathBuf,
 }
 
+/// A format-aware mutation of one input.
+pub type Mutate = fn(&mut Rng, &[u8]) -> Option<Vec<u8>>;
+
 pub struct Target {
     pub name: &'static str,
     /// The file's name on disk: parsers choose formats by extension and errors must name it.
@@ -25,7 +28,7 @@ pub struct Target {
     pub seeds: fn(&Ctx) -> Result<Vec<Vec<u8>>>,
     /// A mutation that knows the format (None: byte-level mutations only). None as a result
     /// means "could not apply here"; the harness then mutates bytes.
-    pub mutate: Option<fn(&mut Rng, &[u8]) -> Option<Vec<u8>>>,
+    pub mutate: Option<Mutate>,
     /// Parses the file. It runs in a fresh directory of its own and may write sibling files
     /// there (an index beside shards, a tokenizer beside a config).
     pub run: fn(&Path) -> Result<()>,
