@@ -145,7 +145,7 @@ fn hf_name(arch: &str, split: &Layout, fused: &Layout, name: &str) -> Option<Str
 /// (head, 2, dim/2) were written as (head, dim/2, 2).
 pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("{rows} rows do not split into {n_head} heads of pairs of rows");
     }
     let half = rows / n_head / 2;

@@ -181,7 +181,7 @@ fn value<R: Read + Seek>(
                 bail!("{}: {}: unknown array element type {elem}", c.shown, what());
             };
             let n = c.len_field(v1, what)?;
-            let need = n.checked_mul(elem_size).unwrap_or(u64::MAX);
+            let need = n.saturating_mul(elem_size);
             if need > c.left() {
                 bail!(
                     "{}: {}: array of {n} elements needs at least {need} bytes, only {} left in \
@@ -292,7 +292,7 @@ pub fn check(path: &Path) -> Result<()> {
             bail!("{shown}: {}: unknown ggml type {ty}", what());
         };
         let block = dtype.block_size() as u64;
-        if elems % block != 0 {
+        if !elems.is_multiple_of(block) {
             bail!(
                 "{shown}: {}: {elems} elements (dims {dims:?}) are not a whole number of \
                  {dtype:?} blocks of {block}",
