@@ -153,6 +153,11 @@ fn supervise(a: &Args, ctx: &targets::Ctx) -> Result<Vec<Summary>> {
                 .arg("--out")
                 .arg(&a.out)
                 .env("SL_FUZZ_SECONDS", format!("{left}"))
+                // An error that captures a backtrace (candle's do under RUST_BACKTRACE=1) would
+                // symbolize it under the memory cap, and an allocation failing while the
+                // backtrace lock is held deadlocks the abort: a false hang.
+                .env("RUST_BACKTRACE", "0")
+                .env("RUST_LIB_BACKTRACE", "0")
                 .env("SL_FUZZ_ROOT", &ctx.root)
                 .env("SL_FUZZ_SHARED", &ctx.shared)
                 .stdout(Stdio::piped())

@@ -22,7 +22,7 @@ pub struct Job {
 pub struct Inputs {
     regressions: Vec<Vec<u8>>,
     seeds: Vec<Vec<u8>>,
-    mutate: Option<targets::Mutator>,
+    mutate: Option<targets::Mutate>,
     max_len: usize,
     seed: u64,
 }
@@ -96,6 +96,9 @@ pub fn run(job: &Job, ctx: &Ctx) -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10.0);
+    // SL_FUZZ_SHOW_ERRORS=1 logs each clean error to <out>/scratch/<target>/errors.txt (to read
+    // what the parsers say).
+    let show_errors = std::env::var_os("SL_FUZZ_SHOW_ERRORS").is_some();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     // Panics are caught and reported as findings; the default hook would print each one.
     std::panic::set_hook(Box::new(|_| {}));
@@ -128,6 +131,14 @@ pub fn run(job: &Job, ctx: &Ctx) -> Result<()> {
             }
             Ok(Err(e)) => {
                 let msg = format!("{e:#}");
+                if show_errors {
+                    let log = job.scratch.join("errors.txt");
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(log)?;
+                    writeln!(f, "input {i}: {}", one_line(&msg))?;
+                }
                 if !msg.contains(t.file_name) {
                     say(&format!("F {i} unnamed-error {}", one_line(&msg)));
                 }

@@ -52,9 +52,14 @@ fn meta_str<'a>(c: &'a Content, key: &str) -> Option<&'a str> {
 
 fn meta_strings(c: &Content, key: &str) -> Result<Vec<String>> {
     let v = meta(c, key).ok_or_else(|| anyhow!("metadata `{key}` is missing"))?;
-    v.to_vec()?
+    v.to_vec()
+        .map_err(|e| anyhow!("metadata `{key}`: {e}"))?
         .iter()
-        .map(|x| Ok(x.to_string()?.clone()))
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|e| anyhow!("metadata `{key}`: {e}"))
+        })
         .collect()
 }
 
@@ -62,13 +67,14 @@ fn meta_ints(c: &Content, key: &str) -> Result<Vec<i64>> {
     match meta(c, key) {
         None => Ok(vec![]),
         Some(v) => v
-            .to_vec()?
+            .to_vec()
+            .map_err(|e| anyhow!("metadata `{key}`: {e}"))?
             .iter()
             .map(|x| {
                 x.to_i32()
                     .map(i64::from)
                     .or_else(|_| x.to_u32().map(i64::from))
-                    .map_err(|e| anyhow!("{e}"))
+                    .map_err(|e| anyhow!("metadata `{key}`: {e}"))
             })
             .collect(),
     }
@@ -139,6 +145,9 @@ fn hf_name(arch: &str, split: &Layout, fused: &Layout, name: &str) -> Option<Str
 /// (head, 2, dim/2) were written as (head, dim/2, 2).
 pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        bail!("{rows} rows do not split into {n_head} heads of pairs of rows");
+    }
     let half = rows / n_head / 2;
     Ok(w.reshape((n_head, half, 2, cols))?
         .transpose(1, 2)?
@@ -149,6 +158,7 @@ pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
 impl GgufModel {
     pub fn load(path: &Path) -> Result<GgufModel> {
         let shown = path.display().to_string();
+        crate::io::gguf_check::check(path)?;
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
         let content = Content::read(&mut f)
             .map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
@@ -187,16 +197,20 @@ impl GgufModel {
             let q = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| {
                 anyhow!("{shown}: cannot read tensor `{name}` ({e}); is the file truncated?")
             })?;
-            let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let this = || format!("{shown}: tensor `{name}`");
+            let mut t = q
+                .dequantize(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .with_context(this)?;
             if matches!(arch.as_str(), "llama" | "mistral") {
                 if name.contains(".attn_q.") && t.rank() == 2 {
-                    t = unpermute_rows(&t, n_head)?;
+                    t = unpermute_rows(&t, n_head).with_context(this)?;
                 } else if name.contains(".attn_k.") && t.rank() == 2 {
-                    t = unpermute_rows(&t, n_kv)?;
+                    t = unpermute_rows(&t, n_kv).with_context(this)?;
                 }
             }
             if arch.starts_with("gemma") && name.ends_with("norm.weight") {
-                t = (t - 1.0)?; // llama.cpp stores Gemma's (1 + w)
+                t = (t - 1.0).with_context(this)?; // llama.cpp stores Gemma's (1 + w)
             }
             tensors.insert(hf, t);
         }
@@ -345,6 +359,7 @@ pub(crate) fn gguf_bool(c: &Content, key: &str) -> Option<bool> {
 /// dequantised, so a multi-gigabyte file answers at once (for commands that need only the shape).
 pub fn read_config(path: &Path) -> Result<Value> {
     let shown = path.display().to_string();
+    crate::io::gguf_check::check(path)?;
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
     let content =
         Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;

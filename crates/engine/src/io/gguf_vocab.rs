@@ -2,7 +2,7 @@
 //! way transformers' GGUF loader rebuilds it, so token ids equal transformers' on the same file.
 
 use crate::io::gguf::{gguf_bool, gguf_ints, gguf_str, gguf_strings, gguf_u64};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde_json::{json, Map, Value};
 
@@ -60,10 +60,16 @@ pub fn build(c: &Content, shown: &str) -> Result<(Value, Value)> {
     let model = gguf_str(c, "tokenizer.ggml.model").unwrap_or("");
     let arch = gguf_str(c, "general.architecture").unwrap_or("");
     match model {
-        "gpt2" => byte_level(c),
-        "llama" if arch.starts_with("gemma") => sentencepiece(c, SpFlavour::Gemma),
-        "llama" if arch == "phi3" => sentencepiece(c, SpFlavour::Phi3),
-        "llama" => sentencepiece(c, SpFlavour::Llama),
+        "gpt2" => byte_level(c).with_context(|| format!("{shown}: vocabulary")),
+        "llama" if arch.starts_with("gemma") => {
+            sentencepiece(c, SpFlavour::Gemma).with_context(|| format!("{shown}: vocabulary"))
+        }
+        "llama" if arch == "phi3" => {
+            sentencepiece(c, SpFlavour::Phi3).with_context(|| format!("{shown}: vocabulary"))
+        }
+        "llama" => {
+            sentencepiece(c, SpFlavour::Llama).with_context(|| format!("{shown}: vocabulary"))
+        }
         _ => bail!(
             "{shown}: GGUF tokenizer type `{model}` for architecture `{arch}` is not supported \
              (supported: gpt2 byte-level BPE, and llama SentencePiece-style vocabularies); \
@@ -250,7 +256,10 @@ fn sentencepiece(c: &Content, flavour: SpFlavour) -> Result<(Value, Value)> {
             Some(v) => v
                 .to_vec()?
                 .iter()
-                .map(|x| x.to_f32().map_err(|e| anyhow::anyhow!("{e}")))
+                .map(|x| {
+                    x.to_f32()
+                        .map_err(|e| anyhow::anyhow!("metadata `tokenizer.ggml.scores`: {e}"))
+                })
                 .collect::<Result<_>>()?,
             None => vec![0.0; tokens.len()],
         },

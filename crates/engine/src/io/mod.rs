@@ -5,6 +5,7 @@
 pub mod atomic;
 pub mod config;
 pub mod gguf;
+pub mod gguf_check;
 pub mod gguf_vocab;
 pub mod hf_dir;
 pub mod loader;

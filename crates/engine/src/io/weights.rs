@@ -84,11 +84,25 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(|m| m.as_object())
             .ok_or_else(|| anyhow!("{}: missing object field `weight_map`", index.display()))?;
         let mut files: Vec<String> = map
-            .values()
-            .map(|f| {
-                f.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("{}: non-string shard name {f}", index.display()))
+            .iter()
+            .map(|(tensor, f)| {
+                let f = f.as_str().ok_or_else(|| {
+                    anyhow!(
+                        "{}: weight_map entry `{tensor}`: non-string shard name {f}",
+                        index.display()
+                    )
+                })?;
+                // A shard is a file beside the index: a path out of the directory (`../x`,
+                // `/etc/x`) would read whatever the index points at.
+                let plain = !f.is_empty() && f != "." && f != ".." && !f.contains(['/', '\\']);
+                if !plain {
+                    bail!(
+                        "{}: weight_map entry `{tensor}`: shard `{f}` is not a file name in the \
+                         model directory",
+                        index.display()
+                    );
+                }
+                Ok(f.to_string())
             })
             .collect::<Result<_>>()?;
         files.sort();
@@ -160,6 +174,34 @@ fn to_f32_vec(
     Ok((v, dt))
 }
 
+/// Checks the 8-byte header length of a safetensors file against the file's length before the
+/// file is mapped (an empty file cannot be mapped, and a short one has no header to parse).
+fn check_header_length(f: &std::fs::File, file: &Path) -> Result<()> {
+    use std::io::Read;
+    let len = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", file.display()))?
+        .len();
+    let mut n = [0u8; 8];
+    if len < 8 {
+        bail!(
+            "{}: not a safetensors file: {len} bytes, shorter than the 8-byte header length",
+            file.display()
+        );
+    }
+    (&*f)
+        .read_exact(&mut n)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len - 8 {
+        bail!(
+            "{}: header length {n} is past the end of the file ({len} bytes)",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads every tensor of the given safetensors files as f32.
 pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
     let mut tensors = HashMap::new();
@@ -167,6 +209,7 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
     for file in files {
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        check_header_length(&f, file)?;
         // SAFETY: memmap2 maps the file shared and read-only (PROT_READ, MAP_SHARED); we never
         // write through it and the mapping lives only for this loop. Another process can still
         // change the file under us, as with any mmap reader: a concurrent write changes the bytes

@@ -1,6 +1,10 @@
 //! The fuzz targets: every parser that reads a file a user may have downloaded.
 
+mod checkpoint;
 mod config;
+mod gguf;
+mod safetensors;
+mod safetensors_index;
 
 use crate::mutate::Rng;
 use anyhow::Result;
@@ -13,8 +17,8 @@ pub struct Ctx {
     pub shared: PathBuf,
 }
 
-/// A format-aware mutation of an input; None when it cannot apply to this one.
-pub type Mutator = fn(&mut Rng, &[u8]) -> Option<Vec<u8>>;
+/// A format-aware mutation of one input.
+pub type Mutate = fn(&mut Rng, &[u8]) -> Option<Vec<u8>>;
 
 pub struct Target {
     pub name: &'static str,
@@ -24,7 +28,7 @@ pub struct Target {
     pub seeds: fn(&Ctx) -> Result<Vec<Vec<u8>>>,
     /// A mutation that knows the format (None: byte-level mutations only). None as a result
     /// means "could not apply here"; the harness then mutates bytes.
-    pub mutate: Option<Mutator>,
+    pub mutate: Option<Mutate>,
     /// Parses the file. It runs in a fresh directory of its own and may write sibling files
     /// there (an index beside shards, a tokenizer beside a config).
     pub run: fn(&Path) -> Result<()>,
@@ -37,7 +41,13 @@ pub struct Target {
 
 /// Every target, in a fixed order.
 pub fn all() -> Vec<Target> {
-    vec![config::target()]
+    vec![
+        config::target(),
+        gguf::target(),
+        safetensors::target(),
+        safetensors_index::target(),
+        checkpoint::target(),
+    ]
 }
 
 /// Reads a seed file, naming it on failure.

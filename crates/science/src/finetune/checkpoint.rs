@@ -106,15 +106,45 @@ pub fn save(trainer: &Trainer, ckpt: &Checkpoint, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Puts the checkpoint in `dir` into `trainer` and returns where the run stood; refuses one
-/// written with other settings than `fingerprint`'s.
-pub fn resume(trainer: &mut Trainer, dir: &Path, fingerprint: &str) -> Result<Checkpoint> {
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)
+/// What a checkpoint directory holds: `state.json` (raw and typed) and the two tensor files.
+pub struct Stored {
+    pub state: Value,
+    pub ckpt: Checkpoint,
+    pub params: HashMap<String, Tensor>,
+    pub moments: HashMap<String, Tensor>,
+}
+
+/// Reads the checkpoint in `dir` without a model to put it in; errors name the file.
+pub fn read_dir(dir: &Path) -> Result<Stored> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: bad state.json", dir.display()))?;
     let ckpt: Checkpoint = serde_json::from_value(state.clone())
         .with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu)?;
-    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+    let tensors = |name: &str| {
+        let p = dir.join(name);
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .with_context(|| format!("{}: not a readable safetensors file", p.display()))
+    };
+    Ok(Stored {
+        params: tensors("params.safetensors")?,
+        moments: tensors("optimizer.safetensors")?,
+        state,
+        ckpt,
+    })
+}
+
+/// Puts the checkpoint in `dir` into `trainer` and returns where the run stood; refuses one
+/// written with other settings than `fingerprint`'s.
+pub fn resume(trainer: &mut Trainer, dir: &Path, fingerprint: &str) -> Result<Checkpoint> {
+    let Stored {
+        state,
+        ckpt,
+        params,
+        moments,
+    } = read_dir(dir)?;
     for ((info, var), st) in trainer
         .trainable
         .iter()
