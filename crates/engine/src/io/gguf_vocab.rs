@@ -48,6 +48,8 @@ fn split_regex(pre: Option<&str>) -> Option<&'static str> {
 /// and tokenizer_config.json values transformers would build from it.
 pub fn from_file(path: &std::path::Path) -> Result<(Value, Value)> {
     let shown = path.display().to_string();
+    // Declared sizes checked against the file before candle allocates them.
+    crate::io::gguf_check::check(path)?;
     let mut f =
         std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {shown}: {e}"))?;
     let content = Content::read(&mut f)
