@@ -1,6 +1,10 @@
 //! The fuzz targets: every parser that reads a file a user may have downloaded.
 
+mod chat_template;
 mod config;
+mod locate_json;
+mod prompts;
+mod tokenizer;
 
 use crate::mutate::Rng;
 use anyhow::Result;
@@ -37,7 +41,13 @@ pub struct Target {
 
 /// Every target, in a fixed order.
 pub fn all() -> Vec<Target> {
-    vec![config::target()]
+    vec![
+        config::target(),
+        tokenizer::target(),
+        chat_template::target(),
+        prompts::target(),
+        locate_json::target(),
+    ]
 }
 
 /// Reads a seed file, naming it on failure.

@@ -5,7 +5,7 @@ use crate::judges::probe::Calibration;
 use crate::judges::Judge;
 use crate::locate::{AlphaStep, Sweep};
 use crate::schema::{self, required};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use sl_engine::io::atomic::write_atomic;
 use sl_engine::LayerRange;
@@ -96,6 +96,17 @@ pub struct RunInfo {
 impl LocateFile {
     pub fn read(path: &Path) -> Result<LocateFile> {
         schema::read(path, SCHEMA_VERSION)
+    }
+
+    /// The chosen range of the file at `path`, checked against a model of `num_layers` layers
+    /// (`--freeze-from`): a range outside the model names the file and the field.
+    pub fn read_range(path: &Path, num_layers: usize) -> Result<LayerRange> {
+        let r = Self::read(path)?.range;
+        if num_layers == 0 {
+            anyhow::bail!("{}: field `range`: the model has no layers", path.display());
+        }
+        LayerRange::new(r.first, r.last, num_layers)
+            .with_context(|| format!("{}: field `range`", path.display()))
     }
 
     /// Writes the file atomically.
