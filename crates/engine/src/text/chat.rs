@@ -341,7 +341,7 @@ impl ChatTemplate {
             Err(_) if out.over => bail!(
                 "{origin}: chat template stopped: its output passed the limit of {limit} bytes"
             ),
-            Err((kind, _)) if kind == ErrorKind::OutOfFuel => bail!(
+            Err((ErrorKind::OutOfFuel, _)) => bail!(
                 "{origin}: chat template stopped: it ran out of fuel ({fuel} units, a loop or \
                  data far larger than a conversation needs)"
             ),
@@ -351,5 +351,60 @@ impl ChatTemplate {
             ),
             Err((_, e)) => bail!("{origin}: chat template failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(src: &str) -> Result<String> {
+        let t = ChatTemplate {
+            source: src.to_string(),
+            origin: "dir/chat_template.jinja".into(),
+            special: vec![],
+        };
+        t.render(&[Message::new("user", "hi")], true)
+    }
+
+    fn fails_with(src: &str, what: &str) {
+        let e = format!("{:#}", render(src).unwrap_err());
+        assert!(e.contains("dir/chat_template.jinja"), "{e}");
+        assert!(e.contains(what), "{e}");
+    }
+
+    #[test]
+    fn hostile_templates_end_with_the_limit_they_hit() {
+        fails_with(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+            "ran out of fuel",
+        );
+        fails_with(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        );
+        fails_with("{{ 'ab' * 3000000 }}", "output passed the limit");
+        fails_with("{{ messages | tojson(indent=100000000) }}", "output limit");
+        fails_with("{{ (messages * 100000) | tojson }}", "output limit");
+        fails_with("{{ strftime_now('%Q%') }}", "invalid format");
+        fails_with("{% for %}", "does not parse");
+    }
+
+    #[test]
+    fn a_value_nested_100k_deep_prints() {
+        let src = "{% set ns = namespace(x=1) %}{% for i in range(100000) %}\
+                   {% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}";
+        assert_eq!(render(src).unwrap().len(), 200_001);
+    }
+
+    /// The output as before the budget (keys sorted: serde_json's map without preserve_order).
+    #[test]
+    fn tojson_is_unchanged_by_its_budget() {
+        let out = render("{{ messages | tojson }}|{{ messages | tojson(indent=2) }}").unwrap();
+        assert_eq!(
+            out,
+            "[{\"content\": \"hi\", \"role\": \"user\"}]|[\n  {\n    \"content\": \"hi\",\n    \
+             \"role\": \"user\"\n  }\n]"
+        );
     }
 }

@@ -72,6 +72,38 @@ fn json_depth(text: &[u8]) -> usize {
     max
 }
 
+/// With a `continuing_subword_prefix`, tokenizers' BPE cuts that many bytes off the second part
+/// of every merge without checking that it starts with the prefix (an overflow, or a cut inside
+/// a UTF-8 character).
+fn check_merge_prefix(text: &str, prefix: &str, file: &str) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        model: Merges,
+    }
+    #[derive(serde::Deserialize)]
+    struct Merges {
+        #[serde(default)]
+        merges: Vec<Value>,
+    }
+    let Ok(doc) = serde_json::from_str::<Doc>(text) else {
+        return Ok(()); // not a BPE layout: tokenizers reports it
+    };
+    for (i, m) in doc.model.merges.iter().enumerate() {
+        let second = match m {
+            Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            Value::Array(p) => p.get(1).and_then(|b| b.as_str()),
+            _ => None,
+        };
+        if let Some(b) = second.filter(|b| !b.starts_with(prefix)) {
+            bail!(
+                "{file}: field model.merges[{i}]: {b:?} does not start with \
+                 model.continuing_subword_prefix {prefix:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Every special token a `TemplateProcessing` (alone or in a `Sequence`) places must be one of
 /// its `special_tokens`: tokenizers looks it up without checking.
 fn check_post_processor(pp: &Value, file: &str) -> Result<()> {
@@ -131,6 +163,13 @@ impl Tokenizer {
         struct Check {
             #[serde(default)]
             post_processor: Option<Value>,
+            #[serde(default)]
+            model: Option<ModelHead>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ModelHead {
+            #[serde(default)]
+            continuing_subword_prefix: Option<Value>,
         }
         let check: Check = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", tj.display()))?;
@@ -145,6 +184,14 @@ impl Tokenizer {
         }
         if let Some(pp) = &check.post_processor {
             check_post_processor(pp, &tj.display().to_string())?;
+        }
+        let prefix = check
+            .model
+            .and_then(|m| m.continuing_subword_prefix)
+            .and_then(|p| p.as_str().map(str::to_string))
+            .filter(|p| !p.is_empty());
+        if let Some(prefix) = prefix {
+            check_merge_prefix(&text, &prefix, &tj.display().to_string())?;
         }
         let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&text)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
@@ -278,5 +325,30 @@ impl Tokenizer {
             )
         })?;
         t.render_with(messages, add_generation_prompt, extra)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_depth_skips_strings() {
+        assert_eq!(json_depth(br#"{"a": [1, {"b": "[[[{"}], "c\"[": 2}"#), 3);
+    }
+
+    #[test]
+    fn a_template_special_token_must_be_defined() {
+        let pp = json!({"type": "Sequence", "processors": [{
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}],
+            "pair": [],
+            "special_tokens": {"<t>": {"id": "<t>", "ids": [1], "tokens": ["<t>"]}}
+        }]});
+        let e = check_post_processor(&pp, "x/tokenizer.json").unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("x/tokenizer.json: field post_processor.single"));
     }
 }

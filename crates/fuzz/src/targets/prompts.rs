@@ -17,7 +17,7 @@ pub const BIG_LINE: usize = 100 << 20;
 fn seeds(_: &Ctx) -> Result<Vec<Vec<u8>>> {
     let mut big = vec![b'x'; BIG_LINE];
     big.push(b'\n');
-    let small = vec![
+    let small = [
         b"How do I bake bread?\nWhat is 2+2?\r\n\n  \nTranslate 'hello' to French.\n".to_vec(),
         b"prompt,source\n\"Say \"\"hi\"\"\",a\n\"two\nlines\",b\n,c\n".to_vec(),
         b"\"one column\"\nplain\n\"with, comma\"\n".to_vec(),
@@ -102,7 +102,7 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
 fn run(path: &Path) -> Result<()> {
     let input = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let h = hash(&input);
-    let ext = if h % 4 == 0 {
+    let ext = if h.is_multiple_of(4) {
         EXTS[((h >> 2) % EXTS.len() as u64) as usize]
     } else {
         sniff(&input)
@@ -111,7 +111,8 @@ fn run(path: &Path) -> Result<()> {
     let named = path.with_extension(format!("prompts.{ext}"));
     std::fs::hard_link(path, &named).with_context(|| format!("cannot link {}", named.display()))?;
     // --column: none for text; `prompt` for one input in two of the others.
-    let column = (ext != "txt" && ext != "prompts" && (h >> 8) % 2 == 0).then_some("prompt");
+    let column =
+        (ext != "txt" && ext != "prompts" && (h >> 8).is_multiple_of(2)).then_some("prompt");
     sl_engine::text::prompts::read_prompts(&named, column).map(|_| ())
 }
 
