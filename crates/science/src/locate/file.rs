@@ -183,4 +183,20 @@ pub(crate) mod tests {
             .to_string();
         assert!(e.contains("judge: missing field `calibration`"), "{e}");
     }
+
+    #[test]
+    fn a_range_outside_the_model_names_the_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("sl-locate-range-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("locate.json");
+        let mut v = sample();
+        v["range"] = json!({"first": 2, "last": 40});
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = format!("{:#}", LocateFile::read_range(&path, 32).unwrap_err());
+        assert!(e.contains("locate.json: field `range`"), "{e}");
+        assert!(e.contains("outside the model"), "{e}");
+        assert!(LocateFile::read_range(&path, 41).is_ok());
+        assert!(LocateFile::read_range(&path, 0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
