@@ -72,16 +72,19 @@ fn json_depth(text: &[u8]) -> usize {
     max
 }
 
-/// With a `continuing_subword_prefix`, tokenizers' BPE cuts that many bytes off the second part
-/// of every merge without checking that it starts with the prefix (an overflow, or a cut inside
-/// a UTF-8 character).
-fn check_merge_prefix(text: &str, prefix: &str, file: &str) -> Result<()> {
+/// tokenizers' BPE copies each merge's two parts into a buffer as long as the longest token
+/// before it looks the result up, and cuts `continuing_subword_prefix` off the second part
+/// without checking that it starts with it: a merge whose result is not a token (or whose
+/// second part lacks the prefix) overflows. Each merge is checked first, as tokenizers would
+/// after the copy.
+fn check_merges(text: &str, prefix: &str, file: &str) -> Result<()> {
     #[derive(serde::Deserialize)]
     struct Doc {
-        model: Merges,
+        model: Bpe,
     }
     #[derive(serde::Deserialize)]
-    struct Merges {
+    struct Bpe {
+        vocab: std::collections::HashMap<String, serde::de::IgnoredAny>,
         #[serde(default)]
         merges: Vec<Value>,
     }
@@ -89,16 +92,28 @@ fn check_merge_prefix(text: &str, prefix: &str, file: &str) -> Result<()> {
         return Ok(()); // not a BPE layout: tokenizers reports it
     };
     for (i, m) in doc.model.merges.iter().enumerate() {
-        let second = match m {
-            Value::String(s) => s.split_once(' ').map(|(_, b)| b),
-            Value::Array(p) => p.get(1).and_then(|b| b.as_str()),
-            _ => None,
+        let (a, b) = match m {
+            Value::String(s) => match s.split_once(' ') {
+                Some(p) => p,
+                None => continue,
+            },
+            Value::Array(p) => match (
+                p.first().and_then(|a| a.as_str()),
+                p.get(1).and_then(|b| b.as_str()),
+            ) {
+                (Some(a), Some(b)) => (a, b),
+                _ => continue,
+            },
+            _ => continue,
         };
-        if let Some(b) = second.filter(|b| !b.starts_with(prefix)) {
+        let Some(rest) = b.strip_prefix(prefix) else {
             bail!(
                 "{file}: field model.merges[{i}]: {b:?} does not start with \
                  model.continuing_subword_prefix {prefix:?}"
             );
+        };
+        if !doc.model.vocab.contains_key(&format!("{a}{rest}")) {
+            bail!("{file}: field model.merges[{i}]: {a:?} + {b:?} is not in model.vocab");
         }
     }
     Ok(())
@@ -189,10 +204,8 @@ impl Tokenizer {
             .model
             .and_then(|m| m.continuing_subword_prefix)
             .and_then(|p| p.as_str().map(str::to_string))
-            .filter(|p| !p.is_empty());
-        if let Some(prefix) = prefix {
-            check_merge_prefix(&text, &prefix, &tj.display().to_string())?;
-        }
+            .unwrap_or_default();
+        check_merges(&text, &prefix, &tj.display().to_string())?;
         let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&text)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
         let tc_path = dir.join("tokenizer_config.json");
