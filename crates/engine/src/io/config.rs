@@ -90,13 +90,16 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Activation> {
+    fn parse(name: &str, key: &str, file: &str) -> Result<Activation> {
         Ok(match name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
             other => {
-                bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh, gelu)")
+                bail!(
+                    "{file}: field `{key}` names an unsupported activation {other:?} (supported: \
+                     silu, gelu_pytorch_tanh, gelu)"
+                )
             }
         })
     }
@@ -174,6 +177,23 @@ pub(crate) fn req_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
         })
 }
 
+/// Upper bounds of the sizes a config declares. Far above any released model (405B Llama has 126
+/// layers, 16384 hidden, 128 heads; Gemma 3 has a 262k vocabulary), they stop a hostile file from
+/// sizing per-layer vectors or weight shapes by a count like 2^64 before the weights are read.
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_WIDTH: usize = 1 << 20;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_VOCAB: usize = 1 << 24;
+
+/// A count checked against its upper bound, so no product of two counts overflows later.
+fn at_most(n: usize, key: &str, max: usize, file: &str) -> Result<usize> {
+    if n > max {
+        bail!("{file}: field `{key}` is {n}, more than the supported maximum {max}");
+    }
+    Ok(n)
+}
+
 /// A required count that cannot be 0 (a model without layers, heads or vocabulary is a broken
 /// config, and 0 would underflow later, e.g. `num_layers - 1` in hooks and scaling).
 pub(crate) fn req_positive(v: &Value, key: &str, file: &str) -> Result<usize> {
@@ -249,10 +269,29 @@ impl ModelConfig {
             );
         };
         let architecture = arch.unwrap_or_else(|| family.architecture().to_string());
-        let hidden_size = req_positive(v, "hidden_size", file)?;
-        let num_heads = req_usize(v, "num_attention_heads", file)?;
-        let num_layers = req_positive(v, "num_hidden_layers", file)?;
-        let num_kv_heads = opt_usize(v, "num_key_value_heads", file)?.unwrap_or(num_heads);
+        // Every size is bounded before anything is allocated or multiplied from it.
+        let bounded = |key: &str, max: usize| -> Result<usize> {
+            at_most(req_positive(v, key, file)?, key, max, file)
+        };
+        let hidden_size = bounded("hidden_size", MAX_WIDTH)?;
+        let num_heads = at_most(
+            req_usize(v, "num_attention_heads", file)?,
+            "num_attention_heads",
+            MAX_HEADS,
+            file,
+        )?;
+        let num_layers = bounded("num_hidden_layers", MAX_LAYERS)?;
+        let vocab_size = bounded("vocab_size", MAX_VOCAB)?;
+        let intermediate_size = at_most(
+            req_usize(v, "intermediate_size", file)?,
+            "intermediate_size",
+            MAX_WIDTH,
+            file,
+        )?;
+        let num_kv_heads = match opt_usize(v, "num_key_value_heads", file)? {
+            Some(n) => at_most(n, "num_key_value_heads", MAX_HEADS, file)?,
+            None => num_heads,
+        };
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!(
                 "{file}: num_attention_heads ({num_heads}) must be a positive multiple of \
@@ -261,7 +300,7 @@ impl ModelConfig {
         }
         let head_dim = match opt_usize(v, "head_dim", file)? {
             Some(0) => bail!("{file}: field `head_dim` must be at least 1, got 0"),
-            Some(h) => h,
+            Some(h) => at_most(h, "head_dim", MAX_HEAD_DIM, file)?,
             None => {
                 if hidden_size % num_heads != 0 {
                     bail!(
@@ -273,8 +312,12 @@ impl ModelConfig {
             }
         };
         let is_gemma = family.is_gemma();
-        let act_name = get(v, "hidden_activation")
-            .or_else(|| get(v, "hidden_act"))
+        let act_key = if get(v, "hidden_activation").is_some() {
+            "hidden_activation"
+        } else {
+            "hidden_act"
+        };
+        let act_name = get(v, act_key)
             .and_then(|x| x.as_str())
             .unwrap_or(if is_gemma {
                 "gelu_pytorch_tanh"
@@ -285,7 +328,7 @@ impl ModelConfig {
         let activation = if family == Family::Gemma {
             Activation::GeluTanh
         } else {
-            Activation::parse(act_name)?
+            Activation::parse(act_name, act_key, file)?
         };
 
         let sliding_window = match family {
@@ -317,6 +360,11 @@ impl ModelConfig {
             Some(p) => p,
             None => opt_f64(v, "partial_rotary_factor", file)?.unwrap_or(1.0),
         };
+        // rope indexes the first rotary_dim entries of each head: more than head_dim would read
+        // past it.
+        if !(partial > 0.0 && partial <= 1.0) {
+            bail!("{file}: field `partial_rotary_factor` must be in (0, 1], got {partial}");
+        }
         let rotary_dim = ((head_dim as f64) * partial) as usize;
         if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             bail!(
@@ -351,9 +399,9 @@ impl ModelConfig {
         Ok(ModelConfig {
             family,
             architecture,
-            vocab_size: req_positive(v, "vocab_size", file)?,
+            vocab_size,
             hidden_size,
-            intermediate_size: req_usize(v, "intermediate_size", file)?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads,

@@ -21,6 +21,9 @@ impl LayerRange {
         if first > last {
             bail!("layer range {first}-{last}: the first layer is after the last");
         }
+        if num_layers == 0 {
+            bail!("layer range {first}-{last}: the model has no layers");
+        }
         if last >= num_layers {
             bail!(
                 "layer range {first}-{last} is outside the model's layers 0-{}",

@@ -43,6 +43,122 @@ fn template_source(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Deepest nesting accepted in tokenizer.json (real ones nest about 6 deep).
+const MAX_DEPTH: usize = 32;
+
+/// The deepest nesting of arrays and objects in JSON text (strings skipped).
+fn json_depth(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_str {
+            match b {
+                _ if esc => esc = false,
+                b'\\' => esc = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// tokenizers' BPE copies each merge's two parts into a buffer as long as the longest token
+/// before it looks the result up, and cuts `continuing_subword_prefix` off the second part
+/// without checking that it starts with it: a merge whose result is not a token (or whose
+/// second part lacks the prefix) overflows. Each merge is checked first, as tokenizers would
+/// after the copy.
+fn check_merges(text: &str, prefix: &str, file: &str) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        model: Bpe,
+    }
+    #[derive(serde::Deserialize)]
+    struct Bpe {
+        vocab: std::collections::HashMap<String, serde::de::IgnoredAny>,
+        #[serde(default)]
+        merges: Vec<Value>,
+    }
+    let Ok(doc) = serde_json::from_str::<Doc>(text) else {
+        return Ok(()); // not a BPE layout: tokenizers reports it
+    };
+    for (i, m) in doc.model.merges.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => match s.split_once(' ') {
+                Some(p) => p,
+                None => continue,
+            },
+            Value::Array(p) => match (
+                p.first().and_then(|a| a.as_str()),
+                p.get(1).and_then(|b| b.as_str()),
+            ) {
+                (Some(a), Some(b)) => (a, b),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let Some(rest) = b.strip_prefix(prefix) else {
+            bail!(
+                "{file}: field model.merges[{i}]: {b:?} does not start with \
+                 model.continuing_subword_prefix {prefix:?}"
+            );
+        };
+        if !doc.model.vocab.contains_key(&format!("{a}{rest}")) {
+            bail!("{file}: field model.merges[{i}]: {a:?} + {b:?} is not in model.vocab");
+        }
+    }
+    Ok(())
+}
+
+/// Every special token a `TemplateProcessing` (alone or in a `Sequence`) places must be one of
+/// its `special_tokens`: tokenizers looks it up without checking.
+fn check_post_processor(pp: &Value, file: &str) -> Result<()> {
+    match pp.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for p in pp
+                .get("processors")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+            {
+                check_post_processor(p, file)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let defined = pp.get("special_tokens").and_then(|s| s.as_object());
+            for key in ["single", "pair"] {
+                let pieces = pp.get(key).and_then(|s| s.as_array()).into_iter().flatten();
+                for id in pieces.filter_map(|p| p.get("SpecialToken")?.get("id")) {
+                    let id = id.as_str().unwrap_or_default();
+                    let entry = defined.and_then(|d| d.get(id));
+                    // Its ids and tokens are zipped when encoding: both must be lists.
+                    let ok = entry.is_some_and(|e| {
+                        e.get("ids").is_some_and(|x| x.is_array())
+                            && e.get("tokens").is_some_and(|x| x.is_array())
+                    });
+                    if !ok {
+                        bail!(
+                            "{file}: field post_processor.{key} names special token {id:?}, which \
+                             post_processor.special_tokens does not define"
+                        );
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let tj = dir.join("tokenizer.json");
@@ -52,7 +168,45 @@ impl Tokenizer {
                 dir.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
+        let text = std::fs::read_to_string(&tj)
+            .with_context(|| format!("cannot read {}", tj.display()))?;
+        // tokenizers panics on some malformed JSON (a syntax error or nesting past serde_json's
+        // limit inside a component it parses untagged) and, when encoding, on a template
+        // post-processor naming a special token it does not define; a first pass over the text
+        // finds those, keeping only the post-processor.
+        #[derive(serde::Deserialize)]
+        struct Check {
+            #[serde(default)]
+            post_processor: Option<Value>,
+            #[serde(default)]
+            model: Option<ModelHead>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ModelHead {
+            #[serde(default)]
+            continuing_subword_prefix: Option<Value>,
+        }
+        let check: Check = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", tj.display()))?;
+        // Components are parsed through serde's untagged buffering, which nests again: a deep
+        // `decoder` passes serde_json's limit there, and tokenizers unwraps that error.
+        let depth = json_depth(text.as_bytes());
+        if depth > MAX_DEPTH {
+            bail!(
+                "{}: JSON nested {depth} deep, more than the {MAX_DEPTH} a tokenizer needs",
+                tj.display()
+            );
+        }
+        if let Some(pp) = &check.post_processor {
+            check_post_processor(pp, &tj.display().to_string())?;
+        }
+        let prefix = check
+            .model
+            .and_then(|m| m.continuing_subword_prefix)
+            .and_then(|p| p.as_str().map(str::to_string))
+            .unwrap_or_default();
+        check_merges(&text, &prefix, &tj.display().to_string())?;
+        let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&text)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Value = if tc_path.exists() {
@@ -65,10 +219,11 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         let template = if jinja.exists() {
-            Some(
+            Some((
                 std::fs::read_to_string(&jinja)
                     .with_context(|| format!("cannot read {}", jinja.display()))?,
-            )
+                jinja.display().to_string(),
+            ))
         } else {
             None
         };
@@ -76,7 +231,8 @@ impl Tokenizer {
             inner,
             &tc,
             template,
-            &dir.display().to_string(),
+            &tj.display().to_string(),
+            &format!("{} (field chat_template)", tc_path.display()),
         ))
     }
 
@@ -88,17 +244,28 @@ impl Tokenizer {
     ) -> Result<Tokenizer> {
         let inner: tokenizers::Tokenizer = std::str::FromStr::from_str(&tokenizer_json.to_string())
             .map_err(|e| anyhow!("{origin}: cannot build the tokenizer: {e}"))?;
-        Ok(Tokenizer::from_parts(inner, tokenizer_config, None, origin))
+        Ok(Tokenizer::from_parts(
+            inner,
+            tokenizer_config,
+            None,
+            origin,
+            &format!("{origin} (chat_template)"),
+        ))
     }
 
     fn from_parts(
         inner: tokenizers::Tokenizer,
         tc: &Value,
-        template_file: Option<String>,
+        template_file: Option<(String, String)>,
         origin: &str,
+        config_template_origin: &str,
     ) -> Tokenizer {
-        let source = template_file.or_else(|| template_source(tc.get("chat_template")));
-        let chat_template = source.map(|src| {
+        // A chat_template.jinja beside the config wins, as in transformers.
+        let source = template_file.or_else(|| {
+            template_source(tc.get("chat_template"))
+                .map(|s| (s, config_template_origin.to_string()))
+        });
+        let chat_template = source.map(|(src, template_origin)| {
             let special = [
                 "bos_token",
                 "eos_token",
@@ -113,6 +280,7 @@ impl Tokenizer {
             .collect();
             ChatTemplate {
                 source: src,
+                origin: template_origin,
                 special,
             }
         });
@@ -170,5 +338,30 @@ impl Tokenizer {
             )
         })?;
         t.render_with(messages, add_generation_prompt, extra)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_depth_skips_strings() {
+        assert_eq!(json_depth(br#"{"a": [1, {"b": "[[[{"}], "c\"[": 2}"#), 3);
+    }
+
+    #[test]
+    fn a_template_special_token_must_be_defined() {
+        let pp = json!({"type": "Sequence", "processors": [{
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}],
+            "pair": [],
+            "special_tokens": {"<t>": {"id": "<t>", "ids": [1], "tokens": ["<t>"]}}
+        }]});
+        let e = check_post_processor(&pp, "x/tokenizer.json").unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("x/tokenizer.json: field post_processor.single"));
     }
 }

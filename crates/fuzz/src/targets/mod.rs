@@ -1,10 +1,14 @@
 //! The fuzz targets: every parser that reads a file a user may have downloaded.
 
+mod chat_template;
 mod checkpoint;
 mod config;
 mod gguf;
+mod locate_json;
+mod prompts;
 mod safetensors;
 mod safetensors_index;
+mod tokenizer;
 
 use crate::mutate::Rng;
 use anyhow::Result;
@@ -47,6 +51,10 @@ pub fn all() -> Vec<Target> {
         safetensors::target(),
         safetensors_index::target(),
         checkpoint::target(),
+        tokenizer::target(),
+        chat_template::target(),
+        prompts::target(),
+        locate_json::target(),
     ]
 }
 

@@ -5,7 +5,7 @@ use crate::judges::probe::Calibration;
 use crate::judges::Judge;
 use crate::locate::{AlphaStep, Sweep};
 use crate::schema::{self, required};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use sl_engine::io::atomic::write_atomic;
 use sl_engine::LayerRange;
@@ -98,6 +98,17 @@ impl LocateFile {
         schema::read(path, SCHEMA_VERSION)
     }
 
+    /// The chosen range of the file at `path`, checked against a model of `num_layers` layers
+    /// (`--freeze-from`): a range outside the model names the file and the field.
+    pub fn read_range(path: &Path, num_layers: usize) -> Result<LayerRange> {
+        let r = Self::read(path)?.range;
+        if num_layers == 0 {
+            anyhow::bail!("{}: field `range`: the model has no layers", path.display());
+        }
+        LayerRange::new(r.first, r.last, num_layers)
+            .with_context(|| format!("{}: field `range`", path.display()))
+    }
+
     /// Writes the file atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
         write_atomic(path, schema::to_pretty(self)?.as_bytes())
@@ -171,5 +182,21 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("judge: missing field `calibration`"), "{e}");
+    }
+
+    #[test]
+    fn a_range_outside_the_model_names_the_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("sl-locate-range-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("locate.json");
+        let mut v = sample();
+        v["range"] = json!({"first": 2, "last": 40});
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = format!("{:#}", LocateFile::read_range(&path, 32).unwrap_err());
+        assert!(e.contains("locate.json: field `range`"), "{e}");
+        assert!(e.contains("outside the model"), "{e}");
+        assert!(LocateFile::read_range(&path, 41).is_ok());
+        assert!(LocateFile::read_range(&path, 0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
