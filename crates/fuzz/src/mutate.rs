@@ -161,3 +161,12 @@ pub fn json(rng: &mut Rng, v: &mut serde_json::Value) {
         _ => *node = extremes[rng.below(extremes.len())].clone(),
     }
 }
+
+/// One to three `json` edits of a JSON document's bytes (None: the input is not JSON).
+pub fn json_doc(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(input).ok()?;
+    for _ in 0..1 + rng.below(3) {
+        json(rng, &mut v);
+    }
+    serde_json::to_vec(&v).ok()
+}

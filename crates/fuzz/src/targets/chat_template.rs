@@ -26,16 +26,7 @@ fn seeds(ctx: &Ctx) -> Result<Vec<Vec<u8>>> {
             out.push(t.as_bytes().to_vec());
         }
     }
-    let dir = ctx.root.join("tests/fixtures");
-    let mut fams: Vec<_> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("chat_template.jinja"))
-        .filter(|p| p.is_file())
-        .collect();
-    fams.sort();
-    for p in fams {
-        out.push(read_seed(&p)?);
-    }
+    out.extend(super::fixture_files(ctx, "chat_template.jinja")?);
     out.sort();
     out.dedup();
     Ok(out)

@@ -1,34 +1,13 @@
 //! `config.json` of every family: the fixtures' configs, with fields removed, renamed or set to
 //! extreme values.
 
-use super::{read_seed, Ctx, Target};
-use crate::mutate::{self, Rng};
+use super::{Ctx, Target};
+use crate::mutate;
 use anyhow::Result;
 use std::path::Path;
 
 fn seeds(ctx: &Ctx) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    let dir = ctx.root.join("tests/fixtures");
-    let mut fams: Vec<_> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
-    fams.sort();
-    for f in fams {
-        let p = f.join("config.json");
-        if p.is_file() {
-            out.push(read_seed(&p)?);
-        }
-    }
-    Ok(out)
-}
-
-fn mutate(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
-    let mut v: serde_json::Value = serde_json::from_slice(input).ok()?;
-    for _ in 0..1 + rng.below(3) {
-        mutate::json(rng, &mut v);
-    }
-    serde_json::to_vec(&v).ok()
+    super::fixture_files(ctx, "config.json")
 }
 
 fn run(path: &Path) -> Result<()> {
@@ -40,7 +19,7 @@ pub fn target() -> Target {
         name: "config",
         file_name: "config.json",
         seeds,
-        mutate: Some(mutate),
+        mutate: Some(mutate::json_doc),
         run,
         mem_base: 16 << 20,
         mem_factor: 64,

@@ -2,7 +2,7 @@
 //! the model's layers. A range outside the model is an error naming the file and the field.
 
 use super::{read_seed, Ctx, Target};
-use crate::mutate::{self, Rng};
+use crate::mutate;
 use anyhow::Result;
 use sl_science::locate::file::LocateFile;
 use std::path::Path;
@@ -16,14 +16,6 @@ fn seeds(ctx: &Ctx) -> Result<Vec<Vec<u8>>> {
     )?])
 }
 
-fn mutate(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
-    let mut v: serde_json::Value = serde_json::from_slice(input).ok()?;
-    for _ in 0..1 + rng.below(3) {
-        mutate::json(rng, &mut v);
-    }
-    serde_json::to_vec(&v).ok()
-}
-
 fn run(path: &Path) -> Result<()> {
     LocateFile::read_range(path, LAYERS).map(|_| ())
 }
@@ -33,7 +25,7 @@ pub fn target() -> Target {
         name: "locate-json",
         file_name: "locate.json",
         seeds,
-        mutate: Some(mutate),
+        mutate: Some(mutate::json_doc),
         run,
         mem_base: 16 << 20,
         mem_factor: 64,

@@ -58,6 +58,17 @@ pub fn all() -> Vec<Target> {
     ]
 }
 
+/// The file `name` of every fixture directory (tests/fixtures/<family>/<name>), in name order.
+pub fn fixture_files(ctx: &Ctx, name: &str) -> Result<Vec<Vec<u8>>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(ctx.root.join("tests/fixtures"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| read_seed(p)).collect()
+}
+
 /// Reads a seed file, naming it on failure.
 pub fn read_seed(p: &Path) -> Result<Vec<u8>> {
     use anyhow::Context;

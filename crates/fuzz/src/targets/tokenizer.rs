@@ -50,17 +50,7 @@ fn shrink(mut v: Value) -> Value {
 }
 
 fn seeds(ctx: &Ctx) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    let dir = ctx.root.join("tests/fixtures");
-    let mut fams: Vec<_> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("tokenizer.json"))
-        .filter(|p| p.is_file())
-        .collect();
-    fams.sort();
-    for p in fams {
-        out.push(read_seed(&p)?);
-    }
+    let mut out = super::fixture_files(ctx, "tokenizer.json")?;
     out.sort();
     out.dedup();
     for name in ["llama3", "qwen3", "gemma3"] {
