@@ -58,7 +58,7 @@ pub fn all() -> Vec<Target> {
     ]
 }
 
-/// The file `name` of every fixture directory (tests/fixtures/<family>/<name>), in name order.
+/// The file `name` of every fixture directory (`tests/fixtures/<family>/<name>`), in name order.
 pub fn fixture_files(ctx: &Ctx, name: &str) -> Result<Vec<Vec<u8>>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(ctx.root.join("tests/fixtures"))?
         .filter_map(|e| e.ok())
