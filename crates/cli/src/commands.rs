@@ -1,11 +1,11 @@
 //! The engine commands: inspect, hidden, generate.
 
-use crate::output::{write_atomic, AtomicFile};
 use crate::progress::Progress;
 use crate::PromptArgs;
 use anyhow::{bail, Result};
 use serde_json::json;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
+use sl_engine::io::atomic::{write_atomic, AtomicFile};
 use sl_engine::{LayerRange, Model, Prompt, Template};
 use std::io::Write;
 use std::path::Path;

@@ -112,8 +112,7 @@ impl FreezeArgs {
 
 /// The range a locate.json chose.
 fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
-    let r = sl_science::locate::file::LocateFile::read(p)?.range;
-    LayerRange::new(r.first, r.last, layers).with_context(|| format!("{}: range", p.display()))
+    sl_science::locate::file::LocateFile::read_range(p, layers)
 }
 
 /// Training records from a file or a dataset name, with a description for provenance.

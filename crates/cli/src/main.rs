@@ -10,7 +10,6 @@ mod eval_cmd;
 mod export_cmd;
 mod finetune_cmd;
 mod locate_cmd;
-mod output;
 mod progress;
 
 use clap::{Parser, Subcommand};

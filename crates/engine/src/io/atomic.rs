@@ -8,8 +8,9 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Writes a file atomically: a temporary sibling renamed into place once complete.
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+/// The temporary sibling `.<name>.tmp-<pid>` of `dest`, its directory created and the
+/// temporaries of dead writers of the same name removed.
+fn temp_sibling(dest: &Path) -> Result<PathBuf> {
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -21,13 +22,66 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
     remove_stale_temporaries(dir, &name);
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    Ok(dir.join(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+/// Writes a file atomically: a temporary sibling renamed into place once complete.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_sibling(dest)?;
     if let Err(e) = write_synced(&tmp, bytes) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     std::fs::rename(&tmp, dest)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
+}
+
+/// A file written as a stream and moved into place only by `commit`; dropped uncommitted, its
+/// temporary is removed.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl AtomicFile {
+    pub fn create(dest: &Path) -> Result<AtomicFile> {
+        let tmp = temp_sibling(dest)?;
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(AtomicFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            file: Some(std::io::BufWriter::new(file)),
+        })
+    }
+
+    pub fn writer(&mut self) -> &mut impl std::io::Write {
+        self.file.as_mut().expect("open until committed")
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        use std::io::Write;
+        let mut f = self.file.take().expect("open until committed");
+        f.flush()
+            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all().ok();
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!(
+                "cannot move {} to {}",
+                self.tmp.display(),
+                self.dest.display()
+            )
+        })
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Writes `bytes` to `path` and flushes them to disk, so that a rename after it never exposes a

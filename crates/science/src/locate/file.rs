@@ -102,9 +102,7 @@ impl LocateFile {
     /// (`--freeze-from`): a range outside the model names the file and the field.
     pub fn read_range(path: &Path, num_layers: usize) -> Result<LayerRange> {
         let r = Self::read(path)?.range;
-        if num_layers == 0 {
-            anyhow::bail!("{}: field `range`: the model has no layers", path.display());
-        }
+        // LayerRange::new refuses a model without layers too.
         LayerRange::new(r.first, r.last, num_layers)
             .with_context(|| format!("{}: field `range`", path.display()))
     }
