@@ -57,6 +57,8 @@ pub struct AlignArgs {
     pub template: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
 }
 
 fn sets(names: &[&str]) -> Result<Sets> {

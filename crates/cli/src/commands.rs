@@ -50,6 +50,9 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         "vocab_size": c.vocab_size,
         "parameters": m.num_parameters(),
         "storage_dtype": m.source_dtype.as_str(),
+        "dtype_option": m.dtype_choice.as_str(),
+        "weights_in_memory": m.weight_storage,
+        "weight_bytes": m.decoder.weight_bytes(),
         "compute_dtype": "f32",
         "tied_embeddings": c.tie_word_embeddings,
         "sliding_window": c.sliding_window,
@@ -76,8 +79,11 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         println!("vocab:          {}", c.vocab_size);
         println!("parameters:     {}", m.num_parameters());
         println!(
-            "dtype:          {} storage, f32 compute",
-            m.source_dtype.as_str()
+            "dtype:          {} on disk; held as {} ({:.1} MiB, --dtype {}); f32 compute",
+            m.source_dtype.as_str(),
+            m.weight_storage,
+            m.decoder.weight_bytes() as f64 / (1 << 20) as f64,
+            m.dtype_choice
         );
         println!(
             "chat template:  {}",

@@ -35,6 +35,8 @@ pub struct CosineArgs {
     /// Output directory
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
 }
 
 pub fn run(a: &CosineArgs) -> Result<()> {

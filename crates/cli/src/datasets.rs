@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use sl_catalog::datasets;
+use sl_engine::io::loader::WeightDType;
 use sl_engine::text::prompts::read_prompts;
 use sl_engine::{LoadOptions, Model, PromptRecord};
 use sl_science::cosine::report::PromptSet;
@@ -15,11 +16,14 @@ use std::sync::RwLock;
 pub struct Locations {
     pub data_dir: Option<PathBuf>,
     pub models_dir: Option<PathBuf>,
+    /// `--dtype`: the precision model weights are held in.
+    pub dtype: Option<WeightDType>,
 }
 
 static LOCATIONS: RwLock<Locations> = RwLock::new(Locations {
     data_dir: None,
     models_dir: None,
+    dtype: None,
 });
 
 /// Records the flags of a command line; a flag left out keeps an earlier command line's value
@@ -31,6 +35,9 @@ pub fn set_locations(flags: Locations) {
     }
     if flags.models_dir.is_some() {
         l.models_dir = flags.models_dir;
+    }
+    if flags.dtype.is_some() {
+        l.dtype = flags.dtype;
     }
 }
 
@@ -59,7 +66,10 @@ pub fn model_path(spec: &Path) -> Result<PathBuf> {
 /// `sl_engine::tune_allocator_around`).
 pub fn load_model(spec: &Path) -> Result<Model> {
     let p = model_path(spec)?;
-    let opts = LoadOptions { tune_malloc: true };
+    let opts = LoadOptions {
+        tune_malloc: true,
+        dtype: locations().dtype.unwrap_or_default(),
+    };
     Model::load_with(&p, &opts).with_context(|| format!("cannot load model {}", spec.display()))
 }
 

@@ -76,6 +76,8 @@ pub struct EvalArgs {
     #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, required_unless_present = "responses")]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
 }
 
 fn judge_of(a: &EvalArgs) -> Result<EvalJudge> {

@@ -62,6 +62,8 @@ pub struct LocateArgs {
     pub no_early_stop: bool,
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
 }
 
 pub fn judge_from(kind: &str, list: Option<&PathBuf>) -> Result<Judge> {

@@ -33,6 +33,16 @@ struct Cli {
     command: Command,
 }
 
+/// How a command that only reads a model holds its weights.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LoadArgs {
+    /// Weight precision: auto (the checkpoint's own storage for models of 1B parameters and
+    /// more, f32 below), f32, bf16, f16, or native (the checkpoint's own storage at any size:
+    /// bf16/f16 safetensors stay so, GGUF stays quantized). Activations are f32 in every case
+    #[arg(long)]
+    pub dtype: Option<sl_engine::io::loader::WeightDType>,
+}
+
 #[derive(clap::Args, Clone)]
 pub struct PromptArgs {
     /// Prompt file (.txt / single-column .csv, one prompt per line; .csv with --column; .json or
@@ -60,6 +70,8 @@ enum Command {
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        load: LoadArgs,
     },
     /// Last-token hidden states of every layer (transformers' output_hidden_states convention)
     Hidden {
@@ -72,6 +84,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
+        #[command(flatten)]
+        load: LoadArgs,
     },
     /// The paper's cosine analysis: where N-M similarity falls away from N-N (existence of safety
     /// layers)
@@ -130,6 +144,8 @@ enum Command {
         /// Output JSONL: one {"prompt","response","output_ids"} per line
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
     },
 }
 
@@ -165,19 +181,36 @@ pub fn run_command_line(args: &[String]) -> anyhow::Result<()> {
     run(cli)
 }
 
+/// The `--dtype` of a command that reads a model (None: the command has no such flag, or it was
+/// left out).
+fn load_dtype(c: &Command) -> Option<sl_engine::io::loader::WeightDType> {
+    match c {
+        Command::Inspect { load, .. }
+        | Command::Hidden { load, .. }
+        | Command::Generate { load, .. } => load.dtype,
+        Command::Cosine(a) => a.load.dtype,
+        Command::Locate(a) => a.load.dtype,
+        Command::Align(a) => a.load.dtype,
+        Command::Eval(a) => a.load.dtype,
+        _ => None,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     // The catalog is handed these with each lookup (flag, else the environment variable).
     datasets::set_locations(datasets::Locations {
         data_dir: cli.data_dir.clone(),
         models_dir: cli.models_dir.clone(),
+        dtype: load_dtype(&cli.command),
     });
     match cli.command {
-        Command::Inspect { model, json } => commands::inspect(&model, json),
+        Command::Inspect { model, json, .. } => commands::inspect(&model, json),
         Command::Hidden {
             model,
             prompts,
             out,
             batch_size,
+            ..
         } => commands::hidden(&model, &prompts, &out, batch_size),
         Command::Cosine(args) => cosine_cmd::run(&args),
         Command::Data { action } => data_cmd::run(&action),
@@ -197,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             ignore_eos,
             out,
+            ..
         } => commands::generate(
             &model,
             &prompts,

@@ -112,7 +112,7 @@ fn zero_ablating_attn_out_equals_zeroing_o_proj() {
     );
     let mut z = load("llama");
     assert!(z.decoder.layers[k].attn.o.bias.is_none());
-    let o = &mut z.decoder.layers[k].attn.o.weight;
+    let o = z.decoder.layers[k].attn.o.weight.tensor_mut().unwrap();
     *o = o.zeros_like().unwrap();
     let zeroed = z.decoder.run_with_hooks(&p, &HookSpec::none(), 2).unwrap();
     assert!(
@@ -180,7 +180,7 @@ fn per_prompt_patches_follow_their_prompts_through_batches() {
 fn last_token_edits_are_the_same_batched_and_alone() {
     let m = load("gemma2");
     let p = prompts("gemma2");
-    let dir = m.decoder.embed.get(7).unwrap();
+    let dir = m.decoder.embed.tensor().unwrap().get(7).unwrap();
     let spec = HookSpec::none().edit(
         Hook::ResidPost(0),
         Positions::Last,
@@ -201,7 +201,7 @@ fn last_token_edits_are_the_same_batched_and_alone() {
 fn projecting_out_removes_the_component() {
     let m = load("qwen3");
     let p = prompts("qwen3");
-    let d = m.decoder.embed.get(11).unwrap();
+    let d = m.decoder.embed.tensor().unwrap().get(11).unwrap();
     for pos in [Positions::Last, Positions::All] {
         let spec = HookSpec::none()
             .edit(Hook::ResidPost(1), pos, Edit::ProjectOut(d.clone()))

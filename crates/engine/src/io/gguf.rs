@@ -1,20 +1,23 @@
 //! GGUF files (llama.cpp, Ollama, LM Studio) as a model source.
 //!
 //! Everything is mapped onto what a Hugging Face directory holds, so one loader serves both:
-//! metadata becomes a `config.json` value, tensors get their Hugging Face names (dequantised to
-//! f32, llama.cpp's q/k row permutation undone, Gemma's +1 on norms undone), and the vocabulary
+//! metadata becomes a `config.json` value, tensors get their Hugging Face names (kept quantized,
+//! or dequantised; llama.cpp's q/k row permutation undone, Gemma's +1 on norms undone), and the vocabulary
 //! becomes a `tokenizer.json` value plus a `tokenizer_config.json` value with the chat template.
 //! `convert` writes those values to disk unchanged.
 
 use crate::io::config::ModelConfig;
 use crate::io::weights::WeightMap;
 use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
+use crate::model::weight::{quant_name, Block};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A GGUF file translated into Hugging Face terms.
 pub struct GgufModel {
@@ -142,21 +145,26 @@ fn hf_name(arch: &str, split: &Layout, fused: &Layout, name: &str) -> Option<Str
 }
 
 /// Undoes llama.cpp's `permute` of q/k rows (its rope layout): rows grouped per head as
-/// (head, 2, dim/2) were written as (head, dim/2, 2).
-pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
+/// (head, 2, dim/2) were written as (head, dim/2, 2). Quantized rows move as whole bytes.
+pub fn unpermute_rows(w: &Block, n_head: usize) -> Result<Block> {
+    let rows = w.dims()[0];
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("{rows} rows do not split into {n_head} heads of pairs of rows");
     }
     let half = rows / n_head / 2;
-    Ok(w.reshape((n_head, half, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    // Row (h, two, i) of the result is row (h, i, two) of the file.
+    w.permute_rows(|r| {
+        let (h, rest) = (r / (2 * half), r % (2 * half));
+        let (two, i) = (rest / half, rest % half);
+        h * 2 * half + i * 2 + two
+    })
 }
 
 impl GgufModel {
-    pub fn load(path: &Path) -> Result<GgufModel> {
+    /// Reads a GGUF file. `target` None keeps quantized matrices quantized (and f16/bf16 ones
+    /// as they are); `Some(dtype)` dequantizes every matrix to that dtype. Vectors (norms,
+    /// biases) are always f32.
+    pub fn load(path: &Path, target: Option<DType>) -> Result<GgufModel> {
         let shown = path.display().to_string();
         crate::io::gguf_check::check(path)?;
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
@@ -198,25 +206,42 @@ impl GgufModel {
                 anyhow!("{shown}: cannot read tensor `{name}` ({e}); is the file truncated?")
             })?;
             let this = || format!("{shown}: tensor `{name}`");
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .with_context(this)?;
-            if matches!(arch.as_str(), "llama" | "mistral") {
-                if name.contains(".attn_q.") && t.rank() == 2 {
-                    t = unpermute_rows(&t, n_head).with_context(this)?;
-                } else if name.contains(".attn_k.") && t.rank() == 2 {
-                    t = unpermute_rows(&t, n_kv).with_context(this)?;
+            let keep = target.is_none() && q.rank() == 2;
+            let mut b = match q.dtype() {
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    Block::Dense(q.dequantize(&Device::Cpu).with_context(this)?)
+                }
+                t if keep && crate::kernels::quant::supported(t) => Block::Quant(Arc::new(q)),
+                t if keep => bail!(
+                    "{shown}: tensor `{name}` is stored as {}, which the quantized kernels cannot \
+                     run; load with --dtype f32 to dequantize it",
+                    quant_name(t)
+                ),
+                _ => Block::Dense(q.dequantize(&Device::Cpu).with_context(this)?),
+            };
+            if matches!(arch.as_str(), "llama" | "mistral") && b.dims().len() == 2 {
+                if name.contains(".attn_q.") {
+                    b = unpermute_rows(&b, n_head).with_context(this)?;
+                } else if name.contains(".attn_k.") {
+                    b = unpermute_rows(&b, n_kv).with_context(this)?;
                 }
             }
-            if arch.starts_with("gemma") && name.ends_with("norm.weight") {
-                t = (t - 1.0).with_context(this)?; // llama.cpp stores Gemma's (1 + w)
+            if !keep || b.dims().len() == 1 {
+                let mut t = b.to_f32().with_context(this)?;
+                if arch.starts_with("gemma") && name.ends_with("norm.weight") {
+                    t = (t - 1.0).with_context(this)?; // llama.cpp stores Gemma's (1 + w)
+                }
+                if let Some(dt) = target.filter(|_| t.rank() == 2) {
+                    t = t.to_dtype(dt).with_context(this)?;
+                }
+                b = Block::Dense(t);
             }
-            tensors.insert(hf, t);
+            tensors.insert(hf, b);
         }
         let (tokenizer_json, tokenizer_config) = crate::io::gguf_vocab::build(&content, &shown)?;
         Ok(GgufModel {
             config,
+            // Writers of a GGUF-sourced model write f32 unless told otherwise.
             weights: WeightMap::new(tensors, DType::F32, shown),
             tokenizer_json,
             tokenizer_config,
@@ -372,4 +397,18 @@ pub fn read_config(path: &Path) -> Result<Value> {
         );
     };
     GgufModel::config(&content, arch, hf_arch, model_type, &shown)
+}
+
+/// How many values the file's tensors hold (header only), to choose a dtype before loading.
+pub fn count_values(path: &Path) -> Result<usize> {
+    let shown = path.display().to_string();
+    crate::io::gguf_check::check(path)?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let content =
+        Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+    Ok(content
+        .tensor_infos
+        .values()
+        .map(|i| i.shape.elem_count())
+        .sum())
 }

@@ -18,6 +18,10 @@ pub struct Model {
     pub eos_token_ids: Vec<u32>,
     pub source: PathBuf,
     pub source_dtype: DType,
+    /// What `--dtype` asked for, and the storage the projections ended up in (`f32`, `bf16`,
+    /// `Q4_K+Q6_K`); activations are f32 whatever the storage.
+    pub dtype_choice: WeightDType,
+    pub weight_storage: String,
     pub load_seconds: f64,
     /// The non-weight files of a Hugging Face directory for this model (config.json, tokenizer
     /// files, chat template, generation_config.json), so that a fine-tuned copy can be written.
@@ -49,9 +53,78 @@ impl AsRef<[u32]> for Prompt {
     }
 }
 
+/// The precision weights are held in (`--dtype`). Activations and accumulation are f32 always.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDType {
+    /// The checkpoint's own storage for models of 1B parameters and more, f32 below.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+    /// The checkpoint's own storage (bf16/f16 safetensors, quantized GGUF) at any size.
+    Native,
+}
+
+/// Models this large keep their storage precision under `auto`.
+pub const AUTO_NATIVE_FROM: usize = 1_000_000_000;
+
+impl WeightDType {
+    /// For `--help`.
+    pub const HELP: &'static str = "Weight precision: auto (the checkpoint's own storage for \
+        models of 1B parameters and more, f32 below), f32, bf16, f16, or native (the checkpoint's \
+        own storage at any size: bf16/f16 safetensors stay so, GGUF stays quantized). \
+        Activations are f32 in every case";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightDType::Auto => "auto",
+            WeightDType::F32 => "f32",
+            WeightDType::Bf16 => "bf16",
+            WeightDType::F16 => "f16",
+            WeightDType::Native => "native",
+        }
+    }
+
+    /// None: keep each tensor's storage; Some: convert every matrix to that dtype.
+    pub fn target(self, values: usize) -> Option<DType> {
+        match self {
+            WeightDType::F32 => Some(DType::F32),
+            WeightDType::Bf16 => Some(DType::BF16),
+            WeightDType::F16 => Some(DType::F16),
+            WeightDType::Native => None,
+            WeightDType::Auto if values >= AUTO_NATIVE_FROM => None,
+            WeightDType::Auto => Some(DType::F32),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => WeightDType::Auto,
+            "f32" | "float32" => WeightDType::F32,
+            "bf16" | "bfloat16" => WeightDType::Bf16,
+            "f16" | "float16" => WeightDType::F16,
+            "native" => WeightDType::Native,
+            _ => bail!("--dtype `{s}`: expected auto, f32, bf16, f16 or native"),
+        })
+    }
+}
+
+impl std::fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How `Model::load_with` loads.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
+    /// The precision weights are held in.
+    pub dtype: WeightDType,
     /// Tune glibc's allocator for the load and for the inference after it (see
     /// [`tune_allocator_around`]). This changes process-wide allocator settings, so it is off
     /// unless the caller — the `safety-layers` binary, or a program that owns its process —
@@ -104,13 +177,13 @@ impl Model {
     /// As `load`, with options (the CLI tunes the allocator; `tune_allocator_around` says why).
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
         if opts.tune_malloc {
-            tune_allocator_around(|| Model::load_inner(path))
+            tune_allocator_around(|| Model::load_inner(path, opts.dtype))
         } else {
-            Model::load_inner(path)
+            Model::load_inner(path, opts.dtype)
         }
     }
 
-    fn load_inner(path: &Path) -> Result<Model> {
+    fn load_inner(path: &Path, dtype: WeightDType) -> Result<Model> {
         let t0 = std::time::Instant::now();
         if !path.exists() {
             bail!("model {}: no such file or directory", path.display());
@@ -120,7 +193,7 @@ impl Model {
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            return Model::load_gguf(path, t0);
+            return Model::load_gguf(path, dtype, t0);
         }
         if !path.is_dir() {
             bail!(
@@ -135,7 +208,8 @@ impl Model {
         let cfg = ModelConfig::from_file(&cfg_path)?;
         let tokenizer = Tokenizer::from_dir(path)?;
         let files = weights::safetensors_files(path)?;
-        let w = weights::load_safetensors(&files, &path.display().to_string())?;
+        let target = dtype.target(weights::count_values(&files)?);
+        let w = weights::load_safetensors(&files, &path.display().to_string(), target)?;
         let gen_path = path.join("generation_config.json");
         let eos = if gen_path.exists() {
             let text = std::fs::read_to_string(&gen_path)
@@ -156,17 +230,18 @@ impl Model {
                 );
             }
         }
-        Model::assemble(path, cfg, tokenizer, eos, w, hf_files, t0)
+        Model::assemble(path, cfg, tokenizer, eos, w, hf_files, dtype, t0)
     }
 
-    fn load_gguf(path: &Path, t0: std::time::Instant) -> Result<Model> {
-        let g = crate::io::gguf::GgufModel::load(path)?;
+    fn load_gguf(path: &Path, dtype: WeightDType, t0: std::time::Instant) -> Result<Model> {
+        let target = dtype.target(crate::io::gguf::count_values(path)?);
+        let g = crate::io::gguf::GgufModel::load(path, target)?;
         let shown = path.display().to_string();
         let cfg = ModelConfig::from_json(&g.config, &shown)?;
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
         let hf_files =
             crate::io::hf_dir::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
-        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, t0)
+        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, dtype, t0)
     }
 
     /// The decoder from its tensors; EOS ids from generation_config (`eos`), else config.json,
@@ -178,6 +253,7 @@ impl Model {
         mut eos: Vec<u32>,
         mut w: WeightMap,
         hf_files: BTreeMap<String, Vec<u8>>,
+        dtype_choice: WeightDType,
         t0: std::time::Instant,
     ) -> Result<Model> {
         if eos.is_empty() {
@@ -194,12 +270,15 @@ impl Model {
         }
         let source_dtype = w.source_dtype;
         let decoder = Decoder::from_weights(cfg, &mut w)?;
+        let weight_storage = decoder.weight_storage();
         Ok(Model {
             decoder,
             tokenizer,
             eos_token_ids: eos,
             source: path.to_path_buf(),
             source_dtype,
+            dtype_choice,
+            weight_storage,
             load_seconds: t0.elapsed().as_secs_f64(),
             hf_files,
         })

@@ -1,16 +1,18 @@
-//! Reading checkpoint tensors into f32 candle tensors.
+//! Reading checkpoint tensors into candle tensors, in their storage dtype or converted.
 //!
-//! Safetensors files are memory-mapped and converted one tensor at a time; the pages of a tensor
-//! are released right after its conversion so that the f32 copy is the only one resident.
+//! Safetensors files are memory-mapped and copied one tensor at a time; the pages of a tensor
+//! are released right after its copy so that the loaded copy is the only one resident.
 
+use crate::model::weight::Block;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// All tensors of a checkpoint, converted to f32, by their Hugging Face name.
+/// All tensors of a checkpoint, by their Hugging Face name, as loaded (dense in the chosen
+/// dtype, or GGUF-quantized).
 pub struct WeightMap {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Block>,
     /// Storage dtype of the checkpoint as found on disk (the most common one).
     pub source_dtype: DType,
     /// Where the tensors came from, for error messages.
@@ -18,7 +20,7 @@ pub struct WeightMap {
 }
 
 impl WeightMap {
-    pub fn new(tensors: HashMap<String, Tensor>, source_dtype: DType, origin: String) -> Self {
+    pub fn new(tensors: HashMap<String, Block>, source_dtype: DType, origin: String) -> Self {
         WeightMap {
             tensors,
             source_dtype,
@@ -35,7 +37,7 @@ impl WeightMap {
     }
 
     /// Takes a tensor out of the map (so it is not kept twice) and checks its shape.
-    pub fn take(&mut self, name: &str, shape: &[usize], why: &str) -> Result<Tensor> {
+    pub fn take(&mut self, name: &str, shape: &[usize], why: &str) -> Result<Block> {
         let t = self
             .tensors
             .remove(name)
@@ -51,7 +53,7 @@ impl WeightMap {
         Ok(t)
     }
 
-    pub fn take_opt(&mut self, name: &str, shape: &[usize], why: &str) -> Result<Option<Tensor>> {
+    pub fn take_opt(&mut self, name: &str, shape: &[usize], why: &str) -> Result<Option<Block>> {
         if self.tensors.contains_key(name) {
             self.take(name, shape, why).map(Some)
         } else {
@@ -59,8 +61,12 @@ impl WeightMap {
         }
     }
 
-    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+    /// Every tensor in f32 (dequantized or widened), for writers.
+    pub fn into_tensors(self) -> Result<HashMap<String, Tensor>> {
         self.tensors
+            .into_iter()
+            .map(|(k, b)| Ok((k, b.to_f32()?)))
+            .collect()
     }
 
     pub fn remaining(&self) -> Vec<String> {
@@ -132,46 +138,83 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-fn to_f32_vec(
+/// A safetensors tensor as a CPU tensor of dtype `target` (None: its own dtype, f64 narrowed to
+/// f32), and the dtype it had on disk.
+fn to_tensor(
     view: &safetensors::tensor::TensorView<'_>,
     name: &str,
     file: &Path,
-) -> Result<(Vec<f32>, DType)> {
+    target: Option<DType>,
+) -> Result<(Tensor, DType)> {
     use safetensors::Dtype as S;
     let data = view.data();
-    let (v, dt) = match view.dtype() {
-        S::F32 => (
-            data.chunks_exact(4)
+    let shape = view.shape().to_vec();
+    let (t, dt) = match view.dtype() {
+        S::F32 => {
+            let v: Vec<f32> = data
+                .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            DType::F32,
-        ),
-        S::BF16 => (
-            data.chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::BF16,
-        ),
-        S::F16 => (
-            data.chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::F16,
-        ),
-        S::F64 => (
-            data.chunks_exact(8)
+                .collect();
+            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F32)
+        }
+        S::BF16 => {
+            let v: Vec<half::bf16> = data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::BF16)
+        }
+        S::F16 => {
+            let v: Vec<half::f16> = data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F16)
+        }
+        S::F64 => {
+            let v: Vec<f32> = data
+                .chunks_exact(8)
                 .map(|b| {
                     f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
                 })
-                .collect(),
-            DType::F64,
-        ),
+                .collect();
+            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F64)
+        }
         other => bail!(
             "{}: tensor `{name}` has dtype {other:?}; supported: F32, BF16, F16, F64",
             file.display()
         ),
     };
-    Ok((v, dt))
+    let t = match target {
+        Some(want) if want != t.dtype() => t.to_dtype(want)?,
+        _ => t,
+    };
+    Ok((t, dt))
+}
+
+/// How many values the safetensors files hold (headers only), to choose a dtype before loading.
+pub fn count_values(files: &[PathBuf]) -> Result<usize> {
+    let mut n = 0;
+    for file in files {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        check_header_length(&f, file)?;
+        // SAFETY: as in `load_safetensors`; only the header is read.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("cannot map {}", file.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file ({e}); is it truncated?",
+                file.display()
+            )
+        })?;
+        n += meta
+            .tensors()
+            .values()
+            .map(|i| i.shape.iter().product::<usize>())
+            .sum::<usize>();
+    }
+    Ok(n)
 }
 
 /// Checks the 8-byte header length of a safetensors file against the file's length before the
@@ -202,8 +245,13 @@ fn check_header_length(f: &std::fs::File, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads every tensor of the given safetensors files as f32.
-pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
+/// Loads every tensor of the given safetensors files, converted to `target` (None: each in its
+/// own dtype, f64 as f32).
+pub fn load_safetensors(
+    files: &[PathBuf],
+    origin: &str,
+    target: Option<DType>,
+) -> Result<WeightMap> {
     let mut tensors = HashMap::new();
     let mut dtype_counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
     for file in files {
@@ -225,9 +273,7 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
         })?;
         let base = mmap.as_ptr() as usize;
         for (name, view) in st.tensors() {
-            let (data, dt) = to_f32_vec(&view, &name, file)?;
-            let shape = view.shape().to_vec();
-            let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
+            let (t, dt) = to_tensor(&view, &name, file, target)?;
             let e = dtype_counts.entry(dt.as_str()).or_insert((0, dt));
             e.0 += 1;
             release_pages(
@@ -235,7 +281,7 @@ pub fn load_safetensors(files: &[PathBuf], origin: &str) -> Result<WeightMap> {
                 view.data().as_ptr() as usize - base,
                 view.data().len(),
             );
-            if tensors.insert(name.clone(), t).is_some() {
+            if tensors.insert(name.clone(), Block::Dense(t)).is_some() {
                 bail!(
                     "{}: tensor `{name}` appears in more than one shard",
                     file.display()

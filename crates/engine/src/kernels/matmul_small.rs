@@ -38,14 +38,45 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if m == 0 || m > MAX_ROWS || x.track_op() || w.track_op() {
         return Ok(None);
     }
-    let out_t = with_f32(x, |xv| with_f32(w, |wv| small_rows(xv, wv, m, n, k))).flatten();
+    let out_t = with_f32(x, |xv| {
+        with_f32(w, |wv| small_rows(xv, &F32Rows(wv), m, n, k))
+    })
+    .flatten();
     let Some(out_t) = out_t else { return Ok(None) };
     let t = Tensor::from_vec(out_t, (n, m), x.device())?;
     Ok(Some(t.t()?.contiguous()?))
 }
 
+/// Where the kernel reads weight rows: the f32 weight itself, or rows widened from a narrower
+/// storage into a small buffer (one row at a time, never the whole matrix).
+pub(crate) trait WeightRows: Sync {
+    /// True when rows must be widened into a buffer (`widen`), false when `direct` serves them.
+    const WIDENS: bool;
+    fn direct(&self, _j: usize, _k: usize) -> &[f32] {
+        unreachable!("only f32 rows are read in place")
+    }
+    fn widen(&self, _j: usize, _out: &mut [f32]) {
+        unreachable!("f32 rows are read in place")
+    }
+}
+
+pub(crate) struct F32Rows<'a>(pub &'a [f32]);
+
+impl WeightRows for F32Rows<'_> {
+    const WIDENS: bool = false;
+    fn direct(&self, j: usize, k: usize) -> &[f32] {
+        &self.0[j * k..(j + 1) * k]
+    }
+}
+
 /// `[N, M]`: row j holds weight row j dotted with every input row.
-fn small_rows(xv: &[f32], wv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn small_rows<R: WeightRows>(
+    xv: &[f32],
+    src: &R,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     // Output transposed ([N, M]) so each thread writes one contiguous block of whole weight rows.
     let mut out_t = vec![0f32; n * m];
     let block = 16usize;
@@ -54,14 +85,24 @@ fn small_rows(xv: &[f32], wv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
         .par_chunks_mut(block * m)
         .enumerate()
         .for_each(|(b, o)| {
+            let mut scratch = if R::WIDENS { vec![0f32; 4 * k] } else { vec![] };
             let rows = o.len() / m;
             let j0 = b * block;
             let mut r = 0;
             while r < rows {
                 let nw = (rows - r).min(4);
+                if R::WIDENS {
+                    for (q, buf) in scratch.chunks_exact_mut(k).enumerate().take(nw) {
+                        src.widen(j0 + r + q, buf);
+                    }
+                }
                 let mut w: [&[f32]; 4] = [&[]; 4];
                 for (q, slot) in w.iter_mut().enumerate().take(nw) {
-                    *slot = &wv[(j0 + r + q) * k..(j0 + r + q + 1) * k];
+                    *slot = if R::WIDENS {
+                        &scratch[q * k..(q + 1) * k]
+                    } else {
+                        src.direct(j0 + r + q, k)
+                    };
                 }
                 let mut i = 0;
                 while i < m {

@@ -8,6 +8,7 @@ use crate::model::hooks::{ActivationCache, Hook, HookSpec};
 use crate::model::layers::{act, Attention, Layer, Linear, Mlp, RmsNorm};
 use crate::model::layout::{Layout, Part, Slot, TopTensor};
 use crate::model::rope::{self, Rope};
+use crate::model::weight::{Block, Weight};
 use crate::model::{KvCache, StepCtx};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -15,16 +16,15 @@ use std::collections::HashMap;
 
 pub struct Decoder {
     pub cfg: ModelConfig,
-    pub embed: Tensor,
+    /// In its storage precision (rows are widened to f32 as they are looked up).
+    pub embed: Weight,
     pub layers: Vec<Layer>,
     pub final_norm: RmsNorm,
     /// None when tied to the embedding matrix.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<Weight>,
     pub(crate) rope_global: Rope,
     pub(crate) rope_local: Option<Rope>,
     pub device: Device,
-    /// Unscaled weights of layers currently scaled (see `scale.rs`): qkv, o, gate_up, down.
-    pub(crate) saved: Vec<(usize, [Tensor; 4])>,
 }
 
 impl Decoder {
@@ -34,28 +34,37 @@ impl Decoder {
         let (eps, plus_one) = (cfg.rms_norm_eps, cfg.norm_plus_one);
         let stored = Layout::stored(&cfg);
         let top = |w: &mut WeightMap, t: TopTensor| w.take(t.name, &t.shape, t.why);
-        let embed = top(w, stored.embed())?;
+        let matrix = |b: Block| Weight::stack(vec![b]);
+        let embed = matrix(top(w, stored.embed())?)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             // A checkpoint holding the fused tensor is read fused, whatever its family.
             let fused = |slot| w.contains(&stored.slot_name(l, slot, Part::Weight));
             let layout = Layout::with_storage(&cfg, fused(Slot::Qkv), fused(Slot::GateUp));
             // The pieces of each slot, in row order (the table lists them so).
-            let mut pieces: HashMap<(Slot, Part), Vec<Tensor>> = HashMap::new();
+            let mut pieces: HashMap<(Slot, Part), Vec<Block>> = HashMap::new();
             for t in layout.layer_tensors() {
                 let x = w.take(&t.name(l), &t.shape, t.why)?;
                 pieces.entry((t.slot, t.part)).or_default().push(x);
             }
-            let mut get = |slot, part| -> Result<Option<Tensor>> {
-                Ok(match pieces.remove(&(slot, part)) {
-                    Some(mut v) if v.len() == 1 => v.pop(),
-                    Some(v) => Some(Tensor::cat(&v, 0)?),
-                    None => None,
-                })
-            };
+            // Vectors (norms, biases) are f32 whatever the storage.
+            fn vector(
+                pieces: &mut HashMap<(Slot, Part), Vec<Block>>,
+                slot: Slot,
+                part: Part,
+            ) -> Result<Option<Tensor>> {
+                let Some(v) = pieces.remove(&(slot, part)) else {
+                    return Ok(None);
+                };
+                let v = v.iter().map(|b| b.to_f32()).collect::<Result<Vec<_>>>()?;
+                Ok(Some(Tensor::cat(&v, 0)?))
+            }
             let mut linear = |slot| -> Result<Linear> {
-                let weight = get(slot, Part::Weight)?.expect("the table lists every weight");
-                Ok(Linear::new(weight, get(slot, Part::Bias)?))
+                let bias = vector(&mut pieces, slot, Part::Bias)?;
+                let parts = pieces
+                    .remove(&(slot, Part::Weight))
+                    .expect("the table lists every weight");
+                Ok(Linear::new(Weight::stack(parts)?, bias))
             };
             let (qkv, o, gate_up, down) = (
                 linear(Slot::Qkv)?,
@@ -64,7 +73,7 @@ impl Decoder {
                 linear(Slot::Down)?,
             );
             let mut norm = |slot| -> Result<Option<RmsNorm>> {
-                get(slot, Part::Weight)?
+                vector(&mut pieces, slot, Part::Weight)?
                     .map(|t| RmsNorm::new(t, plus_one, eps))
                     .transpose()
             };
@@ -84,14 +93,14 @@ impl Decoder {
                 kind: cfg.layer_types[l],
             });
         }
-        let final_norm = RmsNorm::new(top(w, stored.final_norm())?, plus_one, eps)?;
+        let final_norm = RmsNorm::new(top(w, stored.final_norm())?.to_f32()?, plus_one, eps)?;
         let head = stored.lm_head();
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints still carry a copy; it must equal the embedding, so drop it.
             let _ = w.take_opt(head.name, &head.shape, head.why)?;
             None
         } else {
-            Some(top(w, head)?)
+            Some(matrix(top(w, head)?)?)
         };
         let leftover: Vec<String> = w
             .remaining()
@@ -122,7 +131,6 @@ impl Decoder {
             rope_global,
             rope_local,
             device: Device::Cpu,
-            saved: vec![],
         })
     }
 
@@ -133,11 +141,10 @@ impl Decoder {
     /// Token embeddings `[B, T, H]` (scaled for Gemma).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
+        let x = self
+            .embed
+            .rows_f32(ids)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {
             Some(s) => (x * (s as f32) as f64)?,
             None => x,
@@ -458,8 +465,44 @@ impl Decoder {
         self.final_norm.forward(&x, true)
     }
 
+    /// The activations' dtype (f32 whatever the weights' storage).
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        DType::F32
+    }
+
+    /// Bytes the matrices (embedding, projections, head) take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |h| h.bytes());
+        for l in &self.layers {
+            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+                n += lin.weight.bytes();
+            }
+        }
+        n
+    }
+
+    /// The storage of the projection matrices, embedding and head: `f32`, `bf16`, or the
+    /// quantized types found (`Q4_K+Q6_K`).
+    pub fn weight_storage(&self) -> String {
+        let mut seen: Vec<String> = vec![];
+        let mut add = |w: &Weight| {
+            for b in w.blocks() {
+                let s = b.storage();
+                if !seen.contains(&s) {
+                    seen.push(s);
+                }
+            }
+        };
+        add(&self.embed);
+        for l in &self.layers {
+            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+                add(&lin.weight);
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            add(h);
+        }
+        seen.join("+")
     }
 }
 

@@ -39,12 +39,12 @@ impl Decoder {
         }
         let kv_head = head / (nh / nkv);
         let attn = &self.layers[layer].attn;
-        let qkv = &attn.qkv.weight;
+        let qkv = &attn.qkv.weight.to_f32()?;
         Ok(HeadWeights {
             q: qkv.narrow(0, head * hd, hd)?,
             k: qkv.narrow(0, (nh + kv_head) * hd, hd)?,
             v: qkv.narrow(0, (nh + nkv + kv_head) * hd, hd)?,
-            o: attn.o.weight.narrow(1, head * hd, hd)?,
+            o: attn.o.weight.to_f32()?.narrow(1, head * hd, hd)?,
             kv_head,
         })
     }

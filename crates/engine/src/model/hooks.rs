@@ -191,7 +191,7 @@ impl Edit {
 /// # fn main() -> anyhow::Result<()> {
 /// let model = Model::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
 /// let d = &model.decoder;
-/// let refusal_direction = d.embed.get(42)?; // any `[hidden]` vector
+/// let refusal_direction = d.embed.to_f32()?.get(42)?; // any `[hidden]` vector
 /// let hooks = HookSpec::none()
 ///     .edit(Hook::AttnOut(4), Positions::All, Edit::Zero)
 ///     .edit(Hook::ResidPre(2), Positions::Last, Edit::ProjectOut(refusal_direction))

@@ -2,25 +2,32 @@
 //! kernels), RMS norms (Gemma's `1 + w` included) and one layer's attention and MLP weights.
 
 use crate::io::config::{Activation, AttentionKind};
+use crate::model::weight::Weight;
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`, as checkpoints store it.
-    pub weight: Tensor,
+    /// `[out, in]`, as checkpoints store it, in its storage precision.
+    pub weight: Weight,
+    /// f32, whatever the weight's storage.
     pub bias: Option<Tensor>,
     /// Set by the trainer on frozen weights: the backward pass then computes only the input's
     /// gradient (candle's matmul backward would also compute the weight's, for nothing).
     pub frozen: bool,
+    /// The paper's weight scaling, applied to the product before the bias (alpha·W·x + b):
+    /// exact for every storage (a bf16 or quantized weight multiplied by alpha would be
+    /// rounded or re-quantized), and undone by setting it back to 1.
+    pub scale: f64,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         Linear {
             weight,
             bias,
             frozen: false,
+            scale: 1.0,
         }
     }
 
@@ -29,19 +36,29 @@ impl Linear {
         let inner = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inner))?;
-        let y = if self.frozen {
-            crate::train::frozen_linear::matmul_frozen(&x2, &self.weight)?
-        } else if let Some(y) = crate::kernels::matmul_small::matmul_wt(&x2, &self.weight)? {
-            y // a decode step's few rows: stream the weight once
+        let y = match self.weight.as_dense() {
+            Some(w) if w.dtype() == DType::F32 => {
+                if self.frozen {
+                    crate::train::frozen_linear::matmul_frozen(&x2, w)?
+                } else if let Some(y) = crate::kernels::matmul_small::matmul_wt(&x2, w)? {
+                    y // a decode step's few rows: stream the weight once
+                } else {
+                    x2.matmul(&w.t()?)?
+                }
+            }
+            _ => self.weight.matmul_t(&x2)?,
+        };
+        let y = if self.scale != 1.0 {
+            (y * self.scale)?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            y
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out = dims;
-        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        *out.last_mut().unwrap() = self.weight.dims().0;
         Ok(y.reshape(out)?)
     }
 }

@@ -12,9 +12,11 @@ pub mod mask;
 pub mod params;
 pub mod rope;
 pub mod scale;
+pub mod weight;
 
 pub use cache::KvCache;
 pub use decoder::{Decoder, Logits};
 pub use heads::HeadWeights;
 pub use layers::{Attention, Layer, Linear, Mlp, RmsNorm};
 pub use mask::StepCtx;
+pub use weight::{Block, Weight};

@@ -3,6 +3,7 @@
 //! unless the family stores them fused, as Phi-3 does).
 
 use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
+use crate::model::weight::Weight;
 use crate::model::{Decoder, Layer};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -20,7 +21,8 @@ pub struct ParamInfo {
 }
 
 /// A layer's tensors by slot, in the trainer's fixed order (the order of its optimizer state).
-fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
+/// Fails on quantized weights (they have no tensor to train or edit).
+fn slots_mut(layer: &mut Layer) -> Result<Vec<(Slot, Part, &mut Tensor)>> {
     fn norm<'a>(
         out: &mut Vec<(Slot, Part, &'a mut Tensor)>,
         slot: Slot,
@@ -41,7 +43,7 @@ fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
         ..
     } = layer;
     norm(&mut out, Slot::AttnInNorm, Some(&mut attn_in_norm.weight));
-    out.push((Slot::Qkv, Part::Weight, &mut attn.qkv.weight));
+    out.push((Slot::Qkv, Part::Weight, attn.qkv.weight.tensor_mut()?));
     if let Some(b) = attn.qkv.bias.as_mut() {
         out.push((Slot::Qkv, Part::Bias, b));
     }
@@ -55,7 +57,7 @@ fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
         Slot::KNorm,
         attn.k_norm.as_mut().map(|n| &mut n.weight),
     );
-    out.push((Slot::O, Part::Weight, &mut attn.o.weight));
+    out.push((Slot::O, Part::Weight, attn.o.weight.tensor_mut()?));
     if let Some(b) = attn.o.bias.as_mut() {
         out.push((Slot::O, Part::Bias, b));
     }
@@ -65,11 +67,11 @@ fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
         attn_out_norm.as_mut().map(|n| &mut n.weight),
     );
     norm(&mut out, Slot::MlpInNorm, Some(&mut mlp_in_norm.weight));
-    out.push((Slot::GateUp, Part::Weight, &mut mlp.gate_up.weight));
+    out.push((Slot::GateUp, Part::Weight, mlp.gate_up.weight.tensor_mut()?));
     if let Some(b) = mlp.gate_up.bias.as_mut() {
         out.push((Slot::GateUp, Part::Bias, b));
     }
-    out.push((Slot::Down, Part::Weight, &mut mlp.down.weight));
+    out.push((Slot::Down, Part::Weight, mlp.down.weight.tensor_mut()?));
     if let Some(b) = mlp.down.bias.as_mut() {
         out.push((Slot::Down, Part::Bias, b));
     }
@@ -78,13 +80,14 @@ fn slots_mut(layer: &mut Layer) -> Vec<(Slot, Part, &mut Tensor)> {
         Slot::MlpOutNorm,
         mlp_out_norm.as_mut().map(|n| &mut n.weight),
     );
-    out
+    Ok(out)
 }
 
 impl Decoder {
     /// Every parameter tensor with its name and place, mutable (the trainer swaps them for
     /// variables). The order is fixed: embedding, layers bottom-up, final norm, lm_head.
-    pub fn params_mut(&mut self) -> Vec<(ParamInfo, &mut Tensor)> {
+    /// Fails when weights are quantized.
+    pub fn params_mut(&mut self) -> Result<Vec<(ParamInfo, &mut Tensor)>> {
         let fused = Layout::fused(&self.cfg);
         let top = |name: &str, module| ParamInfo {
             name: name.to_string(),
@@ -92,9 +95,9 @@ impl Decoder {
             module,
         };
         let mut out: Vec<(ParamInfo, &mut Tensor)> =
-            vec![(top(EMBED, Module::Embed), &mut self.embed)];
+            vec![(top(EMBED, Module::Embed), self.embed.tensor_mut()?)];
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            for (slot, part, t) in slots_mut(layer) {
+            for (slot, part, t) in slots_mut(layer)? {
                 let info = ParamInfo {
                     name: fused.slot_name(l, slot, part),
                     layer: Some(l),
@@ -108,14 +111,14 @@ impl Decoder {
             &mut self.final_norm.weight,
         ));
         if let Some(h) = self.lm_head.as_mut() {
-            out.push((top(LM_HEAD, Module::LmHead), h));
+            out.push((top(LM_HEAD, Module::LmHead), h.tensor_mut()?));
         }
-        out
+        Ok(out)
     }
 
     /// Names and places of every parameter, in `params_mut` order.
-    pub fn param_infos(&mut self) -> Vec<ParamInfo> {
-        self.params_mut().into_iter().map(|(i, _)| i).collect()
+    pub fn param_infos(&mut self) -> Result<Vec<ParamInfo>> {
+        Ok(self.params_mut()?.into_iter().map(|(i, _)| i).collect())
     }
 
     /// Marks the projections of `(layer, module)` pairs chosen by `frozen` as frozen linears.
@@ -131,14 +134,15 @@ impl Decoder {
     }
 
     /// Every tensor under its Hugging Face name, as a checkpoint of this family stores it (the
-    /// fused slots cut back into the table's pieces).
+    /// fused slots cut back into the table's pieces); dense weights as held, quantized ones
+    /// dequantized to f32.
     pub fn hf_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let table = Layout::stored(&self.cfg).layer_tensors();
         let mut out = BTreeMap::new();
-        out.insert(EMBED.to_string(), self.embed.clone());
+        out.insert(EMBED.to_string(), dense_or_f32(&self.embed)?);
         for (l, layer) in self.layers.iter().enumerate() {
             for t in &table {
-                let Some(whole) = slot_tensor(layer, t.slot, t.part) else {
+                let Some(whole) = slot_tensor(layer, t.slot, t.part)? else {
                     continue;
                 };
                 let piece = if t.rows.start == 0 && t.rows.end == whole.dim(0)? {
@@ -151,14 +155,22 @@ impl Decoder {
         }
         out.insert(FINAL_NORM.to_string(), self.final_norm.weight.clone());
         if let Some(h) = &self.lm_head {
-            out.insert(LM_HEAD.to_string(), h.clone());
+            out.insert(LM_HEAD.to_string(), dense_or_f32(h)?);
         }
         Ok(out)
     }
 }
 
-/// The tensor a layer holds in `slot` (None when the layer has no such norm or bias).
-pub(crate) fn slot_tensor(layer: &Layer, slot: Slot, part: Part) -> Option<&Tensor> {
+fn dense_or_f32(w: &Weight) -> Result<Tensor> {
+    match w.as_dense() {
+        Some(t) => Ok(t.clone()),
+        None => w.to_f32(),
+    }
+}
+
+/// The tensor a layer holds in `slot` (None when the layer has no such norm or bias); quantized
+/// weights dequantized to f32.
+pub(crate) fn slot_tensor(layer: &Layer, slot: Slot, part: Part) -> Result<Option<Tensor>> {
     let linear = match slot {
         Slot::Qkv => &layer.attn.qkv,
         Slot::O => &layer.attn.o,
@@ -173,11 +185,13 @@ pub(crate) fn slot_tensor(layer: &Layer, slot: Slot, part: Part) -> Option<&Tens
                 Slot::MlpInNorm => Some(&layer.mlp_in_norm),
                 _ => layer.mlp_out_norm.as_ref(),
             };
-            return norm.filter(|_| part == Part::Weight).map(|n| &n.weight);
+            return Ok(norm
+                .filter(|_| part == Part::Weight)
+                .map(|n| n.weight.clone()));
         }
     };
-    match part {
-        Part::Weight => Some(&linear.weight),
-        Part::Bias => linear.bias.as_ref(),
-    }
+    Ok(match part {
+        Part::Weight => Some(dense_or_f32(&linear.weight)?),
+        Part::Bias => linear.bias.clone(),
+    })
 }

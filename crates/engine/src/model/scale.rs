@@ -1,11 +1,12 @@
 //! The paper's intervention: multiply the attention and MLP weight matrices of a layer range by
-//! alpha (norms and biases untouched), and undo it exactly by restoring the saved originals.
+//! alpha (norms and biases untouched). The factor is applied to each product, alpha·(W·x), before
+//! the bias: the same as scaling W up to f32 rounding, exact for bf16 and quantized weights
+//! (which scaling in place would round or re-quantize), free of weight copies, and undone
+//! exactly by setting the factor back to 1.
 
-use crate::model::layout::{LayerTensor, Layout, Part, Slot};
-use crate::model::params::slot_tensor;
+use crate::model::layout::{LayerTensor, Layout, Part};
 use crate::model::Decoder;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 
 /// A 0-indexed inclusive layer range, as the paper writes `[i, j]`.
 #[derive(
@@ -71,69 +72,33 @@ pub struct ScaleReport {
     pub matrices: Vec<String>,
 }
 
-/// The slots saved per scaled layer, in `Decoder::saved`'s order.
-const SAVED: [Slot; 4] = [Slot::Qkv, Slot::O, Slot::GateUp, Slot::Down];
-
-fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.ne(b)?
-        .to_dtype(candle_core::DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?
-        > 0.0)
-}
-
 impl Decoder {
     /// Scales the range by `alpha` relative to the original weights (a previous scaling is
-    /// undone first), then checks that every targeted matrix really changed.
+    /// undone first) and lists every matrix it scaled, one per projection as a checkpoint
+    /// names them (the paper's code silently skipped o_proj; this list shows it is there).
     pub fn scale_layers(&mut self, range: LayerRange, alpha: f64) -> Result<ScaleReport> {
         if !alpha.is_finite() || alpha <= 0.0 {
             bail!("alpha must be a positive finite number, got {alpha}");
         }
         LayerRange::new(range.first, range.last, self.num_layers())?;
         self.restore_scaling();
-        let mut matrices = Vec::new();
-        // Each matrix as a checkpoint names it, one per projection even where the family stores
-        // them fused (the paper's code silently skipped o_proj; this check would not).
         let table: Vec<LayerTensor> = Layout::split(&self.cfg)
             .layer_tensors()
             .into_iter()
             .filter(|t| t.slot.is_matrix() && t.part == Part::Weight)
             .collect();
+        let mut matrices = Vec::new();
         for l in range.layers() {
             let layer = &mut self.layers[l];
-            let orig = [
-                layer.attn.qkv.weight.clone(),
-                layer.attn.o.weight.clone(),
-                layer.mlp.gate_up.weight.clone(),
-                layer.mlp.down.weight.clone(),
-            ];
-            layer.attn.qkv.weight = (&orig[0] * alpha)?;
-            layer.attn.o.weight = (&orig[1] * alpha)?;
-            layer.mlp.gate_up.weight = (&orig[2] * alpha)?;
-            layer.mlp.down.weight = (&orig[3] * alpha)?;
-            for t in &table {
-                let k = SAVED
-                    .iter()
-                    .position(|s| *s == t.slot)
-                    .expect("a matrix slot");
-                let after =
-                    slot_tensor(layer, t.slot, Part::Weight).expect("matrices always exist");
-                let (start, len) = (t.rows.start, t.rows.len());
-                if alpha != 1.0
-                    && !changed(
-                        &orig[k].narrow(0, start, len)?,
-                        &after.narrow(0, start, len)?,
-                    )?
-                {
-                    bail!(
-                        "scaling model.layers.{l}.{} by {alpha} left it unchanged \
-                         (all-zero weights?)",
-                        t.suffix
-                    );
-                }
-                matrices.push(t.name(l));
+            for lin in [
+                &mut layer.attn.qkv,
+                &mut layer.attn.o,
+                &mut layer.mlp.gate_up,
+                &mut layer.mlp.down,
+            ] {
+                lin.scale = alpha;
             }
-            self.saved.push((l, orig));
+            matrices.extend(table.iter().map(|t| t.name(l)));
         }
         Ok(ScaleReport {
             range,
@@ -142,14 +107,17 @@ impl Decoder {
         })
     }
 
-    /// Puts back the exact original weights of any scaled layers.
+    /// Puts every layer back to its unscaled weights.
     pub fn restore_scaling(&mut self) {
-        for (l, [qkv, o, gu, d]) in self.saved.drain(..) {
-            let layer = &mut self.layers[l];
-            layer.attn.qkv.weight = qkv;
-            layer.attn.o.weight = o;
-            layer.mlp.gate_up.weight = gu;
-            layer.mlp.down.weight = d;
+        for layer in &mut self.layers {
+            for lin in [
+                &mut layer.attn.qkv,
+                &mut layer.attn.o,
+                &mut layer.mlp.gate_up,
+                &mut layer.mlp.down,
+            ] {
+                lin.scale = 1.0;
+            }
         }
     }
 }

@@ -85,8 +85,11 @@ impl Trainer {
         grad_checkpointing: bool,
     ) -> Result<Trainer> {
         let (mut trainable, mut frozen) = (vec![], vec![]);
-        for (info, t) in decoder.params_mut() {
+        // Training runs in f32: bf16/f16 weights are widened here (frozen ones too, since the
+        // backward pass needs f32 inputs); quantized ones fail in `params_mut`.
+        for (info, t) in decoder.params_mut()? {
             if freeze(&info) {
+                *t = t.to_dtype(candle_core::DType::F32)?;
                 frozen.push(info);
             } else {
                 let var = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;

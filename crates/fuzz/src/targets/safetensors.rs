@@ -119,7 +119,7 @@ fn run(path: &Path) -> Result<()> {
         .parent()
         .expect("the worker's file lies in a directory");
     let files = sl_engine::io::weights::safetensors_files(dir)?;
-    sl_engine::io::weights::load_safetensors(&files, &dir.display().to_string()).map(|_| ())
+    sl_engine::io::weights::load_safetensors(&files, &dir.display().to_string(), None).map(|_| ())
 }
 
 pub fn target() -> Target {

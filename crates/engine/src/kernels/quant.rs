@@ -1,0 +1,362 @@
+//! `x · wᵀ` with f32 activations and GGUF-quantized weights that stay quantized in memory.
+//!
+//! Two paths, by the number of activation rows:
+//! - a handful (a single sequence's decode step): as llama.cpp does, each activation row is
+//!   quantized once to the weight type's dot-product partner (Q8_0, Q8_1 or Q8_K) and integer
+//!   dot products come from candle's k-quants (`GgmlType::vec_dot_4`, SIMD where the CPU has it;
+//!   our own AVX2 one for Q4_1). Reading the weight once is all that matters here.
+//! - more (batched decode, prompts): weight rows are dequantized a few at a time (or a panel at
+//!   a time) and go through the f32 kernels of `widen`; dequantizing a row costs K operations
+//!   and is shared by every activation row, and the products are then exact f32 ones.
+//!
+//! candle's own quantized matmul runs on its spin-waiting barrier pool, which the CLI pins to
+//! one thread; these run on rayon.
+
+use crate::kernels::matmul_small::WeightRows;
+use crate::kernels::widen::{matmul_rows, transpose};
+use anyhow::{bail, Result};
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
+
+/// Whether the kernels can run a weight of this type (else `--dtype f32` dequantizes it).
+pub fn supported(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(
+        t,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    )
+}
+
+/// Up to this many activation rows use integer dot products; beyond, dequantized rows.
+pub const INT_ROWS: usize = 4;
+
+/// `x: [M, K]` f32, `w: [N, K]` quantized: `[M, N]` f32.
+pub fn matmul(x: &[f32], m: usize, k: usize, w: &QTensor) -> Result<Vec<f32>> {
+    let (n, k2) = w.shape().dims2()?;
+    if k != k2 {
+        bail!("quantized matmul: inner dimensions {k} and {k2} differ");
+    }
+    let data = w.data()?;
+    if m > INT_ROWS {
+        return dequantized(x, m, k, &data, n, w.dtype());
+    }
+    use GgmlDType::*;
+    let out_t = match w.dtype() {
+        Q4_0 => run::<BlockQ4_0>(x, m, k, &data, n)?,
+        Q4_1 if q4_1::available() => q4_1::run(x, m, k, &data, n)?,
+        Q4_1 => run::<BlockQ4_1>(x, m, k, &data, n)?,
+        Q5_0 => run::<BlockQ5_0>(x, m, k, &data, n)?,
+        Q5_1 => run::<BlockQ5_1>(x, m, k, &data, n)?,
+        Q8_0 => run::<BlockQ8_0>(x, m, k, &data, n)?,
+        Q2K => run::<BlockQ2K>(x, m, k, &data, n)?,
+        Q3K => run::<BlockQ3K>(x, m, k, &data, n)?,
+        Q4K => run::<BlockQ4K>(x, m, k, &data, n)?,
+        Q5K => run::<BlockQ5K>(x, m, k, &data, n)?,
+        Q6K => run::<BlockQ6K>(x, m, k, &data, n)?,
+        other => bail!(
+            "quantized matmul: no kernel for {}",
+            crate::model::weight::quant_name(other)
+        ),
+    };
+    Ok(transpose(&out_t, n, m))
+}
+
+/// Weight rows dequantized on the fly.
+struct QuantRows<'a, T> {
+    w: &'a [T],
+    kb: usize,
+}
+
+impl<T: GgmlType> WeightRows for QuantRows<'_, T> {
+    const WIDENS: bool = true;
+    fn widen(&self, j: usize, out: &mut [f32]) {
+        T::to_float(&self.w[j * self.kb..(j + 1) * self.kb], out);
+    }
+}
+
+/// `[M, N]` through the f32 kernels, weight rows dequantized a few (or a panel) at a time.
+fn dequantized(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    bytes: &[u8],
+    n: usize,
+    t: GgmlDType,
+) -> Result<Vec<f32>> {
+    fn go<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+        let w = blocks::<T>(k, bytes, n)?;
+        Ok(matmul_rows(
+            x,
+            m,
+            k,
+            n,
+            &QuantRows {
+                w,
+                kb: k / T::BLCK_SIZE,
+            },
+        ))
+    }
+    use GgmlDType::*;
+    match t {
+        Q4_0 => go::<BlockQ4_0>(x, m, k, bytes, n),
+        Q4_1 => go::<BlockQ4_1>(x, m, k, bytes, n),
+        Q5_0 => go::<BlockQ5_0>(x, m, k, bytes, n),
+        Q5_1 => go::<BlockQ5_1>(x, m, k, bytes, n),
+        Q8_0 => go::<BlockQ8_0>(x, m, k, bytes, n),
+        Q2K => go::<BlockQ2K>(x, m, k, bytes, n),
+        Q3K => go::<BlockQ3K>(x, m, k, bytes, n),
+        Q4K => go::<BlockQ4K>(x, m, k, bytes, n),
+        Q5K => go::<BlockQ5K>(x, m, k, bytes, n),
+        Q6K => go::<BlockQ6K>(x, m, k, bytes, n),
+        other => bail!(
+            "quantized matmul: no kernel for {}",
+            crate::model::weight::quant_name(other)
+        ),
+    }
+}
+
+/// The weight's bytes as blocks of `T`, checked.
+fn blocks<T: GgmlType>(k: usize, bytes: &[u8], n: usize) -> Result<&[T]> {
+    if !k.is_multiple_of(T::BLCK_SIZE) {
+        bail!("quantized matmul: row length {k} is not a multiple of the block size");
+    }
+    let kb = k / T::BLCK_SIZE;
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != n * kb * size {
+        bail!(
+            "quantized matmul: {} bytes of weights, expected {} for [{n}, {k}]",
+            bytes.len(),
+            n * kb * size
+        );
+    }
+    if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        bail!("quantized matmul: weight storage is not aligned for its block type");
+    }
+    // SAFETY: the bytes are candle's own `Vec<T>` storage of this block type (length and
+    // alignment checked above); blocks are plain data (`repr(C)` numbers), valid for any bits.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n * kb) })
+}
+
+/// `[N, M]`: weight row j dotted with every activation row.
+fn run<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let w = blocks::<T>(k, bytes, n)?;
+    let kb = k / T::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); m * kb];
+    xq.par_chunks_mut(kb)
+        .zip(x.par_chunks(k))
+        .for_each(|(q, row)| T::VecDotType::from_float(row, q));
+    let mut out_t = vec![0f32; n * m];
+    let chunk = 16usize;
+    out_t
+        .par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let rows = o.len() / m;
+            let j0 = c * chunk;
+            let wrow = |j: usize| &w[(j0 + j) * kb..(j0 + j + 1) * kb];
+            for i in 0..m {
+                let xr = &xq[i * kb..(i + 1) * kb];
+                let mut r = 0;
+                while r + 4 <= rows {
+                    let d = T::vec_dot_4(k, wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3), xr);
+                    o[r * m + i] = d.0;
+                    o[(r + 1) * m + i] = d.1;
+                    o[(r + 2) * m + i] = d.2;
+                    o[(r + 3) * m + i] = d.3;
+                    r += 4;
+                }
+                while r < rows {
+                    o[r * m + i] = T::vec_dot(k, wrow(r), xr);
+                    r += 1;
+                }
+            }
+        });
+    Ok(out_t)
+}
+
+/// Q4_1 weights: candle has no SIMD dot product for them on x86 (its scalar fallback made a
+/// SmolLM2 Q4_1 run 9x slower than f32), so this is llama.cpp's AVX2 formulation of
+/// `vec_dot_q4_1_q8_1` over the raw blocks. Activations are quantized by candle's `BlockQ8_1`,
+/// as llama.cpp quantizes them.
+mod q4_1 {
+    use anyhow::{bail, Result};
+    use candle_core::quantized::k_quants::{BlockQ8_1, GgmlType};
+    use rayon::prelude::*;
+
+    /// Bytes of one block: d (f16), m (f16), 16 bytes of nibbles (low: values 0-15, high: 16-31).
+    const W: usize = 20;
+    /// Bytes of one activation block: d (f16), s = d·Σq (f16), 32 signed bytes.
+    const X: usize = 36;
+
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `[N, M]`, as `super::run`.
+    pub fn run(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Result<Vec<f32>> {
+        if !k.is_multiple_of(32) || w.len() != n * (k / 32) * W {
+            bail!("Q4_1 matmul: {} bytes do not hold [{n}, {k}]", w.len());
+        }
+        let kb = k / 32;
+        let mut xq = vec![BlockQ8_1::zeros(); m * kb];
+        xq.par_chunks_mut(kb)
+            .zip(x.par_chunks(k))
+            .for_each(|(q, row)| BlockQ8_1::from_float(row, q));
+        const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == X);
+        // SAFETY: BlockQ8_1 is `repr(C)` {f16, f16, [i8; 32]}, 36 bytes with no padding.
+        let xb: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, m * kb * X) };
+        let row_bytes = kb * W;
+        let mut out_t = vec![0f32; n * m];
+        let chunk = 16usize;
+        out_t
+            .par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let rows = o.len() / m;
+                let j0 = c * chunk;
+                let wrow = |j: usize| &w[(j0 + j) * row_bytes..(j0 + j + 1) * row_bytes];
+                for i in 0..m {
+                    let xr = &xb[i * kb * X..(i + 1) * kb * X];
+                    let mut r = 0;
+                    while r < rows {
+                        let take = (rows - r).min(4);
+                        let ws = [
+                            wrow(r),
+                            wrow(r + 1.min(take - 1)),
+                            wrow(r + 2.min(take - 1)),
+                            wrow(r + 3.min(take - 1)),
+                        ];
+                        // SAFETY: `available()` was checked by the caller; lengths match kb.
+                        let d = unsafe { dot4_avx2(ws, xr, kb) };
+                        for (q, v) in d.iter().enumerate().take(take) {
+                            o[(r + q) * m + i] = *v;
+                        }
+                        r += take;
+                    }
+                }
+            });
+        Ok(out_t)
+    }
+
+    fn f16_at(b: &[u8], at: usize) -> f32 {
+        half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    }
+
+    /// Four weight rows against one activation row, `kb` blocks each.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot4_avx2(w: [&[u8]; 4], x: &[u8], kb: usize) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..kb {
+            let xo = b * X;
+            let dx = f16_at(x, xo);
+            let sx = f16_at(x, xo + 2);
+            let qx = _mm256_loadu_si256(x.as_ptr().add(xo + 4) as *const __m256i);
+            for r in 0..4 {
+                let wo = b * W;
+                let dw = f16_at(w[r], wo);
+                let mw = f16_at(w[r], wo + 2);
+                summs[r] += mw * sx;
+                let raw = _mm_loadu_si128(w[r].as_ptr().add(wo + 4) as *const __m128i);
+                // Low nibbles are values 0-15, high nibbles 16-31: one 32-byte vector of 0..15.
+                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+                let qw = _mm256_and_si256(both, low);
+                let pairs = _mm256_maddubs_epi16(qw, qx);
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), sums, acc[r]);
+            }
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+            out[r] = lanes.iter().sum::<f32>() + summs[r];
+        }
+        out
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn dot4_avx2(_w: [&[u8]; 4], _x: &[u8], _kb: usize) -> [f32; 4] {
+        unreachable!("only called when AVX2 is available")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Every type, both paths: few rows against candle's own quantized matmul (the llama.cpp
+    /// algorithm, activations quantized the same way) and near the exact product; more rows
+    /// equal to the f32 product of the dequantized weight.
+    #[test]
+    fn both_paths_for_every_type() {
+        use GgmlDType::*;
+        for t in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let k = 512;
+            for (m, n) in [
+                (1, 9),
+                (INT_ROWS, 37),
+                (INT_ROWS + 1, 37),
+                (40, 64),
+                (70, 33),
+            ] {
+                let w = Tensor::from_vec(pseudo(n * k, 2), (n, k), &Device::Cpu).unwrap();
+                let q = std::sync::Arc::new(QTensor::quantize(&w, t).unwrap());
+                let xv = pseudo(m * k, 3);
+                let got = matmul(&xv, m, k, &q).unwrap();
+                let x = Tensor::from_vec(xv, (m, k), &Device::Cpu).unwrap();
+                let deq = q.dequantize(&Device::Cpu).unwrap();
+                let exact = x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap();
+                let exact = exact.to_vec1::<f32>().unwrap();
+                if m > INT_ROWS {
+                    for (g, e) in got.iter().zip(&exact) {
+                        let tol = 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt();
+                        assert!((g - e).abs() <= tol, "{t:?} {m}x{n}: {g} vs exact {e}");
+                    }
+                    continue;
+                }
+                use candle_core::Module;
+                let qm = candle_core::quantized::QMatMul::from_arc(q.clone()).unwrap();
+                let want = qm.forward(&x).unwrap().flatten_all().unwrap();
+                let want = want.to_vec1::<f32>().unwrap();
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{t:?}: {g} vs {e}");
+                }
+                let scale = exact.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                for (g, e) in got.iter().zip(&exact) {
+                    // 8-bit activations: about 1% of the largest output.
+                    assert!((g - e).abs() <= 0.02 * scale, "{t:?}: {g} vs exact {e}");
+                }
+            }
+        }
+    }
+}
