@@ -13,8 +13,8 @@ token_embd / blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down,at
 ffn_norm} / output_norm / output; the rows of attn_q and attn_k permuted per head into the
 interleaved rope layout llama.cpp computes with; 1-D tensors (norms) kept F32; a 2-D tensor
 whose row length is not a multiple of the quantization block falls back to F16 (listed in the
-summary). The tensors are streamed one at a time, a block of rows at a time, from mmapped
-safetensors, so an 8B checkpoint needs about the largest quantized tensor plus a little in RAM
+summary). The tensors are streamed one at a time, a block of rows at a time, read from the
+safetensors files (plain reads, no mmap), so an 8B checkpoint needs about the largest quantized tensor plus a little in RAM
 (about 1 GB for Llama-3-8B's embedding as bf16). The file is written to a temporary sibling
 and renamed when complete.
 
@@ -25,6 +25,7 @@ one then byte-level -> smollm, plain byte-level -> gpt2; anything else asks for 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -32,10 +33,8 @@ import numpy as np
 
 try:
     import gguf
-    import torch
-    from safetensors import safe_open
 except ImportError as e:
-    sys.exit(f"make_gguf: missing Python package ({e}); needs gguf, torch and safetensors")
+    sys.exit(f"make_gguf: missing Python package ({e}); needs gguf")
 
 Q = gguf.GGMLQuantizationType
 TYPES = {
@@ -90,44 +89,81 @@ def need(cfg, key, path):
     return cfg[key]
 
 
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
 class Weights:
-    """The checkpoint's safetensors, one or sharded, opened lazily (mmap, nothing read yet)."""
+    """The checkpoint's safetensors, one file or sharded. Rows are read with plain reads, not
+    mmap: mapped pages count as the process's resident memory, so an mmap reader of an 8B
+    checkpoint would show 16 GB of RSS while needing a few hundred MB."""
 
     def __init__(self, hf_dir):
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.exists(index):
-            wm = need(read_json(index), "weight_map", index)
-            self.where = {k: os.path.join(hf_dir, v) for k, v in wm.items()}
+            files = sorted(set(need(read_json(index), "weight_map", index).values()))
+            paths = [os.path.join(hf_dir, f) for f in files]
         elif os.path.exists(single):
-            self.where = None
-            self.single = single
+            paths = [single]
         else:
             raise BadInput(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json")
-        self.handles = {}
-        if self.where is None:
-            self.where = {k: single for k in self._open(single).keys()}
-
-    def _open(self, path):
-        if path not in self.handles:
-            if not os.path.exists(path):
-                raise BadInput(f"{path}: shard named in the index is missing")
-            self.handles[path] = safe_open(path, framework="pt")
-        return self.handles[path]
+        self.info = {}  # name -> (path, dtype, shape, first byte)
+        for path in paths:
+            for name, (dtype, shape, start) in read_header(path).items():
+                if name in self.info:
+                    raise BadInput(f"{path}: tensor {name} also in {self.info[name][0]}")
+                self.info[name] = (path, dtype, shape, start)
 
     def names(self):
-        return set(self.where)
+        return set(self.info)
 
     def shape(self, name):
-        return tuple(self._open(self.where[name]).get_slice(name).get_shape())
+        return self.info[name][2]
 
     def rows(self, name, a, b):
         """Rows a..b of a tensor as float32 numpy (the only copy made of them)."""
-        sl = self._open(self.where[name]).get_slice(name)
-        return sl[a:b].to(torch.float32).numpy()
+        path, dtype, shape, start = self.info[name]
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        count = (b - a) * row
+        with open(path, "rb") as f:
+            f.seek(start + a * row * np.dtype(dtype).itemsize)
+            x = np.fromfile(f, dtype=dtype, count=count)
+        if x.size != count:
+            raise BadInput(f"{path}: tensor {name} is cut short")
+        if dtype == np.uint16:  # bf16: the high half of an f32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        return x.astype(np.float32, copy=False).reshape((b - a, *shape[1:]))
 
     def full(self, name):
-        return self._open(self.where[name]).get_tensor(name).to(torch.float32).numpy()
+        return self.rows(name, 0, self.shape(name)[0])
+
+
+def read_header(path):
+    """{name: (numpy dtype, shape, absolute first byte)} of a safetensors file, checked."""
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: shard named in the index is missing")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise BadInput(f"{path}: not a safetensors file (header length {n})")
+        try:
+            meta = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{path}: safetensors header is not JSON ({e})")
+    out = {}
+    for name, t in meta.items():
+        if name == "__metadata__":
+            continue
+        if t.get("dtype") not in DTYPES:
+            raise BadInput(f"{path}: tensor {name} has dtype {t.get('dtype')}; F32, F16, BF16 read")
+        dtype, shape = DTYPES[t["dtype"]], tuple(t["shape"])
+        a, b = t["data_offsets"]
+        if b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize or 8 + n + b > size:
+            raise BadInput(f"{path}: tensor {name}'s byte range [{a}, {b}) does not fit")
+        out[name] = (dtype, shape, 8 + n + a)
+    return out
 
 
 def rope_permute(w, n_head):
@@ -339,8 +375,30 @@ def encode(weights, hf, shape, perm, gtype):
 
 
 def tmp_name(path):
-    return os.path.join(os.path.dirname(os.path.abspath(path)),
-                        f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    """A temporary sibling of path; those a killed run left behind (their process gone) are
+    removed first."""
+    d, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    prefix = f".{base}.tmp-"
+    for f in os.listdir(d):
+        pid = f[len(prefix):]
+        if f.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(os.path.join(d, f))
+    return os.path.join(d, prefix + str(os.getpid()))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def exit_on_sigterm():
+    """SIGTERM as SystemExit, so the `except BaseException` cleanups remove temporaries."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def make_gguf(hf_dir, out, type_name, pre=None, name=None, log=print):
@@ -409,6 +467,7 @@ def main():
     ap.add_argument("--pre", help="tokenizer.ggml.pre (default: recognised from tokenizer.json)")
     ap.add_argument("--name", help="general.name (default: the directory's name)")
     a = ap.parse_args()
+    exit_on_sigterm()
     try:
         make_gguf(a.hf, a.out, a.type, pre=a.pre, name=a.name)
     except BadInput as e:
