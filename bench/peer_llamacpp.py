@@ -82,6 +82,24 @@ def ggml_info(llama_cpp):
     return {}
 
 
+# ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continues the last line.
+KEPT_LOG_LEVELS = (3, 4)
+
+
+def quiet_logs(llama_cpp):
+    """llama.cpp logs every load and context step on stderr; keep its warnings and errors."""
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, _user):
+        if level != 5:
+            last[0] = level
+        if last[0] in KEPT_LOG_LEVELS and text:
+            sys.stderr.write(text.decode(errors="replace"))
+    llama_cpp.llama_log_set(log, None)
+    return log  # the caller keeps it alive while llama.cpp may call it
+
+
 class Peer:
     """A llama.cpp model and context on the CPU, driven through its C API."""
 
@@ -99,6 +117,11 @@ class Peer:
         cp.n_ubatch = n_batch  # a whole prompt in one graph, as our prefill runs it
         cp.n_threads = threads
         cp.n_threads_batch = threads
+        # llama.cpp's defaults otherwise (f16 KV cache, flash attention on "auto"): what its
+        # users get; recorded in the output since they move the numbers.
+        self.settings = {k: getattr(cp, k) for k in ("n_ctx", "n_batch", "n_ubatch", "type_k",
+                                                     "type_v", "flash_attn_type")
+                         if hasattr(cp, k)}
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             fail(f"--gguf {gguf}: llama.cpp could not create a context (n_ctx {n_ctx})")
@@ -158,6 +181,7 @@ def main():
     except ImportError:
         fail("needs llama-cpp-python (pip install -r bench/requirements.txt)")
 
+    _log = quiet_logs(llama_cpp)  # noqa: F841
     longest = max(len(r) for r in rows)
     peer = Peer(llama_cpp, args.gguf, args.threads, n_ctx=longest + args.greedy + 8,
                 n_batch=max(512, longest))
@@ -207,6 +231,7 @@ def main():
         "ggml": ggml_info(llama_cpp),
         "system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "model": str(args.gguf),
+        "context_params": peer.settings,
         "vocab_size": peer.n_vocab,
         "logprobs": npy.name,
         "logprobs_shape": list(logprobs.shape),
