@@ -14,7 +14,7 @@ fn load(model: &Path) -> Result<Model> {
     crate::datasets::load_model(model)
 }
 
-fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)> {
+pub(crate) fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>, Template)> {
     let template: Template = args.template.parse()?;
     let mut records =
         crate::datasets::prompt_set_with(&args.prompts, args.column.as_deref())?.records;

@@ -10,6 +10,7 @@ mod eval_cmd;
 mod export_cmd;
 mod finetune_cmd;
 mod locate_cmd;
+mod logits_cmd;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -101,6 +102,9 @@ enum Command {
     /// The paper's Table 2 columns per model: R_h on AdvBench, refusals on D_o and XSTest, Rouge-L
     /// and perplexity on held-out records
     Eval(eval_cmd::EvalArgs),
+    /// Next-token log-probabilities (full vocabulary, .npy) and greedy tokens per prompt, to
+    /// compare against a peer implementation such as llama.cpp
+    Logits(logits_cmd::LogitsArgs),
     /// Classify saved responses (generate's JSONL) as refusals or not
     Judge(locate_cmd::JudgeArgs),
     /// Datasets by name: list them, fetch them into the cache, verify local copies
@@ -218,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo_cmd::run(&args),
         Command::Align(args) => align_cmd::run(&args),
         Command::Finetune(args) => finetune_cmd::run(&args),
+        Command::Logits(args) => logits_cmd::run(&args),
         Command::Judge(args) => locate_cmd::run_judge(&args),
         Command::Eval(args) => eval_cmd::run(&args),
         Command::Convert { model, out, dtype } => commands::convert(&model, &out, &dtype),

@@ -9,3 +9,4 @@ mod export_cli;
 mod finetune_cli;
 mod kill;
 mod locate_consistency;
+mod logits_cli;
