@@ -31,6 +31,8 @@ pub struct LogitsArgs {
     pub greedy: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
 }
 
 pub fn run(args: &LogitsArgs) -> Result<()> {

@@ -196,6 +196,7 @@ fn load_dtype(c: &Command) -> Option<sl_engine::io::loader::WeightDType> {
         Command::Locate(a) => a.load.dtype,
         Command::Align(a) => a.load.dtype,
         Command::Eval(a) => a.load.dtype,
+        Command::Logits(a) => a.load.dtype,
         _ => None,
     }
 }
