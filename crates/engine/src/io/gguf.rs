@@ -356,6 +356,13 @@ impl GgufModel {
                 cfg.insert(hf.into(), json!(id));
             }
         }
+        // llama.cpp also ends generation at the end-of-turn token (Llama-3's <|eot_id|>), which
+        // transformers lists beside eos in generation_config.json.
+        let eos = meta_u64(c, "tokenizer.ggml.eos_token_id");
+        if let Some(eot) = meta_u64(c, "tokenizer.ggml.eot_token_id").filter(|t| Some(*t) != eos) {
+            let ids: Vec<u64> = eos.into_iter().chain([eot]).collect();
+            cfg.insert("eos_token_id".into(), json!(ids));
+        }
         Ok(Value::Object(cfg))
     }
 }
