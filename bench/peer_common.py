@@ -11,11 +11,12 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
-def load(model_dir, threads=0):
+def load(model_dir, threads=0, dtype="f32"):
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval()
     return tok, model
 
 

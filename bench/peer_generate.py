@@ -24,8 +24,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ours", help="ours' generate output (JSONL with output_ids), to compare")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights and compute")
     args = ap.parse_args()
-    tok, model = pc.load(args.model_dir, args.threads)
+    tok, model = pc.load(args.model_dir, args.threads, args.dtype)
     recs = pc.common.read_jsonl(args.prompts)[:args.limit]
     ids = pc.encode(tok, recs)
     pad = pc.pad_id(tok)

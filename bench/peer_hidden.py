@@ -41,7 +41,7 @@ def run(base, ids, batch_size, pad):
             for j, i in enumerate(chunk):
                 out[i] = last[j]
     secs = time.perf_counter() - t0
-    return torch.stack(out).numpy(), secs
+    return torch.stack(out).float().numpy(), secs
 
 
 def check(ours_path, ids, states):
@@ -79,8 +79,9 @@ def main():
     ap.add_argument("--batch-sizes", default="16", help="comma list; the best is reported")
     ap.add_argument("--ours", help="our .safetensors output of the same prompts, to compare")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights and compute")
     args = ap.parse_args()
-    tok, model = pc.load(args.model_dir, args.threads)
+    tok, model = pc.load(args.model_dir, args.threads, args.dtype)
     ids = pc.encode(tok, pc.common.read_jsonl(args.prompts))
     pad = pc.pad_id(tok)
     tokens = sum(len(i) for i in ids)
