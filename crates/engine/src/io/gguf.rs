@@ -232,7 +232,7 @@ impl GgufModel {
                     t = (t - 1.0).with_context(this)?; // llama.cpp stores Gemma's (1 + w)
                 }
                 if let Some(dt) = target.filter(|_| t.rank() == 2) {
-                    t = t.to_dtype(dt).with_context(this)?;
+                    t = crate::io::weights::convert_checked(&t, dt).with_context(this)?;
                 }
                 b = Block::Dense(t);
             }

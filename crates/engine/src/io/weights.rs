@@ -186,10 +186,31 @@ fn to_tensor(
         ),
     };
     let t = match target {
-        Some(want) if want != t.dtype() => t.to_dtype(want)?,
+        Some(want) if want != t.dtype() => convert_checked(&t, want)
+            .with_context(|| format!("{}: tensor `{name}`", file.display()))?,
         _ => t,
     };
     Ok((t, dt))
+}
+
+/// `t` in dtype `want`, refusing a conversion that loses values outright: f16 holds magnitudes
+/// up to 65504 only, and a bf16 or f32 checkpoint may hold larger ones (they would become inf).
+pub fn convert_checked(t: &Tensor, want: DType) -> Result<Tensor> {
+    if want == DType::F16 && t.dtype() != DType::F16 && t.elem_count() > 0 {
+        let max = t
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if max > 65504.0 {
+            bail!(
+                "holds a value of magnitude {max}, beyond f16's range (65504): this model cannot \
+                 be held in f16; use --dtype bf16 or f32"
+            );
+        }
+    }
+    Ok(t.to_dtype(want)?)
 }
 
 /// How many values the safetensors files hold (headers only), to choose a dtype before loading.
@@ -312,5 +333,27 @@ fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {
                 mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_refuses_values_beyond_its_range_and_other_dtypes_pass() {
+        let big = Tensor::new(&[1.0f32, -70000.0], &Device::Cpu).unwrap();
+        let e = convert_checked(&big, DType::F16).unwrap_err().to_string();
+        assert!(e.contains("65504") && e.contains("--dtype bf16"), "{e}");
+        assert_eq!(
+            convert_checked(&big, DType::BF16).unwrap().dtype(),
+            DType::BF16
+        );
+        let fine = Tensor::new(&[1.0f32, -65504.0], &Device::Cpu).unwrap();
+        let h = convert_checked(&fine, DType::F16).unwrap();
+        assert_eq!(
+            h.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            [1.0, -65504.0]
+        );
     }
 }
