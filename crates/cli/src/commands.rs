@@ -7,6 +7,7 @@ use serde_json::json;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::io::atomic::{write_atomic, AtomicFile};
 use sl_engine::{LayerRange, Model, Prompt, Template};
+use sl_science::schema::Precision;
 use std::io::Write;
 use std::path::Path;
 
@@ -37,6 +38,24 @@ pub(crate) fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>,
 pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
     let m = load(model)?;
     let c = m.cfg();
+    // A GGUF file's own precision is its tensors' types (source_dtype is what a converted copy
+    // would be written as, f32, which says nothing about the file).
+    let gguf_types = if m
+        .source
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        Some(sl_engine::io::gguf::tensor_types(&m.source)?)
+    } else {
+        None
+    };
+    let on_disk = match &gguf_types {
+        Some(t) => {
+            let parts: Vec<String> = t.iter().map(|(k, n)| format!("{k} x {n}")).collect();
+            format!("GGUF {}", parts.join(", "))
+        }
+        None => m.source_dtype.as_str().to_string(),
+    };
     let info = json!({
         "model": model.display().to_string(),
         "family": c.family,
@@ -50,6 +69,10 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         "vocab_size": c.vocab_size,
         "parameters": m.num_parameters(),
         "storage_dtype": m.source_dtype.as_str(),
+        "storage": on_disk,
+        "gguf_tensor_types": gguf_types
+            .as_ref()
+            .map(|t| t.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()),
         "dtype_option": m.dtype_choice.as_str(),
         "weights_in_memory": m.weight_storage,
         "weight_bytes": m.decoder.weight_bytes(),
@@ -80,7 +103,7 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         println!("parameters:     {}", m.num_parameters());
         println!(
             "dtype:          {} on disk; held as {} ({:.1} MiB, --dtype {}); f32 compute",
-            m.source_dtype.as_str(),
+            on_disk,
             m.weight_storage,
             m.decoder.weight_bytes() as f64 / (1 << 20) as f64,
             m.dtype_choice
@@ -128,6 +151,7 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
             .collect::<Result<_>>()?;
         let doc = json!({
             "model": model.display().to_string(),
+            "precision": Precision::of(&m),
             "template": template.name(),
             "num_entries": entries,
             "hidden_size": hsize,
@@ -145,6 +169,10 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
         )?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("model".to_string(), model.display().to_string());
+        meta.insert(
+            "precision".to_string(),
+            serde_json::to_string(&Precision::of(&m))?,
+        );
         meta.insert("template".to_string(), template.name().to_string());
         meta.insert("input_ids".to_string(), serde_json::to_string(&ids)?);
         meta.insert(

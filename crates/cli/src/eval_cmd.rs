@@ -9,6 +9,7 @@ use sl_engine::{Model, PromptRecord, Template};
 use sl_science::eval::report::{check_label, load, response_file, EvalReport, ModelRow, SetInfo};
 use sl_science::eval::utility::{self, Take, UtilityOptions, UtilitySet};
 use sl_science::eval::{generate_set, judge_responses, EvalJudge, GenOptions, SafetySet, SetKind};
+use sl_science::schema::Precision;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -321,6 +322,7 @@ fn evaluate_model(
     Ok(ModelRow {
         label: label.into(),
         model: String::new(),
+        precision: Some(Precision::of(model)),
         error: None,
         sets: judged,
         utility,

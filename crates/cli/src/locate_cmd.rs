@@ -8,6 +8,7 @@ use sl_science::judges::{Judge, JudgeKind};
 use sl_science::locate::file::LocateMeta;
 use sl_science::locate::report::{run, write};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
+use sl_science::schema::Precision;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -93,6 +94,7 @@ fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
 pub fn run_locate(a: &LocateArgs) -> Result<()> {
     let mut model = crate::datasets::load_model(&a.model)?;
     let n_layers = model.cfg().num_layers;
+    let precision = Precision::of(&model);
     let initial = initial_range(a, n_layers)?;
     let alpha = if a.alpha == "auto" {
         AlphaMode::Auto {
@@ -150,6 +152,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     );
     let meta = LocateMeta {
         model: a.model.display().to_string(),
+        precision: Some(precision),
         over_rejection: set.name.clone(),
         over_rejection_sha256: set.sha256.clone(),
         template: a.template.clone(),

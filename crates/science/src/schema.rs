@@ -64,6 +64,27 @@ pub fn f64_or_infinity<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error>
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
+/// How a result was computed, recorded beside the model in every output that names one:
+/// `--dtype` as given, the storage the weights were held in (`f32`, `bf16`, `Q4_1+Q8_0`) and the
+/// activation precision. Files written before it was recorded read back without it (`None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Precision {
+    pub dtype_option: String,
+    pub weights: String,
+    pub activations: String,
+}
+
+impl Precision {
+    pub fn of(model: &sl_engine::Model) -> Precision {
+        Precision {
+            dtype_option: model.dtype_choice.as_str().to_string(),
+            weights: model.weight_storage.clone(),
+            // The engine computes every activation in f32, whatever the weights' storage.
+            activations: "f32".to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -543,3 +543,29 @@ fn misspelled_names_suggest_the_catalog_name_meant() {
     );
     assert!(!err.contains("did you mean"), "{err}");
 }
+
+#[test]
+fn inspect_names_a_bad_dtype_and_shows_gguf_tensor_types() {
+    let r = bin()
+        .args(["inspect", "--model"])
+        .arg(fixture("llama"))
+        .args(["--dtype", "bogus"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "--dtype bogus must fail");
+    assert!(
+        err.contains("bogus") && err.contains("expected auto, f32, bf16, f16 or native"),
+        "{err}"
+    );
+    // A GGUF file's precision is its tensors' types, not the f32 a conversion would write.
+    let r = bin()
+        .args(["inspect", "--json", "--dtype", "native", "--model"])
+        .arg(fixture("gguf/tiny_llama_q8_0.gguf"))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["storage"], "GGUF Q8_0 x 30, F32 x 9");
+    assert_eq!(v["weights_in_memory"], "Q8_0");
+}

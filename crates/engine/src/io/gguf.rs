@@ -419,3 +419,20 @@ pub fn count_values(path: &Path) -> Result<usize> {
         .map(|i| i.shape.elem_count())
         .sum())
 }
+
+/// How many tensors of each ggml storage type the file holds (`Q4_1`, `Q6_K`, `F32`), from the
+/// header alone, most frequent first: what `inspect` shows as the file's precision.
+pub fn tensor_types(path: &Path) -> Result<Vec<(String, usize)>> {
+    let shown = path.display().to_string();
+    crate::io::gguf_check::check(path)?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let content =
+        Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for info in content.tensor_infos.values() {
+        *counts.entry(quant_name(info.ggml_dtype)).or_insert(0) += 1;
+    }
+    let mut out: Vec<(String, usize)> = counts.into_iter().collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(out)
+}

@@ -7,4 +7,5 @@ mod families;
 mod gguf_sentencepiece;
 mod gguf_smollm2;
 mod prefix_cache;
+mod quantized;
 mod real_tokenizers;

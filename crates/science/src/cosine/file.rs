@@ -3,7 +3,7 @@
 use crate::cosine::range_rule::InitialRange;
 use crate::cosine::report::{CosineConfig, ModelCurves, PromptSet};
 use crate::cosine::{EntryStats, PairCounts, Pairs};
-use crate::schema::{self, required};
+use crate::schema::{self, required, Precision};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sl_engine::io::atomic::write_atomic;
@@ -36,6 +36,9 @@ pub struct CosineFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CosineRun {
     pub model: String,
+    /// How the model computed (absent in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     #[serde(deserialize_with = "required")]
     pub initial_range: Option<InitialRange>,
     /// None only when there are no entries.
@@ -95,6 +98,7 @@ impl CosineRun {
     pub fn new(r: &ModelCurves) -> CosineRun {
         CosineRun {
             model: r.model.clone(),
+            precision: Some(r.precision.clone()),
             initial_range: r.curves.initial_range,
             largest_gap: r.curves.largest_gap().map(|e| LargestGap {
                 entry: e.entry,

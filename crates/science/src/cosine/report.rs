@@ -4,6 +4,7 @@
 use crate::cosine::figure::{angle_gap_svg, cosine_svg, Series};
 use crate::cosine::file::CosineFile;
 use crate::cosine::{curves, Curves, Pairs, Vectors};
+use crate::schema::Precision;
 use anyhow::Result;
 use serde::Serialize;
 use sl_engine::io::atomic::write_atomic;
@@ -31,6 +32,7 @@ pub struct CosineConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelCurves {
     pub model: String,
+    pub precision: Precision,
     pub curves: Curves,
     pub prompts: usize,
     pub tokens: usize,
@@ -93,6 +95,7 @@ pub fn analyse(
     let curves = curves(&nv, &mv, cfg.pairs, cfg.seed)?;
     Ok(ModelCurves {
         model: label.to_string(),
+        precision: Precision::of(model),
         curves,
         prompts: normal.records.len() + malicious.records.len(),
         tokens: nt + mt,

@@ -3,7 +3,7 @@
 use crate::eval::utility::UtilitySummary;
 use crate::eval::{SetKind, SetSummary};
 use crate::judges::probe::Calibration;
-use crate::schema::{self, required};
+use crate::schema::{self, required, Precision};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -62,6 +62,9 @@ pub struct FailedRow {
 pub struct EvalRow {
     pub label: String,
     pub model: String,
+    /// How the model computed (absent in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// Always null here (every row has an `error` key).
     pub error: (),
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,6 +8,7 @@ use crate::eval::rouge::rouge_l;
 use crate::eval::utility::{self, UtilityResponse, UtilitySummary};
 use crate::eval::{judge_responses, summarise, EvalJudge, SafetyResponse, SetKind, SetSummary};
 use crate::judges::probe::Calibration;
+use crate::schema::Precision;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sl_engine::io::atomic::write_atomic;
@@ -32,6 +33,8 @@ pub struct ModelRow {
     pub label: String,
     /// The model as given on the command line.
     pub model: String,
+    /// How it computed; None for a failed row, or a re-judged file that did not record it.
+    pub precision: Option<Precision>,
     pub error: Option<String>,
     pub sets: Vec<(SetKind, Vec<SafetyResponse>)>,
     pub utility: Option<Vec<UtilityResponse>>,
@@ -43,6 +46,7 @@ impl ModelRow {
         ModelRow {
             label: label.into(),
             model: model.into(),
+            precision: None,
             error: Some(error),
             sets: vec![],
             utility: None,
@@ -133,6 +137,7 @@ impl EvalReport {
             let mut r = EvalRow {
                 label: row.label.clone(),
                 model: row.model.clone(),
+                precision: row.precision.clone(),
                 error: (),
                 harmful: None,
                 over_rejection: None,
@@ -434,13 +439,13 @@ pub fn load(dir: &Path) -> Result<EvalReport> {
     sets.sort_by_key(|s| s.kind);
     let mut models = Vec::new();
     for m in doc.models {
-        let (label, model) = match m {
+        let (label, model, precision) = match m {
             EvalModel::Failed(f) => {
                 check_label(&f.label)?;
                 models.push(ModelRow::failed(&f.label, &f.model, f.error));
                 continue;
             }
-            EvalModel::Ok(r) => (r.label, r.model),
+            EvalModel::Ok(r) => (r.label, r.model, r.precision),
         };
         check_label(&label)?;
         let mut row_sets = Vec::new();
@@ -471,6 +476,7 @@ pub fn load(dir: &Path) -> Result<EvalReport> {
         models.push(ModelRow {
             label,
             model,
+            precision,
             error: None,
             sets: row_sets,
             utility: util,

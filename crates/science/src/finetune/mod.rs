@@ -15,6 +15,7 @@ use crate::finetune::checkpoint::{checkpoints_dir, Checkpoint};
 use crate::finetune::data::{encode, epoch_order, lr_factor, Example, Schedule, SftRecord};
 use crate::finetune::freeze::{freeze_audit, tensor_hashes, FreezeModule, FreezePlan};
 use crate::finetune::summary::{Examples, FinetuneSummary, HoldoutLoss, SCHEMA_VERSION};
+use crate::schema::Precision;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,7 @@ pub fn finetune(
     let train = encode_all(&model, &records[..split], cfg)?;
     let held = encode_all(&model, &records[split..], cfg)?;
     let before = tensor_hashes(&model.decoder.hf_tensors()?)?;
+    let precision = Precision::of(&model);
 
     let Model {
         decoder, hf_files, ..
@@ -241,6 +243,7 @@ pub fn finetune(
         wall_seconds: t_start.elapsed().as_secs_f64(),
         resumed: resume_from.is_some(),
         output_dtype: format!("{out_dtype:?}").to_lowercase(),
+        precision: Some(precision),
     };
     stage.write(
         "finetune.json",

@@ -1,6 +1,7 @@
 //! `finetune.json`: what a finished run did, as one typed record (read back by `read`).
 
 use crate::finetune::FinetuneConfig;
+use crate::schema::Precision;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -35,6 +36,10 @@ pub struct FinetuneSummary {
     pub wall_seconds: f64,
     pub resumed: bool,
     pub output_dtype: String,
+    /// How the model computed during training (absent in files written before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +116,11 @@ mod tests {
             wall_seconds: 1.0,
             resumed: false,
             output_dtype: "f32".into(),
+            precision: Some(Precision {
+                dtype_option: "native".into(),
+                weights: "Q4_1+Q8_0".into(),
+                activations: "f32".into(),
+            }),
         }
     }
 
@@ -122,6 +132,11 @@ mod tests {
         assert!(text.starts_with("{\n  \"schema_version\": 1,"), "{text}");
         std::fs::write(&path, &text).unwrap();
         assert_eq!(read(&path).unwrap(), summary());
+        // A file written before precision was recorded still reads, without it.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("precision").unwrap();
+        std::fs::write(&path, old.to_string()).unwrap();
+        assert_eq!(read(&path).unwrap().precision, None);
         // A null optional field is fine, an absent one is not.
         std::fs::write(&path, text.replace("\"final_loss\"", "\"last_loss\"")).unwrap();
         let e = format!("{:#}", read(&path).unwrap_err());

@@ -4,7 +4,7 @@
 use crate::judges::probe::Calibration;
 use crate::judges::Judge;
 use crate::locate::{AlphaStep, Sweep};
-use crate::schema::{self, required};
+use crate::schema::{self, required, Precision};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use sl_engine::io::atomic::write_atomic;
@@ -39,6 +39,9 @@ pub struct LocateFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LocateMeta {
     pub model: String,
+    /// How the model computed (absent in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     pub over_rejection: String,
     pub over_rejection_sha256: String,
     pub template: String,
