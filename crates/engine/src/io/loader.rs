@@ -193,7 +193,9 @@ impl Model {
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            return Model::load_gguf(path, dtype, t0);
+            let mut m = Model::load_gguf(path, dtype)?;
+            m.load_seconds = t0.elapsed().as_secs_f64();
+            return Ok(m);
         }
         if !path.is_dir() {
             bail!(
@@ -230,10 +232,12 @@ impl Model {
                 );
             }
         }
-        Model::assemble(path, cfg, tokenizer, eos, w, hf_files, dtype, t0)
+        let mut m = Model::assemble(path, cfg, tokenizer, eos, w, hf_files, dtype)?;
+        m.load_seconds = t0.elapsed().as_secs_f64();
+        Ok(m)
     }
 
-    fn load_gguf(path: &Path, dtype: WeightDType, t0: std::time::Instant) -> Result<Model> {
+    fn load_gguf(path: &Path, dtype: WeightDType) -> Result<Model> {
         let target = dtype.target(crate::io::gguf::count_values(path)?);
         let g = crate::io::gguf::GgufModel::load(path, target)?;
         let shown = path.display().to_string();
@@ -241,7 +245,7 @@ impl Model {
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
         let hf_files =
             crate::io::hf_dir::gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
-        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, dtype, t0)
+        Model::assemble(path, cfg, tokenizer, vec![], g.weights, hf_files, dtype)
     }
 
     /// The decoder from its tensors; EOS ids from generation_config (`eos`), else config.json,
@@ -254,7 +258,6 @@ impl Model {
         mut w: WeightMap,
         hf_files: BTreeMap<String, Vec<u8>>,
         dtype_choice: WeightDType,
-        t0: std::time::Instant,
     ) -> Result<Model> {
         if eos.is_empty() {
             eos = cfg.eos_token_ids.clone();
@@ -279,7 +282,7 @@ impl Model {
             source_dtype,
             dtype_choice,
             weight_storage,
-            load_seconds: t0.elapsed().as_secs_f64(),
+            load_seconds: 0.0, // set by the caller, which timed the whole load
             hf_files,
         })
     }
