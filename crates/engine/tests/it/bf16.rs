@@ -68,12 +68,14 @@ fn row_dist(got: &[f32], want: &[f32]) -> f32 {
     num / want.iter().fold(0.0f32, |a, w| a.max(w.abs()))
 }
 
+/// Per prompt: last-token hidden states of every entry, last-token logits, greedy tokens.
+type Outputs = (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>, Vec<Vec<u32>>);
+/// A row to check: what it is, ours, (b)'s, (a)'s.
+type Row<'a> = (String, &'a [f32], Vec<f32>, Vec<f32>);
+
 /// Last-token hidden states of every entry, last-token logits, 12 greedy tokens; batch 1, as
 /// the fixture script runs.
-fn run_single(
-    m: &Model,
-    prompts: &[Vec<u32>],
-) -> (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
+fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
     let d = &m.decoder;
     let l = d.num_layers();
     let (mut hidden, mut logits) = (vec![], vec![]);
@@ -142,7 +144,7 @@ fn check_family(family: &str) {
     let tol_a = 2.0 * dist_ab + F32_TOL;
     let (mut worst_b, mut worst_a) = (0f32, 0f32);
     for p in 0..prompts.len() {
-        let mut rows: Vec<(String, &[f32], Vec<f32>, Vec<f32>)> = hidden[p]
+        let mut rows: Vec<Row> = hidden[p]
             .iter()
             .enumerate()
             .map(|(k, h)| {
