@@ -2,6 +2,7 @@
 //! helpers are in common.rs.
 
 mod bad_inputs;
+mod bf16;
 mod common;
 mod families;
 mod gguf_sentencepiece;
