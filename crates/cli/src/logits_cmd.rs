@@ -99,6 +99,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         "implementation": "safety-layers",
         "model": args.model.display().to_string(),
         "storage_dtype": m.source_dtype.as_str(),
+        "precision": sl_science::schema::Precision::of(&m),
         "template": template.name(),
         "vocab_size": vocab,
         // Relative to this file, so the pair can be moved together.
