@@ -7,6 +7,7 @@
 //! `convert` writes those values to disk unchanged.
 
 use crate::io::config::ModelConfig;
+use crate::io::loader::WeightDType;
 use crate::io::weights::WeightMap;
 use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
 use crate::model::weight::{quant_name, Block};
@@ -161,15 +162,21 @@ pub fn unpermute_rows(w: &Block, n_head: usize) -> Result<Block> {
 }
 
 impl GgufModel {
-    /// Reads a GGUF file. `target` None keeps quantized matrices quantized (and f16/bf16 ones
-    /// as they are); `Some(dtype)` dequantizes every matrix to that dtype. Vectors (norms,
-    /// biases) are always f32.
-    pub fn load(path: &Path, target: Option<DType>) -> Result<GgufModel> {
+    /// Reads a GGUF file, holding its matrices as `dtype` says (`WeightDType::target` of the
+    /// file's value count): quantized ones kept quantized (f16/bf16 ones as they are), or every
+    /// matrix dequantized to one dtype. Vectors (norms, biases) are always f32.
+    pub fn load(path: &Path, dtype: WeightDType) -> Result<GgufModel> {
         let shown = path.display().to_string();
         crate::io::gguf_check::check(path)?;
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
         let content = Content::read(&mut f)
             .map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
+        let values = content
+            .tensor_infos
+            .values()
+            .map(|i| i.shape.elem_count())
+            .sum();
+        let target = dtype.target(values);
         let arch = meta_str(&content, "general.architecture")
             .ok_or_else(|| anyhow!("{shown}: metadata `general.architecture` is missing"))?
             .to_string();
@@ -404,20 +411,6 @@ pub fn read_config(path: &Path) -> Result<Value> {
         );
     };
     GgufModel::config(&content, arch, hf_arch, model_type, &shown)
-}
-
-/// How many values the file's tensors hold (header only), to choose a dtype before loading.
-pub fn count_values(path: &Path) -> Result<usize> {
-    let shown = path.display().to_string();
-    crate::io::gguf_check::check(path)?;
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-    let content =
-        Content::read(&mut f).map_err(|e| anyhow!("{shown}: not a readable GGUF file ({e})"))?;
-    Ok(content
-        .tensor_infos
-        .values()
-        .map(|i| i.shape.elem_count())
-        .sum())
 }
 
 /// How many tensors of each ggml storage type the file holds (`Q4_1`, `Q6_K`, `F32`), from the

@@ -151,7 +151,7 @@ pub fn write_hf_files(
 
 /// Converts a GGUF file into a Hugging Face directory that transformers loads.
 pub fn convert_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
-    let g = crate::io::gguf::GgufModel::load(gguf, Some(DType::F32))?;
+    let g = crate::io::gguf::GgufModel::load(gguf, crate::io::loader::WeightDType::F32)?;
     let stage = StagedDir::new(out)?;
     let side = gguf_side_files(&g.config, &g.tokenizer_json, &g.tokenizer_config)?;
     let tensors: BTreeMap<String, Tensor> = g.weights.into_tensors()?.into_iter().collect();

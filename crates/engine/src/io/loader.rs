@@ -238,8 +238,7 @@ impl Model {
     }
 
     fn load_gguf(path: &Path, dtype: WeightDType) -> Result<Model> {
-        let target = dtype.target(crate::io::gguf::count_values(path)?);
-        let g = crate::io::gguf::GgufModel::load(path, target)?;
+        let g = crate::io::gguf::GgufModel::load(path, dtype)?;
         let shown = path.display().to_string();
         let cfg = ModelConfig::from_json(&g.config, &shown)?;
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, &g.tokenizer_config, &shown)?;
@@ -317,7 +316,7 @@ impl Model {
             n += h.elem_count();
         }
         for l in &d.layers {
-            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.weight.elem_count()
                     + lin.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0);
             }

@@ -147,43 +147,22 @@ fn to_tensor(
     target: Option<DType>,
 ) -> Result<(Tensor, DType)> {
     use safetensors::Dtype as S;
-    let data = view.data();
-    let shape = view.shape().to_vec();
-    let (t, dt) = match view.dtype() {
-        S::F32 => {
-            let v: Vec<f32> = data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F32)
-        }
-        S::BF16 => {
-            let v: Vec<half::bf16> = data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::BF16)
-        }
-        S::F16 => {
-            let v: Vec<half::f16> = data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F16)
-        }
-        S::F64 => {
-            let v: Vec<f32> = data
-                .chunks_exact(8)
-                .map(|b| {
-                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                })
-                .collect();
-            (Tensor::from_vec(v, shape, &Device::Cpu)?, DType::F64)
-        }
+    let dt = match view.dtype() {
+        S::F32 => DType::F32,
+        S::BF16 => DType::BF16,
+        S::F16 => DType::F16,
+        S::F64 => DType::F64,
         other => bail!(
             "{}: tensor `{name}` has dtype {other:?}; supported: F32, BF16, F16, F64",
             file.display()
         ),
+    };
+    // Little-endian bytes, copied out of the mapping (candle handles their alignment).
+    let t = Tensor::from_raw_buffer(view.data(), dt, view.shape(), &Device::Cpu)?;
+    let t = if dt == DType::F64 {
+        t.to_dtype(DType::F32)?
+    } else {
+        t
     };
     let t = match target {
         Some(want) if want != t.dtype() => convert_checked(&t, want)

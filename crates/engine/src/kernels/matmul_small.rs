@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub const MAX_ROWS: usize = 32;
 
 /// Runs `f` on a contiguous f32 CPU tensor's values; None for anything else.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.is_contiguous() {
         return None;
     }
@@ -183,19 +183,8 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::pseudo;
     use candle_core::Device;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     #[test]
     fn equals_candle_matmul_on_every_tail() {

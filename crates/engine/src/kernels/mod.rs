@@ -7,3 +7,17 @@ pub(crate) mod attention;
 pub mod matmul_small;
 pub mod quant;
 pub mod widen;
+
+/// Deterministic values in [-0.5, 0.5) for the kernels' tests (an LCG: no rand dependency).
+#[cfg(test)]
+pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}

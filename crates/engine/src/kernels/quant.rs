@@ -41,26 +41,36 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &QTensor) -> Result<Vec<f32>> {
         bail!("quantized matmul: inner dimensions {k} and {k2} differ");
     }
     let data = w.data()?;
-    if m > INT_ROWS {
-        return dequantized(x, m, k, &data, n, w.dtype());
-    }
     use GgmlDType::*;
-    let out_t = match w.dtype() {
-        Q4_0 => run::<BlockQ4_0>(x, m, k, &data, n)?,
-        Q4_1 if q4_1::available() => q4_1::run(x, m, k, &data, n)?,
-        Q4_1 => run::<BlockQ4_1>(x, m, k, &data, n)?,
-        Q5_0 => run::<BlockQ5_0>(x, m, k, &data, n)?,
-        Q5_1 => run::<BlockQ5_1>(x, m, k, &data, n)?,
-        Q8_0 => run::<BlockQ8_0>(x, m, k, &data, n)?,
-        Q2K => run::<BlockQ2K>(x, m, k, &data, n)?,
-        Q3K => run::<BlockQ3K>(x, m, k, &data, n)?,
-        Q4K => run::<BlockQ4K>(x, m, k, &data, n)?,
-        Q5K => run::<BlockQ5K>(x, m, k, &data, n)?,
-        Q6K => run::<BlockQ6K>(x, m, k, &data, n)?,
+    match w.dtype() {
+        Q4_0 => typed::<BlockQ4_0>(x, m, k, &data, n),
+        Q4_1 => typed::<BlockQ4_1>(x, m, k, &data, n),
+        Q5_0 => typed::<BlockQ5_0>(x, m, k, &data, n),
+        Q5_1 => typed::<BlockQ5_1>(x, m, k, &data, n),
+        Q8_0 => typed::<BlockQ8_0>(x, m, k, &data, n),
+        Q2K => typed::<BlockQ2K>(x, m, k, &data, n),
+        Q3K => typed::<BlockQ3K>(x, m, k, &data, n),
+        Q4K => typed::<BlockQ4K>(x, m, k, &data, n),
+        Q5K => typed::<BlockQ5K>(x, m, k, &data, n),
+        Q6K => typed::<BlockQ6K>(x, m, k, &data, n),
         other => bail!(
             "quantized matmul: no kernel for {}",
             crate::model::weight::quant_name(other)
         ),
+    }
+}
+
+/// `[M, N]` for blocks of type `T`, by the path the row count calls for.
+fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let w = blocks::<T>(k, bytes, n)?;
+    let kb = k / T::BLCK_SIZE;
+    if m > INT_ROWS {
+        return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
+    }
+    let out_t = if T::DTYPE == GgmlDType::Q4_1 && q4_1::available() {
+        q4_1::run(x, m, k, bytes, n)
+    } else {
+        int_dots::<T>(x, m, k, w, n)
     };
     Ok(transpose(&out_t, n, m))
 }
@@ -75,47 +85,6 @@ impl<T: GgmlType> WeightRows for QuantRows<'_, T> {
     const WIDENS: bool = true;
     fn widen(&self, j: usize, out: &mut [f32]) {
         T::to_float(&self.w[j * self.kb..(j + 1) * self.kb], out);
-    }
-}
-
-/// `[M, N]` through the f32 kernels, weight rows dequantized a few (or a panel) at a time.
-fn dequantized(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    bytes: &[u8],
-    n: usize,
-    t: GgmlDType,
-) -> Result<Vec<f32>> {
-    fn go<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
-        let w = blocks::<T>(k, bytes, n)?;
-        Ok(matmul_rows(
-            x,
-            m,
-            k,
-            n,
-            &QuantRows {
-                w,
-                kb: k / T::BLCK_SIZE,
-            },
-        ))
-    }
-    use GgmlDType::*;
-    match t {
-        Q4_0 => go::<BlockQ4_0>(x, m, k, bytes, n),
-        Q4_1 => go::<BlockQ4_1>(x, m, k, bytes, n),
-        Q5_0 => go::<BlockQ5_0>(x, m, k, bytes, n),
-        Q5_1 => go::<BlockQ5_1>(x, m, k, bytes, n),
-        Q8_0 => go::<BlockQ8_0>(x, m, k, bytes, n),
-        Q2K => go::<BlockQ2K>(x, m, k, bytes, n),
-        Q3K => go::<BlockQ3K>(x, m, k, bytes, n),
-        Q4K => go::<BlockQ4K>(x, m, k, bytes, n),
-        Q5K => go::<BlockQ5K>(x, m, k, bytes, n),
-        Q6K => go::<BlockQ6K>(x, m, k, bytes, n),
-        other => bail!(
-            "quantized matmul: no kernel for {}",
-            crate::model::weight::quant_name(other)
-        ),
     }
 }
 
@@ -141,14 +110,24 @@ fn blocks<T: GgmlType>(k: usize, bytes: &[u8], n: usize) -> Result<&[T]> {
     Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n * kb) })
 }
 
-/// `[N, M]`: weight row j dotted with every activation row.
-fn run<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
-    let w = blocks::<T>(k, bytes, n)?;
-    let kb = k / T::BLCK_SIZE;
-    let mut xq = vec![T::VecDotType::zeros(); m * kb];
+/// Each activation row quantized to `V` (the weight type's dot-product partner), as llama.cpp
+/// quantizes them: `[M, K / block]`.
+fn quantize_rows<V: GgmlType>(x: &[f32], k: usize) -> Vec<V> {
+    let kb = k / V::BLCK_SIZE;
+    let mut xq = vec![V::zeros(); x.len() / k * kb];
     xq.par_chunks_mut(kb)
         .zip(x.par_chunks(k))
-        .for_each(|(q, row)| T::VecDotType::from_float(row, q));
+        .for_each(|(q, row)| V::from_float(row, q));
+    xq
+}
+
+/// `[N, M]`: `dot(j, take, i)` gives weight rows j..j+take (take <= 4) dotted with activation
+/// row i. One task per 16 weight rows, which stay in cache while every activation row passes.
+fn by_row_quads(
+    n: usize,
+    m: usize,
+    dot: impl Fn(usize, usize, usize) -> [f32; 4] + Sync,
+) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     let chunk = 16usize;
     out_t
@@ -156,26 +135,38 @@ fn run<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Re
         .enumerate()
         .for_each(|(c, o)| {
             let rows = o.len() / m;
-            let j0 = c * chunk;
-            let wrow = |j: usize| &w[(j0 + j) * kb..(j0 + j + 1) * kb];
             for i in 0..m {
-                let xr = &xq[i * kb..(i + 1) * kb];
                 let mut r = 0;
-                while r + 4 <= rows {
-                    let d = T::vec_dot_4(k, wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3), xr);
-                    o[r * m + i] = d.0;
-                    o[(r + 1) * m + i] = d.1;
-                    o[(r + 2) * m + i] = d.2;
-                    o[(r + 3) * m + i] = d.3;
-                    r += 4;
-                }
                 while r < rows {
-                    o[r * m + i] = T::vec_dot(k, wrow(r), xr);
-                    r += 1;
+                    let take = (rows - r).min(4);
+                    let d = dot(c * chunk + r, take, i);
+                    for (q, v) in d.iter().enumerate().take(take) {
+                        o[(r + q) * m + i] = *v;
+                    }
+                    r += take;
                 }
             }
         });
-    Ok(out_t)
+    out_t
+}
+
+/// `[N, M]` by candle's integer dot products (SIMD where candle has them).
+fn int_dots<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Vec<f32> {
+    let kb = k / T::BLCK_SIZE;
+    let xq = quantize_rows::<T::VecDotType>(x, k);
+    let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
+    by_row_quads(n, m, |j, take, i| {
+        let xr = &xq[i * kb..(i + 1) * kb];
+        if take == 4 {
+            let d = T::vec_dot_4(k, wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3), xr);
+            return [d.0, d.1, d.2, d.3];
+        }
+        let mut d = [0f32; 4];
+        for (q, v) in d.iter_mut().enumerate().take(take) {
+            *v = T::vec_dot(k, wrow(j + q), xr);
+        }
+        d
+    })
 }
 
 /// Q4_1 weights: candle has no SIMD dot product for them on x86 (its scalar fallback made a
@@ -183,9 +174,7 @@ fn run<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> Re
 /// `vec_dot_q4_1_q8_1` over the raw blocks. Activations are quantized by candle's `BlockQ8_1`,
 /// as llama.cpp quantizes them.
 mod q4_1 {
-    use anyhow::{bail, Result};
-    use candle_core::quantized::k_quants::{BlockQ8_1, GgmlType};
-    use rayon::prelude::*;
+    use candle_core::quantized::k_quants::BlockQ8_1;
 
     /// Bytes of one block: d (f16), m (f16), 16 bytes of nibbles (low: values 0-15, high: 16-31).
     const W: usize = 20;
@@ -205,50 +194,22 @@ mod q4_1 {
         }
     }
 
-    /// `[N, M]`, as `super::run`.
-    pub fn run(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Result<Vec<f32>> {
-        if !k.is_multiple_of(32) || w.len() != n * (k / 32) * W {
-            bail!("Q4_1 matmul: {} bytes do not hold [{n}, {k}]", w.len());
-        }
+    /// `[N, M]`, as `super::int_dots` (the caller checked the bytes as Q4_1 blocks).
+    pub fn run(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
         let kb = k / 32;
-        let mut xq = vec![BlockQ8_1::zeros(); m * kb];
-        xq.par_chunks_mut(kb)
-            .zip(x.par_chunks(k))
-            .for_each(|(q, row)| BlockQ8_1::from_float(row, q));
+        let xq = super::quantize_rows::<BlockQ8_1>(x, k);
         const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == X);
         // SAFETY: BlockQ8_1 is `repr(C)` {f16, f16, [i8; 32]}, 36 bytes with no padding.
         let xb: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, m * kb * X) };
         let row_bytes = kb * W;
-        let mut out_t = vec![0f32; n * m];
-        let chunk = 16usize;
-        out_t
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let rows = o.len() / m;
-                let j0 = c * chunk;
-                let wrow = |j: usize| &w[(j0 + j) * row_bytes..(j0 + j + 1) * row_bytes];
-                for i in 0..m {
-                    let xr = &xb[i * kb * X..(i + 1) * kb * X];
-                    let mut r = 0;
-                    while r < rows {
-                        let take = (rows - r).min(4);
-                        let ws = [
-                            wrow(r),
-                            wrow(r + 1.min(take - 1)),
-                            wrow(r + 2.min(take - 1)),
-                            wrow(r + 3.min(take - 1)),
-                        ];
-                        // SAFETY: `available()` was checked by the caller; lengths match kb.
-                        let d = unsafe { dot4_avx2(ws, xr, kb) };
-                        for (q, v) in d.iter().enumerate().take(take) {
-                            o[(r + q) * m + i] = *v;
-                        }
-                        r += take;
-                    }
-                }
-            });
-        Ok(out_t)
+        let wrow = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
+        super::by_row_quads(n, m, |j, take, i| {
+            let xr = &xb[i * kb * X..(i + 1) * kb * X];
+            // Rows past `take` repeat the last one; their results are not written.
+            let ws = [0, 1, 2, 3].map(|q| wrow(j + q.min(take - 1)));
+            // SAFETY: `available()` was checked by the caller; lengths match kb.
+            unsafe { dot4_avx2(ws, xr, kb) }
+        })
     }
 
     /// The two f16 numbers at `at` (a block's d and m, or d and s), widened in one instruction
@@ -308,19 +269,8 @@ mod q4_1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::pseudo;
     use candle_core::{Device, Tensor};
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// Every type, both paths: few rows against candle's own quantized matmul (the llama.cpp
     /// algorithm, activations quantized the same way) and near the exact product; more rows

@@ -128,19 +128,8 @@ pub(crate) fn transpose(v: &[f32], r: usize, c: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::pseudo;
     use candle_core::Device;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// Both paths (few rows, panels) against candle's f32 matmul on the widened weight, for
     /// bf16 and f16, with row counts and widths that leave tails everywhere.

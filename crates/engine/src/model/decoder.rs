@@ -474,7 +474,7 @@ impl Decoder {
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |h| h.bytes());
         for l in &self.layers {
-            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.weight.bytes();
             }
         }
@@ -495,7 +495,7 @@ impl Decoder {
         };
         add(&self.embed);
         for l in &self.layers {
-            for lin in [&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down] {
+            for lin in l.linears() {
                 add(&lin.weight);
             }
         }

@@ -134,6 +134,27 @@ pub struct Layer {
     pub kind: AttentionKind,
 }
 
+impl Layer {
+    /// The four projections: q/k/v, o, gate/up, down.
+    pub fn linears(&self) -> [&Linear; 4] {
+        [
+            &self.attn.qkv,
+            &self.attn.o,
+            &self.mlp.gate_up,
+            &self.mlp.down,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.attn.qkv,
+            &mut self.attn.o,
+            &mut self.mlp.gate_up,
+            &mut self.mlp.down,
+        ]
+    }
+}
+
 pub(crate) fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
     Ok(match a {
         Activation::Silu => candle_nn::ops::silu(x)?,

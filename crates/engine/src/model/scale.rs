@@ -89,13 +89,7 @@ impl Decoder {
             .collect();
         let mut matrices = Vec::new();
         for l in range.layers() {
-            let layer = &mut self.layers[l];
-            for lin in [
-                &mut layer.attn.qkv,
-                &mut layer.attn.o,
-                &mut layer.mlp.gate_up,
-                &mut layer.mlp.down,
-            ] {
+            for lin in self.layers[l].linears_mut() {
                 lin.scale = alpha;
             }
             matrices.extend(table.iter().map(|t| t.name(l)));
@@ -110,12 +104,7 @@ impl Decoder {
     /// Puts every layer back to its unscaled weights.
     pub fn restore_scaling(&mut self) {
         for layer in &mut self.layers {
-            for lin in [
-                &mut layer.attn.qkv,
-                &mut layer.attn.o,
-                &mut layer.mlp.gate_up,
-                &mut layer.mlp.down,
-            ] {
+            for lin in layer.linears_mut() {
                 lin.scale = 1.0;
             }
         }

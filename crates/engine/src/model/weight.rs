@@ -246,7 +246,6 @@ impl Weight {
             bail!("matmul: input has {k} columns, the weight {}", self.cols);
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut outs = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let y = match b {
@@ -256,14 +255,21 @@ impl Weight {
                         None => x.matmul(&t.t()?)?,
                     }
                 }
-                Block::Dense(t) => {
-                    let n = t.dim(0)?;
-                    let v = crate::kernels::widen::matmul(&xv, m, k, t)?;
-                    Tensor::from_vec(v, (m, n), x.device())?
-                }
-                Block::Quant(q) => {
-                    let n = q.shape().dims2()?.0;
-                    let v = crate::kernels::quant::matmul(&xv, m, k, q)?;
+                _ => {
+                    // The activations' values in place (x is a contiguous f32 CPU tensor).
+                    let run = |xv: &[f32]| -> Result<(usize, Vec<f32>)> {
+                        match b {
+                            Block::Quant(q) => Ok((
+                                q.shape().dims2()?.0,
+                                crate::kernels::quant::matmul(xv, m, k, q)?,
+                            )),
+                            Block::Dense(t) => {
+                                Ok((t.dim(0)?, crate::kernels::widen::matmul(xv, m, k, t)?))
+                            }
+                        }
+                    };
+                    let (n, v) = crate::kernels::matmul_small::with_f32(&x, run)
+                        .ok_or_else(|| anyhow!("matmul: activations are not on the CPU"))??;
                     Tensor::from_vec(v, (m, n), x.device())?
                 }
             };

@@ -233,11 +233,12 @@ fn smollm2_gguf_bf16_weights_are_what_convert_writes() {
         return;
     }
     let gguf = shared().join(SMOL);
-    let loaded = sl_engine::io::gguf::GgufModel::load(&gguf, Some(DType::BF16))
-        .unwrap()
-        .weights
-        .into_tensors()
-        .unwrap();
+    let loaded =
+        sl_engine::io::gguf::GgufModel::load(&gguf, sl_engine::io::loader::WeightDType::Bf16)
+            .unwrap()
+            .weights
+            .into_tensors()
+            .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
     sl_engine::io::hf_dir::convert_gguf(&gguf, &out, DType::BF16).unwrap();

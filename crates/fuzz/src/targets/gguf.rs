@@ -191,7 +191,8 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
 
 fn run(path: &Path) -> Result<()> {
     let config = sl_engine::io::gguf::read_config(path);
-    let model = sl_engine::io::gguf::GgufModel::load(path, None);
+    let model =
+        sl_engine::io::gguf::GgufModel::load(path, sl_engine::io::loader::WeightDType::Native);
     config?;
     model.map(|_| ())
 }
