@@ -6,11 +6,12 @@
 //! transformers, and be about as far from (a) as transformers' own bf16 compute is from (b).
 
 use crate::common::{fixture as fixture_dir, root, shared, skip_without_shared};
+use crate::families::{floats, ids, run_single};
 use candle_core::DType;
 use serde_json::Value;
 use sl_engine::infer::generate::{greedy, GenerateOptions};
 use sl_engine::io::loader::WeightDType;
-use sl_engine::{HookSpec, LoadOptions, Logits, Model, PromptRecord, Template};
+use sl_engine::{LoadOptions, Logits, Model, PromptRecord, Template};
 use std::path::Path;
 
 /// The f32 path's tolerance against transformers in families.rs: |got - want| <= 1e-4 *
@@ -22,22 +23,6 @@ fn json(p: &Path) -> Value {
         &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
     )
     .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn load(path: &Path, dtype: WeightDType) -> Model {
@@ -68,44 +53,8 @@ fn row_dist(got: &[f32], want: &[f32]) -> f32 {
     num / want.iter().fold(0.0f32, |a, w| a.max(w.abs()))
 }
 
-/// Per prompt: last-token hidden states of every entry, last-token logits, greedy tokens.
-type Outputs = (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>, Vec<Vec<u32>>);
 /// A row to check: what it is, ours, (b)'s, (a)'s.
 type Row<'a> = (String, &'a [f32], Vec<f32>, Vec<f32>);
-
-/// Last-token hidden states of every entry, last-token logits, 12 greedy tokens; batch 1, as
-/// the fixture script runs.
-fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
-    let d = &m.decoder;
-    let l = d.num_layers();
-    let (mut hidden, mut logits) = (vec![], vec![]);
-    for p in prompts {
-        let t = candle_core::Tensor::new(p.as_slice(), &d.device)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let (lg, cap) = d
-            .forward(&t, &[0], None, &HookSpec::all_hidden_last(l), Logits::Last)
-            .unwrap();
-        hidden.push(
-            (0..=l)
-                .map(|k| {
-                    let h = sl_engine::Hook::hidden_entry(k, l);
-                    let v = cap.get(h, sl_engine::Positions::Last).unwrap();
-                    v.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
-                })
-                .collect(),
-        );
-        logits.push(lg.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    }
-    let opts = GenerateOptions {
-        max_new_tokens: 12,
-        batch_size: 1,
-        ..Default::default()
-    };
-    let g = greedy(d, prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
-    (hidden, logits, g)
-}
 
 fn check_family(family: &str) {
     let dir = fixture_dir(family);
@@ -133,7 +82,8 @@ fn check_family(family: &str) {
             want
         );
     }
-    let (hidden, logits, greedy_out) = run_single(&m, &prompts);
+    let out = run_single(&m, &prompts);
+    let (hidden, logits, greedy_out) = (out.hidden, out.logits, out.greedy);
     let a = &exp["bf16_compute"];
     let b = &exp["bf16_weights_f32_compute"];
     let dist_ab = exp["dist_ab"].as_f64().unwrap() as f32;

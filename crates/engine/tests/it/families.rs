@@ -18,7 +18,7 @@ fn expected(name: &str) -> Value {
     .unwrap()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
+pub(crate) fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
         .iter()
@@ -26,7 +26,7 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+pub(crate) fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()
@@ -55,14 +55,15 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     );
 }
 
-struct Outputs {
-    hidden: Vec<Vec<Vec<f32>>>,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<Vec<u32>>,
+/// Per prompt: last-token hidden states of every entry, last-token logits, 12 greedy tokens.
+pub(crate) struct Outputs {
+    pub(crate) hidden: Vec<Vec<Vec<f32>>>,
+    pub(crate) logits: Vec<Vec<f32>>,
+    pub(crate) greedy: Vec<Vec<u32>>,
 }
 
 /// Runs each prompt alone (batch 1), as the fixture script does.
-fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
+pub(crate) fn run_single(m: &Model, prompts: &[Vec<u32>]) -> Outputs {
     let d = &m.decoder;
     let l = d.num_layers();
     let mut hidden = Vec::new();
