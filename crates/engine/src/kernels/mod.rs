@@ -4,6 +4,7 @@
 //! attention.
 
 pub(crate) mod attention;
+pub(crate) mod gemm;
 pub mod matmul_small;
 pub mod quant;
 pub mod widen;

@@ -13,7 +13,7 @@ pub struct Linear {
     /// f32, whatever the weight's storage.
     pub bias: Option<Tensor>,
     /// Set by the trainer on frozen weights: the backward pass then computes only the input's
-    /// gradient (candle's matmul backward would also compute the weight's, for nothing).
+    /// gradient.
     pub frozen: bool,
     /// The paper's weight scaling, applied to the product before the bias (alpha·W·x + b):
     /// exact for every storage (a bf16 or quantized weight multiplied by alpha would be
@@ -38,8 +38,9 @@ impl Linear {
         let x2 = x.reshape((rows, inner))?;
         let y = match self.weight.as_dense() {
             Some(w) if w.dtype() == DType::F32 => {
-                if self.frozen {
-                    crate::train::frozen_linear::matmul_frozen(&x2, w)?
+                if self.frozen || w.is_variable() {
+                    // Training: the weight's gradient only when it trains.
+                    crate::train::ops::linear::linear(&x2, w, !self.frozen)?
                 } else if let Some(y) = crate::kernels::matmul_small::matmul_wt(&x2, w)? {
                     y // a decode step's few rows: stream the weight once
                 } else {

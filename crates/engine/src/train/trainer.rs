@@ -6,6 +6,7 @@ use crate::model::hooks::{ActivationCache, HookSpec};
 use crate::model::params::{Module, ParamInfo};
 use crate::model::Decoder;
 use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::train::ops::loss::head_nll;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 
@@ -127,17 +128,23 @@ impl Trainer {
             return self.accumulate_checkpointed(batch, loss_scale);
         }
         let h = self.decoder.forward_train(&batch.ids, &batch.pads)?;
-        let nll = self.head_loss(&h, batch)?;
+        let nll = self.head_loss(&h, batch, true)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
         self.collect(&mut grads)?;
         Ok(value)
     }
 
-    fn head_loss(&self, h: &Tensor, batch: &Batch) -> Result<Tensor> {
+    /// Summed token loss at the batch's supervised positions; with `grads` the head op also
+    /// prepares the gradients backward will ask for.
+    fn head_loss(&self, h: &Tensor, batch: &Batch, grads: bool) -> Result<Tensor> {
         let (b, t, hid) = h.dims3()?;
         let rows = h.reshape((b * t, hid))?.index_select(&batch.positions, 0)?;
-        nll_sum(&self.decoder.lm_logits(&rows)?, &batch.targets)
+        let dec = &self.decoder;
+        let w = dec.lm_head.as_ref().unwrap_or(&dec.embed).tensor()?;
+        let targets = batch.targets.to_vec1::<u32>()?;
+        let want = (grads, grads && w.is_variable());
+        head_nll(&rows, w, &targets, dec.cfg.final_softcap, want)
     }
 
     /// Keeps only each layer's input; walks back layer by layer, recomputing one layer's
@@ -161,7 +168,7 @@ impl Trainer {
         }
         let top = Var::from_tensor(&inputs[dec.num_layers()])?;
         let h = dec.final_norm.forward(top.as_tensor(), true)?;
-        let nll = self.head_loss(&h, batch)?;
+        let nll = self.head_loss(&h, batch, true)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
         let mut upstream = grads
@@ -219,7 +226,7 @@ impl Trainer {
         let (mut sum, mut n) = (0f64, 0usize);
         for b in batches.iter().filter(|b| b.num_targets > 0) {
             let h = self.decoder.forward_train(&b.ids, &b.pads)?.detach();
-            sum += self.head_loss(&h, b)?.to_scalar::<f32>()? as f64;
+            sum += self.head_loss(&h, b, false)?.to_scalar::<f32>()? as f64;
             n += b.num_targets;
         }
         Ok(if n == 0 { f64::NAN } else { sum / n as f64 })

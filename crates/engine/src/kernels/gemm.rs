@@ -1,0 +1,163 @@
+//! A bounds-checked front for the `gemm` crate (the GEMM candle's CPU backend uses), for the
+//! training ops that multiply slices they own: strides let one call read an operand transposed
+//! without copying it, and `accumulate` adds into the destination (gradient accumulation in
+//! place).
+
+use rayon::prelude::*;
+
+/// A row-major `[rows, cols]` matrix in a slice, read either as it is or transposed.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    pub fn t(self) -> Self {
+        Mat {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// The shape as read.
+    fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    /// (column stride, row stride) of the matrix as read.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// `dst [m, n] (+)= a [m, k] · b [k, n]`, threaded on rayon when `parallel`. `dst` is row-major
+/// with row stride `dst_stride` (>= n), so a call may fill a column band of a wider matrix.
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let ((m, k), (k2, n)) = (a.shape(), b.shape());
+    assert_eq!(k, k2, "gemm: inner dimensions {k} and {k2} differ");
+    assert!(a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols);
+    assert!(n <= dst_stride && (m == 0 || dst.len() >= (m - 1) * dst_stride + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.par_chunks_mut(dst_stride)
+                .for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    let par = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every element gemm reads (a: m x k, b: k x n through
+    // their strides) and writes (dst: m rows of n at row stride dst_stride).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::pseudo;
+
+    fn naive(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, k: usize, n: usize) -> Vec<f32> {
+        let ga = |i: usize, j: usize| if at { a[j * m + i] } else { a[i * k + j] };
+        let gb = |i: usize, j: usize| if bt { b[j * k + i] } else { b[i * n + j] };
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| ga(i, p) as f64 * gb(p, j) as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_transpose_combination_and_accumulation_match_the_naive_product() {
+        let (m, k, n) = (13, 29, 7);
+        for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = pseudo(m * k, 1);
+            let b = pseudo(k * n, 2);
+            let am = if at {
+                Mat::new(&a, k, m).t()
+            } else {
+                Mat::new(&a, m, k)
+            };
+            let bm = if bt {
+                Mat::new(&b, n, k).t()
+            } else {
+                Mat::new(&b, k, n)
+            };
+            let want = naive(&a, at, &b, bt, m, k, n);
+            // Written into columns 2..2+n of a wider destination, then accumulated once more.
+            let stride = n + 3;
+            let mut dst = vec![9f32; m * stride];
+            matmul(&mut dst[2..], stride, am, bm, false, true);
+            matmul(&mut dst[2..], stride, am, bm, true, false);
+            for i in 0..m {
+                assert_eq!(dst[i * stride], 9.0);
+                for j in 0..n {
+                    let got = dst[i * stride + 2 + j];
+                    assert!(
+                        (got - 2.0 * want[i * n + j]).abs() < 1e-5,
+                        "{at} {bt} {i} {j}"
+                    );
+                }
+            }
+        }
+    }
+}
