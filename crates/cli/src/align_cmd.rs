@@ -118,6 +118,7 @@ pub fn run(a: &AlignArgs) -> Result<()> {
         seed: a.seed,
         shuffle: true,
         grad_checkpointing: false,
+        freeze_embeddings: false,
         max_steps: None,
         dtype: "auto".into(),
     };

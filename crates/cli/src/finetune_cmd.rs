@@ -72,6 +72,11 @@ pub struct FinetuneArgs {
     /// Recompute each layer's forward during backward instead of keeping its activations
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// Freeze the input embeddings (with tied embeddings, the output head too). Off by default,
+    /// as the paper trains them; when on, no backward work is done below the lowest trainable
+    /// parameter
+    #[arg(long)]
+    pub freeze_embeddings: bool,
     /// Storage dtype of the written weights: auto (the checkpoint's; f32 for GGUF), f32, bf16, f16
     #[arg(long, default_value = "auto")]
     pub dtype: String,
@@ -162,6 +167,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         seed: a.seed,
         shuffle: !a.no_shuffle,
         grad_checkpointing: a.grad_checkpointing,
+        freeze_embeddings: a.freeze_embeddings,
         max_steps: a.max_steps,
         dtype: a.dtype.clone(),
     };

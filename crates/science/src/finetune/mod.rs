@@ -52,6 +52,11 @@ pub struct FinetuneConfig {
     pub seed: u64,
     pub shuffle: bool,
     pub grad_checkpointing: bool,
+    /// The input embeddings get no gradient (with tied embeddings this freezes the output head
+    /// too: it is the same tensor). Left out of the JSON when off, so checkpoints written
+    /// before the option existed still resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_embeddings: bool,
     /// Stop after this many optimizer steps (the schedule still spans the full run).
     pub max_steps: Option<usize>,
     /// Storage dtype of the written weights: f32, bf16 or f16.
@@ -151,8 +156,10 @@ pub fn finetune(
     } = model;
     let plan = cfg.freeze_plan(&decoder.cfg)?;
     let frozen = |i: &sl_engine::model::params::ParamInfo| {
-        plan.as_ref()
-            .is_some_and(|p| p.freezes_param(i.layer, i.module))
+        (cfg.freeze_embeddings && i.module == sl_engine::model::layout::Module::Embed)
+            || plan
+                .as_ref()
+                .is_some_and(|p| p.freezes_param(i.layer, i.module))
     };
     let adam = AdamWConfig {
         weight_decay: cfg.weight_decay,

@@ -89,6 +89,7 @@ mod tests {
                 seed: 42,
                 shuffle: true,
                 grad_checkpointing: false,
+                freeze_embeddings: false,
                 max_steps: None,
                 dtype: "auto".into(),
             },

@@ -39,6 +39,7 @@ fn config(freeze: Option<LayerRange>) -> FinetuneConfig {
         seed: 0,
         shuffle: false,
         grad_checkpointing: false,
+        freeze_embeddings: false,
         max_steps: None,
         dtype: "f32".into(),
     }
@@ -198,7 +199,10 @@ fn check(family: &str, run: &str, checkpointing: bool) {
     );
     // Every attention and MLP tensor of layers 1-2 (8 for Phi-3's fused projections, 14 for
     // separate q/k/v and gate/up).
-    assert_eq!(n_frozen, want_frozen, "{family}: frozen tensors in the audit");
+    assert_eq!(
+        n_frozen, want_frozen,
+        "{family}: frozen tensors in the audit"
+    );
     if run == "sppft" {
         assert!(n_frozen >= 8, "{family}: only {n_frozen} frozen tensors");
     }
@@ -256,4 +260,58 @@ fn gradient_checkpointing_gives_the_same_run() {
     check("qwen2", "sppft", true);
     check("llama", "full", true);
     check("gemma2", "sppft", true);
+}
+
+/// `freeze_embeddings`: the (tied) embedding comes out bit-identical and marked frozen in the
+/// audit, everything else trains, and the run is not the full run (the embedding's gradient was
+/// really withheld).
+#[test]
+fn frozen_embeddings_stay_identical_and_the_rest_trains() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
+    let model_dir = root().join("tests/fixtures/gemma2");
+    let mut cfg = config(None);
+    cfg.freeze_embeddings = true;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let model = Model::load(&model_dir).unwrap();
+    finetune(
+        model,
+        &records(),
+        &cfg,
+        &RunOptions::default(),
+        &out,
+        &mut |_| {},
+    )
+    .unwrap();
+    let got = load_st(&out.join("model.safetensors"));
+    let input = load_st(&model_dir.join("model.safetensors"));
+    let full = load_st(&root().join("tests/fixtures/train/gemma2_full.safetensors"));
+    for (name, g) in &got {
+        if name.contains("embed_tokens") {
+            assert_eq!(max_diff(g, &input[name]), 0.0, "{name} changed");
+        } else {
+            assert!(max_diff(g, &input[name]) > 0.0, "{name} did not move");
+        }
+    }
+    let other = got
+        .iter()
+        .find(|(n, _)| n.contains("layers.0.mlp.down_proj"))
+        .unwrap();
+    assert!(
+        max_diff(other.1, &full[other.0]) > 1e-4,
+        "same run as full training"
+    );
+    let audit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("freeze_audit.json")).unwrap())
+            .unwrap();
+    let frozen: Vec<&str> = audit["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["frozen"] == true)
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(frozen, ["model.embed_tokens.weight"]);
 }
