@@ -79,6 +79,7 @@ fn sets(names: &[&str]) -> Result<Sets> {
 
 pub fn run(a: &AlignArgs) -> Result<()> {
     let model = crate::datasets::load_model(&a.model)?;
+    sl_engine::io::loader::tune_allocator_for_training();
     let harmful_names: Vec<&str> = a.harmful.iter().map(|s| s.as_str()).collect();
     let data = AlignData {
         harmful: sets(&harmful_names)?,

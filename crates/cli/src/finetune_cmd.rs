@@ -141,6 +141,7 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
 
 pub fn run(a: &FinetuneArgs) -> Result<()> {
     let model = crate::datasets::load_model(&a.model)?;
+    sl_engine::io::loader::tune_allocator_for_training();
     let layers = model.cfg().num_layers;
     let freeze = a.freeze.range(layers)?;
     let (mut records, data_desc) = training_data(&a.data)?;

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use sl_engine::model::params::Module;
 use sl_engine::train::adamw::AdamWConfig;
-use sl_engine::train::trainer::{nll_sum, Batch, Trainer};
+use sl_engine::train::trainer::{Batch, Trainer};
 use sl_engine::Model;
 use std::time::Instant;
 
@@ -40,12 +40,7 @@ fn main() -> Result<()> {
     )?;
     for rep in 0..3 {
         let t0 = Instant::now();
-        let h = tr.decoder.forward_train(&batch.ids, &batch.pads)?;
-        let (bb, tt, hid) = h.dims3()?;
-        let rows = h
-            .reshape((bb * tt, hid))?
-            .index_select(&batch.positions, 0)?;
-        let loss = nll_sum(&tr.decoder.lm_logits(&rows)?, &batch.targets)?;
+        let loss = tr.loss(&batch, true)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;

@@ -158,6 +158,20 @@ pub fn tune_allocator_around<R>(load: impl FnOnce() -> R) -> R {
     out
 }
 
+/// Allocator settings for a training process (glibc; a no-op elsewhere), after loading: every
+/// block comes from the heap and the heap is never trimmed, so the buffers of one step (all
+/// freed when its backward pass ends) are reused by the next instead of being mapped and zeroed
+/// afresh. A step's shapes repeat, so the heap stops growing after the first step; the peak RSS
+/// is the first step's. Process-wide: only for programs that own their allocator settings.
+pub fn tune_allocator_for_training() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 impl Model {
     /// Loads a Hugging Face checkpoint directory or a GGUF file, leaving the process's allocator
     /// settings alone.

@@ -68,8 +68,8 @@ impl Linear {
 pub struct RmsNorm {
     /// The weight as stored (Gemma stores w and multiplies by 1 + w).
     pub weight: Tensor,
-    plus_one: bool,
-    eps: f64,
+    pub(crate) plus_one: bool,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {

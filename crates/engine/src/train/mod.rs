@@ -2,5 +2,6 @@
 //! tensors), fused ops with backward passes (ops/) and a fused AdamW.
 
 pub mod adamw;
+pub mod forward;
 pub mod ops;
 pub mod trainer;

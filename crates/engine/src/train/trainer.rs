@@ -2,25 +2,24 @@
 //! frozen ones left as plain tensors (so no gradient is ever computed for them), the token loss,
 //! gradient accumulation, exact per-layer gradient checkpointing, clipping and the AdamW step.
 
-use crate::model::hooks::{ActivationCache, HookSpec};
 use crate::model::params::{Module, ParamInfo};
 use crate::model::Decoder;
 use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::train::forward::{self, Packed};
 use crate::train::ops::loss::head_nll;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 
-/// One micro-batch: left-padded rows and the positions whose next token is supervised.
+/// One micro-batch: token rows, packed end to end for the forward pass (no padding), and the
+/// packed positions whose next token is supervised.
 pub struct Batch {
-    /// `[B, T]` u32.
-    pub ids: Tensor,
-    pub pads: Vec<usize>,
-    /// Flat indices `b * T + t` of the positions that predict a supervised token.
+    pub rows: Vec<Vec<u32>>,
+    /// Packed row index of each position that predicts a supervised token.
     pub positions: Tensor,
     /// The supervised token at each of those positions.
-    pub targets: Tensor,
+    pub targets: Vec<u32>,
     pub num_targets: usize,
-    /// Real (non-padding) tokens in the batch.
+    /// Real tokens in the batch.
     pub num_tokens: usize,
 }
 
@@ -28,42 +27,34 @@ impl Batch {
     /// Builds a batch from token rows; `supervised_from[r]` is the first token index of row `r`
     /// that is a training target (1 trains on every token after the first).
     pub fn new(rows: &[&[u32]], supervised_from: &[usize], device: &Device) -> Result<Batch> {
-        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        if rows.is_empty() || t < 2 {
+        if rows.is_empty() || rows.iter().all(|r| r.len() < 2) {
             bail!("a training batch needs at least one row of two tokens");
         }
-        let mut ids = Vec::with_capacity(rows.len() * t);
-        let (mut pads, mut positions, mut targets) = (vec![], vec![], vec![]);
+        if rows.iter().any(|r| r.is_empty()) {
+            bail!("a training batch has an empty row");
+        }
+        let (mut positions, mut targets, mut start) = (vec![], vec![], 0usize);
         for (r, row) in rows.iter().enumerate() {
-            let pad = t - row.len();
-            pads.push(pad);
-            ids.extend(std::iter::repeat_n(0u32, pad));
-            ids.extend_from_slice(row);
             for k in supervised_from[r].max(1)..row.len() {
-                positions.push((r * t + pad + k - 1) as u32);
+                positions.push((start + k - 1) as u32);
                 targets.push(row[k]);
             }
+            start += row.len();
         }
         let num_targets = targets.len();
         Ok(Batch {
-            ids: Tensor::from_vec(ids, (rows.len(), t), device)?,
-            pads,
+            rows: rows.iter().map(|r| r.to_vec()).collect(),
             positions: Tensor::from_vec(positions, num_targets, device)?,
-            targets: Tensor::from_vec(targets, num_targets, device)?,
+            targets,
             num_targets,
-            num_tokens: rows.iter().map(|r| r.len()).sum(),
+            num_tokens: start,
         })
     }
-}
 
-/// Sum over rows of `-log softmax(logits)[target]`, differentiable. The max is detached: the
-/// loss does not depend on it, so its gradient is exactly zero and need not be computed.
-pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok((lse - picked)?.sum_all()?)
+    fn packed(&self, dec: &Decoder) -> Result<Packed> {
+        let refs: Vec<&[u32]> = self.rows.iter().map(|r| r.as_slice()).collect();
+        Packed::new(dec, &refs)
+    }
 }
 
 pub struct Trainer {
@@ -127,47 +118,42 @@ impl Trainer {
         if self.grad_checkpointing {
             return self.accumulate_checkpointed(batch, loss_scale);
         }
-        let h = self.decoder.forward_train(&batch.ids, &batch.pads)?;
-        let nll = self.head_loss(&h, batch, true)?;
+        let nll = self.loss(batch, true)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
         self.collect(&mut grads)?;
         Ok(value)
     }
 
+    /// The batch's summed token loss, differentiable; with `grads` the head op prepares the
+    /// gradients a backward pass will ask for.
+    pub fn loss(&self, batch: &Batch, grads: bool) -> Result<Tensor> {
+        let h = forward::forward(&self.decoder, &batch.packed(&self.decoder)?)?;
+        self.head_loss(&h, batch, grads)
+    }
+
     /// Summed token loss at the batch's supervised positions; with `grads` the head op also
     /// prepares the gradients backward will ask for.
     fn head_loss(&self, h: &Tensor, batch: &Batch, grads: bool) -> Result<Tensor> {
-        let (b, t, hid) = h.dims3()?;
-        let rows = h.reshape((b * t, hid))?.index_select(&batch.positions, 0)?;
+        let rows = h.index_select(&batch.positions, 0)?;
         let dec = &self.decoder;
         let w = dec.lm_head.as_ref().unwrap_or(&dec.embed).tensor()?;
-        let targets = batch.targets.to_vec1::<u32>()?;
         let want = (grads, grads && w.is_variable());
-        head_nll(&rows, w, &targets, dec.cfg.final_softcap, want)
+        head_nll(&rows, w, &batch.targets, dec.cfg.final_softcap, want)
     }
 
     /// Keeps only each layer's input; walks back layer by layer, recomputing one layer's
     /// forward at a time and back-propagating the gradient of its output into it.
     fn accumulate_checkpointed(&mut self, batch: &Batch, loss_scale: f64) -> Result<f64> {
         let dec = &self.decoder;
-        let x0 = dec.embed(&batch.ids)?;
-        let ctx = dec.step_ctx(&batch.pads, 0, x0.dim(1)?, true)?;
-        let none = HookSpec::none();
-        let mut inputs = vec![x0.detach()];
+        let packed = batch.packed(dec)?;
+        let mut inputs = vec![forward::embed(dec, &packed)?.detach()];
         for l in 0..dec.num_layers() {
-            let x = dec.run_layers(
-                inputs[l].clone(),
-                l..l + 1,
-                &ctx,
-                None,
-                &none,
-                &mut ActivationCache::default(),
-            )?;
+            let x = forward::layer(dec, l, &inputs[l], &packed)?;
             inputs.push(x.detach());
         }
         let top = Var::from_tensor(&inputs[dec.num_layers()])?;
-        let h = dec.final_norm.forward(top.as_tensor(), true)?;
+        let h = forward::final_norm(dec, top.as_tensor())?;
         let nll = self.head_loss(&h, batch, true)?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
@@ -175,23 +161,26 @@ impl Trainer {
             .remove(top.as_tensor())
             .ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
         self.collect(&mut grads)?;
+        // Below the lowest trainable parameter no gradient is needed (frozen embeddings).
+        let embed_trains = self.trainable.iter().any(|(i, _)| i.module == Module::Embed);
+        let lowest = self.trainable.iter().filter_map(|(i, _)| i.layer).min();
+        let needed = |l: usize| embed_trains || lowest.is_some_and(|lo| lo <= l);
         for l in (0..self.decoder.num_layers()).rev() {
+            if !needed(l) {
+                return Ok(value);
+            }
             let x = Var::from_tensor(&inputs[l])?;
-            let y = self.decoder.run_layers(
-                x.as_tensor().clone(),
-                l..l + 1,
-                &ctx,
-                None,
-                &none,
-                &mut ActivationCache::default(),
-            )?;
+            let y = forward::layer(&self.decoder, l, x.as_tensor(), &packed)?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
             upstream = grads
                 .remove(x.as_tensor())
                 .ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
             self.collect(&mut grads)?;
         }
-        let mut grads = (self.decoder.embed(&batch.ids)? * &upstream)?
+        if !embed_trains {
+            return Ok(value);
+        }
+        let mut grads = (forward::embed(&self.decoder, &packed)? * &upstream)?
             .sum_all()?
             .backward()?;
         self.collect(&mut grads)?;
@@ -225,8 +214,7 @@ impl Trainer {
     pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
         let (mut sum, mut n) = (0f64, 0usize);
         for b in batches.iter().filter(|b| b.num_targets > 0) {
-            let h = self.decoder.forward_train(&b.ids, &b.pads)?.detach();
-            sum += self.head_loss(&h, b, false)?.to_scalar::<f32>()? as f64;
+            sum += self.loss(b, false)?.to_scalar::<f32>()? as f64;
             n += b.num_targets;
         }
         Ok(if n == 0 { f64::NAN } else { sum / n as f64 })

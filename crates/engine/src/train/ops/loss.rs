@@ -161,8 +161,16 @@ pub fn head_nll(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::trainer::nll_sum;
     use candle_core::{Device, Var};
+
+    /// The composed reference: sum over rows of `-log softmax(logits)[target]`.
+    fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let max = logits.max_keepdim(1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+        Ok((lse - picked)?.sum_all()?)
+    }
 
     fn check(n: usize, vocab: usize, hid: usize, softcap: Option<f64>) -> Result<()> {
         let dev = Device::Cpu;
