@@ -17,6 +17,7 @@ use crate::kernels::attention::dot;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::Mutex;
 
 #[derive(Clone, Copy)]
@@ -142,6 +143,24 @@ impl SharedMut {
     }
 }
 
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A per-thread buffer of at least `n` values with stale contents, kept across calls: fresh
+/// buffers per (head, step) cost page faults and, freed on rayon's threads, madvise calls.
+/// Callers write every value they read. `f` must not reach a rayon join that could run
+/// another task needing the scratch on this thread.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut v = cell.borrow_mut();
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+        f(&mut v[..n])
+    })
+}
+
 /// What the forward keeps for backward.
 struct Saved {
     /// `[B, NH, T, S]`: the probabilities, or with a soft-cap `tanh(scores / cap)`.
@@ -172,6 +191,14 @@ impl FusedAttention {
                 q.dims(),
                 k.dims(),
                 v.dims()
+            );
+        }
+        if b * nh * t * s * d == 0 {
+            // Zero-sized chunks would panic in rayon; an empty call is a caller's bug.
+            candle_core::bail!(
+                "fused attention: empty shape q {:?}, k {:?}",
+                q.dims(),
+                k.dims()
             );
         }
         if self.mask.len() != b * t * s {
@@ -216,9 +243,9 @@ impl FusedAttention {
         buf.par_chunks_mut(t * s)
             .zip(stats.par_chunks_mut(t * 2))
             .enumerate()
-            .for_each_init(
-                || vec![0f32; if self.softcap.is_some() { t * s } else { 0 }],
-                |scratch, (bh, (sc, st))| {
+            .for_each(|(bh, (sc, st))| {
+                let scratch_len = if self.softcap.is_some() { t * s } else { 0 };
+                with_scratch(scratch_len, |scratch| {
                     let (bi, hi) = (bh / nh, bh % nh);
                     let (qm, km, vm) = (q.mat(bi, hi), k.mat(bi, hi / g), v.mat(bi, hi / g));
                     // SAFETY: `sc` is this task's own [T, S] block; q/k are [T, D] / [S, D].
@@ -230,7 +257,7 @@ impl FusedAttention {
                                 *th = (*th * self.inv_cap).tanh();
                                 *x = *th * cap;
                             }
-                            &mut scratch[..]
+                            scratch
                         }
                         None => sc,
                     };
@@ -274,8 +301,8 @@ impl FusedAttention {
                             1.0,
                         );
                     }
-                },
-            );
+                })
+            });
         (out, Saved { buf, stats })
     }
 
@@ -305,66 +332,68 @@ impl FusedAttention {
                 // The group's g heads are consecutive, so their saved rows are one block.
                 let rows = (bi * nh + h0) * t;
                 let sv = &saved.buf[rows * s..(rows + gt) * s];
-                let mut dp = vec![0f32; gt * s];
-                let mut rebuilt = Vec::new();
-                let p: &[f32] = match self.softcap {
-                    Some(cap) => {
-                        rebuilt.resize(gt * s, 0f32);
-                        for r in 0..gt {
-                            let mrow = &self.mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
-                            self.probs_from_tanh(
-                                cap,
-                                &sv[r * s..(r + 1) * s],
-                                mrow,
-                                &saved.stats[(rows + r) * 2..(rows + r + 1) * 2],
-                                &mut rebuilt[r * s..(r + 1) * s],
-                            );
+                let cap_len = if self.softcap.is_some() { gt * s } else { 0 };
+                with_scratch(gt * s + gt * d + cap_len, |scratch| {
+                    let (dp, rest) = scratch.split_at_mut(gt * s);
+                    let (d_o, rebuilt) = rest.split_at_mut(gt * d);
+                    let p: &[f32] = match self.softcap {
+                        Some(cap) => {
+                            for r in 0..gt {
+                                let mrow =
+                                    &self.mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
+                                self.probs_from_tanh(
+                                    cap,
+                                    &sv[r * s..(r + 1) * s],
+                                    mrow,
+                                    &saved.stats[(rows + r) * 2..(rows + r + 1) * 2],
+                                    &mut rebuilt[r * s..(r + 1) * s],
+                                );
+                            }
+                            rebuilt
                         }
-                        &rebuilt
+                        None => sv,
+                    };
+                    // dO of the group's heads as one [g*T, D] block.
+                    for (r, row) in d_o.chunks_exact_mut(d).enumerate() {
+                        let (hl, ti) = (r / t, r % t);
+                        let src = (bi * t + ti) * nh * d + (h0 + hl) * d;
+                        row.copy_from_slice(&grad[src..src + d]);
                     }
-                    None => sv,
-                };
-                // dO of the group's heads as one [g*T, D] block.
-                let mut d_o = vec![0f32; gt * d];
-                for (r, row) in d_o.chunks_exact_mut(d).enumerate() {
-                    let (hl, ti) = (r / t, r % t);
-                    let src = (bi * t + ti) * nh * d + (h0 + hl) * d;
-                    row.copy_from_slice(&grad[src..src + d]);
-                }
-                let (km, vm) = (k.mat(bi, kvh), v.mat(bi, kvh));
-                let (p_m, do_m) = (Mat::rows(p.as_ptr(), s), Mat::rows(d_o.as_ptr(), d));
-                // SAFETY: every destination below is this task's own buffer of the stated
-                // shape; sources are the group's blocks of the stated shapes.
-                unsafe {
-                    // dV = Pᵀ dO, summed over the group's heads by the one product.
-                    mm((s, d, gt), dv.as_mut_ptr(), d, false, p_m.t(), do_m, 1.0);
-                    // dP = dO Vᵀ
-                    mm((gt, s, d), dp.as_mut_ptr(), s, false, do_m, vm.t(), 1.0);
-                }
-                // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
-                for r in 0..gt {
-                    let (pr, dpr) = (&p[r * s..(r + 1) * s], &mut dp[r * s..(r + 1) * s]);
-                    let c = dot(pr, dpr);
-                    for (x, &pp) in dpr.iter_mut().zip(pr) {
-                        *x = pp * (*x - c);
+                    let (km, vm) = (k.mat(bi, kvh), v.mat(bi, kvh));
+                    let (p_m, do_m) = (Mat::rows(p.as_ptr(), s), Mat::rows(d_o.as_ptr(), d));
+                    // SAFETY: every destination below is this task's own buffer of the stated
+                    // shape; sources are the group's blocks of the stated shapes.
+                    unsafe {
+                        // dV = Pᵀ dO, summed over the group's heads by the one product.
+                        mm((s, d, gt), dv.as_mut_ptr(), d, false, p_m.t(), do_m, 1.0);
+                        // dP = dO Vᵀ
+                        mm((gt, s, d), dp.as_mut_ptr(), s, false, do_m, vm.t(), 1.0);
                     }
-                    if self.softcap.is_some() {
-                        for (x, &th) in dpr.iter_mut().zip(&sv[r * s..(r + 1) * s]) {
-                            *x *= 1.0 - th * th;
+                    // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
+                    for r in 0..gt {
+                        let (pr, dpr) = (&p[r * s..(r + 1) * s], &mut dp[r * s..(r + 1) * s]);
+                        let c = dot(pr, dpr);
+                        for (x, &pp) in dpr.iter_mut().zip(pr) {
+                            *x = pp * (*x - c);
+                        }
+                        if self.softcap.is_some() {
+                            for (x, &th) in dpr.iter_mut().zip(&sv[r * s..(r + 1) * s]) {
+                                *x *= 1.0 - th * th;
+                            }
                         }
                     }
-                }
-                let ds = Mat::rows(dp.as_ptr(), s);
-                unsafe {
-                    // dQ = scale · dS K
-                    mm((gt, d, s), dq.as_mut_ptr(), d, false, ds, km, scale);
-                    // dK = scale · Σ_h dS_hᵀ Q_h (the heads' Q need not be one block).
-                    for hl in 0..g {
-                        let ds_h = Mat::rows(dp.as_ptr().add(hl * t * s), s);
-                        let qm = q.mat(bi, h0 + hl);
-                        mm((s, d, t), dk.as_mut_ptr(), d, hl > 0, ds_h.t(), qm, scale);
+                    let ds = Mat::rows(dp.as_ptr(), s);
+                    unsafe {
+                        // dQ = scale · dS K
+                        mm((gt, d, s), dq.as_mut_ptr(), d, false, ds, km, scale);
+                        // dK = scale · Σ_h dS_hᵀ Q_h (the heads' Q need not be one block).
+                        for hl in 0..g {
+                            let ds_h = Mat::rows(dp.as_ptr().add(hl * t * s), s);
+                            let qm = q.mat(bi, h0 + hl);
+                            mm((s, d, t), dk.as_mut_ptr(), d, hl > 0, ds_h.t(), qm, scale);
+                        }
                     }
-                }
+                })
             });
         (dq, dk, dv)
     }
@@ -556,12 +585,7 @@ mod tests {
             !q.is_contiguous() && !k.is_contiguous(),
             "the op must see strided inputs"
         );
-        let layout = PadLayout {
-            shared: 0,
-            past: 0,
-            new_tokens: t,
-        };
-        let mask = layout.additive_mask(&c.pads, c.window);
+        let mask = model_mask(&c.pads, t, c.window);
         let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &dev)?;
         let coef = Tensor::from_vec(pseudo(b * t * c.nh * d, seed + 1), (b, t, c.nh * d), &dev)?;
 
@@ -648,31 +672,41 @@ mod tests {
         check(&c, 9)
     }
 
-    /// A caller's mask may hide every key of a row: zeros there (the composed softmax gives
-    /// NaN), the other rows as the reference, and finite gradients.
-    #[test]
-    fn fully_masked_row_is_zero_not_nan() -> Result<()> {
-        let dev = Device::Cpu;
-        let (b, h, t, d) = (1, 2, 6, 8);
-        let mk = |seed| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::from_vec(
-                pseudo(b * h * t * d, seed),
-                (b, h, t, d),
-                &dev,
-            )?)?)
-        };
-        let (q, k, v) = (mk(10)?, mk(11)?, mk(12)?);
+    fn var(shape: (usize, usize, usize, usize), seed: u64) -> Result<Var> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            pseudo(n, seed),
+            shape,
+            &Device::Cpu,
+        )?)?)
+    }
+
+    /// The model's mask for a call of `t` tokens over rows left-padded by `pads`.
+    fn model_mask(pads: &[usize], t: usize, window: Option<usize>) -> Vec<f32> {
         let layout = PadLayout {
             shared: 0,
             past: 0,
             new_tokens: t,
         };
-        let mut mask = layout.additive_mask(&[0], None);
+        layout.additive_mask(pads, window)
+    }
+
+    /// A caller's mask may hide every key of a row: zeros there (the composed softmax gives
+    /// NaN), the other rows as the reference, and finite gradients.
+    #[test]
+    fn fully_masked_row_is_zero_not_nan() -> Result<()> {
+        let (b, h, t, d) = (1, 2, 6, 8);
+        let (q, k, v) = (
+            var((b, h, t, d), 10)?,
+            var((b, h, t, d), 11)?,
+            var((b, h, t, d), 12)?,
+        );
+        let mut mask = model_mask(&[0], t, None);
         mask[2 * t..3 * t].fill(f32::NEG_INFINITY);
         let out = attention(&q, &k, &v, &mask, 0.5, Some(3.0))?;
         let row = out.get(0)?.get(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(row, 0.0);
-        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &dev)?;
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &Device::Cpu)?;
         let want = reference(&q, &k, &v, &mask_t, 0.5, Some(3.0))?;
         for r in [0, 1, 3, 4, 5] {
             let e = rel_err(&out.get(0)?.get(r)?, &want.get(0)?.get(r)?)?;
@@ -680,11 +714,7 @@ mod tests {
         }
         let grads = out.sum_all()?.backward()?;
         for x in [&q, &k, &v] {
-            let g = grads
-                .get(x)
-                .expect("gradient")
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let g = grads.get(x).unwrap().flatten_all()?.to_vec1::<f32>()?;
             assert!(g.iter().all(|x| x.is_finite()));
         }
         Ok(())
@@ -693,74 +723,60 @@ mod tests {
     /// The saved buffer is taken by the first backward; a second one recomputes it.
     #[test]
     fn second_backward_matches_first() -> Result<()> {
-        let dev = Device::Cpu;
         let (b, h, t, d) = (2, 2, 8, 8);
-        let mk = |seed| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::from_vec(
-                pseudo(b * h * t * d, seed),
-                (b, h, t, d),
-                &dev,
-            )?)?)
-        };
-        let (q, k, v) = (mk(20)?, mk(21)?, mk(22)?);
-        let mask = PadLayout {
-            shared: 0,
-            past: 0,
-            new_tokens: t,
-        }
-        .additive_mask(&[0, 2], None);
-        let loss = attention(&q, &k, &v, &mask, 0.3, Some(1.0))?
-            .sqr()?
-            .sum_all()?;
+        let (q, k, v) = (
+            var((b, h, t, d), 20)?,
+            var((b, h, t, d), 21)?,
+            var((b, h, t, d), 22)?,
+        );
+        let mask = model_mask(&[0, 2], t, None);
+        let out = attention(&q, &k, &v, &mask, 0.3, Some(1.0))?;
+        let loss = out.sqr()?.sum_all()?;
         let (g1, g2) = (loss.backward()?, loss.backward()?);
         for x in [&q, &k, &v] {
-            let e = rel_err(g2.get(x).unwrap(), g1.get(x).unwrap())?;
-            assert_eq!(e, 0.0);
+            assert_eq!(rel_err(g2.get(x).unwrap(), g1.get(x).unwrap())?, 0.0);
         }
         Ok(())
     }
 
-    /// `cargo test --release -p sl-engine --lib train::ops::attention::tests::timing -- --ignored
-    /// --nocapture`: forward+backward of the op and of the reference at SmolLM2's shape.
+    /// `CANDLE_NUM_THREADS=1 cargo test --release -p sl-engine --lib attention::tests::timing
+    /// -- --ignored --nocapture` (one element-wise thread, as the CLI runs): milliseconds per
+    /// forward, and per forward+backward of `sum(out * coef)`, at SmolLM2's shape.
     #[test]
     #[ignore]
     fn timing() -> Result<()> {
-        let dev = Device::Cpu;
         let (b, nh, nkv, t, d) = (4, 9, 3, 128, 64);
-        let mk = |h: usize, seed| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::from_vec(
-                pseudo(b * h * t * d, seed),
-                (b, h, t, d),
-                &dev,
-            )?)?)
-        };
-        let (q, k, v) = (mk(nh, 30)?, mk(nkv, 31)?, mk(nkv, 32)?);
-        let mask = PadLayout {
-            shared: 0,
-            past: 0,
-            new_tokens: t,
-        }
-        .additive_mask(&[0, 5, 17, 40], None);
-        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &dev)?;
-        let coef = Tensor::from_vec(pseudo(b * t * nh * d, 33), (b, t, nh * d), &dev)?;
-        let reps = 20;
-        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-            let (_, _) = ((f()? * &coef)?.sum_all()?.backward()?, ());
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
-                (f()? * &coef)?.sum_all()?.backward()?;
-            }
-            Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
-        };
-        let fused = time(&|| attention(&q, &k, &v, &mask, 0.125, None))?;
-        let composed = time(&|| reference(&q, &k, &v, &mask_t, 0.125, None))?;
-        let fused_cap = time(&|| attention(&q, &k, &v, &mask, 0.125, Some(50.0)))?;
-        let composed_cap = time(&|| reference(&q, &k, &v, &mask_t, 0.125, Some(50.0)))?;
-        println!(
-            "forward+backward, B {b} NH {nh} NKV {nkv} T {t} D {d}: fused {fused:.2} ms, \
-             composed {composed:.2} ms; soft-cap 50: fused {fused_cap:.2} ms, composed \
-             {composed_cap:.2} ms"
+        let (q, k, v) = (
+            var((b, nh, t, d), 30)?,
+            var((b, nkv, t, d), 31)?,
+            var((b, nkv, t, d), 32)?,
         );
+        let mask = model_mask(&[0, 5, 17, 40], t, None);
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &Device::Cpu)?;
+        let coef = Tensor::from_vec(pseudo(b * t * nh * d, 33), (b, t, nh * d), &Device::Cpu)?;
+        let time = |backward: bool, f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let reps = 20;
+            let start = std::time::Instant::now();
+            for _ in 0..=reps {
+                let out = f()?;
+                if backward {
+                    (out * &coef)?.sum_all()?.backward()?;
+                }
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / (reps + 1) as f64)
+        };
+        for cap in [None, Some(50.0)] {
+            let fused = || attention(&q, &k, &v, &mask, 0.125, cap);
+            let composed = || reference(&q, &k, &v, &mask_t, 0.125, cap);
+            println!(
+                "soft-cap {cap:?}: forward fused {:.2} ms, composed {:.2} ms; forward+backward \
+                 fused {:.2} ms, composed {:.2} ms",
+                time(false, &fused)?,
+                time(false, &composed)?,
+                time(true, &fused)?,
+                time(true, &composed)?
+            );
+        }
         Ok(())
     }
 }
