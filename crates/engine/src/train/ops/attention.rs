@@ -173,6 +173,9 @@ struct Saved {
 struct FusedAttention {
     /// `[B, T, S]` additive.
     mask: Vec<f32>,
+    /// Per mask row `[B, T]`: keys past this one are all masked (causal rows see about half),
+    /// so the softmax, its exps and tanhs, and dS stop there.
+    keys: Vec<usize>,
     scale: f32,
     softcap: Option<f32>,
     /// `1 / cap` rounded from f64, the factor candle's `scores / cap` multiplies by.
@@ -221,13 +224,11 @@ impl FusedAttention {
     /// Rebuilds a row's probabilities from its tanh values exactly as the forward made them.
     fn probs_from_tanh(&self, cap: f32, th: &[f32], mrow: &[f32], stat: &[f32], p: &mut [f32]) {
         let (max, sum) = (stat[0], stat[1]);
-        if sum == 0.0 {
-            p.fill(0.0);
-            return;
-        }
-        for ((p, &th), &m) in p.iter_mut().zip(th).zip(mrow) {
+        let n = if sum == 0.0 { 0 } else { th.len() };
+        for ((p, &th), &m) in p[..n].iter_mut().zip(th).zip(mrow) {
             *p = (th * cap + m - max).exp() / sum;
         }
+        p[n..].fill(0.0);
     }
 
     /// Output `[B, T, NH * D]` and what backward needs.
@@ -250,20 +251,26 @@ impl FusedAttention {
                     let (qm, km, vm) = (q.mat(bi, hi), k.mat(bi, hi / g), v.mat(bi, hi / g));
                     // SAFETY: `sc` is this task's own [T, S] block; q/k are [T, D] / [S, D].
                     unsafe { mm((t, s, d), sc.as_mut_ptr(), s, false, qm, km.t(), self.scale) };
-                    // Without a soft-cap the probabilities replace the scores in place.
-                    let probs: &mut [f32] = match self.softcap {
-                        Some(cap) => {
-                            for (th, x) in sc.iter_mut().zip(scratch.iter_mut()) {
-                                *th = (*th * self.inv_cap).tanh();
-                                *x = *th * cap;
-                            }
-                            scratch
-                        }
-                        None => sc,
-                    };
                     for ti in 0..t {
-                        let mrow = &self.mask[(bi * t + ti) * s..(bi * t + ti + 1) * s];
-                        let row = &mut probs[ti * s..(ti + 1) * s];
+                        let n = self.keys[bi * t + ti];
+                        let mrow = &self.mask[(bi * t + ti) * s..(bi * t + ti) * s + n];
+                        let scores = &mut sc[ti * s..(ti + 1) * s];
+                        // Without a soft-cap the probabilities replace the scores in place.
+                        let full_row = match self.softcap {
+                            Some(cap) => {
+                                let capped = &mut scratch[ti * s..(ti + 1) * s];
+                                for (th, x) in scores[..n].iter_mut().zip(capped.iter_mut()) {
+                                    *th = (*th * self.inv_cap).tanh();
+                                    *x = *th * cap;
+                                }
+                                // Masked keys: any finite value rebuilds to a 0 probability.
+                                scores[n..].fill(0.0);
+                                capped
+                            }
+                            None => scores,
+                        };
+                        full_row[n..].fill(0.0);
+                        let row = &mut full_row[..n];
                         let mut max = f32::NEG_INFINITY;
                         for (x, &m) in row.iter_mut().zip(mrow) {
                             *x += m;
@@ -287,6 +294,11 @@ impl FusedAttention {
                         st[ti * 2] = max;
                         st[ti * 2 + 1] = sum;
                     }
+                    let probs = if self.softcap.is_some() {
+                        &scratch[..]
+                    } else {
+                        &sc[..]
+                    };
                     // SAFETY: head `hi` of row `bi` owns columns hi*D..(hi+1)*D of the T output
                     // rows of batch row `bi`; no other task writes them.
                     unsafe {
@@ -339,11 +351,11 @@ impl FusedAttention {
                     let p: &[f32] = match self.softcap {
                         Some(cap) => {
                             for r in 0..gt {
-                                let mrow =
-                                    &self.mask[(bi * t + r % t) * s..(bi * t + r % t + 1) * s];
+                                let n = self.keys[bi * t + r % t];
+                                let mrow = &self.mask[(bi * t + r % t) * s..];
                                 self.probs_from_tanh(
                                     cap,
-                                    &sv[r * s..(r + 1) * s],
+                                    &sv[r * s..r * s + n],
                                     mrow,
                                     &saved.stats[(rows + r) * 2..(rows + r + 1) * 2],
                                     &mut rebuilt[r * s..(r + 1) * s],
@@ -371,13 +383,16 @@ impl FusedAttention {
                     }
                     // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
                     for r in 0..gt {
-                        let (pr, dpr) = (&p[r * s..(r + 1) * s], &mut dp[r * s..(r + 1) * s]);
+                        let n = self.keys[bi * t + r % t];
+                        let (pr, dpr) = (&p[r * s..r * s + n], &mut dp[r * s..(r + 1) * s]);
+                        dpr[n..].fill(0.0);
+                        let dpr = &mut dpr[..n];
                         let c = dot(pr, dpr);
                         for (x, &pp) in dpr.iter_mut().zip(pr) {
                             *x = pp * (*x - c);
                         }
                         if self.softcap.is_some() {
-                            for (x, &th) in dpr.iter_mut().zip(&sv[r * s..(r + 1) * s]) {
+                            for (x, &th) in dpr.iter_mut().zip(&sv[r * s..r * s + n]) {
                                 *x *= 1.0 - th * th;
                             }
                         }
@@ -488,8 +503,24 @@ pub fn attention(
             bail!("fused attention: {name} must be an f32 CPU tensor");
         }
     }
+    let s = k.dim(2)?;
+    if s == 0 || !mask.len().is_multiple_of(s) {
+        bail!(
+            "fused attention: mask of {} values for {s} keys",
+            mask.len()
+        );
+    }
+    let keys = mask
+        .chunks_exact(s)
+        .map(|row| {
+            row.iter()
+                .rposition(|&m| m != f32::NEG_INFINITY)
+                .map_or(0, |j| j + 1)
+        })
+        .collect();
     let op = FusedAttention {
         mask: mask.to_vec(),
+        keys,
         scale: scale as f32,
         softcap: softcap.map(|c| c as f32),
         inv_cap: softcap.map_or(0.0, |c| (1.0 / c) as f32),
