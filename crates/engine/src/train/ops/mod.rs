@@ -2,6 +2,7 @@
 //! one pass on rayon threads, in place of chains of small candle ops (each of which allocates its
 //! result and, in backward, a zeroed gradient it then adds into).
 
+pub mod attention;
 pub mod linear;
 pub mod loss;
 

@@ -1,0 +1,813 @@
+//! Causal attention for training as one candle op with its own backward pass.
+//!
+//! The composed path (scale, matmul, soft-cap, mask add, softmax, matmul, transpose) keeps
+//! about eight `[B, H, T, S]` intermediates alive until backward and runs its element-wise
+//! steps single-threaded. This op keeps one `[B, H, T, S]` buffer: the probabilities, or with a
+//! soft-cap the tanh values (plus each row's softmax max and sum), from which backward rebuilds
+//! the exact same probabilities with one exp per element. That is cheaper than keeping both
+//! tensors (twice the memory) and than recomputing the scores (a `QKᵀ` product plus a tanh
+//! per element); it also gives the tanh derivative `1 - t²` from the very values the forward
+//! used, as candle's tanh backward does.
+//!
+//! Per-head products go through `gemm` (single-threaded inside each task); rayon runs the
+//! forward over (batch, head) pairs and the backward over (batch, kv head) groups, so the query
+//! heads that share a kv head accumulate into its dK/dV without locks.
+
+use crate::kernels::attention::dot;
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+/// A strided 4-D f32 tensor `[B, H, R, C]` read in place.
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    stride: [usize; 4],
+}
+
+impl<'a> View<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
+        let stride = layout.stride();
+        if stride.len() != 4 {
+            candle_core::bail!(
+                "fused attention: expected 4-D inputs, got {:?}",
+                layout.dims()
+            );
+        }
+        Ok(View {
+            data: storage.as_slice::<f32>()?,
+            start: layout.start_offset(),
+            stride: [stride[0], stride[1], stride[2], stride[3]],
+        })
+    }
+
+    /// Matrix `[R, C]` of (batch, head) as gemm reads it.
+    fn mat(&self, b: usize, h: usize) -> Mat {
+        let off = self.start + b * self.stride[0] + h * self.stride[1];
+        Mat {
+            // SAFETY: candle validated the layout against the storage, so every (b, h, r, c)
+            // inside the shape is in bounds; `off` is such an element's row 0, column 0.
+            ptr: unsafe { self.data.as_ptr().add(off) },
+            rs: self.stride[2] as isize,
+            cs: self.stride[3] as isize,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    fn rows(ptr: *const f32, cols: usize) -> Mat {
+        Mat {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Mat {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m, n] (+)= beta · a[m, k] · b[k, n]` with `dst` row-major (row stride `dst_rs`).
+///
+/// # Safety
+/// `a` and `b` must address `m × k` and `k × n` readable elements, `dst` `m × n` writable ones
+/// that nothing else touches during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// A pointer that rayon tasks may share because each writes a disjoint part of its target.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only where the tasks' writes are disjoint (see the call sites).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A per-thread buffer of at least `n` values with stale contents, kept across calls: fresh
+/// buffers per (head, step) cost page faults and, freed on rayon's threads, madvise calls.
+/// Callers write every value they read. `f` must not reach a rayon join that could run
+/// another task needing the scratch on this thread.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut v = cell.borrow_mut();
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+        f(&mut v[..n])
+    })
+}
+
+/// What the forward keeps for backward.
+struct Saved {
+    /// `[B, NH, T, S]`: the probabilities, or with a soft-cap `tanh(scores / cap)`.
+    buf: Vec<f32>,
+    /// Per row `[B, NH, T]`: the softmax's max and sum, to rebuild probabilities from the
+    /// tanh values (a sum of 0 marks a row with every key masked: its probabilities are 0).
+    stats: Vec<f32>,
+}
+
+struct FusedAttention {
+    /// `[B, T, S]` additive.
+    mask: Vec<f32>,
+    /// Per mask row `[B, T]`: keys past this one are all masked (causal rows see about half),
+    /// so the softmax, its exps and tanhs, and dS stop there.
+    keys: Vec<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+    /// `1 / cap` rounded from f64, the factor candle's `scores / cap` multiplies by.
+    inv_cap: f32,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl FusedAttention {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
+        let (b, nh, t, d) = q.shape().dims4()?;
+        let (kb, nkv, s, kd) = k.shape().dims4()?;
+        if (kb, kd) != (b, d) || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+            candle_core::bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} are not [B, NH, T, D], [B, NKV, S, D] \
+                 twice with NH a multiple of NKV",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if b * nh * t * s * d == 0 {
+            // Zero-sized chunks would panic in rayon; an empty call is a caller's bug.
+            candle_core::bail!(
+                "fused attention: empty shape q {:?}, k {:?}",
+                q.dims(),
+                k.dims()
+            );
+        }
+        if self.mask.len() != b * t * s {
+            candle_core::bail!(
+                "fused attention: mask has {} values, expected B*T*S = {}",
+                self.mask.len(),
+                b * t * s
+            );
+        }
+        Ok(Dims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            d,
+        })
+    }
+
+    /// Rebuilds a row's probabilities from its tanh values exactly as the forward made them.
+    fn probs_from_tanh(&self, cap: f32, th: &[f32], mrow: &[f32], stat: &[f32], p: &mut [f32]) {
+        let (max, sum) = (stat[0], stat[1]);
+        let n = if sum == 0.0 { 0 } else { th.len() };
+        for ((p, &th), &m) in p[..n].iter_mut().zip(th).zip(mrow) {
+            *p = (th * cap + m - max).exp() / sum;
+        }
+        p[n..].fill(0.0);
+    }
+
+    /// Output `[B, T, NH * D]` and what backward needs.
+    fn forward(&self, q: &View, k: &View, v: &View, dm: Dims) -> (Vec<f32>, Saved) {
+        let Dims {
+            nh, nkv, t, s, d, ..
+        } = dm;
+        let g = nh / nkv;
+        let mut out = vec![0f32; dm.b * t * nh * d];
+        let mut buf = vec![0f32; dm.b * nh * t * s];
+        let mut stats = vec![0f32; dm.b * nh * t * 2];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        buf.par_chunks_mut(t * s)
+            .zip(stats.par_chunks_mut(t * 2))
+            .enumerate()
+            .for_each(|(bh, (sc, st))| {
+                let scratch_len = if self.softcap.is_some() { t * s } else { 0 };
+                with_scratch(scratch_len, |scratch| {
+                    let (bi, hi) = (bh / nh, bh % nh);
+                    let (qm, km, vm) = (q.mat(bi, hi), k.mat(bi, hi / g), v.mat(bi, hi / g));
+                    // SAFETY: `sc` is this task's own [T, S] block; q/k are [T, D] / [S, D].
+                    unsafe { mm((t, s, d), sc.as_mut_ptr(), s, false, qm, km.t(), self.scale) };
+                    for ti in 0..t {
+                        let n = self.keys[bi * t + ti];
+                        let mrow = &self.mask[(bi * t + ti) * s..(bi * t + ti) * s + n];
+                        let scores = &mut sc[ti * s..(ti + 1) * s];
+                        // Without a soft-cap the probabilities replace the scores in place.
+                        let full_row = match self.softcap {
+                            Some(cap) => {
+                                let capped = &mut scratch[ti * s..(ti + 1) * s];
+                                for (th, x) in scores[..n].iter_mut().zip(capped.iter_mut()) {
+                                    *th = (*th * self.inv_cap).tanh();
+                                    *x = *th * cap;
+                                }
+                                // Masked keys: any finite value rebuilds to a 0 probability.
+                                scores[n..].fill(0.0);
+                                capped
+                            }
+                            None => scores,
+                        };
+                        full_row[n..].fill(0.0);
+                        let row = &mut full_row[..n];
+                        let mut max = f32::NEG_INFINITY;
+                        for (x, &m) in row.iter_mut().zip(mrow) {
+                            *x += m;
+                            max = max.max(*x);
+                        }
+                        if max == f32::NEG_INFINITY {
+                            // Every key masked: zeros, not the NaN of exp(-inf - -inf).
+                            row.fill(0.0);
+                            st[ti * 2] = max;
+                            st[ti * 2 + 1] = 0.0;
+                            continue;
+                        }
+                        let mut sum = 0f32;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        for x in row.iter_mut() {
+                            *x /= sum;
+                        }
+                        st[ti * 2] = max;
+                        st[ti * 2 + 1] = sum;
+                    }
+                    let probs = if self.softcap.is_some() {
+                        &scratch[..]
+                    } else {
+                        &sc[..]
+                    };
+                    // SAFETY: head `hi` of row `bi` owns columns hi*D..(hi+1)*D of the T output
+                    // rows of batch row `bi`; no other task writes them.
+                    unsafe {
+                        let dst = out_ptr.get().add(bi * t * nh * d + hi * d);
+                        mm(
+                            (t, d, s),
+                            dst,
+                            nh * d,
+                            false,
+                            Mat::rows(probs.as_ptr(), s),
+                            vm,
+                            1.0,
+                        );
+                    }
+                })
+            });
+        (out, Saved { buf, stats })
+    }
+
+    /// Gradients `[B, NH, T, D]`, `[B, NKV, S, D]` twice from `grad: [B, T, NH * D]`.
+    fn backward(
+        &self,
+        (q, k, v): (&View, &View, &View),
+        grad: &[f32],
+        saved: &Saved,
+        dm: Dims,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Dims {
+            nh, nkv, t, s, d, ..
+        } = dm;
+        let g = nh / nkv;
+        let mut dq = vec![0f32; dm.b * nh * t * d];
+        let mut dk = vec![0f32; dm.b * nkv * s * d];
+        let mut dv = vec![0f32; dm.b * nkv * s * d];
+        let (gt, scale) = (g * t, self.scale);
+        dq.par_chunks_mut(gt * d)
+            .zip(dk.par_chunks_mut(s * d))
+            .zip(dv.par_chunks_mut(s * d))
+            .enumerate()
+            .for_each(|(grp, ((dq, dk), dv))| {
+                let (bi, kvh) = (grp / nkv, grp % nkv);
+                let h0 = kvh * g;
+                // The group's g heads are consecutive, so their saved rows are one block.
+                let rows = (bi * nh + h0) * t;
+                let sv = &saved.buf[rows * s..(rows + gt) * s];
+                let cap_len = if self.softcap.is_some() { gt * s } else { 0 };
+                with_scratch(gt * s + gt * d + cap_len, |scratch| {
+                    let (dp, rest) = scratch.split_at_mut(gt * s);
+                    let (d_o, rebuilt) = rest.split_at_mut(gt * d);
+                    let p: &[f32] = match self.softcap {
+                        Some(cap) => {
+                            for r in 0..gt {
+                                let n = self.keys[bi * t + r % t];
+                                let mrow = &self.mask[(bi * t + r % t) * s..];
+                                self.probs_from_tanh(
+                                    cap,
+                                    &sv[r * s..r * s + n],
+                                    mrow,
+                                    &saved.stats[(rows + r) * 2..(rows + r + 1) * 2],
+                                    &mut rebuilt[r * s..(r + 1) * s],
+                                );
+                            }
+                            rebuilt
+                        }
+                        None => sv,
+                    };
+                    // dO of the group's heads as one [g*T, D] block.
+                    for (r, row) in d_o.chunks_exact_mut(d).enumerate() {
+                        let (hl, ti) = (r / t, r % t);
+                        let src = (bi * t + ti) * nh * d + (h0 + hl) * d;
+                        row.copy_from_slice(&grad[src..src + d]);
+                    }
+                    let (km, vm) = (k.mat(bi, kvh), v.mat(bi, kvh));
+                    let (p_m, do_m) = (Mat::rows(p.as_ptr(), s), Mat::rows(d_o.as_ptr(), d));
+                    // SAFETY: every destination below is this task's own buffer of the stated
+                    // shape; sources are the group's blocks of the stated shapes.
+                    unsafe {
+                        // dV = Pᵀ dO, summed over the group's heads by the one product.
+                        mm((s, d, gt), dv.as_mut_ptr(), d, false, p_m.t(), do_m, 1.0);
+                        // dP = dO Vᵀ
+                        mm((gt, s, d), dp.as_mut_ptr(), s, false, do_m, vm.t(), 1.0);
+                    }
+                    // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
+                    for r in 0..gt {
+                        let n = self.keys[bi * t + r % t];
+                        let (pr, dpr) = (&p[r * s..r * s + n], &mut dp[r * s..(r + 1) * s]);
+                        dpr[n..].fill(0.0);
+                        let dpr = &mut dpr[..n];
+                        let c = dot(pr, dpr);
+                        for (x, &pp) in dpr.iter_mut().zip(pr) {
+                            *x = pp * (*x - c);
+                        }
+                        if self.softcap.is_some() {
+                            for (x, &th) in dpr.iter_mut().zip(&sv[r * s..r * s + n]) {
+                                *x *= 1.0 - th * th;
+                            }
+                        }
+                    }
+                    let ds = Mat::rows(dp.as_ptr(), s);
+                    unsafe {
+                        // dQ = scale · dS K
+                        mm((gt, d, s), dq.as_mut_ptr(), d, false, ds, km, scale);
+                        // dK = scale · Σ_h dS_hᵀ Q_h (the heads' Q need not be one block).
+                        for hl in 0..g {
+                            let ds_h = Mat::rows(dp.as_ptr().add(hl * t * s), s);
+                            let qm = q.mat(bi, h0 + hl);
+                            mm((s, d, t), dk.as_mut_ptr(), d, hl > 0, ds_h.t(), qm, scale);
+                        }
+                    }
+                })
+            });
+        (dq, dk, dv)
+    }
+}
+
+fn cpu<'a>(s: &'a Storage, what: &str) -> candle_core::Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("fused attention: {what} is not on the CPU"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dm = self.dims(ql, kl, vl)?;
+        let (q, k, v) = (View::new(qs, ql)?, View::new(ks, kl)?, View::new(vs, vl)?);
+        let (out, saved) = self.forward(&q, &k, &v, dm);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dm.b, dm.t, dm.nh * dm.d)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qg, ql) = q.storage_and_layout();
+        let (kg, kl) = k.storage_and_layout();
+        let (vg, vl) = v.storage_and_layout();
+        let dm = self.dims(ql, kl, vl)?;
+        let qv = View::new(cpu(&qg, "q")?, ql)?;
+        let kv = View::new(cpu(&kg, "k")?, kl)?;
+        let vv = View::new(cpu(&vg, "v")?, vl)?;
+        // Taken, so the buffer is freed as soon as this layer's backward is done; a second
+        // backward over the same graph recomputes it.
+        let taken = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let saved = match taken {
+            Some(s) => s,
+            None => self.forward(&qv, &kv, &vv, dm).1,
+        };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (gg, gl) = grad.storage_and_layout();
+        let gs = &cpu(&gg, "the output gradient")?.as_slice::<f32>()?
+            [gl.start_offset()..gl.start_offset() + gl.shape().elem_count()];
+        let (dq, dk, dv) = self.backward((&qv, &kv, &vv), gs, &saved, dm);
+        let dev = q.device();
+        let kshape = (dm.b, dm.nkv, dm.s, dm.d);
+        Ok((
+            Some(Tensor::from_vec(dq, (dm.b, dm.nh, dm.t, dm.d), dev)?),
+            Some(Tensor::from_vec(dk, kshape, dev)?),
+            Some(Tensor::from_vec(dv, kshape, dev)?),
+        ))
+    }
+}
+
+/// Causal (or any additively masked) attention with gradients for q, k and v.
+///
+/// `q: [B, NH, T, D]`, `k`/`v: [B, NKV, S, D]` f32 CPU tensors in any layout (NH a multiple of
+/// NKV: query head h reads kv head h / (NH / NKV)); `mask: [B, T, S]` additive (0 or -inf, as
+/// `PadLayout::additive_mask` builds it). scores = (q·scale)·kᵀ, soft-capped as
+/// `cap·tanh(scores / cap)`, plus the mask, softmax over S, times v. Returns `[B, T, NH * D]`
+/// contiguous, the layout the o projection reads. A row with every key masked gives zeros
+/// (and zero gradients) where the composed softmax would give NaN.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    for (name, x) in [("q", q), ("k", k), ("v", v)] {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            bail!("fused attention: {name} must be an f32 CPU tensor");
+        }
+    }
+    let s = k.dim(2)?;
+    if s == 0 || !mask.len().is_multiple_of(s) {
+        bail!(
+            "fused attention: mask of {} values for {s} keys",
+            mask.len()
+        );
+    }
+    let keys = mask
+        .chunks_exact(s)
+        .map(|row| {
+            row.iter()
+                .rposition(|&m| m != f32::NEG_INFINITY)
+                .map_or(0, |j| j + 1)
+        })
+        .collect();
+    let op = FusedAttention {
+        mask: mask.to_vec(),
+        keys,
+        scale: scale as f32,
+        softcap: softcap.map(|c| c as f32),
+        inv_cap: softcap.map_or(0.0, |c| (1.0 / c) as f32),
+        saved: Mutex::new(None),
+    };
+    Ok(q.apply_op3(k, v, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention;
+    use crate::kernels::pseudo;
+    use crate::model::mask::PadLayout;
+    use anyhow::Result;
+    use candle_core::{Device, Tensor, Var, D};
+
+    /// The decoder's differentiable attention (model/decoder.rs), mask `[B, 1, T, S]`.
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let g = nh / nkv;
+        let q = (q * scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+        let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        if let Some(cap) = softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+        Ok(probs
+            .reshape((b, nkv, g * t, s))?
+            .matmul(v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?)
+    }
+
+    struct Case {
+        nh: usize,
+        nkv: usize,
+        t: usize,
+        d: usize,
+        pads: Vec<usize>,
+        window: Option<usize>,
+        scale: f64,
+        softcap: Option<f64>,
+    }
+
+    /// Largest `|a - b| / max(1, |b|)`; fails on any NaN.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        let (a, b) = (
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut worst = 0f32;
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                x.is_finite() && y.is_finite(),
+                "non-finite value {x} vs {y}"
+            );
+            worst = worst.max((x - y).abs() / y.abs().max(1.0));
+        }
+        Ok(worst)
+    }
+
+    /// q, k, v as the decoder makes them (strided views of one qkv projection), the op and the
+    /// reference on them, and the gradients of `sum(out * coef)` for q, k and v.
+    fn check(c: &Case, seed: u64) -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, d) = (c.pads.len(), c.t, c.d);
+        let width = (c.nh + 2 * c.nkv) * d;
+        let qkv = Var::from_tensor(
+            &(Tensor::from_vec(pseudo(b * t * width, seed), (b, t, width), &dev)? * 4.0)?,
+        )?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, start * d, n * d)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?)
+        };
+        let (q, k, v) = (
+            heads(0, c.nh)?,
+            heads(c.nh, c.nkv)?,
+            heads(c.nh + c.nkv, c.nkv)?,
+        );
+        assert!(
+            !q.is_contiguous() && !k.is_contiguous(),
+            "the op must see strided inputs"
+        );
+        let mask = model_mask(&c.pads, t, c.window);
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &dev)?;
+        let coef = Tensor::from_vec(pseudo(b * t * c.nh * d, seed + 1), (b, t, c.nh * d), &dev)?;
+
+        let out = attention(&q, &k, &v, &mask, c.scale, c.softcap)?;
+        let (kc, vc) = (k.contiguous()?, v.contiguous()?);
+        let want = reference(&q, &kc, &vc, &mask_t, c.scale, c.softcap)?;
+        assert!(out.is_contiguous());
+        let e = rel_err(&out, &want)?;
+        println!("values: error {e:.2e}");
+        assert!(e < 1e-5, "values differ by {e}");
+
+        let grads = (out * &coef)?.sum_all()?.backward()?;
+        let want_grads = (want * &coef)?.sum_all()?.backward()?;
+        // Only leaves keep gradients: q's, k's and v's are the column blocks of qkv's.
+        let (g, w) = (grads.get(&qkv).unwrap(), want_grads.get(&qkv).unwrap());
+        for (name, start, n) in [
+            ("q", 0, c.nh),
+            ("k", c.nh, c.nkv),
+            ("v", c.nh + c.nkv, c.nkv),
+        ] {
+            let (g, w) = (
+                g.narrow(2, start * d, n * d)?,
+                w.narrow(2, start * d, n * d)?,
+            );
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(scale > 1e-3, "d{name} is trivially small ({scale})");
+            let e = rel_err(&g, &w)?;
+            println!("d{name}: max |grad| {scale:.3}, error {e:.2e}");
+            assert!(e < 1e-5, "d{name} differs by {e} (largest |grad| {scale})");
+        }
+        Ok(())
+    }
+
+    fn case(nh: usize, nkv: usize, t: usize, d: usize, pads: &[usize]) -> Case {
+        Case {
+            nh,
+            nkv,
+            t,
+            d,
+            pads: pads.to_vec(),
+            window: None,
+            scale: 1.0 / (d as f64).sqrt(),
+            softcap: None,
+        }
+    }
+
+    #[test]
+    fn multi_head() -> Result<()> {
+        check(&case(4, 4, 16, 16, &[0, 0]), 1)
+    }
+
+    #[test]
+    fn grouped_query() -> Result<()> {
+        check(&case(4, 2, 16, 8, &[0, 0]), 2)?;
+        check(&case(9, 3, 24, 64, &[0, 0]), 3)
+    }
+
+    #[test]
+    fn left_padding_differs_per_row() -> Result<()> {
+        check(&case(4, 2, 12, 16, &[0, 3, 7]), 4)?;
+        check(&case(6, 3, 20, 8, &[5, 0]), 5)
+    }
+
+    #[test]
+    fn sliding_window() -> Result<()> {
+        let mut c = case(4, 2, 20, 16, &[0, 4]);
+        c.window = Some(5);
+        check(&c, 6)
+    }
+
+    #[test]
+    fn soft_caps_mild_and_saturating() -> Result<()> {
+        let mut c = case(4, 2, 16, 64, &[0, 2]);
+        c.softcap = Some(50.0);
+        check(&c, 7)?;
+        // Unscaled scores of magnitude ~5: tanh(score / 2) saturates.
+        let mut c = case(4, 2, 16, 16, &[3, 0]);
+        c.softcap = Some(2.0);
+        c.scale = 1.0;
+        check(&c, 8)?;
+        // Gemma 2's combination: soft-cap, sliding window, padding, grouped queries.
+        c.window = Some(4);
+        c.pads = vec![0, 6];
+        check(&c, 9)
+    }
+
+    fn var(shape: (usize, usize, usize, usize), seed: u64) -> Result<Var> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            pseudo(n, seed),
+            shape,
+            &Device::Cpu,
+        )?)?)
+    }
+
+    /// The model's mask for a call of `t` tokens over rows left-padded by `pads`.
+    fn model_mask(pads: &[usize], t: usize, window: Option<usize>) -> Vec<f32> {
+        let layout = PadLayout {
+            shared: 0,
+            past: 0,
+            new_tokens: t,
+        };
+        layout.additive_mask(pads, window)
+    }
+
+    /// A caller's mask may hide every key of a row: zeros there (the composed softmax gives
+    /// NaN), the other rows as the reference, and finite gradients.
+    #[test]
+    fn fully_masked_row_is_zero_not_nan() -> Result<()> {
+        let (b, h, t, d) = (1, 2, 6, 8);
+        let (q, k, v) = (
+            var((b, h, t, d), 10)?,
+            var((b, h, t, d), 11)?,
+            var((b, h, t, d), 12)?,
+        );
+        let mut mask = model_mask(&[0], t, None);
+        mask[2 * t..3 * t].fill(f32::NEG_INFINITY);
+        let out = attention(&q, &k, &v, &mask, 0.5, Some(3.0))?;
+        let row = out.get(0)?.get(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(row, 0.0);
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &Device::Cpu)?;
+        let want = reference(&q, &k, &v, &mask_t, 0.5, Some(3.0))?;
+        for r in [0, 1, 3, 4, 5] {
+            let e = rel_err(&out.get(0)?.get(r)?, &want.get(0)?.get(r)?)?;
+            assert!(e < 1e-5, "row {r} differs by {e}");
+        }
+        let grads = out.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            let g = grads.get(x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+            assert!(g.iter().all(|x| x.is_finite()));
+        }
+        Ok(())
+    }
+
+    /// The saved buffer is taken by the first backward; a second one recomputes it.
+    #[test]
+    fn second_backward_matches_first() -> Result<()> {
+        let (b, h, t, d) = (2, 2, 8, 8);
+        let (q, k, v) = (
+            var((b, h, t, d), 20)?,
+            var((b, h, t, d), 21)?,
+            var((b, h, t, d), 22)?,
+        );
+        let mask = model_mask(&[0, 2], t, None);
+        let out = attention(&q, &k, &v, &mask, 0.3, Some(1.0))?;
+        let loss = out.sqr()?.sum_all()?;
+        let (g1, g2) = (loss.backward()?, loss.backward()?);
+        for x in [&q, &k, &v] {
+            assert_eq!(rel_err(g2.get(x).unwrap(), g1.get(x).unwrap())?, 0.0);
+        }
+        Ok(())
+    }
+
+    /// `CANDLE_NUM_THREADS=1 cargo test --release -p sl-engine --lib attention::tests::timing
+    /// -- --ignored --nocapture` (one element-wise thread, as the CLI runs): milliseconds per
+    /// forward, and per forward+backward of `sum(out * coef)`, at SmolLM2's shape.
+    #[test]
+    #[ignore]
+    fn timing() -> Result<()> {
+        let (b, nh, nkv, t, d) = (4, 9, 3, 128, 64);
+        let (q, k, v) = (
+            var((b, nh, t, d), 30)?,
+            var((b, nkv, t, d), 31)?,
+            var((b, nkv, t, d), 32)?,
+        );
+        let mask = model_mask(&[0, 5, 17, 40], t, None);
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, t, t), &Device::Cpu)?;
+        let coef = Tensor::from_vec(pseudo(b * t * nh * d, 33), (b, t, nh * d), &Device::Cpu)?;
+        let time = |backward: bool, f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let reps = 20;
+            let start = std::time::Instant::now();
+            for _ in 0..=reps {
+                let out = f()?;
+                if backward {
+                    (out * &coef)?.sum_all()?.backward()?;
+                }
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / (reps + 1) as f64)
+        };
+        for cap in [None, Some(50.0)] {
+            let fused = || attention(&q, &k, &v, &mask, 0.125, cap);
+            let composed = || reference(&q, &k, &v, &mask_t, 0.125, cap);
+            println!(
+                "soft-cap {cap:?}: forward fused {:.2} ms, composed {:.2} ms; forward+backward \
+                 fused {:.2} ms, composed {:.2} ms",
+                time(false, &fused)?,
+                time(false, &composed)?,
+                time(true, &fused)?,
+                time(true, &composed)?
+            );
+        }
+        Ok(())
+    }
+}
