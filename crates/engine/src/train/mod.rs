@@ -3,4 +3,5 @@
 
 pub mod adamw;
 pub(crate) mod frozen_linear;
+pub mod ops;
 pub mod trainer;
