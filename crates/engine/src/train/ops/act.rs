@@ -15,13 +15,48 @@ const GELU_CUBIC: f32 = 0.044715;
 /// 1/sqrt(2π), the standard normal density's factor.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// e^x within ~2 ulp (Cephes' expf polynomial), branch-free so that loops over rows vectorise:
+/// libm's expf and tanhf are one call per element and bound the whole op.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // Bounds keep 2^n a normal float; beyond them e^x under- or overflows for our purposes.
+    let x = x.clamp(-87.3, 88.3);
+    // Round to nearest by adding 1.5·2^23 (f32::round is a libm call on baseline x86-64); the
+    // sum's low mantissa bits then hold n itself, read back below as 2^n's exponent bits
+    // (`n as i32` is a saturating conversion that keeps the loop scalar).
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits())
+        .wrapping_add(127);
+    e * f32::from_bits(biased << 23)
+}
+
+/// tanh through [`exp`]; near zero its absolute error is ~1e-7, which is all GELU's `1 + t`
+/// and `1 - t²` see.
+#[inline(always)]
+fn tanh(z: f32) -> f32 {
+    let e = exp(-2.0 * z.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(z)
+}
+
 /// The activation with candle's forward formulas (op.rs `Silu`, `Gelu`, `GeluErf`).
 #[inline(always)]
 fn value(act: Activation, v: f32) -> f32 {
     match act {
-        Activation::Silu => v / (1.0 + (-v).exp()),
+        Activation::Silu => v / (1.0 + exp(-v)),
         Activation::GeluTanh => {
-            0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)).tanh())
+            0.5 * v * (1.0 + tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)))
         }
         Activation::Gelu => {
             (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
@@ -35,13 +70,14 @@ fn value(act: Activation, v: f32) -> f32 {
 fn value_and_slope(act: Activation, v: f32) -> (f32, f32) {
     match act {
         Activation::Silu => {
-            let sig = 1.0 / (1.0 + (-v).exp());
-            let a = v / (1.0 + (-v).exp());
+            let e = exp(-v);
+            let sig = 1.0 / (1.0 + e);
+            let a = v / (1.0 + e);
             (a, sig + a * (1.0 - sig))
         }
         Activation::GeluTanh => {
             let v2 = v * v;
-            let th = (SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v2)).tanh();
+            let th = tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v2));
             let inner_slope = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v2);
             (
                 0.5 * v * (1.0 + th),
@@ -51,7 +87,7 @@ fn value_and_slope(act: Activation, v: f32) -> (f32, f32) {
         Activation::Gelu => {
             let cdf =
                 (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
-            (cdf * v, cdf + v * (-0.5 * v * v).exp() * FRAC_1_SQRT_2PI)
+            (cdf * v, cdf + v * exp(-0.5 * v * v) * FRAC_1_SQRT_2PI)
         }
     }
 }
@@ -93,7 +129,7 @@ struct GatedOp {
 
 /// Checks `[..., 2I]` and returns `I`.
 fn half_width(w: usize) -> candle_core::Result<usize> {
-    if w % 2 != 0 {
+    if !w.is_multiple_of(2) {
         candle_core::bail!("gated: last dimension {w} is not gate and up of equal size");
     }
     Ok(w / 2)
@@ -146,10 +182,12 @@ impl CustomOp1 for GatedOp {
                                     let (gate, up) = xr.row(xd, row).split_at(i);
                                     let grow = gr.row(gd, row);
                                     let (dgate, dup) = drow.split_at_mut(i);
-                                    for k in 0..i {
-                                        let (a, slope) = value_and_slope($a, gate[k]);
-                                        dgate[k] = grow[k] * up[k] * slope;
-                                        dup[k] = grow[k] * a;
+                                    let ins = gate.iter().zip(up).zip(grow);
+                                    let outs = dgate.iter_mut().zip(dup.iter_mut());
+                                    for (((&v, &u), &gy), (dg, du)) in ins.zip(outs) {
+                                        let (a, slope) = value_and_slope($a, v);
+                                        *dg = gy * u * slope;
+                                        *du = gy * a;
                                     }
                                 }
                             })
@@ -233,6 +271,26 @@ mod tests {
             check(&[40, 3, 70], true, act, tol)?; // strided rows, several rayon tasks
         }
         Ok(())
+    }
+
+    #[test]
+    fn exp_and_tanh_agree_with_libm() {
+        let (mut worst_exp, mut worst_tanh) = (0f32, 0f32);
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 4.35e-4; // [-87, 87]
+            let rel = (exp(x) - x.exp()).abs() / x.exp();
+            worst_exp = worst_exp.max(rel);
+            let z = x / 8.0;
+            worst_tanh = worst_tanh.max((tanh(z) - z.tanh()).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp off by {worst_exp} relative");
+        assert!(worst_tanh < 2e-7, "tanh off by {worst_tanh} absolute");
+        assert_eq!(
+            exp(-1000.0) * 1e30,
+            exp(-87.3) * 1e30,
+            "clamped, no NaN or garbage"
+        );
+        assert!(exp(1000.0).is_finite());
     }
 
     #[test]

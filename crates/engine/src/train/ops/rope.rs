@@ -62,7 +62,7 @@ impl RopeOp {
             candle_core::bail!("rope: x must be [B, H, T, D], got {dims:?}")
         };
         let (cb, ct, half) = self.cos.dims3()?;
-        if self.rot_dim % 2 != 0 || self.rot_dim > d || half * 2 != self.rot_dim {
+        if !self.rot_dim.is_multiple_of(2) || self.rot_dim > d || half * 2 != self.rot_dim {
             candle_core::bail!(
                 "rope: rot_dim {} with head dim {d} and tables of {half}",
                 self.rot_dim
