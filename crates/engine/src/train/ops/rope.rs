@@ -209,6 +209,19 @@ mod tests {
     }
 
     #[test]
+    fn one_table_row_serves_every_batch_row() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (3, 2, 5, 8);
+        let x = Tensor::from_vec(pseudo(b * h * t * d, 13), (b, h, t, d), &dev)?;
+        let angles: Vec<f32> = (0..t * 4).map(|i| i as f32 * 0.3).collect();
+        let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect(), (1, t, 4), &dev)?;
+        let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect(), (1, t, 4), &dev)?;
+        let e = rel_err(&rope(&x, &cos, &sin, 8)?, &reference(&x, &cos, &sin, 8)?)?;
+        assert!(e < 1e-6, "values off by {e}");
+        Ok(())
+    }
+
+    #[test]
     fn rejects_mismatched_tables() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 2, 3, 8), candle_core::DType::F32, &dev)?;
