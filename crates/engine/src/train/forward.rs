@@ -6,9 +6,9 @@
 //! layer.
 
 use crate::io::config::AttentionKind;
-use crate::model::layers::RmsNorm;
 use crate::model::mask::PadLayout;
 use crate::model::Decoder;
+use crate::model::RmsNorm;
 use crate::train::ops::{act::gated, attention::attention, norm::rms_norm, rope::rope};
 use anyhow::{bail, Result};
 use candle_core::Tensor;

@@ -162,7 +162,10 @@ impl Trainer {
             .ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
         self.collect(&mut grads)?;
         // Below the lowest trainable parameter no gradient is needed (frozen embeddings).
-        let embed_trains = self.trainable.iter().any(|(i, _)| i.module == Module::Embed);
+        let embed_trains = self
+            .trainable
+            .iter()
+            .any(|(i, _)| i.module == Module::Embed);
         let lowest = self.trainable.iter().filter_map(|(i, _)| i.layer).min();
         let needed = |l: usize| embed_trains || lowest.is_some_and(|lo| lo <= l);
         for l in (0..self.decoder.num_layers()).rev() {
@@ -194,6 +197,11 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+
+    /// The gradients accumulated since the last `apply`, in `trainable` order.
+    pub fn gradients(&self) -> &[Option<Tensor>] {
+        &self.grads
     }
 
     /// Clips, steps the optimizer at `lr` and clears the gradients. Returns the gradient norm

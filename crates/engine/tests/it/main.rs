@@ -10,3 +10,4 @@ mod gguf_smollm2;
 mod prefix_cache;
 mod quantized;
 mod real_tokenizers;
+mod train_packed;

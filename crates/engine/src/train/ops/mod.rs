@@ -2,9 +2,13 @@
 //! one pass on rayon threads, in place of chains of small candle ops (each of which allocates its
 //! result and, in backward, a zeroed gradient it then adds into).
 
+pub mod act;
 pub mod attention;
 pub mod linear;
 pub mod loss;
+pub mod norm;
+pub mod rope;
+mod rows;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Storage, Tensor};

@@ -1,0 +1,158 @@
+//! What the element-wise ops share: reading f32 rows of any layout whose last dimension is
+//! packed (a transposed `[B, H, T, D]` view reads in place, no copy), and sizing rayon tasks.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Fewer elements than this per rayon task and the hand-off costs more than the work.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+/// Rows of `width` packed values at arbitrary (strided) starting offsets.
+pub(crate) struct Rows {
+    pub width: usize,
+    pub count: usize,
+    start: usize,
+    /// Leading dimensions with their strides, innermost first; empty when rows are packed.
+    lead: Vec<(usize, usize)>,
+}
+
+impl Rows {
+    /// `None` when the last dimension is not packed (the caller then makes a contiguous copy).
+    pub fn new(l: &Layout) -> Option<Rows> {
+        let dims = l.dims();
+        let strides = l.stride();
+        let (&width, lead_dims) = dims.split_last()?;
+        if width > 1 && strides[dims.len() - 1] != 1 {
+            return None;
+        }
+        let count = lead_dims.iter().product();
+        let lead = if l.is_contiguous() {
+            Vec::new()
+        } else {
+            lead_dims
+                .iter()
+                .zip(strides)
+                .rev()
+                .map(|(&d, &s)| (d, s))
+                .collect()
+        };
+        Some(Rows {
+            width,
+            count,
+            start: l.start_offset(),
+            lead,
+        })
+    }
+
+    #[inline]
+    pub fn offset(&self, mut r: usize) -> usize {
+        if self.lead.is_empty() {
+            return self.start + r * self.width;
+        }
+        let mut off = self.start;
+        for &(d, s) in &self.lead {
+            off += (r % d) * s;
+            r /= d;
+        }
+        off
+    }
+
+    #[inline]
+    pub fn row<'a>(&self, data: &'a [f32], r: usize) -> &'a [f32] {
+        let o = self.offset(r);
+        &data[o..o + self.width]
+    }
+}
+
+/// Rows per rayon task: enough elements to amortise the hand-off, and few enough tasks that a
+/// per-task partial sum (the norm's weight gradient) stays cheap to reduce.
+pub(crate) fn rows_per_task(rows: usize, width: usize) -> usize {
+    let min_rows = MIN_TASK_ELEMS.div_ceil(width.max(1));
+    let by_threads = rows.div_ceil(rayon::current_num_threads() * 4);
+    min_rows.max(by_threads).max(1)
+}
+
+pub(crate) fn f32_data<'a>(s: &'a CpuStorage, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        other => bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
+    }
+}
+
+/// The tensor itself when its rows can be read in place, else a contiguous copy.
+pub(crate) fn rows_readable(t: &Tensor) -> Result<Tensor> {
+    let packed_last = t.dims().last().is_none_or(|&w| w <= 1) || t.stride().last() == Some(&1);
+    if packed_last {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Runs `f` on the f32 data and row view of a CPU tensor (copied first only if its last
+/// dimension is strided).
+pub(crate) fn with_rows<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32], &Rows) -> Result<R>,
+) -> Result<R> {
+    let t = rows_readable(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{op}: only CPU tensors are supported")
+    };
+    let Some(rows) = Rows::new(layout) else {
+        bail!("{op}: expected a tensor with at least one dimension")
+    };
+    f(f32_data(cpu, op)?, &rows)
+}
+
+/// The data of a small tensor (a weight, a cos/sin table) as one packed slice.
+pub(crate) fn with_packed<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{op}: only CPU tensors are supported")
+    };
+    let start = layout.start_offset();
+    f(&f32_data(cpu, op)?[start..start + t.elem_count()])
+}
+
+/// max |a - b| / max |b|: the tests' relative error, scaled by the reference's magnitude.
+#[cfg(test)]
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(1e-30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn strided_rows_match_the_contiguous_copy() -> anyhow::Result<()> {
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 5.0, &Device::Cpu)?
+            .reshape((2, 3, 4, 5))?
+            .transpose(1, 2)?
+            .narrow(3, 1, 3)?;
+        let c = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        with_rows(&x, "test", |data, rows| {
+            assert!(
+                !rows.lead.is_empty(),
+                "a transposed view must be read strided"
+            );
+            assert_eq!((rows.count, rows.width), (24, 3));
+            for r in 0..rows.count {
+                assert_eq!(rows.row(data, r), &c[r * 3..r * 3 + 3], "row {r}");
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
