@@ -6,15 +6,26 @@ use crate::model::weight::Weight;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+/// A projection's part in training.
+#[derive(Debug, Clone, Default)]
+pub enum LinearGrad {
+    /// Not training: the inference kernels.
+    #[default]
+    Infer,
+    /// Training, weight frozen: backward computes the input's gradient only.
+    Frozen,
+    /// Training: backward also adds the weight's gradient into this buffer.
+    Sink(std::sync::Arc<crate::train::sink::GradSink>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`, as checkpoints store it, in its storage precision.
     pub weight: Weight,
     /// f32, whatever the weight's storage.
     pub bias: Option<Tensor>,
-    /// Set by the trainer on frozen weights: the backward pass then computes only the input's
-    /// gradient.
-    pub frozen: bool,
+    /// Set by the trainer: how the training pass treats this weight.
+    pub grad: LinearGrad,
     /// The paper's weight scaling, applied to the product before the bias (alpha·W·x + b):
     /// exact for every storage (a bf16 or quantized weight multiplied by alpha would be
     /// rounded or re-quantized), and undone by setting it back to 1.
@@ -26,7 +37,7 @@ impl Linear {
         Linear {
             weight,
             bias,
-            frozen: false,
+            grad: LinearGrad::Infer,
             scale: 1.0,
         }
     }
@@ -38,13 +49,14 @@ impl Linear {
         let x2 = x.reshape((rows, inner))?;
         let y = match self.weight.as_dense() {
             Some(w) if w.dtype() == DType::F32 => {
-                if self.frozen || w.is_variable() {
-                    // Training: the weight's gradient only when it trains.
-                    crate::train::ops::linear::linear(&x2, w, !self.frozen)?
-                } else if let Some(y) = crate::kernels::matmul_small::matmul_wt(&x2, w)? {
-                    y // a decode step's few rows: stream the weight once
-                } else {
-                    x2.matmul(&w.t()?)?
+                use crate::train::ops::linear::linear;
+                match &self.grad {
+                    LinearGrad::Frozen => linear(&x2, w, None)?,
+                    LinearGrad::Sink(sink) => linear(&x2, w, Some(sink))?,
+                    LinearGrad::Infer => match crate::kernels::matmul_small::matmul_wt(&x2, w)? {
+                        Some(y) => y, // a decode step's few rows: stream the weight once
+                        None => x2.matmul(&w.t()?)?,
+                    },
                 }
             }
             _ => self.weight.matmul_t(&x2)?,

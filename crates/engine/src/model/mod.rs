@@ -17,6 +17,6 @@ pub mod weight;
 pub use cache::KvCache;
 pub use decoder::{Decoder, Logits};
 pub use heads::HeadWeights;
-pub use layers::{Attention, Layer, Linear, Mlp, RmsNorm};
+pub use layers::{Attention, Layer, Linear, LinearGrad, Mlp, RmsNorm};
 pub use mask::StepCtx;
 pub use weight::{Block, Weight};

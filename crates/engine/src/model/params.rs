@@ -4,7 +4,7 @@
 
 use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
 use crate::model::weight::Weight;
-use crate::model::{Decoder, Layer};
+use crate::model::{Decoder, Layer, LinearGrad};
 use anyhow::Result;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -18,6 +18,8 @@ pub struct ParamInfo {
     pub name: String,
     pub layer: Option<usize>,
     pub module: Module,
+    /// The projection this is the weight matrix of (not its bias), if any.
+    pub matrix: Option<Slot>,
 }
 
 /// A layer's tensors by slot, in the trainer's fixed order (the order of its optimizer state).
@@ -93,6 +95,7 @@ impl Decoder {
             name: name.to_string(),
             layer: None,
             module,
+            matrix: None,
         };
         let mut out: Vec<(ParamInfo, &mut Tensor)> =
             vec![(top(EMBED, Module::Embed), self.embed.tensor_mut()?)];
@@ -102,6 +105,7 @@ impl Decoder {
                     name: fused.slot_name(l, slot, part),
                     layer: Some(l),
                     module: slot.module(),
+                    matrix: (slot.is_matrix() && part == Part::Weight).then_some(slot),
                 };
                 out.push((info, t));
             }
@@ -121,15 +125,15 @@ impl Decoder {
         Ok(self.params_mut()?.into_iter().map(|(i, _)| i).collect())
     }
 
-    /// Marks the projections of `(layer, module)` pairs chosen by `frozen` as frozen linears.
-    pub fn set_frozen_linears(&mut self, frozen: impl Fn(usize, Module) -> bool) {
+    /// Sets how the training pass treats each layer's projections (q/k/v and o are the
+    /// attention module's, gate/up and down the MLP's).
+    pub fn set_linear_grads(&mut self, mut grad: impl FnMut(usize, Slot) -> LinearGrad) {
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            for lin in [&mut layer.attn.qkv, &mut layer.attn.o] {
-                lin.frozen = frozen(l, Module::Attn);
-            }
-            for lin in [&mut layer.mlp.gate_up, &mut layer.mlp.down] {
-                lin.frozen = frozen(l, Module::Mlp);
-            }
+            let Layer { attn, mlp, .. } = layer;
+            attn.qkv.grad = grad(l, Slot::Qkv);
+            attn.o.grad = grad(l, Slot::O);
+            mlp.gate_up.grad = grad(l, Slot::GateUp);
+            mlp.down.grad = grad(l, Slot::Down);
         }
     }
 

@@ -4,7 +4,7 @@
 //! multiplier, as torch multiplies the gradients in place before the step.
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -57,31 +57,22 @@ struct StepScalars {
 
 struct Update<'a> {
     moments: Mutex<&'a mut Moments>,
+    grad: &'a [f32],
     s: StepScalars,
 }
 
 const CHUNK: usize = 1 << 14;
 
-impl InplaceOp2 for Update<'_> {
+impl InplaceOp1 for Update<'_> {
     fn name(&self) -> &'static str {
         "adamw-update"
     }
 
-    fn cpu_fwd(
-        &self,
-        p: &mut CpuStorage,
-        pl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (p, g) else {
-            candle_core::bail!("adamw: parameters and gradients must be f32")
+    fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), Some((p0, p1))) = (p, pl.contiguous_offsets()) else {
+            candle_core::bail!("adamw: parameters must be contiguous f32")
         };
-        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw: parameter and gradient must be contiguous")
-        };
-        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let (p, g) = (&mut p[p0..p1], self.grad);
         let mut guard = self.moments.lock().expect("adamw state lock");
         let Moments { m, v } = &mut **guard;
         if p.len() != g.len() || m.len() != p.len() {
@@ -99,10 +90,6 @@ impl InplaceOp2 for Update<'_> {
             .for_each(|((p, g), (m, v))| {
                 for i in 0..p.len() {
                     let gi = g[i] * s.grad_scale;
-                    // torch: param.mul_(1 - lr * wd); exp_avg.lerp_(grad, 1 - b1);
-                    // exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2);
-                    // denom = exp_avg_sq.sqrt() / bc2_sqrt + eps;
-                    // param.addcdiv_(exp_avg, denom, -step_size)
                     let pi = p[i] * s.decay;
                     let mi = m[i] + s.one_minus_b1 * (gi - m[i]);
                     let vi = v[i] * s.b2 + s.one_minus_b2 * gi * gi;
@@ -135,10 +122,12 @@ impl AdamW {
     /// One optimizer step over `params` with their `grads` (same order as at creation), at
     /// learning rate `lr`, the gradients first multiplied by `grad_scale` (clipping). A
     /// parameter without a gradient is skipped, as torch skips it.
+    /// One update of `params` by their gradients' values (None: no gradient this step, the
+    /// parameter and its moments stay), each gradient multiplied by `grad_scale` (clipping).
     pub fn step(
         &mut self,
         params: &[Tensor],
-        grads: &[Option<Tensor>],
+        grads: &[Option<&[f32]>],
         lr: f64,
         grad_scale: f32,
     ) -> Result<()> {
@@ -166,33 +155,35 @@ impl AdamW {
             grad_scale,
         };
         for ((p, g), st) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
-            let Some(g) = g else { continue };
-            let g = g.contiguous()?;
-            p.inplace_op2(
-                &g,
-                &Update {
-                    moments: Mutex::new(st),
-                    s,
-                },
-            )?;
+            let Some(grad) = g else { continue };
+            p.inplace_op1(&Update {
+                moments: Mutex::new(st),
+                grad,
+                s,
+            })?;
         }
         Ok(())
     }
 }
 
-/// `clip_grad_norm_`'s multiplier: `min(1, max_norm / (norm + 1e-6))`, and the global L2 norm.
-pub fn clip_scale(grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<(f32, f64)> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        let n = g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        sq += n;
-    }
+/// torch's `clip_grad_norm_`: the global L2 norm of all gradients and the factor that brings
+/// it down to `max_norm` (1 when it is below, or without a maximum).
+pub fn clip_scale(grads: &[Option<&[f32]>], max_norm: Option<f64>) -> (f32, f64) {
+    let sq: f64 = grads
+        .iter()
+        .flatten()
+        .map(|g| {
+            g.par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum::<f64>()
+        })
+        .sum();
     let norm = sq.sqrt();
     let scale = match max_norm {
         Some(max) if max > 0.0 => ((max as f32) / (norm as f32 + 1e-6)).min(1.0),
         _ => 1.0,
     };
-    Ok((scale, norm))
+    (scale, norm)
 }
 
 #[cfg(test)]
@@ -225,12 +216,7 @@ mod tests {
         );
         let lr = 1e-2;
         for (t, g) in grads.iter().enumerate() {
-            opt.step(
-                std::slice::from_ref(&p),
-                &[Some(Tensor::new(g.as_slice(), &Device::Cpu)?)],
-                lr,
-                1.0,
-            )?;
+            opt.step(std::slice::from_ref(&p), &[Some(g.as_slice())], lr, 1.0)?;
             let t = (t + 1) as f64;
             for i in 0..4 {
                 let gi = g[i] as f64;
@@ -258,16 +244,12 @@ mod tests {
 
     #[test]
     fn clipping_scale_follows_torch() -> Result<()> {
-        let g = [
-            Some(Tensor::new(&[3f32, 0.0], &Device::Cpu)?),
-            None,
-            Some(Tensor::new(&[4f32], &Device::Cpu)?),
-        ];
-        let (s, n) = clip_scale(&g, Some(1.0))?;
+        let g: [Option<&[f32]>; 3] = [Some(&[3.0, 0.0]), None, Some(&[4.0])];
+        let (s, n) = clip_scale(&g, Some(1.0));
         assert!((n - 5.0).abs() < 1e-9);
         assert!((s - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
-        assert_eq!(clip_scale(&g, Some(10.0))?.0, 1.0);
-        assert_eq!(clip_scale(&g, None)?.0, 1.0);
+        assert_eq!(clip_scale(&g, Some(10.0)).0, 1.0);
+        assert_eq!(clip_scale(&g, None).0, 1.0);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::model::Decoder;
 use crate::model::RmsNorm;
 use crate::train::ops::{act::gated, attention::attention, norm::rms_norm, rope::rope};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 /// A batch's token rows, packed: each sequence's rows in order, one after another.
 pub struct Packed {
@@ -152,11 +152,22 @@ pub fn final_norm(dec: &Decoder, x: &Tensor) -> Result<Tensor> {
     norm(&dec.final_norm, x)
 }
 
-/// The whole differentiable pass: final-normed hidden states `[N, H]` of the packed rows.
-pub fn forward(dec: &Decoder, p: &Packed) -> Result<Tensor> {
+/// The whole pass: final-normed hidden states `[N, H]` of the packed rows. The residual stream
+/// entering layer `track_from` (the final norm when it is the layer count) becomes a variable,
+/// returned, so backward reaches exactly that far: layers below it record nothing. Past the
+/// layer count, nothing is made a variable (an evaluation).
+pub fn forward(dec: &Decoder, p: &Packed, track_from: usize) -> Result<(Tensor, Option<Var>)> {
     let mut x = embed(dec, p)?;
-    for l in 0..dec.num_layers() {
-        x = layer(dec, l, &x, p)?;
+    let mut bottom = None;
+    for l in 0..=dec.num_layers() {
+        if l == track_from {
+            let v = Var::from_tensor(&x)?;
+            x = v.as_tensor().clone();
+            bottom = Some(v);
+        }
+        if l < dec.num_layers() {
+            x = layer(dec, l, &x, p)?;
+        }
     }
-    final_norm(dec, &x)
+    Ok((final_norm(dec, &x)?, bottom))
 }

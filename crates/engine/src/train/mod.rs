@@ -4,4 +4,6 @@
 pub mod adamw;
 pub mod forward;
 pub mod ops;
+pub mod param;
+pub mod sink;
 pub mod trainer;

@@ -1,14 +1,20 @@
-//! Training primitives: the decoder with its trainable tensors turned into variables and the
-//! frozen ones left as plain tensors (so no gradient is ever computed for them), the token loss,
-//! gradient accumulation, exact per-layer gradient checkpointing, clipping and the AdamW step.
+//! Training primitives: the decoder with its trainable vectors turned into variables, its
+//! trainable matrices given gradient buffers and its frozen tensors left alone (so no gradient
+//! is ever computed for them), the token loss, gradient accumulation, exact per-layer gradient
+//! checkpointing, clipping and the AdamW step.
 
+use crate::model::layout::Slot;
 use crate::model::params::{Module, ParamInfo};
-use crate::model::Decoder;
+use crate::model::{Decoder, LinearGrad};
 use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
 use crate::train::forward::{self, Packed};
-use crate::train::ops::loss::head_nll;
+use crate::train::ops::loss::{head_nll, HeadGrads};
+use crate::train::param::Param;
+use crate::train::sink::GradSink;
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One micro-batch: token rows, packed end to end for the forward pass (no padding), and the
 /// packed positions whose next token is supervised.
@@ -60,16 +66,25 @@ impl Batch {
 pub struct Trainer {
     pub decoder: Decoder,
     /// Trainable parameters, in the decoder's `params_mut` order.
-    pub trainable: Vec<(ParamInfo, Var)>,
+    pub trainable: Vec<(ParamInfo, Param)>,
     pub frozen: Vec<ParamInfo>,
     pub optimizer: AdamW,
     pub grad_checkpointing: bool,
+    /// Accumulated gradients of the variables (`trainable` order; None for matrices, whose
+    /// gradients are in their sinks).
     grads: Vec<Option<Tensor>>,
+    /// The embedding's gradient buffer, when it trains.
+    embed_sink: Option<Arc<GradSink>>,
+    /// The output head's gradient buffer, when it trains (the embedding's when tied).
+    head_sink: Option<Arc<GradSink>>,
+    /// The first layer whose input needs a gradient: 0 when the embedding trains, else the
+    /// lowest layer with a trainable parameter. Nothing below it is recorded for backward.
+    track_from: usize,
 }
 
 impl Trainer {
-    /// Turns the parameters `freeze` does not select into variables; frozen projections also
-    /// get the input-gradient-only matmul.
+    /// Makes the parameters `freeze` does not select trainable; frozen projections get the
+    /// input-gradient-only matmul.
     pub fn new(
         mut decoder: Decoder,
         freeze: impl Fn(&ParamInfo) -> bool,
@@ -80,22 +95,47 @@ impl Trainer {
         // Training runs in f32: bf16/f16 weights are widened here (frozen ones too, since the
         // backward pass needs f32 inputs); quantized ones fail in `params_mut`.
         for (info, t) in decoder.params_mut()? {
+            let t32 = t.to_dtype(DType::F32)?;
             if freeze(&info) {
-                *t = t.to_dtype(candle_core::DType::F32)?;
+                *t = t32;
                 frozen.push(info);
-            } else {
-                let var = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
-                *t = var.as_tensor().clone();
-                trainable.push((info, var));
+                continue;
             }
+            let matrix =
+                info.matrix.is_some() || matches!(info.module, Module::Embed | Module::LmHead);
+            let p = if matrix {
+                Param::matrix(&t32)?
+            } else {
+                Param::var(&t32)?
+            };
+            *t = p.as_tensor().clone();
+            trainable.push((info, p));
         }
-        let frozen_linear: std::collections::HashSet<(usize, bool)> = frozen
+        let sink_of = |pred: &dyn Fn(&ParamInfo) -> bool| {
+            trainable
+                .iter()
+                .find(|(i, _)| pred(i))
+                .and_then(|(_, p): &(ParamInfo, Param)| p.sink().cloned())
+        };
+        let layer_sinks: HashMap<(usize, Slot), Arc<GradSink>> = trainable
             .iter()
-            .filter(|i| i.name.ends_with("_proj.weight"))
-            .filter_map(|i| i.layer.map(|l| (l, i.module == Module::Attn)))
+            .filter_map(|(i, p)| Some(((i.layer?, i.matrix?), p.sink()?.clone())))
             .collect();
-        // A fused projection is frozen only when all of its module is (freezing is per module).
-        decoder.set_frozen_linears(|l, m| frozen_linear.contains(&(l, m == Module::Attn)));
+        decoder.set_linear_grads(|l, slot| match layer_sinks.get(&(l, slot)) {
+            Some(s) => LinearGrad::Sink(s.clone()),
+            None => LinearGrad::Frozen,
+        });
+        let embed_sink = sink_of(&|i| i.module == Module::Embed);
+        let head_sink = match decoder.lm_head {
+            Some(_) => sink_of(&|i| i.module == Module::LmHead),
+            None => embed_sink.clone(),
+        };
+        let track_from = if embed_sink.is_some() {
+            0
+        } else {
+            let lowest = trainable.iter().filter_map(|(i, _)| i.layer).min();
+            lowest.unwrap_or(decoder.num_layers())
+        };
         let sizes: Vec<usize> = trainable.iter().map(|(_, v)| v.elem_count()).collect();
         let n = trainable.len();
         Ok(Trainer {
@@ -105,6 +145,9 @@ impl Trainer {
             optimizer: AdamW::new(adam, &sizes),
             grad_checkpointing,
             grads: vec![None; n],
+            embed_sink,
+            head_sink,
+            track_from,
         })
     }
 
@@ -118,28 +161,52 @@ impl Trainer {
         if self.grad_checkpointing {
             return self.accumulate_checkpointed(batch, loss_scale);
         }
-        let nll = self.loss(batch, true)?;
+        let packed = batch.packed(&self.decoder)?;
+        let (h, bottom) = forward::forward(&self.decoder, &packed, self.track_from)?;
+        let nll = self.head_loss(&h, batch, Some(loss_scale))?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
+        if let Some(bottom) = bottom {
+            if self.track_from == 0 {
+                if let Some(g) = grads.remove(bottom.as_tensor()) {
+                    self.embed_backward(&packed, &g)?;
+                }
+            }
+        }
         self.collect(&mut grads)?;
         Ok(value)
     }
 
-    /// The batch's summed token loss, differentiable; with `grads` the head op prepares the
-    /// gradients a backward pass will ask for.
-    pub fn loss(&self, batch: &Batch, grads: bool) -> Result<Tensor> {
-        let h = forward::forward(&self.decoder, &batch.packed(&self.decoder)?)?;
-        self.head_loss(&h, batch, grads)
+    /// The batch's summed token loss (no gradient is prepared: a held-out evaluation, or a
+    /// timing probe).
+    pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        let packed = batch.packed(&self.decoder)?;
+        let (h, _) = forward::forward(&self.decoder, &packed, self.decoder.num_layers() + 1)?;
+        self.head_loss(&h, batch, None)
     }
 
-    /// Summed token loss at the batch's supervised positions; with `grads` the head op also
-    /// prepares the gradients backward will ask for.
-    fn head_loss(&self, h: &Tensor, batch: &Batch, grads: bool) -> Result<Tensor> {
+    /// Summed token loss at the batch's supervised positions; with `scale` (the loss's
+    /// multiplier in the step) the head op also prepares the gradients backward will ask for.
+    fn head_loss(&self, h: &Tensor, batch: &Batch, scale: Option<f64>) -> Result<Tensor> {
         let rows = h.index_select(&batch.positions, 0)?;
         let dec = &self.decoder;
         let w = dec.lm_head.as_ref().unwrap_or(&dec.embed).tensor()?;
-        let want = (grads, grads && w.is_variable());
-        head_nll(&rows, w, &batch.targets, dec.cfg.final_softcap, want)
+        let grads = scale.map(|scale| HeadGrads {
+            scale,
+            weight: self.head_sink.clone(),
+        });
+        head_nll(&rows, w, &batch.targets, dec.cfg.final_softcap, grads)
+    }
+
+    /// The embedding lookup's backward: each packed row's gradient into its token's row.
+    fn embed_backward(&self, packed: &Packed, grad: &Tensor) -> Result<()> {
+        let Some(sink) = &self.embed_sink else {
+            return Ok(());
+        };
+        let ids = packed.ids.flatten_all()?.to_vec1::<u32>()?;
+        let scale = self.decoder.cfg.embed_scale.map_or(1.0, |s| s as f32);
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        sink.add_rows(&ids, &g, scale)
     }
 
     /// Keeps only each layer's input; walks back layer by layer, recomputing one layer's
@@ -147,31 +214,22 @@ impl Trainer {
     fn accumulate_checkpointed(&mut self, batch: &Batch, loss_scale: f64) -> Result<f64> {
         let dec = &self.decoder;
         let packed = batch.packed(dec)?;
-        let mut inputs = vec![forward::embed(dec, &packed)?.detach()];
+        let mut inputs = vec![forward::embed(dec, &packed)?];
         for l in 0..dec.num_layers() {
             let x = forward::layer(dec, l, &inputs[l], &packed)?;
             inputs.push(x.detach());
         }
         let top = Var::from_tensor(&inputs[dec.num_layers()])?;
         let h = forward::final_norm(dec, top.as_tensor())?;
-        let nll = self.head_loss(&h, batch, true)?;
+        let nll = self.head_loss(&h, batch, Some(loss_scale))?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
         let mut upstream = grads
             .remove(top.as_tensor())
             .ok_or_else(|| anyhow::anyhow!("no gradient reached the last layer"))?;
         self.collect(&mut grads)?;
-        // Below the lowest trainable parameter no gradient is needed (frozen embeddings).
-        let embed_trains = self
-            .trainable
-            .iter()
-            .any(|(i, _)| i.module == Module::Embed);
-        let lowest = self.trainable.iter().filter_map(|(i, _)| i.layer).min();
-        let needed = |l: usize| embed_trains || lowest.is_some_and(|lo| lo <= l);
-        for l in (0..self.decoder.num_layers()).rev() {
-            if !needed(l) {
-                return Ok(value);
-            }
+        // Below `track_from` nothing needs a gradient.
+        for l in (self.track_from..self.decoder.num_layers()).rev() {
             let x = Var::from_tensor(&inputs[l])?;
             let y = forward::layer(&self.decoder, l, x.as_tensor(), &packed)?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
@@ -180,28 +238,32 @@ impl Trainer {
                 .ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
             self.collect(&mut grads)?;
         }
-        if !embed_trains {
-            return Ok(value);
+        if self.track_from == 0 {
+            self.embed_backward(&packed, &upstream)?;
         }
-        let mut grads = (forward::embed(&self.decoder, &packed)? * &upstream)?
-            .sum_all()?
-            .backward()?;
-        self.collect(&mut grads)?;
         Ok(value)
     }
 
     fn collect(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
-        for (i, (_, var)) in self.trainable.iter().enumerate() {
-            if let Some(g) = grads.remove(var.as_tensor()) {
+        for (i, (_, p)) in self.trainable.iter().enumerate() {
+            if let Some(g) = p.as_var().and_then(|v| grads.remove(v.as_tensor())) {
                 add_grad(&mut self.grads[i], g)?;
             }
         }
         Ok(())
     }
 
-    /// The gradients accumulated since the last `apply`, in `trainable` order.
-    pub fn gradients(&self) -> &[Option<Tensor>] {
-        &self.grads
+    /// The gradients accumulated since the last `apply`, in `trainable` order (copies; for
+    /// tests and inspection).
+    pub fn gradients(&self) -> Result<Vec<Option<Tensor>>> {
+        self.trainable
+            .iter()
+            .zip(&self.grads)
+            .map(|((_, p), g)| match p.sink() {
+                Some(s) => s.to_tensor(),
+                None => Ok(g.clone()),
+            })
+            .collect()
     }
 
     /// Clips, steps the optimizer at `lr` and clears the gradients. Returns the gradient norm
@@ -210,11 +272,40 @@ impl Trainer {
         let params: Vec<Tensor> = self
             .trainable
             .iter()
-            .map(|(_, v)| v.as_tensor().clone())
+            .map(|(_, p)| p.as_tensor().clone())
             .collect();
-        let grads: Vec<Option<Tensor>> = self.grads.iter_mut().map(|g| g.take()).collect();
-        let (scale, norm) = clip_scale(&grads, max_grad_norm)?;
-        self.optimizer.step(&params, &grads, lr, scale)?;
+        let var_grads: Vec<Option<Tensor>> = self
+            .grads
+            .iter_mut()
+            .map(|g| g.take().map(|g| g.contiguous()).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        // Every gradient's values in place: the variables' storages and the sinks' buffers.
+        let storages: Vec<_> = var_grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| g.storage_and_layout()))
+            .collect();
+        let sinks: Vec<_> = self
+            .trainable
+            .iter()
+            .map(|(_, p)| p.sink().map(|s| s.lock()))
+            .collect();
+        let mut slices: Vec<Option<&[f32]>> = Vec::with_capacity(params.len());
+        for (st, sk) in storages.iter().zip(&sinks) {
+            slices.push(match (st, sk) {
+                (Some((s, l)), _) => Some(crate::train::ops::cpu_f32(s, l)?),
+                (None, Some(guard)) => guard.values(),
+                (None, None) => None,
+            });
+        }
+        let (scale, norm) = clip_scale(&slices, max_grad_norm);
+        self.optimizer.step(&params, &slices, lr, scale)?;
+        drop(slices);
+        drop(sinks);
+        for (_, p) in &self.trainable {
+            if let Some(s) = p.sink() {
+                s.clear();
+            }
+        }
         Ok(norm)
     }
 
@@ -222,7 +313,7 @@ impl Trainer {
     pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
         let (mut sum, mut n) = (0f64, 0usize);
         for b in batches.iter().filter(|b| b.num_targets > 0) {
-            sum += self.loss(b, false)?.to_scalar::<f32>()? as f64;
+            sum += self.loss(b)?.to_scalar::<f32>()? as f64;
             n += b.num_targets;
         }
         Ok(if n == 0 { f64::NAN } else { sum / n as f64 })

@@ -1,15 +1,17 @@
 //! `x · Wᵀ` with a backward pass that writes each gradient once, straight from gemm: the input's
-//! `dy · W`, and the weight's `dyᵀ · x` only when the weight trains. candle's matmul backward
-//! would hand back the weight's gradient as a transposed view (copied later) and compute it even
-//! for a frozen weight.
+//! `dy · W`, and, when the weight trains, `dyᵀ · x` added in place into the weight's gradient
+//! buffer ([`GradSink`]). The weight is a plain tensor, never a variable: candle's autograd
+//! only carries activations.
 
 use super::{f32_slice, tensor_from};
 use crate::kernels::gemm::{matmul, Mat};
+use crate::train::sink::GradSink;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use std::sync::Arc;
 
 struct LinearOp {
-    weight_grad: bool,
+    sink: Option<Arc<GradSink>>,
 }
 
 impl CustomOp2 for LinearOp {
@@ -57,31 +59,23 @@ impl CustomOp2 for LinearOp {
         let mut dx = vec![0f32; rows * inner];
         let dym = Mat::new(dy_v, rows, out);
         matmul(&mut dx, inner, dym, Mat::new(w_v, out, inner), false, true);
-        let dw = if self.weight_grad {
+        if let Some(sink) = &self.sink {
             let (x_s, x_l) = x.storage_and_layout();
             let x_v = super::cpu_f32(&x_s, x_l)?;
-            let mut dw = vec![0f32; out * inner];
-            matmul(
-                &mut dw,
-                inner,
-                dym.t(),
-                Mat::new(x_v, rows, inner),
-                false,
-                true,
-            );
-            Some(tensor_from(dw, (out, inner), w)?)
-        } else {
-            None
-        };
-        Ok((Some(tensor_from(dx, (rows, inner), x)?), dw))
+            sink.add_at_b(dy_v, x_v, rows)
+                .map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
+        }
+        Ok((Some(tensor_from(dx, (rows, inner), x)?), None))
     }
 }
 
-/// `x: [rows, in]` times the transpose of `weight: [out, in]` (f32, CPU). With `weight_grad`
-/// false the backward pass computes only the input's gradient (a frozen weight).
-pub fn linear(x: &Tensor, weight: &Tensor, weight_grad: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op2(&weight.contiguous()?, LinearOp { weight_grad })?)
+/// `x: [rows, in]` times the transpose of `weight: [out, in]` (f32, CPU). The backward pass
+/// gives the input's gradient, and adds the weight's into `sink` when there is one.
+pub fn linear(x: &Tensor, weight: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
+    let op = LinearOp {
+        sink: sink.cloned(),
+    };
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
 
 #[cfg(test)]
@@ -89,36 +83,53 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
-    fn values_and_gradients_equal_matmul_and_a_frozen_weight_gets_none() -> Result<()> {
+    fn values_and_gradients_equal_matmul_and_the_sink_accumulates() -> Result<()> {
         let dev = Device::Cpu;
         for (rows, inner, out) in [(3, 7, 5), (37, 64, 96)] {
             let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, inner), &dev)?)?;
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, inner), &dev)?)?;
             let coef = Tensor::randn(0f32, 1.0, (rows, out), &dev)?;
             let want = x.as_tensor().matmul(&w.as_tensor().t()?)?;
-            for weight_grad in [true, false] {
-                let got = linear(x.as_tensor(), w.as_tensor(), weight_grad)?;
-                let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-5, "forward differs by {diff}");
-                let g_ref = (&want * &coef)?.sum_all()?.backward()?;
-                let g = (got * &coef)?.sum_all()?.backward()?;
-                let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
-                    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
-                };
-                let gx = g.get(x.as_tensor()).unwrap();
-                assert!(close(gx, g_ref.get(x.as_tensor()).unwrap())? < 1e-4);
-                match g.get(w.as_tensor()) {
-                    Some(gw) if weight_grad => {
-                        assert!(gw.is_contiguous());
-                        assert!(close(gw, g_ref.get(w.as_tensor()).unwrap())? < 1e-4);
+            let g_ref = (&want * &coef)?.sum_all()?.backward()?;
+            let (gx_ref, gw_ref) = (g_ref.get(&x).unwrap(), g_ref.get(&w).unwrap());
+            let plain_w = w.as_tensor().detach();
+            for with_sink in [true, false] {
+                let sink = Arc::new(GradSink::new(out, inner));
+                // Twice: the first write overwrites, the second adds.
+                for pass in 1..=2 {
+                    let got = linear(x.as_tensor(), &plain_w, with_sink.then_some(&sink))?;
+                    assert!(max_diff(&got, &want) < 1e-5, "forward");
+                    let g = (got * &coef)?.sum_all()?.backward()?;
+                    assert!(
+                        max_diff(g.get(&x).unwrap(), gx_ref) < 1e-4,
+                        "input gradient"
+                    );
+                    assert!(
+                        g.get(&plain_w).is_none(),
+                        "the weight is not in candle's store"
+                    );
+                    match sink.to_tensor()? {
+                        Some(gw) => {
+                            assert!(with_sink);
+                            assert!(max_diff(&gw, &(gw_ref * pass as f64)?) < 1e-4);
+                        }
+                        None => assert!(!with_sink, "nothing written"),
                     }
-                    None if !weight_grad => {}
-                    other => panic!(
-                        "weight gradient {:?} with weight_grad {weight_grad}",
-                        other.is_some()
-                    ),
                 }
+                sink.clear();
+                assert!(sink.to_tensor()?.is_none());
             }
         }
         Ok(())

@@ -2,15 +2,26 @@
 //! over the supervised rows, with Gemma2's final soft-cap. The logits are computed a band of rows
 //! at a time and never held whole (for SmolLM2 at batch 4 x 128 they would be 100 MB, plus as
 //! much again for their softmax in backward). Since the loss is a scalar, its gradients are known
-//! by the end of the forward pass: each band's `softmax - onehot` goes straight into `dh` and
-//! `dW`, and backward only scales them by the incoming gradient.
+//! by the end of the forward pass: each band's `softmax - onehot`, times the loss's scale in the
+//! step (known in advance: 1 / the step's supervised tokens), goes straight into `dh` and into
+//! the head's gradient buffer; backward checks the scale and hands `dh` on.
 
 use super::{f32_slice, tensor_from};
 use crate::kernels::gemm::{matmul, Mat};
+use crate::train::sink::GradSink;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// What the backward pass of a head loss will need.
+#[derive(Clone)]
+pub struct HeadGrads {
+    /// The gradient backward will bring (the loss's multiplier in the step).
+    pub scale: f64,
+    /// The head weight's gradient buffer, when it trains.
+    pub weight: Option<Arc<GradSink>>,
+}
 
 /// Rows of logits per band: 64 x vocabulary floats (12 MB for a 49K vocabulary) keep the gemm
 /// efficient and the band's memory small.
@@ -19,10 +30,9 @@ const BAND: usize = 64;
 struct HeadLoss {
     targets: Vec<u32>,
     softcap: Option<f32>,
-    /// Gradients wanted: (of h, of W).
-    want: (bool, bool),
-    /// Set by the forward pass: d loss / d h and d loss / d W.
-    grads: Mutex<(Option<Vec<f32>>, Option<Vec<f32>>)>,
+    grads: Option<HeadGrads>,
+    /// Set by the forward pass: d loss / d h, times the scale.
+    dh: Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp2 for HeadLoss {
@@ -49,60 +59,68 @@ impl CustomOp2 for HeadLoss {
         }
         let (h, w) = (f32_slice(h, h_l)?, f32_slice(w, w_l)?);
         let wm = Mat::new(w, vocab, hid);
-        let mut dh = self.want.0.then(|| vec![0f32; n * hid]);
-        let mut dw = self.want.1.then(|| vec![0f32; vocab * hid]);
+        let scale = self.grads.as_ref().map(|g| g.scale as f32);
+        let sink = self.grads.as_ref().and_then(|g| g.weight.as_ref());
+        let mut dh = scale.map(|_| vec![0f32; n * hid]);
         let mut logits = vec![0f32; BAND.min(n) * vocab];
         let mut loss = 0f64;
         for r0 in (0..n).step_by(BAND) {
             let rows = BAND.min(n - r0);
             let band = &mut logits[..rows * vocab];
-            let hm = Mat::new(&h[r0 * hid..(r0 + rows) * hid], rows, hid);
-            matmul(band, vocab, hm, wm.t(), false, true);
-            let grad = dh.is_some() || dw.is_some();
+            let h_band = &h[r0 * hid..(r0 + rows) * hid];
+            matmul(
+                band,
+                vocab,
+                Mat::new(h_band, rows, hid),
+                wm.t(),
+                false,
+                true,
+            );
             let targets = &self.targets[r0..r0 + rows];
             loss += band
                 .par_chunks_mut(vocab)
                 .zip(targets)
-                .map(|(row, &t)| row_loss(row, t as usize, self.softcap, grad))
+                .map(|(row, &t)| row_loss(row, t as usize, self.softcap, scale))
                 .sum::<f64>();
             if let Some(dh) = dh.as_mut() {
                 let dst = &mut dh[r0 * hid..(r0 + rows) * hid];
                 matmul(dst, hid, Mat::new(band, rows, vocab), wm, false, true);
             }
-            if let Some(dw) = dw.as_mut() {
-                matmul(dw, hid, Mat::new(band, rows, vocab).t(), hm, r0 > 0, true);
+            if let Some(sink) = sink {
+                sink.add_at_b(band, h_band, rows)
+                    .map_err(|e| candle_core::Error::Msg(format!("head loss: {e:#}")))?;
             }
         }
-        *self.grads.lock().unwrap() = (dh, dw);
+        *self.dh.lock().unwrap() = dh;
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
     fn bwd(
         &self,
         h: &Tensor,
-        w: &Tensor,
+        _w: &Tensor,
         _loss: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let (dh, dw) = std::mem::take(&mut *self.grads.lock().unwrap());
-        let scaled = |v: Option<Vec<f32>>, like: &Tensor| -> candle_core::Result<Option<Tensor>> {
-            match v {
-                Some(mut v) => {
-                    v.par_chunks_mut(1 << 14)
-                        .for_each(|c| c.iter_mut().for_each(|x| *x *= g));
-                    Ok(Some(tensor_from(v, like.shape().clone(), like)?))
-                }
-                None => Ok(None),
-            }
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+        let Some(scale) = self.grads.as_ref().map(|g| g.scale) else {
+            candle_core::bail!("head loss: backward through a loss computed without gradients")
         };
-        Ok((scaled(dh, h)?, scaled(dw, w)?))
+        if (g - scale).abs() > 1e-6 * scale.abs() {
+            candle_core::bail!("head loss: backward brings {g}, the forward prepared for {scale}");
+        }
+        let dh = self.dh.lock().unwrap().take();
+        let Some(dh) = dh else {
+            candle_core::bail!("head loss: a second backward through the same loss")
+        };
+        Ok((Some(tensor_from(dh, h.shape().clone(), h)?), None))
     }
 }
 
-/// One row's `-log softmax(z)[target]` (z the soft-capped logits); with `grad` the row is
-/// overwritten by d loss / d logits (`softmax - onehot`, times the soft-cap's derivative).
-fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: bool) -> f64 {
+/// One row's `-log softmax(z)[target]` (z the soft-capped logits); with `grad` (a scale) the
+/// row is overwritten by scale · d loss / d logits (`softmax - onehot`, times the soft-cap's
+/// derivative).
+fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: Option<f32>) -> f64 {
     if let Some(cap) = softcap {
         row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
     }
@@ -113,7 +131,7 @@ fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: bool) ->
         .sum();
     let lse = max as f64 + sum.ln();
     let loss = lse - row[target] as f64;
-    if grad {
+    if let Some(scale) = grad {
         let lse = lse as f32;
         match softcap {
             None => row.iter_mut().for_each(|x| *x = (*x - lse).exp()),
@@ -128,19 +146,22 @@ fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: bool) ->
             1.0 - t * t
         });
         row[target] -= onehot_d;
+        if scale != 1.0 {
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
     }
     loss
 }
 
 /// Summed token loss of final-normed rows `h: [N, H]` against `targets` (one per row) through
-/// the head `weight: [V, H]`. `grads` says which gradients the backward pass will be asked for
-/// (none for a held-out evaluation): they are computed during this call.
+/// the head `weight: [V, H]`. With `grads` the gradients are made during this call: the head
+/// weight's added into its buffer, the rows' kept for the backward pass.
 pub fn head_nll(
     h: &Tensor,
     weight: &Tensor,
     targets: &[u32],
     softcap: Option<f64>,
-    grads: (bool, bool),
+    grads: Option<HeadGrads>,
 ) -> Result<Tensor> {
     if h.dim(0)? != targets.len() {
         bail!(
@@ -152,8 +173,8 @@ pub fn head_nll(
     let op = HeadLoss {
         targets: targets.to_vec(),
         softcap: softcap.map(|c| c as f32),
-        want: grads,
-        grads: Mutex::new((None, None)),
+        grads,
+        dh: Mutex::new(None),
     };
     Ok(h.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
@@ -183,28 +204,27 @@ mod tests {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         let want = nll_sum(&logits, &t)?;
-        let got = head_nll(
-            h.as_tensor(),
-            w.as_tensor(),
-            &targets,
-            softcap,
-            (true, true),
-        )?;
+        let sink = Arc::new(GradSink::new(vocab, hid));
+        let grads = HeadGrads {
+            scale: 0.5,
+            weight: Some(sink.clone()),
+        };
+        let plain_w = w.as_tensor().detach();
+        let got = head_nll(h.as_tensor(), &plain_w, &targets, softcap, Some(grads))?;
         let (a, b) = (want.to_scalar::<f32>()?, got.to_scalar::<f32>()?);
         assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
         let (gw, gg) = ((want * 0.5)?.backward()?, (got * 0.5)?.backward()?);
-        for v in [&h, &w] {
-            let (x, y) = (
-                gw.get(v.as_tensor()).unwrap(),
-                gg.get(v.as_tensor()).unwrap(),
-            );
+        let close = |x: &Tensor, y: &Tensor| -> Result<()> {
             let err = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = x.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(
                 err <= 1e-5 * scale.max(1e-3),
                 "gradient error {err} (scale {scale})"
             );
-        }
+            Ok(())
+        };
+        close(gw.get(&h).unwrap(), gg.get(&h).unwrap())?;
+        close(gw.get(&w).unwrap(), &sink.to_tensor()?.unwrap())?;
         Ok(())
     }
 
@@ -218,14 +238,23 @@ mod tests {
     }
 
     #[test]
-    fn without_gradients_nothing_is_kept_and_bad_targets_are_refused() -> Result<()> {
+    fn bad_targets_scales_and_a_loss_without_gradients_are_refused() -> Result<()> {
         let dev = Device::Cpu;
-        let h = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev)?)?;
         let w = Tensor::randn(0f32, 1.0, (10, 8), &dev)?;
-        let l = head_nll(&h, &w, &[1, 2, 3, 4], None, (false, false))?;
+        let l = head_nll(h.as_tensor(), &w, &[1, 2, 3, 4], None, None)?;
         assert!(l.to_scalar::<f32>()?.is_finite());
-        let err = head_nll(&h, &w, &[1, 2, 3, 10], None, (false, false)).unwrap_err();
+        let err = l.backward().unwrap_err();
+        assert!(format!("{err:#}").contains("without gradients"), "{err:#}");
+        let err = head_nll(h.as_tensor(), &w, &[1, 2, 3, 10], None, None).unwrap_err();
         assert!(format!("{err:#}").contains("target token 10"), "{err:#}");
+        let grads = HeadGrads {
+            scale: 0.25,
+            weight: None,
+        };
+        let l = head_nll(h.as_tensor(), &w, &[1, 2, 3, 4], None, Some(grads))?;
+        let err = (l * 0.5)?.backward().unwrap_err();
+        assert!(format!("{err:#}").contains("prepared for 0.25"), "{err:#}");
         Ok(())
     }
 }
