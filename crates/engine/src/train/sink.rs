@@ -1,37 +1,35 @@
 //! Gradient buffers of the large trainable matrices (projections, embeddings, output head),
-//! kept across steps and written in place by the ops' backward passes.
+//! written in place by the ops' backward passes.
 //!
-//! Left to candle's autograd, each weight gradient would be a fresh tensor (page-faulted and
-//! zeroed), added into another fresh zero tensor in candle's gradient store, then added again
-//! across micro-batches: three passes and two allocations over all the parameters per step, and
-//! the store holds a second copy of every gradient at the end of backward. Here the first write
-//! of a step overwrites the buffer and later ones add into it (gemm accumulates in place), so a
-//! step costs no allocation and no zeroing.
+//! Left to candle's autograd, each weight gradient would be a fresh tensor, added into another
+//! fresh zero tensor in candle's gradient store, then added again across micro-batches: three
+//! passes and two allocations over all the parameters per step, and the store holds a second
+//! copy of every gradient at the end of backward. Here the first write of a step allocates the
+//! buffer (memory the activations freed a moment earlier in the same backward pass) and later
+//! writes add into it (gemm accumulates in place). The optimizer step frees it again, as torch's
+//! `zero_grad` does, so the next forward pass has that memory for its activations.
 
 use crate::kernels::gemm::{matmul, Mat};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub struct SinkGuard<'a> {
-    grad: MutexGuard<'a, Vec<f32>>,
-    written: bool,
+    grad: MutexGuard<'a, Option<Vec<f32>>>,
 }
 
 impl SinkGuard<'_> {
     /// The gradient, if anything was written since the last `clear`.
     pub fn values(&self) -> Option<&[f32]> {
-        self.written.then_some(self.grad.as_slice())
+        self.grad.as_deref()
     }
 }
 
 pub struct GradSink {
-    /// `[rows, cols]` row-major; valid only when `written`.
-    grad: Mutex<Vec<f32>>,
+    /// `[rows, cols]` row-major, when anything was written since the last `clear`.
+    grad: Mutex<Option<Vec<f32>>>,
     rows: usize,
     cols: usize,
-    written: AtomicBool,
 }
 
 impl std::fmt::Debug for GradSink {
@@ -43,22 +41,16 @@ impl std::fmt::Debug for GradSink {
 impl GradSink {
     pub fn new(rows: usize, cols: usize) -> GradSink {
         GradSink {
-            grad: Mutex::new(vec![0.0; rows * cols]),
+            grad: Mutex::new(None),
             rows,
             cols,
-            written: AtomicBool::new(false),
         }
-    }
-
-    pub fn written(&self) -> bool {
-        self.written.load(Ordering::Acquire)
     }
 
     /// The buffer, locked; its values are those accumulated since the last `clear`.
     pub fn lock(&self) -> SinkGuard<'_> {
         SinkGuard {
             grad: self.grad.lock().expect("grad sink lock"),
-            written: self.written(),
         }
     }
 
@@ -72,17 +64,18 @@ impl GradSink {
         })
     }
 
-    /// Starts a new accumulation (after the optimizer step).
+    /// Frees the gradient (after the optimizer step).
     pub fn clear(&self) {
-        self.written.store(false, Ordering::Release);
+        *self.grad.lock().expect("grad sink lock") = None;
     }
 
-    /// Runs `f` on the buffer with whether this write must overwrite it (the first write of an
-    /// accumulation) or add into it.
+    /// Runs `f` on the buffer with whether this write is the accumulation's first (the buffer
+    /// is then fresh zeros, which `f` may simply overwrite) or adds into earlier values.
     fn write(&self, f: impl FnOnce(&mut [f32], bool)) {
         let mut g = self.grad.lock().expect("grad sink lock");
-        let overwrite = !self.written.swap(true, Ordering::AcqRel);
-        f(&mut g, overwrite)
+        let first = g.is_none();
+        let buf = g.get_or_insert_with(|| vec![0.0; self.rows * self.cols]);
+        f(buf, first)
     }
 
     /// `grad += aᵀ · b` for row-major `a: [n, rows]`, `b: [n, cols]` (a projection's
@@ -125,10 +118,7 @@ impl GradSink {
                 self.rows
             );
         }
-        self.write(|g, overwrite| {
-            if overwrite {
-                g.fill(0.0);
-            }
+        self.write(|g, _| {
             for (&id, row) in ids.iter().zip(rows.chunks_exact(cols)) {
                 let dst = &mut g[id as usize * cols..(id as usize + 1) * cols];
                 dst.iter_mut().zip(row).for_each(|(d, x)| *d += scale * x);
