@@ -80,7 +80,8 @@ impl GradSink {
 
     /// `grad += aᵀ · b` for row-major `a: [n, rows]`, `b: [n, cols]` (a projection's
     /// `dyᵀ · x`, or the head's `(softmax - onehot)ᵀ · h`).
-    pub fn add_at_b(&self, a: &[f32], b: &[f32], n: usize) -> Result<()> {
+    /// `parallel`: threaded gemm (false when the caller runs other work beside it).
+    pub fn add_at_b(&self, a: &[f32], b: &[f32], n: usize, parallel: bool) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         if a.len() != n * rows || b.len() != n * cols {
             bail!(
@@ -89,14 +90,14 @@ impl GradSink {
                 b.len()
             );
         }
-        self.write(|g, overwrite| {
+        self.write(|g, first| {
             matmul(
                 g,
                 cols,
                 Mat::new(a, n, rows).t(),
                 Mat::new(b, n, cols),
-                !overwrite,
-                true,
+                !first,
+                parallel,
             )
         });
         Ok(())

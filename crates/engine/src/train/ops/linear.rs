@@ -58,12 +58,20 @@ impl CustomOp2 for LinearOp {
         let w_v = super::cpu_f32(&w_s, w_l)?;
         let mut dx = vec![0f32; rows * inner];
         let dym = Mat::new(dy_v, rows, out);
-        matmul(&mut dx, inner, dym, Mat::new(w_v, out, inner), false, true);
-        if let Some(sink) = &self.sink {
-            let (x_s, x_l) = x.storage_and_layout();
-            let x_v = super::cpu_f32(&x_s, x_l)?;
-            sink.add_at_b(dy_v, x_v, rows)
-                .map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
+        let wm = Mat::new(w_v, out, inner);
+        match &self.sink {
+            None => matmul(&mut dx, inner, dym, wm, false, true),
+            Some(sink) => {
+                // The two products are independent: one per thread beats both split in two
+                // (gemm's own splitting of a few hundred rows leaves threads waiting).
+                let (x_s, x_l) = x.storage_and_layout();
+                let x_v = super::cpu_f32(&x_s, x_l)?;
+                let (_, dw) = rayon::join(
+                    || matmul(&mut dx, inner, dym, wm, false, false),
+                    || sink.add_at_b(dy_v, x_v, rows, false),
+                );
+                dw.map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
+            }
         }
         Ok((Some(tensor_from(dx, (rows, inner), x)?), None))
     }

@@ -87,7 +87,7 @@ impl CustomOp2 for HeadLoss {
                 matmul(dst, hid, Mat::new(band, rows, vocab), wm, false, true);
             }
             if let Some(sink) = sink {
-                sink.add_at_b(band, h_band, rows)
+                sink.add_at_b(band, h_band, rows, true)
                     .map_err(|e| candle_core::Error::Msg(format!("head loss: {e:#}")))?;
             }
         }
