@@ -91,7 +91,7 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
 /// The shared prompt head (`x`: `[1, T, H]` entering `layers.start`) run once through `layers`:
 /// its keys/values and the residual stream leaving the last of them.
 fn run_head(dec: &Decoder, x: Tensor, layers: std::ops::Range<usize>) -> Result<(KvCache, Tensor)> {
-    let ctx = dec.step_ctx(&[0], 0, x.dim(1)?, false)?;
+    let ctx = dec.step_ctx(&[0], 0, x.dim(1)?)?;
     let mut kv = KvCache::new(dec.num_layers());
     let x = dec.run_layers(
         x,
@@ -179,7 +179,7 @@ impl PrefixCache {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
             let t = ids.dim(1)?;
-            let ctx = dec.step_ctx_shared(&pads, shared, shared, t, false)?;
+            let ctx = dec.step_ctx_shared(&pads, shared, shared, t)?;
             let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
             let x = dec.run_layers(
                 dec.embed(&ids)?,

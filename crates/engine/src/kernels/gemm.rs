@@ -171,7 +171,13 @@ mod timing {
     #[ignore]
     fn training_shapes() {
         let n = 433;
-        for (inp, out) in [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)] {
+        for (inp, out) in [
+            (576, 960),
+            (576, 576),
+            (576, 3072),
+            (1536, 576),
+            (576, 49152),
+        ] {
             let x = vec![0.5f32; n * inp];
             let w = vec![0.25f32; out * inp];
             let dy = vec![0.125f32; n * out];
@@ -188,27 +194,81 @@ mod timing {
                 flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
             };
             let fwd = time(&mut || {
-                matmul(&mut y, out, Mat::new(&x, n, inp), Mat::new(&w, out, inp).t(), false, true)
+                matmul(
+                    &mut y,
+                    out,
+                    Mat::new(&x, n, inp),
+                    Mat::new(&w, out, inp).t(),
+                    false,
+                    true,
+                )
             });
             let bx = time(&mut || {
-                matmul(&mut dx, inp, Mat::new(&dy, n, out), Mat::new(&w, out, inp), false, true)
+                matmul(
+                    &mut dx,
+                    inp,
+                    Mat::new(&dy, n, out),
+                    Mat::new(&w, out, inp),
+                    false,
+                    true,
+                )
             });
             let bw = time(&mut || {
-                matmul(&mut dw, inp, Mat::new(&dy, n, out).t(), Mat::new(&x, n, inp), true, true)
+                matmul(
+                    &mut dw,
+                    inp,
+                    Mat::new(&dy, n, out).t(),
+                    Mat::new(&x, n, inp),
+                    true,
+                    true,
+                )
             });
             let fwd1 = time(&mut || {
-                matmul(&mut y, out, Mat::new(&x, n, inp), Mat::new(&w, out, inp).t(), false, false)
+                matmul(
+                    &mut y,
+                    out,
+                    Mat::new(&x, n, inp),
+                    Mat::new(&w, out, inp).t(),
+                    false,
+                    false,
+                )
             });
             let bw1 = time(&mut || {
-                matmul(&mut dw, inp, Mat::new(&dy, n, out).t(), Mat::new(&x, n, inp), true, false)
+                matmul(
+                    &mut dw,
+                    inp,
+                    Mat::new(&dy, n, out).t(),
+                    Mat::new(&x, n, inp),
+                    true,
+                    false,
+                )
             });
             let mut dw2 = dw.clone();
-            let both = 2.0 * time(&mut || {
-                rayon::join(
-                    || matmul(&mut dx, inp, Mat::new(&dy, n, out), Mat::new(&w, out, inp), false, false),
-                    || matmul(&mut dw2, inp, Mat::new(&dy, n, out).t(), Mat::new(&x, n, inp), true, false),
-                );
-            });
+            let both = 2.0
+                * time(&mut || {
+                    rayon::join(
+                        || {
+                            matmul(
+                                &mut dx,
+                                inp,
+                                Mat::new(&dy, n, out),
+                                Mat::new(&w, out, inp),
+                                false,
+                                false,
+                            )
+                        },
+                        || {
+                            matmul(
+                                &mut dw2,
+                                inp,
+                                Mat::new(&dy, n, out).t(),
+                                Mat::new(&x, n, inp),
+                                true,
+                                false,
+                            )
+                        },
+                    );
+                });
             eprintln!("[{n}x{inp}] x [{inp}x{out}]: fwd {fwd:.0}, dx {bx:.0}, dW {bw:.0} GFLOP/s; one thread: fwd {fwd1:.0} dW {bw1:.0}; dx | dW on one thread each: {both:.0}");
         }
     }

@@ -173,17 +173,17 @@ impl Decoder {
         let mut k = heads(nh, nkv)?;
         let v = heads(nh + nkv, nkv)?.contiguous()?;
         if let Some(n) = &layer.attn.q_norm {
-            q = n.forward(&q, ctx.differentiable)?;
+            q = n.forward(&q)?;
         }
         if let Some(n) = &layer.attn.k_norm {
-            k = n.forward(&k, ctx.differentiable)?;
+            k = n.forward(&k)?;
         }
         let (cos, sin) = match (&ctx.rope_local, layer.kind) {
             (Some(local), AttentionKind::Sliding) => local,
             _ => &ctx.rope_global,
         };
-        let q = rope::apply(&q, cos, sin, cfg.rotary_dim, ctx.differentiable)?;
-        let k = rope::apply(&k, cos, sin, cfg.rotary_dim, ctx.differentiable)?.contiguous()?;
+        let q = rope::apply(&q, cos, sin, cfg.rotary_dim)?;
+        let k = rope::apply(&k, cos, sin, cfg.rotary_dim)?.contiguous()?;
         let (k, v) = match cache {
             Some(c) => {
                 let past = if c.append {
@@ -217,44 +217,19 @@ impl Decoder {
             None => (k, v),
         };
         let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding_raw.is_some();
-        let out = if ctx.differentiable {
-            let s = k.dim(2)?;
-            let g = nh / nkv;
-            // Grouped-query attention without copying k/v: the g query heads that share a kv
-            // head are stacked along the row dimension.
-            let q = (q * cfg.attn_scale)?
-                .contiguous()?
-                .reshape((b, nkv, g * t, hd))?;
-            let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-            if let Some(cap) = cfg.attn_softcap {
-                scores = ((scores / cap)?.tanh()? * cap)?;
-            }
-            let mask = if sliding {
-                ctx.mask_sliding.as_ref()
-            } else {
-                ctx.mask_full.as_ref()
-            }
-            .expect("built when differentiable");
-            let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-            probs
-                .reshape((b, nkv, g * t, s))?
-                .matmul(&v)?
-                .reshape((b, nh, t, hd))?
+        let mask = if sliding {
+            ctx.mask_sliding_raw.as_ref().expect("checked")
         } else {
-            let mask = if sliding {
-                ctx.mask_sliding_raw.as_ref().expect("checked")
-            } else {
-                &ctx.mask_full_raw
-            };
-            crate::kernels::attention::attention(
-                &q,
-                &k,
-                &v,
-                mask,
-                cfg.attn_scale as f32,
-                cfg.attn_softcap.map(|c| c as f32),
-            )?
+            &ctx.mask_full_raw
         };
+        let out = crate::kernels::attention::attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            cfg.attn_scale as f32,
+            cfg.attn_softcap.map(|c| c as f32),
+        )?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.attn.o.forward(&out)
     }
@@ -279,21 +254,20 @@ impl Decoder {
         hooks: &HookSpec,
         acts: &mut ActivationCache,
     ) -> Result<Tensor> {
-        let diff = ctx.differentiable;
         for l in range {
             x = hooks.apply(Hook::ResidPre(l), x, acts)?;
             let layer = &self.layers[l];
-            let h = layer.attn_in_norm.forward(&x, diff)?;
+            let h = layer.attn_in_norm.forward(&x)?;
             let mut a = self.attention(l, &h, ctx, cache.as_deref_mut())?;
             if let Some(n) = &layer.attn_out_norm {
-                a = n.forward(&a, diff)?;
+                a = n.forward(&a)?;
             }
             let a = hooks.apply(Hook::AttnOut(l), a, acts)?;
             x = (x + a)?;
-            let h = layer.mlp_in_norm.forward(&x, diff)?;
+            let h = layer.mlp_in_norm.forward(&x)?;
             let mut m = self.mlp(l, &h)?;
             if let Some(n) = &layer.mlp_out_norm {
-                m = n.forward(&m, diff)?;
+                m = n.forward(&m)?;
             }
             let m = hooks.apply(Hook::MlpOut(l), m, acts)?;
             x = (x + m)?;
@@ -307,12 +281,11 @@ impl Decoder {
     pub fn head(
         &self,
         x: &Tensor,
-        ctx: &StepCtx,
         logits: Logits,
         hooks: &HookSpec,
         acts: &mut ActivationCache,
     ) -> Result<Tensor> {
-        let normed = self.final_normed(x, ctx, hooks, acts)?;
+        let normed = self.final_normed(x, hooks, acts)?;
         let h = match logits {
             Logits::Last => {
                 let t = normed.dim(1)?;
@@ -326,11 +299,10 @@ impl Decoder {
     fn final_normed(
         &self,
         x: &Tensor,
-        ctx: &StepCtx,
         hooks: &HookSpec,
         acts: &mut ActivationCache,
     ) -> Result<Tensor> {
-        let normed = self.final_norm.forward(x, ctx.differentiable)?;
+        let normed = self.final_norm.forward(x)?;
         hooks.apply(Hook::FinalNorm, normed, acts)
     }
 
@@ -427,7 +399,7 @@ impl Decoder {
         let (_, t, _) = x.dims3()?;
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
         let shared = cache.as_ref().map(|c| c.shared).unwrap_or(0);
-        let ctx = self.step_ctx_shared(pads, shared, past, t, false)?;
+        let ctx = self.step_ctx_shared(pads, shared, past, t)?;
         let mut acts = ActivationCache::default();
         let stop = match (logits, hooks.layers_needed()) {
             (None, Some(k)) => k.min(self.num_layers()),
@@ -439,30 +411,13 @@ impl Decoder {
             return Ok((None, acts));
         }
         let out = match logits {
-            Some(which) => Some(self.head(&x, &ctx, which, hooks, &mut acts)?),
+            Some(which) => Some(self.head(&x, which, hooks, &mut acts)?),
             None => {
-                self.final_normed(&x, &ctx, hooks, &mut acts)?;
+                self.final_normed(&x, hooks, &mut acts)?;
                 None
             }
         };
         Ok((out, acts))
-    }
-
-    /// The differentiable forward pass used for training: final-normed hidden states `[B, T, H]`
-    /// of left-padded `ids` (no cache, no hooks; logits are left to the loss, which needs them
-    /// only at supervised positions).
-    pub fn forward_train(&self, ids: &Tensor, pads: &[usize]) -> Result<Tensor> {
-        let x = self.embed(ids)?;
-        let ctx = self.step_ctx(pads, 0, x.dim(1)?, true)?;
-        let x = self.run_layers(
-            x,
-            0..self.num_layers(),
-            &ctx,
-            None,
-            &HookSpec::none(),
-            &mut ActivationCache::default(),
-        )?;
-        self.final_norm.forward(&x, true)
     }
 
     /// The activations' dtype (f32 whatever the weights' storage).

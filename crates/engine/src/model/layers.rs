@@ -4,7 +4,7 @@
 use crate::io::config::{Activation, AttentionKind};
 use crate::model::weight::Weight;
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// A projection's part in training.
 #[derive(Debug, Clone, Default)]
@@ -103,18 +103,13 @@ impl RmsNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if differentiable {
-            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-            Ok(normed.broadcast_mul(&self.scale()?)?)
-        } else {
-            Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                &self.scale()?,
-                self.eps as f32,
-            )?)
-        }
+    /// Inference only (candle's norm has no backward; training uses `train::ops::norm`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.scale()?,
+            self.eps as f32,
+        )?)
     }
 }
 

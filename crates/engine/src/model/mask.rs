@@ -71,28 +71,18 @@ pub struct StepCtx {
     pub batch: usize,
     pub new_tokens: usize,
     pub past: usize,
-    /// Additive masks `[B, 1, T, S]` as tensors, for the differentiable path only.
-    pub(crate) mask_full: Option<Tensor>,
-    pub(crate) mask_sliding: Option<Tensor>,
     /// The masks as `[B, T, S]` slices for the CPU attention kernel.
     pub(crate) mask_full_raw: Vec<f32>,
     pub(crate) mask_sliding_raw: Option<Vec<f32>>,
     pub(crate) rope_global: (Tensor, Tensor),
     pub(crate) rope_local: Option<(Tensor, Tensor)>,
-    pub differentiable: bool,
 }
 
 impl Decoder {
     /// Masks and rope angles for `new_tokens` tokens appended after `past` cached ones, rows
     /// left-padded by `pads[b]` tokens.
-    pub fn step_ctx(
-        &self,
-        pads: &[usize],
-        past: usize,
-        new_tokens: usize,
-        differentiable: bool,
-    ) -> Result<StepCtx> {
-        self.step_ctx_shared(pads, 0, past, new_tokens, differentiable)
+    pub fn step_ctx(&self, pads: &[usize], past: usize, new_tokens: usize) -> Result<StepCtx> {
+        self.step_ctx_shared(pads, 0, past, new_tokens)
     }
 
     /// As `step_ctx`, with each row's padding after a prefix of `shared` positions that every
@@ -103,7 +93,6 @@ impl Decoder {
         shared: usize,
         past: usize,
         new_tokens: usize,
-        differentiable: bool,
     ) -> Result<StepCtx> {
         let b = pads.len();
         let total = past + new_tokens;
@@ -120,8 +109,6 @@ impl Decoder {
         } else {
             None
         };
-        let as_tensor =
-            |m: &Vec<f32>| Tensor::from_vec(m.clone(), (b, 1, new_tokens, total), &self.device);
         let positions: Vec<Vec<u32>> = pads
             .iter()
             .map(|&pad| {
@@ -139,15 +126,6 @@ impl Decoder {
             batch: b,
             new_tokens,
             past,
-            mask_full: if differentiable {
-                Some(as_tensor(&mask_full_raw)?)
-            } else {
-                None
-            },
-            mask_sliding: match &mask_sliding_raw {
-                Some(m) if differentiable => Some(as_tensor(m)?),
-                _ => None,
-            },
             mask_full_raw,
             mask_sliding_raw,
             rope_global: self
@@ -157,7 +135,6 @@ impl Decoder {
                 Some(r) => Some(r.cos_sin(&positions, seq_len, &self.device)?),
                 None => None,
             },
-            differentiable,
         })
     }
 }

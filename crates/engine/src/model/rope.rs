@@ -127,39 +127,17 @@ impl Rope {
         ))
     }
 }
-
-/// Rotates `x: [B, H, T, D]` (rotate-half convention) on its first `rot_dim` dims.
-/// `differentiable` selects the slow path built from ops that have a backward pass.
-pub fn apply(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    rot_dim: usize,
-    differentiable: bool,
-) -> Result<Tensor> {
+/// Rotates `x: [B, H, T, D]` (rotate-half convention) on its first `rot_dim` dims. Inference
+/// only (candle's rope has no backward; training uses `train::ops::rope`).
+pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rot_dim: usize) -> Result<Tensor> {
     let d = x.dim(3)?;
-    let (rot, pass) = if rot_dim == d {
-        (x.clone(), None)
-    } else {
-        (
-            x.narrow(3, 0, rot_dim)?,
-            Some(x.narrow(3, rot_dim, d - rot_dim)?),
-        )
-    };
-    let rotated = if differentiable {
-        // [B, T, half] -> [B, 1, T, rot]
-        let c = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
-        let s = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
-        let half = rot_dim / 2;
-        let x1 = rot.narrow(3, 0, half)?;
-        let x2 = rot.narrow(3, half, half)?;
-        let rotate_half = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-        (rot.broadcast_mul(&c)? + rotate_half.broadcast_mul(&s)?)?
-    } else {
-        candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, sin)?
-    };
-    Ok(match pass {
-        None => rotated,
-        Some(p) => Tensor::cat(&[&rotated, &p], 3)?,
-    })
+    if rot_dim == d {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let rot = x.narrow(3, 0, rot_dim)?.contiguous()?;
+    let rotated = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+    Ok(Tensor::cat(
+        &[&rotated, &x.narrow(3, rot_dim, d - rot_dim)?],
+        3,
+    )?)
 }

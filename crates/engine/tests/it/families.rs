@@ -402,11 +402,11 @@ fn hook_points_are_consistent() {
     assert!(Hook::parse("mlp_out.9", l).is_err());
 }
 
-/// The differentiable path (hand-written norm and rope, candle softmax and matmul attention: the
-/// ops that have a backward pass) computes the same numbers as the inference kernels.
+/// The training pass (fused ops with backward passes, rows packed without padding) computes the
+/// same logits as the inference kernels at every real position.
 #[test]
-fn differentiable_path_equals_inference_path() {
-    use sl_engine::ActivationCache;
+fn training_pass_equals_inference_path() {
+    use sl_engine::train::forward::{forward, Packed};
     for family in ["gemma2", "gemma3", "phi3", "qwen3"] {
         let m = Model::load(&fixture_dir(family)).unwrap();
         let d = &m.decoder;
@@ -419,46 +419,18 @@ fn differentiable_path_equals_inference_path() {
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let (t, pads) = sl_engine::infer::generate::left_pad(&refs, &d.device).unwrap();
         let fast = d.logits(&t, &pads, None, Logits::All).unwrap();
-        let ctx = d.step_ctx(&pads, 0, t.dim(1).unwrap(), true).unwrap();
-        let mut cap = ActivationCache::default();
-        let x = d
-            .run_layers(
-                d.embed(&t).unwrap(),
-                0..d.num_layers(),
-                &ctx,
-                None,
-                &HookSpec::none(),
-                &mut cap,
-            )
-            .unwrap();
-        let slow = d
-            .head(&x, &ctx, Logits::All, &HookSpec::none(), &mut cap)
-            .unwrap();
-        // Compare real (non-padding) positions only.
+        let packed = Packed::new(d, &refs).unwrap();
+        let (h, _) = forward(d, &packed, usize::MAX).unwrap();
+        let slow = d.lm_logits(&h).unwrap();
         for (b, &pad) in pads.iter().enumerate() {
-            let f = fast
-                .get(b)
-                .unwrap()
-                .narrow(0, pad, t.dim(1).unwrap() - pad)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let s = slow
-                .get(b)
-                .unwrap()
-                .narrow(0, pad, t.dim(1).unwrap() - pad)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let len = rows[b].len();
+            let f = fast.get(b).unwrap().narrow(0, pad, len).unwrap();
+            let s = slow.narrow(0, packed.seqs[b].0, len).unwrap();
             assert_close(
-                &s,
-                &f,
+                &s.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                &f.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 1e-4,
-                &format!("{family}: row {b} logits, differentiable vs inference"),
+                &format!("{family}: row {b} logits, training pass vs inference"),
             );
         }
     }
