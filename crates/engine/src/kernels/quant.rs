@@ -4,7 +4,8 @@
 //! - a handful (a single sequence's decode step): as llama.cpp does, each activation row is
 //!   quantized once to the weight type's dot-product partner (Q8_0, Q8_1 or Q8_K) and integer
 //!   dot products come from candle's k-quants (`GgmlType::vec_dot_4`, SIMD where the CPU has it;
-//!   our own AVX2 and AVX-512 ones for Q4_1, chosen by `simd`). Reading the weight once is all that matters here.
+//!   our own AVX2 and AVX-512 ones for Q4_1, chosen by `simd`). Reading the weight once is all
+//!   that matters here.
 //! - more (batched decode, prompts): weight rows are dequantized a few at a time (or a panel at
 //!   a time) and go through the f32 kernels of `widen`; dequantizing a row costs K operations
 //!   and is shared by every activation row, and the products are then exact f32 ones.
