@@ -264,6 +264,32 @@ def machine():
             f"commit {commit}{' (modified)' if dirty else ''}")
 
 
+SIMD_FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "asimd"]
+
+
+def simd():
+    """The CPU's SIMD flags that matter to the kernels (/proc/cpuinfo), the level our kernels pick
+    from them (crates/engine/src/kernels/simd.rs: avx512 needs avx512f+bw+vl on top of
+    avx2+fma+f16c) and SAFETY_LAYERS_SIMD, which forces a lower one. gemm dispatches on its own."""
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    has = [f for f in SIMD_FLAGS if f in flags]
+    if {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"} <= flags:
+        best = "avx512f+bw+vl"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        best = "avx2+fma"
+    else:
+        best = "neon" if "asimd" in flags else "scalar"
+    forced = os.environ.get("SAFETY_LAYERS_SIMD") or "unset (auto)"
+    return f"flags {' '.join(has) or 'none'}; kernels' best level {best}; SAFETY_LAYERS_SIMD={forced}"
+
+
 def peer_versions():
     r = subprocess.run([str(peer_python()), "-c",
                         "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"], capture_output=True, text=True)
@@ -277,12 +303,12 @@ def record(title, args, lines, peer=True):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     threads = f"{args.peer_threads} torch threads (--peer-threads)" if args.peer_threads else "torch's default threads"
     block = [f"## {now}: {title}{' (quick, not a result)' if quick else ''}", "",
-             f"- machine: {machine()}"] + ([f"- peer: {peer_versions()}, run with {threads}"] if peer else []) + [
+             f"- machine: {machine()}", f"- SIMD: {simd()}"] + ([f"- peer: {peer_versions()}, run with {threads}"] if peer else []) + [
              f"- command: `{' '.join(shlex.quote(a) for a in ['bench/' + Path(sys.argv[0]).name] + sys.argv[1:])}`",
              ""] + lines + [""]
     other = other_cores()
     if other is not None:
-        block.insert(3, f"- other processes used {other:.2f} of {os.cpu_count()} cores on average during this run"
+        block.insert(4, f"- other processes used {other:.2f} of {os.cpu_count()} cores on average during this run"
                      + (": the CPUs were shared, these numbers are unreliable (OpenMP threads in particular collapse "
                         "when oversubscribed)" if other > 0.25 else ""))
     text = "\n".join(block) + "\n"

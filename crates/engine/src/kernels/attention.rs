@@ -5,6 +5,7 @@
 //! This kernel computes scores, soft-cap, mask, softmax and the weighted sum in one place.
 //! The training path keeps candle's ops (they have a backward pass).
 
+use crate::kernels::simd::{self, Level};
 use anyhow::{bail, Result};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
@@ -22,10 +23,34 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
-/// Dot product with eight independent accumulators so the compiler can vectorise it (a plain
-/// iterator sum of f32 must keep its sequential order).
+/// `a · b` on the process's SIMD level (see `simd`).
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_at(simd::level(), a, b)
+}
+
+/// `a · b` on a given level (a hot loop reads the level once; tests force each one).
+#[inline]
+pub(crate) fn dot_at(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let k = a.len().min(b.len());
+    let (a, b) = (&a[..k], &b[..k]);
+    match level {
+        // SAFETY: `level` is only ever a level the CPU runs (simd::choice, simd::test_levels).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::dot_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { arm::dot_neon(a, b) },
+        _ => dot_scalar(a, b),
+    }
+}
+
+/// The reference: eight independent accumulators so the compiler can vectorise it for the
+/// baseline target (a plain iterator sum of f32 must keep its sequential order).
+#[inline]
+pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -38,6 +63,28 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `o += w · v` (the softmax-weighted sum of value rows) on a given level.
+#[inline]
+pub(crate) fn axpy_at(level: Level, w: f32, v: &[f32], o: &mut [f32]) {
+    debug_assert_eq!(v.len(), o.len());
+    let k = v.len().min(o.len());
+    let (v, o) = (&v[..k], &mut o[..k]);
+    match level {
+        // SAFETY: as in `dot_at`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { x86::axpy_avx512(w, v, o) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::axpy_avx2(w, v, o) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { arm::axpy_neon(w, v, o) },
+        _ => {
+            for (oo, vv) in o.iter_mut().zip(v) {
+                *oo += w * vv;
+            }
+        }
+    }
+}
+
 /// `q: [B, H, T, D]`, `k`/`v: [B, Hkv, S, D]` (H a multiple of Hkv: grouped-query attention),
 /// `mask: [B, T, S]` additive (0 or -inf). Returns `[B, H, T, D]`.
 ///
@@ -45,6 +92,19 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// nothing. Our own masks never produce such a row (a padding query sees itself), but a
 /// caller's mask may. Shapes that disagree are an error, never an out-of-bounds index.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    attention_at(simd::level(), q, k, v, mask, scale, softcap)
+}
+
+/// `attention` on a given SIMD level.
+pub(crate) fn attention_at(
+    level: Level,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -93,7 +153,7 @@ pub fn attention(
                                 continue;
                             }
                             let krow = &ks[kbase + si * d..kbase + (si + 1) * d];
-                            let mut x = dot(qrow, krow) * scale;
+                            let mut x = dot_at(level, qrow, krow) * scale;
                             if let Some(c) = softcap {
                                 x = (x / c).tanh() * c;
                             }
@@ -115,11 +175,8 @@ pub fn attention(
                             if w == 0.0 {
                                 continue;
                             }
-                            let w = w / sum;
                             let vrow = &vs[kbase + si * d..kbase + (si + 1) * d];
-                            for (oo, vv) in orow.iter_mut().zip(vrow) {
-                                *oo += w * vv;
-                            }
+                            axpy_at(level, w / sum, vrow, orow);
                         }
                     }
                 });
@@ -130,9 +187,170 @@ pub fn attention(
     Ok(Tensor::from_vec(out, (b, h, t, d), q.device())?)
 }
 
+/// The x86 paths: two accumulators of a vector each, so consecutive FMAs do not wait on each
+/// other; AVX-512 finishes a row's tail with a masked load instead of scalar code.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// Caller: AVX2 and FMA present, `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let (k, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= k {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                s1,
+            );
+            i += 16;
+        }
+        if i + 8 <= k {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+        let mut s = hsum256(_mm256_add_ps(s0, s1));
+        for t in i..k {
+            s += a[t] * b[t];
+        }
+        s
+    }
+
+    /// Lanes `0..n` (n < 16) set: the tail of a row, loaded without reading past it.
+    #[inline]
+    pub(crate) fn tail_mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// Caller: AVX-512F present, `a.len() == b.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let (k, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= k {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+                s1,
+            );
+            i += 32;
+        }
+        if i + 16 <= k {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            i += 16;
+        }
+        if i < k {
+            let m = tail_mask(k - i);
+            let (x, y) = (
+                _mm512_maskz_loadu_ps(m, pa.add(i)),
+                _mm512_maskz_loadu_ps(m, pb.add(i)),
+            );
+            s1 = _mm512_fmadd_ps(x, y, s1);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+
+    /// Caller: AVX2 and FMA present, `v.len() == o.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn axpy_avx2(w: f32, v: &[f32], o: &mut [f32]) {
+        let (k, pv, po) = (v.len(), v.as_ptr(), o.as_mut_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= k {
+            let r = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pv.add(i)), _mm256_loadu_ps(po.add(i)));
+            _mm256_storeu_ps(po.add(i), r);
+            i += 8;
+        }
+        for t in i..k {
+            o[t] += w * v[t];
+        }
+    }
+
+    /// Caller: AVX-512F present, `v.len() == o.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn axpy_avx512(w: f32, v: &[f32], o: &mut [f32]) {
+        let (k, pv, po) = (v.len(), v.as_ptr(), o.as_mut_ptr());
+        let wv = _mm512_set1_ps(w);
+        let mut i = 0;
+        while i + 16 <= k {
+            let r = _mm512_fmadd_ps(wv, _mm512_loadu_ps(pv.add(i)), _mm512_loadu_ps(po.add(i)));
+            _mm512_storeu_ps(po.add(i), r);
+            i += 16;
+        }
+        if i < k {
+            let m = tail_mask(k - i);
+            let r = _mm512_fmadd_ps(
+                wv,
+                _mm512_maskz_loadu_ps(m, pv.add(i)),
+                _mm512_maskz_loadu_ps(m, po.add(i)),
+            );
+            _mm512_mask_storeu_ps(po.add(i), m, r);
+        }
+    }
+}
+
+/// The aarch64 paths (Advanced SIMD is part of the aarch64 baseline).
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod arm {
+    use std::arch::aarch64::*;
+
+    /// Caller: `a.len() == b.len()`.
+    pub(crate) unsafe fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+        let (k, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
+        let mut s = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= k {
+            for (j, acc) in s.iter_mut().enumerate() {
+                let at = i + 4 * j;
+                *acc = vfmaq_f32(*acc, vld1q_f32(pa.add(at)), vld1q_f32(pb.add(at)));
+            }
+            i += 16;
+        }
+        while i + 4 <= k {
+            s[0] = vfmaq_f32(s[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+            i += 4;
+        }
+        let mut r = vaddvq_f32(vaddq_f32(vaddq_f32(s[0], s[1]), vaddq_f32(s[2], s[3])));
+        for t in i..k {
+            r += a[t] * b[t];
+        }
+        r
+    }
+
+    /// Caller: `v.len() == o.len()`.
+    pub(crate) unsafe fn axpy_neon(w: f32, v: &[f32], o: &mut [f32]) {
+        let (k, pv, po) = (v.len(), v.as_ptr(), o.as_mut_ptr());
+        let wv = vdupq_n_f32(w);
+        let mut i = 0;
+        while i + 4 <= k {
+            vst1q_f32(
+                po.add(i),
+                vfmaq_f32(vld1q_f32(po.add(i)), wv, vld1q_f32(pv.add(i))),
+            );
+            i += 4;
+        }
+        for t in i..k {
+            o[t] += w * v[t];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::attention;
+    use super::{attention, attention_at, axpy_at, dot_at};
+    use crate::kernels::simd::{test_levels, Level};
     use crate::model::mask::PadLayout;
     use candle_core::{Device, Tensor};
 
@@ -316,5 +534,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a multiple"), "{e}");
+    }
+
+    /// Σ|a·b| over a dot product: f32 rounding of any summation order is a small multiple of
+    /// eps times it.
+    fn abs_dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x * y).abs()).sum()
+    }
+
+    #[test]
+    fn dot_and_axpy_match_scalar_on_every_level() {
+        for level in test_levels("attention dot/axpy") {
+            for k in [0, 1, 7, 8, 15, 16, 17, 31, 33, 64, 80, 127, 1000, 4099] {
+                let (a, b) = (values(k, 4), values(k, 5));
+                let (got, want) = (dot_at(level, &a, &b), dot_at(Level::Scalar, &a, &b));
+                let tol = 4.0 * f32::EPSILON * (k as f32).sqrt() * abs_dot(&a, &b);
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{level:?} dot k={k}: {got} vs {want}"
+                );
+                let (mut o, mut o_ref) = (values(k, 6), values(k, 6));
+                axpy_at(level, 0.37, &b, &mut o);
+                axpy_at(Level::Scalar, 0.37, &b, &mut o_ref);
+                for (i, (x, y)) in o.iter().zip(&o_ref).enumerate() {
+                    // FMA rounds once where the scalar path rounds twice.
+                    let tol = 2.0 * f32::EPSILON * (y.abs() + (0.37 * b[i]).abs());
+                    assert!(
+                        (x - y).abs() <= tol,
+                        "{level:?} axpy k={k} at {i}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_scalar_on_every_level() {
+        let dev = &Device::Cpu;
+        for level in test_levels("attention") {
+            // Head widths with and without vector tails; 1-4 query rows; a long cache.
+            for (d, t, s) in [
+                (7, 1, 5),
+                (17, 3, 9),
+                (64, 4, 300),
+                (80, 2, 33),
+                (131, 1, 70),
+            ] {
+                let (b, h, hkv) = (2, 4, 2);
+                let mask = layout(0, s - t, t).additive_mask(&[0, 1], Some(s - 2));
+                let q = Tensor::from_vec(values(b * h * t * d, 7), (b, h, t, d), dev).unwrap();
+                let k = Tensor::from_vec(values(b * hkv * s * d, 8), (b, hkv, s, d), dev).unwrap();
+                let v = Tensor::from_vec(values(b * hkv * s * d, 9), (b, hkv, s, d), dev).unwrap();
+                let run = |l| {
+                    let o = attention_at(l, &q, &k, &v, &mask, 0.125, Some(30.0)).unwrap();
+                    o.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                };
+                let (got, want) = (run(level), run(Level::Scalar));
+                for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "{level:?} d={d} t={t} s={s} at {i}: {x} vs {y}"
+                    );
+                }
+            }
+        }
     }
 }

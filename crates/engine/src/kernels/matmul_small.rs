@@ -4,8 +4,11 @@
 //! hundreds of thousands of values: the work is reading the weight once. candle's gemm is tuned
 //! for large row counts (blocked, packed operands); this kernel streams each weight row once and
 //! dots it with every input row while it sits in L1 (weights are stored
-//! `[out, in]`, so a row of `w` is contiguous). AVX2+FMA when the CPU has it, else plain code.
+//! `[out, in]`, so a row of `w` is contiguous). The 2x4 tile has AVX-512, AVX2+FMA and NEON
+//! variants, chosen by `simd`; the scalar path is the reference.
 
+use crate::kernels::attention::dot_at;
+use crate::kernels::simd::{self, Level};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
@@ -77,10 +80,21 @@ pub(crate) fn small_rows<R: WeightRows>(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
+    small_rows_at(simd::level(), xv, src, m, n, k)
+}
+
+/// `small_rows` on a given SIMD level.
+pub(crate) fn small_rows_at<R: WeightRows>(
+    level: Level,
+    xv: &[f32],
+    src: &R,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     // Output transposed ([N, M]) so each thread writes one contiguous block of whole weight rows.
     let mut out_t = vec![0f32; n * m];
     let block = 16usize;
-    let avx = has_avx2_fma();
     out_t
         .par_chunks_mut(block * m)
         .enumerate()
@@ -109,18 +123,7 @@ pub(crate) fn small_rows<R: WeightRows>(
                     let nx = (m - i).min(2);
                     let x: [&[f32]; 2] =
                         [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
-                    let tile = if avx && nw == 4 && nx == 2 {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above).
-                        unsafe { tile_2x4_avx2(x[0], x[1], w) }
-                    } else {
-                        let mut t = [[0f32; 4]; 2];
-                        for (a, xa) in x.iter().enumerate().take(nx) {
-                            for (c, wc) in w.iter().enumerate().take(nw) {
-                                t[a][c] = crate::kernels::attention::dot(xa, wc);
-                            }
-                        }
-                        t
-                    };
+                    let tile = tile(level, x, nx, w, nw);
                     for (a, row) in tile.iter().enumerate().take(nx) {
                         for (c, v) in row.iter().enumerate().take(nw) {
                             o[(r + c) * m + i + a] = *v;
@@ -134,15 +137,30 @@ pub(crate) fn small_rows<R: WeightRows>(
     out_t
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+/// `x[..nx] · w[..nw]` (nx <= 2, nw <= 4); a full tile takes the level's kernel, a partial one
+/// the level's dot product.
+#[inline]
+fn tile(level: Level, x: [&[f32]; 2], nx: usize, w: [&[f32]; 4], nw: usize) -> [[f32; 4]; 2] {
+    if nx == 2 && nw == 4 {
+        match level {
+            // SAFETY: `level` is one the CPU runs (simd::choice, simd::test_levels); every row
+            // has length k.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => return unsafe { tile_2x4_avx512(x[0], x[1], w) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => return unsafe { tile_2x4_avx2(x[0], x[1], w) },
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => return unsafe { tile_2x4_neon(x[0], x[1], w) },
+            _ => {}
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    let mut t = [[0f32; 4]; 2];
+    for (a, xa) in x.iter().enumerate().take(nx) {
+        for (c, wc) in w.iter().enumerate().take(nw) {
+            t[a][c] = dot_at(level, xa, wc);
+        }
     }
+    t
 }
 
 /// Two input rows against four weight rows: eight 8-lane accumulators, six loads per eight
@@ -167,10 +185,70 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2]
     let mut out = [[0f32; 4]; 2];
     for (a, x) in [x0, x1].iter().enumerate() {
         for c in 0..4 {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][c]);
-            let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            let mut s = crate::kernels::attention::x86::hsum256(acc[a][c]);
+            for t in i..k {
+                s += x[t] * w[c][t];
+            }
+            out[a][c] = s;
+        }
+    }
+    out
+}
+
+/// As `tile_2x4_avx2` with 16 lanes: eight zmm accumulators, and the row's tail as one more
+/// masked step instead of scalar code.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_2x4_avx512(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let k = x0.len();
+    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    let mut i = 0;
+    while i < k {
+        let m = if i + 16 <= k {
+            0xFFFF
+        } else {
+            crate::kernels::attention::x86::tail_mask(k - i)
+        };
+        let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
+        let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
+        for c in 0..4 {
+            let b = _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i));
+            acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
+            acc[1][c] = _mm512_fmadd_ps(a1, b, acc[1][c]);
+        }
+        i += 16;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for (a, row) in out.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = _mm512_reduce_add_ps(acc[a][c]);
+        }
+    }
+    out
+}
+
+/// As `tile_2x4_avx2` with 4-lane NEON vectors.
+#[cfg(target_arch = "aarch64")]
+unsafe fn tile_2x4_neon(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::aarch64::*;
+    let k = x0.len();
+    let mut acc = [[vdupq_n_f32(0.0); 4]; 2];
+    let mut i = 0;
+    while i + 4 <= k {
+        let a0 = vld1q_f32(x0.as_ptr().add(i));
+        let a1 = vld1q_f32(x1.as_ptr().add(i));
+        for c in 0..4 {
+            let b = vld1q_f32(w[c].as_ptr().add(i));
+            acc[0][c] = vfmaq_f32(acc[0][c], a0, b);
+            acc[1][c] = vfmaq_f32(acc[1][c], a1, b);
+        }
+        i += 4;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for (a, x) in [x0, x1].iter().enumerate() {
+        for c in 0..4 {
+            let mut s = vaddvq_f32(acc[a][c]);
             for t in i..k {
                 s += x[t] * w[c][t];
             }
@@ -240,5 +318,39 @@ mod tests {
             matmul_wt(&strided, &w).unwrap().is_none(),
             "non-contiguous input"
         );
+    }
+
+    #[test]
+    fn every_level_matches_scalar() {
+        for level in crate::kernels::simd::test_levels("matmul_small") {
+            // 1-4 rows (and an odd 5), weight counts leaving partial quads, widths that are not
+            // a multiple of 8 or 16, and a long K.
+            for (m, n, k) in [
+                (1, 5, 7),
+                (2, 4, 16),
+                (3, 9, 17),
+                (4, 13, 33),
+                (2, 8, 100),
+                (5, 7, 255),
+                (4, 6, 4099),
+            ] {
+                let (x, w) = (pseudo(m * k, 7), pseudo(n * k, 8));
+                let got = small_rows_at(level, &x, &F32Rows(&w), m, n, k);
+                let want = small_rows_at(Level::Scalar, &x, &F32Rows(&w), m, n, k);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let (j, i) = (idx / m, idx % m);
+                    let abs: f32 = x[i * k..(i + 1) * k]
+                        .iter()
+                        .zip(&w[j * k..(j + 1) * k])
+                        .map(|(a, b)| (a * b).abs())
+                        .sum();
+                    let tol = 4.0 * f32::EPSILON * (k as f32).sqrt() * abs;
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{level:?} {m}x{n}x{k} [{i},{j}]: {g} vs {e}"
+                    );
+                }
+            }
+        }
     }
 }

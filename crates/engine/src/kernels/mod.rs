@@ -1,12 +1,13 @@
 //! CPU kernels the decoder calls where candle's general ops are slow for our shapes or hold
 //! too much memory: the decode-step matmul (few rows, each weight row streamed once), matmuls on
 //! bf16/f16 weights widened a tile at a time, matmuls on quantized weights, and inference
-//! attention.
+//! attention. Each has a scalar reference path and SIMD paths chosen at run time (`simd`).
 
 pub(crate) mod attention;
 pub(crate) mod gemm;
 pub mod matmul_small;
 pub mod quant;
+pub mod simd;
 pub mod widen;
 
 /// Deterministic values in [-0.5, 0.5) for the kernels' tests (an LCG: no rand dependency).

@@ -4,7 +4,8 @@
 //! - a handful (a single sequence's decode step): as llama.cpp does, each activation row is
 //!   quantized once to the weight type's dot-product partner (Q8_0, Q8_1 or Q8_K) and integer
 //!   dot products come from candle's k-quants (`GgmlType::vec_dot_4`, SIMD where the CPU has it;
-//!   our own AVX2 one for Q4_1). Reading the weight once is all that matters here.
+//!   our own AVX2 and AVX-512 ones for Q4_1, chosen by `simd`). Reading the weight once is all
+//!   that matters here.
 //! - more (batched decode, prompts): weight rows are dequantized a few at a time (or a panel at
 //!   a time) and go through the f32 kernels of `widen`; dequantizing a row costs K operations
 //!   and is shared by every activation row, and the products are then exact f32 ones.
@@ -13,6 +14,7 @@
 //! one thread; these run on rayon.
 
 use crate::kernels::matmul_small::WeightRows;
+use crate::kernels::simd::{self, Level};
 use crate::kernels::widen::{matmul_rows, transpose};
 use anyhow::{bail, Result};
 use candle_core::quantized::k_quants::{
@@ -67,10 +69,11 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
     if m > INT_ROWS {
         return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
     }
-    let out_t = if T::DTYPE == GgmlDType::Q4_1 && q4_1::available() {
-        q4_1::run(x, m, k, bytes, n)
-    } else {
-        int_dots::<T>(x, m, k, w, n)
+    let out_t = match simd::level() {
+        level @ (Level::Avx2 | Level::Avx512) if T::DTYPE == GgmlDType::Q4_1 => {
+            q4_1::run(level, x, m, k, bytes, n)
+        }
+        _ => int_dots::<T>(x, m, k, w, n),
     };
     Ok(transpose(&out_t, n, m))
 }
@@ -171,9 +174,11 @@ fn int_dots<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Ve
 
 /// Q4_1 weights: candle has no SIMD dot product for them on x86 (its scalar fallback made a
 /// SmolLM2 Q4_1 run 9x slower than f32), so this is llama.cpp's AVX2 formulation of
-/// `vec_dot_q4_1_q8_1` over the raw blocks. Activations are quantized by candle's `BlockQ8_1`,
-/// as llama.cpp quantizes them.
+/// `vec_dot_q4_1_q8_1` over the raw blocks, and an AVX-512 one taking two blocks per step.
+/// Activations are quantized by candle's `BlockQ8_1`, as llama.cpp quantizes them. Candle's
+/// scalar `vec_dot` is the reference (`Level::Scalar`).
 mod q4_1 {
+    use crate::kernels::simd::Level;
     use candle_core::quantized::k_quants::BlockQ8_1;
 
     /// Bytes of one block: d (f16), m (f16), 16 bytes of nibbles (low: values 0-15, high: 16-31).
@@ -181,21 +186,9 @@ mod q4_1 {
     /// Bytes of one activation block: d (f16), s = d·Σq (f16), 32 signed bytes.
     const X: usize = 36;
 
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
-    /// `[N, M]`, as `super::int_dots` (the caller checked the bytes as Q4_1 blocks).
-    pub fn run(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
+    /// `[N, M]`, as `super::int_dots` (the caller checked the bytes as Q4_1 blocks), on
+    /// `level` (AVX2 or AVX-512, one the CPU runs).
+    pub fn run(level: Level, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
         let kb = k / 32;
         let xq = super::quantize_rows::<BlockQ8_1>(x, k);
         const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == X);
@@ -207,8 +200,12 @@ mod q4_1 {
             let xr = &xb[i * kb * X..(i + 1) * kb * X];
             // Rows past `take` repeat the last one; their results are not written.
             let ws = [0, 1, 2, 3].map(|q| wrow(j + q.min(take - 1)));
-            // SAFETY: `available()` was checked by the caller; lengths match kb.
-            unsafe { dot4_avx2(ws, xr, kb) }
+            // SAFETY: the caller's level is one the CPU runs; lengths match kb.
+            match level {
+                Level::Avx512 => unsafe { dot4_avx512(ws, xr, kb) },
+                Level::Avx2 => unsafe { dot4_avx2(ws, xr, kb) },
+                _ => unreachable!("Q4_1 has no {level:?} kernel of its own"),
+            }
         })
     }
 
@@ -225,6 +222,22 @@ mod q4_1 {
         (out[0], out[1])
     }
 
+    /// One block's products as 8 f32 sums (still to be scaled by d_w·d_x): the 16 nibble bytes
+    /// at `w[wo..]` against the 32 signed bytes at `x[xo..]`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_sums(w: &[u8], wo: usize, x: &[u8], xo: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let qx = _mm256_loadu_si256(x.as_ptr().add(xo + 4) as *const __m256i);
+        let raw = _mm_loadu_si128(w.as_ptr().add(wo + 4) as *const __m128i);
+        // Low nibbles are values 0-15, high nibbles 16-31: one 32-byte vector of 0..15.
+        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        let qw = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+        let pairs = _mm256_maddubs_epi16(qw, qx);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
     /// Four weight rows against one activation row, `kb` blocks each.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -232,37 +245,94 @@ mod q4_1 {
         use std::arch::x86_64::*;
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summs = [0f32; 4];
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         for b in 0..kb {
             let xo = b * X;
             let (dx, sx) = two_f16(x, xo);
-            let qx = _mm256_loadu_si256(x.as_ptr().add(xo + 4) as *const __m256i);
             for r in 0..4 {
                 let wo = b * W;
                 let (dw, mw) = two_f16(w[r], wo);
                 summs[r] += mw * sx;
-                let raw = _mm_loadu_si128(w[r].as_ptr().add(wo + 4) as *const __m128i);
-                // Low nibbles are values 0-15, high nibbles 16-31: one 32-byte vector of 0..15.
-                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                let qw = _mm256_and_si256(both, low);
-                let pairs = _mm256_maddubs_epi16(qw, qx);
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let sums = block_sums(w[r], wo, x, xo);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), sums, acc[r]);
             }
         }
         let mut out = [0f32; 4];
         for r in 0..4 {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            out[r] = lanes.iter().sum::<f32>() + summs[r];
+            out[r] = crate::kernels::attention::x86::hsum256(acc[r]) + summs[r];
+        }
+        out
+    }
+
+    /// As `dot4_avx2`, two blocks per 512-bit step (each block's scale on its half of the
+    /// lanes); an odd last block takes the 256-bit step.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn dot4_avx512(w: [&[u8]; 4], x: &[u8], kb: usize) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut tail = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        let low = _mm512_set1_epi8(0x0F);
+        let ones = _mm512_set1_epi16(1);
+        let mut b = 0;
+        while b + 2 <= kb {
+            let (xo0, xo1) = (b * X, (b + 1) * X);
+            let ((dx0, sx0), (dx1, sx1)) = (two_f16(x, xo0), two_f16(x, xo1));
+            let qx = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(x.as_ptr().add(xo0 + 4) as *const _)),
+                _mm256_loadu_si256(x.as_ptr().add(xo1 + 4) as *const _),
+            );
+            for r in 0..4 {
+                let (wo0, wo1) = (b * W, (b + 1) * W);
+                let ((dw0, mw0), (dw1, mw1)) = (two_f16(w[r], wo0), two_f16(w[r], wo1));
+                summs[r] += mw0 * sx0 + mw1 * sx1;
+                let raw0 = _mm_loadu_si128(w[r].as_ptr().add(wo0 + 4) as *const __m128i);
+                let raw1 = _mm_loadu_si128(w[r].as_ptr().add(wo1 + 4) as *const __m128i);
+                let both = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_set_m128i(_mm_srli_epi16(raw0, 4), raw0)),
+                    _mm256_set_m128i(_mm_srli_epi16(raw1, 4), raw1),
+                );
+                let qw = _mm512_and_si512(both, low);
+                let pairs = _mm512_maddubs_epi16(qw, qx);
+                let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(pairs, ones));
+                // Lanes 0-7 hold block b's sums, 8-15 block b+1's.
+                let scale = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(dw0 * dx0),
+                    _mm512_set1_ps(dw1 * dx1),
+                );
+                acc[r] = _mm512_fmadd_ps(scale, sums, acc[r]);
+            }
+            b += 2;
+        }
+        if b < kb {
+            let xo = b * X;
+            let (dx, sx) = two_f16(x, xo);
+            for r in 0..4 {
+                let wo = b * W;
+                let (dw, mw) = two_f16(w[r], wo);
+                summs[r] += mw * sx;
+                let sums = block_sums(w[r], wo, x, xo);
+                tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), sums, tail[r]);
+            }
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            out[r] = _mm512_reduce_add_ps(acc[r])
+                + crate::kernels::attention::x86::hsum256(tail[r])
+                + summs[r];
         }
         out
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn dot4_avx2(_w: [&[u8]; 4], _x: &[u8], _kb: usize) -> [f32; 4] {
-        unreachable!("only called when AVX2 is available")
+        unreachable!("the AVX2 level exists only on x86_64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn dot4_avx512(_w: [&[u8]; 4], _x: &[u8], _kb: usize) -> [f32; 4] {
+        unreachable!("the AVX-512 level exists only on x86_64")
     }
 }
 
@@ -313,6 +383,36 @@ mod tests {
                 for (g, e) in got.iter().zip(&exact) {
                     // 8-bit activations: about 1% of the largest output.
                     assert!((g - e).abs() <= 0.02 * scale, "{t:?}: {g} vs exact {e}");
+                }
+            }
+        }
+    }
+
+    /// The Q4_1 kernels on every level this CPU runs against candle's scalar `vec_dot` (the
+    /// same integer products; only the f32 accumulation order differs).
+    #[test]
+    fn q4_1_levels_match_candle_scalar() {
+        use candle_core::quantized::k_quants::BlockQ4_1;
+        for level in crate::kernels::simd::test_levels("Q4_1 dot") {
+            if level == Level::Scalar {
+                continue; // the reference itself
+            }
+            // Odd and even block counts (the AVX-512 path takes blocks in pairs), a long row.
+            for (m, n, kb) in [(1, 1, 1), (2, 5, 2), (3, 9, 3), (4, 37, 16), (4, 6, 129)] {
+                let k = 32 * kb;
+                let w = Tensor::from_vec(pseudo(n * k, 9), (n, k), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+                let bytes = q.data().unwrap();
+                let xv = pseudo(m * k, 10);
+                let got = q4_1::run(level, &xv, m, k, &bytes, n);
+                let blocks = blocks::<BlockQ4_1>(k, &bytes, n).unwrap();
+                let want = int_dots::<BlockQ4_1>(&xv, m, k, blocks, n);
+                let scale = want.iter().map(|v| v.abs()).fold(1f32, f32::max);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * scale * (kb as f32).sqrt(),
+                        "{level:?} {m}x{n}x{k} at {i}: {g} vs {e}"
+                    );
                 }
             }
         }
