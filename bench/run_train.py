@@ -81,7 +81,9 @@ def main():
             extra += ["--holdout", "0"]
         same_batches = "--no-shuffle" in extra and "--holdout" in extra
 
-    arms = ["full", "sppft"]
+    # ckpt: ours only, full fine-tuning with --grad-checkpointing (its time and memory against
+    # our own full run).
+    arms = ["full", "sppft"] + (["ckpt"] if help_text and "--grad-checkpointing" in help_text else [])
     o_tps, p_tps = {a: [] for a in arms}, {a: [] for a in arms}
     o_rss, p_rss = {a: [] for a in arms}, {a: [] for a in arms}
     o_wall, p_wall = {a: [] for a in arms}, {a: [] for a in arms}
@@ -89,12 +91,13 @@ def main():
     for r in range(reps):
         for arm in arms:
             freeze = ["--freeze", args.freeze] if arm == "sppft" else []
+            ckpt = ["--grad-checkpointing"] if arm == "ckpt" else []
             if help_text:
                 out = c.WORK / f"finetune_ours_{arm}"
                 shutil.rmtree(out, ignore_errors=True)
                 o = c.timed([ours_bin, "finetune", "--model", c.MODEL, "--data", data, "--out", out, *freeze,
                              "--epochs", 1, "--lr", args.lr, "--batch-size", bs, "--max-len", max_len,
-                             "--lr-schedule", "constant", "--warmup-steps", 0, "--max-steps", steps, "--max-grad-norm", 1, *extra],
+                             "--lr-schedule", "constant", "--warmup-steps", 0, "--max-steps", steps, "--max-grad-norm", 1, *ckpt, *extra],
                             f"ours {arm} {r + 1}/{reps}")
                 m = re.findall(r"([\d.]+) tokens/s", o.stderr + o.stdout)
                 log = train_log(out, bs * max_len)
@@ -102,6 +105,8 @@ def main():
                     sys.exit("ours printed no tokens/s and wrote no train_log.jsonl")
                 o_tps[arm].append(float(m[-1]) if m else float("nan"))
                 o_rss[arm].append(o.rss_kib / 1024); o_wall[arm].append(o.wall)
+            if arm == "ckpt":
+                continue
             p = c.timed([py, c.BENCH / "peer_train.py", "--model-dir", model_dir, "--data", data, "--steps", steps,
                          "--batch-size", bs, "--max-len", max_len, "--lr", args.lr, "--threads", args.peer_threads, *freeze],
                         f"pytorch {arm} {r + 1}/{reps}")
@@ -125,7 +130,7 @@ def main():
     share_bwd = k * proj / (2 * fwd)  # frozen weight gradients / backward matmul work
     share_step = k * proj / (3 * fwd)  # the same / forward + backward matmul work
     rows = []
-    for arm in arms:
+    for arm in [a for a in arms if a != "ckpt"]:
         rows += [(f"{arm}: tokens/s", "higher", o_tps[arm], p_tps[arm]),
                  (f"{arm}: whole process, peak RSS MiB", "lower", o_rss[arm], p_rss[arm]),
                  (f"{arm}: whole process, wall s", "lower", o_wall[arm], p_wall[arm])]
@@ -133,7 +138,7 @@ def main():
     lines = [
         f"SmolLM2-135M-Instruct f32, {data.name}, {steps} steps x batch {bs} x max {max_len} tokens, AdamW lr {args.lr} "
         f"constant; SPPFT freezes layers {args.freeze}; {reps} repetitions alternating "
-        f"(ours full, PyTorch full, ours SPPFT, PyTorch SPPFT). "
+        f"(ours full, PyTorch full, ours SPPFT, PyTorch SPPFT{', ours with gradient checkpointing' if 'ckpt' in arms else ''}). "
         + ("" if not help_text else "Same batches on both sides (file order, no hold-out)." if same_batches else
            "Our CLI has no --no-shuffle/--holdout: the batches differ, compare the token counts below."), "",
         c.table(rows, "ours", "pytorch") if help_text else
@@ -143,6 +148,17 @@ def main():
         f"Freezing {k} of {n_layers} layers removes {100 * share_bwd:.1f}% of the backward matmul FLOPs "
         f"({100 * share_step:.1f}% of forward + backward): the step-time saving to expect at least.",
     ]
+    if help_text:
+        saving = [1 - f / s for s, f in zip(o_tps["sppft"], o_tps["full"])]
+        lines.append(f"- SPPFT step-time saving, ours: {c.fmt_stats([100 * x for x in saving])}% of the full step, "
+                     f"{c.fmt_stats([x / share_step for x in saving])}x the frozen matmul share ({100 * share_step:.1f}%; "
+                     "target >= 0.7x)")
+    if "ckpt" in arms:
+        t_ratio = [f / k for f, k in zip(o_tps["full"], o_tps["ckpt"])]
+        m_ratio = [k / f for f, k in zip(o_rss["full"], o_rss["ckpt"])]
+        lines.append(f"- gradient checkpointing (ours, full fine-tuning): {c.fmt_stats(o_tps['ckpt'])} tokens/s, peak RSS "
+                     f"{c.fmt_stats(o_rss['ckpt'])} MiB; time {c.fmt_stats(t_ratio)}x and peak RSS {c.fmt_stats(m_ratio)}x "
+                     "our full run's (targets <= 1.35x and <= 0.5x)")
     c.record("training (benchmark 4)" + ("" if help_text else ", PyTorch only"), args, lines)
 
 

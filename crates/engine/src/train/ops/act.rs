@@ -18,7 +18,7 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// e^x within ~2 ulp (Cephes' expf polynomial), branch-free so that loops over rows vectorise:
 /// libm's expf and tanhf are one call per element and bound the whole op.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     // Bounds keep 2^n a normal float; beyond them e^x under- or overflows for our purposes.
     let x = x.clamp(-87.3, 88.3);
     // Round to nearest by adding 1.5·2^23 (f32::round is a libm call on baseline x86-64); the

@@ -6,6 +6,7 @@
 //! step (known in advance: 1 / the step's supervised tokens), goes straight into `dh` and into
 //! the head's gradient buffer; backward checks the scale and hands `dh` on.
 
+use super::act::exp;
 use super::{f32_slice, tensor_from};
 use crate::kernels::gemm::{matmul, Mat};
 use crate::train::sink::GradSink;
@@ -127,17 +128,17 @@ fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: Option<f
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let sum: f64 = row
         .chunks(1024)
-        .map(|c| c.iter().map(|&x| (x - max).exp()).sum::<f32>() as f64)
+        .map(|c| c.iter().map(|&x| exp(x - max)).sum::<f32>() as f64)
         .sum();
     let lse = max as f64 + sum.ln();
     let loss = lse - row[target] as f64;
     if let Some(scale) = grad {
         let lse = lse as f32;
         match softcap {
-            None => row.iter_mut().for_each(|x| *x = (*x - lse).exp()),
+            None => row.iter_mut().for_each(|x| *x = exp(*x - lse)),
             Some(cap) => row.iter_mut().for_each(|x| {
                 let t = *x / cap;
-                *x = (*x - lse).exp() * (1.0 - t * t);
+                *x = exp(*x - lse) * (1.0 - t * t);
             }),
         }
         let onehot_d = softcap.map_or(1.0, |cap| {
