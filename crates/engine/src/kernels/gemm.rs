@@ -193,80 +193,25 @@ mod timing {
                 }
                 flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
             };
-            let fwd = time(&mut || {
-                matmul(
-                    &mut y,
-                    out,
-                    Mat::new(&x, n, inp),
-                    Mat::new(&w, out, inp).t(),
-                    false,
-                    true,
-                )
-            });
-            let bx = time(&mut || {
-                matmul(
-                    &mut dx,
-                    inp,
-                    Mat::new(&dy, n, out),
-                    Mat::new(&w, out, inp),
-                    false,
-                    true,
-                )
-            });
-            let bw = time(&mut || {
-                matmul(
-                    &mut dw,
-                    inp,
-                    Mat::new(&dy, n, out).t(),
-                    Mat::new(&x, n, inp),
-                    true,
-                    true,
-                )
-            });
-            let fwd1 = time(&mut || {
-                matmul(
-                    &mut y,
-                    out,
-                    Mat::new(&x, n, inp),
-                    Mat::new(&w, out, inp).t(),
-                    false,
-                    false,
-                )
-            });
-            let bw1 = time(&mut || {
-                matmul(
-                    &mut dw,
-                    inp,
-                    Mat::new(&dy, n, out).t(),
-                    Mat::new(&x, n, inp),
-                    true,
-                    false,
-                )
-            });
+            let (xm, wm, dym) = (
+                Mat::new(&x, n, inp),
+                Mat::new(&w, out, inp),
+                Mat::new(&dy, n, out),
+            );
+            let run = |dst: &mut [f32], cols, a, b, acc, par| {
+                time(&mut || matmul(dst, cols, a, b, acc, par))
+            };
+            let fwd = run(&mut y, out, xm, wm.t(), false, true);
+            let bx = run(&mut dx, inp, dym, wm, false, true);
+            let bw = run(&mut dw, inp, dym.t(), xm, true, true);
+            let fwd1 = run(&mut y, out, xm, wm.t(), false, false);
+            let bw1 = run(&mut dw, inp, dym.t(), xm, true, false);
             let mut dw2 = dw.clone();
             let both = 2.0
                 * time(&mut || {
                     rayon::join(
-                        || {
-                            matmul(
-                                &mut dx,
-                                inp,
-                                Mat::new(&dy, n, out),
-                                Mat::new(&w, out, inp),
-                                false,
-                                false,
-                            )
-                        },
-                        || {
-                            matmul(
-                                &mut dw2,
-                                inp,
-                                Mat::new(&dy, n, out).t(),
-                                Mat::new(&x, n, inp),
-                                true,
-                                false,
-                            )
-                        },
+                        || matmul(&mut dx, inp, dym, wm, false, false),
+                        || matmul(&mut dw2, inp, dym.t(), xm, true, false),
                     );
                 });
             eprintln!("[{n}x{inp}] x [{inp}x{out}]: fwd {fwd:.0}, dx {bx:.0}, dW {bw:.0} GFLOP/s; one thread: fwd {fwd1:.0} dW {bw1:.0}; dx | dW on one thread each: {both:.0}");

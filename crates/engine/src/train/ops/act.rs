@@ -3,7 +3,7 @@
 //! copies both halves, keeps the activation's input and output for backward, and recomputes
 //! the activation's derivative from several more full-size tensors.
 
-use super::rows::{f32_data, rows_per_task, rows_readable, with_rows, Rows};
+use super::rows::{input_rows, rows_per_task, rows_readable, with_rows, Rows};
 use crate::io::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -141,10 +141,7 @@ impl CustomOp1 for GatedOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_data(xs, "gated")?;
-        let Some(xr) = Rows::new(xl) else {
-            candle_core::bail!("gated: input rows must be packed")
-        };
+        let (x, xr) = input_rows(xs, xl, "gated")?;
         let i = half_width(xr.width)?;
         macro_rules! fwd {
             ($a:expr) => {

@@ -2,7 +2,9 @@
 //! div, mul) keeps four full-size intermediates for backward and runs each pass single-threaded;
 //! this keeps only the per-row 1/rms.
 
-use super::rows::{f32_data, rows_per_task, rows_readable, with_packed, with_rows, Rows};
+use super::rows::{
+    f32_data, input_rows, rows_per_task, rows_readable, with_packed, with_rows, Rows,
+};
 use crate::kernels::attention::dot;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -52,11 +54,8 @@ impl CustomOp2 for RmsNormOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_data(xs, "rms-norm")?;
+        let (x, xr) = input_rows(xs, xl, "rms-norm")?;
         let w = f32_data(ws, "rms-norm")?;
-        let Some(xr) = Rows::new(xl) else {
-            candle_core::bail!("rms-norm: input rows must be packed")
-        };
         let h = xr.width;
         if wl.dims() != [h] || !wl.is_contiguous() {
             candle_core::bail!("rms-norm: weight {:?} for rows of {h}", wl.dims());

@@ -3,7 +3,7 @@
 //! six full-size intermediates; the backward of a rotation is the inverse rotation of the
 //! gradient, so neither pass keeps anything.
 
-use super::rows::{f32_data, rows_per_task, rows_readable, with_packed, with_rows, Rows};
+use super::rows::{input_rows, rows_per_task, rows_readable, with_packed, with_rows, Rows};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -100,10 +100,7 @@ impl CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_data(xs, "rope")?;
-        let Some(xr) = Rows::new(xl) else {
-            candle_core::bail!("rope: input rows must be packed")
-        };
+        let (x, xr) = input_rows(xs, xl, "rope")?;
         let y = self.apply(x, &xr, xl.dims(), 1.0)?;
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }

@@ -79,6 +79,14 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// A custom op's input as f32 values and their rows (which must be packed).
+pub(crate) fn input_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], Rows)> {
+    let Some(rows) = Rows::new(l) else {
+        bail!("{op}: input rows must be packed")
+    };
+    Ok((f32_data(s, op)?, rows))
+}
+
 /// The tensor itself when its rows can be read in place, else a contiguous copy.
 pub(crate) fn rows_readable(t: &Tensor) -> Result<Tensor> {
     let packed_last = t.dims().last().is_none_or(|&w| w <= 1) || t.stride().last() == Some(&1);
