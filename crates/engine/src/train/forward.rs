@@ -152,15 +152,18 @@ pub fn final_norm(dec: &Decoder, x: &Tensor) -> Result<Tensor> {
     norm(&dec.final_norm, x)
 }
 
-/// The whole pass: final-normed hidden states `[N, H]` of the packed rows. The residual stream
-/// entering layer `track_from` (the final norm when it is the layer count) becomes a variable,
-/// returned, so backward reaches exactly that far: layers below it record nothing. Past the
-/// layer count, nothing is made a variable (an evaluation).
-pub fn forward(dec: &Decoder, p: &Packed, track_from: usize) -> Result<(Tensor, Option<Var>)> {
+/// The whole pass: final-normed hidden states `[N, H]` of the packed rows. With `track_from`,
+/// the residual stream entering that layer (the final norm when it is the layer count) becomes
+/// a variable, returned, so backward reaches exactly that far: layers below it record nothing.
+pub fn forward(
+    dec: &Decoder,
+    p: &Packed,
+    track_from: Option<usize>,
+) -> Result<(Tensor, Option<Var>)> {
     let mut x = embed(dec, p)?;
     let mut bottom = None;
     for l in 0..=dec.num_layers() {
-        if l == track_from {
+        if Some(l) == track_from {
             let v = Var::from_tensor(&x)?;
             x = v.as_tensor().clone();
             bottom = Some(v);

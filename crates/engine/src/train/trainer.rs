@@ -162,16 +162,13 @@ impl Trainer {
             return self.accumulate_checkpointed(batch, loss_scale);
         }
         let packed = batch.packed(&self.decoder)?;
-        let (h, bottom) = forward::forward(&self.decoder, &packed, self.track_from)?;
+        let (h, bottom) = forward::forward(&self.decoder, &packed, Some(self.track_from))?;
         let nll = self.head_loss(&h, batch, Some(loss_scale))?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
-        if let Some(bottom) = bottom {
-            if self.track_from == 0 {
-                if let Some(g) = grads.remove(bottom.as_tensor()) {
-                    self.embed_backward(&packed, &g)?;
-                }
-            }
+        // With a trainable embedding the stream is tracked from the bottom (`track_from` 0).
+        if let Some(g) = bottom.and_then(|b| grads.remove(b.as_tensor())) {
+            self.embed_backward(&packed, &g)?;
         }
         self.collect(&mut grads)?;
         Ok(value)
@@ -181,7 +178,7 @@ impl Trainer {
     /// timing probe).
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
         let packed = batch.packed(&self.decoder)?;
-        let (h, _) = forward::forward(&self.decoder, &packed, self.decoder.num_layers() + 1)?;
+        let (h, _) = forward::forward(&self.decoder, &packed, None)?;
         self.head_loss(&h, batch, None)
     }
 
@@ -198,15 +195,17 @@ impl Trainer {
         head_nll(&rows, w, &batch.targets, dec.cfg.final_softcap, grads)
     }
 
-    /// The embedding lookup's backward: each packed row's gradient into its token's row.
+    /// The embedding lookup's backward: each packed row's gradient (that of the stream entering
+    /// layer 0) into its token's row. Nothing without a trainable embedding.
     fn embed_backward(&self, packed: &Packed, grad: &Tensor) -> Result<()> {
         let Some(sink) = &self.embed_sink else {
             return Ok(());
         };
         let ids = packed.ids.flatten_all()?.to_vec1::<u32>()?;
         let scale = self.decoder.cfg.embed_scale.map_or(1.0, |s| s as f32);
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        sink.add_rows(&ids, &g, scale)
+        let grad = grad.contiguous()?;
+        let (g, l) = grad.storage_and_layout();
+        sink.add_rows(&ids, crate::train::ops::cpu_f32(&g, l)?, scale)
     }
 
     /// Keeps only each layer's input; walks back layer by layer, recomputing one layer's
@@ -238,9 +237,7 @@ impl Trainer {
                 .ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
             self.collect(&mut grads)?;
         }
-        if self.track_from == 0 {
-            self.embed_backward(&packed, &upstream)?;
-        }
+        self.embed_backward(&packed, &upstream)?;
         Ok(value)
     }
 

@@ -3,7 +3,7 @@
 //! buffer ([`GradSink`]). The weight is a plain tensor, never a variable: candle's autograd
 //! only carries activations.
 
-use super::{f32_slice, tensor_from};
+use super::f32_slice;
 use crate::kernels::gemm::{matmul, Mat};
 use crate::train::sink::GradSink;
 use anyhow::Result;
@@ -73,7 +73,7 @@ impl CustomOp2 for LinearOp {
                 dw.map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
             }
         }
-        Ok((Some(tensor_from(dx, (rows, inner), x)?), None))
+        Ok((Some(Tensor::from_vec(dx, (rows, inner), x.device())?), None))
     }
 }
 

@@ -7,7 +7,7 @@
 //! the head's gradient buffer; backward checks the scale and hands `dh` on.
 
 use super::act::exp;
-use super::{f32_slice, tensor_from};
+use super::f32_slice;
 use crate::kernels::gemm::{matmul, Mat};
 use crate::train::sink::GradSink;
 use anyhow::{bail, Result};
@@ -114,7 +114,7 @@ impl CustomOp2 for HeadLoss {
         let Some(dh) = dh else {
             candle_core::bail!("head loss: a second backward through the same loss")
         };
-        Ok((Some(tensor_from(dh, h.shape().clone(), h)?), None))
+        Ok((Some(Tensor::from_vec(dh, h.shape(), h.device())?), None))
     }
 }
 

@@ -225,7 +225,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, plus_one: bool) -> Result
 mod tests {
     use super::*;
     use crate::kernels::pseudo;
-    use crate::train::ops::rows::rel_err;
+    use crate::train::ops::rows::{rel_err, value_and_grad_errs};
     use candle_core::{Device, Var, D};
 
     /// The decoder's differentiable RMSNorm (layers.rs `RmsNorm::forward(x, true)`).
@@ -254,15 +254,13 @@ mod tests {
         let y_ref = reference(&x, w.as_tensor(), eps, plus_one)?;
         let y = rms_norm(&x, w.as_tensor(), eps, plus_one)?;
         assert!(y.is_contiguous());
-        let e = rel_err(&y, &y_ref)?;
+        let vars = [xv.as_tensor(), w.as_tensor()];
+        let (e, de, _) = value_and_grad_errs(&y, &y_ref, &coef, &vars)?;
         assert!(
             e < 1e-6,
             "{dims:?} {transpose:?} plus_one={plus_one}: values off by {e}"
         );
-        let g_ref = (y_ref * &coef)?.sum_all()?.backward()?;
-        let g = (y * &coef)?.sum_all()?.backward()?;
-        for (name, v) in [("x", xv.as_tensor()), ("w", w.as_tensor())] {
-            let e = rel_err(g.get(v).unwrap(), g_ref.get(v).unwrap())?;
+        for (name, e) in ["x", "w"].iter().zip(de) {
             assert!(
                 e < 1e-5,
                 "{dims:?} {transpose:?} plus_one={plus_one}: d{name} off by {e}"

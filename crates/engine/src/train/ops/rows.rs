@@ -79,6 +79,22 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// The contiguous f32 values of a custom op's input.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("training op: input is not contiguous")
+    };
+    Ok(&f32_data(s, "training op")?[a..b])
+}
+
+/// As [`f32_slice`], for a tensor's storage (in a backward pass).
+pub(crate) fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l),
+        _ => bail!("training op: tensor is not on the CPU"),
+    }
+}
+
 /// A custom op's input as f32 values and their rows (which must be packed).
 pub(crate) fn input_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], Rows)> {
     let Some(rows) = Rows::new(l) else {
@@ -136,6 +152,31 @@ pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
     Ok(diff / scale.max(1e-30))
+}
+
+/// The tests' comparison of an op with its composed reference: the relative error of the
+/// values, and of each of `vars`' gradients under the backward pass of `sum(y · coef)`; also the
+/// op's gradients, for further checks.
+#[cfg(test)]
+pub(crate) fn value_and_grad_errs(
+    y: &Tensor,
+    y_ref: &Tensor,
+    coef: &Tensor,
+    vars: &[&Tensor],
+) -> anyhow::Result<(f32, Vec<f32>, candle_core::backprop::GradStore)> {
+    let value = rel_err(y, y_ref)?;
+    let g_ref = (y_ref * coef)?.sum_all()?.backward()?;
+    let g = (y * coef)?.sum_all()?.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| {
+            rel_err(
+                g.get(v).expect("op gradient"),
+                g_ref.get(v).expect("reference"),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((value, grads, g))
 }
 
 #[cfg(test)]
