@@ -78,7 +78,7 @@ fn sets(names: &[&str]) -> Result<Sets> {
 }
 
 pub fn run(a: &AlignArgs) -> Result<()> {
-    let model = crate::datasets::load_model(&a.model)?;
+    let model = crate::datasets::load_model_for_training(&a.model)?;
     sl_engine::io::loader::tune_allocator_for_training();
     let harmful_names: Vec<&str> = a.harmful.iter().map(|s| s.as_str()).collect();
     let data = AlignData {

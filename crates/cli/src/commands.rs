@@ -135,8 +135,11 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let tokens: usize = ids.iter().map(|i| i.len()).sum();
     let bar = Progress::new(prompts.len(), "hidden states");
+    let t0 = std::time::Instant::now();
     let states =
-        sl_engine::infer::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))?;
+        sl_engine::infer::extract::hidden_last(&m.decoder, &ids, batch_size, &mut |n| bar.inc(n))
+            .map_err(|e| sl_engine::device::explain_oom(e, "hidden", batch_size))?;
+    let seconds = t0.elapsed().as_secs_f64();
     bar.finish(prompts.len(), tokens, "hidden");
     let entries = m.cfg().num_hidden_entries();
     let hsize = m.cfg().hidden_size;
@@ -155,6 +158,7 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
             "template": template.name(),
             "num_entries": entries,
             "hidden_size": hsize,
+            "timings": {"tokens": tokens, "seconds": seconds, "batch_size": batch_size},
             "items": items,
         });
         write_atomic(out, serde_json::to_string(&doc)?.as_bytes())?;
@@ -174,6 +178,10 @@ pub fn hidden(model: &Path, args: &PromptArgs, out: &Path, batch_size: usize) ->
             serde_json::to_string(&Precision::of(&m))?,
         );
         meta.insert("template".to_string(), template.name().to_string());
+        meta.insert(
+            "timings".to_string(),
+            json!({"tokens": tokens, "seconds": seconds, "batch_size": batch_size}).to_string(),
+        );
         meta.insert("input_ids".to_string(), serde_json::to_string(&ids)?);
         meta.insert(
             "prompts".to_string(),
@@ -228,11 +236,18 @@ pub fn generate(
         no_cache: false,
     };
     let bar = Progress::new(prompts.len(), "generate");
+    let t0 = std::time::Instant::now();
     let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |n| {
         bar.inc(n)
-    })?;
+    })
+    .map_err(|e| sl_engine::device::explain_oom(e, "generate", batch_size))?;
+    let seconds = t0.elapsed().as_secs_f64();
     let new_tokens: usize = outs.iter().map(|o| o.len()).sum();
     bar.finish(prompts.len(), new_tokens, "generate (new tokens)");
+    eprintln!(
+        "generated {new_tokens} tokens for {} prompts in {seconds:.3} s",
+        prompts.len()
+    );
     let mut f = AtomicFile::create(out)?;
     for (p, o) in prompts.iter().zip(&outs) {
         let response = m.tokenizer.decode(o, true)?;

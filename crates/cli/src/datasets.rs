@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use sl_catalog::datasets;
+use sl_engine::device::DeviceSpec;
 use sl_engine::io::loader::WeightDType;
 use sl_engine::text::prompts::read_prompts;
 use sl_engine::{LoadOptions, Model, PromptRecord};
@@ -18,12 +19,15 @@ pub struct Locations {
     pub models_dir: Option<PathBuf>,
     /// `--dtype`: the precision model weights are held in.
     pub dtype: Option<WeightDType>,
+    /// `--device`: where models run (None: the build's default, see `sl_engine::device::open`).
+    pub device: Option<DeviceSpec>,
 }
 
 static LOCATIONS: RwLock<Locations> = RwLock::new(Locations {
     data_dir: None,
     models_dir: None,
     dtype: None,
+    device: None,
 });
 
 /// Records the flags of a command line; a flag left out keeps an earlier command line's value
@@ -38,6 +42,9 @@ pub fn set_locations(flags: Locations) {
     }
     if flags.dtype.is_some() {
         l.dtype = flags.dtype;
+    }
+    if flags.device.is_some() {
+        l.device = flags.device;
     }
 }
 
@@ -65,6 +72,23 @@ pub fn model_path(spec: &Path) -> Result<PathBuf> {
 /// Loads a model with the allocator tuned for loading (the binary owns its process; see
 /// `sl_engine::tune_allocator_around`).
 pub fn load_model(spec: &Path) -> Result<Model> {
+    // The device first: a bad --device fails before minutes of loading.
+    let device = sl_engine::device::open(locations().device)?;
+    let mut m = load_on_cpu(spec)?;
+    m.to_device(&device)?;
+    Ok(m)
+}
+
+/// Loads a model for training on the `--device` (the trainer computes in f32 everywhere; on a
+/// GPU through its portable path).
+pub fn load_model_for_training(spec: &Path) -> Result<Model> {
+    let device = sl_engine::device::open(locations().device)?;
+    let mut m = load_on_cpu(spec)?;
+    m.to_device_as(&device, candle_core::DType::F32)?;
+    Ok(m)
+}
+
+fn load_on_cpu(spec: &Path) -> Result<Model> {
     let p = model_path(spec)?;
     let opts = LoadOptions {
         tune_malloc: true,

@@ -140,7 +140,7 @@ pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
 }
 
 pub fn run(a: &FinetuneArgs) -> Result<()> {
-    let model = crate::datasets::load_model(&a.model)?;
+    let model = crate::datasets::load_model_for_training(&a.model)?;
     sl_engine::io::loader::tune_allocator_for_training();
     let layers = model.cfg().num_layers;
     let freeze = a.freeze.range(layers)?;

@@ -30,6 +30,11 @@ struct Cli {
     /// SAFETY_LAYERS_MODELS)
     #[arg(long, global = true)]
     models_dir: Option<PathBuf>,
+    /// Where models run: cpu, cuda or cuda:N. Default: cuda:0 in a build with the `cuda` feature
+    /// when a GPU answers, else cpu. On a GPU models compute in bf16 from 1B parameters (and for
+    /// bf16 checkpoints), in f32 below; `--dtype f32` keeps f32. Training computes in f32
+    #[arg(long, global = true)]
+    device: Option<sl_engine::device::DeviceSpec>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,7 +44,8 @@ struct Cli {
 pub struct LoadArgs {
     /// Weight precision: auto (the checkpoint's own storage for models of 1B parameters and
     /// more, f32 below), f32, bf16, f16, or native (the checkpoint's own storage at any size:
-    /// bf16/f16 safetensors stay so, GGUF stays quantized). Activations are f32 in every case
+    /// bf16/f16 safetensors stay so, GGUF stays quantized). On the CPU activations are f32 in
+    /// every case; on a GPU they take the weights' dtype (see --device)
     #[arg(long)]
     pub dtype: Option<sl_engine::io::loader::WeightDType>,
 }
@@ -207,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir.clone(),
         models_dir: cli.models_dir.clone(),
         dtype: load_dtype(&cli.command),
+        device: cli.device,
     });
     match cli.command {
         Command::Inspect { model, json, .. } => commands::inspect(&model, json),

@@ -1,5 +1,6 @@
 //! The model engine of safety-layers, in layers:
 //!
+//! - [`device`]: where a model runs (`--device cpu|cuda[:N]`), the GPU's compute dtype.
 //! - [`io`]: checkpoints in and out — `config.json`, safetensors (single or sharded), GGUF files
 //!   and their vocabularies, the loaded [`Model`] bundle, Hugging Face directory writing.
 //! - [`text`]: tokenizers, chat templates and prompt files.
@@ -46,6 +47,7 @@
 //! # }
 //! ```
 
+pub mod device;
 pub mod infer;
 pub mod io;
 pub mod kernels;

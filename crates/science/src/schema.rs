@@ -72,6 +72,9 @@ pub struct Precision {
     pub dtype_option: String,
     pub weights: String,
     pub activations: String,
+    /// Where it ran (`cpu`, `cuda:0`); absent in files written before GPUs were supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 impl Precision {
@@ -79,8 +82,9 @@ impl Precision {
         Precision {
             dtype_option: model.dtype_choice.as_str().to_string(),
             weights: model.weight_storage.clone(),
-            // The engine computes every activation in f32, whatever the weights' storage.
-            activations: "f32".to_string(),
+            // f32 on the CPU whatever the weights' storage; the compute dtype on a GPU.
+            activations: model.decoder.dtype().as_str().to_string(),
+            device: Some(sl_engine::device::name(&model.decoder.device)),
         }
     }
 }

@@ -197,6 +197,28 @@ impl Model {
         }
     }
 
+    /// Moves the model to `device`; on a GPU it computes in `Decoder::gpu_compute_dtype` (bf16
+    /// for bf16 checkpoints and for quantized ones of 1B parameters and more, else f32).
+    pub fn to_device(&mut self, device: &candle_core::Device) -> Result<()> {
+        let dtype = self.decoder.gpu_compute_dtype();
+        self.to_device_as(device, dtype)
+    }
+
+    /// As `to_device`, computing in `dtype` there (training: f32). Nothing changes on the CPU.
+    pub fn to_device_as(&mut self, device: &candle_core::Device, dtype: DType) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        self.decoder.to_device(device, dtype).with_context(|| {
+            format!(
+                "cannot move the model to {} in {dtype:?}",
+                crate::device::name(device)
+            )
+        })?;
+        self.weight_storage = self.decoder.weight_storage();
+        Ok(())
+    }
+
     fn load_inner(path: &Path, dtype: WeightDType) -> Result<Model> {
         let t0 = std::time::Instant::now();
         if !path.exists() {

@@ -2,8 +2,10 @@
 //! too much memory: the decode-step matmul (few rows, each weight row streamed once), matmuls on
 //! bf16/f16 weights widened a tile at a time, matmuls on quantized weights, and inference
 //! attention. Each has a scalar reference path and SIMD paths chosen at run time (`simd`).
+//! `device_ops` holds the decoder's paths off the CPU (candle's ops: CUDA kernels and cuBLAS).
 
 pub(crate) mod attention;
+pub mod device_ops;
 pub(crate) mod gemm;
 pub mod matmul_small;
 pub mod quant;

@@ -25,6 +25,11 @@ pub struct Decoder {
     pub(crate) rope_global: Rope,
     pub(crate) rope_local: Option<Rope>,
     pub device: Device,
+    /// The activations' dtype: f32 on the CPU; the compute dtype on a GPU (`to_device`).
+    pub(crate) act_dtype: DType,
+    /// Attention through `kernels::device_ops` (always off the CPU; on the CPU only when asked,
+    /// to compare the GPU's path with the CPU kernels).
+    pub(crate) portable: bool,
 }
 
 impl Decoder {
@@ -131,6 +136,8 @@ impl Decoder {
             rope_global,
             rope_local,
             device: Device::Cpu,
+            act_dtype: DType::F32,
+            portable: false,
         })
     }
 
@@ -143,7 +150,8 @@ impl Decoder {
         let (b, t) = ids.dims2()?;
         let x = self
             .embed
-            .rows_f32(ids)?
+            .rows_f32(&ids.to_device(&self.device)?)?
+            .to_dtype(self.act_dtype)?
             .reshape((b, t, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {
             Some(s) => (x * (s as f32) as f64)?,
@@ -217,6 +225,23 @@ impl Decoder {
             None => (k, v),
         };
         let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding_raw.is_some();
+        if let Some(full) = &ctx.mask_full {
+            // Off the CPU: candle's ops (cuBLAS products, a fused softmax).
+            let mask = match (&ctx.mask_sliding, sliding) {
+                (Some(m), true) => m,
+                _ => full,
+            };
+            let out = crate::kernels::device_ops::attention(
+                &q,
+                &k,
+                &v,
+                mask,
+                cfg.attn_scale,
+                cfg.attn_softcap,
+            )?;
+            let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return layer.attn.o.forward(&out);
+        }
         let mask = if sliding {
             ctx.mask_sliding_raw.as_ref().expect("checked")
         } else {
@@ -314,7 +339,8 @@ impl Decoder {
         if let Some(cap) = self.cfg.final_softcap {
             out = ((out / cap)?.tanh()? * cap)?;
         }
-        Ok(out)
+        // Callers read logits as f32 whatever the compute dtype.
+        Ok(out.to_dtype(DType::F32)?)
     }
 
     /// Logits of left-padded `ids: [B, T]` (u32) after `cache` (if any): `[B, 1, V]` for
@@ -420,44 +446,112 @@ impl Decoder {
         Ok((out, acts))
     }
 
-    /// The activations' dtype (f32 whatever the weights' storage).
+    /// The activations' dtype: f32 on the CPU whatever the weights' storage; the compute dtype
+    /// on a GPU.
     pub fn dtype(&self) -> DType {
-        DType::F32
+        self.act_dtype
+    }
+
+    /// Moves the decoder to `device`, its matrices dense in `dtype` (the activations' dtype
+    /// there) and its norm weights in f32; each CPU matrix is freed as its copy is made. The CPU
+    /// keeps its own kernels and storage, so moving there is only allowed from the CPU.
+    pub fn to_device(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if device.is_cpu() {
+            if !self.device.is_cpu() {
+                bail!(
+                    "a decoder on {:?} cannot be moved back to the CPU",
+                    self.device
+                );
+            }
+            return Ok(());
+        }
+        let f32_on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        let move_norm = |n: &mut RmsNorm| -> Result<()> {
+            n.weight = f32_on(&n.weight)?;
+            Ok(())
+        };
+        self.embed = self.embed.to_device(device, dtype)?;
+        if let Some(h) = &mut self.lm_head {
+            *h = h.to_device(device, dtype)?;
+        }
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                lin.weight = lin.weight.to_device(device, dtype)?;
+                if let Some(bias) = &mut lin.bias {
+                    *bias = bias.to_device(device)?.to_dtype(dtype)?;
+                }
+            }
+            move_norm(&mut layer.attn_in_norm)?;
+            move_norm(&mut layer.mlp_in_norm)?;
+            for n in [
+                &mut layer.attn.q_norm,
+                &mut layer.attn.k_norm,
+                &mut layer.attn_out_norm,
+                &mut layer.mlp_out_norm,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                move_norm(n)?;
+            }
+        }
+        move_norm(&mut self.final_norm)?;
+        self.device = device.clone();
+        self.act_dtype = dtype;
+        self.portable = true;
+        Ok(())
+    }
+
+    /// Runs attention through the GPU's device-generic ops on the CPU too, so that tests can
+    /// hold that path to the CPU kernels without a GPU.
+    pub fn use_portable_ops(&mut self, on: bool) {
+        self.portable = on || !self.device.is_cpu();
+    }
+
+    /// The matrices: embedding, every layer's projections, the head (when untied).
+    fn matrices(&self) -> Vec<&Weight> {
+        let mut all = vec![&self.embed];
+        for l in &self.layers {
+            all.extend(l.linears().map(|lin| &lin.weight));
+        }
+        all.extend(&self.lm_head);
+        all
     }
 
     /// Bytes the matrices (embedding, projections, head) take in memory.
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.embed.bytes() + self.lm_head.as_ref().map_or(0, |h| h.bytes());
-        for l in &self.layers {
-            for lin in l.linears() {
-                n += lin.weight.bytes();
-            }
-        }
-        n
+        self.matrices().iter().map(|w| w.bytes()).sum()
     }
 
     /// The storage of the projection matrices, embedding and head: `f32`, `bf16`, or the
     /// quantized types found (`Q4_K+Q6_K`).
     pub fn weight_storage(&self) -> String {
         let mut seen: Vec<String> = vec![];
-        let mut add = |w: &Weight| {
+        for w in self.matrices() {
             for b in w.blocks() {
                 let s = b.storage();
                 if !seen.contains(&s) {
                     seen.push(s);
                 }
             }
-        };
-        add(&self.embed);
-        for l in &self.layers {
-            for lin in l.linears() {
-                add(&lin.weight);
-            }
-        }
-        if let Some(h) = &self.lm_head {
-            add(h);
         }
         seen.join("+")
+    }
+
+    /// The compute dtype this decoder gets on a GPU (`device::gpu_compute_dtype` of its
+    /// matrices' storage and size).
+    pub fn gpu_compute_dtype(&self) -> DType {
+        let (mut dense, mut quantized, mut params) = (vec![], false, 0);
+        for w in self.matrices() {
+            params += w.elem_count();
+            for b in w.blocks() {
+                match b {
+                    Block::Dense(t) => dense.push(t.dtype()),
+                    Block::Quant(_) => quantized = true,
+                }
+            }
+        }
+        crate::device::gpu_compute_dtype(&dense, quantized, params)
     }
 }
 

@@ -329,7 +329,9 @@ impl ActivationCache {
                     x.narrow(1, t - 1, 1)?.squeeze(1)?
                 }
             };
-            self.tensors.insert((hook, *pos), t);
+            // Reads are f32 whatever the compute dtype (a GPU's bf16), as callers expect.
+            self.tensors
+                .insert((hook, *pos), t.to_dtype(candle_core::DType::F32)?);
         }
         Ok(())
     }

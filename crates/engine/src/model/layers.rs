@@ -16,6 +16,9 @@ pub enum LinearGrad {
     Frozen,
     /// Training: backward also adds the weight's gradient into this buffer.
     Sink(std::sync::Arc<crate::train::sink::GradSink>),
+    /// Training on the portable path (the GPU's): candle's matmul, recorded by its autograd
+    /// (the weight's gradient is computed when the weight is a variable).
+    Autograd,
 }
 
 #[derive(Debug, Clone)]
@@ -48,15 +51,20 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inner))?;
         let y = match self.weight.as_dense() {
+            Some(w) if matches!(self.grad, LinearGrad::Autograd) => x2.matmul(&w.t()?)?,
+            // A GPU: cuBLAS, in the compute dtype the weights were moved there in.
+            _ if !x2.device().is_cpu() => self.weight.matmul_t(&x2)?,
             Some(w) if w.dtype() == DType::F32 => {
                 use crate::train::ops::linear::linear;
                 match &self.grad {
                     LinearGrad::Frozen => linear(&x2, w, None)?,
                     LinearGrad::Sink(sink) => linear(&x2, w, Some(sink))?,
-                    LinearGrad::Infer => match crate::kernels::matmul_small::matmul_wt(&x2, w)? {
-                        Some(y) => y, // a decode step's few rows: stream the weight once
-                        None => x2.matmul(&w.t()?)?,
-                    },
+                    LinearGrad::Infer | LinearGrad::Autograd => {
+                        match crate::kernels::matmul_small::matmul_wt(&x2, w)? {
+                            Some(y) => y, // a decode step's few rows: stream the weight once
+                            None => x2.matmul(&w.t()?)?,
+                        }
+                    }
                 }
             }
             _ => self.weight.matmul_t(&x2)?,
@@ -103,13 +111,16 @@ impl RmsNorm {
         })
     }
 
-    /// Inference only (candle's norm has no backward; training uses `train::ops::norm`).
+    /// Inference only (candle's norm has no backward; training uses `train::ops::norm`). In
+    /// f32 whatever the activations' dtype, as transformers normalises bf16 activations.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
+        let dtype = x.dtype();
+        let y = candle_nn::ops::rms_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
             &self.scale()?,
             self.eps as f32,
-        )?)
+        )?;
+        Ok(y.to_dtype(dtype)?)
     }
 }
 

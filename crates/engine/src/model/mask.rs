@@ -74,6 +74,10 @@ pub struct StepCtx {
     /// The masks as `[B, T, S]` slices for the CPU attention kernel.
     pub(crate) mask_full_raw: Vec<f32>,
     pub(crate) mask_sliding_raw: Option<Vec<f32>>,
+    /// The masks as `[B, 1, T, S]` f32 tensors on the decoder's device, made only off the CPU
+    /// (the CPU kernel reads the raw values).
+    pub(crate) mask_full: Option<Tensor>,
+    pub(crate) mask_sliding: Option<Tensor>,
     pub(crate) rope_global: (Tensor, Tensor),
     pub(crate) rope_local: Option<(Tensor, Tensor)>,
 }
@@ -122,17 +126,35 @@ impl Decoder {
             .map(|&p| total - p.min(total))
             .max()
             .unwrap_or(0);
+        let on_device = |m: &Vec<f32>| -> Result<Option<Tensor>> {
+            if !self.portable {
+                return Ok(None);
+            }
+            Ok(Some(Tensor::from_slice(
+                m,
+                (b, 1, new_tokens, total),
+                &self.device,
+            )?))
+        };
+        // Angles in f32, applied in the activations' dtype (as transformers casts them).
+        let angles = |r: &crate::model::rope::Rope| -> Result<(Tensor, Tensor)> {
+            let (c, s) = r.cos_sin(&positions, seq_len, &self.device)?;
+            Ok((c.to_dtype(self.act_dtype)?, s.to_dtype(self.act_dtype)?))
+        };
         Ok(StepCtx {
             batch: b,
             new_tokens,
             past,
+            mask_full: on_device(&mask_full_raw)?,
+            mask_sliding: match &mask_sliding_raw {
+                Some(m) => on_device(m)?,
+                None => None,
+            },
             mask_full_raw,
             mask_sliding_raw,
-            rope_global: self
-                .rope_global
-                .cos_sin(&positions, seq_len, &self.device)?,
+            rope_global: angles(&self.rope_global)?,
             rope_local: match &self.rope_local {
-                Some(r) => Some(r.cos_sin(&positions, seq_len, &self.device)?),
+                Some(r) => Some(angles(r)?),
                 None => None,
             },
         })

@@ -6,7 +6,7 @@ mod cache;
 mod decoder;
 pub mod heads;
 pub mod hooks;
-mod layers;
+pub(crate) mod layers;
 pub mod layout;
 pub mod mask;
 pub mod params;

@@ -225,6 +225,31 @@ impl Weight {
         self.blocks.iter().map(|b| b.bytes()).sum()
     }
 
+    /// The matrix on `device`, dense in `dtype` (quantized blocks dequantized first): the GPU
+    /// runs every product through cuBLAS on one dense block.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Weight> {
+        let parts = self
+            .blocks
+            .iter()
+            .map(|b| -> Result<Tensor> {
+                Ok(match b {
+                    // Converted on the device: a bf16 checkpoint is not widened in host memory.
+                    Block::Dense(t) => t.to_device(device)?.to_dtype(dtype)?,
+                    Block::Quant(q) => q
+                        .dequantize(&Device::Cpu)?
+                        .to_device(device)?
+                        .to_dtype(dtype)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t = if parts.len() == 1 {
+            parts.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        Ok(Weight::dense(t))
+    }
+
     /// Rows `ids` (u32, any shape) as f32: `[..ids, in]` (an embedding lookup).
     pub fn rows_f32(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.blocks[..] {
@@ -244,6 +269,11 @@ impl Weight {
         let (m, k) = x.dims2()?;
         if k != self.cols {
             bail!("matmul: input has {k} columns, the weight {}", self.cols);
+        }
+        if !x.device().is_cpu() {
+            // On a GPU the weight is one dense block in the compute dtype (`to_device`).
+            let w = self.tensor()?;
+            return Ok(x.to_dtype(w.dtype())?.matmul(&w.t()?)?);
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let mut outs = Vec::with_capacity(self.blocks.len());

@@ -28,7 +28,7 @@ impl Default for AdamWConfig {
 }
 
 /// First and second moments of one tensor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Moments {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
@@ -38,7 +38,11 @@ pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Optimizer steps taken (torch's `state["step"]`).
     pub step: u64,
+    /// Host moments (the CPU path's state; a resumed run's, until `step_tensors` moves them).
     pub moments: Vec<Moments>,
+    /// The portable path's moments, on the parameters' device (made from `moments` at its
+    /// first step, after which the host copies are dropped).
+    device: Vec<Option<(Tensor, Tensor)>>,
 }
 
 /// The scalars of one update, in the precision torch uses for them (Python floats, then the
@@ -116,7 +120,82 @@ impl AdamW {
                     v: vec![0.0; n],
                 })
                 .collect(),
+            device: vec![None; sizes.len()],
         }
+    }
+
+    /// The scalars of the next step at `lr` (advances the step count).
+    fn next_scalars(&mut self, lr: f64, grad_scale: f32) -> StepScalars {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as f64;
+        let bc1 = 1.0 - c.beta1.powf(t);
+        let bc2 = 1.0 - c.beta2.powf(t);
+        StepScalars {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            one_minus_b1: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            one_minus_b2: (1.0 - c.beta2) as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: c.eps as f32,
+            grad_scale,
+        }
+    }
+
+    /// Every tensor's moments on the host (copied from the device for the portable path), in
+    /// creation order: what a checkpoint saves.
+    pub fn host_moments(&self) -> Result<Vec<std::borrow::Cow<'_, Moments>>> {
+        self.moments
+            .iter()
+            .zip(&self.device)
+            .map(|(h, d)| {
+                Ok(match d {
+                    None => std::borrow::Cow::Borrowed(h),
+                    Some((m, v)) => std::borrow::Cow::Owned(Moments {
+                        m: m.flatten_all()?.to_vec1()?,
+                        v: v.flatten_all()?.to_vec1()?,
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    /// The step of `step` for parameters held as candle variables on any device (the portable
+    /// path), with tensor ops in the same f32 arithmetic as the fused kernel, element by element.
+    pub fn step_tensors(
+        &mut self,
+        params: &[&candle_core::Var],
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        if params.len() != self.moments.len() || grads.len() != params.len() {
+            bail!(
+                "adamw: {} parameters, {} gradients, state for {}",
+                params.len(),
+                grads.len(),
+                self.moments.len()
+            );
+        }
+        let s = self.next_scalars(lr, grad_scale);
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            if self.device[i].is_none() {
+                let host = std::mem::take(&mut self.moments[i]);
+                let on = |x: Vec<f32>| Tensor::from_vec(x, p.shape(), p.device());
+                self.device[i] = Some((on(host.m)?, on(host.v)?));
+            }
+            let (m, v) = self.device[i].as_mut().expect("made above");
+            let g = (g * s.grad_scale as f64)?;
+            let decayed = (p.as_tensor() * s.decay as f64)?;
+            *m = (&*m + ((&g - &*m)? * s.one_minus_b1 as f64)?)?;
+            *v = ((&*v * s.b2 as f64)? + ((&g * s.one_minus_b2 as f64)? * &g)?)?;
+            let denom = ((v.sqrt()? / s.bc2_sqrt as f64)? + s.eps as f64)?;
+            let update = ((&*m / denom)? * (-s.step_size) as f64)?;
+            p.set(&(decayed + update)?)?;
+        }
+        Ok(())
     }
 
     /// One optimizer step over `params` with their `grads` (same order as at creation), at
@@ -139,21 +218,7 @@ impl AdamW {
                 self.moments.len()
             );
         }
-        self.step += 1;
-        let c = self.cfg;
-        let t = self.step as f64;
-        let bc1 = 1.0 - c.beta1.powf(t);
-        let bc2 = 1.0 - c.beta2.powf(t);
-        let s = StepScalars {
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            one_minus_b1: (1.0 - c.beta1) as f32,
-            b2: c.beta2 as f32,
-            one_minus_b2: (1.0 - c.beta2) as f32,
-            step_size: (lr / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-            eps: c.eps as f32,
-            grad_scale,
-        };
+        let s = self.next_scalars(lr, grad_scale);
         for ((p, g), st) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
             let Some(grad) = g else { continue };
             p.inplace_op1(&Update {
@@ -178,6 +243,23 @@ pub fn clip_scale(grads: &[Option<&[f32]>], max_norm: Option<f64>) -> (f32, f64)
                 .sum::<f64>()
         })
         .sum();
+    scale_for(sq, max_norm)
+}
+
+/// `clip_scale` for gradients held as tensors on any device (sums of squares in f64 there).
+pub fn clip_scale_tensors(grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<(f32, f64)> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(scale_for(sq, max_norm))
+}
+
+fn scale_for(sq: f64, max_norm: Option<f64>) -> (f32, f64) {
     let norm = sq.sqrt();
     let scale = match max_norm {
         Some(max) if max > 0.0 => ((max as f32) / (norm as f32 + 1e-6)).min(1.0),

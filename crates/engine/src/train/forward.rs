@@ -9,7 +9,7 @@ use crate::io::config::AttentionKind;
 use crate::model::mask::PadLayout;
 use crate::model::Decoder;
 use crate::model::RmsNorm;
-use crate::train::ops::{act::gated, attention::attention, norm::rms_norm, rope::rope};
+use crate::train::ops::{act::gated, attention::attention, norm::rms_norm, portable, rope::rope};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
@@ -75,7 +75,12 @@ impl Packed {
     }
 }
 
-fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+/// The decoder's training ops: the fused CPU ops, or on its portable path (always off the
+/// CPU) the composed ones.
+fn norm(dec: &Decoder, n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    if dec.portable {
+        return portable::rms_norm(x, &n.weight, n.eps, n.plus_one);
+    }
     rms_norm(x, &n.weight, n.eps, n.plus_one)
 }
 
@@ -87,7 +92,7 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let sliding = layer.kind == AttentionKind::Sliding;
 
-    let h = norm(&layer.attn_in_norm, x)?;
+    let h = norm(dec, &layer.attn_in_norm, x)?;
     let qkv = layer.attn.qkv.forward(&h)?;
     // [1, heads, N, hd] views of the packed projection.
     let heads = |start: usize, count: usize| -> Result<Tensor> {
@@ -98,17 +103,23 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
     };
     let (mut q, mut k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
     if let Some(qn) = &layer.attn.q_norm {
-        q = norm(qn, &q)?;
+        q = norm(dec, qn, &q)?;
     }
     if let Some(kn) = &layer.attn.k_norm {
-        k = norm(kn, &k)?;
+        k = norm(dec, kn, &k)?;
     }
     let (cos, sin) = match (&p.rope_local, sliding) {
         (Some(local), true) => local,
         _ => &p.rope_global,
     };
+    let rope = if dec.portable { portable::rope } else { rope };
     let q = rope(&q, cos, sin, cfg.rotary_dim)?;
     let k = rope(&k, cos, sin, cfg.rotary_dim)?;
+    let attention = if dec.portable {
+        portable::attention
+    } else {
+        attention
+    };
     let mut outs = Vec::with_capacity(p.seqs.len());
     for &(start, len) in &p.seqs {
         let (full, window) = &p.masks[&len];
@@ -129,15 +140,16 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
     let attn = Tensor::cat(&outs, 1)?.reshape((n, nh * hd))?;
     let mut a = layer.attn.o.forward(&attn)?;
     if let Some(on) = &layer.attn_out_norm {
-        a = norm(on, &a)?;
+        a = norm(dec, on, &a)?;
     }
     let x = (x + a)?;
 
-    let h = norm(&layer.mlp_in_norm, &x)?;
+    let h = norm(dec, &layer.mlp_in_norm, &x)?;
     let gu = layer.mlp.gate_up.forward(&h)?;
+    let gated = if dec.portable { portable::gated } else { gated };
     let mut m = layer.mlp.down.forward(&gated(&gu, cfg.activation)?)?;
     if let Some(on) = &layer.mlp_out_norm {
-        m = norm(on, &m)?;
+        m = norm(dec, on, &m)?;
     }
     Ok((x + m)?)
 }
@@ -149,7 +161,7 @@ pub fn embed(dec: &Decoder, p: &Packed) -> Result<Tensor> {
 
 /// The final norm of the packed residual stream.
 pub fn final_norm(dec: &Decoder, x: &Tensor) -> Result<Tensor> {
-    norm(&dec.final_norm, x)
+    norm(dec, &dec.final_norm, x)
 }
 
 /// The whole pass: final-normed hidden states `[N, H]` of the packed rows. With `track_from`,

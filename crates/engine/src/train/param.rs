@@ -65,6 +65,10 @@ impl Param {
             );
         }
         let values = values.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        if let Some(v) = &self.var {
+            // Any device (the portable path's variables may live on a GPU).
+            return Ok(v.set(&values.to_device(v.device())?)?);
+        }
         Ok(self.tensor.inplace_op2(&values, &CopyFrom)?)
     }
 }

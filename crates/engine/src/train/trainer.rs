@@ -6,9 +6,10 @@
 use crate::model::layout::Slot;
 use crate::model::params::{Module, ParamInfo};
 use crate::model::{Decoder, LinearGrad};
-use crate::train::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::train::adamw::{clip_scale, clip_scale_tensors, AdamW, AdamWConfig};
 use crate::train::forward::{self, Packed};
 use crate::train::ops::loss::{head_nll, HeadGrads};
+use crate::train::ops::portable;
 use crate::train::param::Param;
 use crate::train::sink::GradSink;
 use anyhow::{bail, Result};
@@ -80,6 +81,9 @@ pub struct Trainer {
     /// The first layer whose input needs a gradient: 0 when the embedding trains, else the
     /// lowest layer with a trainable parameter. Nothing below it is recorded for backward.
     track_from: usize,
+    /// The decoder's portable path (always off the CPU): every trainable tensor a variable,
+    /// candle's autograd and composed ops, AdamW in tensor ops on the parameters' device.
+    portable: bool,
 }
 
 impl Trainer {
@@ -91,6 +95,8 @@ impl Trainer {
         adam: AdamWConfig,
         grad_checkpointing: bool,
     ) -> Result<Trainer> {
+        let portable = decoder.portable || !decoder.device.is_cpu();
+        decoder.use_portable_ops(portable);
         let (mut trainable, mut frozen) = (vec![], vec![]);
         // Training runs in f32: bf16/f16 weights are widened here (frozen ones too, since the
         // backward pass needs f32 inputs); quantized ones fail in `params_mut`.
@@ -103,7 +109,7 @@ impl Trainer {
             }
             let matrix =
                 info.matrix.is_some() || matches!(info.module, Module::Embed | Module::LmHead);
-            let p = if matrix {
+            let p = if matrix && !portable {
                 Param::matrix(&t32)?
             } else {
                 Param::var(&t32)?
@@ -122,6 +128,7 @@ impl Trainer {
             .filter_map(|(i, p)| Some(((i.layer?, i.matrix?), p.sink()?.clone())))
             .collect();
         decoder.set_linear_grads(|l, slot| match layer_sinks.get(&(l, slot)) {
+            _ if portable => LinearGrad::Autograd,
             Some(s) => LinearGrad::Sink(s.clone()),
             None => LinearGrad::Frozen,
         });
@@ -148,6 +155,7 @@ impl Trainer {
             embed_sink,
             head_sink,
             track_from,
+            portable,
         })
     }
 
@@ -162,7 +170,9 @@ impl Trainer {
             return self.accumulate_checkpointed(batch, loss_scale);
         }
         let packed = batch.packed(&self.decoder)?;
-        let (h, bottom) = forward::forward(&self.decoder, &packed, Some(self.track_from))?;
+        // The portable path's autograd records only what depends on a variable.
+        let track = (!self.portable).then_some(self.track_from);
+        let (h, bottom) = forward::forward(&self.decoder, &packed, track)?;
         let nll = self.head_loss(&h, batch, Some(loss_scale))?;
         let value = nll.to_scalar::<f32>()? as f64;
         let mut grads = (nll * loss_scale)?.backward()?;
@@ -185,9 +195,13 @@ impl Trainer {
     /// Summed token loss at the batch's supervised positions; with `scale` (the loss's
     /// multiplier in the step) the head op also prepares the gradients backward will ask for.
     fn head_loss(&self, h: &Tensor, batch: &Batch, scale: Option<f64>) -> Result<Tensor> {
-        let rows = h.index_select(&batch.positions, 0)?;
+        let rows = h.index_select(&batch.positions.to_device(h.device())?, 0)?;
         let dec = &self.decoder;
         let w = dec.lm_head.as_ref().unwrap_or(&dec.embed).tensor()?;
+        if self.portable {
+            let targets = &batch.targets;
+            return portable::head_nll(&rows, w, targets, dec.cfg.final_softcap);
+        }
         let grads = scale.map(|scale| HeadGrads {
             scale,
             weight: self.head_sink.clone(),
@@ -237,6 +251,12 @@ impl Trainer {
                 .ok_or_else(|| anyhow::anyhow!("no gradient reached layer {l}"))?;
             self.collect(&mut grads)?;
         }
+        if self.portable && self.track_from == 0 {
+            // The embedding is a variable: back-propagate into its lookup.
+            let e = forward::embed(&self.decoder, &packed)?;
+            let mut grads = (e * &upstream)?.sum_all()?.backward()?;
+            self.collect(&mut grads)?;
+        }
         self.embed_backward(&packed, &upstream)?;
         Ok(value)
     }
@@ -266,6 +286,20 @@ impl Trainer {
     /// Clips, steps the optimizer at `lr` and clears the gradients. Returns the gradient norm
     /// before clipping.
     pub fn apply(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        if self.portable {
+            let grads: Vec<Option<Tensor>> = self.grads.iter_mut().map(|g| g.take()).collect();
+            let (scale, norm) = clip_scale_tensors(&grads, max_grad_norm)?;
+            let vars: Vec<&Var> = self
+                .trainable
+                .iter()
+                .map(|(_, p)| {
+                    p.as_var()
+                        .expect("the portable path's parameters are variables")
+                })
+                .collect();
+            self.optimizer.step_tensors(&vars, &grads, lr, scale)?;
+            return Ok(norm);
+        }
         let params: Vec<Tensor> = self
             .trainable
             .iter()

@@ -240,6 +240,18 @@ fn check_family(family: &str) {
         family,
         "after undoing the scaling",
     );
+
+    // The GPU's path (candle's device-generic ops for masks and attention), run on the CPU:
+    // the same outputs, padded batches and the KV cache included.
+    m.decoder.use_portable_ops(true);
+    compare(
+        &run_single(&m, &prompts),
+        &exp,
+        family,
+        "device-generic ops",
+    );
+    let g3 = greedy(&m.decoder, &prompts, &m.eos_token_ids, &opts, &mut |_| {}).unwrap();
+    assert_eq!(g, g3, "{family}: batched greedy on the device-generic ops");
 }
 
 fn check_v4_config(family: &str) {

@@ -69,7 +69,8 @@ pub fn save(trainer: &Trainer, ckpt: &Checkpoint, out: &Path) -> Result<()> {
     let stage = StagedDir::new(&dest)?;
     let mut params = BTreeMap::new();
     let mut moments = BTreeMap::new();
-    for ((info, var), st) in trainer.trainable.iter().zip(&trainer.optimizer.moments) {
+    let host = trainer.optimizer.host_moments()?;
+    for ((info, var), st) in trainer.trainable.iter().zip(&host) {
         params.insert(info.name.clone(), var.as_tensor().clone());
         let shape = var.dims().to_vec();
         moments.insert(

@@ -121,6 +121,7 @@ mod tests {
                 dtype_option: "native".into(),
                 weights: "Q4_1+Q8_0".into(),
                 activations: "f32".into(),
+                device: Some("cpu".into()),
             }),
         }
     }

@@ -60,7 +60,19 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// How the trainer runs: its fused CPU ops, or the portable path the GPU takes (composed candle
+/// ops, every parameter a variable, AdamW in tensor ops), here on the CPU.
+#[derive(Clone, Copy, PartialEq)]
+enum TrainPath {
+    Fused,
+    Portable,
+}
+
 fn check(family: &str, run: &str, checkpointing: bool) {
+    check_on(family, run, checkpointing, TrainPath::Fused)
+}
+
+fn check_on(family: &str, run: &str, checkpointing: bool, path: TrainPath) {
     if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
         return;
     }
@@ -70,7 +82,8 @@ fn check(family: &str, run: &str, checkpointing: bool) {
     )
     .unwrap();
     let model_dir = root().join("tests/fixtures").join(family);
-    let model = Model::load(&model_dir).unwrap();
+    let mut model = Model::load(&model_dir).unwrap();
+    model.decoder.use_portable_ops(path == TrainPath::Portable);
     let recs = records();
     // Same token ids as the Python side (template, BOS, EOS, truncation).
     for (r, want) in recs.iter().zip(fx["examples"].as_array().unwrap()) {
@@ -250,6 +263,18 @@ fn phi3_full_equals_torch() {
 #[test]
 fn phi3_sppft_equals_torch() {
     check("phi3", "sppft", false);
+}
+
+#[test]
+fn portable_path_equals_torch() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
+    for (family, run) in [("llama", "full"), ("gemma2", "sppft"), ("phi3", "full")] {
+        check_on(family, run, false, TrainPath::Portable);
+    }
+    check_on("qwen2", "sppft", true, TrainPath::Portable);
+    check_on("llama", "full", true, TrainPath::Portable);
 }
 
 #[test]
