@@ -178,6 +178,13 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
+        // Wherever a GPU ran out of memory, say what to lower.
+        if format!("{e:#}").contains("OUT_OF_MEMORY") {
+            eprintln!(
+                "hint: the GPU ran out of memory; lower --batch-size (or hold the weights in \
+                 bf16 with --dtype bf16)"
+            );
+        }
         std::process::exit(1);
     }
 }

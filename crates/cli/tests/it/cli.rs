@@ -569,3 +569,51 @@ fn inspect_names_a_bad_dtype_and_shows_gguf_tensor_types() {
     assert_eq!(v["storage"], "GGUF Q8_0 x 30, F32 x 9");
     assert_eq!(v["weights_in_memory"], "Q8_0");
 }
+
+/// `--device`: a bad name and (in a CPU-only build) `cuda` fail before any work, naming the flag
+/// and what to do, with nothing written; `cpu` runs, and the output records the device.
+#[test]
+fn device_flag_is_checked_and_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let p = prompts(d.path());
+    let run = |device: &str, out: &Path| {
+        bin()
+            .args(["hidden", "--model"])
+            .arg(fixture("llama"))
+            .arg("--prompts")
+            .arg(&p)
+            .args(["--device", device, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let bad = d.path().join("bad.json");
+    let out = run("tpu:0", &bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("tpu:0") && err.contains("cuda:N"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+    if !cfg!(feature = "cuda") {
+        let out = run("cuda", &bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("--features cuda") && err.contains("--device cpu"),
+            "{err}"
+        );
+        assert!(!bad.exists());
+    }
+    let good = d.path().join("h.json");
+    let out = run("cpu", &good);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&good).unwrap()).unwrap();
+    assert_eq!(doc["precision"]["device"], "cpu");
+    assert_eq!(doc["precision"]["activations"], "f32");
+}
