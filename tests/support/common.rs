@@ -24,16 +24,17 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
-/// True (after one `skipped:` line) when python3 cannot import torch, transformers and yaml, so
+/// True (after one `skipped:` line) when python3 cannot import torch, transformers, yaml,
+/// accelerate and peft, so
 /// the test returns; a failure instead under SAFETY_LAYERS_REQUIRE_PEERS=1, as in CI.
 pub fn skip_without_python_peers() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import torch, transformers, yaml"])
+        .args(["-c", "import torch, transformers, yaml, accelerate, peft"])
         .output()
         .is_ok_and(|o| o.status.success());
     !ok && skip(
         "SAFETY_LAYERS_REQUIRE_PEERS",
-        "needs python3 with torch, transformers, pyyaml",
+        "needs python3 with torch, transformers, pyyaml, accelerate, peft",
     )
 }
 

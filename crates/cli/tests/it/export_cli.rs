@@ -269,3 +269,28 @@ fn bad_requests_fail_clearly_and_write_nothing() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// The scale-out path run for real (scaleout_run.py): the exported Hugging Face Trainer script
+/// trains 2 steps with the plan's tensors frozen and our losses; PEFT wraps exactly the planned
+/// modules; axolotl validates its config where it is installed.
+#[test]
+fn exported_trainer_script_trains_like_finetune() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) || skip_without_python_peers() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scaleout_run.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_safety-layers"))
+        .arg(fixture("llama"))
+        .arg(shared().join("data/paper/Normal_dataset.json"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "scaleout_run.py failed (needs torch, transformers, accelerate, peft):\n{text}"
+    );
+    assert!(text.contains("scale-out checks passed"), "{text}");
+}
