@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 15's GPU check: runs tools/gpu_check.py on a machine with an NVIDIA GPU, the driver, torch
-# and transformers, and no Rust toolchain. Bring along (see README, "GPU build"):
-#   gpu/safety-layers[.xz]   the binary built here with `--features cuda`
-#   gpu/smollm2/ gpu/llama3/ tokenizer and config files; gpu/do.txt (D_o, one prompt per line)
+# and transformers, and no Rust toolchain. Bring along gpu/, which tools/gpu_prepare.sh fills:
+#   gpu/safety-layers.xz     the binary built with `--features cuda`
+#   gpu/smollm2/ gpu/llama3/ tokenizer and config files; gpu/do.txt (D_o, one prompt per line);
+#   gpu/normal6.json gpu/normal64.json (training records)
 # Usage: tools/gpu_check.sh OUT_DIR [--parts a,c]
 # Writes OUT_DIR/gpu_check.md (the table), OUT_DIR/gpu_check.json and OUT_DIR/log.txt.
 set -euo pipefail
