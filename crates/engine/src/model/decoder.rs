@@ -335,7 +335,11 @@ impl Decoder {
     /// Gemma2's final soft-cap).
     pub fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut out = Linear::new(w.clone(), None).forward(h)?;
+        let mut head = Linear::new(w.clone(), None);
+        if self.portable {
+            head.grad = crate::model::LinearGrad::Autograd;
+        }
+        let mut out = head.forward(h)?;
         if let Some(cap) = self.cfg.final_softcap {
             out = ((out / cap)?.tanh()? * cap)?;
         }
@@ -465,6 +469,23 @@ impl Decoder {
             }
             return Ok(());
         }
+        self.move_to(device, dtype)
+    }
+
+    /// The GPU's whole path on the CPU, computing in `dtype` (matrices dense in it, candle's
+    /// matmul, masks and attention through `device_ops`), so that tests can check its dtype
+    /// handling (a GPU's bf16) without a GPU.
+    pub fn use_portable_ops_as(&mut self, dtype: DType) -> Result<()> {
+        self.move_to(&self.device.clone(), dtype)?;
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                lin.grad = crate::model::LinearGrad::Autograd;
+            }
+        }
+        Ok(())
+    }
+
+    fn move_to(&mut self, device: &Device, dtype: DType) -> Result<()> {
         let f32_on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
         let move_norm = |n: &mut RmsNorm| -> Result<()> {
             n.weight = f32_on(&n.weight)?;

@@ -312,3 +312,81 @@ fn smollm2_gguf_bf16_equals_transformers() {
     );
     assert_eq!(top1_b, 16, "last-token argmax equal to (b)");
 }
+
+/// The GPU's bf16 path (matrices dense in bf16, bf16 activations, candle's matmul, f32 norms and
+/// softmax), run on the CPU. It computes in bf16 as (a) does, in another order: so it must lie as
+/// far from the f32-math reference (b) as bf16 compute does, `2 * dist_ab + F32_TOL` per row,
+/// and leave (a)'s greedy tokens only where (a)'s own margin is within the noise of two bf16
+/// computations (`4 * dist_ab * max|logit|`).
+fn check_gpu_path(family: &str) {
+    let dir = fixture_dir(family);
+    let exp = json(&dir.join("expected_bf16.json"));
+    let mut m = load(&dir, WeightDType::Bf16);
+    m.decoder.use_portable_ops_as(DType::BF16).unwrap();
+    assert_eq!(m.decoder.dtype(), DType::BF16);
+    let prompts: Vec<Vec<u32>> = exp["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let out = run_single(&m, &prompts);
+    let (a, b) = (&exp["bf16_compute"], &exp["bf16_weights_f32_compute"]);
+    let dist_ab = exp["dist_ab"].as_f64().unwrap() as f32;
+    let tol = 2.0 * dist_ab + F32_TOL;
+    let mut worst = 0f32;
+    for p in 0..prompts.len() {
+        let mut rows: Vec<(String, &[f32], Vec<f32>)> = out.hidden[p]
+            .iter()
+            .enumerate()
+            .map(|(k, h)| {
+                let want = floats(&b["hidden_last"][p][k]);
+                (format!("prompt {p} hidden entry {k}"), h.as_slice(), want)
+            })
+            .collect();
+        rows.push((
+            format!("prompt {p} logits"),
+            &out.logits[p],
+            floats(&b["logits_last"][p]),
+        ));
+        for (what, got, want) in &rows {
+            let e = row_dist(got, want);
+            assert!(
+                e <= tol,
+                "{family} {what}: {e:e} from (b), tolerance {tol:e}"
+            );
+            worst = worst.max(e);
+        }
+    }
+    let mut same_a = 0;
+    for (p, g) in out.greedy.iter().enumerate() {
+        let want = ids(&a["greedy"][p]);
+        match g.iter().zip(&want).position(|(x, y)| x != y) {
+            None => same_a += 1,
+            Some(i) => {
+                let margin = a["step_margin"][p][i].as_f64().unwrap() as f32;
+                let scale = a["step_max_abs"][p][i].as_f64().unwrap() as f32;
+                assert!(
+                    margin <= 4.0 * dist_ab * scale,
+                    "{family}: prompt {p} leaves (a) at step {i}, where (a)'s margin {margin} \
+                     is above bf16 noise (4 * {dist_ab} * {scale})"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{family} (GPU path, bf16, on the CPU): vs (b) {worst:.3e} (row, tolerance {tol:.3e}); \
+         greedy = (a) {same_a}/{}",
+        prompts.len()
+    );
+}
+
+macro_rules! gpu_path_tests {
+    ($($name:ident),* $(,)?) => {
+        mod gpu_path_bf16_on_the_cpu {
+            $( #[test] fn $name() { super::check_gpu_path(stringify!($name)); } )*
+        }
+    };
+}
+
+gpu_path_tests!(llama, llama3, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3);
