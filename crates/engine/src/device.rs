@@ -86,17 +86,17 @@ pub fn name(d: &Device) -> String {
     }
 }
 
-/// The compute dtype on a GPU for weights held as `storage` (the loader's choice, see
-/// `WeightDType`): bf16/f16 checkpoints compute in their own dtype; quantized weights are
-/// widened to bf16 for models of 1B parameters and more and to f32 below; f32 stays f32.
-pub fn gpu_compute_dtype(storage: &[DType], quantized: bool, params: usize) -> DType {
+/// The compute dtype on a GPU when `--dtype` leaves it open (auto, native), for matrices held
+/// as `storage`: bf16/f16 checkpoints compute in their own dtype; otherwise (f32 or quantized)
+/// bf16 for models of 1B parameters and more, f32 below.
+pub fn gpu_compute_dtype(storage: &[DType], params: usize) -> DType {
     if let Some(d) = storage
         .iter()
         .find(|d| matches!(d, DType::BF16 | DType::F16))
     {
         return *d;
     }
-    if quantized && params >= 1_000_000_000 {
+    if params >= 1_000_000_000 {
         return DType::BF16;
     }
     DType::F32
@@ -144,13 +144,11 @@ mod tests {
 
     #[test]
     fn compute_dtype_rule() {
-        assert_eq!(gpu_compute_dtype(&[DType::BF16], false, 100), DType::BF16);
-        assert_eq!(
-            gpu_compute_dtype(&[DType::F32], false, 8_000_000_000),
-            DType::F32
-        );
-        assert_eq!(gpu_compute_dtype(&[], true, 135_000_000), DType::F32);
-        assert_eq!(gpu_compute_dtype(&[], true, 8_000_000_000), DType::BF16);
+        assert_eq!(gpu_compute_dtype(&[DType::BF16], 100), DType::BF16);
+        assert_eq!(gpu_compute_dtype(&[DType::F32], 8_000_000_000), DType::BF16);
+        assert_eq!(gpu_compute_dtype(&[DType::F32], 135_000_000), DType::F32);
+        assert_eq!(gpu_compute_dtype(&[], 135_000_000), DType::F32);
+        assert_eq!(gpu_compute_dtype(&[], 8_000_000_000), DType::BF16);
     }
 
     #[test]

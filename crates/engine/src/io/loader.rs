@@ -197,10 +197,17 @@ impl Model {
         }
     }
 
-    /// Moves the model to `device`; on a GPU it computes in `Decoder::gpu_compute_dtype` (bf16
-    /// for bf16 checkpoints and for quantized ones of 1B parameters and more, else f32).
+    /// Moves the model to `device`; on a GPU it computes in the `--dtype` asked for, else in
+    /// `Decoder::gpu_compute_dtype` (bf16 for bf16 checkpoints and for models of 1B parameters
+    /// and more, else f32).
     pub fn to_device(&mut self, device: &candle_core::Device) -> Result<()> {
-        let dtype = self.decoder.gpu_compute_dtype();
+        // An explicit --dtype decides; auto and native follow the size and storage rule.
+        let dtype = match self.dtype_choice {
+            WeightDType::F32 => DType::F32,
+            WeightDType::Bf16 => DType::BF16,
+            WeightDType::F16 => DType::F16,
+            WeightDType::Auto | WeightDType::Native => self.decoder.gpu_compute_dtype(),
+        };
         self.to_device_as(device, dtype)
     }
 

@@ -562,17 +562,16 @@ impl Decoder {
     /// The compute dtype this decoder gets on a GPU (`device::gpu_compute_dtype` of its
     /// matrices' storage and size).
     pub fn gpu_compute_dtype(&self) -> DType {
-        let (mut dense, mut quantized, mut params) = (vec![], false, 0);
+        let (mut dense, mut params) = (vec![], 0);
         for w in self.matrices() {
             params += w.elem_count();
             for b in w.blocks() {
-                match b {
-                    Block::Dense(t) => dense.push(t.dtype()),
-                    Block::Quant(_) => quantized = true,
+                if let Block::Dense(t) = b {
+                    dense.push(t.dtype());
                 }
             }
         }
-        crate::device::gpu_compute_dtype(&dense, quantized, params)
+        crate::device::gpu_compute_dtype(&dense, params)
     }
 }
 
