@@ -62,7 +62,7 @@ pub use io::config::{Family, ModelConfig};
 pub use io::loader::{tune_allocator_around, LoadOptions, Model, Prompt};
 pub use model::heads::HeadWeights;
 pub use model::hooks::{ActivationCache, Edit, EditFn, Hook, HookSpec, Positions};
-pub use model::scale::{LayerRange, ScaleReport};
+pub use model::scale::{LayerRange, ScaleReport, ScaleTarget};
 pub use model::{Decoder, KvCache, Logits};
 pub use text::prompts::{PromptRecord, Template};
 pub use text::tokenizer::Tokenizer;

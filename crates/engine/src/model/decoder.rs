@@ -96,6 +96,7 @@ impl Decoder {
                 mlp: Mlp { gate_up, down },
                 mlp_out_norm: norm(Slot::MlpOutNorm)?,
                 kind: cfg.layer_types[l],
+                residual_scale: 1.0,
             });
         }
         let final_norm = RmsNorm::new(top(w, stored.final_norm())?.to_f32()?, plus_one, eps)?;
@@ -287,12 +288,18 @@ impl Decoder {
             if let Some(n) = &layer.attn_out_norm {
                 a = n.forward(&a)?;
             }
+            if layer.residual_scale != 1.0 {
+                a = (a * layer.residual_scale)?;
+            }
             let a = hooks.apply(Hook::AttnOut(l), a, acts)?;
             x = (x + a)?;
             let h = layer.mlp_in_norm.forward(&x)?;
             let mut m = self.mlp(l, &h)?;
             if let Some(n) = &layer.mlp_out_norm {
                 m = n.forward(&m)?;
+            }
+            if layer.residual_scale != 1.0 {
+                m = (m * layer.residual_scale)?;
             }
             let m = hooks.apply(Hook::MlpOut(l), m, acts)?;
             x = (x + m)?;

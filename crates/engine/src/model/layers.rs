@@ -151,6 +151,9 @@ pub struct Layer {
     pub mlp: Mlp,
     pub mlp_out_norm: Option<RmsNorm>,
     pub kind: AttentionKind,
+    /// The residual target of the paper's scaling (`ScaleTarget::Residual`): the factor on this
+    /// layer's attention and MLP contributions to the residual stream, after any post-norm.
+    pub residual_scale: f64,
 }
 
 impl Layer {

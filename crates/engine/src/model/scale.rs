@@ -64,6 +64,39 @@ impl std::fmt::Display for LayerRange {
     }
 }
 
+/// What the paper's scaling multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleTarget {
+    /// The attention and MLP weight matrices (the paper's intervention).
+    #[default]
+    Weights,
+    /// Each layer's attention and MLP contributions to the residual stream, after any
+    /// post-norm: the same "louder layer" on every family, where per-head q/k norms or
+    /// post-norms cancel most of a weight scaling.
+    Residual,
+}
+
+impl std::str::FromStr for ScaleTarget {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "weights" => Ok(ScaleTarget::Weights),
+            "residual" => Ok(ScaleTarget::Residual),
+            _ => bail!("--scale-target `{s}`: expected weights or residual"),
+        }
+    }
+}
+
+impl std::fmt::Display for ScaleTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScaleTarget::Weights => "weights",
+            ScaleTarget::Residual => "residual",
+        })
+    }
+}
+
 /// Which matrices a scaling touched, by their Hugging Face names.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ScaleReport {
@@ -101,12 +134,60 @@ impl Decoder {
         })
     }
 
-    /// Puts every layer back to its unscaled weights.
+    /// `scale_layers` on either target; for `Residual` the report lists no matrices (none is
+    /// scaled: the layers' outputs are).
+    pub fn scale_layers_with(
+        &mut self,
+        range: LayerRange,
+        alpha: f64,
+        target: ScaleTarget,
+    ) -> Result<ScaleReport> {
+        let mut rep = self.scale_layers(range, alpha)?;
+        if target == ScaleTarget::Residual {
+            self.restore_scaling();
+            for l in range.layers() {
+                self.layers[l].residual_scale = alpha;
+            }
+            rep.matrices.clear();
+        }
+        Ok(rep)
+    }
+
+    /// Puts every layer back to its unscaled weights and outputs.
     pub fn restore_scaling(&mut self) {
         for layer in &mut self.layers {
+            layer.residual_scale = 1.0;
             for lin in layer.linears_mut() {
                 lin.scale = 1.0;
             }
         }
+    }
+
+    /// What a weight scaling cannot do on this family, in plain words (empty where it acts as
+    /// on Llama): normalisations after a scaled matrix divide the factor out again.
+    pub fn weight_scaling_notes(&self) -> Vec<String> {
+        let Some(layer) = self.layers.first() else {
+            return vec![];
+        };
+        let mut notes = vec![];
+        if layer.attn.q_norm.is_some() && layer.attn.k_norm.is_some() {
+            notes.push(
+                "per-head q/k norms cancel the scaling of q and k: the attention pattern does                  not sharpen"
+                    .to_string(),
+            );
+        }
+        if layer.attn_out_norm.is_some() {
+            notes.push(
+                "the post-attention norm cancels the scaling of v and o: the attention's                  contribution to the residual stream does not grow"
+                    .to_string(),
+            );
+        }
+        if layer.mlp_out_norm.is_some() {
+            notes.push(
+                "the post-feedforward norm cancels the scaling of down (and of up, which the                  gate multiplies): the MLP's contribution changes only through the gate's                  activation"
+                    .to_string(),
+            );
+        }
+        notes
     }
 }

@@ -447,3 +447,60 @@ fn training_pass_equals_inference_path() {
         }
     }
 }
+
+/// `--scale-target residual` against transformers with forward hooks multiplying layers 1-2's
+/// attention and MLP contributions (after any post-norm) by 1.2
+/// (tools/fixtures/make_residual_scale_fixtures.py); the weight target's cancellations are
+/// named on exactly the families where transformers shows them (a q/k-only or v/o/down-only
+/// weight scaling moving the logits by less than 1e-3).
+#[test]
+fn residual_scaling_equals_transformers_and_cancellations_are_named() {
+    for family in ["llama", "qwen3", "gemma2", "gemma3"] {
+        let dir = fixture_dir(family);
+        let exp: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("expected_residual.json")).unwrap(),
+        )
+        .unwrap();
+        let mut m = Model::load(&dir).unwrap();
+        let prompts: Vec<Vec<u32>> = exp["residual"]["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        let l = m.decoder.num_layers();
+        let before = run_single(&m, &prompts);
+        let range = LayerRange::new(1, 2, l).unwrap();
+        let rep = m
+            .decoder
+            .scale_layers_with(range, 1.2, sl_engine::ScaleTarget::Residual)
+            .unwrap();
+        assert!(rep.matrices.is_empty(), "{family}: no matrix is scaled");
+        compare(
+            &run_single(&m, &prompts),
+            &exp["residual"],
+            family,
+            "residual x1.2",
+        );
+        m.decoder.restore_scaling();
+        let after = run_single(&m, &prompts);
+        assert!(
+            after.hidden == before.hidden && after.logits == before.logits,
+            "{family}: undoing the residual scaling gives back bit-identical outputs"
+        );
+
+        let notes = m.decoder.weight_scaling_notes().join("; ");
+        let moved = &exp["weights_only_logit_move"];
+        let cancelled = |what: &str| moved[what].as_f64().unwrap() < 1e-3;
+        assert_eq!(
+            notes.contains("q/k norms"),
+            cancelled("q_k"),
+            "{family}: q/k cancellation ({notes})"
+        );
+        assert_eq!(
+            notes.contains("post-attention norm") && notes.contains("post-feedforward norm"),
+            cancelled("v_o_down"),
+            "{family}: v/o/down cancellation ({notes})"
+        );
+    }
+}
