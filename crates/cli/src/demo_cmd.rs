@@ -216,7 +216,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let layers = read_json(&out.join("aligned/config.json"))?["num_hidden_layers"]
         .as_u64()
         .context("aligned/config.json: num_hidden_layers")? as usize;
-    let control = control_range(first, last, layers);
+    let control = control_range(first, last, layers)?;
+    if control.narrower {
+        eprintln!(
+            "note: no range as wide as {first}-{last} fits beside it in {layers} layers; the \
+             control freeze is the narrower {}",
+            control.range
+        );
+    }
 
     // 5. Fine-tune the aligned model: full, SPPFT, control freeze.
     let mut runs = vec![];
@@ -230,7 +237,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         for (variant, freeze) in [
             ("full", None),
             ("sppft", Some((first, last))),
-            ("control", Some(control)),
+            ("control", Some((control.range.first, control.range.last))),
         ] {
             let name = format!("ft-{tag}-{variant}");
             let mut args = vec![
@@ -318,10 +325,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         datasets_sha256: data_shas,
         machine: Machine::current(),
         stages,
-        control_range: LayerRange {
-            first: control.0,
-            last: control.1,
-        },
+        control_range: control.range,
+        control_narrower: control.narrower,
         finetune_runs: runs,
         total_seconds: t0.elapsed().as_secs_f64(),
     };

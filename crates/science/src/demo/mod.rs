@@ -14,15 +14,41 @@ use sl_engine::LayerRange;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// A range as wide as `first..=last`, away from it: at the bottom if it fits below, else at the
-/// top (the paper's Table 8 freezes such ranges as controls).
-pub fn control_range(first: usize, last: usize, layers: usize) -> (usize, usize) {
-    let w = last - first + 1;
-    if w <= first {
-        (0, w - 1)
-    } else {
-        (layers - w, layers - 1)
+/// The control freeze for a located range `first..=last` (the paper's Table 8 freezes such
+/// ranges): as wide and never overlapping it, at the bottom if it fits below, else at the top.
+/// Where no equally wide range fits on either side, the larger side's layers, marked narrower
+/// (the report says so); an error where the range covers every layer.
+pub fn control_range(first: usize, last: usize, layers: usize) -> Result<ControlRange> {
+    if first > last || last >= layers {
+        anyhow::bail!("control range: layers {first}-{last} are not a range of {layers} layers");
     }
+    let w = last - first + 1;
+    let (below, above) = (first, layers - 1 - last);
+    let (a, b, narrower) = if w <= below {
+        (0, w - 1, false)
+    } else if w <= above {
+        (layers - w, layers - 1, false)
+    } else if below == 0 && above == 0 {
+        anyhow::bail!(
+            "the located range {first}-{last} covers all {layers} layers: no control range can \
+             be frozen beside it"
+        );
+    } else if below >= above {
+        (0, below - 1, true)
+    } else {
+        (last + 1, layers - 1, true)
+    };
+    Ok(ControlRange {
+        range: LayerRange { first: a, last: b },
+        narrower,
+    })
+}
+
+/// A control freeze and whether it had to be narrower than the located range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlRange {
+    pub range: LayerRange,
+    pub narrower: bool,
 }
 
 /// One stage's record in results.json.
@@ -144,6 +170,10 @@ pub struct Provenance {
     pub machine: Machine,
     pub stages: Vec<StageRecord>,
     pub control_range: LayerRange,
+    /// The control range is narrower than the located one (no equally wide range fitted beside
+    /// it); absent in results written before it was recorded.
+    #[serde(default)]
+    pub control_narrower: bool,
     pub finetune_runs: Vec<FinetuneRun>,
     pub total_seconds: f64,
 }
@@ -155,13 +185,38 @@ pub(crate) mod tests {
 
     #[test]
     fn control_ranges_are_equally_wide_and_disjoint() {
-        assert_eq!(control_range(8, 10, 30), (0, 2));
-        assert_eq!(control_range(1, 5, 30), (25, 29));
-        assert_eq!(control_range(0, 0, 4), (3, 3));
+        let r = |i, j, n| {
+            let c = control_range(i, j, n).unwrap();
+            (c.range.first, c.range.last, c.narrower)
+        };
+        assert_eq!(r(8, 10, 30), (0, 2, false));
+        assert_eq!(r(1, 5, 30), (25, 29, false));
+        assert_eq!(r(0, 0, 4), (3, 3, false));
         for (i, j) in [(8, 10), (1, 5), (0, 0), (3, 3)] {
-            let (a, b) = control_range(i, j, 30);
+            let (a, b, _) = r(i, j, 30);
             assert_eq!(b - a, j - i);
             assert!(b < i || a > j);
+        }
+        // No equally wide range fits: the larger side, marked narrower, never overlapping.
+        assert_eq!(r(5, 25, 30), (0, 4, true));
+        assert_eq!(r(3, 20, 30), (21, 29, true));
+        for n in 2..12 {
+            for i in 0..n {
+                for j in i..n {
+                    match control_range(i, j, n) {
+                        Ok(c) => {
+                            let (a, b) = (c.range.first, c.range.last);
+                            assert!(b < i || a > j, "{i}-{j} of {n}: {a}-{b} overlaps");
+                            assert!(b < n && a <= b);
+                            assert_eq!(c.narrower, b - a < j - i, "{i}-{j} of {n}");
+                        }
+                        Err(e) => {
+                            assert!((i, j) == (0, n - 1), "{i}-{j} of {n}: {e}");
+                            assert!(e.to_string().contains("covers all"), "{e}");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -177,6 +232,7 @@ pub(crate) mod tests {
             "stages": [{"name": "align", "command": "safety-layers align", "key": "ef",
                         "seconds": 1.5, "cached": false}],
             "control_range": {"first": 0, "last": 1},
+            "control_narrower": false,
             "finetune_runs": [{"name": "ft-di-full", "data": "finetune-implicit", "variant": "full",
                                "freeze": null},
                               {"name": "ft-di-sppft", "data": "finetune-implicit",

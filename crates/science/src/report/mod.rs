@@ -5,7 +5,7 @@
 pub mod results;
 
 use crate::cosine::file::{CosineFile, LargestGap};
-use crate::demo::{FinetuneRun, Provenance};
+use crate::demo::Provenance;
 use crate::eval::file::{EvalFile, EvalModel};
 use crate::eval::SetSummary;
 use crate::locate::file::LocateFile;
@@ -145,7 +145,20 @@ fn gap_layer(g: Option<&LargestGap>) -> String {
 }
 
 /// The verdict on each claim, from the measured numbers.
-fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneRun]) -> Vec<Claim> {
+fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance) -> Vec<Claim> {
+    let runs = &prov.finetune_runs;
+    let control_desc = if prov.control_narrower {
+        format!(
+            "a control freeze of the narrower range {} (no equally wide range fits beside the \
+             located one)",
+            prov.control_range
+        )
+    } else {
+        format!(
+            "a control freeze of the equally wide range {}",
+            prov.control_range
+        )
+    };
     let mut out = vec![];
     // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
     let g = cos.main.largest_gap.as_ref();
@@ -260,7 +273,7 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, runs: &[FinetuneR
         out.push(Claim {
             claim: format!(
                 "3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and \
-                 below a control freeze of an equally wide range"
+                 below {control_desc}"
             ),
             verdict: verdict.into(),
             evidence: format!(
@@ -311,7 +324,7 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         finetunes.insert(n.to_string(), FinetuneBrief::from(&ft));
         curves.push((n.to_string(), train_curve(&dir.join(n))?));
     }
-    let verdicts = claims(&cos, &loc, &eval, runs);
+    let verdicts = claims(&cos, &loc, &eval, provenance);
     let results = ResultsFile {
         schema_version: SCHEMA_VERSION,
         claims: verdicts.clone(),
