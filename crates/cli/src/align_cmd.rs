@@ -57,6 +57,10 @@ pub struct AlignArgs {
     pub template: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Plant the alignment in layers I-J: only their attention and MLP weights train, everything
+    /// else stays frozen (a positive control for cosine/locate/SPPFT)
+    #[arg(long)]
+    pub train_layers: Option<String>,
     #[command(flatten)]
     pub load: crate::LoadArgs,
 }
@@ -79,6 +83,12 @@ fn sets(names: &[&str]) -> Result<Sets> {
 
 pub fn run(a: &AlignArgs) -> Result<()> {
     let model = crate::datasets::load_model_for_training(&a.model)?;
+    let train_layers = a
+        .train_layers
+        .as_deref()
+        .map(|s| sl_engine::LayerRange::parse(s, model.cfg().num_layers))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--train-layers: {e}"))?;
     sl_engine::io::loader::tune_allocator_for_training();
     let harmful_names: Vec<&str> = a.harmful.iter().map(|s| s.as_str()).collect();
     let data = AlignData {
@@ -120,6 +130,7 @@ pub fn run(a: &AlignArgs) -> Result<()> {
         shuffle: true,
         grad_checkpointing: false,
         freeze_embeddings: false,
+        train_layers,
         max_steps: None,
         dtype: "auto".into(),
     };

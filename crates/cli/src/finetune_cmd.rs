@@ -169,6 +169,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         shuffle: !a.no_shuffle,
         grad_checkpointing: a.grad_checkpointing,
         freeze_embeddings: a.freeze_embeddings,
+        train_layers: None,
         max_steps: a.max_steps,
         dtype: a.dtype.clone(),
     };

@@ -57,6 +57,11 @@ pub struct FinetuneConfig {
     /// before the option existed still resume.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_embeddings: bool,
+    /// Only the attention and MLP parameters of these layers train; everything else (other
+    /// layers, every norm, the embeddings and the head) is frozen: a behaviour planted in
+    /// exactly these layers (`align --train-layers`). Left out of the JSON when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_layers: Option<LayerRange>,
     /// Stop after this many optimizer steps (the schedule still spans the full run).
     pub max_steps: Option<usize>,
     /// Storage dtype of the written weights: f32, bf16 or f16.
@@ -156,7 +161,13 @@ pub fn finetune(
     } = model;
     let plan = cfg.freeze_plan(&decoder.cfg)?;
     let frozen = |i: &sl_engine::model::params::ParamInfo| {
-        (cfg.freeze_embeddings && i.module == sl_engine::model::layout::Module::Embed)
+        use sl_engine::model::layout::Module;
+        let outside_planted = cfg.train_layers.is_some_and(|r| {
+            let planted = i.layer.is_some_and(|l| r.layers().contains(&l));
+            !(planted && matches!(i.module, Module::Attn | Module::Mlp))
+        });
+        outside_planted
+            || (cfg.freeze_embeddings && i.module == Module::Embed)
             || plan
                 .as_ref()
                 .is_some_and(|p| p.freezes_param(i.layer, i.module))
@@ -491,6 +502,15 @@ fn validate(cfg: &FinetuneConfig, n: usize, layers: usize) -> Result<()> {
             "--holdout {} leaves no training records out of {n}",
             cfg.holdout
         );
+    }
+    if let Some(r) = cfg.train_layers {
+        if r.last >= layers || r.first > r.last {
+            bail!(
+                "--train-layers {}-{} is not a range of the model's {layers} layers",
+                r.first,
+                r.last
+            );
+        }
     }
     if let Some(r) = cfg.freeze {
         if r.last >= layers {

@@ -90,6 +90,7 @@ mod tests {
                 shuffle: true,
                 grad_checkpointing: false,
                 freeze_embeddings: false,
+                train_layers: None,
                 max_steps: None,
                 dtype: "auto".into(),
             },

@@ -40,6 +40,7 @@ fn config(freeze: Option<LayerRange>) -> FinetuneConfig {
         shuffle: false,
         grad_checkpointing: false,
         freeze_embeddings: false,
+        train_layers: None,
         max_steps: None,
         dtype: "f32".into(),
     }
@@ -339,4 +340,53 @@ fn frozen_embeddings_stay_identical_and_the_rest_trains() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(frozen, ["model.embed_tokens.weight"]);
+}
+
+/// `train_layers` (the planted organism's rule): only layers 1-2's attention and MLP tensors
+/// move; every other tensor, norms, embeddings and the other layers included, comes out
+/// bit-identical, and the run's audit marks exactly those as frozen.
+#[test]
+fn planted_layers_train_alone() {
+    if skip_without_shared(&["data/paper/Normal_dataset.json"]) {
+        return;
+    }
+    for family in ["llama", "gemma2"] {
+        let model_dir = root().join("tests/fixtures").join(family);
+        let mut cfg = config(None);
+        cfg.train_layers = Some(LayerRange { first: 1, last: 2 });
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let summary = finetune(
+            Model::load(&model_dir).unwrap(),
+            &records(),
+            &cfg,
+            &RunOptions::default(),
+            &out,
+            &mut |_| {},
+        )
+        .unwrap();
+        let got = load_st(&out.join("model.safetensors"));
+        let input = load_st(&model_dir.join("model.safetensors"));
+        let planted = |n: &str| {
+            (n.starts_with("model.layers.1.") || n.starts_with("model.layers.2."))
+                && (n.contains(".self_attn.") || n.contains(".mlp."))
+        };
+        for (name, g) in &got {
+            let d = max_diff(g, &input[name]);
+            if planted(name) {
+                assert!(d > 0.0, "{family}: {name} did not move");
+            } else {
+                assert_eq!(
+                    d, 0.0,
+                    "{family}: {name} changed outside the planted layers"
+                );
+            }
+        }
+        assert!(summary.record.frozen_tensors_identical);
+        assert!(
+            summary.json["config"]["train_layers"]["first"] == 1,
+            "{}",
+            summary.json
+        );
+    }
 }
