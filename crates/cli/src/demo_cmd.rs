@@ -1,7 +1,7 @@
 //! `safety-layers demo`: the paper end to end on a model organism that fits a laptop CPU.
 //! Every stage is a command line of this tool (recorded in the report, rerunnable by hand); each
-//! stage's output is cached under DIR by a hash of its command and of its inputs' hashes, so a
-//! rerun resumes where the last one stopped.
+//! stage's output is cached under DIR by a hash of this build, its command and its inputs'
+//! hashes, so a rerun resumes where the last one stopped (and a rebuilt tool recomputes).
 
 use anyhow::{Context, Result};
 use sl_catalog::datasets;
@@ -42,18 +42,42 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
+/// The running binary's identity: the sha256 of its file, so a stage cached by another build
+/// (a code fix) runs again instead of being reused. Read once per process.
+fn build_identity() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        match std::env::current_exe().and_then(std::fs::read) {
+            Ok(bytes) => sl_science::sha256_hex(&bytes),
+            Err(e) => {
+                // Without it every stage still keys on version and command; say what is lost.
+                eprintln!(
+                    "demo: warning: cannot read this binary to identify its build ({e}); cached \
+                     stages of another build of the same version would be reused"
+                );
+                "unknown-build".to_string()
+            }
+        }
+    })
+}
+
+/// A stage's cache key: the tool's version and build, its command line, its inputs' keys.
+fn stage_key(build: &str, command: &str, deps: &[&StageRecord]) -> String {
+    let mut h = format!("{} {build}\n{command}\n", env!("CARGO_PKG_VERSION"));
+    for d in deps {
+        h.push_str(&d.key);
+    }
+    sl_science::sha256_hex(h.as_bytes())
+}
+
 /// Runs `args` (a command line of this tool whose output is `dir`) unless `dir` already holds
-/// the output of the same command with the same inputs.
+/// the output of the same command with the same inputs, made by this same build.
 fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Result<StageRecord> {
     let command = std::iter::once("safety-layers".to_string())
         .chain(args.iter().map(|a| shell_quote(a)))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut h = format!("{}\n{command}\n", env!("CARGO_PKG_VERSION"));
-    for d in deps {
-        h.push_str(&d.key);
-    }
-    let key = sl_science::sha256_hex(h.as_bytes());
+    let key = stage_key(build_identity(), &command, deps);
     let marker = dir.join(STAGE_FILE);
     if marker.exists() {
         // An unreadable marker (an older tool's, one edited by hand) only means the stage runs
@@ -314,7 +338,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     stages.extend(ft_stages);
     stages.push(eval);
     let provenance = Provenance {
-        tool: format!("safety-layers {}", env!("CARGO_PKG_VERSION")),
+        tool: format!(
+            "safety-layers {} (build {})",
+            env!("CARGO_PKG_VERSION"),
+            &build_identity()[..12.min(build_identity().len())]
+        ),
         profile: p,
         seed: a.seed,
         base_model: BaseModel {
@@ -339,4 +367,37 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         out.join("report.html").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another build of the same version, or another input, gives another key; the same build,
+    /// command and inputs the same one. The build is this binary's file hash.
+    #[test]
+    fn stage_keys_follow_build_command_and_inputs() {
+        let dep = StageRecord {
+            name: "align".into(),
+            command: "safety-layers align".into(),
+            key: "k1".into(),
+            seconds: 1.0,
+            cached: false,
+        };
+        let k = stage_key("build-a", "safety-layers cosine", &[&dep]);
+        assert_eq!(k, stage_key("build-a", "safety-layers cosine", &[&dep]));
+        assert_ne!(k, stage_key("build-b", "safety-layers cosine", &[&dep]));
+        assert_ne!(
+            k,
+            stage_key("build-a", "safety-layers cosine --limit 2", &[&dep])
+        );
+        let other = StageRecord {
+            key: "k2".into(),
+            ..dep.clone()
+        };
+        assert_ne!(k, stage_key("build-a", "safety-layers cosine", &[&other]));
+        let id = build_identity();
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(id, sl_science::sha256_hex(&exe));
+    }
 }
