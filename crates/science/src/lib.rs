@@ -21,6 +21,7 @@ pub mod export;
 pub mod finetune;
 pub mod judges;
 pub mod locate;
+pub mod paired;
 pub mod report;
 pub mod rng;
 pub mod schema;
