@@ -16,9 +16,8 @@ file ``FileNotFoundError``) with the CLI's message.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 from . import _native
 from ._results import (
@@ -164,16 +163,30 @@ class Model:
             return self._m.generate(_prompts(prompts), max_new_tokens, template, batch_size,
                                     ignore_eos, bar.update)
 
-    @contextlib.contextmanager
-    def scaled(self, layers: str, alpha: float) -> Iterator["Model"]:
+    def scaled(self, layers: str, alpha: float) -> "_Scaled":
         """``with model.scaled("6-12", 1.2):`` scales the attention and MLP weights of layers
         6..12 (0-indexed, inclusive) by 1.2, the paper's intervention, and puts the original
-        weights back on exit, exactly, also when the block raises. Contexts do not nest."""
-        with self._m.scaled(layers, float(alpha)):
-            yield self
+        weights back on exit, exactly, also when the block raises. A bad range or alpha raises
+        ValueError here; contexts do not nest."""
+        return _Scaled(self, self._m.scaled(layers, float(alpha)))
 
     def __repr__(self) -> str:
         return repr(self._m)
+
+
+class _Scaled:
+    """What ``Model.scaled`` returns: a context manager that yields the model."""
+
+    def __init__(self, model: Model, native: Any) -> None:
+        self._model = model
+        self._native = native
+
+    def __enter__(self) -> Model:
+        self._native.__enter__()
+        return self._model
+
+    def __exit__(self, *exc: Any) -> bool:
+        return self._native.__exit__(*exc)
 
 
 def cosine(model: "Model", normal: Optional[Prompts] = None,
