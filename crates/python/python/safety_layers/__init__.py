@@ -17,7 +17,7 @@ file ``FileNotFoundError``) with the CLI's message.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._results import (
@@ -208,7 +208,7 @@ def cosine(model: "Model", normal: Optional[Prompts] = None,
 
 
 def locate(model: "Model", over_rejection: Optional[Prompts] = None, *,
-           initial: Optional[str] = None, cosine: Union[str, "os.PathLike[str]", None] = None,
+           initial: Union[str, Tuple[int, int], CosineResult, None] = None, cosine: Union[str, "os.PathLike[str]", None] = None,
            alpha: Union[float, str] = "auto", std_threshold: float = 15.0, judge: str = "gcg",
            refusal_list: Union[str, "os.PathLike[str]", None] = None, max_new_tokens: int = 16,
            span: int = 2, batch_size: int = 32, template: str = "alpaca",
@@ -217,10 +217,18 @@ def locate(model: "Model", over_rejection: Optional[Prompts] = None, *,
            progress: bool = True) -> LocateResult:
     """The paper's localisation (§3.4-3.5): scale layer ranges by ``alpha``, count
     over-rejections on ``over_rejection`` (default: the ``over-rejection`` dataset), sweep the
-    upper then the lower bound from ``initial`` ("I-J") or the range a ``cosine.json`` found.
+    upper then the lower bound from ``initial`` ("I-J", ``(i, j)`` or a ``cosine()`` result's
+    initial range) or the range a ``cosine.json`` file found.
     With ``out`` the CLI's files are written there (locate.json, .csv, .svg, responses/).
     The model's weights are back to the original afterwards, also after an error or Ctrl-C.
     """
+    if isinstance(initial, CosineResult):
+        if initial.initial_range is None:
+            raise ValueError(f"the cosine analysis of {initial.model} found no initial range "
+                             "(no gap opens); give initial=\"I-J\"")
+        initial = initial.initial_range
+    if isinstance(initial, tuple):
+        initial = f"{initial[0]}-{initial[1]}"
     with _Bar("locate (prompts judged)", None, progress) as bar:
         doc = _native.locate(model._m, _prompts(over_rejection), initial, _path(cosine),
                              str(alpha), std_threshold, judge, _path(refusal_list), max_new_tokens, span,
