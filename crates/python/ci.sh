@@ -20,11 +20,16 @@ export SAFETY_LAYERS_BIN="$root/target/release/safety-layers"
 # reused; whatever is missing is installed into the environment only.
 python3 -m venv --system-site-packages "$tmp/venv"
 py="$tmp/venv/bin/python"
-"$py" -c "import maturin" 2>/dev/null || "$py" -m pip install -q "maturin>=1.7,<2"
+# maturin is a binary: one on PATH, else a fresh one in the environment.
+maturin="$(command -v maturin || true)"
+if [ -z "$maturin" ]; then
+  "$py" -m pip install -q --ignore-installed "maturin>=1.7,<2"
+  maturin="$tmp/venv/bin/maturin"
+fi
 "$py" -c "import numpy, pytest, matplotlib, pandas, tqdm" 2>/dev/null \
   || "$py" -m pip install -q numpy pytest matplotlib pandas tqdm
 
-"$py" -m maturin build --release --manifest-path "$here/Cargo.toml" -o "$tmp/wheels"
+"$maturin" build --release --manifest-path "$here/Cargo.toml" -i "$py" -o "$tmp/wheels"
 "$py" -m pip install -q --force-reinstall --no-deps "$tmp"/wheels/safety_layers-*.whl
 
 # Run from the tests directory, so that the installed wheel is imported, not the source tree.
