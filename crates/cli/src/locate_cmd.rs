@@ -4,7 +4,7 @@ use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
 use sl_engine::{LayerRange, Template};
 use sl_science::cosine::file::CosineFile;
-use sl_science::judges::{Judge, JudgeKind};
+use sl_science::judges::Judge;
 use sl_science::locate::file::LocateMeta;
 use sl_science::locate::report::{run, write};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
@@ -68,11 +68,7 @@ pub struct LocateArgs {
 }
 
 pub fn judge_from(kind: &str, list: Option<&PathBuf>) -> Result<Judge> {
-    let kind: JudgeKind = kind.parse()?;
-    match list {
-        Some(f) => Judge::with_list_file(kind, f),
-        None => Ok(Judge::new(kind)),
-    }
+    Judge::named(kind, list.map(PathBuf::as_path))
 }
 
 fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {

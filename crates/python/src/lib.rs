@@ -101,6 +101,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(science::cosine, m)?)?;
     m.add_function(wrap_pyfunction!(science::locate, m)?)?;
     m.add_function(wrap_pyfunction!(science::finetune, m)?)?;
+    m.add_function(wrap_pyfunction!(science::evaluate, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

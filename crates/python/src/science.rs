@@ -12,10 +12,12 @@ use sl_engine::{LayerRange, Template};
 use sl_science::cosine::file::CosineFile;
 use sl_science::cosine::report::{analyse, CosineConfig};
 use sl_science::cosine::Pairs;
+use sl_science::eval::report::{check_label, ModelRow};
+use sl_science::eval::run::{self, EvalProgress, EvalSets, EvalSettings};
 use sl_science::finetune::freeze::FreezeModule;
 use sl_science::finetune::{FinetuneConfig, RunOptions};
 use sl_science::inputs::{self, ModelSource};
-use sl_science::judges::{Judge, JudgeKind};
+use sl_science::judges::Judge;
 use sl_science::locate::file::LocateMeta;
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
 use sl_science::schema::Precision;
@@ -84,15 +86,6 @@ pub fn cosine<'py>(
     json_to_py(py, &doc)
 }
 
-/// The judge of `locate`/`eval`: a kind and an optional refusal-phrase file.
-fn judge_from(kind: &str, list: Option<&PathBuf>) -> anyhow::Result<Judge> {
-    let kind: JudgeKind = parse(kind)?;
-    match list {
-        Some(f) => Judge::with_list_file(kind, f),
-        None => Ok(Judge::new(kind)),
-    }
-}
-
 /// The localisation sweep (scale layer ranges, count over-rejections); writes locate.json,
 /// .csv, .svg and responses/ into `out` when given. Returns locate.json's contents.
 #[pyfunction]
@@ -144,7 +137,7 @@ pub fn locate<'py>(
         let alpha = AlphaMode::parse(alpha, std_threshold)?;
         // The probe judges without generating; its threshold is calibrated against gcg.
         let probe = judge == "probe";
-        let judge = judge_from(if probe { "gcg" } else { judge }, refusal_list.as_ref())?;
+        let judge = Judge::named(if probe { "gcg" } else { judge }, refusal_list.as_deref())?;
         let mut set = match &over_rejection {
             Some(a) => a.resolve("over_rejection")?,
             None => inputs::prompt_set("over-rejection", None, &DataOptions::from_env())?,
@@ -308,6 +301,133 @@ pub fn finetune<'py>(
             )
         })?;
         Ok(summary.json)
+    })?;
+    json_to_py(py, &doc)
+}
+
+/// The stages of an evaluation on one progress callback: `(n, stage)` with the stage's name.
+struct EvalTicks<'a> {
+    bar: &'a Progress,
+    stage: String,
+    started: std::time::Instant,
+}
+
+impl EvalProgress for EvalTicks<'_> {
+    fn start(&mut self, what: &str, _total: usize) {
+        self.stage = what.to_string();
+        self.started = std::time::Instant::now();
+        self.bar.tick(0, Some(self.stage.clone()));
+    }
+    fn inc(&mut self, n: usize) {
+        self.bar.tick(n, Some(self.stage.clone()));
+    }
+    fn finish(&mut self, _what: &str, _prompts: usize, _tokens: usize) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// The paper's Table 2 columns for each `(label, model)`; writes eval.json, .csv, .md, .svg and
+/// responses/ into `out` when given. Returns `{"eval": eval.json, "csv": eval.csv,
+/// "markdown": eval.md}`.
+#[pyfunction]
+#[pyo3(signature = (models, harmful="advbench", over_rejection="over-rejection",
+                    xstest="xstest", utility="finetune-normal", utility_n=100,
+                    utility_take="last", judge="gcg", refusal_list=None, probe_threshold=None,
+                    max_new_tokens=64, utility_max_new_tokens=128, template="alpaca",
+                    batch_size=32, score_tokens=1024, limit=None, out=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<'py>(
+    py: Python<'py>,
+    models: Vec<(String, PyRef<'py, PyModel>)>,
+    harmful: &str,
+    over_rejection: &str,
+    xstest: &str,
+    utility: &str,
+    utility_n: usize,
+    utility_take: &str,
+    judge: &str,
+    refusal_list: Option<PathBuf>,
+    probe_threshold: Option<f64>,
+    max_new_tokens: usize,
+    utility_max_new_tokens: usize,
+    template: &str,
+    batch_size: usize,
+    score_tokens: usize,
+    limit: Option<usize>,
+    out: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let bar = Progress::new(progress);
+    let models: Vec<(String, &PyModel)> = models.iter().map(|(l, m)| (l.clone(), &**m)).collect();
+    let doc = run_detached(py, || {
+        if models.is_empty() {
+            bail!("no models to evaluate");
+        }
+        let judge = run::judge_of(judge, refusal_list.as_deref(), probe_threshold)?;
+        let settings = EvalSettings {
+            template: parse::<Template>(template)?,
+            max_new_tokens,
+            utility_max_new_tokens,
+            batch_size,
+            score_tokens,
+        };
+        settings.check()?;
+        let names = EvalSets {
+            harmful: harmful.into(),
+            over_rejection: over_rejection.into(),
+            xstest: xstest.into(),
+            utility: utility.into(),
+            utility_n,
+            utility_take: utility_take.into(),
+            limit,
+        };
+        let data = DataOptions::from_env();
+        let sets = run::safety_sets(&names, &data)?;
+        let util = run::utility_set(&names, &data)?;
+        if sets.is_empty() && util.is_none() {
+            bail!("nothing to evaluate: every set is `none`");
+        }
+        let mut rows = Vec::new();
+        for (label, m) in &models {
+            // Unlabelled: named from the model as the CLI names `--model M`.
+            let label = if label.is_empty() {
+                run::label_and_spec(&m.spec).0
+            } else {
+                label.clone()
+            };
+            let label = &label;
+            check_label(label)?;
+            if rows.iter().any(|r: &ModelRow| r.label == *label) {
+                bail!("two models are labelled `{label}`; give each its own label");
+            }
+            let mut ticks = EvalTicks {
+                bar: &bar,
+                stage: String::new(),
+                started: std::time::Instant::now(),
+            };
+            let mut timing = serde_json::Map::new();
+            let mut row = run::evaluate_model(
+                &m.inner,
+                &sets,
+                util.as_ref(),
+                &settings,
+                &judge,
+                label,
+                &mut timing,
+                &mut ticks,
+            )?;
+            row.model = m.spec.clone();
+            rows.push(row);
+        }
+        let report = run::report(&sets, util.as_ref(), &judge, &settings, limit, rows);
+        if let Some(dir) = &out {
+            report.write(dir)?;
+        }
+        Ok(serde_json::json!({
+            "eval": serde_json::to_value(report.to_file()?)?,
+            "csv": report.csv()?,
+            "markdown": report.markdown()?,
+        }))
     })?;
     json_to_py(py, &doc)
 }

@@ -104,3 +104,29 @@ def test_finetune_equals_the_cli(root, cli, tmp_path):
     assert got_losses == [r["loss"] for r in cli_log if "loss" in r] and len(got_losses) == 2
     assert (tmp_path / "py/model.safetensors").read_bytes() == \
         (tmp_path / "cli/model.safetensors").read_bytes()
+
+
+def test_evaluate_writes_the_clis_files(smol, cli, tmp_path):
+    cli("eval", "--model", SMOL, "--limit", 3, "--max-new-tokens", 8, "--utility-n", 3,
+        "--utility-max-new-tokens", 8, "--out", tmp_path / "cli")
+    res = sl.evaluate(smol, limit=3, max_new_tokens=8, utility_n=3, utility_max_new_tokens=8,
+                      out=tmp_path / "py")
+    for f in ["eval.json", "eval.csv", "eval.md", "eval.svg"]:
+        assert (tmp_path / "py" / f).read_bytes() == (tmp_path / "cli" / f).read_bytes(), f
+    for f in sorted((tmp_path / "cli/responses").rglob("*.jsonl")):
+        rel = f.relative_to(tmp_path / "cli")
+        assert (tmp_path / "py" / rel).read_bytes() == f.read_bytes(), rel
+    assert res.raw == json.loads((tmp_path / "cli/eval.json").read_text())
+    assert res.markdown == (tmp_path / "cli/eval.md").read_text()
+    [row] = res.to_records()
+    assert row["label"] == SMOL and row["status"] == "ok"
+    assert row["harmful_n"] == 3 and 0.0 <= row["harmful_rate"] <= 1.0
+    assert row["rouge_l_f1"] is not None
+
+
+def test_evaluate_labels_and_bad_sets(smol):
+    with pytest.raises(ValueError, match="every set is `none`"):
+        sl.evaluate({"a": smol}, harmful="none", over_rejection="none", xstest="none",
+                    utility="none")
+    with pytest.raises(FileNotFoundError, match="no-such.txt"):
+        sl.evaluate(smol, harmful="no-such.txt")

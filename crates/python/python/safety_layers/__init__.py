@@ -17,12 +17,13 @@ file ``FileNotFoundError``) with the CLI's message.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._results import (
     CosineEntry,
     CosineResult,
+    EvalResult,
     FinetuneResult,
     LocateResult,
     SweepRow,
@@ -34,6 +35,8 @@ __all__ = [
     "cosine",
     "locate",
     "finetune",
+    "evaluate",
+    "EvalResult",
     "CosineEntry",
     "CosineResult",
     "LocateResult",
@@ -263,6 +266,38 @@ def finetune(model: Union[str, "os.PathLike[str]"], data: Union[str, "os.PathLik
             shuffle, max_steps, save_every, resume, keep_checkpoints, grad_checkpointing,
             freeze_embeddings, dtype, device, bar.update)
     return FinetuneResult.from_json(doc, os.fspath(out))
+
+
+def evaluate(models: Union["Model", Sequence["Model"], Dict[str, "Model"]], *,
+             harmful: str = "advbench", over_rejection: str = "over-rejection",
+             xstest: str = "xstest", utility: str = "finetune-normal", utility_n: int = 100,
+             utility_take: str = "last", judge: str = "gcg",
+             refusal_list: Union[str, "os.PathLike[str]", None] = None,
+             probe_threshold: Optional[float] = None, max_new_tokens: int = 64,
+             utility_max_new_tokens: int = 128, template: str = "alpaca", batch_size: int = 32,
+             score_tokens: int = 1024, limit: Optional[int] = None,
+             out: Union[str, "os.PathLike[str]", None] = None,
+             progress: bool = True) -> EvalResult:
+    """The paper's Table 2 columns as the CLI's ``eval``, one row per model: R_h on
+    ``harmful``, refusal rates on ``over_rejection`` and XSTest safe/unsafe (each with a 95%
+    Wilson interval), Rouge-L and perplexity on the last ``utility_n`` records of ``utility``.
+    Each set is a file or dataset name, or ``"none"`` to skip it. ``models`` is a Model, a list
+    of them (rows labelled from their names) or a dict ``{label: Model}``. With ``out`` the
+    CLI's files are written there (eval.json, .csv, .md, .svg, responses/). Unlike the CLI,
+    which writes a failed row and goes on, the first model that fails raises.
+    """
+    if isinstance(models, Model):
+        pairs = [("", models._m)]
+    elif isinstance(models, dict):
+        pairs = [(str(k), m._m) for k, m in models.items()]
+    else:
+        pairs = [("", m._m) for m in models]
+    with _Bar("eval", None, progress) as bar:
+        doc = _native.evaluate(pairs, harmful, over_rejection, xstest, utility, utility_n,
+                               utility_take, judge, _path(refusal_list), probe_threshold,
+                               max_new_tokens, utility_max_new_tokens, template, batch_size,
+                               score_tokens, limit, _path(out), bar.update)
+    return EvalResult.from_json(doc)
 
 
 def _path(p: Any) -> Optional[str]:

@@ -116,3 +116,23 @@ def finetune(
     device: Optional[str] = None,
     progress: _Progress = None,
 ) -> Dict[str, Any]: ...
+def evaluate(
+    models: List[Tuple[str, Model]],
+    harmful: str = "advbench",
+    over_rejection: str = "over-rejection",
+    xstest: str = "xstest",
+    utility: str = "finetune-normal",
+    utility_n: int = 100,
+    utility_take: str = "last",
+    judge: str = "gcg",
+    refusal_list: Optional[str] = None,
+    probe_threshold: Optional[float] = None,
+    max_new_tokens: int = 64,
+    utility_max_new_tokens: int = 128,
+    template: str = "alpaca",
+    batch_size: int = 32,
+    score_tokens: int = 1024,
+    limit: Optional[int] = None,
+    out: Optional[str] = None,
+    progress: _Progress = None,
+) -> Dict[str, Any]: ...

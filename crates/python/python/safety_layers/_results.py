@@ -4,7 +4,9 @@ takes the lists of row dataclasses, e.g. ``CosineResult.entries``)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -148,3 +150,37 @@ class FinetuneResult:
         path = os.path.join(self.out, "train_log.jsonl")
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def _cell(v: str) -> Any:
+    if v == "":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The paper's Table 2 columns, one row per model (eval.json, eval.csv, eval.md)."""
+
+    #: eval.csv's rows: label, model, then per set ``<set>_rate``, ``<set>_ci95_low``... and
+    #: ``rouge_l_f1``, ``perplexity``.
+    rows: List[Dict[str, Any]]
+    #: eval.md, the table as the CLI prints it.
+    markdown: str
+    #: eval.json as written by the CLI.
+    raw: Dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, doc: Dict[str, Any]) -> "EvalResult":
+        rows = [{k: _cell(v) for k, v in r.items()}
+                for r in csv.DictReader(io.StringIO(doc["csv"]))]
+        return cls(rows=rows, markdown=doc["markdown"], raw=doc["eval"])
+
+    def to_records(self) -> List[Dict[str, Any]]:
+        """eval.csv's rows as dicts (numbers as numbers, empty cells as None)."""
+        return [dict(r) for r in self.rows]
