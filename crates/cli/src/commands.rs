@@ -22,71 +22,14 @@ pub(crate) fn load_prompts(m: &Model, args: &PromptArgs) -> Result<(Vec<Prompt>,
     if let Some(n) = args.limit {
         records.truncate(n);
     }
-    let prompts = m.prompts(&records, template)?;
-    let max = m.cfg().max_position_embeddings;
-    if let Some(p) = prompts.iter().find(|p| p.ids.len() > max) {
-        bail!(
-            "{}: prompt {:?} is {} tokens, longer than the model's context ({max})",
-            args.prompts,
-            p.record.instruction,
-            p.ids.len()
-        );
-    }
+    let prompts = sl_science::inputs::encode_prompts(m, &records, template, &args.prompts)?;
     Ok((prompts, template))
 }
 
 pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
     let m = load(model)?;
     let c = m.cfg();
-    // A GGUF file's own precision is its tensors' types (source_dtype is what a converted copy
-    // would be written as, f32, which says nothing about the file).
-    let gguf_types = if m
-        .source
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
-        Some(sl_engine::io::gguf::tensor_types(&m.source)?)
-    } else {
-        None
-    };
-    let on_disk = match &gguf_types {
-        Some(t) => {
-            let parts: Vec<String> = t.iter().map(|(k, n)| format!("{k} x {n}")).collect();
-            format!("GGUF {}", parts.join(", "))
-        }
-        None => m.source_dtype.as_str().to_string(),
-    };
-    let info = json!({
-        "model": model.display().to_string(),
-        "family": c.family,
-        "architecture": c.architecture,
-        "layers": c.num_layers,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "heads": c.num_heads,
-        "kv_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size,
-        "parameters": m.num_parameters(),
-        "storage_dtype": m.source_dtype.as_str(),
-        "storage": on_disk,
-        "gguf_tensor_types": gguf_types
-            .as_ref()
-            .map(|t| t.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()),
-        "dtype_option": m.dtype_choice.as_str(),
-        "weights_in_memory": m.weight_storage,
-        "weight_bytes": m.decoder.weight_bytes(),
-        "compute_dtype": "f32",
-        "tied_embeddings": c.tie_word_embeddings,
-        "sliding_window": c.sliding_window,
-        "sliding_layers": c.layer_types.iter()
-            .filter(|k| **k == sl_engine::io::config::AttentionKind::Sliding)
-            .count(),
-        "rope": c.rope,
-        "chat_template": m.tokenizer.chat_template.is_some(),
-        "eos_token_ids": m.eos_token_ids,
-        "load_seconds": m.load_seconds,
-    });
+    let info = sl_science::inputs::describe_model(&m, &model.display().to_string())?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -103,7 +46,7 @@ pub fn inspect(model: &Path, as_json: bool) -> Result<()> {
         println!("parameters:     {}", m.num_parameters());
         println!(
             "dtype:          {} on disk; held as {} ({:.1} MiB, --dtype {}); f32 compute",
-            on_disk,
+            info["storage"].as_str().unwrap_or("?"),
             m.weight_storage,
             m.decoder.weight_bytes() as f64 / (1 << 20) as f64,
             m.dtype_choice

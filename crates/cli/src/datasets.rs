@@ -1,12 +1,12 @@
 //! Models and datasets named on the command line: a path that exists, or a catalog name.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use sl_catalog::datasets;
 use sl_engine::device::DeviceSpec;
 use sl_engine::io::loader::WeightDType;
-use sl_engine::text::prompts::read_prompts;
-use sl_engine::{LoadOptions, Model, PromptRecord};
+use sl_engine::Model;
 use sl_science::cosine::report::PromptSet;
+use sl_science::inputs;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -64,90 +64,40 @@ pub fn model_options() -> sl_catalog::models::ModelOptions {
 
 /// A model path, or a catalog name resolved to one (fetched and verified if needed).
 pub fn model_path(spec: &Path) -> Result<PathBuf> {
-    let s = spec.to_string_lossy();
-    let (p, _) = sl_catalog::models::resolve_model(&s, &model_options())?;
-    Ok(p)
+    inputs::model_path(spec, &model_options())
 }
 
-/// Loads a model with the allocator tuned for loading (the binary owns its process; see
-/// `sl_engine::tune_allocator_around`).
+fn model_source() -> inputs::ModelSource {
+    let l = locations();
+    inputs::ModelSource {
+        models: model_options(),
+        dtype: l.dtype,
+        device: l.device,
+        // The binary owns its process, so it tunes the allocator for loading.
+        tune_malloc: true,
+    }
+}
+
+/// Loads a model on the `--device`.
 pub fn load_model(spec: &Path) -> Result<Model> {
-    // The device first: a bad --device fails before minutes of loading.
-    let device = sl_engine::device::open(locations().device)?;
-    let mut m = load_on_cpu(spec)?;
-    m.to_device(&device)?;
-    Ok(m)
+    inputs::load_model(spec, &model_source(), false)
 }
 
 /// Loads a model for training on the `--device` (the trainer computes in f32 everywhere; on a
 /// GPU through its portable path).
 pub fn load_model_for_training(spec: &Path) -> Result<Model> {
-    let device = sl_engine::device::open(locations().device)?;
-    let mut m = load_on_cpu(spec)?;
-    m.to_device_as(&device, candle_core::DType::F32)?;
-    Ok(m)
-}
-
-fn load_on_cpu(spec: &Path) -> Result<Model> {
-    let p = model_path(spec)?;
-    let opts = LoadOptions {
-        tune_malloc: true,
-        dtype: locations().dtype.unwrap_or_default(),
-    };
-    Model::load_with(&p, &opts).with_context(|| format!("cannot load model {}", spec.display()))
+    inputs::load_model(spec, &model_source(), true)
 }
 
 /// A prompt set from a file (with an optional column) or a dataset name.
 pub fn prompt_set_with(spec: &str, column: Option<&str>) -> Result<PromptSet> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
-        return Ok(PromptSet {
-            name: spec.to_string(),
-            records: read_prompts(path, column)?,
-            sha256: sl_science::sha256_hex(&bytes),
-        });
-    }
-    let Some(ds) = datasets::dataset(spec) else {
-        bail!(
-            "prompts `{spec}`: no such file, and {}",
-            datasets::unknown(spec)
-        );
-    };
-    if column.is_some() {
-        bail!("--column applies to prompt files, not to the dataset `{spec}`");
-    }
-    let files = datasets::resolve(&ds, &data_options())?;
-    let records = datasets::read_prompts(&ds, &files)?
-        .into_iter()
-        .map(|(instruction, input)| PromptRecord { instruction, input })
-        .collect::<Vec<_>>();
-    if records.is_empty() {
-        bail!("dataset `{spec}` holds no prompts");
-    }
-    let sha = files
-        .iter()
-        .map(|f| f.sha256.as_str())
-        .collect::<Vec<_>>()
-        .join("+");
-    Ok(PromptSet {
-        name: spec.to_string(),
-        records,
-        sha256: sha,
-    })
+    inputs::prompt_set(spec, column, &data_options())
 }
 
 /// The file of a single-file dataset, resolved and verified: `(path, sha256)`; None when `spec`
 /// is not a dataset name.
 pub fn dataset_file(spec: &str) -> Result<Option<(PathBuf, String)>> {
-    let Some(ds) = datasets::dataset(spec) else {
-        return Ok(None);
-    };
-    let files = datasets::resolve(&ds, &data_options())?;
-    let [file] = files.as_slice() else {
-        bail!("dataset `{spec}` is not a single training file")
-    };
-    Ok(Some((file.path.clone(), file.sha256.clone())))
+    inputs::dataset_file(spec, &data_options())
 }
 
 pub fn prompt_set(spec: &str) -> Result<PromptSet> {

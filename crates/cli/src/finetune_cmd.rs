@@ -1,10 +1,9 @@
 //! `safety-layers finetune`: SPPFT (safety layers frozen), full fine-tuning and control freezes.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sl_catalog::datasets;
 use sl_engine::{LayerRange, Template};
-use sl_science::finetune::data::{read_records, SftRecord};
+use sl_science::finetune::data::SftRecord;
 use sl_science::finetune::freeze::FreezeModule;
 use sl_science::finetune::{finetune, FinetuneConfig, RunOptions};
 use std::path::{Path, PathBuf};
@@ -122,21 +121,7 @@ fn range_from_locate(p: &Path, layers: usize) -> Result<LayerRange> {
 
 /// Training records from a file or a dataset name, with a description for provenance.
 pub fn training_data(spec: &str) -> Result<(Vec<SftRecord>, String)> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
-        return Ok((
-            read_records(path)?,
-            format!("{spec} (sha256 {})", sl_science::sha256_hex(&bytes)),
-        ));
-    }
-    let Some((path, sha)) = crate::datasets::dataset_file(spec)? else {
-        bail!(
-            "--data `{spec}`: no such file, and {}",
-            datasets::unknown(spec)
-        );
-    };
-    Ok((read_records(&path)?, format!("{spec} (sha256 {sha})")))
+    sl_science::inputs::training_data(spec, &crate::datasets::data_options())
 }
 
 pub fn run(a: &FinetuneArgs) -> Result<()> {

@@ -4,7 +4,7 @@ use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
 use sl_engine::{LayerRange, Template};
 use sl_science::cosine::file::CosineFile;
-use sl_science::judges::{Judge, JudgeKind};
+use sl_science::judges::Judge;
 use sl_science::locate::file::LocateMeta;
 use sl_science::locate::report::{run, write};
 use sl_science::locate::{AlphaMode, LocateConfig, Locator};
@@ -68,11 +68,7 @@ pub struct LocateArgs {
 }
 
 pub fn judge_from(kind: &str, list: Option<&PathBuf>) -> Result<Judge> {
-    let kind: JudgeKind = kind.parse()?;
-    match list {
-        Some(f) => Judge::with_list_file(kind, f),
-        None => Ok(Judge::new(kind)),
-    }
+    Judge::named(kind, list.map(PathBuf::as_path))
 }
 
 fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
@@ -82,13 +78,7 @@ fn initial_range(a: &LocateArgs, n_layers: usize) -> Result<LayerRange> {
     let Some(p) = &a.cosine else {
         bail!("give the initial range with --initial I-J or --cosine DIR/cosine.json");
     };
-    let Some(r) = CosineFile::read(p)?.main.initial_range else {
-        bail!(
-            "{}: the cosine analysis found no initial range (no gap opens); give --initial I-J",
-            p.display()
-        );
-    };
-    LayerRange::new(r.first, r.last, n_layers)
+    CosineFile::initial_range(p, n_layers)
 }
 
 pub fn run_locate(a: &LocateArgs) -> Result<()> {
@@ -96,20 +86,7 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     let n_layers = model.cfg().num_layers;
     let precision = Precision::of(&model);
     let initial = initial_range(a, n_layers)?;
-    let alpha = if a.alpha == "auto" {
-        AlphaMode::Auto {
-            std_threshold_per_721: a.std_threshold,
-        }
-    } else {
-        let x: f64 = a
-            .alpha
-            .parse()
-            .map_err(|_| anyhow!("--alpha `{}`: expected a number or `auto`", a.alpha))?;
-        if !x.is_finite() || x <= 0.0 || x == 1.0 {
-            bail!("--alpha {x}: must be a positive finite number other than 1");
-        }
-        AlphaMode::Fixed(x)
-    };
+    let alpha = AlphaMode::parse(&a.alpha, a.std_threshold)?;
     // The probe judges without generating; its threshold is calibrated against gcg.
     let probe = a.judge == "probe";
     let judge = judge_from(

@@ -8,6 +8,7 @@
 //! - [`finetune`]: SPPFT, full fine-tuning and control freezes (§4), with resumable checkpoints.
 //! - [`eval`]: the paper's evaluation table (Table 2): harmful rate, over-rejection, utility.
 //! - [`export`]: the freeze plan for other trainers (axolotl, PEFT, Hugging Face Trainer).
+//! - [`inputs`]: models, prompt sets and training data by path or catalog name.
 //! - [`report`]: the demo's results.json and report.html.
 //! - [`demo`]: the demo's profiles, provenance and stage markers (the CLI runs the stages).
 //! - [`schema`]: reading and writing the versioned result files (cosine.json, locate.json...).
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod finetune;
+pub mod inputs;
 pub mod judges;
 pub mod locate;
 pub mod paired;

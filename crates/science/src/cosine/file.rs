@@ -168,6 +168,17 @@ impl CosineFile {
         }
     }
 
+    /// The initial range a cosine.json found, checked against the model's layer count.
+    pub fn initial_range(path: &Path, num_layers: usize) -> Result<sl_engine::LayerRange> {
+        let Some(r) = CosineFile::read(path)?.main.initial_range else {
+            anyhow::bail!(
+                "{}: the cosine analysis found no initial range (no gap opens); give --initial I-J",
+                path.display()
+            );
+        };
+        sl_engine::LayerRange::new(r.first, r.last, num_layers)
+    }
+
     pub fn read(path: &Path) -> Result<CosineFile> {
         schema::read(path, SCHEMA_VERSION)
     }

@@ -7,6 +7,7 @@ pub mod figure;
 pub mod file;
 pub mod report;
 pub mod rouge;
+pub mod run;
 pub mod utility;
 
 use crate::judges::probe::Calibration;

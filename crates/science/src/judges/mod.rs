@@ -106,6 +106,15 @@ impl Judge {
         }
     }
 
+    /// A judge by name (`gcg`, `xstest`), with the phrases of `list` if given.
+    pub fn named(kind: &str, list: Option<&Path>) -> Result<Judge> {
+        let kind: JudgeKind = kind.parse()?;
+        match list {
+            Some(f) => Judge::with_list_file(kind, f),
+            None => Ok(Judge::new(kind)),
+        }
+    }
+
     /// The judge with the phrases of `file` (one per line) instead of its default list; for
     /// xstest they are lower-cased like the responses.
     pub fn with_list_file(kind: JudgeKind, file: &Path) -> Result<Judge> {

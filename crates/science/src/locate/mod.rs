@@ -25,6 +25,25 @@ pub enum AlphaMode {
     },
 }
 
+impl AlphaMode {
+    /// `--alpha`: a number (positive, finite, not 1), or `auto` with the lower sweep's count std
+    /// to stop at (per 721 queries).
+    pub fn parse(s: &str, std_threshold_per_721: f64) -> Result<AlphaMode> {
+        if s == "auto" {
+            return Ok(AlphaMode::Auto {
+                std_threshold_per_721,
+            });
+        }
+        let x: f64 = s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--alpha `{s}`: expected a number or `auto`"))?;
+        if !x.is_finite() || x <= 0.0 || x == 1.0 {
+            bail!("--alpha {x}: must be a positive finite number other than 1");
+        }
+        Ok(AlphaMode::Fixed(x))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LocateConfig {
     pub alpha: AlphaMode,

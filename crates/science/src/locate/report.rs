@@ -79,15 +79,13 @@ fn range_name(r: Option<LayerRange>) -> String {
         .unwrap_or_else(|| "baseline".into())
 }
 
-/// Writes locate.json, locate.csv, locate.svg and `responses/<range>@<alpha>.jsonl` into `dir`.
-pub fn write(
-    dir: &Path,
+/// The contents of locate.json for a finished run.
+pub fn locate_file(
     loc: &Locator<'_>,
     res: &LocateResult,
     initial: LayerRange,
     meta: LocateMeta,
-) -> Result<()> {
-    std::fs::create_dir_all(dir.join("responses"))?;
+) -> LocateFile {
     let runs = loc
         .runs
         .values()
@@ -134,7 +132,18 @@ pub fn write(
         runs,
         seconds: res.seconds,
     }
-    .write(&dir.join("locate.json"))?;
+}
+
+/// Writes locate.json, locate.csv, locate.svg and `responses/<range>@<alpha>.jsonl` into `dir`.
+pub fn write(
+    dir: &Path,
+    loc: &Locator<'_>,
+    res: &LocateResult,
+    initial: LayerRange,
+    meta: LocateMeta,
+) -> Result<()> {
+    std::fs::create_dir_all(dir.join("responses"))?;
+    locate_file(loc, res, initial, meta).write(&dir.join("locate.json"))?;
 
     let mut csv = String::from("sweep,alpha,baseline,range,first,last,refusals,best\n");
     for s in [&res.upper, &res.lower] {
