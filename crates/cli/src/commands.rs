@@ -156,19 +156,29 @@ pub fn generate(
     model: &Path,
     args: &PromptArgs,
     max_new_tokens: usize,
-    scale: Option<&str>,
+    scale: Option<(&str, sl_engine::ScaleTarget)>,
     batch_size: usize,
     ignore_eos: bool,
     out: &Path,
 ) -> Result<()> {
     let mut m = load(model)?;
-    if let Some(s) = scale {
+    if let Some((s, target)) = scale {
         let (range, alpha) = parse_scale(s, m.cfg().num_layers)?;
-        let rep = m.decoder.scale_layers(range, alpha)?;
-        eprintln!(
-            "scaled {} matrices of layers {range} by {alpha}",
-            rep.matrices.len()
-        );
+        let rep = m.decoder.scale_layers_with(range, alpha, target)?;
+        match target {
+            sl_engine::ScaleTarget::Weights => {
+                eprintln!(
+                    "scaled {} matrices of layers {range} by {alpha}",
+                    rep.matrices.len()
+                );
+                for note in m.decoder.weight_scaling_notes() {
+                    eprintln!("note: on this family {note} (see --scale-target residual)");
+                }
+            }
+            sl_engine::ScaleTarget::Residual => {
+                eprintln!("scaled the attention and MLP contributions of layers {range} by {alpha}")
+            }
+        }
     }
     let (prompts, _) = load_prompts(&m, args)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();

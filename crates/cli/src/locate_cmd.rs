@@ -2,7 +2,7 @@
 
 use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
-use sl_engine::{LayerRange, Template};
+use sl_engine::{LayerRange, ScaleTarget, Template};
 use sl_science::cosine::file::CosineFile;
 use sl_science::judges::Judge;
 use sl_science::locate::file::LocateMeta;
@@ -61,6 +61,11 @@ pub struct LocateArgs {
     /// Generate every response to the end even when the judge has decided
     #[arg(long)]
     pub no_early_stop: bool,
+    /// What the scaling multiplies: weights (the paper's: the attention and MLP matrices) or
+    /// residual (each layer's attention and MLP contributions after any post-norm, which
+    /// per-head q/k norms and Gemma's post-norms cannot cancel)
+    #[arg(long, default_value = "weights")]
+    pub scale_target: ScaleTarget,
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -109,7 +114,18 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         prefix_cache: a.prefix_cache,
         early_stop: !a.no_early_stop,
         probe,
+        scale_target: a.scale_target,
     };
+    let scaling_notes = match a.scale_target {
+        ScaleTarget::Weights => model.decoder.weight_scaling_notes(),
+        ScaleTarget::Residual => vec![],
+    };
+    for note in &scaling_notes {
+        eprintln!(
+            "note: on this family {note}; --scale-target residual scales every layer's \
+             contribution alike"
+        );
+    }
     let n = prompts.len();
     let mut loc = Locator::new(&mut model, prompts, judge, cfg)?;
     let bar = Progress::new(n, "locate (prompts judged, all runs)");
@@ -137,6 +153,8 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
         span: a.span,
         prefix_cache: a.prefix_cache,
         early_stop: !a.no_early_stop,
+        scale_target: a.scale_target,
+        scaling_notes,
     };
     write(&a.out, &loc, &res, initial, meta)?;
     eprintln!(

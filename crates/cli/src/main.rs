@@ -146,6 +146,10 @@ enum Command {
         /// I-J:ALPHA
         #[arg(long)]
         scale: Option<String>,
+        /// What --scale multiplies: weights (the paper's) or residual (each layer's attention and
+        /// MLP contributions after any post-norm)
+        #[arg(long, default_value = "weights")]
+        scale_target: sl_engine::ScaleTarget,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         /// Always generate --max-new-tokens tokens
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompts,
             max_new_tokens,
             scale,
+            scale_target,
             batch_size,
             ignore_eos,
             out,
@@ -255,7 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &model,
             &prompts,
             max_new_tokens,
-            scale.as_deref(),
+            scale.as_deref().map(|s| (s, scale_target)),
             batch_size,
             ignore_eos,
             &out,

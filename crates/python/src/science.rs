@@ -160,6 +160,7 @@ pub fn locate<'py>(
             prefix_cache,
             early_stop,
             probe,
+            scale_target: sl_engine::ScaleTarget::Weights,
         };
         let meta = LocateMeta {
             model: pm.spec.clone(),
@@ -171,6 +172,8 @@ pub fn locate<'py>(
             span,
             prefix_cache,
             early_stop,
+            scale_target: sl_engine::ScaleTarget::Weights,
+            scaling_notes: pm.inner.decoder.weight_scaling_notes(),
         };
         let mut loc = Locator::new(&mut pm.inner, prompts, judge, cfg)?;
         let res =

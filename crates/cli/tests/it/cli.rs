@@ -617,3 +617,49 @@ fn device_flag_is_checked_and_recorded() {
     assert_eq!(doc["precision"]["device"], "cpu");
     assert_eq!(doc["precision"]["activations"], "f32");
 }
+
+/// `--scale-target`: on Gemma2 (post-norms) the weights target says what its norms cancel, the
+/// residual target changes the generation differently, and an unknown target is refused.
+#[test]
+fn scale_target_residual_and_the_cancellation_note() {
+    let d = tempfile::tempdir().unwrap();
+    let p = prompts(d.path());
+    let run = |extra: &[&str], out: &Path| {
+        bin()
+            .args(["generate", "--model"])
+            .arg(fixture("gemma2"))
+            .arg("--prompts")
+            .arg(&p)
+            .args([
+                "--max-new-tokens",
+                "6",
+                "--ignore-eos",
+                "--scale",
+                "1-2:1.5",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let (w, r) = (d.path().join("w.jsonl"), d.path().join("r.jsonl"));
+    let ow = run(&[], &w);
+    let err = String::from_utf8_lossy(&ow.stderr);
+    assert!(ow.status.success(), "{err}");
+    assert!(err.contains("post-attention norm cancels"), "{err}");
+    let or = run(&["--scale-target", "residual"], &r);
+    let err_r = String::from_utf8_lossy(&or.stderr);
+    assert!(or.status.success(), "{err_r}");
+    assert!(err_r.contains("contributions of layers 1-2"), "{err_r}");
+    assert_ne!(
+        std::fs::read_to_string(&w).unwrap(),
+        std::fs::read_to_string(&r).unwrap()
+    );
+    let bad = run(&["--scale-target", "heads"], &d.path().join("b.jsonl"));
+    let err_b = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err_b.contains("weights or residual"),
+        "{err_b}"
+    );
+}

@@ -49,6 +49,13 @@ pub struct LocateMeta {
     pub span: usize,
     pub prefix_cache: bool,
     pub early_stop: bool,
+    /// What the scaling multiplied (files written before it was recorded scaled the weights).
+    #[serde(default)]
+    pub scale_target: sl_engine::ScaleTarget,
+    /// With the weights target: what the family's normalisations cancel of a weight scaling
+    /// (`Decoder::weight_scaling_notes`); empty where it acts as on Llama.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scaling_notes: Vec<String>,
 }
 
 /// A text judge, or the first-token probe calibrated against one.
@@ -131,7 +138,8 @@ pub(crate) mod tests {
             "schema_version": SCHEMA_VERSION,
             "meta": {"model": "m", "over_rejection": "do", "over_rejection_sha256": "ab",
                      "template": "alpaca", "max_new_tokens": 4, "span": 1, "prefix_cache": false,
-                     "early_stop": true},
+                     "early_stop": true, "scale_target": "weights",
+                     "scaling_notes": ["per-head q/k norms cancel the scaling of q and k"]},
             "judge": {"kind": "probe",
                       "calibrated_against": {"kind": "gcg", "phrases": ["Sorry"],
                                              "custom_list": null},

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sl_engine::infer::generate::{
     greedy_from_prefix, greedy_with, GenerateOptions, Generation, PrefixCache, StopReason,
 };
-use sl_engine::{LayerRange, Model, Prompt};
+use sl_engine::{LayerRange, Model, Prompt, ScaleTarget};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -56,6 +56,9 @@ pub struct LocateConfig {
     pub early_stop: bool,
     /// Judge by the first-token probe (calibrated against the text judge) instead of generating.
     pub probe: bool,
+    /// What the scaling multiplies: the weights (the paper's) or the layers' residual
+    /// contributions (the same intervention on every family).
+    pub scale_target: ScaleTarget,
 }
 
 /// One judged response.
@@ -231,7 +234,9 @@ impl<'a> Locator<'a> {
                 r.first,
             )?);
         }
-        self.model.decoder.scale_layers(r, alpha)?;
+        self.model
+            .decoder
+            .scale_layers_with(r, alpha, self.cfg.scale_target)?;
         Ok(use_prefix)
     }
 

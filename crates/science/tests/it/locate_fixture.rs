@@ -65,6 +65,7 @@ fn counts_equal_hand_computed_counts_from_transformers_tokens() {
                 prefix_cache,
                 early_stop,
                 probe: false,
+                scale_target: Default::default(),
             };
             let mut loc = Locator::new(&mut model, prompts.clone(), judge.clone(), cfg).unwrap();
             assert_eq!(
