@@ -285,6 +285,7 @@ pub fn finetune<'py>(
             shuffle,
             grad_checkpointing,
             freeze_embeddings,
+            train_layers: None,
             max_steps,
             dtype: dtype.to_string(),
         };

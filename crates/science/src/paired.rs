@@ -147,7 +147,8 @@ pub fn normal_cdf(x: f64) -> f64 {
 /// (Connor 1987): Φ((|δ|√n − z √ψ) / √(ψ − δ²)). None where ψ <= δ² (no such table exists).
 pub fn mcnemar_power(n: usize, discordant: f64, delta: f64) -> Option<f64> {
     let (psi, d) = (discordant, delta.abs());
-    if !(psi > d * d) || n == 0 {
+    // NaN inputs fail this test too.
+    if psi.partial_cmp(&(d * d)) != Some(std::cmp::Ordering::Greater) || n == 0 {
         return None;
     }
     let z = crate::stats::Z95;
