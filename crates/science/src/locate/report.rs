@@ -202,15 +202,19 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
             .max()
             .unwrap_or(0)
             .max(res.baseline);
+        // Counts are integers: an integer axis, so ticks never read 40.0 or repeat.
+        let top = (max as f64 * 1.15).ceil() as u32 + 1;
         for (panel, s) in panels.iter().zip([&res.upper, &res.lower]) {
             let n = s.tried.len();
             let title = format!("{} bound sweep (alpha {})", s.kind, s.alpha);
+            // One segment per range tried, each labelled under its bar.
             let mut chart = ChartBuilder::on(panel)
                 .caption(title, ("sans-serif", 18))
                 .margin(10)
                 .x_label_area_size(45)
                 .y_label_area_size(50)
-                .build_cartesian_2d(0f64..n as f64, 0f64..(max as f64 * 1.15 + 1.0))
+                // A segmented 0..k has k + 1 segments: one per range tried.
+                .build_cartesian_2d((0..n.saturating_sub(1)).into_segmented(), 0u32..top)
                 .map_err(err)?;
             let labels: Vec<String> = s
                 .tried
@@ -219,29 +223,38 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
                 .collect();
             chart
                 .configure_mesh()
-                .x_labels(n)
-                .x_label_formatter(&|x| labels.get(x.floor() as usize).cloned().unwrap_or_default())
+                .x_labels(n + 1)
+                .x_label_formatter(&|x| match x {
+                    SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+                    _ => String::new(),
+                })
+                .y_label_formatter(&|y| format!("{y}"))
                 .x_desc("scaled layer range")
                 .y_desc("refusals on the over-rejection set")
                 .light_line_style(WHITE.mix(0.0))
                 .draw()
                 .map_err(err)?;
-            chart
-                .draw_series(s.tried.iter().enumerate().map(|(i, (r, c))| {
-                    let color = if *r == s.best {
-                        RGBColor(214, 39, 40)
-                    } else {
-                        RGBColor(31, 119, 180)
-                    };
-                    Rectangle::new(
-                        [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *c as f64)],
-                        color.filled(),
+            for (best, color) in [
+                (false, RGBColor(31, 119, 180)),
+                (true, RGBColor(214, 39, 40)),
+            ] {
+                chart
+                    .draw_series(
+                        Histogram::vertical(&chart)
+                            .style(color.filled())
+                            .margin(8)
+                            .data(s.tried.iter().enumerate().filter_map(|(i, (r, c))| {
+                                ((*r == s.best) == best).then_some((i, *c as u32))
+                            })),
                     )
-                }))
-                .map_err(err)?;
+                    .map_err(err)?;
+            }
             chart
                 .draw_series(LineSeries::new(
-                    vec![(0.0, res.baseline as f64), (n as f64, res.baseline as f64)],
+                    vec![
+                        (SegmentValue::Exact(0), res.baseline as u32),
+                        (SegmentValue::Last, res.baseline as u32),
+                    ],
                     BLACK.stroke_width(2),
                 ))
                 .map_err(err)?
@@ -249,6 +262,7 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()
@@ -257,4 +271,60 @@ pub fn sweeps_svg(res: &LocateResult) -> Result<String> {
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every range tried gets a bar and its own label, counts are drawn as integers, and the
+    /// kept range's bar is the highlighted one.
+    #[test]
+    fn sweeps_figure_labels_every_range_and_counts_as_integers() {
+        let r = |first, last| LayerRange { first, last };
+        let sweep = |kind: &str, tried: Vec<(LayerRange, usize)>, best| Sweep {
+            kind: kind.into(),
+            alpha: 1.2,
+            tried,
+            best,
+        };
+        let upper: Vec<_> = (3..12).map(|j| (r(2, j), 30 + j)).collect();
+        let lower: Vec<_> = (0..7).map(|i| (r(i, 9), 35 + i)).collect();
+        let res = LocateResult {
+            alpha: 1.2,
+            alpha_steps: vec![],
+            baseline: 25,
+            upper: sweep("upper", upper.clone(), r(2, 11)),
+            lower: sweep("lower", lower.clone(), r(6, 9)),
+            seconds: 1.0,
+            probe_agreement_final: None,
+        };
+        let svg = sweeps_svg(&res).unwrap();
+        // The texts drawn, trimmed.
+        let texts: Vec<&str> = svg
+            .split("</text>")
+            .filter_map(|chunk| chunk.rsplit_once('>').map(|(_, t)| t.trim()))
+            .collect();
+        for (range, _) in upper.iter().chain(&lower) {
+            let label = format!("[{},{}]", range.first, range.last);
+            assert!(
+                texts.contains(&label.as_str()),
+                "{label} missing from {texts:?}"
+            );
+        }
+        let numbers: Vec<&&str> = texts.iter().filter(|t| t.parse::<f64>().is_ok()).collect();
+        assert!(numbers.len() >= 4, "{texts:?}");
+        assert!(
+            numbers.iter().all(|t| t.parse::<u32>().is_ok()),
+            "a count printed as a float: {numbers:?}"
+        );
+        // One filled bar per range (blue, and the kept one red in each panel).
+        let red = svg.matches("fill=\"#D62728\"").count();
+        let blue = svg.matches("fill=\"#1F77B4\"").count();
+        assert_eq!(
+            (red, blue),
+            (2, upper.len() + lower.len() - 2),
+            "{red} red, {blue} blue"
+        );
+    }
 }
