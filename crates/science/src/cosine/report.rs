@@ -139,22 +139,24 @@ pub fn write(
     }
     write_atomic(&dir.join("cosine.csv"), csv.as_bytes())?;
 
+    // Figures name models by short labels (a path's last part), which fit titles and legends.
+    let (main_label, compare_label) = (
+        short_label(&main.model),
+        compare.map(|c| short_label(&c.model)),
+    );
     let mut series = vec![Series {
-        label: &main.model,
+        label: &main_label,
         curves: &main.curves,
     }];
-    if let Some(c) = compare {
+    if let (Some(c), Some(label)) = (compare, &compare_label) {
         series.push(Series {
-            label: &c.model,
+            label,
             curves: &c.curves,
         });
     }
-    let title = match compare {
-        Some(c) => format!(
-            "Last-token cosine similarity: {} vs {} (dashed)",
-            main.model, c.model
-        ),
-        None => format!("Last-token cosine similarity: {}", main.model),
+    let title = match &compare_label {
+        Some(c) => format!("Last-token cosine similarity: {main_label} vs {c} (dashed)"),
+        None => format!("Last-token cosine similarity: {main_label}"),
     };
     write_atomic(
         &dir.join("cosine.svg"),
@@ -167,10 +169,49 @@ pub fn write(
     Ok(())
 }
 
+/// A model named for a figure: the last part of a path without a `.gguf` ending, cut to 28
+/// characters (catalog names and labels pass through).
+pub fn short_label(model: &str) -> String {
+    let last = model
+        .trim_end_matches(['/', '\\'])
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or(model);
+    let stem = last
+        .strip_suffix(".gguf")
+        .or_else(|| last.strip_suffix(".GGUF"))
+        .unwrap_or(last);
+    let stem = if stem.is_empty() { model } else { stem };
+    if stem.chars().count() > 28 {
+        let head: String = stem.chars().take(27).collect();
+        format!("{head}…")
+    } else {
+        stem.to_string()
+    }
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::short_label;
+
+    #[test]
+    fn figure_labels_are_short() {
+        assert_eq!(
+            short_label("/work/shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct.Q4_1"
+        );
+        assert_eq!(short_label("out/demo/aligned/"), "aligned");
+        assert_eq!(short_label("smollm2"), "smollm2");
+        let long = short_label("/m/a-very-long-model-directory-name-indeed");
+        assert_eq!(long.chars().count(), 28);
+        assert!(long.ends_with('…'));
     }
 }
