@@ -25,20 +25,30 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-#[test]
-fn exported_configs_select_exactly_the_frozen_names_of_real_models() {
-    if skip_without_shared(&["data"]) || skip_without_python_peers() {
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/export_names.py");
+/// Runs tests/`script` with python3 on this binary and `args` (the datasets found through
+/// SAFETY_LAYERS_DATA); returns its exit and its printed output (also printed here).
+fn python_check(script: &str, args: &[std::path::PathBuf]) -> (Output, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
     let out = Command::new("python3")
         .arg(&script)
         .arg(env!("CARGO_BIN_EXE_safety-layers"))
+        .args(args)
         .env("SAFETY_LAYERS_DATA", shared().join("data"))
         .output()
         .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     println!("{text}");
+    (out, text)
+}
+
+#[test]
+fn exported_configs_select_exactly_the_frozen_names_of_real_models() {
+    if skip_without_shared(&["data"]) || skip_without_python_peers() {
+        return;
+    }
+    let (out, text) = python_check("export_names.py", &[]);
     assert!(
         out.status.success(),
         "export_names.py failed (needs torch, transformers and PyYAML):\n{text}"
@@ -278,16 +288,13 @@ fn exported_trainer_script_trains_like_finetune() {
     if skip_without_shared(&["data/paper/Normal_dataset.json"]) || skip_without_python_peers() {
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scaleout_run.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(env!("CARGO_BIN_EXE_safety-layers"))
-        .arg(fixture("llama"))
-        .arg(shared().join("data/paper/Normal_dataset.json"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
-    println!("{text}");
+    let (out, text) = python_check(
+        "scaleout_run.py",
+        &[
+            fixture("llama"),
+            shared().join("data/paper/Normal_dataset.json"),
+        ],
+    );
     assert!(
         out.status.success(),
         "scaleout_run.py failed (needs torch, transformers, accelerate, peft):\n{text}"

@@ -124,6 +124,16 @@ impl AdamW {
         }
     }
 
+    fn check_counts(&self, params: usize, grads: usize) -> Result<()> {
+        if params != self.moments.len() || grads != params {
+            bail!(
+                "adamw: {params} parameters, {grads} gradients, state for {}",
+                self.moments.len()
+            );
+        }
+        Ok(())
+    }
+
     /// The scalars of the next step at `lr` (advances the step count).
     fn next_scalars(&mut self, lr: f64, grad_scale: f32) -> StepScalars {
         self.step += 1;
@@ -170,14 +180,7 @@ impl AdamW {
         lr: f64,
         grad_scale: f32,
     ) -> Result<()> {
-        if params.len() != self.moments.len() || grads.len() != params.len() {
-            bail!(
-                "adamw: {} parameters, {} gradients, state for {}",
-                params.len(),
-                grads.len(),
-                self.moments.len()
-            );
-        }
+        self.check_counts(params.len(), grads.len())?;
         let s = self.next_scalars(lr, grad_scale);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
@@ -198,11 +201,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// One optimizer step over `params` with their `grads` (same order as at creation), at
-    /// learning rate `lr`, the gradients first multiplied by `grad_scale` (clipping). A
-    /// parameter without a gradient is skipped, as torch skips it.
-    /// One update of `params` by their gradients' values (None: no gradient this step, the
-    /// parameter and its moments stay), each gradient multiplied by `grad_scale` (clipping).
+    /// One optimizer step over `params` with their gradients' values (same order as at
+    /// creation; None: no gradient this step, the parameter and its moments stay, as torch
+    /// skips it), at learning rate `lr`, each gradient multiplied by `grad_scale` (clipping).
     pub fn step(
         &mut self,
         params: &[Tensor],
@@ -210,14 +211,7 @@ impl AdamW {
         lr: f64,
         grad_scale: f32,
     ) -> Result<()> {
-        if params.len() != self.moments.len() || grads.len() != params.len() {
-            bail!(
-                "adamw: {} parameters, {} gradients, state for {}",
-                params.len(),
-                grads.len(),
-                self.moments.len()
-            );
-        }
+        self.check_counts(params.len(), grads.len())?;
         let s = self.next_scalars(lr, grad_scale);
         for ((p, g), st) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
             let Some(grad) = g else { continue };

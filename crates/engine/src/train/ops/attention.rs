@@ -535,9 +535,10 @@ mod tests {
     use crate::kernels::pseudo;
     use crate::model::mask::PadLayout;
     use anyhow::Result;
-    use candle_core::{Device, Tensor, Var, D};
+    use candle_core::{Device, Tensor, Var};
 
-    /// The decoder's differentiable attention (model/decoder.rs), mask `[B, 1, T, S]`.
+    /// Attention composed of candle's ops (the GPU's training path, `device_ops`), mask
+    /// `[B, 1, T, S]`, in the fused op's `[B, T, NH * D]` layout.
     fn reference(
         q: &Tensor,
         k: &Tensor,
@@ -547,20 +548,16 @@ mod tests {
         softcap: Option<f64>,
     ) -> Result<Tensor> {
         let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, s, _) = k.dims4()?;
-        let g = nh / nkv;
-        let q = (q * scale)?.contiguous()?.reshape((b, nkv, g * t, hd))?;
-        let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        if let Some(cap) = softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-        Ok(probs
-            .reshape((b, nkv, g * t, s))?
-            .matmul(v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?)
+        let out = crate::kernels::device_ops::attention_with(
+            q,
+            k,
+            v,
+            mask,
+            scale,
+            softcap,
+            crate::kernels::device_ops::Softmax::Differentiable,
+        )?;
+        Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 
     struct Case {
