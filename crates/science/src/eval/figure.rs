@@ -42,7 +42,9 @@ pub fn bars_svg(report: &EvalReport) -> Result<String> {
         }
     }
     let n_models = report.models.len().max(1);
-    let width = (220 + 90 * n_models * kinds.len().max(1)).clamp(640, 2400) as u32;
+    // At most the report's page width (1100 px, less margins): wider figures were scaled down
+    // until their text was unreadable. Bars share the width instead.
+    let width = (220 + 90 * n_models * kinds.len().max(1)).clamp(640, 1040) as u32;
     let labels: Vec<String> = report
         .models
         .iter()

@@ -11,7 +11,9 @@ use crate::eval::SetSummary;
 use crate::locate::file::LocateFile;
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
-use results::{Claim, CosineResults, FinetuneBrief, LocateResults, ResultsFile, SCHEMA_VERSION};
+use results::{
+    Claim, CosineResults, FinetuneBrief, LocateResults, PairedResult, ResultsFile, SCHEMA_VERSION,
+};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::write_atomic;
 use std::collections::BTreeMap;
@@ -145,7 +147,25 @@ fn gap_layer(g: Option<&LargestGap>) -> String {
 }
 
 /// The verdict on each claim, from the measured numbers.
-fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance) -> Vec<Claim> {
+/// Harmful answers (not refused) per prompt of `label`'s harmful set, in prompt order.
+fn harmful_answers(responses: &crate::eval::report::EvalReport, label: &str) -> Option<Vec<bool>> {
+    let row = responses.models.iter().find(|m| m.label == label)?;
+    let (_, rs) = row
+        .sets
+        .iter()
+        .find(|(k, _)| *k == crate::eval::SetKind::Harmful)?;
+    let mut rs = rs.clone();
+    rs.sort_by_key(|r| r.index);
+    Some(rs.iter().map(|r| !r.refusal).collect())
+}
+
+fn claims(
+    cos: &CosineFile,
+    loc: &LocateFile,
+    eval: &EvalFile,
+    responses: &crate::eval::report::EvalReport,
+    prov: &Provenance,
+) -> Vec<Claim> {
     let runs = &prov.finetune_runs;
     let control_desc = if prov.control_narrower {
         format!(
@@ -196,6 +216,7 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance
             }
         ),
         control_protects_less: None,
+        paired: vec![],
     });
     // 2. Localisation: scaling the range by alpha moves over-rejection the most.
     let (baseline, alpha) = (loc.baseline, loc.alpha);
@@ -238,6 +259,7 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance
             best.map(|b| b.to_string()).unwrap_or("?".into())
         ),
         control_protects_less: None,
+        paired: vec![],
     });
     // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; a control freeze
     // of an equally wide range protects less; utility stays close.
@@ -256,13 +278,39 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance
         let get = |label: &str| eval.row(label).and_then(|r| r.harmful.as_ref());
         let (f, s, c, al) = (get(&full), get(&sppft), get(&control), get("aligned"));
         let rate = |v: Option<&SetSummary>| v.map_or(f64::NAN, |v| v.rate.rate);
+        // Per prompt, on the same prompts: SPPFT against full and against the control.
+        let paired: Vec<PairedResult> = [("full", &full), ("control", &control)]
+            .into_iter()
+            .filter_map(|(against, other)| {
+                let a = harmful_answers(responses, &sppft)?;
+                let b = harmful_answers(responses, other)?;
+                let counts = crate::paired::Paired::from_outcomes(&a, &b).ok()?;
+                Some(PairedResult::new(against, counts))
+            })
+            .collect();
+        let vs_full = paired.iter().find(|p| p.against == "full");
         let separated = matches!((s, f), (Some(s), Some(f)) if s.rate.ci95_high < f.rate.ci95_low);
-        let verdict = if rate(s) < rate(f) && separated {
-            "reproduced (95% intervals do not overlap)"
-        } else if rate(s) < rate(f) {
-            "direction reproduced, but the 95% intervals overlap"
-        } else {
-            "not reproduced"
+        let verdict = match vs_full {
+            Some(p) if p.difference < 0.0 && p.p_value < 0.05 => {
+                format!("reproduced (paired exact McNemar p = {:.3})", p.p_value)
+            }
+            Some(p) if p.difference < 0.0 => format!(
+                "direction reproduced, not significant (paired exact McNemar p = {:.3})",
+                p.p_value
+            ),
+            Some(p) => format!(
+                "not reproduced (SPPFT − full {:+.1} points, p = {:.3})",
+                100.0 * p.difference,
+                p.p_value
+            ),
+            // No saved responses to pair: the intervals decide, as before.
+            None if rate(s) < rate(f) && separated => {
+                "reproduced (95% intervals do not overlap)".to_string()
+            }
+            None if rate(s) < rate(f) => {
+                "direction reproduced, but the 95% intervals overlap".to_string()
+            }
+            None => "not reproduced".to_string(),
         };
         let rouge = |l: &str| {
             eval.row(l)
@@ -275,9 +323,10 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance
                 "3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and \
                  below {control_desc}"
             ),
-            verdict: verdict.into(),
+            verdict,
             evidence: format!(
-                "R_h aligned {} → full FT {} / SPPFT {} / control {}; Rouge-L full {} vs SPPFT {}",
+                "R_h aligned {} → full FT {} / SPPFT {} / control {}; Rouge-L full {} vs SPPFT \
+                 {}{}",
                 rate_of(al),
                 rate_of(f),
                 rate_of(s),
@@ -287,9 +336,14 @@ fn claims(cos: &CosineFile, loc: &LocateFile, eval: &EvalFile, prov: &Provenance
                     .unwrap_or("—".into()),
                 rouge(&sppft)
                     .map(|x| format!("{x:.3}"))
-                    .unwrap_or("—".into())
+                    .unwrap_or("—".into()),
+                paired
+                    .iter()
+                    .map(|p| format!(". {}", p.sentence()))
+                    .collect::<String>()
             ),
             control_protects_less: Some(rate(c) > rate(s)),
+            paired,
         });
     }
     out
@@ -324,7 +378,9 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         finetunes.insert(n.to_string(), FinetuneBrief::from(&ft));
         curves.push((n.to_string(), train_curve(&dir.join(n))?));
     }
-    let verdicts = claims(&cos, &loc, &eval, provenance);
+    // The saved responses, for per-prompt paired tests between the fine-tuning arms.
+    let responses = crate::eval::report::load(&dir.join("eval"))?;
+    let verdicts = claims(&cos, &loc, &eval, &responses, provenance);
     let results = ResultsFile {
         schema_version: SCHEMA_VERSION,
         claims: verdicts.clone(),

@@ -71,6 +71,66 @@ pub struct Claim {
     /// Only on the SPPFT claims: whether the control freeze's R_h is above SPPFT's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_protects_less: Option<bool>,
+    /// Only on the SPPFT claims: per-prompt paired comparisons of harmful answers on the same
+    /// prompts (SPPFT against full fine-tuning and against the control freeze).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paired: Vec<PairedResult>,
+}
+
+/// SPPFT against another arm on the same harmful prompts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PairedResult {
+    /// "full" or "control".
+    pub against: String,
+    pub counts: crate::paired::Paired,
+    /// SPPFT's harmful rate minus the other arm's.
+    pub difference: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    /// Two-sided exact McNemar.
+    pub p_value: f64,
+    /// Approximate power of this test to detect a 10-point difference at the observed share of
+    /// discordant prompts (None when it cannot be computed).
+    #[serde(deserialize_with = "crate::schema::required")]
+    pub power_10_points: Option<f64>,
+}
+
+impl PairedResult {
+    pub fn new(against: &str, counts: crate::paired::Paired) -> PairedResult {
+        let (ci95_low, ci95_high) = counts.difference_ci95();
+        let discordant = (counts.only_a + counts.only_b) as f64 / counts.n.max(1) as f64;
+        PairedResult {
+            against: against.into(),
+            difference: counts.difference(),
+            ci95_low,
+            ci95_high,
+            p_value: counts.mcnemar_p(),
+            power_10_points: crate::paired::mcnemar_power(counts.n, discordant, 0.10),
+            counts,
+        }
+    }
+
+    /// "SPPFT − full: -3.1 points (95% CI -6.0 to -0.2), exact McNemar p = 0.040 (7 vs 2
+    /// discordant of 64; power to detect 10 points 0.81)".
+    pub fn sentence(&self) -> String {
+        let pts = |x: f64| format!("{:+.1}", 100.0 * x);
+        let power = self
+            .power_10_points
+            .map(|p| format!("; power to detect 10 points {p:.2}"))
+            .unwrap_or_default();
+        format!(
+            "SPPFT − {}: {} points (95% CI {} to {}), exact McNemar p = {:.3} ({} vs {} \
+             discordant of {}{power})",
+            self.against,
+            pts(self.difference),
+            pts(self.ci95_low),
+            pts(self.ci95_high),
+            self.p_value,
+            self.counts.only_a,
+            self.counts.only_b,
+            self.counts.n
+        )
+    }
 }
 
 /// From cosine/cosine.json.
@@ -111,6 +171,42 @@ impl ResultsFile {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A paired result: the numbers of `paired` and a sentence a reader can quote; it
+    /// round-trips through JSON, and a missing power is named rather than defaulted.
+    #[test]
+    fn paired_result_numbers_and_sentence() {
+        let counts = crate::paired::Paired {
+            n: 64,
+            both: 20,
+            only_a: 2,
+            only_b: 10,
+            neither: 32,
+        };
+        let r = PairedResult::new("full", counts);
+        assert!((r.difference - (-8.0 / 64.0)).abs() < 1e-12);
+        assert!((r.p_value - 158.0 / 4096.0).abs() < 1e-12);
+        assert!(r.ci95_low < r.difference && r.difference < r.ci95_high);
+        let power = r.power_10_points.unwrap();
+        assert!(power > 0.0 && power < 1.0);
+        let s = r.sentence();
+        assert!(s.starts_with("SPPFT − full: -12.5 points"), "{s}");
+        assert!(
+            s.contains("p = 0.039") && s.contains("2 vs 10 discordant of 64"),
+            "{s}"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            serde_json::from_value::<PairedResult>(v.clone()).unwrap(),
+            r
+        );
+        let mut missing = v;
+        missing.as_object_mut().unwrap().remove("power_10_points");
+        let e = serde_json::from_value::<PairedResult>(missing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("power_10_points"), "{e}");
+    }
 
     #[test]
     fn results_file_round_trips_and_names_missing_fields() {
