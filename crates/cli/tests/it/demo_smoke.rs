@@ -33,7 +33,6 @@ fn browser(exe: &Path, extra: &[String], page: &Path) -> std::process::Output {
             "--no-first-run",
             "--enable-logging=stderr",
             "--v=0",
-            "--window-size=1200,6000",
         ])
         .args(extra)
         .arg(format!("file://{}", page.display()))
@@ -125,19 +124,30 @@ fn smoke_profile_runs_caches_and_renders() {
     };
     let page = out.join("report.html");
     let png = d.path().join("report.png");
-    let shot = browser(&exe, &[format!("--screenshot={}", png.display())], &page);
+    let wide = "--window-size=1200,6000".to_string();
+    let shot = browser(
+        &exe,
+        &[wide.clone(), format!("--screenshot={}", png.display())],
+        &page,
+    );
     assert!(
         png.is_file() && std::fs::metadata(&png).unwrap().len() > 10_000,
         "no screenshot: {}",
         String::from_utf8_lossy(&shot.stderr)
     );
-    let dom = browser(&exe, &["--dump-dom".to_string()], &page);
-    let dom_text = String::from_utf8_lossy(&dom.stdout);
-    assert!(
-        dom_text.contains("data-figure-check=\"ok 5\""),
-        "figures not all rendered: {}",
-        dom_text.lines().find(|l| l.contains("<body")).unwrap_or("")
-    );
+    // Every figure renders, and no text runs past a figure's edge, on a wide and a narrow page.
+    let mut dom = None;
+    for size in [wide, "--window-size=760,6000".to_string()] {
+        let out = browser(&exe, &[size.clone(), "--dump-dom".to_string()], &page);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.contains("data-figure-check=\"ok 5\""),
+            "{size}: figures not all rendered or text past an edge: {}",
+            text.lines().find(|l| l.contains("<body")).unwrap_or("")
+        );
+        dom.get_or_insert(out);
+    }
+    let dom = dom.expect("checked at two widths");
     let log = format!(
         "{}\n{}",
         String::from_utf8_lossy(&dom.stderr),

@@ -564,16 +564,21 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         ));
     }
     h.push_str("</table>\n");
-    // A figure that renders with zero size is a broken report: say so on the page (and in a
-    // body attribute that the browser test reads).
+    // A figure that renders with zero size, or with text running past its edges (a long title,
+    // a label), is a broken report: say so on the page (and in a body attribute that the
+    // browser test reads). Screen rectangles, so rotated axis titles are measured as drawn.
     h.push_str(
-        "<script>window.addEventListener('load',function(){var bad=[];\
+        "<script>window.addEventListener('load',function(){var bad=[],over=[];\
          var f=document.querySelectorAll('figure svg');f.forEach(function(s,i){\
-         var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0))bad.push(i);});\
-         document.body.setAttribute('data-figure-check',\
-         bad.length?('zero-size '+bad.join(',')):('ok '+f.length));\
-         if(bad.length){var p=document.createElement('p');\
-         p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size.';\
+         var r=s.getBoundingClientRect();if(!(r.width>0&&r.height>0)){bad.push(i);return;}\
+         s.querySelectorAll('text').forEach(function(t){var b=t.getBoundingClientRect();\
+         if(b.width>0&&(b.left<r.left-1||b.right>r.right+1||b.top<r.top-1||\
+         b.bottom>r.bottom+1))over.push(i+':'+t.textContent.trim().slice(0,40));});});\
+         document.body.setAttribute('data-figure-check',bad.length?('zero-size '+bad.join(',')):\
+         over.length?('overflow '+over.join(' | ')):('ok '+f.length));\
+         if(bad.length||over.length){var p=document.createElement('p');\
+         p.textContent='Warning: '+bad.length+' figure(s) rendered with zero size, '+\
+         over.length+' text(s) past a figure edge.';\
          p.style.color='#c0392b';document.body.prepend(p);}});</script>\n",
     );
     h.push_str("</body></html>\n");
