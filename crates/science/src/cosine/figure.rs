@@ -3,6 +3,7 @@
 use crate::cosine::Curves;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// One model's curves to draw; the second model of a comparison is drawn dashed.
 pub struct Series<'a> {
@@ -65,24 +66,91 @@ fn layer_chart<'a, 'b>(
                 [(a, lo), (b, hi)],
                 RGBColor(255, 200, 80).mix(0.25).filled(),
             )))
-            .map_err(err)?
-            .label("initial safety range (rule)")
-            .legend(|(x, y)| {
-                Rectangle::new(
-                    [(x, y - 5), (x + 18, y + 5)],
-                    RGBColor(255, 200, 80).mix(0.5).filled(),
-                )
-            });
+            .map_err(err)?;
     }
     Ok(chart)
+}
+
+/// How a legend entry is drawn.
+enum Mark {
+    Line,
+    Dashed,
+    Band,
+}
+
+struct LegendItem {
+    label: String,
+    color: RGBColor,
+    mark: Mark,
+}
+
+/// The range's legend entry, when the chart shades one.
+fn range_item(curves: &Curves) -> Option<LegendItem> {
+    shade_range(curves).map(|_| LegendItem {
+        label: "initial safety range (rule)".into(),
+        color: RGBColor(255, 200, 80),
+        mark: Mark::Band,
+    })
+}
+
+/// Pixel height of a legend of `n` entries in `columns` columns.
+fn legend_height(n: usize, columns: usize) -> u32 {
+    (n.div_ceil(columns) * 20 + 14) as u32
+}
+
+/// The legend in its own band under the plot, so that it never covers a curve.
+fn legend_below(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    items: &[LegendItem],
+    columns: usize,
+) -> Result<()> {
+    let (w, _) = area.dim_in_pixel();
+    let col_w = (w as i32 - 40) / columns as i32;
+    let style =
+        TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, item) in items.iter().enumerate() {
+        let (x, y) = (
+            20 + (i % columns) as i32 * col_w,
+            10 + (i / columns) as i32 * 20,
+        );
+        match item.mark {
+            Mark::Line => area.draw(&PathElement::new(
+                vec![(x, y), (x + 22, y)],
+                item.color.stroke_width(2),
+            )),
+            Mark::Dashed => area
+                .draw(&PathElement::new(
+                    vec![(x, y), (x + 8, y)],
+                    item.color.mix(0.6).stroke_width(2),
+                ))
+                .and_then(|_| {
+                    area.draw(&PathElement::new(
+                        vec![(x + 14, y), (x + 22, y)],
+                        item.color.mix(0.6).stroke_width(2),
+                    ))
+                }),
+            Mark::Band => area.draw(&Rectangle::new(
+                [(x, y - 6), (x + 22, y + 6)],
+                item.color.mix(0.5).filled(),
+            )),
+        }
+        .map_err(err)?;
+        area.draw(&Text::new(item.label.clone(), (x + 28, y), style.clone()))
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Mean cosine of N-N, M-M and N-M per layer with ±std bands.
 pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 520)).into_drawing_area();
+        let n_items = 3 * series.len() + usize::from(range_item(series[0].curves).is_some());
+        let legend_h = legend_height(n_items, 3);
+        let root = SVGBackend::with_string(&mut svg, (900, 500 + legend_h)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
+        let (root, legend_area) = root.split_vertically(500);
+        let mut items: Vec<LegendItem> = range_item(series[0].curves).into_iter().collect();
         let entries = series[0].curves.entries.len();
         let (mut lo, mut hi) = (1.0f64, -1.0f64);
         for s in series {
@@ -145,27 +213,20 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
                 if dashed {
                     chart
                         .draw_series(DashedLineSeries::new(line, 6, 4, style))
-                        .map_err(err)?
-                        .label(label)
-                        .legend(move |(x, y)| {
-                            PathElement::new(vec![(x, y), (x + 18, y)], color.mix(0.6))
-                        });
+                        .map_err(err)?;
                 } else {
                     chart
                         .draw_series(LineSeries::new(line, style))
-                        .map_err(err)?
-                        .label(label)
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                        .map_err(err)?;
                 }
+                items.push(LegendItem {
+                    label,
+                    color,
+                    mark: if dashed { Mark::Dashed } else { Mark::Line },
+                });
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend_below(&legend_area, &items, 3)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -175,8 +236,12 @@ pub fn cosine_svg(series: &[Series<'_>], title: &str) -> Result<String> {
 pub fn angle_gap_svg(series: &[Series<'_>], title: &str) -> Result<String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 480)).into_drawing_area();
+        let n_items = 2 * series.len() + usize::from(range_item(series[0].curves).is_some());
+        let legend_h = legend_height(n_items, 1);
+        let root = SVGBackend::with_string(&mut svg, (900, 460 + legend_h)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
+        let (root, legend_area) = root.split_vertically(460);
+        let mut items: Vec<LegendItem> = range_item(series[0].curves).into_iter().collect();
         let entries = series[0].curves.entries.len();
         let (mut lo, mut hi) = (0.0f64, 1.0f64);
         for s in series {
@@ -216,30 +281,28 @@ pub fn angle_gap_svg(series: &[Series<'_>], title: &str) -> Result<String> {
             };
             chart
                 .draw_series(LineSeries::new(code, solid))
-                .map_err(err)?
-                .label(format!(
-                    "{}: deg(acos(mean N-M)) - deg(acos(mean N-N)) (official code)",
-                    s.label
-                ))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                .map_err(err)?;
             chart
                 .draw_series(DashedLineSeries::new(paper, 5, 4, solid))
-                .map_err(err)?
-                .label(format!(
+                .map_err(err)?;
+            items.push(LegendItem {
+                label: format!(
+                    "{}: deg(acos(mean N-M)) - deg(acos(mean N-N)) (official code)",
+                    s.label
+                ),
+                color,
+                mark: Mark::Line,
+            });
+            items.push(LegendItem {
+                label: format!(
                     "{}: mean angle(n,m) - mean angle(n,n') (paper formula)",
                     s.label
-                ))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 6, y), (x + 12, y)], color.mix(0.6))
-                });
+                ),
+                color,
+                mark: Mark::Dashed,
+            });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend_below(&legend_area, &items, 1)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
