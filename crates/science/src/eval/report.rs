@@ -341,7 +341,61 @@ impl EvalReport {
             }
             md.push('\n');
         }
+        md += &self.judge_agreement_markdown();
         Ok(md)
+    }
+
+    /// The two keyword judges on each model's own responses, per set: where they disagree on
+    /// more than 5%, the rates above depend on the judge chosen, and the section says so with
+    /// examples.
+    fn judge_agreement_markdown(&self) -> String {
+        use crate::judges::agreement::{Agreement, FLAG_ABOVE};
+        let mut md = String::from(
+            "\n## The judges on these responses\n\nRefusals by each keyword judge on the same \
+             responses; sets where they disagree on more than ",
+        );
+        md += &format!(
+            "{:.0}% are flagged (the rates above then depend on the judge).\n\n\
+             | model | set | n | gcg refusals | xstest refusals | disagree | |\n\
+             |---|---|---:|---:|---:|---:|---|\n",
+            100.0 * FLAG_ABOVE
+        );
+        let mut examples = String::new();
+        for row in self.models.iter().filter(|r| r.error.is_none()) {
+            for (kind, rs) in &row.sets {
+                let a = Agreement::of(rs.iter().map(|r| r.response.as_str()));
+                md += &format!(
+                    "| {} | {} | {} | {} | {} | {} ({:.1}%) | {} |\n",
+                    md_cell(&row.label),
+                    kind.title(),
+                    a.n,
+                    a.gcg_refusals,
+                    a.xstest_refusals,
+                    a.disagree,
+                    100.0 * a.disagree_rate(),
+                    if a.flagged() { "**flagged**" } else { "" }
+                );
+                if a.flagged() {
+                    for (by, text) in &a.examples {
+                        examples += &format!(
+                            "- {} / {}: only {} calls this a refusal: \"{}\"\n",
+                            md_cell(&row.label),
+                            kind.title(),
+                            serde_json::to_value(by)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            md_cell(text)
+                        );
+                    }
+                }
+            }
+        }
+        if !examples.is_empty() {
+            md += "\nExamples from the flagged sets:\n\n";
+            md += &examples;
+        }
+        md
     }
 
     /// Gives every response its verdict under `judge` (the probe's threshold is calibrated

@@ -5,6 +5,7 @@
 //!
 //! Both take a custom phrase list instead of their default (`--refusal-list FILE`).
 
+pub mod agreement;
 pub mod probe;
 
 use anyhow::{bail, Context, Result};
