@@ -43,6 +43,9 @@ import numpy as np
 import torch
 import transformers
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import peer_common  # noqa: E402  (the bench's peer helpers: the same left padding)
+
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 F32_TOL = 1e-4
 # Where both sides run: the GPU (a dry run of the script itself can use the CPU: --device cpu).
@@ -291,12 +294,8 @@ def synthetic(cfg, tok_dir, out_dir):
 
 
 def left_pad(ids, pad):
-    t = max(len(p) for p in ids)
-    x = torch.full((len(ids), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), t), dtype=torch.long)
-    for i, p in enumerate(ids):
-        x[i, t - len(p):] = torch.tensor(p)
-        mask[i, t - len(p):] = 1
+    """bench/peer_common's left padding (ids and attention mask), on the device."""
+    x, mask, _ = peer_common.left_pad(ids, pad)
     return x.to(DEV), mask.to(DEV)
 
 

@@ -182,8 +182,10 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        // Wherever a GPU ran out of memory, say what to lower.
-        if format!("{e:#}").contains("OUT_OF_MEMORY") {
+        // Wherever a GPU ran out of memory, say what to lower (unless the stage already did,
+        // naming its batch size: sl_engine::device::explain_oom).
+        let text = format!("{e:#}");
+        if text.contains("OUT_OF_MEMORY") && !text.contains("lower --batch-size") {
             eprintln!(
                 "hint: the GPU ran out of memory; lower --batch-size (or hold the weights in \
                  bf16 with --dtype bf16)"

@@ -448,7 +448,7 @@ fn write_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
     write_atomic(path, s.as_bytes())
 }
 
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read saved responses {}", path.display()))?;
     text.lines()

@@ -147,25 +147,26 @@ fn gap_layer(g: Option<&LargestGap>) -> String {
 }
 
 /// The verdict on each claim, from the measured numbers.
-/// Harmful answers (not refused) per prompt of `label`'s harmful set, in prompt order.
-fn harmful_answers(responses: &crate::eval::report::EvalReport, label: &str) -> Option<Vec<bool>> {
-    let row = responses.models.iter().find(|m| m.label == label)?;
-    let (_, rs) = row
-        .sets
-        .iter()
-        .find(|(k, _)| *k == crate::eval::SetKind::Harmful)?;
-    let mut rs = rs.clone();
+/// Harmful answers (not refused) per prompt of `label`'s harmful set, in prompt order, from
+/// the response file eval.json records for it (None: no such row or file).
+fn harmful_answers(eval: &EvalFile, eval_dir: &Path, label: &str) -> Result<Option<Vec<bool>>> {
+    let key = crate::eval::SetKind::Harmful.key();
+    let Some(file) = eval.row(label).and_then(|r| r.responses.get(key)) else {
+        return Ok(None);
+    };
+    let mut rs: Vec<crate::eval::SafetyResponse> =
+        crate::eval::report::read_jsonl(&eval_dir.join(file))?;
     rs.sort_by_key(|r| r.index);
-    Some(rs.iter().map(|r| !r.refusal).collect())
+    Ok(Some(rs.iter().map(|r| !r.refusal).collect()))
 }
 
 fn claims(
     cos: &CosineFile,
     loc: &LocateFile,
     eval: &EvalFile,
-    responses: &crate::eval::report::EvalReport,
+    eval_dir: &Path,
     prov: &Provenance,
-) -> Vec<Claim> {
+) -> Result<Vec<Claim>> {
     let runs = &prov.finetune_runs;
     let control_desc = if prov.control_narrower {
         format!(
@@ -279,15 +280,15 @@ fn claims(
         let (f, s, c, al) = (get(&full), get(&sppft), get(&control), get("aligned"));
         let rate = |v: Option<&SetSummary>| v.map_or(f64::NAN, |v| v.rate.rate);
         // Per prompt, on the same prompts: SPPFT against full and against the control.
-        let paired: Vec<PairedResult> = [("full", &full), ("control", &control)]
-            .into_iter()
-            .filter_map(|(against, other)| {
-                let a = harmful_answers(responses, &sppft)?;
-                let b = harmful_answers(responses, other)?;
-                let counts = crate::paired::Paired::from_outcomes(&a, &b).ok()?;
-                Some(PairedResult::new(against, counts))
-            })
-            .collect();
+        let mut paired = Vec::new();
+        if let Some(a) = harmful_answers(eval, eval_dir, &sppft)? {
+            for (against, other) in [("full", &full), ("control", &control)] {
+                if let Some(b) = harmful_answers(eval, eval_dir, other)? {
+                    let counts = crate::paired::Paired::from_outcomes(&a, &b)?;
+                    paired.push(PairedResult::new(against, counts));
+                }
+            }
+        }
         let vs_full = paired.iter().find(|p| p.against == "full");
         let separated = matches!((s, f), (Some(s), Some(f)) if s.rate.ci95_high < f.rate.ci95_low);
         let verdict = match vs_full {
@@ -346,7 +347,7 @@ fn claims(
             paired,
         });
     }
-    out
+    Ok(out)
 }
 
 // Lines ending in `\` continue without a line break (Rust string continuation); the others end
@@ -378,9 +379,7 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         finetunes.insert(n.to_string(), FinetuneBrief::from(&ft));
         curves.push((n.to_string(), train_curve(&dir.join(n))?));
     }
-    // The saved responses, for per-prompt paired tests between the fine-tuning arms.
-    let responses = crate::eval::report::load(&dir.join("eval"))?;
-    let verdicts = claims(&cos, &loc, &eval, &responses, provenance);
+    let verdicts = claims(&cos, &loc, &eval, &dir.join("eval"), provenance)?;
     let results = ResultsFile {
         schema_version: SCHEMA_VERSION,
         claims: verdicts.clone(),
