@@ -663,3 +663,24 @@ fn scale_target_residual_and_the_cancellation_note() {
         "{err_b}"
     );
 }
+
+/// `align --train-layers` outside the model's layers fails before any work, naming the flag,
+/// and writes nothing.
+#[test]
+fn align_train_layers_out_of_range_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("aligned");
+    for bad in ["9-12", "3-1", "x"] {
+        let o = bin()
+            .args(["align", "--model"])
+            .arg(fixture("llama"))
+            .args(["--train-layers", bad, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{bad}: {err}");
+        assert!(err.contains("--train-layers"), "{bad}: {err}");
+        assert!(!out.exists(), "{bad}: output written");
+    }
+}
