@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use sl_catalog::datasets;
 use sl_engine::LayerRange;
 use sl_science::demo::{
-    control_range, profile, BaseModel, FinetuneRun, Machine, Provenance, StageMarker, StageRecord,
-    STAGE_FILE,
+    control_range, finetune_arms, profile, BaseModel, FinetuneRun, Machine, Provenance,
+    StageMarker, StageRecord, STAGE_FILE,
 };
 use sl_science::locate::file::LocateFile;
 use sl_science::report::read_json;
@@ -18,8 +18,9 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// smoke (tiny, minutes, for CI), quick (the README's run, < 30 min on 2 cores) or paper
-    /// (the paper's set sizes and epochs; hours on a CPU)
+    /// smoke (tiny, minutes, for CI), quick (the README's run, < 30 min on 2 cores), full (full
+    /// evaluation sets, every arm with 3 seeds; about two hours on 2 cores) or paper (the
+    /// paper's set sizes and epochs; days on a CPU)
     #[arg(long, default_value = "quick")]
     pub profile: String,
     #[arg(long, default_value = "demo-out")]
@@ -29,6 +30,17 @@ pub struct DemoArgs {
     pub model: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A planted organism (positive control): align trains only layers I-J (attention and MLP),
+    /// so its safety behaviour lives there by construction; the report says whether cosine,
+    /// locate and SPPFT recover them
+    #[arg(long, value_name = "I-J")]
+    pub plant: Option<String>,
+    /// Seeds per fine-tuning arm (default: the profile's)
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// Refusal judge of locate and eval (see `eval --help`)
+    #[arg(long, default_value = sl_science::judges::DEFAULT_JUDGE)]
+    pub judge: String,
 }
 
 fn shell_quote(a: &str) -> String {
@@ -122,7 +134,11 @@ fn s(x: impl ToString) -> String {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let p = profile(&a.profile)?;
+    let mut p = profile(&a.profile)?;
+    if let Some(n) = a.seeds {
+        anyhow::ensure!(n >= 1, "--seeds {n}: at least one seed per arm");
+        p.ft_seeds = n;
+    }
     let t0 = Instant::now();
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -171,31 +187,37 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         cached: false,
     };
 
-    // 2. Align the base model into the organism.
-    let align = stage(
-        "align",
-        &out.join("aligned"),
-        vec![
-            s("align"),
-            s("--model"),
-            base.clone(),
-            s("--out"),
-            d("aligned"),
-            s("--harmful-n"),
-            s(p.align_harmful),
-            s("--benign-n"),
-            s(p.align_benign),
-            s("--answer-tokens"),
-            s(p.align_answer_tokens),
-            s("--epochs"),
-            s(p.align_epochs),
-            s("--lr"),
-            s(p.align_lr),
-            s("--seed"),
-            s(a.seed),
-        ],
-        &[&base_rec],
-    )?;
+    // 2. Align the base model into the organism (planted: only the named layers train).
+    let mut align_args = vec![
+        s("align"),
+        s("--model"),
+        base.clone(),
+        s("--out"),
+        d("aligned"),
+        s("--harmful-n"),
+        s(p.align_harmful),
+        s("--benign-n"),
+        s(p.align_benign),
+        s("--answer-tokens"),
+        s(p.align_answer_tokens),
+        s("--epochs"),
+        s(p.align_epochs),
+        s("--lr"),
+        s(p.align_lr),
+        s("--seed"),
+        s(a.seed),
+    ];
+    if let Some(r) = &a.plant {
+        align_args.extend([s("--train-layers"), r.clone()]);
+    }
+    let align = stage("align", &out.join("aligned"), align_args, &[&base_rec])?;
+    let planted = match &a.plant {
+        Some(r) => {
+            let layers = aligned_layers(out)?;
+            Some(LayerRange::parse(r, layers).map_err(|e| anyhow::anyhow!("--plant: {e}"))?)
+        }
+        None => None,
+    };
 
     // 3. Cosine analysis of the aligned model against the base.
     let cosine = stage(
@@ -228,6 +250,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         s(&p.locate_alpha),
         s("--max-new-tokens"),
         s(p.locate_tokens),
+        s("--judge"),
+        s(&a.judge),
         s("--out"),
         d("locate"),
     ];
@@ -237,9 +261,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let locate = stage("locate", &out.join("locate"), loc_args, &[&cosine])?;
     let range = LocateFile::read(&out.join("locate/locate.json"))?.range;
     let (first, last) = (range.first, range.last);
-    let layers = read_json(&out.join("aligned/config.json"))?["num_hidden_layers"]
-        .as_u64()
-        .context("aligned/config.json: num_hidden_layers")? as usize;
+    let layers = aligned_layers(out)?;
     let control = control_range(first, last, layers)?;
     if control.narrower {
         eprintln!(
@@ -249,21 +271,25 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         );
     }
 
-    // 5. Fine-tune the aligned model: full, SPPFT, control freeze.
+    // 5. Fine-tune the aligned model: full, SPPFT, control freezes; each with every seed.
     let mut runs = vec![];
     let mut ft_stages = vec![];
+    let arms = finetune_arms(first, last, layers, p.ft_table8)?;
     for set in &p.ft_sets {
         let tag = if set == "finetune-implicit" {
             "di"
         } else {
             "dn"
         };
-        for (variant, freeze) in [
-            ("full", None),
-            ("sppft", Some((first, last))),
-            ("control", Some((control.range.first, control.range.last))),
-        ] {
-            let name = format!("ft-{tag}-{variant}");
+        for (k, (variant, freeze)) in
+            (0..p.ft_seeds as u64).flat_map(|k| arms.iter().map(move |arm| (k, *arm)))
+        {
+            let seed = a.seed + k;
+            let name = if k == 0 {
+                format!("ft-{tag}-{variant}")
+            } else {
+                format!("ft-{tag}-{variant}-s{k}")
+            };
             let mut args = vec![
                 s("finetune"),
                 s("--model"),
@@ -287,55 +313,73 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                 s("--holdout"),
                 s(0),
                 s("--seed"),
-                s(a.seed),
+                s(seed),
             ];
             if let Some(n) = p.ft_records {
                 args.extend([s("--limit"), s(n)]);
             }
-            if let Some((i, j)) = freeze {
-                args.extend([s("--freeze"), format!("{i}-{j}")]);
+            if let Some(r) = freeze {
+                args.extend([s("--freeze"), format!("{}-{}", r.first, r.last)]);
             }
             let rec = stage(&name, &out.join(&name), args, &[&locate])?;
             runs.push(FinetuneRun {
                 name,
                 data: set.clone(),
                 variant: variant.into(),
-                freeze: freeze.map(|(first, last)| LayerRange { first, last }),
+                freeze,
+                seed,
             });
             ft_stages.push(rec);
         }
     }
 
-    // 6. Evaluate every model.
-    let mut eval_args = vec![
-        s("eval"),
-        s("--model"),
-        format!("base={base}"),
-        s("--model"),
-        format!("aligned={}", d("aligned")),
+    // 6. Evaluate every model, each a stage of its own (an interrupted run keeps the models it
+    // finished), then one table of them all.
+    let mut models: Vec<(String, String, &StageRecord)> = vec![
+        ("base".into(), base.clone(), &base_rec),
+        ("aligned".into(), d("aligned"), &align),
     ];
-    for r in &runs {
-        eval_args.extend([s("--model"), format!("{}={}", r.name, d(&r.name))]);
+    for (r, rec) in runs.iter().zip(&ft_stages) {
+        models.push((r.name.clone(), d(&r.name), rec));
     }
-    eval_args.extend([
-        s("--max-new-tokens"),
-        s(p.eval_tokens),
-        s("--utility-n"),
-        s(p.utility_n),
-        s("--utility-max-new-tokens"),
-        s(p.utility_tokens),
-        s("--out"),
-        d("eval"),
-    ]);
-    if let Some(n) = p.eval_limit {
-        eval_args.extend([s("--limit"), s(n)]);
+    let mut eval_parts = vec![];
+    for (label, path, dep) in &models {
+        let dir = out.join("eval-parts").join(label);
+        let mut args = vec![
+            s("eval"),
+            s("--model"),
+            format!("{label}={path}"),
+            s("--judge"),
+            s(&a.judge),
+            s("--max-new-tokens"),
+            s(p.eval_tokens),
+            s("--utility-n"),
+            s(p.utility_n),
+            s("--utility-max-new-tokens"),
+            s(p.utility_tokens),
+            s("--out"),
+            dir.display().to_string(),
+        ];
+        if let Some(n) = p.eval_limit {
+            args.extend([s("--limit"), s(n)]);
+        }
+        eval_parts.push((
+            dir.clone(),
+            stage(&format!("eval-{label}"), &dir, args, &[dep])?,
+        ));
     }
-    let deps: Vec<&StageRecord> = std::iter::once(&align).chain(ft_stages.iter()).collect();
-    let eval = stage("eval", &out.join("eval"), eval_args, &deps)?;
+    let mut merge_args = vec![s("eval")];
+    for (dir, _) in &eval_parts {
+        merge_args.extend([s("--responses"), dir.display().to_string()]);
+    }
+    merge_args.extend([s("--judge"), s(&a.judge), s("--out"), d("eval")]);
+    let deps: Vec<&StageRecord> = eval_parts.iter().map(|(_, r)| r).collect();
+    let eval = stage("eval", &out.join("eval"), merge_args, &deps)?;
 
     // 7. The report.
     let mut stages = vec![base_rec, align, cosine, locate];
     stages.extend(ft_stages);
+    stages.extend(eval_parts.into_iter().map(|(_, r)| r));
     stages.push(eval);
     let provenance = Provenance {
         tool: format!(
@@ -355,6 +399,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         stages,
         control_range: control.range,
         control_narrower: control.narrower,
+        planted,
         finetune_runs: runs,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
@@ -367,6 +412,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         out.join("report.html").display()
     );
     Ok(())
+}
+
+/// The aligned organism's layer count (from the config `align` wrote).
+fn aligned_layers(out: &Path) -> Result<usize> {
+    let cfg = out.join("aligned/config.json");
+    Ok(read_json(&cfg)?["num_hidden_layers"]
+        .as_u64()
+        .with_context(|| format!("{}: num_hidden_layers", cfg.display()))? as usize)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::progress::Progress;
 use anyhow::{bail, Result};
 use serde_json::json;
 use sl_engine::Template;
-use sl_science::eval::report::{check_label, load, ModelRow};
+use sl_science::eval::report::{check_label, ModelRow};
 use sl_science::eval::run::{self, EvalProgress, EvalSets, EvalSettings};
 use sl_science::eval::EvalJudge;
 use std::path::{Path, PathBuf};
@@ -21,9 +21,10 @@ pub struct EvalArgs {
     )]
     pub models: Vec<String>,
     /// Re-judge the responses saved in an earlier eval output directory instead of generating
-    /// (sets, models and generation settings come from DIR/eval.json)
+    /// (sets, models and generation settings come from DIR/eval.json); repeat the flag to
+    /// merge several runs of the same settings into one table (needs --out)
     #[arg(long)]
-    pub responses: Option<PathBuf>,
+    pub responses: Vec<PathBuf>,
     /// Harmful prompts for R_h (file or dataset name; `none` to skip)
     #[arg(long, default_value = "advbench")]
     pub harmful: String,
@@ -44,9 +45,10 @@ pub struct EvalArgs {
     /// Which end of --utility the held-out records come from: last or first
     #[arg(long, default_value = "last")]
     pub utility_take: String,
-    /// Refusal judge: gcg, xstest, or probe (first-token refusal mass, threshold calibrated
-    /// against gcg on each model's responses unless --probe-threshold)
-    #[arg(long, default_value = "gcg")]
+    /// Refusal judge: union (gcg or xstest), gcg, xstest, or probe (first-token refusal mass,
+    /// threshold calibrated against union on each model's responses, or against gcg with
+    /// --refusal-list, unless --probe-threshold)
+    #[arg(long, default_value = sl_science::judges::DEFAULT_JUDGE)]
     pub judge: String,
     /// Refusal phrases, one per line, instead of the judge's default list
     #[arg(long)]
@@ -118,8 +120,8 @@ impl EvalProgress for Bars {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    if let Some(dir) = &a.responses {
-        return rejudge(a, dir);
+    if !a.responses.is_empty() {
+        return rejudge(a, &a.responses);
     }
     let out = a
         .out
@@ -217,26 +219,32 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn rejudge(a: &EvalArgs, dir: &Path) -> Result<()> {
+fn rejudge(a: &EvalArgs, dirs: &[PathBuf]) -> Result<()> {
     let judge = judge_of(a)?;
-    let mut report = load(dir)?;
-    report.rejudge(&judge)?;
-    report.rejudged_from = Some(dir.display().to_string());
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| dir.join(format!("rejudged-{}", a.judge)));
-    if out == dir {
+    let out = match (&a.out, dirs) {
+        (Some(o), _) => o.clone(),
+        (None, [dir]) => dir.join(format!("rejudged-{}", a.judge)),
+        (None, _) => bail!(
+            "--responses given {} times: name the merged table's --out",
+            dirs.len()
+        ),
+    };
+    if let Some(d) = dirs.iter().find(|d| **d == out) {
         bail!(
             "--out {}: re-judging writes a new directory; choose another than the one read",
-            out.display()
+            d.display()
         );
     }
+    let paths: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut report = sl_science::eval::report::load_merged(&paths)?;
+    report.rejudge(&judge)?;
+    let from: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    report.rejudged_from = Some(from.join(", "));
+    let dir = from.join(", ");
     report.write(&out)?;
     print!("{}", report.markdown()?);
     eprintln!(
-        "re-judged {} with {}; wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/",
-        dir.display(),
+        "re-judged {dir} with {}; wrote {}/eval.json, eval.csv, eval.md, eval.svg, responses/",
         a.judge,
         out.display()
     );

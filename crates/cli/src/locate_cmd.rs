@@ -31,8 +31,9 @@ pub struct LocateArgs {
     /// With --alpha auto: stop when the lower sweep's count std reaches this per 721 queries
     #[arg(long, default_value_t = 15.0)]
     pub std_threshold: f64,
-    /// Refusal judge: gcg, xstest, or probe (first-token score, calibrated against gcg)
-    #[arg(long, default_value = "gcg")]
+    /// Refusal judge: union (gcg or xstest), gcg, xstest, or probe (first-token score,
+    /// calibrated against union, or against gcg with --refusal-list)
+    #[arg(long, default_value = sl_science::judges::DEFAULT_JUDGE)]
     pub judge: String,
     /// Refusal phrases, one per line, instead of the judge's default list
     #[arg(long)]
@@ -92,12 +93,13 @@ pub fn run_locate(a: &LocateArgs) -> Result<()> {
     let precision = Precision::of(&model);
     let initial = initial_range(a, n_layers)?;
     let alpha = AlphaMode::parse(&a.alpha, a.std_threshold)?;
-    // The probe judges without generating; its threshold is calibrated against gcg.
+    // The probe judges without generating; its threshold is calibrated against a text judge.
     let probe = a.judge == "probe";
-    let judge = judge_from(
-        if probe { "gcg" } else { &a.judge },
-        a.refusal_list.as_ref(),
-    )?;
+    let judge = if probe {
+        Judge::probe_reference(a.refusal_list.as_deref())?
+    } else {
+        judge_from(&a.judge, a.refusal_list.as_ref())?
+    };
     let mut set = crate::datasets::prompt_set(&a.over_rejection)?;
     if let Some(n) = a.limit {
         set.records.truncate(n);
@@ -208,7 +210,7 @@ pub struct JudgeArgs {
     /// Responses in the `generate` output format (JSONL with a `response` field)
     #[arg(long)]
     pub responses: PathBuf,
-    #[arg(long, default_value = "gcg")]
+    #[arg(long, default_value = sl_science::judges::DEFAULT_JUDGE)]
     pub judge: String,
     #[arg(long)]
     pub refusal_list: Option<PathBuf>,

@@ -90,7 +90,7 @@ pub fn cosine<'py>(
 /// .csv, .svg and responses/ into `out` when given. Returns locate.json's contents.
 #[pyfunction]
 #[pyo3(signature = (model, over_rejection=None, initial=None, cosine=None, alpha="auto",
-                    std_threshold=15.0, judge="gcg", refusal_list=None, max_new_tokens=16,
+                    std_threshold=15.0, judge="union", refusal_list=None, max_new_tokens=16,
                     span=2, batch_size=32, template="alpaca", limit=None, prefix_cache=false,
                     early_stop=true, out=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
@@ -135,9 +135,13 @@ pub fn locate<'py>(
             }
         };
         let alpha = AlphaMode::parse(alpha, std_threshold)?;
-        // The probe judges without generating; its threshold is calibrated against gcg.
+        // The probe judges without generating; its threshold is calibrated against a text judge.
         let probe = judge == "probe";
-        let judge = Judge::named(if probe { "gcg" } else { judge }, refusal_list.as_deref())?;
+        let judge = if probe {
+            Judge::probe_reference(refusal_list.as_deref())?
+        } else {
+            Judge::named(judge, refusal_list.as_deref())?
+        };
         let mut set = match &over_rejection {
             Some(a) => a.resolve("over_rejection")?,
             None => inputs::prompt_set("over-rejection", None, &DataOptions::from_env())?,
@@ -336,7 +340,7 @@ impl EvalProgress for EvalTicks<'_> {
 #[pyfunction]
 #[pyo3(signature = (models, harmful="advbench", over_rejection="over-rejection",
                     xstest="xstest", utility="finetune-normal", utility_n=100,
-                    utility_take="last", judge="gcg", refusal_list=None, probe_threshold=None,
+                    utility_take="last", judge="union", refusal_list=None, probe_threshold=None,
                     max_new_tokens=64, utility_max_new_tokens=128, template="alpaca",
                     batch_size=32, score_tokens=1024, limit=None, out=None, progress=None))]
 #[allow(clippy::too_many_arguments)]

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod demo_arms;
 mod demo_smoke;
 mod eval_smollm2;
 mod export_cli;

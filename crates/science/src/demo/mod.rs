@@ -44,6 +44,47 @@ pub fn control_range(first: usize, last: usize, layers: usize) -> Result<Control
     })
 }
 
+/// The fine-tuning arms for a located range `first..=last` of `layers`: full fine-tuning,
+/// SPPFT (the range frozen), the equally wide control, and with `table8` the paper's Table-8
+/// controls: every layer below the range frozen, and every layer above it (each left out where
+/// no layer lies on that side, or where it would repeat the control).
+pub fn finetune_arms(
+    first: usize,
+    last: usize,
+    layers: usize,
+    table8: bool,
+) -> Result<Vec<(&'static str, Option<LayerRange>)>> {
+    let control = control_range(first, last, layers)?.range;
+    let mut arms = vec![
+        ("full", None),
+        ("sppft", Some(LayerRange { first, last })),
+        ("control", Some(control)),
+    ];
+    if table8 {
+        let below = (first > 0).then(|| LayerRange {
+            first: 0,
+            last: first - 1,
+        });
+        let above = (last + 1 < layers).then(|| LayerRange {
+            first: last + 1,
+            last: layers - 1,
+        });
+        for (name, r) in [("below", below), ("above", above)] {
+            if let Some(r) = r.filter(|r| *r != control) {
+                arms.push((name, Some(r)));
+            }
+        }
+    }
+    Ok(arms)
+}
+
+/// Jaccard index of two layer ranges: shared layers over layers in either.
+pub fn jaccard(a: LayerRange, b: LayerRange) -> f64 {
+    let shared = (a.last.min(b.last) + 1).saturating_sub(a.first.max(b.first));
+    let union = (a.last - a.first + 1) + (b.last - b.first + 1) - shared;
+    shared as f64 / union as f64
+}
+
 /// A control freeze and whether it had to be narrower than the located range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ControlRange {
@@ -101,10 +142,13 @@ pub struct FinetuneRun {
     pub name: String,
     /// The training set (a dataset name).
     pub data: String,
-    /// "full", "sppft" or "control".
+    /// "full", "sppft", "control", "below" or "above".
     pub variant: String,
     #[serde(deserialize_with = "required")]
     pub freeze: Option<LayerRange>,
+    /// The fine-tune's seed (absent in results written before seeds: the demo's seed, 0).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +218,10 @@ pub struct Provenance {
     /// it); absent in results written before it was recorded.
     #[serde(default)]
     pub control_narrower: bool,
+    /// `--plant`: the layers `align` trained (all others frozen), the positive control the
+    /// pipeline should recover; absent when the organism was aligned as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planted: Option<LayerRange>,
     pub finetune_runs: Vec<FinetuneRun>,
     pub total_seconds: f64,
 }
@@ -234,11 +282,52 @@ pub(crate) mod tests {
             "control_range": {"first": 0, "last": 1},
             "control_narrower": false,
             "finetune_runs": [{"name": "ft-di-full", "data": "finetune-implicit", "variant": "full",
-                               "freeze": null},
+                               "freeze": null, "seed": 0},
                               {"name": "ft-di-sppft", "data": "finetune-implicit",
-                               "variant": "sppft", "freeze": {"first": 2, "last": 3}}],
+                               "variant": "sppft", "freeze": {"first": 2, "last": 3}, "seed": 0}],
             "total_seconds": 60.5,
         })
+    }
+
+    #[test]
+    fn arms_never_overlap_the_range_and_table8_adds_both_sides() {
+        let names = |i, j, n, t8| {
+            finetune_arms(i, j, n, t8)
+                .unwrap()
+                .into_iter()
+                .map(|(v, r)| (v, r.map(|r| (r.first, r.last))))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(10, 14, 30, true),
+            vec![
+                ("full", None),
+                ("sppft", Some((10, 14))),
+                ("control", Some((0, 4))),
+                ("below", Some((0, 9))),
+                ("above", Some((15, 29))),
+            ]
+        );
+        assert_eq!(names(10, 14, 30, false).len(), 3);
+        // Nothing below layer 0; the layers below 2-3 are exactly the control 0-1.
+        assert_eq!(names(0, 3, 30, true).last().unwrap().0, "above");
+        assert_eq!(names(0, 3, 30, true).len(), 4);
+        assert_eq!(names(2, 3, 30, true).len(), 4);
+        for (v, r) in finetune_arms(5, 25, 30, true).unwrap() {
+            if let (Some(r), true) = (r, v != "sppft") {
+                assert!(r.last < 5 || r.first > 25, "{v} {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn jaccard_of_ranges_by_hand() {
+        let r = |first, last| LayerRange { first, last };
+        assert_eq!(jaccard(r(10, 14), r(10, 14)), 1.0);
+        assert_eq!(jaccard(r(10, 14), r(15, 20)), 0.0);
+        // 12-14 shared (3) of 10-16 (7).
+        assert!((jaccard(r(10, 14), r(12, 16)) - 3.0 / 7.0).abs() < 1e-12);
+        assert!((jaccard(r(0, 29), r(10, 14)) - 5.0 / 30.0).abs() < 1e-12);
     }
 
     #[test]

@@ -31,6 +31,17 @@ pub struct Profile {
     pub eval_tokens: usize,
     pub utility_n: usize,
     pub utility_tokens: usize,
+    /// Seeds per fine-tuning arm (seed, seed+1, ...); absent in results written before seeds.
+    #[serde(default = "one")]
+    pub ft_seeds: usize,
+    /// Also the paper's Table-8 controls: every layer below the located range frozen, and every
+    /// layer above it.
+    #[serde(default)]
+    pub ft_table8: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn profile(name: &str) -> Result<Profile> {
@@ -58,6 +69,8 @@ pub fn profile(name: &str) -> Result<Profile> {
             eval_tokens: 12,
             utility_n: 4,
             utility_tokens: 16,
+            ft_seeds: 1,
+            ft_table8: false,
         },
         "quick" => Profile {
             name: "quick".into(),
@@ -82,6 +95,37 @@ pub fn profile(name: &str) -> Result<Profile> {
             eval_tokens: 16,
             utility_n: 32,
             utility_tokens: 48,
+            ft_seeds: 1,
+            ft_table8: false,
+        },
+        // Between quick and paper, sized for about two hours on 2 cores: the full evaluation
+        // sets and D_o, every arm (the Table-8 controls included) with three seeds, so the
+        // paired tests have the power quick lacks.
+        "full" => Profile {
+            name: "full".into(),
+            align_harmful: 256,
+            align_benign: 512,
+            align_answer_tokens: 32,
+            align_epochs: 2,
+            align_lr: 2e-4,
+            cosine_pairs: "all".into(),
+            locate_queries: None,
+            locate_alpha: "auto".into(),
+            locate_tokens: 16,
+            ft_sets: vec!["finetune-implicit".into()],
+            ft_records: Some(128),
+            ft_epochs: 1,
+            ft_lr: 1e-4,
+            ft_warmup: 2,
+            ft_batch: 8,
+            ft_accum: 1,
+            ft_max_len: 128,
+            eval_limit: None,
+            eval_tokens: 24,
+            utility_n: 64,
+            utility_tokens: 48,
+            ft_seeds: 3,
+            ft_table8: true,
         },
         "paper" => Profile {
             name: "paper".into(),
@@ -106,8 +150,10 @@ pub fn profile(name: &str) -> Result<Profile> {
             eval_tokens: 64,
             utility_n: 500,
             utility_tokens: 128,
+            ft_seeds: 3,
+            ft_table8: true,
         },
-        _ => bail!("unknown --profile `{name}` (expected smoke, quick or paper)"),
+        _ => bail!("unknown --profile `{name}` (expected smoke, quick, full or paper)"),
     })
 }
 
@@ -117,7 +163,7 @@ mod tests {
 
     #[test]
     fn profiles_exist_and_unknown_is_an_error() {
-        for n in ["smoke", "quick", "paper"] {
+        for n in ["smoke", "quick", "full", "paper"] {
             assert_eq!(profile(n).unwrap().name, n);
         }
         assert!(profile("fast").is_err());

@@ -18,7 +18,7 @@ use std::path::Path;
 pub const FORMAT: &str = "safety-layers eval 1";
 
 /// A prompt set of the table and where it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SetInfo {
     pub kind: SetKind,
     pub name: String,
@@ -421,6 +421,9 @@ fn judge_line(j: &Value) -> String {
         None if kind == "xstest" => {
             "xstest (XSTest's refusal prefixes of the lower-cased response)".into()
         }
+        None if kind == "union" => {
+            "union (a refusal by the gcg keyword list or by XSTest's prefixes)".into()
+        }
         None => format!(
             "{kind} (first-token refusal mass above a threshold calibrated against a text judge)"
         ),
@@ -458,6 +461,48 @@ pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<
             serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
         })
         .collect()
+}
+
+/// Several eval output directories read back as one table (the demo evaluates each model as a
+/// stage of its own, so an interrupted run keeps the models it finished): the sets, generation
+/// settings and utility set must be the same in all, and every label distinct.
+pub fn load_merged(dirs: &[&Path]) -> Result<EvalReport> {
+    let Some((first, rest)) = dirs.split_first() else {
+        bail!("no eval output directory to read");
+    };
+    let mut merged = load(first)?;
+    for d in rest {
+        let r = load(d)?;
+        let differ = |what: &str| {
+            anyhow!(
+                "{} and {} were evaluated with different {what}; only runs of the same \
+                 settings can share a table",
+                first.display(),
+                d.display()
+            )
+        };
+        if r.settings != merged.settings {
+            return Err(differ("generation settings"));
+        }
+        if r.sets != merged.sets {
+            return Err(differ("prompt sets"));
+        }
+        if r.utility != merged.utility {
+            return Err(differ("utility sets"));
+        }
+        for m in r.models {
+            if merged.models.iter().any(|x| x.label == m.label) {
+                bail!(
+                    "model label `{}` is in {} and in an earlier directory; labels must be \
+                     distinct",
+                    m.label,
+                    d.display()
+                );
+            }
+            merged.models.push(m);
+        }
+    }
+    Ok(merged)
 }
 
 /// Reads an eval output directory back: settings, sets, and every model's saved responses

@@ -76,7 +76,7 @@ pub fn judge_of(
     }
     Ok(if judge == "probe" {
         EvalJudge::Probe {
-            calibrate_against: Judge::named("gcg", refusal_list)?,
+            calibrate_against: Judge::probe_reference(refusal_list)?,
             threshold: probe_threshold,
         }
     } else {

@@ -3,6 +3,7 @@
 //! whether each of the paper's three findings reproduced on the model organism.
 
 pub mod results;
+mod sppft;
 
 use crate::cosine::file::{CosineFile, LargestGap};
 use crate::demo::Provenance;
@@ -11,9 +12,7 @@ use crate::eval::SetSummary;
 use crate::locate::file::LocateFile;
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
-use results::{
-    Claim, CosineResults, FinetuneBrief, LocateResults, PairedResult, ResultsFile, SCHEMA_VERSION,
-};
+use results::{Claim, CosineResults, FinetuneBrief, LocateResults, ResultsFile, SCHEMA_VERSION};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::write_atomic;
 use std::collections::BTreeMap;
@@ -44,7 +43,7 @@ fn inline_svg(p: &Path) -> Result<String> {
     Ok(s[start..].to_string())
 }
 
-fn pct(v: Option<f64>) -> String {
+pub(crate) fn pct(v: Option<f64>) -> String {
     v.map(|x| format!("{:.1}%", 100.0 * x))
         .unwrap_or_else(|| "—".into())
 }
@@ -147,19 +146,6 @@ fn gap_layer(g: Option<&LargestGap>) -> String {
 }
 
 /// The verdict on each claim, from the measured numbers.
-/// Harmful answers (not refused) per prompt of `label`'s harmful set, in prompt order, from
-/// the response file eval.json records for it (None: no such row or file).
-fn harmful_answers(eval: &EvalFile, eval_dir: &Path, label: &str) -> Result<Option<Vec<bool>>> {
-    let key = crate::eval::SetKind::Harmful.key();
-    let Some(file) = eval.row(label).and_then(|r| r.responses.get(key)) else {
-        return Ok(None);
-    };
-    let mut rs: Vec<crate::eval::SafetyResponse> =
-        crate::eval::report::read_jsonl(&eval_dir.join(file))?;
-    rs.sort_by_key(|r| r.index);
-    Ok(Some(rs.iter().map(|r| !r.refusal).collect()))
-}
-
 fn claims(
     cos: &CosineFile,
     loc: &LocateFile,
@@ -167,7 +153,6 @@ fn claims(
     eval_dir: &Path,
     prov: &Provenance,
 ) -> Result<Vec<Claim>> {
-    let runs = &prov.finetune_runs;
     let control_desc = if prov.control_narrower {
         format!(
             "a control freeze of the narrower range {} (no equally wide range fits beside the \
@@ -180,7 +165,13 @@ fn claims(
             prov.control_range
         )
     };
-    let mut out = vec![];
+    let initial = cos.main.initial_range.map(|r| sl_engine::LayerRange {
+        first: r.first,
+        last: r.last,
+    });
+    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial)
+        .into_iter()
+        .collect();
     // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
     let g = cos.main.largest_gap.as_ref();
     let base_g = cos.compare.as_ref().and_then(|c| c.largest_gap.as_ref());
@@ -218,6 +209,7 @@ fn claims(
         ),
         control_protects_less: None,
         paired: vec![],
+        arms: vec![],
     });
     // 2. Localisation: scaling the range by alpha moves over-rejection the most.
     let (baseline, alpha) = (loc.baseline, loc.alpha);
@@ -261,92 +253,11 @@ fn claims(
         ),
         control_protects_less: None,
         paired: vec![],
+        arms: vec![],
     });
-    // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; a control freeze
-    // of an equally wide range protects less; utility stays close.
-    for set in ["finetune-implicit", "finetune-normal"] {
-        let name = |v: &str| {
-            runs.iter()
-                .find(|r| r.data == set && r.variant == v)
-                .map(|r| r.name.clone())
-        };
-        let (Some(full), Some(sppft), Some(control)) =
-            (name("full"), name("sppft"), name("control"))
-        else {
-            continue;
-        };
-        // A model without a row (it failed) has no rate: NaN, so no comparison holds.
-        let get = |label: &str| eval.row(label).and_then(|r| r.harmful.as_ref());
-        let (f, s, c, al) = (get(&full), get(&sppft), get(&control), get("aligned"));
-        let rate = |v: Option<&SetSummary>| v.map_or(f64::NAN, |v| v.rate.rate);
-        // Per prompt, on the same prompts: SPPFT against full and against the control.
-        let mut paired = Vec::new();
-        if let Some(a) = harmful_answers(eval, eval_dir, &sppft)? {
-            for (against, other) in [("full", &full), ("control", &control)] {
-                if let Some(b) = harmful_answers(eval, eval_dir, other)? {
-                    let counts = crate::paired::Paired::from_outcomes(&a, &b)?;
-                    paired.push(PairedResult::new(against, counts));
-                }
-            }
-        }
-        let vs_full = paired.iter().find(|p| p.against == "full");
-        let separated = matches!((s, f), (Some(s), Some(f)) if s.rate.ci95_high < f.rate.ci95_low);
-        let verdict = match vs_full {
-            Some(p) if p.difference < 0.0 && p.p_value < 0.05 => {
-                format!("reproduced (paired exact McNemar p = {:.3})", p.p_value)
-            }
-            Some(p) if p.difference < 0.0 => format!(
-                "direction reproduced, not significant (paired exact McNemar p = {:.3})",
-                p.p_value
-            ),
-            Some(p) => format!(
-                "not reproduced (SPPFT − full {:+.1} points, p = {:.3})",
-                100.0 * p.difference,
-                p.p_value
-            ),
-            // No saved responses to pair: the intervals decide, as before.
-            None if rate(s) < rate(f) && separated => {
-                "reproduced (95% intervals do not overlap)".to_string()
-            }
-            None if rate(s) < rate(f) => {
-                "direction reproduced, but the 95% intervals overlap".to_string()
-            }
-            None => "not reproduced".to_string(),
-        };
-        let rouge = |l: &str| {
-            eval.row(l)
-                .and_then(|r| r.utility.as_ref())
-                .map(|u| u.rouge_l_f1)
-        };
-        let rate_of = |v: Option<&SetSummary>| pct(v.map(|v| v.rate.rate));
-        out.push(Claim {
-            claim: format!(
-                "3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and \
-                 below {control_desc}"
-            ),
-            verdict,
-            evidence: format!(
-                "R_h aligned {} → full FT {} / SPPFT {} / control {}; Rouge-L full {} vs SPPFT \
-                 {}{}",
-                rate_of(al),
-                rate_of(f),
-                rate_of(s),
-                rate_of(c),
-                rouge(&full)
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or("—".into()),
-                rouge(&sppft)
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or("—".into()),
-                paired
-                    .iter()
-                    .map(|p| format!(". {}", p.sentence()))
-                    .collect::<String>()
-            ),
-            control_protects_less: Some(rate(c) > rate(s)),
-            paired,
-        });
-    }
+    // 3. SPPFT: freezing them keeps R_h low where full fine-tuning raises it; control freezes
+    // protect less; utility stays close.
+    out.extend(sppft::sppft_claims(eval, eval_dir, prov, &control_desc)?);
     Ok(out)
 }
 

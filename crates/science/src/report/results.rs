@@ -72,16 +72,41 @@ pub struct Claim {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_protects_less: Option<bool>,
     /// Only on the SPPFT claims: per-prompt paired comparisons of harmful answers on the same
-    /// prompts (SPPFT against full fine-tuning and against the control freeze).
+    /// prompts (SPPFT against full fine-tuning and against each control freeze), per seed and
+    /// pooled over seeds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paired: Vec<PairedResult>,
+    /// Only on the SPPFT claims: each arm's R_h over its seeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arms: Vec<ArmSummary>,
+}
+
+/// One fine-tuning arm (full, sppft, control, below, above) over its seeds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArmSummary {
+    pub variant: String,
+    #[serde(deserialize_with = "crate::schema::required")]
+    pub freeze: Option<LayerRange>,
+    pub seeds: Vec<u64>,
+    /// R_h of each seed, in the order of `seeds`.
+    pub rates: Vec<f64>,
+    pub mean: f64,
+    /// Sample standard deviation over seeds (0 for one seed).
+    pub sd: f64,
 }
 
 /// SPPFT against another arm on the same harmful prompts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PairedResult {
-    /// "full" or "control".
+    /// "full", "control", "below" or "above".
     pub against: String,
+    /// The seed both arms were fine-tuned with (None: not recorded, or pooled).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Seeds pooled into this test (0: one seed's test): the counts are the seeds' tables
+    /// summed, the p-value `paired::mcnemar_combined`.
+    #[serde(default)]
+    pub pooled_seeds: usize,
     pub counts: crate::paired::Paired,
     /// SPPFT's harmful rate minus the other arm's.
     pub difference: f64,
@@ -101,6 +126,8 @@ impl PairedResult {
         let discordant = (counts.only_a + counts.only_b) as f64 / counts.n.max(1) as f64;
         PairedResult {
             against: against.into(),
+            seed: None,
+            pooled_seeds: 0,
             difference: counts.difference(),
             ci95_low,
             ci95_high,
@@ -108,6 +135,11 @@ impl PairedResult {
             power_10_points: crate::paired::mcnemar_power(counts.n, discordant, 0.10),
             counts,
         }
+    }
+
+    pub fn for_seed(mut self, seed: u64) -> PairedResult {
+        self.seed = Some(seed);
+        self
     }
 
     /// "SPPFT − full: -3.1 points (95% CI -6.0 to -0.2), exact McNemar p = 0.040 (7 vs 2
@@ -118,8 +150,13 @@ impl PairedResult {
             .power_10_points
             .map(|p| format!("; power to detect 10 points {p:.2}"))
             .unwrap_or_default();
+        let seed = match (self.seed, self.pooled_seeds) {
+            (Some(s), _) => format!(" (seed {s})"),
+            (None, 0) => String::new(),
+            (None, n) => format!(" (pooled over {n} seeds)"),
+        };
         format!(
-            "SPPFT − {}: {} points (95% CI {} to {}), exact McNemar p = {:.3} ({} vs {} \
+            "SPPFT − {}{seed}: {} points (95% CI {} to {}), exact McNemar p = {:.3} ({} vs {} \
              discordant of {}{power})",
             self.against,
             pts(self.difference),
