@@ -64,7 +64,9 @@ def main():
     prompts = c.prompt_file("over_rejection", c.over_rejection_prompts())
     runs_file = c.WORK / "locate_runs.json"
     base = [ours_bin, "locate", "--model", c.MODEL, "--over-rejection", prompts, "--limit", n, "--initial", args.initial,
-            "--alpha", args.alpha, "--span", args.span, "--max-new-tokens", new, "--batch-size", args.batch_size]
+            "--alpha", args.alpha, "--span", args.span, "--max-new-tokens", new, "--batch-size", args.batch_size,
+            # The peer's loop judges with the GCG keyword list, as the paper does.
+            "--judge", "gcg"]
 
     arms = {"ours": [], "transformers": [], "ours-cache": []}
     walls = {k: [] for k in arms}

@@ -157,9 +157,47 @@ pub fn mcnemar_power(n: usize, discordant: f64, delta: f64) -> Option<f64> {
     ))
 }
 
+/// The smallest difference between paired rates that the two-sided McNemar test at level 0.05
+/// detects with probability `power` over `n` prompts when a fraction `discordant` of them is
+/// discordant (`mcnemar_power` solved for δ by bisection; it rises with δ on (0, √ψ)). None
+/// where no difference reaches that power.
+pub fn detectable_difference(n: usize, discordant: f64, power: f64) -> Option<f64> {
+    let top = discordant.sqrt();
+    let at = |d: f64| mcnemar_power(n, discordant, d);
+    // Just below √ψ, where the variance ψ − δ² stays positive.
+    if !(at(top * (1.0 - 1e-9))? >= power) {
+        return None;
+    }
+    let (mut lo, mut hi) = (0.0, top * (1.0 - 1e-9));
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if at(mid).is_some_and(|p| p >= power) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detectable_difference_inverts_connors_sample_size() {
+        // Connor (1987): n = (z_a √ψ + z_b √(ψ − δ²))² / δ²; δ = 0.1, ψ = 0.2, power 0.8:
+        // (1.95996 · 0.447214 + 0.841621 · 0.435890)² / 0.01 = 154.6 prompts. So 155 prompts
+        // detect a little under 10 points, 154 a little over.
+        let d155 = detectable_difference(155, 0.2, 0.8).unwrap();
+        let d154 = detectable_difference(154, 0.2, 0.8).unwrap();
+        assert!(d155 < 0.1 && d155 > 0.099, "{d155}");
+        assert!(d154 > 0.1 && d154 < 0.101, "{d154}");
+        assert!((mcnemar_power(155, 0.2, d155).unwrap() - 0.8).abs() < 1e-9);
+        // More prompts, smaller detectable differences; none where even δ → √ψ is too weak.
+        assert!(detectable_difference(1000, 0.2, 0.8).unwrap() < d155);
+        assert_eq!(detectable_difference(3, 0.01, 0.8), None);
+    }
 
     #[test]
     fn exact_mcnemar_equals_the_binomial_by_hand() {

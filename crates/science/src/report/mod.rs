@@ -261,6 +261,47 @@ fn claims(
     Ok(out)
 }
 
+/// What the run's sizes can and cannot show: the smallest SPPFT-vs-full difference its pooled
+/// paired test detects with 80% power, and the noise band of the localisation counts.
+fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
+    let mut p = format!(
+        "<h2>What this run can and cannot show</h2><p>Profile <b>{}</b>: {} seed(s) per \
+         fine-tuning arm. ",
+        esc(&prov.profile.name),
+        prov.profile.ft_seeds
+    );
+    let vs_full = claims.iter().flat_map(|c| &c.paired).find(|r| {
+        r.against == "full" && (r.pooled_seeds > 0 || prov.profile.ft_seeds == 1)
+    });
+    if let Some(r) = vs_full {
+        let n = r.counts.n;
+        let discordant = (r.counts.only_a + r.counts.only_b) as f64 / n.max(1) as f64;
+        let mdd = crate::paired::detectable_difference(n, discordant, 0.8);
+        p += &format!(
+            "SPPFT against full fine-tuning is compared on {n} paired harmful prompts{}; at the \
+             share of discordant prompts seen here ({:.0}%) the exact McNemar test detects {} \
+             with 80% power. Smaller differences cannot be told from noise at this size. ",
+            if r.pooled_seeds > 0 {
+                format!(" ({} seeds pooled)", r.pooled_seeds)
+            } else {
+                String::new()
+            },
+            100.0 * discordant,
+            match mdd {
+                Some(d) => format!("a difference of {:.1} points or more", 100.0 * d),
+                None => "no difference of any size".into(),
+            }
+        );
+    }
+    let band = 2.0 * (loc.baseline.max(1) as f64).sqrt() + 1.0;
+    p += &format!(
+        "Localisation judges {} over-rejection queries; a range whose count stays within \
+         {band:.0} of the baseline ({}) is read as noise.</p>\n",
+        loc.queries, loc.baseline
+    );
+    p
+}
+
 // Lines ending in `\` continue without a line break (Rust string continuation); the others end
 // in a real newline of the stylesheet.
 const CSS: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;\
@@ -346,6 +387,7 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
             esc(&c.evidence)
         ));
     }
+    h.push_str(&limits(provenance, &loc, &verdicts));
     h.push_str(
         "<h2>Results (the layout of the paper's Table 2)</h2><table><tr><th>model</th>\
          <th>R_h (AdvBench answered)</th><th>D_o refused</th><th>XSTest safe refused</th>\
