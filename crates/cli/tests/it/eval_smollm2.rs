@@ -101,7 +101,7 @@ fn eval_table_responses_failed_model_and_rejudge() {
         assert_eq!(m[key]["n"], 3);
         // The counts equal `judge` run on the saved responses.
         let j = bin(d.path())
-            .args(["judge", "--judge", "gcg", "--responses"])
+            .args(["judge", "--judge", "union", "--responses"])
             .arg(&f)
             .output()
             .unwrap();
@@ -213,7 +213,7 @@ fn eval_table_responses_failed_model_and_rejudge() {
         .arg("eval")
         .arg("--responses")
         .arg(&out)
-        .args(["--judge", "gcg", "--out"])
+        .args(["--judge", "union", "--out"])
         .arg(&same)
         .output()
         .unwrap();
@@ -221,6 +221,30 @@ fn eval_table_responses_failed_model_and_rejudge() {
     let s = json(&same.join("eval.json"));
     assert_eq!(s["models"], v["models"]);
     assert_eq!(s["rejudged_from"].as_str(), Some(out.to_str().unwrap()));
+    // Merging runs: the same labels twice, or two directories without --out, are refused
+    // before anything is written.
+    let merged = d.path().join("merged");
+    for (extra, want) in [
+        (
+            vec!["--out".into(), merged.display().to_string()],
+            "labels must be distinct",
+        ),
+        (vec![], "name the merged table's --out"),
+    ] {
+        let r = bin(d.path())
+            .arg("eval")
+            .arg("--responses")
+            .arg(&out)
+            .arg("--responses")
+            .arg(&same)
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(want), "{err}");
+        assert!(!merged.exists());
+    }
     let r = bin(d.path())
         .arg("eval")
         .arg("--responses")

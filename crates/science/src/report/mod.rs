@@ -2,6 +2,7 @@
 //! self-contained `report.html` (inline CSS and SVG, no network) that states, with numbers,
 //! whether each of the paper's three findings reproduced on the model organism.
 
+mod judges;
 pub mod results;
 mod sppft;
 
@@ -270,9 +271,10 @@ fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
         esc(&prov.profile.name),
         prov.profile.ft_seeds
     );
-    let vs_full = claims.iter().flat_map(|c| &c.paired).find(|r| {
-        r.against == "full" && (r.pooled_seeds > 0 || prov.profile.ft_seeds == 1)
-    });
+    let vs_full = claims
+        .iter()
+        .flat_map(|c| &c.paired)
+        .find(|r| r.against == "full" && (r.pooled_seeds > 0 || prov.profile.ft_seeds == 1));
     if let Some(r) = vs_full {
         let n = r.counts.n;
         let discordant = (r.counts.only_a + r.counts.only_b) as f64 / n.max(1) as f64;
@@ -425,6 +427,7 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         "</table><p class=n>Rates with 95% Wilson intervals and counts; judge: see eval/eval.json. \
          Responses of every model to every set are in eval/responses/.</p>\n",
     );
+    h.push_str(&judges::section(eval, &dir.join("eval"))?);
     h.push_str("<h2>Figures</h2>\n");
     for (file, caption) in [
         (

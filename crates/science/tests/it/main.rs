@@ -6,5 +6,6 @@ mod cosine_smollm2;
 mod eval_teacher_forced;
 mod finetune_torch;
 mod judges_labelled;
+mod judges_organisms;
 mod locate_fixture;
 mod rouge_fixture;
