@@ -90,7 +90,7 @@ def table(out, rows, base):
     for r in [base] + rows:
         w.writerow({k: r.get(k, "") for k in cols})
         md.append("| " + " | ".join(
-            f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols
+            f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols
         ) + " |")
     write_atomic(os.path.join(out, "sweep.csv"), buf.getvalue())
     write_atomic(os.path.join(out, "sweep.md"), "\n".join(md) + "\n")

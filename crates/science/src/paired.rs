@@ -165,7 +165,7 @@ pub fn detectable_difference(n: usize, discordant: f64, power: f64) -> Option<f6
     let top = discordant.sqrt();
     let at = |d: f64| mcnemar_power(n, discordant, d);
     // Just below √ψ, where the variance ψ − δ² stays positive.
-    if !(at(top * (1.0 - 1e-9))? >= power) {
+    if at(top * (1.0 - 1e-9))? < power {
         return None;
     }
     let (mut lo, mut hi) = (0.0, top * (1.0 - 1e-9));

@@ -279,7 +279,14 @@ fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
         let n = r.counts.n;
         let discordant = (r.counts.only_a + r.counts.only_b) as f64 / n.max(1) as f64;
         let mdd = crate::paired::detectable_difference(n, discordant, 0.8);
-        p += &format!(
+        if r.counts.only_a + r.counts.only_b == 0 {
+            p += &format!(
+                "SPPFT and full fine-tuning gave the same verdict on every one of the {n} paired \
+                 harmful prompts: no prompt was discordant, so the paired test has nothing to \
+                 weigh and its power cannot be estimated from this run. "
+            );
+        } else {
+            p += &format!(
             "SPPFT against full fine-tuning is compared on {n} paired harmful prompts{}; at the \
              share of discordant prompts seen here ({:.0}%) the exact McNemar test detects {} \
              with 80% power. Smaller differences cannot be told from noise at this size. ",
@@ -294,6 +301,7 @@ fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
                 None => "no difference of any size".into(),
             }
         );
+        }
     }
     let band = 2.0 * (loc.baseline.max(1) as f64).sqrt() + 1.0;
     p += &format!(

@@ -237,8 +237,7 @@ pub(super) fn planted_claim(
             format!("partly: the located range overlaps the planted one (Jaccard {j:.2})")
         } else {
             format!("not recovered: the located range misses the planted one (Jaccard {j:.2})")
-        }
-        .into(),
+        },
         evidence: format!(
             "planted {plant}; locate found {} (Jaccard {j:.2}); cosine's initial range {}",
             loc.range,
