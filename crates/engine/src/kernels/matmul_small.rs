@@ -353,4 +353,32 @@ mod tests {
             }
         }
     }
+
+    /// GFLOP/s of the decode kernel at each level this CPU runs, on the decode shapes of
+    /// SmolLM2 (16 and 32 rows, K = 576) with the weights hot in cache (N = 32: 74 KB) and
+    /// streamed from memory (N = 1536 x 8 matrices: 28 MB). Prints, asserts nothing (a measurement, not a test):
+    /// `cargo test -p sl-engine --release --lib kernels::matmul_small::tests::timing --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        let k = 576;
+        for (m, n, mats, reps) in [(16, 32, 1, 20000), (16, 1536, 8, 20), (32, 1536, 8, 20)] {
+            let x = pseudo(m * k, 1);
+            let ws: Vec<Vec<f32>> = (0..mats).map(|i| pseudo(n * k, 2 + i as u64)).collect();
+            for level in crate::kernels::simd::test_levels("matmul_small") {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    for w in &ws {
+                        std::hint::black_box(small_rows_at(level, &x, &F32Rows(w), m, n, k));
+                    }
+                }
+                let flop = 2.0 * (m * n * k * mats * reps) as f64;
+                println!(
+                    "{level:?} m={m} k={k} n={n} x{mats}: {:.1} GFLOP/s",
+                    flop / t.elapsed().as_secs_f64() / 1e9
+                );
+            }
+        }
+    }
 }
