@@ -238,9 +238,12 @@ fn rejudge(a: &EvalArgs, dirs: &[PathBuf]) -> Result<()> {
     let paths: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
     let mut report = sl_science::eval::report::load_merged(&paths)?;
     report.rejudge(&judge)?;
-    let from: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    report.rejudged_from = Some(from.join(", "));
-    let dir = from.join(", ");
+    let dir = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    report.rejudged_from = Some(dir.clone());
     report.write(&out)?;
     print!("{}", report.markdown()?);
     eprintln!(

@@ -71,6 +71,18 @@ impl Paired {
         ((d - z * se).max(-1.0), (d + z * se).min(1.0))
     }
 
+    /// The tables of several seeds summed (the prompts counted once per seed).
+    pub fn pooled(tables: &[Paired]) -> Paired {
+        let sum = |f: fn(&Paired) -> usize| tables.iter().map(f).sum();
+        Paired {
+            n: sum(|t| t.n),
+            both: sum(|t| t.both),
+            only_a: sum(|t| t.only_a),
+            only_b: sum(|t| t.only_b),
+            neither: sum(|t| t.neither),
+        }
+    }
+
     /// Two-sided exact McNemar test of equal rates.
     pub fn mcnemar_p(&self) -> f64 {
         mcnemar_exact(self.only_a, self.only_b)

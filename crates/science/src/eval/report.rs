@@ -381,10 +381,7 @@ impl EvalReport {
                             "- {} / {}: only {} calls this a refusal: \"{}\"\n",
                             md_cell(&row.label),
                             kind.title(),
-                            serde_json::to_value(by)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_string))
-                                .unwrap_or_default(),
+                            by.name(),
                             md_cell(text)
                         );
                     }

@@ -84,6 +84,17 @@ pub enum JudgeKind {
     Union,
 }
 
+impl JudgeKind {
+    /// The name `--judge` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            JudgeKind::Gcg => "gcg",
+            JudgeKind::Xstest => "xstest",
+            JudgeKind::Union => "union",
+        }
+    }
+}
+
 impl std::str::FromStr for JudgeKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -29,16 +29,15 @@ pub(super) fn section(eval: &EvalFile, eval_dir: &Path) -> Result<String> {
             let rs: Vec<crate::eval::SafetyResponse> =
                 crate::eval::report::read_jsonl(&eval_dir.join(file))?;
             let a = Agreement::of(rs.iter().map(|r| r.response.as_str()));
-            // Either rule: each disagreement is a refusal by exactly one of them.
-            let union = (a.gcg_refusals + a.xstest_refusals + a.disagree) / 2;
             h += &format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{union}</td>\
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
                  <td>{} ({:.1}%)</td><td>{}</td></tr>\n",
                 esc(&m.label),
                 esc(kind.title()),
                 a.n,
                 a.gcg_refusals,
                 a.xstest_refusals,
+                a.union_refusals(),
                 a.disagree,
                 100.0 * a.disagree_rate(),
                 if a.flagged() { "<b>flagged</b>" } else { "" }
@@ -49,11 +48,7 @@ pub(super) fn section(eval: &EvalFile, eval_dir: &Path) -> Result<String> {
                         "<li>{} / {}: only {} calls this a refusal: “{}”</li>\n",
                         esc(&m.label),
                         esc(kind.title()),
-                        if *by == crate::judges::JudgeKind::Gcg {
-                            "gcg"
-                        } else {
-                            "xstest"
-                        },
+                        by.name(),
                         esc(text)
                     );
                 }

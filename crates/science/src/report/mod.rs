@@ -271,10 +271,7 @@ fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
         esc(&prov.profile.name),
         prov.profile.ft_seeds
     );
-    let vs_full = claims
-        .iter()
-        .flat_map(|c| &c.paired)
-        .find(|r| r.against == "full" && (r.pooled_seeds > 0 || prov.profile.ft_seeds == 1));
+    let vs_full = claims.iter().find_map(|c| c.headline("full"));
     if let Some(r) = vs_full {
         let n = r.counts.n;
         let discordant = (r.counts.only_a + r.counts.only_b) as f64 / n.max(1) as f64;

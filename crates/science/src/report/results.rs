@@ -81,6 +81,27 @@ pub struct Claim {
     pub arms: Vec<ArmSummary>,
 }
 
+impl Claim {
+    /// SPPFT against `against` as the verdicts read it (see `headline`).
+    pub fn headline(&self, against: &str) -> Option<&PairedResult> {
+        headline(&self.paired, &self.arms, against)
+    }
+}
+
+/// The comparison of SPPFT with `against` that a verdict reads: the test pooled over seeds, or
+/// the one seed's test when every arm has a single seed.
+pub fn headline<'a>(
+    paired: &'a [PairedResult],
+    arms: &[ArmSummary],
+    against: &str,
+) -> Option<&'a PairedResult> {
+    let single = arms.iter().map(|a| a.seeds.len()).max().unwrap_or(0) == 1;
+    paired
+        .iter()
+        .filter(|p| p.against == against)
+        .find(|p| p.pooled_seeds > 0 || single)
+}
+
 /// One fine-tuning arm (full, sppft, control, below, above) over its seeds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ArmSummary {

@@ -2,12 +2,13 @@
 //! that compare fine-tuning arms on the same prompts.
 
 use super::pct;
-use super::results::{ArmSummary, Claim, PairedResult};
+use super::results::{headline, ArmSummary, Claim, PairedResult};
 use crate::demo::{jaccard, FinetuneRun, Provenance};
 use crate::eval::file::EvalFile;
 use crate::locate::file::LocateFile;
 use crate::paired::{mcnemar_combined, mean_sd, Paired};
 use anyhow::Result;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Harmful answers (not refused) per prompt of `label`'s harmful set, in prompt order, from
@@ -58,10 +59,9 @@ fn arm_summaries(eval: &EvalFile, runs: &[&FinetuneRun]) -> Vec<ArmSummary> {
 
 /// SPPFT against `other` on the same prompts: one result per seed both arms have, and with
 /// more than one seed the pooled result (exact McNemar on every seed's discordant pairs; see
-/// `mcnemar_combined` for why its level holds).
+/// `mcnemar_combined` for why its level holds). `answers` holds each run's harmful answers.
 fn paired_by_seed(
-    eval: &EvalFile,
-    eval_dir: &Path,
+    answers: &HashMap<&str, Vec<bool>>,
     runs: &[&FinetuneRun],
     other: &str,
 ) -> Result<Vec<PairedResult>> {
@@ -70,24 +70,14 @@ fn paired_by_seed(
         let Some(o) = runs.iter().find(|r| r.variant == other && r.seed == s.seed) else {
             continue;
         };
-        if let (Some(a), Some(b)) = (
-            harmful_answers(eval, eval_dir, &s.name)?,
-            harmful_answers(eval, eval_dir, &o.name)?,
-        ) {
-            let counts = Paired::from_outcomes(&a, &b)?;
+        if let (Some(a), Some(b)) = (answers.get(s.name.as_str()), answers.get(o.name.as_str())) {
+            let counts = Paired::from_outcomes(a, b)?;
             per_seed.push(PairedResult::new(other, counts).for_seed(s.seed));
         }
     }
     if per_seed.len() > 1 {
         let tables: Vec<Paired> = per_seed.iter().map(|p| p.counts).collect();
-        let pooled = Paired {
-            n: tables.iter().map(|t| t.n).sum(),
-            both: tables.iter().map(|t| t.both).sum(),
-            only_a: tables.iter().map(|t| t.only_a).sum(),
-            only_b: tables.iter().map(|t| t.only_b).sum(),
-            neither: tables.iter().map(|t| t.neither).sum(),
-        };
-        let mut p = PairedResult::new(other, pooled);
+        let mut p = PairedResult::new(other, Paired::pooled(&tables));
         p.pooled_seeds = tables.len();
         p.p_value = mcnemar_combined(&tables);
         per_seed.push(p);
@@ -147,18 +137,19 @@ pub(super) fn sppft_claims(
             continue;
         }
         let arms = arm_summaries(eval, &runs);
+        // Each run's response file is read once, whatever it is paired with.
+        let mut answers = HashMap::new();
+        for r in &runs {
+            if let Some(a) = harmful_answers(eval, eval_dir, &r.name)? {
+                answers.insert(r.name.as_str(), a);
+            }
+        }
         let mut paired = vec![];
         for other in ["full", "control", "below", "above"] {
-            paired.extend(paired_by_seed(eval, eval_dir, &runs, other)?);
+            paired.extend(paired_by_seed(&answers, &runs, other)?);
         }
         let seeds = arms.iter().map(|a| a.seeds.len()).max().unwrap_or(0);
-        // The pooled result where there is one, else the single seed's.
-        let headline = |other: &str| {
-            paired
-                .iter()
-                .filter(|p| p.against == other)
-                .find(|p| p.pooled_seeds > 0 || seeds == 1)
-        };
+        let head = |other: &str| headline(&paired, &arms, other);
         let rate = |v: &str| arms.iter().find(|a| a.variant == v).map(|a| a.mean);
         let aligned = eval
             .row("aligned")
@@ -186,7 +177,7 @@ pub(super) fn sppft_claims(
             .join(" / ");
         let tests = ["full", "control", "below", "above"]
             .iter()
-            .filter_map(|o| headline(o))
+            .filter_map(|o| head(o))
             .map(|p| format!(". {}", p.sentence()))
             .collect::<String>();
         out.push(Claim {
@@ -194,7 +185,7 @@ pub(super) fn sppft_claims(
                 "3. SPPFT keeps safety ({set}): R_h after SPPFT stays below full fine-tuning, and \
                  below {control_desc}"
             ),
-            verdict: verdict(headline("full"), seeds),
+            verdict: verdict(head("full"), seeds),
             evidence: format!(
                 "R_h aligned {} → {arm_text}{}; Rouge-L full {} vs SPPFT {} (first seed){tests}",
                 pct(aligned),
