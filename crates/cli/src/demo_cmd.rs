@@ -139,6 +139,17 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         anyhow::ensure!(n >= 1, "--seeds {n}: at least one seed per arm");
         p.ft_seeds = n;
     }
+    // Flags the stages read late are checked before anything runs or is written: a bad judge
+    // would otherwise fail at locate, after the whole alignment. The plant's bounds against the
+    // model's layers are align's to check (it names --train-layers).
+    if a.judge != "probe" {
+        a.judge
+            .parse::<sl_science::judges::JudgeKind>()
+            .map_err(|e| anyhow::anyhow!("--judge: {e}"))?;
+    }
+    if let Some(r) = &a.plant {
+        LayerRange::parse(r, usize::MAX).map_err(|e| anyhow::anyhow!("--plant: {e}"))?;
+    }
     let t0 = Instant::now();
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;

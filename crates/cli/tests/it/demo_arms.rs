@@ -117,3 +117,27 @@ fn planted_seeded_demo_runs_every_arm_and_pools_the_seeds() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_demo_flags_fail_before_anything_is_written() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("demo");
+    for (flags, want) in [
+        (vec!["--seeds", "0"], "--seeds 0"),
+        (vec!["--judge", "gcgg"], "--judge: unknown judge `gcgg`"),
+        (vec!["--plant", "ten-14"], "--plant: layer range `ten-14`"),
+    ] {
+        let r = bin_with_catalog()
+            .args(["demo", "--profile", "smoke", "--model"])
+            .arg(fixture("llama"))
+            .args(&flags)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(!r.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?} wrote {}", out.display());
+    }
+}
