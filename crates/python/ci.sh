@@ -12,8 +12,12 @@ cd "$root"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-# The tests compare with the CLI, built from the same tree.
-cargo build --release -p safety-layers
+# The tests compare with the CLI, built from the same tree. `--workspace`, not `-p safety-layers`:
+# cargo unifies dependency features over the packages it is asked to build, and the CLI alone
+# turns fewer on (num-complex, once_cell, syn) than the workspace's `cargo test`, which changes
+# the hash of nearly every crate above them: `-p` rebuilt almost everything (~4 minutes on 2
+# cores) where `--workspace --bins` links two binaries.
+cargo build --release --workspace --bins
 export SAFETY_LAYERS_BIN="$root/target/release/safety-layers"
 
 # The system site-packages are visible so that numpy/matplotlib/pandas already installed are
