@@ -354,16 +354,40 @@ mod tests {
         }
     }
 
-    /// GFLOP/s of the decode kernel at each level this CPU runs, on the decode shapes of
-    /// SmolLM2 (16 and 32 rows, K = 576) with the weights hot in cache (N = 32: 74 KB) and
-    /// streamed from memory (N = 1536 x 8 matrices: 28 MB). Prints, asserts nothing (a measurement, not a test):
+    /// GFLOP/s of the decode kernel at each level this CPU runs: one tile in L1, then the
+    /// decode shapes of SmolLM2 (16 and 32 rows, K = 576) with the weights hot in cache
+    /// (N = 32: 74 KB, where dispatch dominates), in L2, and streamed from memory. Prints,
+    /// asserts nothing (a measurement, not a test):
     /// `cargo test -p sl-engine --release --lib kernels::matmul_small::tests::timing --
     /// --ignored --nocapture`.
     #[test]
     #[ignore]
     fn timing() {
+        // One 2x4 tile alone on L1-resident rows of 576: the kernel's own speed, against which
+        // the whole-matrix figures show what memory and bookkeeping cost.
         let k = 576;
-        for (m, n, mats, reps) in [(16, 32, 1, 20000), (16, 1536, 8, 20), (32, 1536, 8, 20)] {
+        let (x, w) = (pseudo(2 * k, 1), pseudo(4 * k, 2));
+        for level in crate::kernels::simd::test_levels("matmul_small") {
+            let reps = 100_000;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                let xs = [&x[..k], &x[k..]];
+                let ws = [&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..]];
+                std::hint::black_box(tile(level, std::hint::black_box(xs), 2, ws, 4));
+            }
+            let flop = 2.0 * (8 * k * reps) as f64;
+            println!(
+                "{level:?} one 2x4 tile, L1, one thread: {:.1} GFLOP/s",
+                flop / t.elapsed().as_secs_f64() / 1e9
+            );
+        }
+        // Weights in L2 (N = 256: 590 KB) and streamed (8 matrices of N = 1536: 28 MB).
+        for (m, n, mats, reps) in [
+            (16, 32, 1, 20000),
+            (16, 256, 1, 2000),
+            (16, 1536, 8, 20),
+            (32, 1536, 8, 20),
+        ] {
             let x = pseudo(m * k, 1);
             let ws: Vec<Vec<f32>> = (0..mats).map(|i| pseudo(n * k, 2 + i as u64)).collect();
             for level in crate::kernels::simd::test_levels("matmul_small") {
