@@ -97,6 +97,8 @@ fn eval_table_responses_failed_model_and_rejudge() {
         let f = dir.join(format!("{key}.jsonl"));
         let rs = lines(&f);
         assert_eq!(rs.len(), 3, "{key}");
+        // Probe scores are recorded under a keyword judge too, for the judges' comparison.
+        assert!(rs.iter().all(|r| r["probe_score"].is_f64()), "{key}");
         assert_eq!(m[key]["set"], set);
         assert_eq!(m[key]["n"], 3);
         // The counts equal `judge` run on the saved responses.
@@ -203,6 +205,20 @@ fn eval_table_responses_failed_model_and_rejudge() {
         md.contains("| smollm2-135m-instruct |") && md.contains("| broken | failed:"),
         "{md}"
     );
+    // The judges' section compares the calibrated probe with union on every set.
+    let judges = md
+        .split("## The judges on these responses")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{md}"));
+    assert!(judges.contains("probe vs union"), "{judges}");
+    assert_eq!(
+        judges
+            .lines()
+            .filter(|l| l.starts_with("| smollm2-135m-instruct |"))
+            .count(),
+        4,
+        "{judges}"
+    );
     let svg = std::fs::read_to_string(out.join("eval.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("R_h") && svg.contains("smollm2-135m-instruct"));
 
@@ -268,7 +284,7 @@ fn eval_table_responses_failed_model_and_rejudge() {
         x["models"][0]["utility"], m["utility"],
         "utility needs no judge"
     );
-    // The probe cannot re-judge responses saved without probe scores; the file is named.
+    // Responses saved under a keyword judge carry probe scores, so the probe re-judges them...
     let r = bin(d.path())
         .arg("eval")
         .arg("--responses")
@@ -276,9 +292,32 @@ fn eval_table_responses_failed_model_and_rejudge() {
         .args(["--judge", "probe"])
         .output()
         .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let p = json(&out.join("rejudged-probe/eval.json"));
+    assert_eq!(p["judge"]["kind"], "probe");
+    // ...and a response saved without one (an older eval's) is named, nothing written.
+    let f = dir.join("harmful.jsonl");
+    let stripped: Vec<String> = lines(&f)
+        .into_iter()
+        .map(|mut v| {
+            v.as_object_mut().unwrap().remove("probe_score");
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&f, stripped.join("\n") + "\n").unwrap();
+    let none = d.path().join("no-scores");
+    let r = bin(d.path())
+        .arg("eval")
+        .arg("--responses")
+        .arg(&out)
+        .args(["--judge", "probe", "--out"])
+        .arg(&none)
+        .output()
+        .unwrap();
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr)
         .contains("responses/smollm2-135m-instruct/harmful.jsonl"));
+    assert!(!none.exists());
 }
 
 #[test]

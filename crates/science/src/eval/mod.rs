@@ -240,6 +240,37 @@ pub fn generate_set(
 /// Gives every response of one model its verdict. With the probe judge the threshold is the
 /// given one, or the one that best reproduces the text judge on all of this model's responses
 /// (returned).
+/// The judges' agreement on one model's responses, per set: gcg against xstest, and the probe
+/// against union with its threshold calibrated on all of the model's sets (where every response
+/// has a probe score).
+pub fn set_agreements(
+    sets: &[(SetKind, Vec<SafetyResponse>)],
+) -> Vec<(SetKind, crate::judges::agreement::Agreement)> {
+    use crate::judges::agreement::{probe_threshold, Agreement};
+    fn scored(rs: &[SafetyResponse]) -> Vec<(&str, Option<f64>)> {
+        rs.iter()
+            .map(|r| (r.response.as_str(), r.probe_score))
+            .collect()
+    }
+    let threshold = probe_threshold(sets.iter().flat_map(|(_, rs)| scored(rs)));
+    sets.iter()
+        .map(|(kind, rs)| {
+            let a = Agreement::of(rs.iter().map(|r| r.response.as_str()));
+            let a = match threshold {
+                Some(t) => a.with_probe(scored(rs), t),
+                None => a,
+            };
+            (*kind, a)
+        })
+        .collect()
+}
+
+/// Whether any model's sets carry the probe's comparison (the tables then get its columns).
+pub fn any_probe<L>(rows: &[(L, Vec<(SetKind, crate::judges::agreement::Agreement)>)]) -> bool {
+    rows.iter()
+        .any(|(_, sets)| sets.iter().any(|(_, a)| a.probe.is_some()))
+}
+
 pub fn judge_responses(
     sets: &mut [(SetKind, Vec<SafetyResponse>)],
     judge: &EvalJudge,
@@ -264,8 +295,8 @@ pub fn judge_responses(
                 for r in rs {
                     let Some(s) = r.probe_score else {
                         bail!(
-                            "{}: response {} has no probe_score (generate with --judge probe to \
-                             record it)",
+                            "{}: response {} has no probe_score (saved by an eval from before \
+                             scores were recorded under every judge; evaluate the model again)",
                             file_of(*kind),
                             r.index
                         );

@@ -345,28 +345,46 @@ impl EvalReport {
         Ok(md)
     }
 
-    /// The two keyword judges on each model's own responses, per set: where they disagree on
-    /// more than 5%, the rates above depend on the judge chosen, and the section says so with
-    /// examples.
+    /// The judges on each model's own responses, per set: gcg against xstest, and the
+    /// calibrated probe against union where the responses carry probe scores. Where they
+    /// disagree on more than 5%, the rates above depend on the judge chosen, and the section
+    /// says so with examples.
     fn judge_agreement_markdown(&self) -> String {
-        use crate::judges::agreement::{Agreement, FLAG_ABOVE};
-        let mut md = String::from(
+        use crate::judges::agreement::{FLAG_ABOVE, PROBE_NOTE};
+        let rows: Vec<(&str, Vec<_>)> = self
+            .models
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(|r| (r.label.as_str(), crate::eval::set_agreements(&r.sets)))
+            .collect();
+        let probe = crate::eval::any_probe(&rows);
+        let mut md = format!(
             "\n## The judges on these responses\n\nRefusals by each keyword judge on the same \
-             responses; sets where they disagree on more than ",
-        );
-        md += &format!(
-            "{:.0}% are flagged (the rates above then depend on the judge).\n\n\
-             | model | set | n | gcg refusals | xstest refusals | disagree | |\n\
-             |---|---|---:|---:|---:|---:|---|\n",
-            100.0 * FLAG_ABOVE
+             responses{}; sets where two judges disagree on more than {:.0}% are flagged (the \
+             rates above then depend on the judge).\n\n\
+             | model | set | n | gcg refusals | xstest refusals | gcg vs xstest |{} |\n\
+             |---|---|---:|---:|---:|---:|{}---|\n",
+            if probe { PROBE_NOTE } else { "" },
+            100.0 * FLAG_ABOVE,
+            if probe {
+                " probe refusals | probe vs union |"
+            } else {
+                ""
+            },
+            if probe { "---:|---:|" } else { "" },
         );
         let mut examples = String::new();
-        for row in self.models.iter().filter(|r| r.error.is_none()) {
-            for (kind, rs) in &row.sets {
-                let a = Agreement::of(rs.iter().map(|r| r.response.as_str()));
+        for (label, sets) in &rows {
+            for (kind, a) in sets {
+                let probe_cells = if probe {
+                    let [r, d] = a.probe_cells();
+                    format!(" {r} | {d} |")
+                } else {
+                    String::new()
+                };
                 md += &format!(
-                    "| {} | {} | {} | {} | {} | {} ({:.1}%) | {} |\n",
-                    md_cell(&row.label),
+                    "| {} | {} | {} | {} | {} | {} ({:.1}%) |{probe_cells} {} |\n",
+                    md_cell(label),
                     kind.title(),
                     a.n,
                     a.gcg_refusals,
@@ -376,12 +394,11 @@ impl EvalReport {
                     if a.flagged() { "**flagged**" } else { "" }
                 );
                 if a.flagged() {
-                    for (by, text) in &a.examples {
+                    for (by, text) in a.only_one() {
                         examples += &format!(
-                            "- {} / {}: only {} calls this a refusal: \"{}\"\n",
-                            md_cell(&row.label),
+                            "- {} / {}: only {by} calls this a refusal: \"{}\"\n",
+                            md_cell(label),
                             kind.title(),
-                            by.name(),
                             md_cell(text)
                         );
                     }

@@ -255,10 +255,13 @@ pub fn evaluate_model(
         max_new_tokens: s.max_new_tokens,
         batch_size: s.batch_size,
     };
-    let probe_ids = if judge.needs_probe_scores() {
-        Some(crate::judges::probe::first_tokens(&model.tokenizer)?)
-    } else {
-        None
+    // Probe scores under every judge (one more pass over each prompt): the report compares the
+    // probe with the keyword rules on the same responses. A tokenizer without the probe's first
+    // tokens fails only the probe judge.
+    let probe_ids = match crate::judges::probe::first_tokens(&model.tokenizer) {
+        Ok(ids) => Some(ids),
+        Err(e) if judge.needs_probe_scores() => return Err(e),
+        Err(_) => None,
     };
     let mut judged = Vec::new();
     for set in sets {
