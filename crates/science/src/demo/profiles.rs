@@ -98,9 +98,10 @@ pub fn profile(name: &str) -> Result<Profile> {
             ft_seeds: 1,
             ft_table8: false,
         },
-        // Between quick and paper, sized for about two hours on 2 cores: the full evaluation
-        // sets and D_o, every arm (the Table-8 controls included) with three seeds, so the
-        // paired tests have the power quick lacks.
+        // Between quick and paper: the full evaluation sets and D_o, every arm (the Table-8
+        // controls included) with three seeds, so the paired tests have the power quick lacks.
+        // About four hours on 2 cores (2026-12-01, Intel Xeon: align 22 min, locate 16 min,
+        // 15 fine-tunes 45 min, 17 evaluations 6-8 min each); a rerun resumes from its stages.
         "full" => Profile {
             name: "full".into(),
             align_harmful: 256,
