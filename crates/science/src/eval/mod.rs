@@ -237,9 +237,6 @@ pub fn generate_set(
     Ok(out)
 }
 
-/// Gives every response of one model its verdict. With the probe judge the threshold is the
-/// given one, or the one that best reproduces the text judge on all of this model's responses
-/// (returned).
 /// The judges' agreement on one model's responses, per set: gcg against xstest, and the probe
 /// against union with its threshold calibrated on all of the model's sets (where every response
 /// has a probe score).
@@ -271,6 +268,9 @@ pub fn any_probe<L>(rows: &[(L, Vec<(SetKind, crate::judges::agreement::Agreemen
         .any(|(_, sets)| sets.iter().any(|(_, a)| a.probe.is_some()))
 }
 
+/// Gives every response of one model its verdict. With the probe judge the threshold is the
+/// given one, or the one that best reproduces the text judge on all of this model's responses
+/// (returned).
 pub fn judge_responses(
     sets: &mut [(SetKind, Vec<SafetyResponse>)],
     judge: &EvalJudge,

@@ -14,7 +14,7 @@ pub const FLAG_ABOVE: f64 = 0.05;
 pub const PROBE_NOTE: &str = ", and by the probe (first-token refusal mass, its threshold \
                               calibrated against union on each model's responses)";
 
-/// gcg and xstest on the same responses.
+/// gcg and xstest on the same responses (and the probe against union, where scored).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Agreement {
     pub n: usize,
