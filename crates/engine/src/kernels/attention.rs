@@ -38,7 +38,7 @@ pub(crate) fn dot_at(level: Level, a: &[f32], b: &[f32]) -> f32 {
     match level {
         // SAFETY: `level` is only ever a level the CPU runs (simd::choice, simd::test_levels).
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        Level::Avx512 | Level::Avx512Bf16 => unsafe { x86::dot_avx512(a, b) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::dot_avx2(a, b) },
         #[cfg(target_arch = "aarch64")]
@@ -72,7 +72,7 @@ pub(crate) fn axpy_at(level: Level, w: f32, v: &[f32], o: &mut [f32]) {
     match level {
         // SAFETY: as in `dot_at`.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::axpy_avx512(w, v, o) },
+        Level::Avx512 | Level::Avx512Bf16 => unsafe { x86::axpy_avx512(w, v, o) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::axpy_avx2(w, v, o) },
         #[cfg(target_arch = "aarch64")]

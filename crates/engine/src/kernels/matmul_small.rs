@@ -92,39 +92,62 @@ pub(crate) fn small_rows_at<R: WeightRows>(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    // Output transposed ([N, M]) so each thread writes one contiguous block of whole weight rows.
+    over_tiles(
+        m,
+        n,
+        || if R::WIDENS { vec![0f32; 4 * k] } else { vec![] },
+        |scratch, j, nw| {
+            if R::WIDENS {
+                for (q, buf) in scratch.chunks_exact_mut(k).enumerate().take(nw) {
+                    src.widen(j + q, buf);
+                }
+            }
+        },
+        |scratch, j, nw, i, nx| {
+            let mut w: [&[f32]; 4] = [&[]; 4];
+            for (q, slot) in w.iter_mut().enumerate().take(nw) {
+                *slot = if R::WIDENS {
+                    &scratch[q * k..(q + 1) * k]
+                } else {
+                    src.direct(j + q, k)
+                };
+            }
+            let x = [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
+            tile(level, x, nx, w, nw)
+        },
+    )
+}
+
+/// The decode kernel's loop, shared by every weight storage: threads take blocks of 16 weight
+/// rows; within a block `prep` readies each quad of weight rows (rows `j..j + nw`, nw <= 4) in
+/// the thread's `state`, and `tile` dots them with each pair of input rows (`i..i + nx`, nx <= 2).
+/// The output is transposed (`[N, M]`) so each thread writes one contiguous block of whole
+/// weight rows.
+pub(crate) fn over_tiles<S>(
+    m: usize,
+    n: usize,
+    state: impl Fn() -> S + Sync,
+    prep: impl Fn(&mut S, usize, usize) + Sync,
+    tile: impl Fn(&S, usize, usize, usize, usize) -> [[f32; 4]; 2] + Sync,
+) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     let block = 16usize;
     out_t
         .par_chunks_mut(block * m)
         .enumerate()
         .for_each(|(b, o)| {
-            let mut scratch = if R::WIDENS { vec![0f32; 4 * k] } else { vec![] };
+            let mut s = state();
             let rows = o.len() / m;
             let j0 = b * block;
             let mut r = 0;
             while r < rows {
                 let nw = (rows - r).min(4);
-                if R::WIDENS {
-                    for (q, buf) in scratch.chunks_exact_mut(k).enumerate().take(nw) {
-                        src.widen(j0 + r + q, buf);
-                    }
-                }
-                let mut w: [&[f32]; 4] = [&[]; 4];
-                for (q, slot) in w.iter_mut().enumerate().take(nw) {
-                    *slot = if R::WIDENS {
-                        &scratch[q * k..(q + 1) * k]
-                    } else {
-                        src.direct(j0 + r + q, k)
-                    };
-                }
+                prep(&mut s, j0 + r, nw);
                 let mut i = 0;
                 while i < m {
                     let nx = (m - i).min(2);
-                    let x: [&[f32]; 2] =
-                        [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
-                    let tile = tile(level, x, nx, w, nw);
-                    for (a, row) in tile.iter().enumerate().take(nx) {
+                    let t = tile(&s, j0 + r, nw, i, nx);
+                    for (a, row) in t.iter().enumerate().take(nx) {
                         for (c, v) in row.iter().enumerate().take(nw) {
                             o[(r + c) * m + i + a] = *v;
                         }
@@ -146,7 +169,7 @@ fn tile(level: Level, x: [&[f32]; 2], nx: usize, w: [&[f32]; 4], nw: usize) -> [
             // SAFETY: `level` is one the CPU runs (simd::choice, simd::test_levels); every row
             // has length k.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => return unsafe { tile_2x4_avx512(x[0], x[1], w) },
+            Level::Avx512 | Level::Avx512Bf16 => return unsafe { tile_2x4_avx512(x[0], x[1], w) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => return unsafe { tile_2x4_avx2(x[0], x[1], w) },
             #[cfg(target_arch = "aarch64")]

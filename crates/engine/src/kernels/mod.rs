@@ -5,6 +5,7 @@
 //! `device_ops` holds the decoder's paths off the CPU (candle's ops: CUDA kernels and cuBLAS).
 
 pub(crate) mod attention;
+pub(crate) mod bf16_rows;
 pub mod device_ops;
 pub(crate) mod gemm;
 pub mod matmul_small;

@@ -13,7 +13,7 @@
 //! candle's own quantized matmul runs on its spin-waiting barrier pool, which the CLI pins to
 //! one thread; these run on rayon.
 
-use crate::kernels::matmul_small::WeightRows;
+use crate::kernels::matmul_small::{over_tiles, WeightRows};
 use crate::kernels::simd::{self, Level};
 use crate::kernels::widen::{matmul_rows, transpose};
 use anyhow::{bail, Result};
@@ -70,7 +70,7 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
         return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
     }
     let out_t = match simd::level() {
-        level @ (Level::Avx2 | Level::Avx512) if T::DTYPE == GgmlDType::Q4_1 => {
+        level @ (Level::Avx2 | Level::Avx512 | Level::Avx512Bf16) if T::DTYPE == GgmlDType::Q4_1 => {
             q4_1::run(level, x, m, k, bytes, n)
         }
         _ => int_dots::<T>(x, m, k, w, n),
@@ -125,32 +125,26 @@ fn quantize_rows<V: GgmlType>(x: &[f32], k: usize) -> Vec<V> {
 }
 
 /// `[N, M]`: `dot(j, take, i)` gives weight rows j..j+take (take <= 4) dotted with activation
-/// row i. One task per 16 weight rows, which stay in cache while every activation row passes.
+/// row i, on `matmul_small`'s loop (one task per 16 weight rows, which stay in cache while every
+/// activation row passes).
 fn by_row_quads(
     n: usize,
     m: usize,
     dot: impl Fn(usize, usize, usize) -> [f32; 4] + Sync,
 ) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * m];
-    let chunk = 16usize;
-    out_t
-        .par_chunks_mut(chunk * m)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let rows = o.len() / m;
-            for i in 0..m {
-                let mut r = 0;
-                while r < rows {
-                    let take = (rows - r).min(4);
-                    let d = dot(c * chunk + r, take, i);
-                    for (q, v) in d.iter().enumerate().take(take) {
-                        o[(r + q) * m + i] = *v;
-                    }
-                    r += take;
-                }
+    over_tiles(
+        m,
+        n,
+        || (),
+        |_, _, _| {},
+        |_, j, take, i, nx| {
+            let mut t = [dot(j, take, i), [0f32; 4]];
+            if nx == 2 {
+                t[1] = dot(j, take, i + 1);
             }
-        });
-    out_t
+            t
+        },
+    )
 }
 
 /// `[N, M]` by candle's integer dot products (SIMD where candle has them).
@@ -202,7 +196,7 @@ mod q4_1 {
             let ws = [0, 1, 2, 3].map(|q| wrow(j + q.min(take - 1)));
             // SAFETY: the caller's level is one the CPU runs; lengths match kb.
             match level {
-                Level::Avx512 => unsafe { dot4_avx512(ws, xr, kb) },
+                Level::Avx512 | Level::Avx512Bf16 => unsafe { dot4_avx512(ws, xr, kb) },
                 Level::Avx2 => unsafe { dot4_avx2(ws, xr, kb) },
                 _ => unreachable!("Q4_1 has no {level:?} kernel of its own"),
             }

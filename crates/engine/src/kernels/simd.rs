@@ -3,7 +3,7 @@
 //! The binary is built for its architecture's baseline (x86-64 without AVX, plain aarch64), so
 //! it runs on every CPU of that architecture; each kernel carries `#[target_feature]` variants
 //! and picks one by the level detected here. `SAFETY_LAYERS_SIMD=scalar|avx2|avx512|neon|auto`
-//! forces a lower level, to compare paths on one machine or to rule a path out while chasing a
+//! forces a lower level (and `avx512bf16`, which `auto` never picks, asks for bf16 dot products), to compare paths on one machine or to rule a path out while chasing a
 //! difference.
 //!
 //! A forced level the CPU cannot run is clamped, not refused: the kernels run the best level
@@ -28,12 +28,23 @@ pub enum Level {
     Avx2,
     /// AVX-512 F, BW and VL, on top of `Avx2`'s set.
     Avx512,
+    /// `Avx512` plus AVX-512 BF16: decode steps on bf16 weights take `vdpbf16ps` with the
+    /// activations rounded to bf16 (`bf16_rows`). Never chosen by `auto`, because it changes
+    /// results (every other kernel runs its `Avx512` path here); forced, it is the way to ask
+    /// for that speed.
+    Avx512Bf16,
     /// aarch64 Advanced SIMD.
     Neon,
 }
 
 impl Level {
-    pub const ALL: [Level; 4] = [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon];
+    pub const ALL: [Level; 5] = [
+        Level::Scalar,
+        Level::Avx2,
+        Level::Avx512,
+        Level::Avx512Bf16,
+        Level::Neon,
+    ];
 
     /// How far above scalar: a clamp goes to the best runnable level not above the request.
     fn rank(self) -> u8 {
@@ -41,6 +52,7 @@ impl Level {
             Level::Scalar => 0,
             Level::Avx2 | Level::Neon => 1,
             Level::Avx512 => 2,
+            Level::Avx512Bf16 => 3,
         }
     }
 
@@ -50,6 +62,7 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
+            Level::Avx512Bf16 => "avx512bf16",
             Level::Neon => "neon",
         }
     }
@@ -60,6 +73,7 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2+fma",
             Level::Avx512 => "avx512f+bw+vl",
+            Level::Avx512Bf16 => "avx512f+bw+vl+bf16",
             Level::Neon => "neon",
         }
     }
@@ -69,8 +83,9 @@ impl Level {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cpu {
     pub best: Level,
-    /// AVX-512 BF16 (`vdpbf16ps`) and VNNI: reported for provenance; no kernel uses them yet.
+    /// AVX-512 BF16 (`vdpbf16ps`): `Level::Avx512Bf16` runs (when forced).
     pub bf16: bool,
+    /// AVX-512 VNNI: reported for provenance; no kernel uses it yet.
     pub vnni: bool,
 }
 
@@ -117,6 +132,7 @@ impl Cpu {
         match l {
             Level::Scalar => true,
             Level::Avx2 => matches!(self.best, Level::Avx2 | Level::Avx512),
+            Level::Avx512Bf16 => self.best == Level::Avx512 && self.bf16,
             Level::Avx512 | Level::Neon => self.best == l,
         }
     }
@@ -150,7 +166,9 @@ pub fn parse(v: &str) -> Result<Request, String> {
         .into_iter()
         .find(|l| l.name() == v)
         .map(Request::Force)
-        .ok_or_else(|| format!("{VAR}={v} is not one of scalar, avx2, avx512, neon, auto"))
+        .ok_or_else(|| {
+            format!("{VAR}={v} is not one of scalar, avx2, avx512, avx512bf16, neon, auto")
+        })
 }
 
 /// The decision for one process.
@@ -251,7 +269,7 @@ pub(crate) fn test_levels(what: &str) -> Vec<Level> {
     let cpu = Cpu::detect();
     let required = std::env::var("SAFETY_LAYERS_REQUIRE_SIMD").unwrap_or_default();
     let arch_levels: &[Level] = if cfg!(target_arch = "x86_64") {
-        &[Level::Scalar, Level::Avx2, Level::Avx512]
+        &[Level::Scalar, Level::Avx2, Level::Avx512, Level::Avx512Bf16]
     } else if cfg!(target_arch = "aarch64") {
         &[Level::Scalar, Level::Neon]
     } else {

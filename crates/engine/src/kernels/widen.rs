@@ -3,11 +3,14 @@
 //!
 //! candle's CPU bf16 matmul widens both whole operands to f32 on every call: for an 8B model
 //! that is a transient f32 copy of each matrix per step. Here a decode step widens four weight
-//! rows at a time into an L1-sized buffer (the small-rows kernel), and a prefill widens a panel
+//! rows at a time into an L1-sized buffer (the small-rows kernel; bf16 rows are widened in
+//! registers instead where the CPU has AVX2, see `bf16_rows`), and a prefill widens a panel
 //! of a few hundred rows (a few MB) and hands it to the same gemm candle uses, writing straight
 //! into the output's columns. Accumulation is f32 throughout.
 
+use crate::kernels::bf16_rows::small_rows_bf16;
 use crate::kernels::matmul_small::{small_rows, WeightRows, MAX_ROWS};
+use crate::kernels::simd;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -58,6 +61,11 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
         (Storage::Cpu(CpuStorage::F16(v)), DType::F16) => Narrow::F16(&v[start..start + n * k]),
         (_, dt) => bail!("matmul: expected a bf16 or f16 CPU weight, got {dt:?}"),
     };
+    if let (Narrow::Bf16(w), true) = (&src, m <= MAX_ROWS) {
+        if let Some(out_t) = small_rows_bf16(simd::level(), x, w, m, n, k) {
+            return Ok(transpose(&out_t, n, m));
+        }
+    }
     Ok(matmul_rows(x, m, k, n, &NarrowRows { w: src, k }))
 }
 
