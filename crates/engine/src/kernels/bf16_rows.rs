@@ -96,7 +96,11 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 4]; 2];
         let mut i = 0;
         while i < k {
-            let m = if i + 16 <= k { 0xFFFF } else { tail_mask(k - i) };
+            let m = if i + 16 <= k {
+                0xFFFF
+            } else {
+                tail_mask(k - i)
+            };
             let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
             let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
             for c in 0..4 {

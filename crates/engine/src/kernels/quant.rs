@@ -70,7 +70,9 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
         return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
     }
     let out_t = match simd::level() {
-        level @ (Level::Avx2 | Level::Avx512 | Level::Avx512Bf16) if T::DTYPE == GgmlDType::Q4_1 => {
+        level @ (Level::Avx2 | Level::Avx512 | Level::Avx512Bf16)
+            if T::DTYPE == GgmlDType::Q4_1 =>
+        {
             q4_1::run(level, x, m, k, bytes, n)
         }
         _ => int_dots::<T>(x, m, k, w, n),

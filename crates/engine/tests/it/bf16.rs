@@ -416,7 +416,10 @@ fn check_dot_bf16(family: &str) {
              SAFETY_LAYERS_SIMD=avx512bf16 and a CPU with AVX-512 BF16)",
             simd::describe()
         );
-        assert!(!required.split(',').any(|r| r.trim() == "avx512bf16"), "{msg}");
+        assert!(
+            !required.split(',').any(|r| r.trim() == "avx512bf16"),
+            "{msg}"
+        );
         eprintln!("{msg}");
         return;
     }
