@@ -41,6 +41,36 @@ pub struct DemoArgs {
     /// Refusal judge of locate and eval (see `eval --help`)
     #[arg(long, default_value = sl_science::judges::DEFAULT_JUDGE)]
     pub judge: String,
+    /// Run nothing: rebuild report.html and results.json in --out from its finished stages and
+    /// the provenance its results.json holds (after a fix to the report, without rerunning hours
+    /// of stages that another build made). The provenance keeps the build that ran the stages
+    /// and records this one as the report's
+    #[arg(long)]
+    pub report_only: bool,
+}
+
+/// `demo --report-only`.
+fn rebuild_report(out: &Path) -> Result<()> {
+    let path = out.join("results.json");
+    let old = sl_science::report::results::ResultsFile::read(&path).with_context(|| {
+        format!(
+            "--report-only needs a finished demo in {} (its results.json)",
+            out.display()
+        )
+    })?;
+    let mut provenance = old.provenance;
+    provenance.report_rebuilt_by = Some(format!(
+        "safety-layers {} (build {})",
+        env!("CARGO_PKG_VERSION"),
+        &build_identity()[..12.min(build_identity().len())]
+    ));
+    sl_science::report::write(out, &provenance)?;
+    eprintln!(
+        "demo: report rebuilt from the stages in {} -> {}",
+        out.display(),
+        out.join("report.html").display()
+    );
+    Ok(())
 }
 
 fn shell_quote(a: &str) -> String {
@@ -134,6 +164,9 @@ fn s(x: impl ToString) -> String {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
+    if a.report_only {
+        return rebuild_report(&a.out);
+    }
     let mut p = profile(&a.profile)?;
     if let Some(n) = a.seeds {
         anyhow::ensure!(n >= 1, "--seeds {n}: at least one seed per arm");
@@ -413,6 +446,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         planted,
         finetune_runs: runs,
         total_seconds: t0.elapsed().as_secs_f64(),
+        report_rebuilt_by: None,
     };
     let t_rep = Instant::now();
     sl_science::report::write(out, &provenance)?;

@@ -114,6 +114,19 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * log_cdf.exp()).min(1.0)
 }
 
+/// A p-value as a report prints it: "p = 0.039" down to 0.001, then "p = 2.3e-7" (three
+/// decimals would print every strong result as 0.000), and "p < 1e-300" where the exact value
+/// underflowed to 0.
+pub fn p_text(p: f64) -> String {
+    if p >= 0.001 {
+        format!("p = {p:.3}")
+    } else if p > 0.0 {
+        format!("p = {p:.1e}")
+    } else {
+        "p < 1e-300".into()
+    }
+}
+
 /// One test across seeds: the exact McNemar test on the discordant pairs of all seeds pooled.
 /// Each seed is a separate fine-tune judged on the same prompts; under "equal rates in every
 /// seed" each discordant pair of each seed is an independent fair coin, so their total is
@@ -195,6 +208,16 @@ pub fn detectable_difference(n: usize, discordant: f64, power: f64) -> Option<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn p_values_print_with_their_magnitude() {
+        assert_eq!(p_text(158.0 / 4096.0), "p = 0.039");
+        assert_eq!(p_text(1.0), "p = 1.000");
+        // Exact McNemar with 0 vs 29 discordant pairs: 2 * 2^-29 = 3.725e-9 (scipy's binomtest).
+        assert_eq!(p_text(mcnemar_exact(0, 29)), "p = 3.7e-9");
+        assert_eq!(p_text(0.000_999), "p = 1.0e-3");
+        assert_eq!(p_text(0.0), "p < 1e-300");
+    }
 
     #[test]
     fn detectable_difference_inverts_connors_sample_size() {

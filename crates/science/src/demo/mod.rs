@@ -224,6 +224,10 @@ pub struct Provenance {
     pub planted: Option<LayerRange>,
     pub finetune_runs: Vec<FinetuneRun>,
     pub total_seconds: f64,
+    /// `demo --report-only`: the build that rebuilt report.html and results.json
+    /// from these stages, when it is not the one that ran them (`tool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_rebuilt_by: Option<String>,
 }
 
 #[cfg(test)]

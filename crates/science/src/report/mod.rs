@@ -499,6 +499,13 @@ pub fn write(dir: &Path, provenance: &Provenance) -> Result<()> {
         "<tr><th>tool</th><td>{}</td></tr>\n",
         esc(&provenance.tool)
     ));
+    if let Some(by) = &provenance.report_rebuilt_by {
+        h.push_str(&format!(
+            "<tr><th>report rebuilt by</th><td>{} (from the stages above, run by the tool \
+             above; nothing was run again)</td></tr>\n",
+            esc(by)
+        ));
+    }
     h.push_str(&format!(
         "<tr><th>base model sha256</th><td><code>{}</code></td></tr>\n",
         esc(&provenance.base_model.sha256)

@@ -177,13 +177,13 @@ impl PairedResult {
             (None, n) => format!(" (pooled over {n} seeds)"),
         };
         format!(
-            "SPPFT − {}{seed}: {} points (95% CI {} to {}), exact McNemar p = {:.3} ({} vs {} \
+            "SPPFT − {}{seed}: {} points (95% CI {} to {}), exact McNemar {} ({} vs {} \
              discordant of {}{power})",
             self.against,
             pts(self.difference),
             pts(self.ci95_low),
             pts(self.ci95_high),
-            self.p_value,
+            crate::paired::p_text(self.p_value),
             self.counts.only_a,
             self.counts.only_b,
             self.counts.n

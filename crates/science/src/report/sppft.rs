@@ -6,7 +6,7 @@ use super::results::{headline, ArmSummary, Claim, PairedResult};
 use crate::demo::{jaccard, FinetuneRun, Provenance};
 use crate::eval::file::EvalFile;
 use crate::locate::file::LocateFile;
-use crate::paired::{mcnemar_combined, mean_sd, Paired};
+use crate::paired::{mcnemar_combined, mean_sd, p_text, Paired};
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
@@ -95,23 +95,20 @@ fn verdict(vs_full: Option<&PairedResult>, seeds: usize) -> String {
     };
     match vs_full {
         Some(p) if p.difference < 0.0 && p.p_value < 0.05 => {
-            format!(
-                "reproduced (paired exact McNemar p = {:.3}{over})",
-                p.p_value
-            )
+            format!("reproduced (paired exact McNemar {}{over})", p_text(p.p_value))
         }
         Some(p) if p.difference < 0.0 => format!(
-            "direction reproduced, not significant (paired exact McNemar p = {:.3}{over}; power \
+            "direction reproduced, not significant (paired exact McNemar {}{over}; power \
              to detect 10 points {})",
-            p.p_value,
+            p_text(p.p_value),
             p.power_10_points
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or("—".into())
         ),
         Some(p) => format!(
-            "not reproduced (SPPFT − full {:+.1} points, p = {:.3}{over})",
+            "not reproduced (SPPFT − full {:+.1} points, {}{over})",
             100.0 * p.difference,
-            p.p_value
+            p_text(p.p_value)
         ),
         None => "not measured: no saved responses of SPPFT and full fine-tuning to pair".into(),
     }
