@@ -114,6 +114,46 @@ fn smoke_profile_runs_caches_and_renders() {
         );
     }
 
+    // --report-only runs nothing and rewrites the same results, naming the build that rebuilt
+    // them; on a directory without a finished demo it fails, naming what is missing.
+    let before: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let r = bin()
+        .args(["demo", "--report-only", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(!err.contains("demo: align"), "a stage ran: {err}");
+    let rebuilt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let by = rebuilt["provenance"]["report_rebuilt_by"].as_str().unwrap();
+    assert!(by.starts_with("safety-layers "), "{by}");
+    let mut again = rebuilt.clone();
+    again["provenance"]
+        .as_object_mut()
+        .unwrap()
+        .remove("report_rebuilt_by");
+    assert_eq!(again, before, "--report-only changed the results");
+    assert!(std::fs::read_to_string(out.join("report.html"))
+        .unwrap()
+        .contains("report rebuilt by"));
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let r = bin()
+        .args(["demo", "--report-only", "--out"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("results.json"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&empty).unwrap().count(),
+        0,
+        "wrote into {empty:?}"
+    );
+
     let Some(exe) = chromium() else {
         assert!(
             std::env::var("SAFETY_LAYERS_REQUIRE_BROWSER").as_deref() != Ok("1"),

@@ -95,7 +95,10 @@ fn verdict(vs_full: Option<&PairedResult>, seeds: usize) -> String {
     };
     match vs_full {
         Some(p) if p.difference < 0.0 && p.p_value < 0.05 => {
-            format!("reproduced (paired exact McNemar {}{over})", p_text(p.p_value))
+            format!(
+                "reproduced (paired exact McNemar {}{over})",
+                p_text(p.p_value)
+            )
         }
         Some(p) if p.difference < 0.0 => format!(
             "direction reproduced, not significant (paired exact McNemar {}{over}; power \
