@@ -13,10 +13,8 @@
 //!
 //! Other levels return None and the caller widens rows into a buffer (`widen`).
 
-use crate::kernels::matmul_small::over_tiles;
 use crate::kernels::simd::Level;
 use half::bf16;
-use half::slice::HalfFloatSliceExt;
 
 /// `x: [M, K]` f32 against bf16 weight rows `w: [N, K]`: `[N, M]` (transposed, as
 /// `matmul_small::small_rows`), or None when `level` has no in-place kernel.
@@ -28,6 +26,19 @@ pub(crate) fn small_rows_bf16(
     n: usize,
     k: usize,
 ) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    return x86_rows(level, x, w, m, n, k);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (level, x, w, m, n, k);
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_rows(level: Level, x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    use crate::kernels::matmul_small::over_tiles;
+    use half::slice::HalfFloatSliceExt;
     let rows = |j: usize, nw: usize| -> [&[bf16]; 4] {
         // A partial quad repeats its last row: the kernel computes it twice, the caller keeps one.
         std::array::from_fn(|q| {
@@ -38,7 +49,6 @@ pub(crate) fn small_rows_bf16(
     // The input pair's ranges; a lone last row is paired with itself, as in `matmul_small`.
     let pair = |i: usize, nx: usize| [i * k..(i + 1) * k, (i + nx - 1) * k..(i + nx) * k];
     match level {
-        #[cfg(target_arch = "x86_64")]
         Level::Avx512 | Level::Avx2 => Some(over_tiles(
             m,
             n,
@@ -58,7 +68,6 @@ pub(crate) fn small_rows_bf16(
                 }
             },
         )),
-        #[cfg(target_arch = "x86_64")]
         Level::Avx512Bf16 => {
             let mut xb = vec![bf16::ZERO; x.len()];
             xb.convert_from_f32_slice(x);
@@ -277,6 +286,7 @@ mod tests {
     #[ignore]
     fn timing() {
         use crate::kernels::matmul_small::{small_rows, WeightRows};
+        use half::slice::HalfFloatSliceExt;
         // What `widen` does for a bf16 weight: four rows at a time widened into a buffer.
         struct Buffered<'a>(&'a [bf16], usize);
         impl WeightRows for Buffered<'_> {
