@@ -89,74 +89,36 @@ fn x86_rows(level: Level, x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::kernels::attention::x86::{hsum256, tail_mask};
+    use crate::kernels::matmul_small::x86 as tiles;
     use half::bf16;
     use std::arch::x86_64::*;
 
     /// Two input rows against four bf16 weight rows, widened 16 at a time: the sums of
-    /// `matmul_small::tile_2x4_avx512` on the widened rows, in its order.
+    /// `matmul_small::tile_2x4_avx512` on the widened rows, in its order (its loop).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn widen_2x4_avx512(
         x0: &[f32],
         x1: &[f32],
         w: [&[bf16]; 4],
     ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
-        let mut i = 0;
-        while i < k {
-            let m = if i + 16 <= k {
-                0xFFFF
-            } else {
-                tail_mask(k - i)
-            };
-            let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
-            let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
-            for c in 0..4 {
-                let h = _mm256_maskz_loadu_epi16(m, w[c].as_ptr().add(i) as *const i16);
-                let b = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-                acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
-                acc[1][c] = _mm512_fmadd_ps(a1, b, acc[1][c]);
-            }
-            i += 16;
-        }
-        let mut out = [[0f32; 4]; 2];
-        for (a, row) in out.iter_mut().enumerate() {
-            for (c, v) in row.iter_mut().enumerate() {
-                *v = _mm512_reduce_add_ps(acc[a][c]);
-            }
-        }
-        out
+        tiles::tile_2x4_avx512_by(x0, x1, |c, i, m| {
+            let h = _mm256_maskz_loadu_epi16(m, w[c].as_ptr().add(i) as *const i16);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        })
     }
 
-    /// As `widen_2x4_avx512` with 8 lanes and a scalar tail (`tile_2x4_avx2`'s order).
+    /// As `widen_2x4_avx512` with 8 lanes and a scalar tail (`tile_2x4_avx2`'s loop).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn widen_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[bf16]; 4]) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-        let mut i = 0;
-        while i + 8 <= k {
-            let a0 = _mm256_loadu_ps(x0.as_ptr().add(i));
-            let a1 = _mm256_loadu_ps(x1.as_ptr().add(i));
-            for c in 0..4 {
+        tiles::tile_2x4_avx2_by(
+            x0,
+            x1,
+            |c, i| {
                 let h = _mm_loadu_si128(w[c].as_ptr().add(i) as *const __m128i);
-                let b = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-                acc[0][c] = _mm256_fmadd_ps(a0, b, acc[0][c]);
-                acc[1][c] = _mm256_fmadd_ps(a1, b, acc[1][c]);
-            }
-            i += 8;
-        }
-        let mut out = [[0f32; 4]; 2];
-        for (a, x) in [x0, x1].iter().enumerate() {
-            for c in 0..4 {
-                let mut s = hsum256(acc[a][c]);
-                for t in i..k {
-                    s += x[t] * w[c][t].to_f32();
-                }
-                out[a][c] = s;
-            }
-        }
-        out
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            },
+            |c, t| w[c][t].to_f32(),
+        )
     }
 
     /// Two bf16 input rows against four bf16 weight rows, 32 products per `vdpbf16ps`; the

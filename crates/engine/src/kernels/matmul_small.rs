@@ -192,30 +192,12 @@ fn tile(level: Level, x: [&[f32]; 2], nx: usize, w: [&[f32]; 4], nw: usize) -> [
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
-    let k = x0.len();
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-    let mut i = 0;
-    while i + 8 <= k {
-        let a0 = _mm256_loadu_ps(x0.as_ptr().add(i));
-        let a1 = _mm256_loadu_ps(x1.as_ptr().add(i));
-        for c in 0..4 {
-            let b = _mm256_loadu_ps(w[c].as_ptr().add(i));
-            acc[0][c] = _mm256_fmadd_ps(a0, b, acc[0][c]);
-            acc[1][c] = _mm256_fmadd_ps(a1, b, acc[1][c]);
-        }
-        i += 8;
-    }
-    let mut out = [[0f32; 4]; 2];
-    for (a, x) in [x0, x1].iter().enumerate() {
-        for c in 0..4 {
-            let mut s = crate::kernels::attention::x86::hsum256(acc[a][c]);
-            for t in i..k {
-                s += x[t] * w[c][t];
-            }
-            out[a][c] = s;
-        }
-    }
-    out
+    x86::tile_2x4_avx2_by(
+        x0,
+        x1,
+        |c, i| _mm256_loadu_ps(w[c].as_ptr().add(i)),
+        |c, t| w[c][t],
+    )
 }
 
 /// As `tile_2x4_avx2` with 16 lanes: eight zmm accumulators, and the row's tail as one more
@@ -224,31 +206,91 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_2x4_avx512(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
-    let k = x0.len();
-    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
-    let mut i = 0;
-    while i < k {
-        let m = if i + 16 <= k {
-            0xFFFF
-        } else {
-            crate::kernels::attention::x86::tail_mask(k - i)
-        };
-        let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
-        let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
-        for c in 0..4 {
-            let b = _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i));
-            acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
-            acc[1][c] = _mm512_fmadd_ps(a1, b, acc[1][c]);
+    x86::tile_2x4_avx512_by(x0, x1, |c, i, m| {
+        _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i))
+    })
+}
+
+/// The x86 tiles' loops, shared by every weight storage that can be turned into f32 vectors in
+/// registers (`bf16_rows`): the caller's closure loads weight row `c`'s vector at column `i`.
+/// Always inlined into the caller's `#[target_feature]` function, whose features its closures
+/// inherit, so the loads and FMAs compile as one loop with no calls.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use crate::kernels::attention::x86::{hsum256, tail_mask};
+    use std::arch::x86_64::*;
+
+    /// `wv(c, i)`: 8 weights of row c from column i; `wt(c, t)`: one weight, for the scalar tail.
+    #[inline(always)]
+    pub(crate) unsafe fn tile_2x4_avx2_by(
+        x0: &[f32],
+        x1: &[f32],
+        wv: impl Fn(usize, usize) -> __m256,
+        wt: impl Fn(usize, usize) -> f32,
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut i = 0;
+        while i + 8 <= k {
+            let a0 = _mm256_loadu_ps(x0.as_ptr().add(i));
+            let a1 = _mm256_loadu_ps(x1.as_ptr().add(i));
+            // c also names the weight row the closure loads, not only the accumulator.
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..4 {
+                let b = wv(c, i);
+                acc[0][c] = _mm256_fmadd_ps(a0, b, acc[0][c]);
+                acc[1][c] = _mm256_fmadd_ps(a1, b, acc[1][c]);
+            }
+            i += 8;
         }
-        i += 16;
-    }
-    let mut out = [[0f32; 4]; 2];
-    for (a, row) in out.iter_mut().enumerate() {
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = _mm512_reduce_add_ps(acc[a][c]);
+        let mut out = [[0f32; 4]; 2];
+        for (a, x) in [x0, x1].iter().enumerate() {
+            for c in 0..4 {
+                let mut s = hsum256(acc[a][c]);
+                for t in i..k {
+                    s += x[t] * wt(c, t);
+                }
+                out[a][c] = s;
+            }
         }
+        out
     }
-    out
+
+    /// `wv(c, i, m)`: 16 weights of row c from column i, lanes outside `m` zero.
+    #[inline(always)]
+    pub(crate) unsafe fn tile_2x4_avx512_by(
+        x0: &[f32],
+        x1: &[f32],
+        wv: impl Fn(usize, usize, __mmask16) -> __m512,
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+        let mut i = 0;
+        while i < k {
+            let m = if i + 16 <= k {
+                0xFFFF
+            } else {
+                tail_mask(k - i)
+            };
+            let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
+            let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
+            // c also names the weight row the closure loads, not only the accumulator.
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..4 {
+                let b = wv(c, i, m);
+                acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
+                acc[1][c] = _mm512_fmadd_ps(a1, b, acc[1][c]);
+            }
+            i += 16;
+        }
+        let mut out = [[0f32; 4]; 2];
+        for (a, row) in out.iter_mut().enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = _mm512_reduce_add_ps(acc[a][c]);
+            }
+        }
+        out
+    }
 }
 
 /// As `tile_2x4_avx2` with 4-lane NEON vectors.
