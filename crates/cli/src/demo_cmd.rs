@@ -59,11 +59,7 @@ fn rebuild_report(out: &Path) -> Result<()> {
         )
     })?;
     let mut provenance = old.provenance;
-    provenance.report_rebuilt_by = Some(format!(
-        "safety-layers {} (build {})",
-        env!("CARGO_PKG_VERSION"),
-        &build_identity()[..12.min(build_identity().len())]
-    ));
+    provenance.report_rebuilt_by = Some(tool_and_build());
     sl_science::report::write(out, &provenance)?;
     eprintln!(
         "demo: report rebuilt from the stages in {} -> {}",
@@ -101,6 +97,17 @@ fn build_identity() -> &'static str {
             }
         }
     })
+}
+
+/// "safety-layers <version> (build <first 12 hex of the build identity>)", as provenance names
+/// the tool.
+fn tool_and_build() -> String {
+    let id = build_identity();
+    format!(
+        "safety-layers {} (build {})",
+        env!("CARGO_PKG_VERSION"),
+        &id[..12.min(id.len())]
+    )
 }
 
 /// A stage's cache key: the tool's version and build, its command line, its inputs' keys.
@@ -426,11 +433,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     stages.extend(eval_parts.into_iter().map(|(_, r)| r));
     stages.push(eval);
     let provenance = Provenance {
-        tool: format!(
-            "safety-layers {} (build {})",
-            env!("CARGO_PKG_VERSION"),
-            &build_identity()[..12.min(build_identity().len())]
-        ),
+        tool: tool_and_build(),
         profile: p,
         seed: a.seed,
         base_model: BaseModel {

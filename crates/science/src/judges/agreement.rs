@@ -44,11 +44,16 @@ pub struct ProbeAgreement {
 
 impl ProbeAgreement {
     pub fn disagree_rate(&self, n: usize) -> f64 {
-        if n == 0 {
-            0.0
-        } else {
-            self.disagree as f64 / n as f64
-        }
+        share(self.disagree, n)
+    }
+}
+
+/// `count / n`, 0 for an empty set.
+fn share(count: usize, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        count as f64 / n as f64
     }
 }
 
@@ -157,11 +162,7 @@ impl Agreement {
     }
 
     pub fn disagree_rate(&self) -> f64 {
-        if self.n == 0 {
-            0.0
-        } else {
-            self.disagree as f64 / self.n as f64
-        }
+        share(self.disagree, self.n)
     }
 
     /// gcg and xstest, or probe and union, disagree on more than `FLAG_ABOVE`.
