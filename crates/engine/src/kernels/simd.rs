@@ -334,6 +334,7 @@ mod tests {
             (Some("auto"), AVX512, Level::Avx512),
             (Some("scalar"), AVX512, Level::Scalar),
             (Some("avx2"), AVX512, Level::Avx2),
+            (Some("avx512bf16"), AVX512, Level::Avx512Bf16),
             (Some("scalar"), ARM, Level::Scalar),
         ] {
             let c = resolve(raw, cpu);
@@ -354,6 +355,16 @@ mod tests {
     fn a_level_above_the_cpu_is_clamped_with_a_warning() {
         for (raw, cpu, want) in [
             ("avx512", AVX2, Level::Avx2),
+            // vdpbf16ps asked for on an AVX-512 CPU without AVX-512 BF16: plain AVX-512.
+            (
+                "avx512bf16",
+                Cpu {
+                    bf16: false,
+                    ..AVX512
+                },
+                Level::Avx512,
+            ),
+            ("avx512bf16", AVX2, Level::Avx2),
             ("neon", AVX512, Level::Avx2),
             ("avx2", ARM, Level::Neon),
             ("avx512", ARM, Level::Neon),
