@@ -99,7 +99,7 @@ fn build_identity() -> &'static str {
     })
 }
 
-/// "safety-layers <version> (build <first 12 hex of the build identity>)", as provenance names
+/// `safety-layers <version> (build <first 12 hex of the build identity>)`, as provenance names
 /// the tool.
 fn tool_and_build() -> String {
     let id = build_identity();
