@@ -214,7 +214,33 @@ mod timing {
                         || matmul(&mut dw2, inp, dym.t(), xm, true, false),
                     );
                 });
-            eprintln!("[{n}x{inp}] x [{inp}x{out}]: fwd {fwd:.0}, dx {bx:.0}, dW {bw:.0} GFLOP/s; one thread: fwd {fwd1:.0} dW {bw1:.0}; dx | dW on one thread each: {both:.0}");
+            let half = n / 2;
+            let halves = time(&mut || {
+                let (top, bottom) = dx.split_at_mut(half * inp);
+                rayon::join(
+                    || {
+                        matmul(
+                            top,
+                            inp,
+                            Mat::new(&dy[..half * out], half, out),
+                            wm,
+                            false,
+                            false,
+                        )
+                    },
+                    || {
+                        matmul(
+                            bottom,
+                            inp,
+                            Mat::new(&dy[half * out..], n - half, out),
+                            wm,
+                            false,
+                            false,
+                        )
+                    },
+                );
+            });
+            eprintln!("[{n}x{inp}] x [{inp}x{out}]: fwd {fwd:.0}, dx {bx:.0}, dW {bw:.0} GFLOP/s; one thread: fwd {fwd1:.0} dW {bw1:.0}; dx | dW on one thread each: {both:.0}; dx in row halves: {halves:.0}");
         }
     }
 }
