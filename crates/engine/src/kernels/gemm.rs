@@ -32,11 +32,21 @@ impl<'a> Mat<'a> {
     }
 
     /// The shape as read.
-    fn shape(&self) -> (usize, usize) {
+    pub fn shape(&self) -> (usize, usize) {
         if self.transposed {
             (self.cols, self.rows)
         } else {
             (self.rows, self.cols)
+        }
+    }
+
+    /// Element (i, j) of the matrix as read.
+    #[inline(always)]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        if self.transposed {
+            self.data[j * self.cols + i]
+        } else {
+            self.data[i * self.cols + j]
         }
     }
 

@@ -1,0 +1,531 @@
+//! `C (+)= A · B` on Intel AMX tiles (`tdpbf16ps`): operands rounded to bf16 as they are packed,
+//! products summed in f32. This is the arithmetic of torch's bf16 autocast and of transformers'
+//! bf16 inference on the same CPUs (oneDNN's AMX kernels), so it is used only where the caller
+//! asked for bf16 compute: the `avx512bf16` SIMD level's prefill on bf16 weights, and bf16 mixed
+//! precision training.
+//!
+//! Rust's AMX intrinsics and target features are unstable, so the tiles are driven with inline
+//! assembly, and the kernel is reached only after `available()` has found AMX-TILE and AMX-BF16
+//! in CPUID and Linux has granted the process the tile data state (`arch_prctl`).
+//!
+//! Layout: A is packed as 16-row x 32-column bf16 tiles, B as 16 K-pairs x 16 columns x 2
+//! ("VNNI" order: `tdpbf16ps` multiplies A's element pair (i, 2p..2p+2) with B's pair at (p, j)),
+//! each tile 1 KiB and contiguous, the K tiles of one block one after another. Each kernel call
+//! computes a 32 x 32 block of C in the four tiles tmm0-3 from two A tiles (tmm4-5) and two B
+//! tiles (tmm6-7) per step of K = 32.
+
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::gemm::Mat;
+#[cfg(target_arch = "x86_64")]
+use half::bf16;
+#[cfg(target_arch = "x86_64")]
+use rayon::prelude::*;
+
+/// Whether the AMX kernel can run here (checked once per process).
+pub fn available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that reports AVX-512, and we only
+            // read it; the syscall asks for a permission and changes nothing else.
+            unsafe {
+                let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+                let (tile, bf16) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 22) & 1 == 1);
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                tile && bf16
+                    && libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    ) == 0
+            }
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// An operand the packers read element by element: f32 through a `Mat` view, or bf16 rows.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    F32(Mat<'a>),
+    /// Row-major `[rows, cols]` bf16, read as it is or transposed.
+    Bf16 {
+        data: &'a [bf16],
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    },
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Src<'_> {
+    fn shape(&self) -> (usize, usize) {
+        match *self {
+            Src::F32(m) => m.shape(),
+            Src::Bf16 {
+                rows,
+                cols,
+                transposed,
+                ..
+            } => {
+                if transposed {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                }
+            }
+        }
+    }
+
+    /// Element (i, j) of the matrix as read, in bf16.
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> bf16 {
+        match *self {
+            Src::F32(m) => bf16::from_f32(m.at(i, j)),
+            Src::Bf16 {
+                data,
+                cols,
+                transposed,
+                ..
+            } => {
+                if transposed {
+                    data[j * cols + i]
+                } else {
+                    data[i * cols + j]
+                }
+            }
+        }
+    }
+}
+
+const TILE: usize = 512; // bf16 elements in one 16 x 32 tile (1 KiB)
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// f32 to bf16, round to nearest even (NaN stays NaN): the same rounding as `half`, written
+/// so that the packers' loops vectorise.
+#[inline(always)]
+fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// `src` rounded into `dst` (same length).
+#[inline(always)]
+fn round_into(src: &[f32], dst: &mut [u16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = to_bf16(x);
+    }
+}
+
+/// Row `i` of the matrix as read, when it is contiguous in memory.
+#[cfg(target_arch = "x86_64")]
+fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
+    &m.data[i * m.cols..(i + 1) * m.cols]
+}
+
+/// A `[m, k]`, packed: block `r` of 16 rows holds its `k/32` tiles in K order; rows and columns
+/// past the matrix are zero. `m_pad` is a multiple of 32, `k_pad` of 32.
+#[cfg(target_arch = "x86_64")]
+fn pack_a(a: Src, m_pad: usize, k_pad: usize) -> Vec<u16> {
+    let (m, k) = a.shape();
+    let mut out = vec![0u16; m_pad * k_pad];
+    out.par_chunks_mut(16 * k_pad)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            for r in 0..16 {
+                let i = blk * 16 + r;
+                if i >= m {
+                    break;
+                }
+                match a {
+                    // Rows contiguous: 32 values at a time into each tile's row.
+                    Src::F32(mat) if !mat.transposed => {
+                        for (t, chunk) in f32_row(&mat, i).chunks(32).enumerate() {
+                            round_into(chunk, &mut dst[t * TILE + r * 32..][..chunk.len()]);
+                        }
+                    }
+                    _ => {
+                        for p in 0..k {
+                            dst[(p / 32) * TILE + r * 32 + p % 32] = a.at(i, p).to_bits();
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// B `[k, n]`, packed: block `c` of 16 columns holds its `k/32` tiles in K order, each tile 16
+/// K-pairs x 16 columns x 2.
+#[cfg(target_arch = "x86_64")]
+fn pack_b(b: Src, n_pad: usize, k_pad: usize) -> Vec<u16> {
+    let (k, n) = b.shape();
+    let mut out = vec![0u16; n_pad * k_pad];
+    out.par_chunks_mut(16 * k_pad)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            let cols = 16.min(n.saturating_sub(blk * 16));
+            if cols == 0 {
+                return; // a zero block past the matrix
+            }
+            match b {
+                // Columns contiguous (a weight [n, k] read transposed): one column rounded,
+                // then its K pairs written as 32-bit words down the tiles.
+                Src::F32(mat) if mat.transposed => {
+                    let mut col = vec![0u16; k_pad];
+                    for c in 0..cols {
+                        round_into(f32_row(&mat, blk * 16 + c), &mut col[..k]);
+                        scatter_pairs(&col, dst, c);
+                    }
+                }
+                Src::Bf16 {
+                    data,
+                    cols: stride,
+                    transposed: true,
+                    ..
+                } => {
+                    let mut col = vec![0u16; k_pad];
+                    for c in 0..cols {
+                        let j = blk * 16 + c;
+                        for (d, s) in col.iter_mut().zip(&data[j * stride..j * stride + k]) {
+                            *d = s.to_bits();
+                        }
+                        scatter_pairs(&col, dst, c);
+                    }
+                }
+                // Rows contiguous: two rows' 16-column segments rounded and interleaved.
+                Src::F32(mat) => {
+                    let (mut r0, mut r1) = ([0u16; 16], [0u16; 16]);
+                    for pair in 0..k.div_ceil(2) {
+                        let p = 2 * pair;
+                        let seg = |i: usize| &f32_row(&mat, i)[blk * 16..blk * 16 + cols];
+                        round_into(seg(p), &mut r0[..cols]);
+                        if p + 1 < k {
+                            round_into(seg(p + 1), &mut r1[..cols]);
+                        } else {
+                            r1 = [0; 16];
+                        }
+                        let row = &mut dst[(p / 32) * TILE + ((p % 32) / 2) * 32..][..32];
+                        for c in 0..cols {
+                            row[2 * c] = r0[c];
+                            row[2 * c + 1] = r1[c];
+                        }
+                    }
+                }
+                Src::Bf16 { .. } => {
+                    for c in 0..cols {
+                        for p in 0..k {
+                            let (t, q) = (p / 32, p % 32);
+                            dst[t * TILE + (q / 2) * 32 + c * 2 + q % 2] =
+                                b.at(p, blk * 16 + c).to_bits();
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Column `c` of a block, `col` its K values (padded with zeros to the tiles' K), into the
+/// block's tiles: pair q of tile t at row q, columns 2c..2c+2.
+#[inline(always)]
+fn scatter_pairs(col: &[u16], dst: &mut [u16], c: usize) {
+    for (t, tile) in col.chunks_exact(32).enumerate() {
+        let out = &mut dst[t * TILE..(t + 1) * TILE];
+        for q in 0..16 {
+            out[q * 32 + 2 * c] = tile[2 * q];
+            out[q * 32 + 2 * c + 1] = tile[2 * q + 1];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Loads the tile configuration (eight 16 x 64-byte tiles) on this thread, runs `f`, releases
+/// the tiles.
+#[cfg(target_arch = "x86_64")]
+fn with_tiles<T>(f: impl FnOnce() -> T) -> T {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    // SAFETY: only reached after `available()`; the configuration is a valid palette-1 layout.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
+    }
+    let out = f();
+    // SAFETY: as above; releasing returns the tiles to their initial state.
+    unsafe {
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+    out
+}
+
+/// One 32 x 32 block of C into `c` (row stride 32 f32) from `kt` K tiles of A's two row blocks
+/// (`a0`, `a1`) and B's two column blocks (`b0`, `b1`).
+///
+/// # Safety
+/// Tiles configured by `with_tiles`; each pointer has `kt` tiles (1 KiB each) behind it and `c`
+/// 32 x 32 f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_32x32(
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u16,
+    b1: *const u16,
+    kt: usize,
+    c: *mut f32,
+) {
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a0} + {s}]",
+        "tileloadd tmm5, [{a1} + {s}]",
+        "tileloadd tmm6, [{b0} + {s}]",
+        "tileloadd tmm7, [{b1} + {s}]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 1024",
+        "add {a1}, 1024",
+        "add {b0}, 1024",
+        "add {b1}, 1024",
+        "dec {kt}",
+        "jnz 2b",
+        "tilestored [{c} + {cs}], tmm0",
+        "tilestored [{c1} + {cs}], tmm1",
+        "tilestored [{c2} + {cs}], tmm2",
+        "tilestored [{c3} + {cs}], tmm3",
+        a0 = inout(reg) a0 => _,
+        a1 = inout(reg) a1 => _,
+        b0 = inout(reg) b0 => _,
+        b1 = inout(reg) b1 => _,
+        kt = inout(reg) kt => _,
+        s = in(reg) 64usize,
+        c = in(reg) c,
+        c1 = in(reg) c.add(16),
+        c2 = in(reg) c.add(16 * 32),
+        c3 = in(reg) c.add(16 * 32 + 16),
+        cs = in(reg) 128usize,
+        options(nostack)
+    );
+}
+
+/// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
+/// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumulate: bool) {
+    let ((m, k), (k2, n)) = (a.shape(), b.shape());
+    assert_eq!(k, k2, "amx: inner dimensions {k} and {k2} differ");
+    assert!(n <= dst_stride && (m == 0 || dst.len() >= (m - 1) * dst_stride + n));
+    assert!(
+        available(),
+        "amx: the kernel was called on a CPU without AMX"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (m_pad, n_pad, k_pad) = (round_up(m, 32), round_up(n, 32), round_up(k.max(1), 32));
+    let kt = k_pad / 32;
+    let (pa, pb) = rayon::join(|| pack_a(a, m_pad, k_pad), || pack_b(b, n_pad, k_pad));
+    // Each task owns 32 whole rows of dst (so writes never overlap) and sweeps the column
+    // blocks under them; B's blocks are shared read-only.
+    let tasks: Vec<(usize, &mut [f32])> = dst
+        .chunks_mut(32 * dst_stride)
+        .take(m_pad / 32)
+        .enumerate()
+        .collect();
+    let nb = n_pad / 32;
+    tasks.into_par_iter().for_each(|(bi, rows)| {
+        with_tiles(|| {
+            let mut c = [0f32; 32 * 32];
+            let a0 = pa[(2 * bi) * kt * TILE..].as_ptr();
+            let a1 = pa[(2 * bi + 1) * kt * TILE..].as_ptr();
+            let live_rows = (m - bi * 32).min(32);
+            for bj in 0..nb {
+                let b0 = pb[(2 * bj) * kt * TILE..].as_ptr();
+                let b1 = pb[(2 * bj + 1) * kt * TILE..].as_ptr();
+                // SAFETY: the packed buffers hold kt tiles per 16-row/column block, and c is
+                // 32 x 32; tiles were configured by with_tiles.
+                unsafe { block_32x32(a0, a1, b0, b1, kt, c.as_mut_ptr()) };
+                let cols = (n - bj * 32).min(32);
+                for r in 0..live_rows {
+                    let out = &mut rows[r * dst_stride + bj * 32..][..cols];
+                    let got = &c[r * 32..r * 32 + cols];
+                    if accumulate {
+                        out.iter_mut().zip(got).for_each(|(o, g)| *o += g);
+                    } else {
+                        out.copy_from_slice(got);
+                    }
+                }
+            }
+        })
+    });
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::kernels::pseudo;
+
+    fn r(x: f32) -> f64 {
+        bf16::from_f32(x).to_f64()
+    }
+
+    /// Every operand form the callers use (f32 as is and transposed, bf16 rows as is and
+    /// transposed), shapes with tails in M, N and K, written into a column band of a wider
+    /// destination and then accumulated: against f64 math on the bf16-rounded operands.
+    #[test]
+    fn equals_f64_math_on_bf16_rounded_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU (or kernel) has no AMX");
+            return;
+        }
+        for (m, k, n) in [
+            (1, 1, 1),
+            (5, 7, 3),
+            (33, 70, 47),
+            (64, 576, 96),
+            (433, 100, 31),
+        ] {
+            let a = pseudo(m * k, 1);
+            let b = pseudo(k * n, 2);
+            let ab: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            // a as [m, k]; b stored as [n, k] (read transposed) or as [k, n].
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let btb: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let a_forms = [
+                Src::F32(Mat::new(&a, m, k)),
+                Src::F32(Mat::new(&at, k, m).t()),
+                Src::Bf16 {
+                    data: &ab,
+                    rows: m,
+                    cols: k,
+                    transposed: false,
+                },
+            ];
+            let b_forms = [
+                Src::F32(Mat::new(&b, k, n)),
+                Src::F32(Mat::new(&bt, n, k).t()),
+                Src::Bf16 {
+                    data: &bb,
+                    rows: k,
+                    cols: n,
+                    transposed: false,
+                },
+                Src::Bf16 {
+                    data: &btb,
+                    rows: n,
+                    cols: k,
+                    transposed: true,
+                },
+            ];
+            let want: Vec<f64> = (0..m * n)
+                .map(|e| {
+                    (0..k)
+                        .map(|p| r(a[(e / n) * k + p]) * r(b[p * n + e % n]))
+                        .sum()
+                })
+                .collect();
+            for (ai, af) in a_forms.iter().enumerate() {
+                for (bi, bf) in b_forms.iter().enumerate() {
+                    let stride = n + 3;
+                    let mut dst = vec![9f32; (m - 1) * stride + n + 2];
+                    matmul(&mut dst[2..], stride, *af, *bf, false);
+                    matmul(&mut dst[2..], stride, *af, *bf, true);
+                    assert_eq!(dst[0], 9.0);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = dst[2 + i * stride + j] as f64;
+                            let e = 2.0 * want[i * n + j];
+                            assert!(
+                                (got - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt(),
+                                "{m}x{k}x{n} a{ai} b{bi} ({i},{j}): {got} vs {e}"
+                            );
+                        }
+                        if i + 1 < m {
+                            assert_eq!(dst[2 + i * stride + n], 9.0, "column band");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// GFLOP/s of the training shapes (SmolLM2, 433 rows), packing included, against the f32
+    /// gemm: `cargo test -p sl-engine --release --lib kernels::amx -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        if !available() {
+            eprintln!("skipped: no AMX");
+            return;
+        }
+        let rows = 433;
+        for (inp, out) in [
+            (576, 960),
+            (576, 576),
+            (576, 3072),
+            (1536, 576),
+            (576, 49152),
+        ] {
+            let x = pseudo(rows * inp, 1);
+            let w = pseudo(out * inp, 2);
+            let mut y = vec![0f32; rows * out];
+            let flops = 2.0 * (rows * inp * out) as f64;
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    f();
+                }
+                flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
+            };
+            let (xm, wm) = (Mat::new(&x, rows, inp), Mat::new(&w, out, inp));
+            let f32_gemm =
+                time(&mut || crate::kernels::gemm::matmul(&mut y, out, xm, wm.t(), false, true));
+            let amx = time(&mut || matmul(&mut y, out, Src::F32(xm), Src::F32(wm.t()), false));
+            let (mp, np, kp) = (round_up(rows, 32), round_up(out, 32), round_up(inp, 32));
+            let t = std::time::Instant::now();
+            let pa = pack_a(Src::F32(xm), mp, kp);
+            let pb = pack_b(Src::F32(wm.t()), np, kp);
+            let pack_ms = t.elapsed().as_secs_f64() * 1e3;
+            let _ = (pa.len(), pb.len());
+            eprintln!("[{rows}x{inp}] x [{inp}x{out}]: f32 gemm {f32_gemm:.0} GFLOP/s, amx {amx:.0} (packing {pack_ms:.2} ms = {:.0} GFLOP/s)", flops / pack_ms / 1e6);
+        }
+    }
+}
