@@ -14,16 +14,13 @@
 //! computes a 32 x 32 block of C in the four tiles tmm0-3 from two A tiles (tmm4-5) and two B
 //! tiles (tmm6-7) per step of K = 32.
 
-#[cfg(target_arch = "x86_64")]
 use crate::kernels::gemm::Mat;
-#[cfg(target_arch = "x86_64")]
 use half::bf16;
-#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
 /// Whether the AMX kernel can run here (checked once per process).
 pub fn available() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[cfg(target_os = "linux")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *OK.get_or_init(|| {
@@ -43,14 +40,13 @@ pub fn available() -> bool {
             }
         })
     }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    #[cfg(not(target_os = "linux"))]
     {
         false
     }
 }
 
 /// An operand the packers read element by element: f32 through a `Mat` view, or bf16 rows.
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) enum Src<'a> {
     F32(Mat<'a>),
@@ -63,7 +59,6 @@ pub(crate) enum Src<'a> {
     },
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Src<'_> {
     fn shape(&self) -> (usize, usize) {
         match *self {
@@ -131,14 +126,12 @@ fn round_into(src: &[f32], dst: &mut [u16]) {
 }
 
 /// Row `i` of the matrix as read, when it is contiguous in memory.
-#[cfg(target_arch = "x86_64")]
 fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
     &m.data[i * m.cols..(i + 1) * m.cols]
 }
 
 /// A `[m, k]`, packed: block `r` of 16 rows holds its `k/32` tiles in K order; rows and columns
 /// past the matrix are zero. `m_pad` is a multiple of 32, `k_pad` of 32.
-#[cfg(target_arch = "x86_64")]
 fn pack_a(a: Src, m_pad: usize, k_pad: usize) -> Vec<u16> {
     let (m, k) = a.shape();
     let mut out = vec![0u16; m_pad * k_pad];
@@ -170,7 +163,6 @@ fn pack_a(a: Src, m_pad: usize, k_pad: usize) -> Vec<u16> {
 
 /// B `[k, n]`, packed: block `c` of 16 columns holds its `k/32` tiles in K order, each tile 16
 /// K-pairs x 16 columns x 2.
-#[cfg(target_arch = "x86_64")]
 fn pack_b(b: Src, n_pad: usize, k_pad: usize) -> Vec<u16> {
     let (k, n) = b.shape();
     let mut out = vec![0u16; n_pad * k_pad];
@@ -252,7 +244,6 @@ fn scatter_pairs(col: &[u16], dst: &mut [u16], c: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -264,7 +255,6 @@ struct TileConfig {
 
 /// Loads the tile configuration (eight 16 x 64-byte tiles) on this thread, runs `f`, releases
 /// the tiles.
-#[cfg(target_arch = "x86_64")]
 fn with_tiles<T>(f: impl FnOnce() -> T) -> T {
     let mut cfg = TileConfig {
         palette: 1,
@@ -295,7 +285,6 @@ fn with_tiles<T>(f: impl FnOnce() -> T) -> T {
 /// # Safety
 /// Tiles configured by `with_tiles`; each pointer has `kt` tiles (1 KiB each) behind it and `c`
 /// 32 x 32 f32.
-#[cfg(target_arch = "x86_64")]
 unsafe fn block_32x32(
     a0: *const u16,
     a1: *const u16,
@@ -345,7 +334,6 @@ unsafe fn block_32x32(
 
 /// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
 /// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
-#[cfg(target_arch = "x86_64")]
 pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumulate: bool) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "amx: inner dimensions {k} and {k2} differ");
@@ -395,7 +383,7 @@ pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumul
     });
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::pseudo;

@@ -40,7 +40,8 @@ impl<'a> Mat<'a> {
         }
     }
 
-    /// Element (i, j) of the matrix as read.
+    /// Element (i, j) of the matrix as read (the AMX packers' general path).
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub fn at(&self, i: usize, j: usize) -> f32 {
         if self.transposed {

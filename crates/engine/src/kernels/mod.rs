@@ -4,6 +4,7 @@
 //! attention. Each has a scalar reference path and SIMD paths chosen at run time (`simd`).
 //! `device_ops` holds the decoder's paths off the CPU (candle's ops: CUDA kernels and cuBLAS).
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 pub(crate) mod attention;
 pub(crate) mod bf16_rows;
