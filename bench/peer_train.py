@@ -6,6 +6,8 @@ the longest of each batch; loss on all tokens (transformers' causal-LM loss); Ad
 0.9/0.999, eps 1e-8, no weight decay, constant LR,
 gradient norm clipped at 1.0 as transformers' Trainer does; torch's fused CPU kernel when it has one).
 --freeze I-J: SPPFT, requires_grad False on the attention and MLP weights of those layers.
+--autocast-bf16: the forward pass under torch.autocast("cpu", dtype=torch.bfloat16) (f32 weights,
+gradients and AdamW state; linear layers in bf16), the peer of `finetune --mixed-precision bf16`.
 Times every step, the first included (ours' tokens/s covers its whole run too).
 
 Prints one JSON line: {"steps", "tokens", "seconds", "tok_s", "losses", "step_tokens", "trainable"}.
@@ -52,6 +54,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--freeze", help="I-J: freeze these layers' attention and MLP weights (SPPFT)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--autocast-bf16", action="store_true", help="bf16 mixed precision (torch.autocast)")
     args = ap.parse_args()
     tok, model = pc.load(args.model_dir, args.threads)
     model.train()
@@ -74,7 +77,8 @@ def main():
         s = (step * args.batch_size) % len(data)
         rows = (data + data)[s:s + args.batch_size]
         ids, mask, labels = batch(rows, pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -131,6 +131,7 @@ pub fn run(a: &AlignArgs) -> Result<()> {
         grad_checkpointing: false,
         freeze_embeddings: false,
         train_layers,
+        bf16_mixed: false,
         max_steps: None,
         dtype: "auto".into(),
     };

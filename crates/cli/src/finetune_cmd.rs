@@ -76,6 +76,11 @@ pub struct FinetuneArgs {
     /// parameter
     #[arg(long)]
     pub freeze_embeddings: bool,
+    /// bf16 mixed precision: every projection's and the head's products on bf16-rounded
+    /// operands with f32 sums (torch's bf16 autocast of a linear layer; on AMX tiles where the
+    /// CPU has them); weights, gradients and AdamW's moments stay f32. no or bf16
+    #[arg(long, default_value = "no")]
+    pub mixed_precision: String,
     /// Storage dtype of the written weights: auto (the checkpoint's; f32 for GGUF), f32, bf16, f16
     #[arg(long, default_value = "auto")]
     pub dtype: String,
@@ -155,6 +160,11 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         grad_checkpointing: a.grad_checkpointing,
         freeze_embeddings: a.freeze_embeddings,
         train_layers: None,
+        bf16_mixed: match a.mixed_precision.as_str() {
+            "no" => false,
+            "bf16" => true,
+            other => anyhow::bail!("--mixed-precision must be no or bf16, got {other:?}"),
+        },
         max_steps: a.max_steps,
         dtype: a.dtype.clone(),
     };

@@ -290,6 +290,7 @@ pub fn finetune<'py>(
             grad_checkpointing,
             freeze_embeddings,
             train_layers: None,
+            bf16_mixed: false,
             max_steps,
             dtype: dtype.to_string(),
         };

@@ -18,8 +18,14 @@ use crate::kernels::gemm::Mat;
 use half::bf16;
 use rayon::prelude::*;
 
-/// Whether the AMX kernel can run here (checked once per process).
+/// Whether the AMX kernel can run here (checked once per process). A forced SIMD level below
+/// AVX-512 (`SAFETY_LAYERS_SIMD=avx2` or `scalar`) turns it off too, so the fallbacks can be
+/// tested on a machine that has AMX.
 pub fn available() -> bool {
+    use crate::kernels::simd::{level, Level};
+    if !matches!(level(), Level::Avx512 | Level::Avx512Bf16) {
+        return false;
+    }
     #[cfg(target_os = "linux")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -332,11 +338,42 @@ unsafe fn block_32x32(
     );
 }
 
+/// B packed once for several products (a weight used by every band of rows).
+pub(crate) struct PackedB {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    pub fn new(b: Src) -> PackedB {
+        let (k, n) = b.shape();
+        PackedB {
+            data: pack_b(b, round_up(n.max(1), 32), round_up(k.max(1), 32)),
+            k,
+            n,
+        }
+    }
+}
+
 /// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
 /// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
 pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumulate: bool) {
-    let ((m, k), (k2, n)) = (a.shape(), b.shape());
+    let (k, k2) = (a.shape().1, b.shape().0);
     assert_eq!(k, k2, "amx: inner dimensions {k} and {k2} differ");
+    matmul_packed(dst, dst_stride, a, &PackedB::new(b), accumulate)
+}
+
+/// `matmul` with B already packed.
+pub(crate) fn matmul_packed(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: Src,
+    b: &PackedB,
+    accumulate: bool,
+) {
+    let ((m, k), n) = (a.shape(), b.n);
+    assert_eq!(k, b.k, "amx: inner dimensions {k} and {} differ", b.k);
     assert!(n <= dst_stride && (m == 0 || dst.len() >= (m - 1) * dst_stride + n));
     assert!(
         available(),
@@ -345,9 +382,10 @@ pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumul
     if m == 0 || n == 0 {
         return;
     }
-    let (m_pad, n_pad, k_pad) = (round_up(m, 32), round_up(n, 32), round_up(k.max(1), 32));
+    let (m_pad, k_pad) = (round_up(m, 32), round_up(k.max(1), 32));
     let kt = k_pad / 32;
-    let (pa, pb) = rayon::join(|| pack_a(a, m_pad, k_pad), || pack_b(b, n_pad, k_pad));
+    let (pa, pb) = (pack_a(a, m_pad, k_pad), &b.data);
+    let nb = round_up(n, 32) / 32;
     // Each task owns 32 whole rows of dst (so writes never overlap) and sweeps the column
     // blocks under them; B's blocks are shared read-only.
     let tasks: Vec<(usize, &mut [f32])> = dst
@@ -355,7 +393,6 @@ pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumul
         .take(m_pad / 32)
         .enumerate()
         .collect();
-    let nb = n_pad / 32;
     tasks.into_par_iter().for_each(|(bi, rows)| {
         with_tiles(|| {
             let mut c = [0f32; 32 * 32];

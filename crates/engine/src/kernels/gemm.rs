@@ -41,7 +41,7 @@ impl<'a> Mat<'a> {
     }
 
     /// Element (i, j) of the matrix as read (the AMX packers' general path).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
     pub fn at(&self, i: usize, j: usize) -> f32 {
         if self.transposed {
@@ -57,6 +57,93 @@ impl<'a> Mat<'a> {
             (self.cols as isize, 1)
         } else {
             (1, self.cols as isize)
+        }
+    }
+}
+
+/// The arithmetic of a training matmul.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 mixed precision: both operands rounded to bf16, products summed in f32 (torch's
+    /// bf16 autocast of a linear layer).
+    Bf16,
+}
+
+/// `matmul` in `precision`. bf16 runs on AMX tiles where the CPU has them; elsewhere the same
+/// arithmetic on the f32 gemm, on copies of the operands rounded to bf16 (no faster than f32
+/// there, but the same numbers on every CPU).
+pub(crate) fn matmul_in(
+    precision: Precision,
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    matmul_rhs(
+        dst,
+        dst_stride,
+        a,
+        &Rhs::new(precision, b),
+        accumulate,
+        parallel,
+    )
+}
+
+/// A right-hand operand prepared once for several products in one precision: as it is (f32),
+/// packed into AMX tiles, or rounded to bf16 values (bf16 without AMX).
+pub(crate) enum Rhs<'a> {
+    F32(Mat<'a>),
+    #[cfg(target_arch = "x86_64")]
+    Tiles(crate::kernels::amx::PackedB),
+    Rounded(Vec<f32>, Mat<'a>),
+}
+
+impl<'a> Rhs<'a> {
+    pub fn new(precision: Precision, b: Mat<'a>) -> Rhs<'a> {
+        if precision == Precision::F32 {
+            return Rhs::F32(b);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::amx::available() {
+            use crate::kernels::amx::{PackedB, Src};
+            return Rhs::Tiles(PackedB::new(Src::F32(b)));
+        }
+        Rhs::Rounded(rounded(&b), b)
+    }
+}
+
+/// The matrix's values rounded to bf16 (kept in f32).
+fn rounded(m: &Mat) -> Vec<f32> {
+    m.data[..m.rows * m.cols]
+        .par_iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// `dst (+)= a · b` with b prepared by `Rhs::new` (a rounded to bf16 too when b was).
+pub(crate) fn matmul_rhs(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: Mat,
+    b: &Rhs,
+    accumulate: bool,
+    parallel: bool,
+) {
+    match b {
+        Rhs::F32(b) => matmul(dst, dst_stride, a, *b, accumulate, parallel),
+        #[cfg(target_arch = "x86_64")]
+        Rhs::Tiles(p) => {
+            use crate::kernels::amx::{matmul_packed, Src};
+            matmul_packed(dst, dst_stride, Src::F32(a), p, accumulate)
+        }
+        Rhs::Rounded(values, b) => {
+            let ra = rounded(&a);
+            let (a2, b2) = (Mat { data: &ra, ..a }, Mat { data: values, ..*b });
+            matmul(dst, dst_stride, a2, b2, accumulate, parallel)
         }
     }
 }
@@ -169,6 +256,47 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+    use crate::kernels::pseudo;
+
+    /// bf16 precision (AMX where the CPU has it, rounded copies otherwise) against f64 math on
+    /// the bf16-rounded operands, for the three operand forms of a training linear; and not
+    /// equal to the f32 product (the rounding happened).
+    #[test]
+    fn bf16_rounds_both_operands_and_sums_in_f32() {
+        let r = |x: f32| half::bf16::from_f32(x).to_f64();
+        let (m, k, n) = (37, 70, 45);
+        let (x, w, dy) = (pseudo(m * k, 1), pseudo(n * k, 2), pseudo(m * n, 3));
+        // y = x·wᵀ, dx = dy·w, dw = dyᵀ·x.
+        let cases: [(Mat, Mat, usize, usize, usize); 3] = [
+            (Mat::new(&x, m, k), Mat::new(&w, n, k).t(), m, n, k),
+            (Mat::new(&dy, m, n), Mat::new(&w, n, k), m, k, n),
+            (Mat::new(&dy, m, n).t(), Mat::new(&x, m, k), n, k, m),
+        ];
+        for (a, b, rows, cols, inner) in cases {
+            let mut got = vec![0f32; rows * cols];
+            let mut f32_ = vec![0f32; rows * cols];
+            matmul_in(Precision::Bf16, &mut got, cols, a, b, false, true);
+            matmul_in(Precision::F32, &mut f32_, cols, a, b, false, true);
+            let mut differs = false;
+            for i in 0..rows {
+                for j in 0..cols {
+                    let e: f64 = (0..inner).map(|p| r(a.at(i, p)) * r(b.at(p, j))).sum();
+                    let g = got[i * cols + j] as f64;
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "({i},{j}): {g} vs {e}"
+                    );
+                    differs |= got[i * cols + j] != f32_[i * cols + j];
+                }
+            }
+            assert!(differs, "bf16 gave the f32 product bit for bit");
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Linear {
     /// exact for every storage (a bf16 or quantized weight multiplied by alpha would be
     /// rounded or re-quantized), and undone by setting it back to 1.
     pub scale: f64,
+    /// Set by the trainer: the arithmetic of the training pass's products (f32, or bf16 mixed
+    /// precision).
+    pub precision: crate::kernels::gemm::Precision,
 }
 
 impl Linear {
@@ -42,6 +45,7 @@ impl Linear {
             bias,
             grad: LinearGrad::Infer,
             scale: 1.0,
+            precision: Default::default(),
         }
     }
 
@@ -57,8 +61,8 @@ impl Linear {
             Some(w) if w.dtype() == DType::F32 => {
                 use crate::train::ops::linear::linear;
                 match &self.grad {
-                    LinearGrad::Frozen => linear(&x2, w, None)?,
-                    LinearGrad::Sink(sink) => linear(&x2, w, Some(sink))?,
+                    LinearGrad::Frozen => linear(&x2, w, None, self.precision)?,
+                    LinearGrad::Sink(sink) => linear(&x2, w, Some(sink), self.precision)?,
                     LinearGrad::Infer | LinearGrad::Autograd => {
                         match crate::kernels::matmul_small::matmul_wt(&x2, w)? {
                             Some(y) => y, // a decode step's few rows: stream the weight once

@@ -127,6 +127,16 @@ impl Decoder {
 
     /// Sets how the training pass treats each layer's projections (q/k/v and o are the
     /// attention module's, gate/up and down the MLP's).
+    /// The arithmetic of every layer projection's training products.
+    pub fn set_train_precision(&mut self, precision: crate::kernels::gemm::Precision) {
+        for layer in &mut self.layers {
+            let Layer { attn, mlp, .. } = layer;
+            for lin in [&mut attn.qkv, &mut attn.o, &mut mlp.gate_up, &mut mlp.down] {
+                lin.precision = precision;
+            }
+        }
+    }
+
     pub fn set_linear_grads(&mut self, mut grad: impl FnMut(usize, Slot) -> LinearGrad) {
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let Layer { attn, mlp, .. } = layer;

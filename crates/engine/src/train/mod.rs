@@ -7,3 +7,5 @@ pub mod ops;
 pub mod param;
 pub mod sink;
 pub mod trainer;
+
+pub use crate::kernels::gemm::Precision;

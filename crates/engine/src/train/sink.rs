@@ -9,7 +9,7 @@
 //! writes add into it (gemm accumulates in place). The optimizer step frees it again, as torch's
 //! `zero_grad` does, so the next forward pass has that memory for its activations.
 
-use crate::kernels::gemm::{matmul, Mat};
+use crate::kernels::gemm::{matmul_in, Mat, Precision};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::{Mutex, MutexGuard};
@@ -81,7 +81,14 @@ impl GradSink {
     /// `grad += aᵀ · b` for row-major `a: [n, rows]`, `b: [n, cols]` (a projection's
     /// `dyᵀ · x`, or the head's `(softmax - onehot)ᵀ · h`).
     /// `parallel`: threaded gemm (false when the caller runs other work beside it).
-    pub fn add_at_b(&self, a: &[f32], b: &[f32], n: usize, parallel: bool) -> Result<()> {
+    pub fn add_at_b(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        n: usize,
+        parallel: bool,
+        precision: Precision,
+    ) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         if a.len() != n * rows || b.len() != n * cols {
             bail!(
@@ -91,7 +98,8 @@ impl GradSink {
             );
         }
         self.write(|g, first| {
-            matmul(
+            matmul_in(
+                precision,
                 g,
                 cols,
                 Mat::new(a, n, rows).t(),

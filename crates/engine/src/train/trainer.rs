@@ -3,6 +3,7 @@
 //! is ever computed for them), the token loss, gradient accumulation, exact per-layer gradient
 //! checkpointing, clipping and the AdamW step.
 
+use crate::kernels::gemm::Precision;
 use crate::model::layout::Slot;
 use crate::model::params::{Module, ParamInfo};
 use crate::model::{Decoder, LinearGrad};
@@ -84,6 +85,8 @@ pub struct Trainer {
     /// The decoder's portable path (always off the CPU): every trainable tensor a variable,
     /// candle's autograd and composed ops, AdamW in tensor ops on the parameters' device.
     portable: bool,
+    /// The arithmetic of the projections' and head's products (`set_precision`).
+    precision: Precision,
 }
 
 impl Trainer {
@@ -156,6 +159,7 @@ impl Trainer {
             head_sink,
             track_from,
             portable,
+            precision: Precision::F32,
         })
     }
 
@@ -206,7 +210,24 @@ impl Trainer {
             scale,
             weight: self.head_sink.clone(),
         });
-        head_nll(&rows, w, &batch.targets, dec.cfg.final_softcap, grads)
+        let cap = dec.cfg.final_softcap;
+        head_nll(&rows, w, &batch.targets, cap, grads, self.precision)
+    }
+
+    /// bf16 mixed precision (`Precision::Bf16`): every projection's and the head's products
+    /// with both operands rounded to bf16 and sums in f32, as torch's bf16 autocast computes a
+    /// linear layer; the weights, their gradients and AdamW's moments stay f32, as do norms,
+    /// attention and the loss. On AMX tiles where the CPU has them.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if self.portable && precision != Precision::F32 {
+            bail!(
+                "bf16 mixed precision runs on the CPU path; on a GPU hold the model in bf16 \
+                 (--dtype bf16) instead"
+            );
+        }
+        self.precision = precision;
+        self.decoder.set_train_precision(precision);
+        Ok(())
     }
 
     /// The embedding lookup's backward: each packed row's gradient (that of the stream entering

@@ -62,6 +62,11 @@ pub struct FinetuneConfig {
     /// exactly these layers (`align --train-layers`). Left out of the JSON when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_layers: Option<LayerRange>,
+    /// bf16 mixed precision: the projections' and head's products on bf16-rounded operands
+    /// with f32 sums (torch's bf16 autocast of a linear layer); weights, gradients and AdamW's
+    /// moments stay f32. Left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_mixed: bool,
     /// Stop after this many optimizer steps (the schedule still spans the full run).
     pub max_steps: Option<usize>,
     /// Storage dtype of the written weights: f32, bf16 or f16.
@@ -177,6 +182,9 @@ pub fn finetune(
         ..AdamWConfig::default()
     };
     let mut trainer = Trainer::new(decoder, frozen, adam, cfg.grad_checkpointing)?;
+    if cfg.bf16_mixed {
+        trainer.set_precision(sl_engine::train::Precision::Bf16)?;
+    }
     let fingerprint = cfg.fingerprint()?;
     let mut ckpt = match &resume_from {
         Some(dir) => checkpoint::resume(&mut trainer, dir, &fingerprint)?,

@@ -91,6 +91,7 @@ mod tests {
                 grad_checkpointing: false,
                 freeze_embeddings: false,
                 train_layers: None,
+                bf16_mixed: false,
                 max_steps: None,
                 dtype: "auto".into(),
             },

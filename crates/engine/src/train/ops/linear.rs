@@ -4,7 +4,7 @@
 //! only carries activations.
 
 use super::f32_slice;
-use crate::kernels::gemm::{matmul, Mat};
+use crate::kernels::gemm::{matmul_in, Mat, Precision};
 use crate::train::sink::GradSink;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 struct LinearOp {
     sink: Option<Arc<GradSink>>,
+    precision: Precision,
 }
 
 impl CustomOp2 for LinearOp {
@@ -32,7 +33,8 @@ impl CustomOp2 for LinearOp {
         }
         let (x, w) = (f32_slice(x, x_l)?, f32_slice(w, w_l)?);
         let mut y = vec![0f32; rows * out];
-        matmul(
+        matmul_in(
+            self.precision,
             &mut y,
             out,
             Mat::new(x, rows, inner),
@@ -60,15 +62,15 @@ impl CustomOp2 for LinearOp {
         let dym = Mat::new(dy_v, rows, out);
         let wm = Mat::new(w_v, out, inner);
         match &self.sink {
-            None => matmul(&mut dx, inner, dym, wm, false, true),
+            None => matmul_in(self.precision, &mut dx, inner, dym, wm, false, true),
             Some(sink) => {
                 // The two products are independent: one per thread beats both split in two
                 // (gemm's own splitting of a few hundred rows leaves threads waiting).
                 let (x_s, x_l) = x.storage_and_layout();
                 let x_v = super::cpu_f32(&x_s, x_l)?;
                 let (_, dw) = rayon::join(
-                    || matmul(&mut dx, inner, dym, wm, false, false),
-                    || sink.add_at_b(dy_v, x_v, rows, false),
+                    || matmul_in(self.precision, &mut dx, inner, dym, wm, false, false),
+                    || sink.add_at_b(dy_v, x_v, rows, false, self.precision),
                 );
                 dw.map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
             }
@@ -77,11 +79,18 @@ impl CustomOp2 for LinearOp {
     }
 }
 
-/// `x: [rows, in]` times the transpose of `weight: [out, in]` (f32, CPU). The backward pass
-/// gives the input's gradient, and adds the weight's into `sink` when there is one.
-pub fn linear(x: &Tensor, weight: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
+/// `x: [rows, in]` times the transpose of `weight: [out, in]` (f32, CPU), each product in
+/// `precision`. The backward pass gives the input's gradient, and adds the weight's into `sink`
+/// when there is one.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    sink: Option<&Arc<GradSink>>,
+    precision: Precision,
+) -> Result<Tensor> {
     let op = LinearOp {
         sink: sink.cloned(),
+        precision,
     };
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
@@ -117,7 +126,12 @@ mod tests {
                 let sink = Arc::new(GradSink::new(out, inner));
                 // Twice: the first write overwrites, the second adds.
                 for pass in 1..=2 {
-                    let got = linear(x.as_tensor(), &plain_w, with_sink.then_some(&sink))?;
+                    let got = linear(
+                        x.as_tensor(),
+                        &plain_w,
+                        with_sink.then_some(&sink),
+                        Precision::F32,
+                    )?;
                     assert!(max_diff(&got, &want) < 1e-5, "forward");
                     let g = (got * &coef)?.sum_all()?.backward()?;
                     assert!(

@@ -8,7 +8,7 @@
 
 use super::act::exp;
 use super::f32_slice;
-use crate::kernels::gemm::{matmul, Mat};
+use crate::kernels::gemm::{matmul_rhs, Mat, Precision, Rhs};
 use crate::train::sink::GradSink;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -30,6 +30,7 @@ const BAND: usize = 64;
 
 struct HeadLoss {
     targets: Vec<u32>,
+    precision: Precision,
     softcap: Option<f32>,
     grads: Option<HeadGrads>,
     /// Set by the forward pass: d loss / d h, times the scale.
@@ -60,6 +61,9 @@ impl CustomOp2 for HeadLoss {
         }
         let (h, w) = (f32_slice(h, h_l)?, f32_slice(w, w_l)?);
         let wm = Mat::new(w, vocab, hid);
+        // The head is the same for every band: prepared (packed, for bf16) once.
+        let wt_rhs = Rhs::new(self.precision, wm.t());
+        let w_rhs = self.grads.is_some().then(|| Rhs::new(self.precision, wm));
         let scale = self.grads.as_ref().map(|g| g.scale as f32);
         let sink = self.grads.as_ref().and_then(|g| g.weight.as_ref());
         let mut dh = scale.map(|_| vec![0f32; n * hid]);
@@ -69,11 +73,11 @@ impl CustomOp2 for HeadLoss {
             let rows = BAND.min(n - r0);
             let band = &mut logits[..rows * vocab];
             let h_band = &h[r0 * hid..(r0 + rows) * hid];
-            matmul(
+            matmul_rhs(
                 band,
                 vocab,
                 Mat::new(h_band, rows, hid),
-                wm.t(),
+                &wt_rhs,
                 false,
                 true,
             );
@@ -83,12 +87,12 @@ impl CustomOp2 for HeadLoss {
                 .zip(targets)
                 .map(|(row, &t)| row_loss(row, t as usize, self.softcap, scale))
                 .sum::<f64>();
-            if let Some(dh) = dh.as_mut() {
+            if let (Some(dh), Some(w_rhs)) = (dh.as_mut(), &w_rhs) {
                 let dst = &mut dh[r0 * hid..(r0 + rows) * hid];
-                matmul(dst, hid, Mat::new(band, rows, vocab), wm, false, true);
+                matmul_rhs(dst, hid, Mat::new(band, rows, vocab), w_rhs, false, true);
             }
             if let Some(sink) = sink {
-                sink.add_at_b(band, h_band, rows, true)
+                sink.add_at_b(band, h_band, rows, true, self.precision)
                     .map_err(|e| candle_core::Error::Msg(format!("head loss: {e:#}")))?;
             }
         }
@@ -156,13 +160,15 @@ fn row_loss(row: &mut [f32], target: usize, softcap: Option<f32>, grad: Option<f
 
 /// Summed token loss of final-normed rows `h: [N, H]` against `targets` (one per row) through
 /// the head `weight: [V, H]`. With `grads` the gradients are made during this call: the head
-/// weight's added into its buffer, the rows' kept for the backward pass.
+/// weight's added into its buffer, the rows' kept for the backward pass. The logits and both
+/// gradients' products are computed in `precision`.
 pub fn head_nll(
     h: &Tensor,
     weight: &Tensor,
     targets: &[u32],
     softcap: Option<f64>,
     grads: Option<HeadGrads>,
+    precision: Precision,
 ) -> Result<Tensor> {
     if h.dim(0)? != targets.len() {
         bail!(
@@ -173,6 +179,7 @@ pub fn head_nll(
     }
     let op = HeadLoss {
         targets: targets.to_vec(),
+        precision,
         softcap: softcap.map(|c| c as f32),
         grads,
         dh: Mutex::new(None),
@@ -211,7 +218,14 @@ mod tests {
             weight: Some(sink.clone()),
         };
         let plain_w = w.as_tensor().detach();
-        let got = head_nll(h.as_tensor(), &plain_w, &targets, softcap, Some(grads))?;
+        let got = head_nll(
+            h.as_tensor(),
+            &plain_w,
+            &targets,
+            softcap,
+            Some(grads),
+            Precision::F32,
+        )?;
         let (a, b) = (want.to_scalar::<f32>()?, got.to_scalar::<f32>()?);
         assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
         let (gw, gg) = ((want * 0.5)?.backward()?, (got * 0.5)?.backward()?);
@@ -243,17 +257,32 @@ mod tests {
         let dev = Device::Cpu;
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev)?)?;
         let w = Tensor::randn(0f32, 1.0, (10, 8), &dev)?;
-        let l = head_nll(h.as_tensor(), &w, &[1, 2, 3, 4], None, None)?;
+        let l = head_nll(h.as_tensor(), &w, &[1, 2, 3, 4], None, None, Precision::F32)?;
         assert!(l.to_scalar::<f32>()?.is_finite());
         let err = l.backward().unwrap_err();
         assert!(format!("{err:#}").contains("without gradients"), "{err:#}");
-        let err = head_nll(h.as_tensor(), &w, &[1, 2, 3, 10], None, None).unwrap_err();
+        let err = head_nll(
+            h.as_tensor(),
+            &w,
+            &[1, 2, 3, 10],
+            None,
+            None,
+            Precision::F32,
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("target token 10"), "{err:#}");
         let grads = HeadGrads {
             scale: 0.25,
             weight: None,
         };
-        let l = head_nll(h.as_tensor(), &w, &[1, 2, 3, 4], None, Some(grads))?;
+        let l = head_nll(
+            h.as_tensor(),
+            &w,
+            &[1, 2, 3, 4],
+            None,
+            Some(grads),
+            Precision::F32,
+        )?;
         let err = (l * 0.5)?.backward().unwrap_err();
         assert!(format!("{err:#}").contains("prepared for 0.25"), "{err:#}");
         Ok(())

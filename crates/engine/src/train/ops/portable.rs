@@ -172,6 +172,7 @@ mod tests {
                     scale: 1.0,
                     weight: None,
                 }),
+                crate::kernels::gemm::Precision::F32,
             )
             .unwrap();
             check("head", &[&rows], ours, theirs, 1e-5);
