@@ -1,6 +1,6 @@
 //! `safety-layers finetune`: SPPFT (safety layers frozen), full fine-tuning and control freezes.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sl_engine::{LayerRange, Template};
 use sl_science::finetune::data::SftRecord;
@@ -160,11 +160,8 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         grad_checkpointing: a.grad_checkpointing,
         freeze_embeddings: a.freeze_embeddings,
         train_layers: None,
-        bf16_mixed: match a.mixed_precision.as_str() {
-            "no" => false,
-            "bf16" => true,
-            other => anyhow::bail!("--mixed-precision must be no or bf16, got {other:?}"),
-        },
+        bf16_mixed: sl_science::finetune::parse_mixed_precision(&a.mixed_precision)
+            .context("--mixed-precision")?,
         max_steps: a.max_steps,
         dtype: a.dtype.clone(),
     };

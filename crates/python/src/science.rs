@@ -210,7 +210,8 @@ pub fn locate<'py>(
                     max_len=256, weight_decay=0.0, max_grad_norm=1.0, template="alpaca",
                     train_on_inputs=true, holdout=100, limit=None, seed=42, shuffle=true,
                     max_steps=None, save_every=None, resume=false, keep_checkpoints=false,
-                    grad_checkpointing=false, freeze_embeddings=false, dtype="auto",
+                    grad_checkpointing=false, freeze_embeddings=false, mixed_precision="no",
+                    dtype="auto",
                     device=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn finetune<'py>(
@@ -242,6 +243,7 @@ pub fn finetune<'py>(
     keep_checkpoints: bool,
     grad_checkpointing: bool,
     freeze_embeddings: bool,
+    mixed_precision: &str,
     dtype: &str,
     device: Option<&str>,
     progress: Option<Py<PyAny>>,
@@ -290,7 +292,7 @@ pub fn finetune<'py>(
             grad_checkpointing,
             freeze_embeddings,
             train_layers: None,
-            bf16_mixed: false,
+            bf16_mixed: sl_science::finetune::parse_mixed_precision(mixed_precision)?,
             max_steps,
             dtype: dtype.to_string(),
         };

@@ -83,17 +83,20 @@ def test_locate_refuses_a_scaled_model_and_needs_a_range(smol):
         sl.locate(smol, OVER_REJECTION)
 
 
-def test_finetune_equals_the_cli(root, cli, tmp_path):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_finetune_equals_the_cli(root, cli, tmp_path, mixed_precision):
     shared = Path(os.environ["SAFETY_LAYERS_DATA"])
     records = json.loads((shared / "paper/Normal_dataset.json").read_text())[:8]
     data = tmp_path / "d.json"
     data.write_text(json.dumps(records))
     model = root / "tests/fixtures/llama"
     flags = ["--freeze", "1-2", "--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1",
-             "--batch-size", "2", "--max-len", "48", "--holdout", "2", "--max-steps", "2"]
+             "--batch-size", "2", "--max-len", "48", "--holdout", "2", "--max-steps", "2",
+             "--mixed-precision", mixed_precision]
     cli("finetune", "--model", model, "--data", data, "--out", tmp_path / "cli", *flags)
     res = sl.finetune(model, data, tmp_path / "py", freeze="1-2", epochs=1, lr=1e-3,
-                      warmup_steps=1, batch_size=2, max_len=48, holdout=2, max_steps=2)
+                      warmup_steps=1, batch_size=2, max_len=48, holdout=2, max_steps=2,
+                      mixed_precision=mixed_precision)
     want = json.loads((tmp_path / "cli/finetune.json").read_text())
     assert res.steps == want["steps"] == 2
     assert res.final_loss == want["final_loss"]

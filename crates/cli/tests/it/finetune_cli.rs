@@ -147,6 +147,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         (vec!["--lr=-1"], "--lr"),
         (vec!["--freeze-modules", "attn,norms"], "norms"),
         (vec!["--lr-schedule", "step"], "step"),
+        (vec!["--mixed-precision", "fp8"], "--mixed-precision"),
     ];
     for (i, (args, needle)) in cases.into_iter().enumerate() {
         let out = d.path().join(format!("o{i}"));

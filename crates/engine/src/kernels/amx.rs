@@ -156,9 +156,28 @@ fn pack_a(a: Src, m_pad: usize, k_pad: usize) -> Vec<u16> {
                             round_into(chunk, &mut dst[t * TILE + r * 32..][..chunk.len()]);
                         }
                     }
+                    // Columns contiguous (a gradient read transposed): done below, 16 rows
+                    // at a time.
+                    Src::F32(mat) if mat.transposed => break,
                     _ => {
                         for p in 0..k {
                             dst[(p / 32) * TILE + r * 32 + p % 32] = a.at(i, p).to_bits();
+                        }
+                    }
+                }
+            }
+            if let Src::F32(mat) = a {
+                if mat.transposed && blk * 16 < m {
+                    // Row i of A is column i of the stored [k, m] matrix: each stored row gives
+                    // the block's 16 values at one K position.
+                    let (i0, live) = (blk * 16, 16.min(m - blk * 16));
+                    let mut vals = [0u16; 16];
+                    for p in 0..k {
+                        let src = &mat.data[p * mat.cols + i0..][..live];
+                        round_into(src, &mut vals[..live]);
+                        let tile = &mut dst[(p / 32) * TILE + p % 32..];
+                        for (r, &v) in vals[..live].iter().enumerate() {
+                            tile[r * 32] = v;
                         }
                     }
                 }

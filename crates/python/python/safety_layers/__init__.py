@@ -251,12 +251,14 @@ def finetune(model: Union[str, "os.PathLike[str]"], data: Union[str, "os.PathLik
              shuffle: bool = True, max_steps: Optional[int] = None,
              save_every: Optional[int] = None, resume: bool = False,
              keep_checkpoints: bool = False, grad_checkpointing: bool = False,
-             freeze_embeddings: bool = False, dtype: str = "auto",
+             freeze_embeddings: bool = False, mixed_precision: str = "no", dtype: str = "auto",
              device: Optional[str] = None, progress: bool = True) -> FinetuneResult:
     """Fine-tuning as the CLI's ``finetune``: SPPFT with ``freeze="I-J"`` (or ``freeze_from`` a
     locate.json), full fine-tuning without. ``model`` is a path or catalog name (loaded for
     training in f32); ``data`` a JSON/JSONL file of {instruction, input, output} or a dataset
     name. Writes the fine-tuned model, finetune.json and train_log.jsonl into ``out``.
+    ``mixed_precision="bf16"``: the linear layers' products in bf16 with f32 sums (torch's bf16
+    autocast; on AMX tiles where the CPU has them), weights and optimizer state in f32.
     """
     with _Bar("finetune (steps)", None, progress) as bar:
         doc = _native.finetune(
@@ -264,7 +266,7 @@ def finetune(model: Union[str, "os.PathLike[str]"], data: Union[str, "os.PathLik
             list(freeze_modules), epochs, lr, lr_schedule, warmup_steps, batch_size, grad_accum,
             max_len, weight_decay, max_grad_norm, template, train_on_inputs, holdout, limit, seed,
             shuffle, max_steps, save_every, resume, keep_checkpoints, grad_checkpointing,
-            freeze_embeddings, dtype, device, bar.update)
+            freeze_embeddings, mixed_precision, dtype, device, bar.update)
     return FinetuneResult.from_json(doc, os.fspath(out))
 
 

@@ -112,6 +112,7 @@ def finetune(
     keep_checkpoints: bool = False,
     grad_checkpointing: bool = False,
     freeze_embeddings: bool = False,
+    mixed_precision: str = "no",
     dtype: str = "auto",
     device: Optional[str] = None,
     progress: _Progress = None,

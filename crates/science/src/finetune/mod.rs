@@ -73,6 +73,15 @@ pub struct FinetuneConfig {
     pub dtype: String,
 }
 
+/// `--mixed-precision`: "no" or "bf16" (whether `bf16_mixed` is on).
+pub fn parse_mixed_precision(s: &str) -> Result<bool> {
+    match s {
+        "no" => Ok(false),
+        "bf16" => Ok(true),
+        other => bail!("mixed precision must be no or bf16, got {other:?}"),
+    }
+}
+
 impl FinetuneConfig {
     /// What a checkpoint must agree on to be resumed: everything that shapes the arithmetic.
     fn fingerprint(&self) -> Result<String> {
