@@ -179,7 +179,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    one_malloc_arena();
+    sl_engine::io::loader::one_malloc_arena();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -193,23 +193,6 @@ fn main() {
             );
         }
         std::process::exit(1);
-    }
-}
-
-/// glibc gives each thread that allocates its own heap ("arena"), and a buffer freed in one
-/// arena is not reused by an allocation in another: with rayon's threads allocating and freeing
-/// a training step's buffers, the free space piled up in several arenas. One arena took
-/// `finetune`'s peak RSS (SmolLM2-135M, batch 4 x 128, 10 steps, Intel Xeon, 2 cores) from
-/// 3332-3410 MiB to 2973-2998 MiB at the same tokens/s (bench/RESULTS.md). Our allocations
-/// are large tensors, never per element, so the one lock is not contended. An explicit
-/// MALLOC_ARENA_MAX still wins (glibc read it at start-up).
-fn one_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: a plain glibc tunable, set while the process has one thread.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
     }
 }
 

@@ -52,55 +52,24 @@ pub fn available() -> bool {
     }
 }
 
-/// An operand the packers read element by element: f32 through a `Mat` view, or bf16 rows.
+/// The right-hand operand: f32 through a `Mat` view, or a bf16 weight's rows `[n, k]` read
+/// transposed (the inference prefill's `x · Wᵀ`).
 #[derive(Clone, Copy)]
 pub(crate) enum Src<'a> {
     F32(Mat<'a>),
-    /// Row-major `[rows, cols]` bf16, read as it is or transposed.
-    Bf16 {
+    Bf16Rows {
         data: &'a [bf16],
-        rows: usize,
-        cols: usize,
-        transposed: bool,
+        n: usize,
+        k: usize,
     },
 }
 
 impl Src<'_> {
+    /// The shape as read: `[k, n]`.
     fn shape(&self) -> (usize, usize) {
         match *self {
             Src::F32(m) => m.shape(),
-            Src::Bf16 {
-                rows,
-                cols,
-                transposed,
-                ..
-            } => {
-                if transposed {
-                    (cols, rows)
-                } else {
-                    (rows, cols)
-                }
-            }
-        }
-    }
-
-    /// Element (i, j) of the matrix as read, in bf16.
-    #[inline(always)]
-    fn at(&self, i: usize, j: usize) -> bf16 {
-        match *self {
-            Src::F32(m) => bf16::from_f32(m.at(i, j)),
-            Src::Bf16 {
-                data,
-                cols,
-                transposed,
-                ..
-            } => {
-                if transposed {
-                    data[j * cols + i]
-                } else {
-                    data[i * cols + j]
-                }
-            }
+            Src::Bf16Rows { n, k, .. } => (k, n),
         }
     }
 }
@@ -111,24 +80,12 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// f32 to bf16, round to nearest even (NaN stays NaN): the same rounding as `half`, written
-/// so that the packers' loops vectorise.
-#[inline(always)]
-fn to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
-}
-
-/// `src` rounded into `dst` (same length).
+/// `src` rounded to bf16 (nearest even) into `dst` (same length), as bits.
 #[inline(always)]
 fn round_into(src: &[f32], dst: &mut [u16]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = to_bf16(x);
-    }
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    dst.reinterpret_cast_mut::<bf16>()
+        .convert_from_f32_slice(src);
 }
 
 /// Row `i` of the matrix as read, when it is contiguous in memory.
@@ -138,47 +95,32 @@ fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
 
 /// A `[m, k]`, packed: block `r` of 16 rows holds its `k/32` tiles in K order; rows and columns
 /// past the matrix are zero. `m_pad` is a multiple of 32, `k_pad` of 32.
-fn pack_a(a: Src, m_pad: usize, k_pad: usize) -> Vec<u16> {
+fn pack_a(a: Mat, m_pad: usize, k_pad: usize) -> Vec<u16> {
     let (m, k) = a.shape();
     let mut out = vec![0u16; m_pad * k_pad];
     out.par_chunks_mut(16 * k_pad)
         .enumerate()
         .for_each(|(blk, dst)| {
-            for r in 0..16 {
-                let i = blk * 16 + r;
-                if i >= m {
-                    break;
-                }
-                match a {
-                    // Rows contiguous: 32 values at a time into each tile's row.
-                    Src::F32(mat) if !mat.transposed => {
-                        for (t, chunk) in f32_row(&mat, i).chunks(32).enumerate() {
-                            round_into(chunk, &mut dst[t * TILE + r * 32..][..chunk.len()]);
-                        }
-                    }
-                    // Columns contiguous (a gradient read transposed): done below, 16 rows
-                    // at a time.
-                    Src::F32(mat) if mat.transposed => break,
-                    _ => {
-                        for p in 0..k {
-                            dst[(p / 32) * TILE + r * 32 + p % 32] = a.at(i, p).to_bits();
-                        }
-                    }
-                }
+            let (i0, live) = (blk * 16, 16.min(m.saturating_sub(blk * 16)));
+            if live == 0 {
+                return; // a zero block past the matrix
             }
-            if let Src::F32(mat) = a {
-                if mat.transposed && blk * 16 < m {
-                    // Row i of A is column i of the stored [k, m] matrix: each stored row gives
-                    // the block's 16 values at one K position.
-                    let (i0, live) = (blk * 16, 16.min(m - blk * 16));
-                    let mut vals = [0u16; 16];
-                    for p in 0..k {
-                        let src = &mat.data[p * mat.cols + i0..][..live];
-                        round_into(src, &mut vals[..live]);
-                        let tile = &mut dst[(p / 32) * TILE + p % 32..];
-                        for (r, &v) in vals[..live].iter().enumerate() {
-                            tile[r * 32] = v;
-                        }
+            if a.transposed {
+                // Row i of A is column i of the stored [k, m] matrix (a gradient read
+                // transposed): each stored row gives the block's values at one K position.
+                let mut vals = [0u16; 16];
+                for p in 0..k {
+                    round_into(&a.data[p * a.cols + i0..][..live], &mut vals[..live]);
+                    let tile = &mut dst[(p / 32) * TILE + p % 32..];
+                    for (r, &v) in vals[..live].iter().enumerate() {
+                        tile[r * 32] = v;
+                    }
+                }
+            } else {
+                // Rows contiguous: 32 values at a time into each tile's row.
+                for r in 0..live {
+                    for (t, chunk) in f32_row(&a, i0 + r).chunks(32).enumerate() {
+                        round_into(chunk, &mut dst[t * TILE + r * 32..][..chunk.len()]);
                     }
                 }
             }
@@ -208,16 +150,11 @@ fn pack_b(b: Src, n_pad: usize, k_pad: usize) -> Vec<u16> {
                         scatter_pairs(&col, dst, c);
                     }
                 }
-                Src::Bf16 {
-                    data,
-                    cols: stride,
-                    transposed: true,
-                    ..
-                } => {
+                Src::Bf16Rows { data, .. } => {
                     let mut col = vec![0u16; k_pad];
                     for c in 0..cols {
                         let j = blk * 16 + c;
-                        for (d, s) in col.iter_mut().zip(&data[j * stride..j * stride + k]) {
+                        for (d, s) in col.iter_mut().zip(&data[j * k..(j + 1) * k]) {
                             *d = s.to_bits();
                         }
                         scatter_pairs(&col, dst, c);
@@ -239,15 +176,6 @@ fn pack_b(b: Src, n_pad: usize, k_pad: usize) -> Vec<u16> {
                         for c in 0..cols {
                             row[2 * c] = r0[c];
                             row[2 * c + 1] = r1[c];
-                        }
-                    }
-                }
-                Src::Bf16 { .. } => {
-                    for c in 0..cols {
-                        for p in 0..k {
-                            let (t, q) = (p / 32, p % 32);
-                            dst[t * TILE + (q / 2) * 32 + c * 2 + q % 2] =
-                                b.at(p, blk * 16 + c).to_bits();
                         }
                     }
                 }
@@ -377,7 +305,7 @@ impl PackedB {
 
 /// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
 /// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
-pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumulate: bool) {
+pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Mat, b: Src, accumulate: bool) {
     let (k, k2) = (a.shape().1, b.shape().0);
     assert_eq!(k, k2, "amx: inner dimensions {k} and {k2} differ");
     matmul_packed(dst, dst_stride, a, &PackedB::new(b), accumulate)
@@ -387,7 +315,7 @@ pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Src, b: Src, accumul
 pub(crate) fn matmul_packed(
     dst: &mut [f32],
     dst_stride: usize,
-    a: Src,
+    a: Mat,
     b: &PackedB,
     accumulate: bool,
 ) {
@@ -448,7 +376,7 @@ mod tests {
         bf16::from_f32(x).to_f64()
     }
 
-    /// Every operand form the callers use (f32 as is and transposed, bf16 rows as is and
+    /// Every operand form the callers use (f32 as is and transposed, a bf16 weight's rows read
     /// transposed), shapes with tails in M, N and K, written into a column band of a wider
     /// destination and then accumulated: against f64 math on the bf16-rounded operands.
     #[test]
@@ -466,37 +394,15 @@ mod tests {
         ] {
             let a = pseudo(m * k, 1);
             let b = pseudo(k * n, 2);
-            let ab: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
-            let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
             // a as [m, k]; b stored as [n, k] (read transposed) or as [k, n].
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let btb: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-            let a_forms = [
-                Src::F32(Mat::new(&a, m, k)),
-                Src::F32(Mat::new(&at, k, m).t()),
-                Src::Bf16 {
-                    data: &ab,
-                    rows: m,
-                    cols: k,
-                    transposed: false,
-                },
-            ];
+            let a_forms = [Mat::new(&a, m, k), Mat::new(&at, k, m).t()];
             let b_forms = [
                 Src::F32(Mat::new(&b, k, n)),
                 Src::F32(Mat::new(&bt, n, k).t()),
-                Src::Bf16 {
-                    data: &bb,
-                    rows: k,
-                    cols: n,
-                    transposed: false,
-                },
-                Src::Bf16 {
-                    data: &btb,
-                    rows: n,
-                    cols: k,
-                    transposed: true,
-                },
+                Src::Bf16Rows { data: &btb, n, k },
             ];
             let want: Vec<f64> = (0..m * n)
                 .map(|e| {
@@ -562,10 +468,10 @@ mod tests {
             let (xm, wm) = (Mat::new(&x, rows, inp), Mat::new(&w, out, inp));
             let f32_gemm =
                 time(&mut || crate::kernels::gemm::matmul(&mut y, out, xm, wm.t(), false, true));
-            let amx = time(&mut || matmul(&mut y, out, Src::F32(xm), Src::F32(wm.t()), false));
+            let amx = time(&mut || matmul(&mut y, out, xm, Src::F32(wm.t()), false));
             let (mp, np, kp) = (round_up(rows, 32), round_up(out, 32), round_up(inp, 32));
             let t = std::time::Instant::now();
-            let pa = pack_a(Src::F32(xm), mp, kp);
+            let pa = pack_a(xm, mp, kp);
             let pb = pack_b(Src::F32(wm.t()), np, kp);
             let pack_ms = t.elapsed().as_secs_f64() * 1e3;
             let _ = (pa.len(), pb.len());

@@ -40,9 +40,8 @@ impl<'a> Mat<'a> {
         }
     }
 
-    /// Element (i, j) of the matrix as read (the AMX packers' general path).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    #[inline(always)]
+    /// Element (i, j) of the matrix as read (the tests' reference products).
+    #[cfg(test)]
     pub fn at(&self, i: usize, j: usize) -> f32 {
         if self.transposed {
             self.data[j * self.cols + i]
@@ -137,8 +136,8 @@ pub(crate) fn matmul_rhs(
         Rhs::F32(b) => matmul(dst, dst_stride, a, *b, accumulate, parallel),
         #[cfg(target_arch = "x86_64")]
         Rhs::Tiles(p) => {
-            use crate::kernels::amx::{matmul_packed, Src};
-            matmul_packed(dst, dst_stride, Src::F32(a), p, accumulate)
+            use crate::kernels::amx::matmul_packed;
+            matmul_packed(dst, dst_stride, a, p, accumulate)
         }
         Rhs::Rounded(values, b) => {
             let ra = rounded(&a);

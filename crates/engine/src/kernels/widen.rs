@@ -75,14 +75,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
         (&src, simd::level(), amx::available())
     {
         let mut out = vec![0f32; m * n];
-        let a = amx::Src::F32(crate::kernels::gemm::Mat::new(x, m, k));
-        let b = amx::Src::Bf16 {
-            data: w,
-            rows: n,
-            cols: k,
-            transposed: true,
-        };
-        amx::matmul(&mut out, n, a, b, false);
+        let a = crate::kernels::gemm::Mat::new(x, m, k);
+        amx::matmul(&mut out, n, a, amx::Src::Bf16Rows { data: w, n, k }, false);
         return Ok(out);
     }
     Ok(matmul_rows(x, m, k, n, &NarrowRows { w: src, k }))

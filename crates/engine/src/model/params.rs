@@ -4,7 +4,7 @@
 
 use crate::model::layout::{Layout, Part, Slot, EMBED, FINAL_NORM, LM_HEAD};
 use crate::model::weight::Weight;
-use crate::model::{Decoder, Layer, LinearGrad};
+use crate::model::{Decoder, Layer, Linear, LinearGrad};
 use anyhow::Result;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -125,25 +125,31 @@ impl Decoder {
         Ok(self.params_mut()?.into_iter().map(|(i, _)| i).collect())
     }
 
-    /// Sets how the training pass treats each layer's projections (q/k/v and o are the
-    /// attention module's, gate/up and down the MLP's).
+    /// Each layer's four projections with their slots.
+    fn projections_mut(&mut self) -> impl Iterator<Item = (usize, Slot, &mut Linear)> {
+        self.layers.iter_mut().enumerate().flat_map(|(l, layer)| {
+            let Layer { attn, mlp, .. } = layer;
+            [
+                (l, Slot::Qkv, &mut attn.qkv),
+                (l, Slot::O, &mut attn.o),
+                (l, Slot::GateUp, &mut mlp.gate_up),
+                (l, Slot::Down, &mut mlp.down),
+            ]
+        })
+    }
+
     /// The arithmetic of every layer projection's training products.
     pub fn set_train_precision(&mut self, precision: crate::kernels::gemm::Precision) {
-        for layer in &mut self.layers {
-            let Layer { attn, mlp, .. } = layer;
-            for lin in [&mut attn.qkv, &mut attn.o, &mut mlp.gate_up, &mut mlp.down] {
-                lin.precision = precision;
-            }
+        for (_, _, lin) in self.projections_mut() {
+            lin.precision = precision;
         }
     }
 
+    /// Sets how the training pass treats each layer's projections (q/k/v and o are the
+    /// attention module's, gate/up and down the MLP's).
     pub fn set_linear_grads(&mut self, mut grad: impl FnMut(usize, Slot) -> LinearGrad) {
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let Layer { attn, mlp, .. } = layer;
-            attn.qkv.grad = grad(l, Slot::Qkv);
-            attn.o.grad = grad(l, Slot::O);
-            mlp.gate_up.grad = grad(l, Slot::GateUp);
-            mlp.down.grad = grad(l, Slot::Down);
+        for (l, slot, lin) in self.projections_mut() {
+            lin.grad = grad(l, slot);
         }
     }
 
