@@ -242,14 +242,25 @@ def other_cores():
 
 
 def machine():
-    cpu = "unknown"
+    # A virtual machine often names only the vendor ("AMD EPYC"): family and model tell the
+    # generation (family 25 model 17 is Zen 4, family 6 model 143 Sapphire Rapids).
+    cpu, fam, mod = "unknown", None, None
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "model name" and cpu == "unknown":
+                cpu = val
+            elif key == "cpu family" and fam is None:
+                fam = val
+            elif key == "model" and mod is None:
+                mod = val
+            elif not key:
                 break
     except OSError:
         pass
+    if fam is not None and mod is not None:
+        cpu = f"{cpu} (family {fam} model {mod})"
     mem = ""
     try:
         for line in open("/proc/meminfo"):
@@ -264,7 +275,7 @@ def machine():
             f"commit {commit}{' (modified)' if dirty else ''}")
 
 
-SIMD_FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "asimd"]
+SIMD_FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16", "asimd"]
 
 
 def simd():
