@@ -15,7 +15,8 @@
 //! tiles (tmm6-7) per step of K = 32.
 
 use crate::kernels::gemm::Mat;
-use half::bf16;
+pub(crate) use crate::kernels::pack::Src;
+use crate::kernels::pack::{f32_row, round_into, round_up};
 use rayon::prelude::*;
 
 /// Whether the AMX kernel can run here (checked once per process). A forced SIMD level below
@@ -52,46 +53,7 @@ pub fn available() -> bool {
     }
 }
 
-/// The right-hand operand: f32 through a `Mat` view, or a bf16 weight's rows `[n, k]` read
-/// transposed (the inference prefill's `x · Wᵀ`).
-#[derive(Clone, Copy)]
-pub(crate) enum Src<'a> {
-    F32(Mat<'a>),
-    Bf16Rows {
-        data: &'a [bf16],
-        n: usize,
-        k: usize,
-    },
-}
-
-impl Src<'_> {
-    /// The shape as read: `[k, n]`.
-    fn shape(&self) -> (usize, usize) {
-        match *self {
-            Src::F32(m) => m.shape(),
-            Src::Bf16Rows { n, k, .. } => (k, n),
-        }
-    }
-}
-
 const TILE: usize = 512; // bf16 elements in one 16 x 32 tile (1 KiB)
-
-fn round_up(x: usize, to: usize) -> usize {
-    x.div_ceil(to) * to
-}
-
-/// `src` rounded to bf16 (nearest even) into `dst` (same length), as bits.
-#[inline(always)]
-fn round_into(src: &[f32], dst: &mut [u16]) {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    dst.reinterpret_cast_mut::<bf16>()
-        .convert_from_f32_slice(src);
-}
-
-/// Row `i` of the matrix as read, when it is contiguous in memory.
-fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
-    &m.data[i * m.cols..(i + 1) * m.cols]
-}
 
 /// A `[m, k]`, packed: block `r` of 16 rows holds its `k/32` tiles in K order; rows and columns
 /// past the matrix are zero. `m_pad` is a multiple of 32, `k_pad` of 32.
@@ -140,43 +102,29 @@ fn pack_b(b: Src, n_pad: usize, k_pad: usize) -> Vec<u16> {
             if cols == 0 {
                 return; // a zero block past the matrix
             }
-            match b {
-                // Columns contiguous (a weight [n, k] read transposed): one column rounded,
-                // then its K pairs written as 32-bit words down the tiles.
-                Src::F32(mat) if mat.transposed => {
-                    let mut col = vec![0u16; k_pad];
-                    for c in 0..cols {
-                        round_into(f32_row(&mat, blk * 16 + c), &mut col[..k]);
-                        scatter_pairs(&col, dst, c);
-                    }
+            if b.columns_contiguous() {
+                // A weight [n, k] read transposed: one column at a time, its K pairs written
+                // as 32-bit words down the tiles.
+                let mut col = vec![0u16; k_pad];
+                for c in 0..cols {
+                    b.column_bits(blk * 16 + c, &mut col);
+                    scatter_pairs(&col, dst, c);
                 }
-                Src::Bf16Rows { data, .. } => {
-                    let mut col = vec![0u16; k_pad];
-                    for c in 0..cols {
-                        let j = blk * 16 + c;
-                        for (d, s) in col.iter_mut().zip(&data[j * k..(j + 1) * k]) {
-                            *d = s.to_bits();
-                        }
-                        scatter_pairs(&col, dst, c);
-                    }
-                }
+            } else {
                 // Rows contiguous: two rows' 16-column segments rounded and interleaved.
-                Src::F32(mat) => {
-                    let (mut r0, mut r1) = ([0u16; 16], [0u16; 16]);
-                    for pair in 0..k.div_ceil(2) {
-                        let p = 2 * pair;
-                        let seg = |i: usize| &f32_row(&mat, i)[blk * 16..blk * 16 + cols];
-                        round_into(seg(p), &mut r0[..cols]);
-                        if p + 1 < k {
-                            round_into(seg(p + 1), &mut r1[..cols]);
-                        } else {
-                            r1 = [0; 16];
-                        }
-                        let row = &mut dst[(p / 32) * TILE + ((p % 32) / 2) * 32..][..32];
-                        for c in 0..cols {
-                            row[2 * c] = r0[c];
-                            row[2 * c + 1] = r1[c];
-                        }
+                let (mut r0, mut r1) = ([0u16; 16], [0u16; 16]);
+                for pair in 0..k.div_ceil(2) {
+                    let p = 2 * pair;
+                    b.row_bits(p, blk * 16, &mut r0[..cols]);
+                    if p + 1 < k {
+                        b.row_bits(p + 1, blk * 16, &mut r1[..cols]);
+                    } else {
+                        r1 = [0; 16];
+                    }
+                    let row = &mut dst[(p / 32) * TILE + ((p % 32) / 2) * 32..][..32];
+                    for c in 0..cols {
+                        row[2 * c] = r0[c];
+                        row[2 * c + 1] = r1[c];
                     }
                 }
             }
@@ -371,6 +319,7 @@ pub(crate) fn matmul_packed(
 mod tests {
     use super::*;
     use crate::kernels::pseudo;
+    use half::bf16;
 
     fn r(x: f32) -> f64 {
         bf16::from_f32(x).to_f64()

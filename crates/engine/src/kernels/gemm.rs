@@ -70,9 +70,10 @@ pub enum Precision {
     Bf16,
 }
 
-/// `matmul` in `precision`. bf16 runs on AMX tiles where the CPU has them; elsewhere the same
-/// arithmetic on the f32 gemm, on copies of the operands rounded to bf16 (no faster than f32
-/// there, but the same numbers on every CPU).
+/// `matmul` in `precision`. bf16 runs on AMX tiles where the CPU has them, else on AVX-512
+/// BF16's `vdpbf16ps` where it has that; elsewhere the same arithmetic on the f32 gemm, on
+/// copies of the operands rounded to bf16 (no faster than f32 there, but the same numbers on
+/// every CPU up to the order of the f32 sums).
 pub(crate) fn matmul_in(
     precision: Precision,
     dst: &mut [f32],
@@ -93,11 +94,14 @@ pub(crate) fn matmul_in(
 }
 
 /// A right-hand operand prepared once for several products in one precision: as it is (f32),
-/// packed into AMX tiles, or rounded to bf16 values (bf16 without AMX).
+/// packed into AMX tiles or into `vdpbf16ps` pairs, or rounded to bf16 values (bf16 on a CPU
+/// with neither).
 pub(crate) enum Rhs<'a> {
     F32(Mat<'a>),
     #[cfg(target_arch = "x86_64")]
     Tiles(crate::kernels::amx::PackedB),
+    #[cfg(target_arch = "x86_64")]
+    Pairs(crate::kernels::dpbf16::PackedB),
     Rounded(Vec<f32>, Mat<'a>),
 }
 
@@ -110,6 +114,11 @@ impl<'a> Rhs<'a> {
         if crate::kernels::amx::available() {
             use crate::kernels::amx::{PackedB, Src};
             return Rhs::Tiles(PackedB::new(Src::F32(b)));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::dpbf16::available() {
+            use crate::kernels::dpbf16::PackedB;
+            return Rhs::Pairs(PackedB::new(crate::kernels::pack::Src::F32(b)));
         }
         Rhs::Rounded(rounded(&b), b)
     }
@@ -138,6 +147,10 @@ pub(crate) fn matmul_rhs(
         Rhs::Tiles(p) => {
             use crate::kernels::amx::matmul_packed;
             matmul_packed(dst, dst_stride, a, p, accumulate)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Rhs::Pairs(p) => {
+            crate::kernels::dpbf16::matmul_packed(dst, dst_stride, a, p, accumulate, parallel)
         }
         Rhs::Rounded(values, b) => {
             let ra = rounded(&a);
@@ -264,7 +277,7 @@ mod precision_tests {
     use super::*;
     use crate::kernels::pseudo;
 
-    /// bf16 precision (AMX where the CPU has it, rounded copies otherwise) against f64 math on
+    /// bf16 precision (AMX or `vdpbf16ps` where the CPU has them, rounded copies otherwise) against f64 math on
     /// the bf16-rounded operands, for the three operand forms of a training linear; and not
     /// equal to the f32 product (the rounding happened).
     #[test]

@@ -1,6 +1,7 @@
 //! CPU kernels the decoder calls where candle's general ops are slow for our shapes or hold
 //! too much memory: the decode-step matmul (few rows, each weight row streamed once), matmuls on
-//! bf16/f16 weights widened a tile at a time, matmuls on quantized weights, and inference
+//! bf16/f16 weights widened a tile at a time, bf16 products (AMX tiles or `vdpbf16ps`) where bf16
+//! compute is asked for, matmuls on quantized weights, and inference
 //! attention. Each has a scalar reference path and SIMD paths chosen at run time (`simd`).
 //! `device_ops` holds the decoder's paths off the CPU (candle's ops: CUDA kernels and cuBLAS).
 
@@ -9,8 +10,12 @@ pub(crate) mod amx;
 pub(crate) mod attention;
 pub(crate) mod bf16_rows;
 pub mod device_ops;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod dpbf16;
 pub(crate) mod gemm;
 pub mod matmul_small;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod pack;
 pub mod quant;
 pub mod simd;
 pub mod widen;

@@ -28,8 +28,9 @@ pub enum Level {
     Avx2,
     /// AVX-512 F, BW and VL, on top of `Avx2`'s set.
     Avx512,
-    /// `Avx512` plus AVX-512 BF16: decode steps on bf16 weights take `vdpbf16ps` with the
-    /// activations rounded to bf16 (`bf16_rows`). Never chosen by `auto`, because it changes
+    /// `Avx512` plus AVX-512 BF16: products on bf16 weights round the activations to bf16 and
+    /// take `vdpbf16ps` (decode steps: `bf16_rows`; prefills: `amx` tiles where the CPU has
+    /// them, else `dpbf16`). Never chosen by `auto`, because it changes
     /// results (every other kernel runs its `Avx512` path here); forced, it is the way to ask
     /// for that speed.
     Avx512Bf16,

@@ -69,14 +69,18 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
         }
     }
     // A prefill with bf16 compute asked for (the `avx512bf16` level) runs on AMX tiles where
-    // the CPU has them: activations rounded to bf16 as the decode steps' `vdpbf16ps` rounds them.
+    // the CPU has them, else on `vdpbf16ps` (which the level implies): activations rounded to
+    // bf16 as the decode steps round them.
     #[cfg(target_arch = "x86_64")]
-    if let (Narrow::Bf16(w), simd::Level::Avx512Bf16, true) =
-        (&src, simd::level(), amx::available())
-    {
+    if let (Narrow::Bf16(w), simd::Level::Avx512Bf16) = (&src, simd::level()) {
         let mut out = vec![0f32; m * n];
         let a = crate::kernels::gemm::Mat::new(x, m, k);
-        amx::matmul(&mut out, n, a, amx::Src::Bf16Rows { data: w, n, k }, false);
+        let b = crate::kernels::pack::Src::Bf16Rows { data: w, n, k };
+        if amx::available() {
+            amx::matmul(&mut out, n, a, b, false);
+        } else {
+            crate::kernels::dpbf16::matmul(&mut out, n, a, b, false, true);
+        }
         return Ok(out);
     }
     Ok(matmul_rows(x, m, k, n, &NarrowRows { w: src, k }))
@@ -152,8 +156,8 @@ mod tests {
     use crate::kernels::pseudo;
     use candle_core::Device;
 
-    /// Under the `avx512bf16` level a prefill on bf16 weights runs on AMX where the CPU has it;
-    /// it must equal the level's decode path (`vdpbf16ps` on the same bf16-rounded activations,
+    /// Under the `avx512bf16` level a prefill on bf16 weights runs on AMX where the CPU has it,
+    /// on `vdpbf16ps` where not; it must equal the level's decode path (`vdpbf16ps` on the same bf16-rounded activations,
     /// 32 rows at a time) up to f32 summation order. Runs in a process started with
     /// SAFETY_LAYERS_SIMD=avx512bf16 (.ci/run does, where the CPU has AVX-512 BF16).
     #[test]
