@@ -9,44 +9,108 @@ use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Serialises tensors (by Hugging Face name) as one safetensors file in `dtype` (f32, bf16, f16).
-pub fn safetensors_bytes(
-    tensors: &BTreeMap<String, Tensor>,
+/// One tensor's values for `write_safetensors`: a tensor (any device, dtype and layout), or f32
+/// values in memory with their shape.
+pub enum Values<'a> {
+    Tensor(&'a Tensor),
+    F32(&'a [f32], Vec<usize>),
+}
+
+impl Values<'_> {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Values::Tensor(t) => t.dims().to_vec(),
+            Values::F32(_, shape) => shape.clone(),
+        }
+    }
+
+    /// Hands the values to `f` in order, a bounded chunk at a time, without copying a CPU f32
+    /// tensor (others are converted one tensor at a time).
+    fn for_each_chunk(&self, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        const CHUNK: usize = 1 << 16;
+        let t = match self {
+            Values::F32(v, _) => return v.chunks(CHUNK).try_for_each(f),
+            Values::Tensor(t) => t
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+        };
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+            bail!("expected f32 values on the CPU after conversion");
+        };
+        let start = layout.start_offset();
+        v[start..start + t.elem_count()]
+            .chunks(CHUNK)
+            .try_for_each(f)
+    }
+}
+
+/// Writes tensors (by Hugging Face name) to `path` as one safetensors file in `dtype` (f32,
+/// bf16, f16), converting and writing a chunk at a time: the file's bytes are never held in
+/// memory (a fine-tuned model's weights are as large as the model, a checkpoint's optimizer
+/// moments twice that, and they would come on top of the training run's own peak).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, Values>,
     dtype: DType,
     meta: Option<std::collections::HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    let st_dtype = match dtype {
-        DType::F32 => safetensors::Dtype::F32,
-        DType::BF16 => safetensors::Dtype::BF16,
-        DType::F16 => safetensors::Dtype::F16,
+) -> Result<()> {
+    use std::io::Write;
+    let (st_dtype, elem) = match dtype {
+        DType::F32 => ("F32", 4),
+        DType::BF16 => ("BF16", 2),
+        DType::F16 => ("F16", 2),
         other => bail!("cannot write weights as {other:?} (supported: f32, bf16, f16)"),
     };
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let bytes: Vec<u8> = match dtype {
-            DType::F32 => flat.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::BF16 => flat
-                .iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                .collect(),
-            _ => flat
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect(),
-        };
-        buffers.push((name.clone(), t.dims().to_vec(), bytes));
+    let mut header = serde_json::Map::new();
+    if let Some(meta) = meta {
+        header.insert("__metadata__".into(), serde_json::json!(meta));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, shape, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    Ok(safetensors::tensor::serialize(views, meta)?)
+    let mut offset = 0usize;
+    for (name, v) in tensors {
+        let shape = v.shape();
+        let end = offset + shape.iter().product::<usize>() * elem;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // Padded with spaces to 8 bytes, as the safetensors library writes it (aligned data).
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let what = || format!("cannot write {}", path.display());
+    let file = std::fs::File::create(path).with_context(what)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .and_then(|()| w.write_all(&head))
+        .with_context(what)?;
+    let mut bytes = Vec::new();
+    for v in tensors.values() {
+        v.for_each_chunk(&mut |chunk| {
+            bytes.clear();
+            match dtype {
+                DType::F32 => bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes())),
+                DType::BF16 => bytes.extend(
+                    chunk
+                        .iter()
+                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()),
+                ),
+                _ => bytes.extend(
+                    chunk
+                        .iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes()),
+                ),
+            }
+            w.write_all(&bytes).with_context(what)
+        })?;
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(what)?;
+    file.sync_data().with_context(what)
 }
 
 /// config.json, tokenizer files and generation_config.json of a GGUF model, as a Hugging Face
@@ -93,7 +157,7 @@ pub fn write_hf_files(
     max_shard_bytes: usize,
 ) -> Result<()> {
     let elem = if dtype == DType::F32 { 4 } else { 2 };
-    let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
+    let mut shards: Vec<BTreeMap<String, Values>> = vec![BTreeMap::new()];
     let mut size = 0usize;
     let mut total = 0usize;
     for (name, t) in tensors {
@@ -105,23 +169,21 @@ pub fn write_hf_files(
         shards
             .last_mut()
             .expect("one shard")
-            .insert(name.clone(), t.clone());
+            .insert(name.clone(), Values::Tensor(t));
         size += bytes;
         total += bytes;
     }
     let meta: std::collections::HashMap<String, String> =
         [("format".to_string(), "pt".to_string())].into();
     if shards.len() == 1 {
-        stage.write(
-            "model.safetensors",
-            &safetensors_bytes(&shards[0], dtype, Some(meta))?,
-        )?;
+        let path = stage.path().join("model.safetensors");
+        write_safetensors(&path, &shards[0], dtype, Some(meta))?;
     } else {
         let n = shards.len();
         let mut map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
             let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-            stage.write(&file, &safetensors_bytes(shard, dtype, Some(meta.clone()))?)?;
+            write_safetensors(&stage.path().join(&file), shard, dtype, Some(meta.clone()))?;
             for name in shard.keys() {
                 map.insert(name.clone(), serde_json::json!(file));
             }
@@ -157,4 +219,87 @@ pub fn convert_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let tensors: BTreeMap<String, Tensor> = g.weights.into_tensors()?.into_iter().collect();
     write_hf_files(&stage, &tensors, dtype, &side, usize::MAX)?;
     stage.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Every dtype, tensors of several shapes (one longer than a chunk, one not contiguous, one
+    /// bf16, one from a slice) and metadata: read back by the safetensors library, the values
+    /// are the tensors' own rounded to the file's dtype.
+    #[test]
+    fn written_files_read_back_with_the_safetensors_library() {
+        let dir = std::env::temp_dir().join(format!("sl-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let long: Vec<f32> = (0..70_000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a = Tensor::from_vec(long.clone(), (7, 10_000), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(
+            vec![1.5f32, -2.25, 3.0, 1e-3, 7.0, -0.1],
+            (2, 3),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .t()
+        .unwrap();
+        let c = b.to_dtype(DType::BF16).unwrap();
+        let slice = [0.1f32, 0.2, 0.3, 0.4];
+        let mut tensors = BTreeMap::new();
+        tensors.insert("a.weight".to_string(), Values::Tensor(&a));
+        tensors.insert("b".to_string(), Values::Tensor(&b));
+        tensors.insert("c".to_string(), Values::Tensor(&c));
+        tensors.insert("m.d".to_string(), Values::F32(&slice, vec![2, 2]));
+        let want = |name: &str| -> Vec<f32> {
+            match name {
+                "a.weight" => long.clone(),
+                "b" => b.flatten_all().unwrap().to_vec1().unwrap(),
+                "c" => c
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                _ => slice.to_vec(),
+            }
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let path = dir.join(format!("{dtype:?}.safetensors"));
+            let meta = [("format".to_string(), "pt".to_string())].into();
+            write_safetensors(&path, &tensors, dtype, Some(meta)).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let (_, info) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            assert_eq!(info.metadata().as_ref().unwrap()["format"], "pt");
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            assert_eq!(st.len(), 4);
+            for (name, v) in &tensors {
+                let view = st.tensor(name).unwrap();
+                assert_eq!(view.shape(), v.shape().as_slice(), "{name}");
+                let got = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let rounded = Tensor::new(want(name), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(got, rounded, "{name} as {dtype:?}");
+            }
+        }
+        let err = write_safetensors(&dir.join("x"), &tensors, DType::U8, None).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot write weights as U8"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

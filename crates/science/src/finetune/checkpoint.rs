@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sl_engine::io::atomic::StagedDir;
-use sl_engine::io::hf_dir::safetensors_bytes;
+use sl_engine::io::hf_dir::{write_safetensors, Values};
 use sl_engine::train::trainer::Trainer;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -71,24 +71,27 @@ pub fn save(trainer: &Trainer, ckpt: &Checkpoint, out: &Path) -> Result<()> {
     let mut moments = BTreeMap::new();
     let host = trainer.optimizer.host_moments()?;
     for ((info, var), st) in trainer.trainable.iter().zip(&host) {
-        params.insert(info.name.clone(), var.as_tensor().clone());
+        params.insert(info.name.clone(), Values::Tensor(var.as_tensor()));
         let shape = var.dims().to_vec();
         moments.insert(
             format!("m.{}", info.name),
-            Tensor::from_slice(&st.m, shape.as_slice(), &Device::Cpu)?,
+            Values::F32(&st.m, shape.clone()),
         );
-        moments.insert(
-            format!("v.{}", info.name),
-            Tensor::from_slice(&st.v, shape.as_slice(), &Device::Cpu)?,
-        );
+        moments.insert(format!("v.{}", info.name), Values::F32(&st.v, shape));
     }
-    stage.write(
-        "params.safetensors",
-        &safetensors_bytes(&params, DType::F32, None)?,
+    // Streamed to the files: the moments are twice the model, and a checkpoint is written in
+    // the middle of a run, on top of its peak.
+    write_safetensors(
+        &stage.path().join("params.safetensors"),
+        &params,
+        DType::F32,
+        None,
     )?;
-    stage.write(
-        "optimizer.safetensors",
-        &safetensors_bytes(&moments, DType::F32, None)?,
+    write_safetensors(
+        &stage.path().join("optimizer.safetensors"),
+        &moments,
+        DType::F32,
+        None,
     )?;
     let mut state = serde_json::to_value(ckpt)?;
     state["optimizer_step"] = json!(trainer.optimizer.step);
