@@ -277,12 +277,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::pack::check_bf16_product;
     use crate::kernels::pseudo;
-    use half::bf16;
-
-    fn r(x: f32) -> f64 {
-        bf16::from_f32(x).to_f64()
-    }
 
     /// Skips (saying so) where the CPU lacks AVX-512 BF16, and fails there instead when
     /// SAFETY_LAYERS_REQUIRE_SIMD=avx512bf16 says this machine has it.
@@ -299,65 +295,24 @@ mod tests {
         false
     }
 
-    /// Every operand form the callers use (f32 as is and transposed, a bf16 weight's rows read
-    /// transposed), shapes with tails in M, N and K, several K slices and tasks, odd K, written
-    /// into a column band of a wider destination and then accumulated, threaded and not:
-    /// against f64 math on the bf16-rounded operands.
+    /// Every operand form the callers use (`pack::check_bf16_product`), shapes with tails in M,
+    /// N and K, several K slices and tasks, odd K, threaded and not.
     #[test]
     fn equals_f64_math_on_bf16_rounded_operands() {
         if !runs_here() {
             return;
         }
-        for (m, k, n) in [
+        let shapes = [
             (1, 1, 1),
             (5, 7, 3),
             (13, 70, 65),
             (64, 576, 96),
             (200, 1101, 130),
             (7, 64, 700),
-        ] {
-            let a = pseudo(m * k, 1);
-            let b = pseudo(k * n, 2);
-            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            let btb: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
-            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-            let a_forms = [Mat::new(&a, m, k), Mat::new(&at, k, m).t()];
-            let b_forms = [
-                Src::F32(Mat::new(&b, k, n)),
-                Src::F32(Mat::new(&bt, n, k).t()),
-                Src::Bf16Rows { data: &btb, n, k },
-            ];
-            let want: Vec<f64> = (0..m * n)
-                .map(|e| {
-                    (0..k)
-                        .map(|p| r(a[(e / n) * k + p]) * r(b[p * n + e % n]))
-                        .sum()
-                })
-                .collect();
-            for (ai, af) in a_forms.iter().enumerate() {
-                for (bi, bf) in b_forms.iter().enumerate() {
-                    let parallel = (ai + bi) % 2 == 0;
-                    let stride = n + 3;
-                    let mut dst = vec![9f32; (m - 1) * stride + n + 2];
-                    matmul(&mut dst[2..], stride, *af, *bf, false, parallel);
-                    matmul(&mut dst[2..], stride, *af, *bf, true, !parallel);
-                    assert_eq!(dst[0], 9.0);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let got = dst[2 + i * stride + j] as f64;
-                            let e = 2.0 * want[i * n + j];
-                            assert!(
-                                (got - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt(),
-                                "{m}x{k}x{n} a{ai} b{bi} ({i},{j}): {got} vs {e}"
-                            );
-                        }
-                        if i + 1 < m {
-                            assert_eq!(dst[2 + i * stride + n], 9.0, "column band");
-                        }
-                    }
-                }
-            }
-        }
+        ];
+        check_bf16_product(&shapes, &|d, s, a, b, acc, call| {
+            matmul(d, s, a, b, acc, call % 3 != 0)
+        });
     }
 
     /// GFLOP/s of the training shapes (SmolLM2, 433 rows), packing included, against the f32
@@ -386,14 +341,7 @@ mod tests {
             let w = pseudo(out * inp, 2);
             let mut y = vec![0f32; rows * out];
             let flops = 2.0 * (rows * inp * out) as f64;
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                let t = std::time::Instant::now();
-                for _ in 0..5 {
-                    f();
-                }
-                flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
-            };
+            let time = |f: &mut dyn FnMut()| crate::kernels::gflops(flops, f);
             // The head's input gradient reads the head [vocab, hidden] as it is stored.
             let (xm, wm) = if inp == 49152 {
                 (Mat::new(&x, rows, inp), Mat::new(&w, inp, out).t())

@@ -336,14 +336,7 @@ mod timing {
             let mut dx = vec![0f32; n * inp];
             let mut dw = vec![0f32; out * inp];
             let flops = 2.0 * (n * inp * out) as f64;
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                let t = std::time::Instant::now();
-                for _ in 0..5 {
-                    f();
-                }
-                flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
-            };
+            let time = |f: &mut dyn FnMut()| crate::kernels::gflops(flops, f);
             let (xm, wm, dym) = (
                 Mat::new(&x, n, inp),
                 Mat::new(&w, out, inp),

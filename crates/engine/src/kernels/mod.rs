@@ -33,3 +33,15 @@ pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// GFLOP/s of `f` doing `flops` per call: one warm-up call, then five timed (the kernels'
+/// ignored timing tests).
+#[cfg(test)]
+pub(crate) fn gflops(flops: f64, f: &mut dyn FnMut()) -> f64 {
+    f();
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        f();
+    }
+    flops * 5.0 / t.elapsed().as_secs_f64() / 1e9
+}

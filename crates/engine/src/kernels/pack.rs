@@ -72,3 +72,61 @@ pub(crate) fn round_into(src: &[f32], dst: &mut [u16]) {
 pub(crate) fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
     &m.data[i * m.cols..(i + 1) * m.cols]
 }
+
+/// The bf16 product kernels' shared test: `mul(dst, dst_stride, a, b, accumulate, call)` on every
+/// operand form the callers use (A as is and transposed; B as f32 as is, f32 transposed, a bf16
+/// weight's rows read transposed), for each `(m, k, n)`, written into a column band of a wider
+/// destination and then accumulated; against f64 math on the bf16-rounded operands. `call`
+/// counts the calls, for a kernel to vary its own options by.
+#[cfg(test)]
+pub(crate) fn check_bf16_product(
+    shapes: &[(usize, usize, usize)],
+    mul: &dyn Fn(&mut [f32], usize, Mat, Src, bool, usize),
+) {
+    let r = |x: f32| bf16::from_f32(x).to_f64();
+    let mut call = 0;
+    for &(m, k, n) in shapes {
+        let a = crate::kernels::pseudo(m * k, 1);
+        let b = crate::kernels::pseudo(k * n, 2);
+        // a as [m, k]; b stored as [n, k] (read transposed) or as [k, n].
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let btb: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let a_forms = [Mat::new(&a, m, k), Mat::new(&at, k, m).t()];
+        let b_forms = [
+            Src::F32(Mat::new(&b, k, n)),
+            Src::F32(Mat::new(&bt, n, k).t()),
+            Src::Bf16Rows { data: &btb, n, k },
+        ];
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                (0..k)
+                    .map(|p| r(a[(e / n) * k + p]) * r(b[p * n + e % n]))
+                    .sum()
+            })
+            .collect();
+        for (ai, af) in a_forms.iter().enumerate() {
+            for (bi, bf) in b_forms.iter().enumerate() {
+                let stride = n + 3;
+                let mut dst = vec![9f32; (m - 1) * stride + n + 2];
+                mul(&mut dst[2..], stride, *af, *bf, false, call);
+                mul(&mut dst[2..], stride, *af, *bf, true, call + 1);
+                call += 2;
+                assert_eq!(dst[0], 9.0);
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = dst[2 + i * stride + j] as f64;
+                        let e = 2.0 * want[i * n + j];
+                        assert!(
+                            (got - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt(),
+                            "{m}x{k}x{n} a{ai} b{bi} ({i},{j}): {got} vs {e}"
+                        );
+                    }
+                    if i + 1 < m {
+                        assert_eq!(dst[2 + i * stride + n], 9.0, "column band");
+                    }
+                }
+            }
+        }
+    }
+}
