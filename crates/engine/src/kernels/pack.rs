@@ -73,16 +73,17 @@ pub(crate) fn f32_row<'a>(m: &Mat<'a>, i: usize) -> &'a [f32] {
     &m.data[i * m.cols..(i + 1) * m.cols]
 }
 
+/// A kernel under `check_bf16_product`: `(dst, dst_stride, a, b, accumulate, call)`.
+#[cfg(test)]
+pub(crate) type Bf16Product = dyn Fn(&mut [f32], usize, Mat, Src, bool, usize);
+
 /// The bf16 product kernels' shared test: `mul(dst, dst_stride, a, b, accumulate, call)` on every
 /// operand form the callers use (A as is and transposed; B as f32 as is, f32 transposed, a bf16
 /// weight's rows read transposed), for each `(m, k, n)`, written into a column band of a wider
 /// destination and then accumulated; against f64 math on the bf16-rounded operands. `call`
 /// counts the calls, for a kernel to vary its own options by.
 #[cfg(test)]
-pub(crate) fn check_bf16_product(
-    shapes: &[(usize, usize, usize)],
-    mul: &dyn Fn(&mut [f32], usize, Mat, Src, bool, usize),
-) {
+pub(crate) fn check_bf16_product(shapes: &[(usize, usize, usize)], mul: &Bf16Product) {
     let r = |x: f32| bf16::from_f32(x).to_f64();
     let mut call = 0;
     for &(m, k, n) in shapes {
