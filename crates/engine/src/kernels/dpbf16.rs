@@ -13,7 +13,7 @@
 //! stays in L1 while the slices of B's blocks one task sweeps stay in L2.
 
 use crate::kernels::gemm::Mat;
-use crate::kernels::pack::{f32_row, round_into, Src};
+use crate::kernels::pack::{bf16_bits, f32_row, round_into, Src};
 use rayon::prelude::*;
 
 const MR: usize = 6;
@@ -97,17 +97,19 @@ impl PackedB {
                         }
                     }
                 } else {
-                    // Rows contiguous: two rows' segments rounded and interleaved.
-                    let (mut r0, mut r1) = ([0u16; NR], [0u16; NR]);
-                    for p in 0..kp {
-                        b.row_bits(2 * p, j0, &mut r0[..cols]);
+                    // Rows contiguous: two rows' segments rounded and interleaved in one
+                    // pass (a loop that vectorises).
+                    for (p, out) in dst.chunks_exact_mut(NR).enumerate() {
+                        let r0 = &b.row(2 * p)[j0..j0 + cols];
                         if 2 * p + 1 < k {
-                            b.row_bits(2 * p + 1, j0, &mut r1[..cols]);
+                            let r1 = &b.row(2 * p + 1)[j0..j0 + cols];
+                            for ((o, &x0), &x1) in out.iter_mut().zip(r0).zip(r1) {
+                                *o = word(bf16_bits(x0), bf16_bits(x1));
+                            }
                         } else {
-                            r1 = [0; NR];
-                        }
-                        for c in 0..cols {
-                            dst[p * NR + c] = word(r0[c], r1[c]);
+                            for (o, &x0) in out.iter_mut().zip(r0) {
+                                *o = bf16_bits(x0) as u32;
+                            }
                         }
                     }
                 }
