@@ -57,12 +57,13 @@ pub fn write_safetensors(
     meta: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
     use std::io::Write;
-    let (st_dtype, elem) = match dtype {
-        DType::F32 => ("F32", 4),
-        DType::BF16 => ("BF16", 2),
-        DType::F16 => ("F16", 2),
+    let st_dtype = match dtype {
+        DType::F32 => "F32",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
         other => bail!("cannot write weights as {other:?} (supported: f32, bf16, f16)"),
     };
+    let elem = dtype.size_in_bytes();
     let mut header = serde_json::Map::new();
     if let Some(meta) = meta {
         header.insert("__metadata__".into(), serde_json::json!(meta));
@@ -156,7 +157,7 @@ pub fn write_hf_files(
     side: &BTreeMap<String, Vec<u8>>,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    let elem = if dtype == DType::F32 { 4 } else { 2 };
+    let elem = dtype.size_in_bytes();
     let mut shards: Vec<BTreeMap<String, Values>> = vec![BTreeMap::new()];
     let mut size = 0usize;
     let mut total = 0usize;

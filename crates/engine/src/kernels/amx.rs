@@ -15,8 +15,7 @@
 //! tiles (tmm6-7) per step of K = 32.
 
 use crate::kernels::gemm::Mat;
-pub(crate) use crate::kernels::pack::Src;
-use crate::kernels::pack::{f32_row, round_into, round_up};
+use crate::kernels::pack::{f32_row, round_into, round_up, Src};
 use rayon::prelude::*;
 
 /// Whether the AMX kernel can run here (checked once per process). A forced SIMD level below
@@ -251,15 +250,16 @@ impl PackedB {
     }
 }
 
-/// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
-/// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
+/// `matmul_packed` with B packed here (the tests).
+#[cfg(test)]
 pub(crate) fn matmul(dst: &mut [f32], dst_stride: usize, a: Mat, b: Src, accumulate: bool) {
     let (k, k2) = (a.shape().1, b.shape().0);
     assert_eq!(k, k2, "amx: inner dimensions {k} and {k2} differ");
     matmul_packed(dst, dst_stride, a, &PackedB::new(b), accumulate)
 }
 
-/// `matmul` with B already packed.
+/// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32 on AMX tiles, threaded on rayon.
+/// `dst` is row-major with row stride `dst_stride` (>= n). Callers check `available()`.
 pub(crate) fn matmul_packed(
     dst: &mut [f32],
     dst_stride: usize,
@@ -348,14 +348,8 @@ mod tests {
             eprintln!("skipped: no AMX");
             return;
         }
-        let rows = 433;
-        for (inp, out) in [
-            (576, 960),
-            (576, 576),
-            (576, 3072),
-            (1536, 576),
-            (576, 49152),
-        ] {
+        let rows = crate::kernels::TRAINING_ROWS;
+        for (inp, out) in crate::kernels::TRAINING_SHAPES {
             let x = pseudo(rows * inp, 1);
             let w = pseudo(out * inp, 2);
             let mut y = vec![0f32; rows * out];

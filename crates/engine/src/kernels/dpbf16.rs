@@ -118,9 +118,8 @@ impl PackedB {
     }
 }
 
-/// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32, threaded on rayon when
-/// `parallel`. `dst` is row-major with row stride `dst_stride` (>= n). Callers check
-/// `available()`.
+/// `matmul_packed` with B packed here (the tests).
+#[cfg(test)]
 pub(crate) fn matmul(
     dst: &mut [f32],
     dst_stride: usize,
@@ -154,7 +153,9 @@ impl Dst {
     }
 }
 
-/// `matmul` with B already packed.
+/// `dst [m, n] (+)= a [m, k] · b [k, n]` in bf16 x bf16 -> f32, threaded on rayon when
+/// `parallel`. `dst` is row-major with row stride `dst_stride` (>= n). Callers check
+/// `available()`.
 pub(crate) fn matmul_packed(
     dst: &mut [f32],
     dst_stride: usize,
@@ -325,15 +326,12 @@ mod tests {
         if !runs_here() {
             return;
         }
-        let rows = 433;
-        for (inp, out) in [
-            (576, 960),
-            (576, 576),
-            (576, 3072),
-            (1536, 576),
-            (576, 49152),
-            (49152, 576),
-        ] {
+        let rows = crate::kernels::TRAINING_ROWS;
+        // Plus the head's input gradient (below).
+        for (inp, out) in crate::kernels::TRAINING_SHAPES
+            .into_iter()
+            .chain([(49152, 576)])
+        {
             let (rows, inp, out) = if inp == 49152 {
                 (64, inp, out) // the head's input gradient, one band of rows
             } else {

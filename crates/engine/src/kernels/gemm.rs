@@ -111,16 +111,24 @@ impl<'a> Rhs<'a> {
             return Rhs::F32(b);
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::amx::available() {
-            use crate::kernels::amx::{PackedB, Src};
-            return Rhs::Tiles(PackedB::new(Src::F32(b)));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernels::dpbf16::available() {
-            use crate::kernels::dpbf16::PackedB;
-            return Rhs::Pairs(PackedB::new(crate::kernels::pack::Src::F32(b)));
+        if let Some(packed) = Rhs::packed_bf16(crate::kernels::pack::Src::F32(b)) {
+            return packed;
         }
         Rhs::Rounded(rounded(&b), b)
+    }
+
+    /// `b` packed for this CPU's bf16 product kernel: AMX tiles where it has them, else
+    /// `vdpbf16ps` pairs where it has AVX-512 BF16; None where it has neither.
+    #[cfg(target_arch = "x86_64")]
+    pub fn packed_bf16(b: crate::kernels::pack::Src) -> Option<Rhs<'static>> {
+        use crate::kernels::{amx, dpbf16};
+        if amx::available() {
+            Some(Rhs::Tiles(amx::PackedB::new(b)))
+        } else if dpbf16::available() {
+            Some(Rhs::Pairs(dpbf16::PackedB::new(b)))
+        } else {
+            None
+        }
     }
 }
 
@@ -277,8 +285,8 @@ mod precision_tests {
     use super::*;
     use crate::kernels::pseudo;
 
-    /// bf16 precision (AMX or `vdpbf16ps` where the CPU has them, rounded copies otherwise) against f64 math on
-    /// the bf16-rounded operands, for the three operand forms of a training linear; and not
+    /// bf16 precision (AMX or `vdpbf16ps` where the CPU has them, rounded copies otherwise)
+    /// against f64 math on the bf16-rounded operands, for the three operand forms of a training linear; and not
     /// equal to the f32 product (the rounding happened).
     #[test]
     fn bf16_rounds_both_operands_and_sums_in_f32() {
@@ -321,14 +329,8 @@ mod timing {
     #[test]
     #[ignore]
     fn training_shapes() {
-        let n = 433;
-        for (inp, out) in [
-            (576, 960),
-            (576, 576),
-            (576, 3072),
-            (1536, 576),
-            (576, 49152),
-        ] {
+        let n = crate::kernels::TRAINING_ROWS;
+        for (inp, out) in crate::kernels::TRAINING_SHAPES {
             let x = vec![0.5f32; n * inp];
             let w = vec![0.25f32; out * inp];
             let dy = vec![0.125f32; n * out];

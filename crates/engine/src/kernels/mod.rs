@@ -34,6 +34,20 @@ pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The training products the kernels' timing tests measure: SmolLM2-135M's linears as
+/// `(in, out)` (qkv, o, gate/up, down, the head) at `TRAINING_ROWS` rows (a batch of 4 x 128
+/// tokens, packed).
+#[cfg(test)]
+pub(crate) const TRAINING_SHAPES: [(usize, usize); 5] = [
+    (576, 960),
+    (576, 576),
+    (576, 3072),
+    (1536, 576),
+    (576, 49152),
+];
+#[cfg(test)]
+pub(crate) const TRAINING_ROWS: usize = 433;
+
 /// GFLOP/s of `f` doing `flops` per call: one warm-up call, then five timed (the kernels'
 /// ignored timing tests).
 #[cfg(test)]

@@ -8,8 +8,6 @@
 //! of a few hundred rows (a few MB) and hands it to the same gemm candle uses, writing straight
 //! into the output's columns. Accumulation is f32 throughout.
 
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::amx;
 use crate::kernels::bf16_rows::small_rows_bf16;
 use crate::kernels::matmul_small::{small_rows, WeightRows, MAX_ROWS};
 use crate::kernels::simd;
@@ -73,14 +71,11 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
     // bf16 as the decode steps round them.
     #[cfg(target_arch = "x86_64")]
     if let (Narrow::Bf16(w), simd::Level::Avx512Bf16) = (&src, simd::level()) {
-        let mut out = vec![0f32; m * n];
-        let a = crate::kernels::gemm::Mat::new(x, m, k);
+        use crate::kernels::gemm::{matmul_rhs, Mat, Rhs};
         let b = crate::kernels::pack::Src::Bf16Rows { data: w, n, k };
-        if amx::available() {
-            amx::matmul(&mut out, n, a, b, false);
-        } else {
-            crate::kernels::dpbf16::matmul(&mut out, n, a, b, false, true);
-        }
+        let rhs = Rhs::packed_bf16(b).expect("the avx512bf16 level implies AVX-512 BF16");
+        let mut out = vec![0f32; m * n];
+        matmul_rhs(&mut out, n, Mat::new(x, m, k), &rhs, false, true);
         return Ok(out);
     }
     Ok(matmul_rows(x, m, k, n, &NarrowRows { w: src, k }))
@@ -157,8 +152,8 @@ mod tests {
     use candle_core::Device;
 
     /// Under the `avx512bf16` level a prefill on bf16 weights runs on AMX where the CPU has it,
-    /// on `vdpbf16ps` where not; it must equal the level's decode path (`vdpbf16ps` on the same bf16-rounded activations,
-    /// 32 rows at a time) up to f32 summation order. Runs in a process started with
+    /// on `vdpbf16ps` where not; it must equal the level's decode path (`vdpbf16ps` on the same
+    /// bf16-rounded activations, 32 rows at a time) up to f32 summation order. Runs in a process started with
     /// SAFETY_LAYERS_SIMD=avx512bf16 (.ci/run does, where the CPU has AVX-512 BF16).
     #[test]
     fn bf16_compute_prefill_equals_the_decode_path() {
@@ -185,7 +180,7 @@ mod tests {
 
     fn amx_here() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return amx::available();
+        return crate::kernels::amx::available();
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
