@@ -146,10 +146,8 @@ fn stage(name: &str, dir: &Path, args: Vec<String>, deps: &[&StageRecord]) -> Re
             Err(e) => eprintln!("demo: {name}: {e:#}; running the stage again"),
         }
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot clear stale stage output {}", dir.display()))?;
-    }
+    sl_engine::io::atomic::remove_dir(dir)
+        .with_context(|| format!("cannot clear stale stage output {}", dir.display()))?;
     eprintln!("demo: {name}: {command}");
     let t0 = Instant::now();
     crate::run_command_line(&args)

@@ -318,9 +318,35 @@ fn finetune_killed_mid_checkpoint_resumes_to_the_same_model() {
     let ref_losses = losses(&out);
     let ref_summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("finetune.json")).unwrap()).unwrap();
+    // A finished run killed while removing its checkpoints: --resume finishes the removal, of a
+    // half-deleted checkpoints/ and of the temporary it is renamed to first.
+    plant_dead_temporary(&out.join("checkpoints"), true);
+    std::fs::create_dir_all(out.join("checkpoints/step-00000001")).unwrap();
+    run_ok(make(true));
+    check_rerun(
+        &out,
+        &keep,
+        &reference,
+        "finetune --resume of a finished run",
+    );
+    assert!(!out.join("checkpoints").exists());
+    let mut plain = make(true);
+    let r = plain.output().unwrap();
+    assert!(
+        !r.status.success() && String::from_utf8_lossy(&r.stderr).contains("nothing to resume"),
+        "a finished run without leftovers has nothing to resume"
+    );
     std::fs::remove_dir_all(&out).unwrap();
     let landed = kill_at_moments(12, 6, wall, &|| make(false), &out, &reference, &|killed| {
-        let finished = out.join("config.json").exists() && !out.join("checkpoints").exists();
+        let leftovers = std::fs::read_dir(&out).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".checkpoints.tmp-")
+            })
+        });
+        let finished =
+            out.join("config.json").exists() && !out.join("checkpoints").exists() && !leftovers;
         if killed && !finished {
             plant_dead_temporary(&out.join(".model"), true);
             run_ok(make(true));

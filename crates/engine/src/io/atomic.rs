@@ -95,6 +95,19 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Removes directory `dir` so that a kill at any moment leaves it whole or gone: it is first
+/// renamed to its temporary sibling (one atomic step), then deleted; a kill during the deletion
+/// leaves only a temporary, which the next writer of the name sweeps. Absent is not an error.
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let tmp = temp_sibling(dir)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::rename(dir, &tmp).with_context(|| format!("cannot remove {}", dir.display()))?;
+    std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))
+}
+
 /// Removes `dir/.<name>.tmp-<pid>` entries left by killed processes (those whose pid no longer
 /// runs). A live writer's temporary is left alone; so is anything this cannot parse.
 pub fn remove_stale_temporaries(dir: &Path, name: &str) {
@@ -279,6 +292,20 @@ mod tests {
             std::fs::read(d.path().join("model/config.json")).unwrap(),
             b"{}"
         );
+    }
+
+    #[test]
+    fn a_removed_directory_is_gone_and_leaves_no_temporary() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("checkpoints");
+        std::fs::create_dir_all(dir.join("step-1")).unwrap();
+        std::fs::write(dir.join("step-1/state.json"), "{}").unwrap();
+        let dead = d.path().join(".checkpoints.tmp-4294967295");
+        std::fs::create_dir(&dead).unwrap();
+        remove_dir(&dir).unwrap();
+        remove_dir(&dir).unwrap(); // absent: not an error
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub fn save(trainer: &Trainer, ckpt: &Checkpoint, out: &Path) -> Result<()> {
             && p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
         {
-            let _ = std::fs::remove_dir_all(p);
+            let _ = sl_engine::io::atomic::remove_dir(&p);
         }
     }
     Ok(())

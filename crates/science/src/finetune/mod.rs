@@ -163,7 +163,20 @@ pub fn finetune(
     let t_start = Instant::now();
     validate(cfg, records.len(), model.cfg().num_layers)?;
     let out_dtype = parse_dtype(&cfg.dtype, model.source_dtype)?;
-    let resume_from = prepare_out(out, run.resume)?;
+    let resume_from = match prepare_out(out, run.resume)? {
+        Start::Fresh => None,
+        Start::From(ckpt) => Some(ckpt),
+        Start::Finished => {
+            eprintln!(
+                "--resume: {} holds a finished run (killed while removing its checkpoints); \
+                 removed them",
+                out.display()
+            );
+            let record = summary::read(&out.join("finetune.json"))?;
+            let json = serde_json::to_value(&record)?;
+            return Ok(Summary { record, json });
+        }
+    };
     let split = records.len() - cfg.holdout;
     let train = encode_all(&model, &records[..split], cfg)?;
     let held = encode_all(&model, &records[split..], cfg)?;
@@ -286,7 +299,11 @@ pub fn finetune(
     )?;
     stage.commit_into(out)?;
     if !run.keep_checkpoints {
-        let _ = std::fs::remove_dir_all(checkpoints_dir(out));
+        // Whole or gone: a run killed here is finished, and a half-deleted checkpoint must not
+        // read as one to resume from.
+        if let Err(e) = sl_engine::io::atomic::remove_dir(&checkpoints_dir(out)) {
+            eprintln!("warning: the run is complete but its checkpoints stay: {e:#}");
+        }
     }
     let json = serde_json::to_value(&record)?;
     Ok(Summary { record, json })
@@ -309,19 +326,37 @@ impl RunOptions {
     }
 }
 
-/// The checkpoint to resume from, or None after checking that `out` is free for a new run.
-fn prepare_out(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
-    let from = if resume {
+/// Where a run starts.
+enum Start {
+    /// From step 0 (a new run, or a resumed one killed before its first checkpoint).
+    Fresh,
+    /// From this checkpoint.
+    From(PathBuf),
+    /// Nowhere: the run had finished and was killed while removing its checkpoints, which
+    /// this removed.
+    Finished,
+}
+
+/// Where the run in `out` starts, after checking that `out` is free for a new run.
+fn prepare_out(out: &Path, resume: bool) -> Result<Start> {
+    let start = if resume {
         let latest = checkpoint::latest(out);
         // A run killed before its first checkpoint resumes from step 0; a finished one (its
-        // config.json is moved in last) has nothing to resume.
+        // config.json is moved in last) has nothing to resume, but may have been killed while
+        // removing its checkpoints (renamed to a temporary first, so none is ever half there).
         if latest.is_none() && out.join("config.json").exists() {
-            bail!(
-                "--resume: {} holds a finished run and no checkpoint; nothing to resume",
-                out.display()
-            );
+            let leftovers = checkpoints_dir(out).exists() || has_temporary(out, "checkpoints");
+            if !leftovers {
+                bail!(
+                    "--resume: {} holds a finished run and no checkpoint; nothing to resume",
+                    out.display()
+                );
+            }
+            sl_engine::io::atomic::remove_dir(&checkpoints_dir(out))?;
+            sl_engine::io::atomic::remove_stale_temporaries(out, "checkpoints");
+            return Ok(Start::Finished);
         }
-        latest
+        latest.map_or(Start::Fresh, Start::From)
     } else {
         if sl_engine::io::atomic::occupied(out) {
             bail!(
@@ -330,10 +365,19 @@ fn prepare_out(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
                 out.display()
             );
         }
-        None
+        Start::Fresh
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    Ok(from)
+    Ok(start)
+}
+
+/// Whether `dir` holds a temporary `.<name>.tmp-<pid>`.
+fn has_temporary(dir: &Path, name: &str) -> bool {
+    let prefix = format!(".{name}.tmp-");
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    })
 }
 
 fn encode_all(model: &Model, recs: &[SftRecord], cfg: &FinetuneConfig) -> Result<Vec<Example>> {
