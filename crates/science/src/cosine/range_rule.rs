@@ -54,6 +54,19 @@ pub fn initial_range(gap: &[f64]) -> Option<InitialRange> {
     })
 }
 
+/// The same rule on the growth of the aligned model's gap *over the base model's* (`aligned[e] -
+/// base[e]`, both per hidden-state entry): where the safety training changed the curve, rather
+/// than where a gap opens that the base model has as well. The paper reads the aligned model
+/// alone; this is the reading a positive control needs (a planted band is where the two curves
+/// part). None when the curves have different lengths or part by less than 1 degree per layer.
+pub fn departure_range(aligned: &[f64], base: &[f64]) -> Option<InitialRange> {
+    if aligned.len() != base.len() {
+        return None;
+    }
+    let diff: Vec<f64> = aligned.iter().zip(base).map(|(a, b)| a - b).collect();
+    initial_range(&diff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +111,26 @@ mod tests {
             r.first >= 7 && r.first <= 9 && r.last >= 11 && r.last <= 13,
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn departure_ignores_what_the_base_model_shares() {
+        // Both models open a gap over layers 7-9; only the aligned one rises again over 14-17.
+        let base = curve(30, 7, 9, 3.0, 0.1, 0.0);
+        let extra = curve(30, 14, 17, 2.0, 0.0, 0.0);
+        let aligned: Vec<f64> = base.iter().zip(&extra).map(|(b, x)| b + x).collect();
+        assert_eq!(
+            initial_range(&aligned).map(|r| (r.first, r.last)),
+            Some((7, 9))
+        );
+        let d = departure_range(&aligned, &base).expect("the curves part");
+        assert_eq!((d.first, d.last), (14, 17));
+        assert_eq!(
+            departure_range(&base, &base),
+            None,
+            "identical curves never part"
+        );
+        assert_eq!(departure_range(&aligned, &base[1..]), None);
     }
 
     #[test]

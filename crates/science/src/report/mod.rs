@@ -170,7 +170,20 @@ fn claims(
         first: r.first,
         last: r.last,
     });
-    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial)
+    // Where the aligned model's gap parts from the base model's (the paper's rule on the
+    // difference of the two curves): beside the paper's reading, for the positive control.
+    let gaps = |r: &crate::cosine::file::CosineRun| -> Vec<f64> {
+        r.entries.iter().map(|e| e.gap_code_deg).collect()
+    };
+    let departure = cos.compare.as_ref().and_then(|c| {
+        crate::cosine::range_rule::departure_range(&gaps(&cos.main), &gaps(c)).map(|r| {
+            sl_engine::LayerRange {
+                first: r.first,
+                last: r.last,
+            }
+        })
+    });
+    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial, departure)
         .into_iter()
         .collect();
     // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
@@ -198,7 +211,8 @@ fn claims(
         .into(),
         evidence: format!(
             "largest angle gap {:.2}° at the output of layer {} (aligned) vs {:.2}° at layer {} \
-             (base); initial range from the rule: {}",
+             (base); initial range from the rule: {}; the same rule on the aligned-minus-base \
+             gap (where the two curves part): {}",
             gap,
             gap_layer(g),
             base_gap,
@@ -206,6 +220,11 @@ fn claims(
             match range {
                 None => "none (gap < 1°)".to_string(),
                 Some(r) => format!("[{}, {}]", r.first, r.last),
+            },
+            match (&cos.compare, departure) {
+                (None, _) => "no base model compared".to_string(),
+                (Some(_), None) => "none (they part by < 1° per layer)".to_string(),
+                (Some(_), Some(r)) => format!("[{}, {}]", r.first, r.last),
             }
         ),
         control_protects_less: None,

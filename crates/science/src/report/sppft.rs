@@ -213,10 +213,14 @@ pub(super) fn planted_claim(
     prov: &Provenance,
     loc: &LocateFile,
     initial: Option<sl_engine::LayerRange>,
+    departure: Option<sl_engine::LayerRange>,
 ) -> Option<Claim> {
     let plant = prov.planted?;
     let j = jaccard(loc.range, plant);
-    let j_cos = initial.map(|r| jaccard(r, plant));
+    let against = |r: Option<sl_engine::LayerRange>| match r {
+        Some(r) => format!("{r} (Jaccard {:.2})", jaccard(r, plant)),
+        None => "none (gap < 1°)".into(),
+    };
     Some(Claim {
         claim: format!(
             "0. Positive control: the organism was aligned with only layers {plant} trainable; \
@@ -230,12 +234,12 @@ pub(super) fn planted_claim(
             format!("not recovered: the located range misses the planted one (Jaccard {j:.2})")
         },
         evidence: format!(
-            "planted {plant}; locate found {} (Jaccard {j:.2}); cosine's initial range {}",
+            "planted {plant}; locate found {} (Jaccard {j:.2}); cosine's initial range {}; the \
+             range where the aligned model's gap parts from the base model's (the same rule on \
+             their difference, not part of the paper's method) {}",
             loc.range,
-            match (initial, j_cos) {
-                (Some(r), Some(jc)) => format!("{r} (Jaccard {jc:.2})"),
-                _ => "none (gap < 1°)".into(),
-            }
+            against(initial),
+            against(departure),
         ),
         control_protects_less: None,
         paired: vec![],
