@@ -187,6 +187,7 @@ pub fn generate(
         batch_size,
         ignore_eos,
         no_cache: false,
+        first_mass_of: vec![],
     };
     let bar = Progress::new(prompts.len(), "generate");
     let t0 = std::time::Instant::now();

@@ -66,6 +66,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
             batch_size: args.batch_size,
             ignore_eos: true,
             no_cache: false,
+            first_mass_of: vec![],
         };
         let bar = Progress::new(ids.len(), "greedy");
         let t0 = Instant::now();

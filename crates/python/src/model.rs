@@ -199,6 +199,7 @@ impl PyModel {
                 batch_size,
                 ignore_eos,
                 no_cache: false,
+                first_mass_of: vec![],
             };
             let outs = greedy(&m.decoder, &ids, &m.eos_token_ids, &opts, &mut |n| {
                 bar.tick(n, None)

@@ -14,6 +14,10 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Generate without the cache, re-running the whole sequence each step (for tests).
     pub no_cache: bool,
+    /// Tokens whose summed probability at the first new position each `Generation` reports as
+    /// `first_mass` (the probe judge's score, read off the generation's own first step rather
+    /// than a second forward pass over every prompt). Empty: none reported.
+    pub first_mass_of: Vec<u32>,
 }
 
 impl Default for GenerateOptions {
@@ -23,8 +27,23 @@ impl Default for GenerateOptions {
             batch_size: 16,
             ignore_eos: false,
             no_cache: false,
+            first_mass_of: vec![],
         }
     }
+}
+
+/// The softmax probability `logits` give to the tokens `ids` together (summed in f64).
+pub fn softmax_mass(logits: &[f32], ids: &[u32]) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    ids.iter()
+        .map(|&i| (logits[i as usize] as f64 - max).exp() / z)
+        .sum()
+}
+
+/// `first_mass` of a row's first-step logits under `opts`.
+fn first_mass(opts: &GenerateOptions, logits: &[f32]) -> Option<f64> {
+    (!opts.first_mass_of.is_empty()).then(|| softmax_mass(logits, &opts.first_mass_of))
 }
 
 /// Index of the largest value; the first one on ties, as torch.argmax.
@@ -62,11 +81,14 @@ pub enum StopReason {
     Caller,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     /// New tokens, including the EOS token that stopped the sequence.
     pub ids: Vec<u32>,
     pub stop: StopReason,
+    /// The probability of `GenerateOptions::first_mass_of` at the first new position (None when
+    /// that is empty or nothing was generated).
+    pub first_mass: Option<f64>,
 }
 
 /// Asked after every new token with the prompt's index and its tokens so far: true stops it.
@@ -248,7 +270,8 @@ pub fn greedy_with(
     let mut out = vec![
         Generation {
             ids: vec![],
-            stop: StopReason::MaxTokens
+            stop: StopReason::MaxTokens,
+            first_mass: None,
         };
         prompts.len()
     ];
@@ -262,12 +285,6 @@ pub fn greedy_with(
         let results = if opts.no_cache {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| prompts[i].as_slice()).collect();
             greedy_batch_uncached(dec, &rows, eos, opts)?
-                .into_iter()
-                .map(|ids| Generation {
-                    stop: stop_reason(&ids, eos, opts),
-                    ids,
-                })
-                .collect()
         } else {
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
@@ -295,7 +312,8 @@ pub fn greedy_from_prefix(
     let mut out = vec![
         Generation {
             ids: vec![],
-            stop: StopReason::MaxTokens
+            stop: StopReason::MaxTokens,
+            first_mass: None,
         };
         prefix.num_prompts
     ];
@@ -348,7 +366,8 @@ fn decode_batch(
     let mut outputs: Vec<Generation> = vec![
         Generation {
             ids: vec![],
-            stop: StopReason::MaxTokens
+            stop: StopReason::MaxTokens,
+            first_mass: None,
         };
         prompt_idx.len()
     ];
@@ -376,6 +395,9 @@ fn decode_batch(
         for (pos, &row) in active.iter().enumerate() {
             let tok = argmax(&logits[pos]);
             let g = &mut outputs[row];
+            if step == 0 {
+                g.first_mass = first_mass(opts, &logits[pos]);
+            }
             g.ids.push(tok);
             if !opts.ignore_eos && eos.contains(&tok) {
                 g.stop = StopReason::Eos;
@@ -410,11 +432,12 @@ fn greedy_batch_uncached(
     rows: &[&[u32]],
     eos: &[u32],
     opts: &GenerateOptions,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<Vec<Generation>> {
     let mut seqs: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+    let mut masses = vec![None; rows.len()];
     let mut done = vec![false; rows.len()];
-    for _ in 0..opts.max_new_tokens {
+    for step in 0..opts.max_new_tokens {
         let active: Vec<usize> = (0..rows.len()).filter(|&i| !done[i]).collect();
         if active.is_empty() {
             break;
@@ -427,6 +450,9 @@ fn greedy_batch_uncached(
             .to_vec2::<f32>()?;
         for (pos, &i) in active.iter().enumerate() {
             let tok = argmax(&logits[pos]);
+            if step == 0 {
+                masses[i] = first_mass(opts, &logits[pos]);
+            }
             outputs[i].push(tok);
             seqs[i].push(tok);
             if !opts.ignore_eos && eos.contains(&tok) {
@@ -434,5 +460,13 @@ fn greedy_batch_uncached(
             }
         }
     }
-    Ok(outputs)
+    Ok(outputs
+        .into_iter()
+        .zip(masses)
+        .map(|(ids, first_mass)| Generation {
+            stop: stop_reason(&ids, eos, opts),
+            ids,
+            first_mass,
+        })
+        .collect())
 }

@@ -188,3 +188,58 @@ fn shared_prefix_len_leaves_each_prompt_a_token() {
     assert_eq!(shared_prefix_len(&[vec![1, 2, 3]]), 0);
     assert_eq!(shared_prefix_len(&[]), 0);
 }
+
+/// `first_mass` (the probe judge's score, read off generation's first step) is the softmax mass
+/// of the chosen tokens in a separate forward pass's last logits, with the cache and without,
+/// and is reported only when asked for.
+#[test]
+fn first_mass_is_the_mass_of_a_separate_last_position_pass() {
+    use sl_engine::infer::generate::{argmax, left_pad, softmax_mass};
+    for family in ["llama3", "gemma3"] {
+        let m = Model::load(&fixture(family)).unwrap();
+        let p = prompts(&m);
+        let ids = vec![3u32, 17, 42];
+        for no_cache in [false, true] {
+            let opts = GenerateOptions {
+                max_new_tokens: 3,
+                batch_size: 3,
+                no_cache,
+                first_mass_of: ids.clone(),
+                ..Default::default()
+            };
+            let g =
+                greedy_with(&m.decoder, &p, &m.eos_token_ids, &opts, None, &mut |_| {}).unwrap();
+            for (i, (prompt, gen)) in p.iter().zip(&g).enumerate() {
+                let (t, pads) = left_pad(&[prompt.as_slice()], &m.decoder.device).unwrap();
+                let last = m
+                    .decoder
+                    .logits(&t, &pads, None, sl_engine::Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let want = softmax_mass(&last, &ids);
+                let got = gen.first_mass.expect("first_mass_of was given");
+                assert!(
+                    (got - want).abs() <= 1e-9 + 1e-4 * want,
+                    "{family} (no_cache {no_cache}) prompt {i}: {got} vs {want}"
+                );
+                assert_eq!(gen.ids[0], argmax(&last), "{family}: the first token");
+            }
+        }
+        let plain = greedy_with(
+            &m.decoder,
+            &p,
+            &m.eos_token_ids,
+            &GenerateOptions {
+                max_new_tokens: 2,
+                ..Default::default()
+            },
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(plain.iter().all(|g| g.first_mass.is_none()));
+    }
+}

@@ -169,6 +169,7 @@ pub(crate) fn respond(
     set_name: &str,
     records: &[sl_engine::PromptRecord],
     (template, max_new_tokens, batch_size): (Template, usize, usize),
+    first_mass_of: &[u32],
     progress: &mut dyn FnMut(usize),
 ) -> Result<(Vec<sl_engine::Prompt>, Vec<sl_engine::Generation>)> {
     let prompts = model.prompts(records, template)?;
@@ -179,6 +180,7 @@ pub(crate) fn respond(
         batch_size,
         ignore_eos: false,
         no_cache: false,
+        first_mass_of: first_mass_of.to_vec(),
     };
     let gens = greedy_with(
         &model.decoder,
@@ -208,19 +210,9 @@ pub fn generate_set(
         &set.name,
         &set.records,
         (opts.template, opts.max_new_tokens, opts.batch_size),
+        probe_ids.unwrap_or_default(),
         progress,
     )?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let scores = match probe_ids {
-        Some(pid) => Some(crate::judges::probe::scores(
-            &model.decoder,
-            &ids,
-            opts.batch_size,
-            pid,
-            None,
-        )?),
-        None => None,
-    };
     let mut out = Vec::with_capacity(gens.len());
     for (i, (p, gen)) in prompts.iter().zip(gens).enumerate() {
         out.push(SafetyResponse {
@@ -230,7 +222,8 @@ pub fn generate_set(
             response: model.tokenizer.decode(&gen.ids, true)?,
             output_ids: gen.ids,
             stop: stop_name(gen.stop),
-            probe_score: scores.as_ref().map(|s| s[i]),
+            // The generation's own first step gives the probe's score (its first-token mass).
+            probe_score: gen.first_mass,
             refusal: false,
         });
     }

@@ -296,6 +296,7 @@ pub fn evaluate(
         &set.name,
         &recs,
         (opts.template, opts.max_new_tokens, opts.batch_size),
+        &[],
         progress,
     )?;
 

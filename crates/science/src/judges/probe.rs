@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use sl_engine::infer::generate::{left_pad, PrefixCache};
+use sl_engine::infer::generate::{left_pad, softmax_mass, PrefixCache};
 use sl_engine::{Decoder, Logits};
 
 /// Openings of refusals as models write them at the start of an answer.
@@ -40,14 +40,6 @@ pub fn first_tokens(tok: &sl_engine::text::tokenizer::Tokenizer) -> Result<Vec<u
     Ok(ids)
 }
 
-fn mass(logits: &[f32], ids: &[u32]) -> f64 {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    ids.iter()
-        .map(|&i| (logits[i as usize] as f64 - max).exp() / z)
-        .sum()
-}
-
 /// Probe scores of every prompt, from scratch or from a prefix cache of the layers below a range.
 pub fn scores(
     dec: &Decoder,
@@ -68,7 +60,7 @@ pub fn scores(
                     Logits::Last,
                 )?;
                 for (row, &i) in lg.squeeze(1)?.to_vec2::<f32>()?.iter().zip(idx) {
-                    out[i] = mass(row, ids);
+                    out[i] = softmax_mass(row, ids);
                 }
             }
         }
@@ -80,7 +72,7 @@ pub fn scores(
                 let (t, pads) = left_pad(&rows, &dec.device)?;
                 let lg = dec.logits(&t, &pads, None, Logits::Last)?;
                 for (row, &i) in lg.squeeze(1)?.to_vec2::<f32>()?.iter().zip(chunk) {
-                    out[i] = mass(row, ids);
+                    out[i] = softmax_mass(row, ids);
                 }
             }
         }
@@ -145,7 +137,7 @@ mod tests {
 
     #[test]
     fn mass_is_a_probability() {
-        let m = mass(&[0.0, 0.0, 0.0, 0.0], &[1, 3]);
+        let m = softmax_mass(&[0.0, 0.0, 0.0, 0.0], &[1, 3]);
         assert!((m - 0.5).abs() < 1e-12);
     }
 }

@@ -253,6 +253,7 @@ impl<'a> Locator<'a> {
             batch_size: self.cfg.batch_size,
             ignore_eos: false,
             no_cache: false,
+            first_mass_of: vec![],
         };
         let use_prefix = self.prepare(range, alpha)?;
         let tok = &self.model.tokenizer;
