@@ -54,17 +54,21 @@ pub fn initial_range(gap: &[f64]) -> Option<InitialRange> {
     })
 }
 
-/// The same rule on the growth of the aligned model's gap *over the base model's* (`aligned[e] -
-/// base[e]`, both per hidden-state entry): where the safety training changed the curve, rather
-/// than where a gap opens that the base model has as well. The paper reads the aligned model
-/// alone; this is the reading a positive control needs (a planted band is where the two curves
-/// part). None when the curves have different lengths or part by less than 1 degree per layer.
-pub fn departure_range(aligned: &[f64], base: &[f64]) -> Option<InitialRange> {
+/// The first layer at whose output the aligned model's gap differs from the base model's by at
+/// least 1 degree (the rule's own smallest gap): where the safety training first changed the
+/// curve. The paper's rule reads the aligned model alone and so can pick a gap the base model has
+/// as well; a positive control asks whether the curves part inside the planted layers. `gap[e]`
+/// per hidden-state entry as in `initial_range`; None when the lengths differ or they never part.
+pub fn parting_layer(aligned: &[f64], base: &[f64]) -> Option<usize> {
     if aligned.len() != base.len() {
         return None;
     }
-    let diff: Vec<f64> = aligned.iter().zip(base).map(|(a, b)| a - b).collect();
-    initial_range(&diff)
+    let e = aligned
+        .iter()
+        .zip(base)
+        .position(|(a, b)| (a - b).abs() >= 1.0)?;
+    // Entry 0 is the embeddings, identical in models of one base; entry e is layer e - 1.
+    Some(e.saturating_sub(1))
 }
 
 #[cfg(test)]
@@ -114,23 +118,32 @@ mod tests {
     }
 
     #[test]
-    fn departure_ignores_what_the_base_model_shares() {
-        // Both models open a gap over layers 7-9; only the aligned one rises again over 14-17.
+    fn the_curves_part_where_only_the_aligned_model_changes() {
+        // Both models open a gap over layers 7-9; only the aligned one rises again, over 14-17.
+        // The paper's rule on the aligned curve alone picks the shared 7-9; the curves part at 14.
         let base = curve(30, 7, 9, 3.0, 0.1, 0.0);
         let extra = curve(30, 14, 17, 2.0, 0.0, 0.0);
-        let aligned: Vec<f64> = base.iter().zip(&extra).map(|(b, x)| b + x).collect();
+        // `extra` creeps up by 0.1 per layer before 14: 1.4 degrees by then, so take that off.
+        let lift = extra[14];
+        let aligned: Vec<f64> = base
+            .iter()
+            .zip(&extra)
+            .map(|(b, x)| b + (x - lift).max(0.0))
+            .collect();
         assert_eq!(
             initial_range(&aligned).map(|r| (r.first, r.last)),
             Some((7, 9))
         );
-        let d = departure_range(&aligned, &base).expect("the curves part");
-        assert_eq!((d.first, d.last), (14, 17));
+        assert_eq!(parting_layer(&aligned, &base), Some(14));
         assert_eq!(
-            departure_range(&base, &base),
+            parting_layer(&base, &base),
             None,
             "identical curves never part"
         );
-        assert_eq!(departure_range(&aligned, &base[1..]), None);
+        assert_eq!(parting_layer(&aligned, &base[1..]), None);
+        // A shift below 1 degree everywhere is not a parting.
+        let close: Vec<f64> = base.iter().map(|b| b + 0.9).collect();
+        assert_eq!(parting_layer(&close, &base), None);
     }
 
     #[test]

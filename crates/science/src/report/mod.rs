@@ -170,20 +170,16 @@ fn claims(
         first: r.first,
         last: r.last,
     });
-    // Where the aligned model's gap parts from the base model's (the paper's rule on the
-    // difference of the two curves): beside the paper's reading, for the positive control.
+    // Where the aligned model's gap parts from the base model's: beside the paper's reading, for
+    // the positive control.
     let gaps = |r: &crate::cosine::file::CosineRun| -> Vec<f64> {
         r.entries.iter().map(|e| e.gap_code_deg).collect()
     };
-    let departure = cos.compare.as_ref().and_then(|c| {
-        crate::cosine::range_rule::departure_range(&gaps(&cos.main), &gaps(c)).map(|r| {
-            sl_engine::LayerRange {
-                first: r.first,
-                last: r.last,
-            }
-        })
-    });
-    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial, departure)
+    let parting = cos
+        .compare
+        .as_ref()
+        .and_then(|c| crate::cosine::range_rule::parting_layer(&gaps(&cos.main), &gaps(c)));
+    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial, parting)
         .into_iter()
         .collect();
     // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
@@ -211,8 +207,8 @@ fn claims(
         .into(),
         evidence: format!(
             "largest angle gap {:.2}° at the output of layer {} (aligned) vs {:.2}° at layer {} \
-             (base); initial range from the rule: {}; the same rule on the aligned-minus-base \
-             gap (where the two curves part): {}",
+             (base); initial range from the rule: {}; the two models' gaps first differ by 1° or \
+             more at layer {}",
             gap,
             gap_layer(g),
             base_gap,
@@ -221,10 +217,10 @@ fn claims(
                 None => "none (gap < 1°)".to_string(),
                 Some(r) => format!("[{}, {}]", r.first, r.last),
             },
-            match (&cos.compare, departure) {
-                (None, _) => "no base model compared".to_string(),
-                (Some(_), None) => "none (they part by < 1° per layer)".to_string(),
-                (Some(_), Some(r)) => format!("[{}, {}]", r.first, r.last),
+            match (&cos.compare, parting) {
+                (None, _) => "- (no base model compared)".to_string(),
+                (Some(_), None) => "- (never)".to_string(),
+                (Some(_), Some(l)) => l.to_string(),
             }
         ),
         control_protects_less: None,

@@ -213,7 +213,7 @@ pub(super) fn planted_claim(
     prov: &Provenance,
     loc: &LocateFile,
     initial: Option<sl_engine::LayerRange>,
-    departure: Option<sl_engine::LayerRange>,
+    parting: Option<usize>,
 ) -> Option<Claim> {
     let plant = prov.planted?;
     let j = jaccard(loc.range, plant);
@@ -235,11 +235,15 @@ pub(super) fn planted_claim(
         },
         evidence: format!(
             "planted {plant}; locate found {} (Jaccard {j:.2}); cosine's initial range {}; the \
-             range where the aligned model's gap parts from the base model's (the same rule on \
-             their difference, not part of the paper's method) {}",
+             aligned and base models' gaps first differ by 1° or more at layer {} (not part of the \
+             paper's method: where the training changed the curve)",
             loc.range,
             against(initial),
-            against(departure),
+            match parting {
+                Some(l) if l >= plant.first && l <= plant.last => format!("{l}, inside the plant"),
+                Some(l) => format!("{l}, outside the plant"),
+                None => "- (never, or no base model compared)".into(),
+            },
         ),
         control_protects_less: None,
         paired: vec![],
