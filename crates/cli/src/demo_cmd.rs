@@ -31,8 +31,9 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A planted organism (positive control): align trains only layers I-J (attention and MLP),
-    /// so its safety behaviour lives there by construction; the report says whether cosine,
-    /// locate and SPPFT recover them
+    /// so its safety behaviour lives there by construction; the report says whether cosine and
+    /// locate find them, and fine-tuning gains two arms (I-J frozen, and an equally wide control
+    /// freeze beside it) so that it says whether freezing the plant keeps R_h down
     #[arg(long, value_name = "I-J")]
     pub plant: Option<String>,
     /// Seeds per fine-tuning arm (default: the profile's)
@@ -323,7 +324,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     // 5. Fine-tune the aligned model: full, SPPFT, control freezes; each with every seed.
     let mut runs = vec![];
     let mut ft_stages = vec![];
-    let arms = finetune_arms(first, last, layers, p.ft_table8)?;
+    let arms = finetune_arms(first, last, layers, p.ft_table8, planted)?;
     for set in &p.ft_sets {
         let tag = if set == "finetune-implicit" {
             "di"
@@ -445,6 +446,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         control_range: control.range,
         control_narrower: control.narrower,
         planted,
+        plant_control: match planted {
+            Some(p) => Some(control_range(p.first, p.last, layers)?.range),
+            None => None,
+        },
         finetune_runs: runs,
         total_seconds: t0.elapsed().as_secs_f64(),
         report_rebuilt_by: None,

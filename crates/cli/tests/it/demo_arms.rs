@@ -66,9 +66,13 @@ fn planted_seeded_demo_runs_every_arm_and_pools_the_seeds() {
     assert!(runs
         .iter()
         .any(|r| r["name"] == "ft-di-sppft-s1" && r["seed"] == 1));
+    // The arms placed by the located range never overlap it; those placed by the plant (its
+    // own freeze and control) are checked against the plant below.
+    let by_plant =
+        |r: &&Value| ["plant", "plant-control"].contains(&r["variant"].as_str().unwrap());
     for r in runs
         .iter()
-        .filter(|r| r["variant"] != "sppft" && !r["freeze"].is_null())
+        .filter(|r| r["variant"] != "sppft" && !r["freeze"].is_null() && !by_plant(r))
     {
         let (a, b) = (
             r["freeze"]["first"].as_u64().unwrap(),
@@ -98,6 +102,49 @@ fn planted_seeded_demo_runs_every_arm_and_pools_the_seeds() {
         assert_eq!(p["counts"]["n"].as_u64().unwrap(), per_seed);
     }
     assert!(sppft["evidence"].as_str().unwrap().contains("over 2 seeds"));
+
+    // SPPFT on the plant itself: its freeze (an arm of its own, or SPPFT's when locate found
+    // exactly 1-2) against full fine-tuning and its control, per seed and pooled, in claim 0.
+    let plant_arm = if runs.iter().any(|r| r["variant"] == "plant") {
+        for r in runs.iter().filter(by_plant) {
+            let (a, b) = (
+                r["freeze"]["first"].as_u64().unwrap(),
+                r["freeze"]["last"].as_u64().unwrap(),
+            );
+            match r["variant"].as_str().unwrap() {
+                "plant" => assert_eq!((a, b), (1, 2)),
+                _ => assert!(b < 1 || a > 2, "{r} overlaps the plant"),
+            }
+        }
+        "plant"
+    } else {
+        assert_eq!(
+            (first, last),
+            (1, 2),
+            "no plant arm although locate missed the plant"
+        );
+        "sppft"
+    };
+    // Its control is whichever arm freezes the range beside the plant that provenance names.
+    let pc = &prov["plant_control"];
+    let control_arm = runs
+        .iter()
+        .find(|r| r["freeze"] == *pc)
+        .map(|r| r["variant"].as_str().unwrap())
+        .expect("an arm freezes the plant's control range");
+    let plant_paired = claims[0]["paired"].as_array().unwrap();
+    for against in ["full", control_arm] {
+        assert!(
+            plant_paired.iter().any(|p| p["arm"] == plant_arm
+                && p["against"] == against
+                && p["pooled_seeds"] == 2),
+            "{against}: {plant_paired:?}"
+        );
+    }
+    assert!(claims[0]["evidence"]
+        .as_str()
+        .unwrap()
+        .contains("Fine-tuned with the plant frozen"));
 
     // Every model has its own eval stage; the table merges them; the judge is the one asked.
     let models = res["eval"]["models"].as_array().unwrap();

@@ -47,12 +47,15 @@ pub fn control_range(first: usize, last: usize, layers: usize) -> Result<Control
 /// The fine-tuning arms for a located range `first..=last` of `layers`: full fine-tuning,
 /// SPPFT (the range frozen), the equally wide control, and with `table8` the paper's Table-8
 /// controls: every layer below the range frozen, and every layer above it (each left out where
-/// no layer lies on that side, or where it would repeat the control).
+/// no layer lies on that side, or where it would repeat the control). With a `plant` (the
+/// positive control) also the planted layers frozen and their own equally wide control, each
+/// left out where it would repeat an arm's freeze (locate found exactly the plant).
 pub fn finetune_arms(
     first: usize,
     last: usize,
     layers: usize,
     table8: bool,
+    plant: Option<LayerRange>,
 ) -> Result<Vec<(&'static str, Option<LayerRange>)>> {
     let control = control_range(first, last, layers)?.range;
     let mut arms = vec![
@@ -71,6 +74,14 @@ pub fn finetune_arms(
         });
         for (name, r) in [("below", below), ("above", above)] {
             if let Some(r) = r.filter(|r| *r != control) {
+                arms.push((name, Some(r)));
+            }
+        }
+    }
+    if let Some(p) = plant {
+        let p_control = control_range(p.first, p.last, layers)?.range;
+        for (name, r) in [("plant", p), ("plant-control", p_control)] {
+            if !arms.iter().any(|(_, f)| *f == Some(r)) {
                 arms.push((name, Some(r)));
             }
         }
@@ -222,6 +233,10 @@ pub struct Provenance {
     /// pipeline should recover; absent when the organism was aligned as a whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planted: Option<LayerRange>,
+    /// `--plant`: the equally wide control freeze beside the plant (`control_range` of it), which
+    /// an arm of the run freezes (its own, or another arm with the same freeze).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plant_control: Option<LayerRange>,
     pub finetune_runs: Vec<FinetuneRun>,
     pub total_seconds: f64,
     /// `demo --report-only`: the build that rebuilt report.html and results.json
@@ -296,7 +311,7 @@ pub(crate) mod tests {
     #[test]
     fn arms_never_overlap_the_range_and_table8_adds_both_sides() {
         let names = |i, j, n, t8| {
-            finetune_arms(i, j, n, t8)
+            finetune_arms(i, j, n, t8, None)
                 .unwrap()
                 .into_iter()
                 .map(|(v, r)| (v, r.map(|r| (r.first, r.last))))
@@ -317,11 +332,28 @@ pub(crate) mod tests {
         assert_eq!(names(0, 3, 30, true).last().unwrap().0, "above");
         assert_eq!(names(0, 3, 30, true).len(), 4);
         assert_eq!(names(2, 3, 30, true).len(), 4);
-        for (v, r) in finetune_arms(5, 25, 30, true).unwrap() {
+        for (v, r) in finetune_arms(5, 25, 30, true, None).unwrap() {
             if let (Some(r), true) = (r, v != "sppft") {
                 assert!(r.last < 5 || r.first > 25, "{v} {r}");
             }
         }
+    }
+
+    #[test]
+    fn a_plant_adds_its_own_freeze_and_control_unless_an_arm_has_them() {
+        let plant = |first, last| Some(LayerRange { first, last });
+        let arms = finetune_arms(23, 24, 30, true, plant(10, 14)).unwrap();
+        let tail: Vec<_> = arms[arms.len() - 2..]
+            .iter()
+            .map(|(v, r)| (*v, r.map(|r| (r.first, r.last))))
+            .collect();
+        assert_eq!(
+            tail,
+            vec![("plant", Some((10, 14))), ("plant-control", Some((0, 4)))]
+        );
+        // Located exactly the plant: SPPFT and the control already freeze those ranges.
+        let same = finetune_arms(10, 14, 30, true, plant(10, 14)).unwrap();
+        assert_eq!(same, finetune_arms(10, 14, 30, true, None).unwrap());
     }
 
     #[test]

@@ -179,7 +179,7 @@ fn claims(
         .compare
         .as_ref()
         .and_then(|c| crate::cosine::range_rule::parting_layer(&gaps(&cos.main), &gaps(c)));
-    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial, parting)
+    let mut out: Vec<Claim> = sppft::planted_claim(prov, loc, initial, parting, eval, eval_dir)?
         .into_iter()
         .collect();
     // 1. Existence: N-M similarity separates from N-N in the middle layers of the aligned model.
@@ -286,7 +286,9 @@ fn limits(prov: &Provenance, loc: &LocateFile, claims: &[Claim]) -> String {
         esc(&prov.profile.name),
         prov.profile.ft_seeds
     );
-    let vs_full = claims.iter().find_map(|c| c.headline("full"));
+    let vs_full = claims
+        .iter()
+        .find_map(|c| c.headline("full").filter(|p| p.arm == "sppft"));
     if let Some(r) = vs_full {
         let n = r.counts.n;
         let discordant = (r.counts.only_a + r.counts.only_b) as f64 / n.max(1) as f64;

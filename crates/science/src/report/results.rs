@@ -119,7 +119,11 @@ pub struct ArmSummary {
 /// SPPFT against another arm on the same harmful prompts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PairedResult {
-    /// "full", "control", "below" or "above".
+    /// The arm compared: "sppft", or with `--plant` "plant" (the planted layers frozen). Results
+    /// written before the field existed compared SPPFT.
+    #[serde(default = "sppft_arm")]
+    pub arm: String,
+    /// "full", "control", "below", "above" or "plant-control".
     pub against: String,
     /// The seed both arms were fine-tuned with (None: not recorded, or pooled).
     #[serde(default)]
@@ -129,7 +133,7 @@ pub struct PairedResult {
     #[serde(default)]
     pub pooled_seeds: usize,
     pub counts: crate::paired::Paired,
-    /// SPPFT's harmful rate minus the other arm's.
+    /// The arm's harmful rate minus the other arm's.
     pub difference: f64,
     pub ci95_low: f64,
     pub ci95_high: f64,
@@ -141,11 +145,17 @@ pub struct PairedResult {
     pub power_10_points: Option<f64>,
 }
 
+fn sppft_arm() -> String {
+    "sppft".into()
+}
+
 impl PairedResult {
+    /// SPPFT against `against`; `of_arm` names another compared arm.
     pub fn new(against: &str, counts: crate::paired::Paired) -> PairedResult {
         let (ci95_low, ci95_high) = counts.difference_ci95();
         let discordant = (counts.only_a + counts.only_b) as f64 / counts.n.max(1) as f64;
         PairedResult {
+            arm: sppft_arm(),
             against: against.into(),
             seed: None,
             pooled_seeds: 0,
@@ -156,6 +166,11 @@ impl PairedResult {
             power_10_points: crate::paired::mcnemar_power(counts.n, discordant, 0.10),
             counts,
         }
+    }
+
+    pub fn of_arm(mut self, arm: &str) -> PairedResult {
+        self.arm = arm.into();
+        self
     }
 
     pub fn for_seed(mut self, seed: u64) -> PairedResult {
@@ -176,8 +191,13 @@ impl PairedResult {
             (None, 0) => String::new(),
             (None, n) => format!(" (pooled over {n} seeds)"),
         };
+        let arm = if self.arm == "sppft" {
+            "SPPFT"
+        } else {
+            &self.arm
+        };
         format!(
-            "SPPFT − {}{seed}: {} points (95% CI {} to {}), exact McNemar {} ({} vs {} \
+            "{arm} − {}{seed}: {} points (95% CI {} to {}), exact McNemar {} ({} vs {} \
              discordant of {}{power})",
             self.against,
             pts(self.difference),

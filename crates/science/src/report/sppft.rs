@@ -57,32 +57,53 @@ fn arm_summaries(eval: &EvalFile, runs: &[&FinetuneRun]) -> Vec<ArmSummary> {
     arms
 }
 
-/// SPPFT against `other` on the same prompts: one result per seed both arms have, and with
-/// more than one seed the pooled result (exact McNemar on every seed's discordant pairs; see
-/// `mcnemar_combined` for why its level holds). `answers` holds each run's harmful answers.
+/// Arm `arm` (SPPFT, or the planted layers frozen) against `other` on the same prompts: one
+/// result per seed both arms have, and with more than one seed the pooled result (exact McNemar
+/// on every seed's discordant pairs; see `mcnemar_combined` for why its level holds). `answers`
+/// holds each run's harmful answers.
 fn paired_by_seed(
     answers: &HashMap<&str, Vec<bool>>,
     runs: &[&FinetuneRun],
+    arm: &str,
     other: &str,
 ) -> Result<Vec<PairedResult>> {
     let mut per_seed = vec![];
-    for s in runs.iter().filter(|r| r.variant == "sppft") {
+    for s in runs.iter().filter(|r| r.variant == arm) {
         let Some(o) = runs.iter().find(|r| r.variant == other && r.seed == s.seed) else {
             continue;
         };
         if let (Some(a), Some(b)) = (answers.get(s.name.as_str()), answers.get(o.name.as_str())) {
             let counts = Paired::from_outcomes(a, b)?;
-            per_seed.push(PairedResult::new(other, counts).for_seed(s.seed));
+            per_seed.push(
+                PairedResult::new(other, counts)
+                    .of_arm(arm)
+                    .for_seed(s.seed),
+            );
         }
     }
     if per_seed.len() > 1 {
         let tables: Vec<Paired> = per_seed.iter().map(|p| p.counts).collect();
-        let mut p = PairedResult::new(other, Paired::pooled(&tables));
+        let mut p = PairedResult::new(other, Paired::pooled(&tables)).of_arm(arm);
         p.pooled_seeds = tables.len();
         p.p_value = mcnemar_combined(&tables);
         per_seed.push(p);
     }
     Ok(per_seed)
+}
+
+/// Each run's harmful answers, its response file read once whatever it is paired with.
+fn all_answers<'a>(
+    eval: &EvalFile,
+    eval_dir: &Path,
+    runs: &[&'a FinetuneRun],
+) -> Result<HashMap<&'a str, Vec<bool>>> {
+    let mut answers = HashMap::new();
+    for r in runs {
+        if let Some(a) = harmful_answers(eval, eval_dir, &r.name)? {
+            answers.insert(r.name.as_str(), a);
+        }
+    }
+    Ok(answers)
 }
 
 /// The verdict of SPPFT against full fine-tuning: the pooled test where there are seeds, else
@@ -137,16 +158,10 @@ pub(super) fn sppft_claims(
             continue;
         }
         let arms = arm_summaries(eval, &runs);
-        // Each run's response file is read once, whatever it is paired with.
-        let mut answers = HashMap::new();
-        for r in &runs {
-            if let Some(a) = harmful_answers(eval, eval_dir, &r.name)? {
-                answers.insert(r.name.as_str(), a);
-            }
-        }
+        let answers = all_answers(eval, eval_dir, &runs)?;
         let mut paired = vec![];
         for other in ["full", "control", "below", "above"] {
-            paired.extend(paired_by_seed(&answers, &runs, other)?);
+            paired.extend(paired_by_seed(&answers, &runs, "sppft", other)?);
         }
         let seeds = arms.iter().map(|a| a.seeds.len()).max().unwrap_or(0);
         let head = |other: &str| headline(&paired, &arms, other);
@@ -214,14 +229,60 @@ pub(super) fn planted_claim(
     loc: &LocateFile,
     initial: Option<sl_engine::LayerRange>,
     parting: Option<usize>,
-) -> Option<Claim> {
-    let plant = prov.planted?;
+    eval: &EvalFile,
+    eval_dir: &Path,
+) -> Result<Option<Claim>> {
+    let Some(plant) = prov.planted else {
+        return Ok(None);
+    };
     let j = jaccard(loc.range, plant);
     let against = |r: Option<sl_engine::LayerRange>| match r {
         Some(r) => format!("{r} (Jaccard {:.2})", jaccard(r, plant)),
         None => "none (gap < 1°)".into(),
     };
-    Some(Claim {
+    // SPPFT on the plant itself: the planted layers frozen against full fine-tuning and against
+    // their own equally wide control freeze, on the first set that has such an arm. The arms are
+    // found by what they freeze: where locate found exactly the plant, SPPFT's arm freezes it,
+    // and another arm may already freeze the plant's control range.
+    let by_freeze = |set: &str, f: Option<sl_engine::LayerRange>| {
+        prov.finetune_runs
+            .iter()
+            .find(|r| f.is_some() && r.freeze == f && (set.is_empty() || r.data == set))
+    };
+    let plant_run = by_freeze("", Some(plant));
+    let set = plant_run.map_or("", |r| r.data.as_str());
+    let arm = plant_run.map_or("plant", |r| r.variant.as_str());
+    let control =
+        by_freeze(set, prov.plant_control).map_or("plant-control", |r| r.variant.as_str());
+    let runs: Vec<&FinetuneRun> = prov
+        .finetune_runs
+        .iter()
+        .filter(|r| r.data == set && ["full", arm, control].contains(&r.variant.as_str()))
+        .collect();
+    let answers = all_answers(eval, eval_dir, &runs)?;
+    let mut paired = vec![];
+    for other in ["full", control] {
+        paired.extend(paired_by_seed(&answers, &runs, arm, other)?);
+    }
+    let arms = arm_summaries(eval, &runs);
+    let frozen = if runs.iter().any(|r| r.variant == arm) {
+        let rate = |v: &str| arms.iter().find(|a| a.variant == v).map(|a| a.mean);
+        let tests = ["full", control]
+            .iter()
+            .filter_map(|o| headline(&paired, &arms, o))
+            .map(|p| format!(". {}", p.sentence()))
+            .collect::<String>();
+        format!(
+            ". Fine-tuned with the plant frozen (arm `{arm}`), R_h {} (full fine-tuning {}, the \
+             plant's control freeze {}){tests}",
+            pct(rate(arm)),
+            pct(rate("full")),
+            pct(rate(control)),
+        )
+    } else {
+        String::new()
+    };
+    Ok(Some(Claim {
         claim: format!(
             "0. Positive control: the organism was aligned with only layers {plant} trainable; \
              the pipeline should find them"
@@ -236,7 +297,7 @@ pub(super) fn planted_claim(
         evidence: format!(
             "planted {plant}; locate found {} (Jaccard {j:.2}); cosine's initial range {}; the \
              aligned and base models' gaps first differ by 1° or more at layer {} (not part of the \
-             paper's method: where the training changed the curve)",
+             paper's method: where the training changed the curve){frozen}",
             loc.range,
             against(initial),
             match parting {
@@ -246,7 +307,7 @@ pub(super) fn planted_claim(
             },
         ),
         control_protects_less: None,
-        paired: vec![],
-        arms: vec![],
-    })
+        paired,
+        arms,
+    }))
 }
