@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The positive control's own SPPFT test (issue 16 item 1): fine-tune a demo's planted organism
 # with the PLANTED layers frozen, and with an equally wide control freeze, exactly as the demo
-# fine-tuned and evaluated its SPPFT arm (its recorded commands, with only --freeze, --out and the
-# model label changed); then exact McNemar tests on AdvBench (tools/science/plant_mcnemar.py)
+# fine-tuned its SPPFT arm and evaluated every model (its recorded commands, with only --freeze,
+# --out and the model changed); then exact McNemar tests on AdvBench (tools/science/plant_mcnemar.py)
 # against the demo's full fine-tuning arm and between the two freezes.
 #
 #   tools/science/plant_arms.sh DEMO_OUT PLANT CONTROL        e.g. demo-planted 10-14 0-4
 #
-# Runs the seed the demo's SPPFT arm used. Writes DEMO_OUT/extra/{ft-di-plant,ft-di-plant-control}
+# For a run made before `demo --plant` fine-tuned these arms itself. Runs the seed the demo's
+# SPPFT arm used. Writes DEMO_OUT/extra/{ft-di-plant,ft-di-plant-control}
 # and their eval parts; a finished step is kept on a rerun (its finetune.json / eval.json).
 set -euo pipefail
 BIN=${SAFETY_LAYERS_BIN:-$(dirname "$0")/../../target/release/safety-layers}
@@ -30,10 +31,11 @@ for arm in "${arms[@]}"; do
     eval "\"$BIN\" $cmd"
   fi
 done
-# The eval command is the demo's for its SPPFT arm: the demo must have evaluated that arm.
-marker="$demo/eval-parts/ft-di-sppft/.stage.json"
+# The eval command is the demo's for the base model (every eval part of a run has the same
+# settings; only --model and --out differ).
+marker="$demo/eval-parts/base/.stage.json"
 if [[ ! -f "$marker" ]]; then
-  echo "plant_arms: $marker is missing: run this after the demo has evaluated its SPPFT arm" >&2
+  echo "plant_arms: $marker is missing: run this after the demo has evaluated the base model" >&2
   exit 1
 fi
 ev_cmd=$(recorded "$marker")
@@ -42,9 +44,8 @@ for arm in "${arms[@]}"; do
   if [[ ! -f "$extra/eval-$name/eval.json" ]]; then
     rm -rf "$extra/eval-$name"
     cmd=${ev_cmd/#safety-layers /}
-    cmd=${cmd/--model ft-di-sppft=$demo\/ft-di-sppft/--model $name=$extra\/$name}
-    cmd=${cmd/--out $demo\/eval-parts\/ft-di-sppft/--out $extra\/eval-$name}
-    [[ $cmd == *"--out $extra/eval-$name"* && $cmd == *"--model $name="* ]] ||
+    cmd=$(sed -E "s#--model [^ ]+#--model $name=$extra/$name#; s#--out [^ ]+#--out $extra/eval-$name#" <<<"$cmd")
+    [[ $cmd == *"--out $extra/eval-$name"* && $cmd == *"--model $name=$extra/$name"* ]] ||
       { echo "plant_arms: cannot adapt the recorded command: $ev_cmd" >&2; exit 1; }
     echo "plant_arms: eval $name" >&2
     eval "\"$BIN\" $cmd"
