@@ -97,12 +97,13 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Removes directory `dir` so that a kill at any moment leaves it whole or gone: it is first
 /// renamed to its temporary sibling (one atomic step), then deleted; a kill during the deletion
-/// leaves only a temporary, which the next writer of the name sweeps. Absent is not an error.
+/// leaves only a temporary, which the next call (or writer of the name) sweeps. Absent is not an
+/// error; dead writers' temporaries of the name are removed either way.
 pub fn remove_dir(dir: &Path) -> Result<()> {
+    let tmp = temp_sibling(dir)?;
     if !dir.exists() {
         return Ok(());
     }
-    let tmp = temp_sibling(dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::rename(dir, &tmp).with_context(|| format!("cannot remove {}", dir.display()))?;
     std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))
@@ -111,7 +112,7 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
 /// Removes `dir/.<name>.tmp-<pid>` entries left by killed processes (those whose pid no longer
 /// runs). A live writer's temporary is left alone; so is anything this cannot parse.
 pub fn remove_stale_temporaries(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.tmp-");
+    let prefix = temp_prefix(name);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -134,6 +135,20 @@ pub fn remove_stale_temporaries(dir: &Path, name: &str) {
             std::fs::remove_file(&p)
         };
     }
+}
+
+/// The start of every temporary of `name`: `.<name>.tmp-`.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// Whether `dir` holds a temporary of `name` (a live or a dead writer's).
+pub fn has_temporary(dir: &Path, name: &str) -> bool {
+    let prefix = temp_prefix(name);
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    })
 }
 
 /// Whether process `pid` exists (Linux: /proc/<pid>; elsewhere assumed alive, so nothing of a

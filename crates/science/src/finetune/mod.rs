@@ -345,7 +345,8 @@ fn prepare_out(out: &Path, resume: bool) -> Result<Start> {
         // config.json is moved in last) has nothing to resume, but may have been killed while
         // removing its checkpoints (renamed to a temporary first, so none is ever half there).
         if latest.is_none() && out.join("config.json").exists() {
-            let leftovers = checkpoints_dir(out).exists() || has_temporary(out, "checkpoints");
+            let leftovers = checkpoints_dir(out).exists()
+                || sl_engine::io::atomic::has_temporary(out, "checkpoints");
             if !leftovers {
                 bail!(
                     "--resume: {} holds a finished run and no checkpoint; nothing to resume",
@@ -353,7 +354,6 @@ fn prepare_out(out: &Path, resume: bool) -> Result<Start> {
                 );
             }
             sl_engine::io::atomic::remove_dir(&checkpoints_dir(out))?;
-            sl_engine::io::atomic::remove_stale_temporaries(out, "checkpoints");
             return Ok(Start::Finished);
         }
         latest.map_or(Start::Fresh, Start::From)
@@ -369,15 +369,6 @@ fn prepare_out(out: &Path, resume: bool) -> Result<Start> {
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     Ok(start)
-}
-
-/// Whether `dir` holds a temporary `.<name>.tmp-<pid>`.
-fn has_temporary(dir: &Path, name: &str) -> bool {
-    let prefix = format!(".{name}.tmp-");
-    std::fs::read_dir(dir).is_ok_and(|rd| {
-        rd.filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-    })
 }
 
 fn encode_all(model: &Model, recs: &[SftRecord], cfg: &FinetuneConfig) -> Result<Vec<Example>> {

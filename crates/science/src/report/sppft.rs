@@ -244,20 +244,21 @@ pub(super) fn planted_claim(
     // their own equally wide control freeze, on the first set that has such an arm. The arms are
     // found by what they freeze: where locate found exactly the plant, SPPFT's arm freezes it,
     // and another arm may already freeze the plant's control range.
-    let by_freeze = |set: &str, f: Option<sl_engine::LayerRange>| {
-        prov.finetune_runs
-            .iter()
-            .find(|r| f.is_some() && r.freeze == f && (set.is_empty() || r.data == set))
-    };
-    let plant_run = by_freeze("", Some(plant));
-    let set = plant_run.map_or("", |r| r.data.as_str());
+    let ft = &prov.finetune_runs;
+    let plant_run = ft.iter().find(|r| r.freeze == Some(plant));
+    let set = plant_run.map(|r| r.data.as_str());
     let arm = plant_run.map_or("plant", |r| r.variant.as_str());
-    let control =
-        by_freeze(set, prov.plant_control).map_or("plant-control", |r| r.variant.as_str());
-    let runs: Vec<&FinetuneRun> = prov
-        .finetune_runs
+    let control = ft
         .iter()
-        .filter(|r| r.data == set && ["full", arm, control].contains(&r.variant.as_str()))
+        .find(|r| {
+            Some(r.data.as_str()) == set && r.freeze.is_some() && r.freeze == prov.plant_control
+        })
+        .map_or("plant-control", |r| r.variant.as_str());
+    let runs: Vec<&FinetuneRun> = ft
+        .iter()
+        .filter(|r| {
+            Some(r.data.as_str()) == set && ["full", arm, control].contains(&r.variant.as_str())
+        })
         .collect();
     let answers = all_answers(eval, eval_dir, &runs)?;
     let mut paired = vec![];
