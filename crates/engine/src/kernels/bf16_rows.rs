@@ -16,7 +16,7 @@
 use crate::kernels::simd::Level;
 use half::bf16;
 
-/// `x: [M, K]` f32 against bf16 weight rows `w: [N, K]`: `[N, M]` (transposed, as
+/// `x: [M, K]` f32 against bf16 weight rows `w: [N, K]`: `[M, N]` (as
 /// `matmul_small::small_rows`), or None when `level` has no in-place kernel.
 pub(crate) fn small_rows_bf16(
     level: Level,
@@ -170,12 +170,12 @@ mod tests {
         v.iter().map(|&f| bf16::from_f32(f)).collect()
     }
 
-    /// `[N, M]` in f64 from f32 inputs: the reference every path is held to.
+    /// `[M, N]` in f64 from f32 inputs: the reference every path is held to.
     fn reference(x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut out = vec![0f64; n * m];
         for j in 0..n {
             for i in 0..m {
-                out[j * m + i] = (0..k)
+                out[i * n + j] = (0..k)
                     .map(|t| x[i * k + t] as f64 * w[j * k + t].to_f64())
                     .sum();
             }
@@ -216,7 +216,7 @@ mod tests {
                 };
                 let want = reference(&xr, &w, m, n, k);
                 for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                    let (j, i) = (idx / m, idx % m);
+                    let (i, j) = (idx / n, idx % n);
                     let abs: f64 = (0..k)
                         .map(|t| (xr[i * k + t] as f64 * w[j * k + t].to_f64()).abs())
                         .sum();
@@ -229,7 +229,7 @@ mod tests {
                 if level != Level::Avx512Bf16 {
                     let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
                     let buffered = small_rows_at(level, &x, &F32Rows(&wide), m, n, k);
-                    let full_tiles = |idx: usize| (idx / m) / 4 < n / 4 && (idx % m) / 2 < m / 2;
+                    let full_tiles = |idx: usize| (idx % n) / 4 < n / 4 && (idx / n) / 2 < m / 2;
                     for (idx, (g, b)) in got.iter().zip(&buffered).enumerate() {
                         if full_tiles(idx) {
                             assert_eq!(g.to_bits(), b.to_bits(), "{level:?} {m}x{n}x{k} @{idx}");

@@ -5,12 +5,14 @@
 
 use rayon::prelude::*;
 
-/// A row-major `[rows, cols]` matrix in a slice, read either as it is or transposed.
+/// A row-major `[rows, cols]` matrix in a slice (rows `stride` apart), read either as it is or
+/// transposed.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
     pub data: &'a [f32],
     pub rows: usize,
     pub cols: usize,
+    pub stride: usize,
     pub transposed: bool,
 }
 
@@ -20,6 +22,7 @@ impl<'a> Mat<'a> {
             data,
             rows,
             cols,
+            stride: cols,
             transposed: false,
         }
     }
@@ -44,18 +47,41 @@ impl<'a> Mat<'a> {
     #[cfg(test)]
     pub fn at(&self, i: usize, j: usize) -> f32 {
         if self.transposed {
-            self.data[j * self.cols + i]
+            self.data[j * self.stride + i]
         } else {
-            self.data[i * self.cols + j]
+            self.data[i * self.stride + j]
         }
     }
 
     /// (column stride, row stride) of the matrix as read.
     fn strides(&self) -> (isize, isize) {
         if self.transposed {
-            (self.cols as isize, 1)
+            (self.stride as isize, 1)
         } else {
-            (1, self.cols as isize)
+            (1, self.stride as isize)
+        }
+    }
+
+    /// Whether `data` holds every element (the last row may end before the stride does).
+    fn fits(&self) -> bool {
+        self.stride >= self.cols
+            && (self.rows == 0 || self.data.len() >= (self.rows - 1) * self.stride + self.cols)
+    }
+
+    /// Columns `start..end` of the matrix as read.
+    fn columns(self, start: usize, end: usize) -> Self {
+        if self.transposed {
+            Mat {
+                data: &self.data[start * self.stride..],
+                rows: end - start,
+                ..self
+            }
+        } else {
+            Mat {
+                data: &self.data[start..],
+                cols: end - start,
+                ..self
+            }
         }
     }
 }
@@ -134,6 +160,7 @@ impl<'a> Rhs<'a> {
 
 /// The matrix's values rounded to bf16 (kept in f32).
 fn rounded(m: &Mat) -> Vec<f32> {
+    assert_eq!(m.stride, m.cols, "rounded: a band of a wider matrix");
     m.data[..m.rows * m.cols]
         .par_iter()
         .map(|&x| half::bf16::from_f32(x).to_f32())
@@ -170,6 +197,15 @@ pub(crate) fn matmul_rhs(
 
 /// `dst [m, n] (+)= a [m, k] · b [k, n]`, threaded on rayon when `parallel`. `dst` is row-major
 /// with row stride `dst_stride` (>= n), so a call may fill a column band of a wider matrix.
+///
+/// With `b` transposed (`x · Wᵀ`, a linear layer's forward) the threads split `dst`'s columns,
+/// each a band with a one-thread gemm: for that operand layout the gemm crate packs the whole
+/// weight on the calling thread while its other threads wait (it transposes the problem to a
+/// row-major left operand, which it prepacks whole when it has at most 2 x 512 rows), which
+/// cost a prefill up to 40% of those products' time here. Other layouts keep the crate's own
+/// threading (it packs in its threads there, and is faster than bands for the gradients).
+/// The sums run in the same order either way (bands split only the columns), so the result is
+/// the same to the bit.
 pub(crate) fn matmul(
     dst: &mut [f32],
     dst_stride: usize,
@@ -180,7 +216,10 @@ pub(crate) fn matmul(
 ) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "gemm: inner dimensions {k} and {k2} differ");
-    assert!(a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols);
+    assert!(
+        a.fits() && b.fits(),
+        "gemm: an operand's slice is too short"
+    );
     assert!(n <= dst_stride && (m == 0 || dst.len() >= (m - 1) * dst_stride + n));
     if m == 0 || n == 0 {
         return;
@@ -192,37 +231,126 @@ pub(crate) fn matmul(
         }
         return;
     }
-    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
-    let par = if parallel {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    let threads = if parallel {
+        rayon::current_num_threads()
     } else {
-        gemm::Parallelism::None
+        1
     };
-    // SAFETY: the asserts above bound every element gemm reads (a: m x k, b: k x n through
-    // their strides) and writes (dst: m rows of n at row stride dst_stride).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+    if threads == 1 || !b.transposed || n < threads * MIN_BAND {
+        let par = if threads == 1 {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
+        // SAFETY: the asserts above bound every element gemm reads and writes.
+        unsafe { call(dst.as_mut_ptr(), dst_stride, a, b, accumulate, par) };
+        return;
     }
+    let edge = |i: usize| {
+        if i == threads {
+            n
+        } else {
+            (n * i / threads) / 16 * 16
+        }
+    };
+    let out = SharedDst(dst.as_mut_ptr());
+    (0..threads).into_par_iter().for_each(|i| {
+        let (start, end) = (edge(i), edge(i + 1));
+        let out = &out;
+        // SAFETY: the bands are disjoint column ranges of dst, inside the bounds asserted above.
+        unsafe {
+            call(
+                out.0.add(start),
+                dst_stride,
+                a,
+                b.columns(start, end),
+                accumulate,
+                gemm::Parallelism::None,
+            )
+        };
+    });
+}
+
+/// `x [M, K] · wᵀ` for `w [N, K]`, both contiguous f32 CPU tensors outside autograd (inference):
+/// `[M, N]` on the threaded `matmul`. None when they do not qualify (the caller falls back to
+/// candle's matmul, which runs the same gemm with the crate's own threading).
+pub fn linear_f32(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> anyhow::Result<Option<candle_core::Tensor>> {
+    use crate::kernels::matmul_small::with_f32;
+    let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
+    anyhow::ensure!(
+        k == k2,
+        "linear: input has {k} features, the weight expects {k2}"
+    );
+    if x.track_op() || w.track_op() {
+        return Ok(None);
+    }
+    let y = with_f32(x, |xv| {
+        with_f32(w, |wv| {
+            let mut y = vec![0f32; m * n];
+            matmul(
+                &mut y,
+                n,
+                Mat::new(xv, m, k),
+                Mat::new(wv, n, k).t(),
+                false,
+                true,
+            );
+            y
+        })
+    })
+    .flatten();
+    Ok(match y {
+        Some(y) => Some(candle_core::Tensor::from_vec(y, (m, n), x.device())?),
+        None => None,
+    })
+}
+
+/// The narrowest column band worth a thread of its own.
+const MIN_BAND: usize = 64;
+
+/// dst's pointer shared by the threads that write its disjoint column bands.
+struct SharedDst(*mut f32);
+// SAFETY: every thread writes only its own columns.
+unsafe impl Sync for SharedDst {}
+
+/// One gemm call: `dst [m, n] (+)= a · b` for the shapes as read, dst rows `dst_stride` apart.
+///
+/// # Safety
+/// `dst` must be valid for writes of m rows of n at that stride; a and b must `fit`.
+unsafe fn call(
+    dst: *mut f32,
+    dst_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    let ((m, k), (_, n)) = (a.shape(), b.shape());
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a_cs,
+        a_rs,
+        b.data.as_ptr(),
+        b_cs,
+        b_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 #[cfg(test)]
@@ -325,68 +453,39 @@ mod precision_tests {
 mod timing {
     use super::*;
 
-    /// GFLOP/s of the training shapes (SmolLM2, 433 rows): forward, input and weight gradient.
+    /// GFLOP/s of the training shapes (SmolLM2, 433 rows) and of a prefill (256 rows):
+    /// forward, input and weight gradient, threaded in column bands (`matmul`) and by the gemm
+    /// crate itself.
     #[test]
     #[ignore]
     fn training_shapes() {
-        let n = crate::kernels::TRAINING_ROWS;
-        for (inp, out) in crate::kernels::TRAINING_SHAPES {
-            let x = vec![0.5f32; n * inp];
-            let w = vec![0.25f32; out * inp];
-            let dy = vec![0.125f32; n * out];
-            let mut y = vec![0f32; n * out];
-            let mut dx = vec![0f32; n * inp];
-            let mut dw = vec![0f32; out * inp];
-            let flops = 2.0 * (n * inp * out) as f64;
-            let time = |f: &mut dyn FnMut()| crate::kernels::gflops(flops, f);
-            let (xm, wm, dym) = (
-                Mat::new(&x, n, inp),
-                Mat::new(&w, out, inp),
-                Mat::new(&dy, n, out),
-            );
-            let run = |dst: &mut [f32], cols, a, b, acc, par| {
-                time(&mut || matmul(dst, cols, a, b, acc, par))
-            };
-            let fwd = run(&mut y, out, xm, wm.t(), false, true);
-            let bx = run(&mut dx, inp, dym, wm, false, true);
-            let bw = run(&mut dw, inp, dym.t(), xm, true, true);
-            let fwd1 = run(&mut y, out, xm, wm.t(), false, false);
-            let bw1 = run(&mut dw, inp, dym.t(), xm, true, false);
-            let mut dw2 = dw.clone();
-            let both = 2.0
-                * time(&mut || {
-                    rayon::join(
-                        || matmul(&mut dx, inp, dym, wm, false, false),
-                        || matmul(&mut dw2, inp, dym.t(), xm, true, false),
-                    );
-                });
-            let half = n / 2;
-            let halves = time(&mut || {
-                let (top, bottom) = dx.split_at_mut(half * inp);
-                rayon::join(
-                    || {
-                        matmul(
-                            top,
-                            inp,
-                            Mat::new(&dy[..half * out], half, out),
-                            wm,
-                            false,
-                            false,
-                        )
-                    },
-                    || {
-                        matmul(
-                            bottom,
-                            inp,
-                            Mat::new(&dy[half * out..], n - half, out),
-                            wm,
-                            false,
-                            false,
-                        )
-                    },
+        for n in [crate::kernels::TRAINING_ROWS, 256] {
+            for (inp, out) in crate::kernels::TRAINING_SHAPES {
+                let x = vec![0.5f32; n * inp];
+                let w = vec![0.25f32; out * inp];
+                let dy = vec![0.125f32; n * out];
+                let mut y = vec![0f32; n * out];
+                let mut dx = vec![0f32; n * inp];
+                let mut dw = vec![0f32; out * inp];
+                let flops = 2.0 * (n * inp * out) as f64;
+                let time = |f: &mut dyn FnMut()| crate::kernels::gflops(flops, f);
+                let (xm, wm, dym) = (
+                    Mat::new(&x, n, inp),
+                    Mat::new(&w, out, inp),
+                    Mat::new(&dy, n, out),
                 );
-            });
-            eprintln!("[{n}x{inp}] x [{inp}x{out}]: fwd {fwd:.0}, dx {bx:.0}, dW {bw:.0} GFLOP/s; one thread: fwd {fwd1:.0} dW {bw1:.0}; dx | dW on one thread each: {both:.0}; dx in row halves: {halves:.0}");
+                let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+                let run = |dst: &mut [f32], cols, a: Mat, b: Mat, acc| {
+                    let bands = time(&mut || matmul(dst, cols, a, b, acc, true));
+                    let crate_ =
+                        time(&mut || unsafe { call(dst.as_mut_ptr(), cols, a, b, acc, threads) });
+                    format!("{bands:.0} ({crate_:.0})")
+                };
+                let fwd = run(&mut y, out, xm, wm.t(), false);
+                let bx = run(&mut dx, inp, dym, wm, false);
+                let bw = run(&mut dw, inp, dym.t(), xm, true);
+                eprintln!("[{n}x{inp}] x [{inp}x{out}] GFLOP/s in bands (the gemm crate's threads): fwd {fwd}, dx {bx}, dW {bw}");
+            }
         }
     }
 }

@@ -41,13 +41,12 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if m == 0 || m > MAX_ROWS || x.track_op() || w.track_op() {
         return Ok(None);
     }
-    let out_t = with_f32(x, |xv| {
+    let out = with_f32(x, |xv| {
         with_f32(w, |wv| small_rows(xv, &F32Rows(wv), m, n, k))
     })
     .flatten();
-    let Some(out_t) = out_t else { return Ok(None) };
-    let t = Tensor::from_vec(out_t, (n, m), x.device())?;
-    Ok(Some(t.t()?.contiguous()?))
+    let Some(out) = out else { return Ok(None) };
+    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
 /// Where the kernel reads weight rows: the f32 weight itself, or rows widened from a narrower
@@ -72,7 +71,7 @@ impl WeightRows for F32Rows<'_> {
     }
 }
 
-/// `[N, M]`: row j holds weight row j dotted with every input row.
+/// `[M, N]`: `x · wᵀ` for the weight rows `src` serves.
 pub(crate) fn small_rows<R: WeightRows>(
     xv: &[f32],
     src: &R,
@@ -121,8 +120,8 @@ pub(crate) fn small_rows_at<R: WeightRows>(
 /// The decode kernel's loop, shared by every weight storage: threads take blocks of 16 weight
 /// rows; within a block `prep` readies each quad of weight rows (rows `j..j + nw`, nw <= 4) in
 /// the thread's `state`, and `tile` dots them with each pair of input rows (`i..i + nx`, nx <= 2).
-/// The output is transposed (`[N, M]`) so each thread writes one contiguous block of whole
-/// weight rows.
+/// The output is `[M, N]` as the caller wants it: a thread's block fills 16 columns (64 bytes)
+/// of every row, so no transpose follows (one was a single-threaded copy per projection).
 pub(crate) fn over_tiles<S>(
     m: usize,
     n: usize,
@@ -130,35 +129,41 @@ pub(crate) fn over_tiles<S>(
     prep: impl Fn(&mut S, usize, usize) + Sync,
     tile: impl Fn(&S, usize, usize, usize, usize) -> [[f32; 4]; 2] + Sync,
 ) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * m];
+    let mut out = vec![0f32; m * n];
     let block = 16usize;
-    out_t
-        .par_chunks_mut(block * m)
-        .enumerate()
-        .for_each(|(b, o)| {
-            let mut s = state();
-            let rows = o.len() / m;
-            let j0 = b * block;
-            let mut r = 0;
-            while r < rows {
-                let nw = (rows - r).min(4);
-                prep(&mut s, j0 + r, nw);
-                let mut i = 0;
-                while i < m {
-                    let nx = (m - i).min(2);
-                    let t = tile(&s, j0 + r, nw, i, nx);
-                    for (a, row) in t.iter().enumerate().take(nx) {
-                        for (c, v) in row.iter().enumerate().take(nw) {
-                            o[(r + c) * m + i + a] = *v;
-                        }
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let dst = &dst;
+        let mut s = state();
+        let j0 = b * block;
+        let rows = block.min(n - j0);
+        let mut r = 0;
+        while r < rows {
+            let nw = (rows - r).min(4);
+            prep(&mut s, j0 + r, nw);
+            let mut i = 0;
+            while i < m {
+                let nx = (m - i).min(2);
+                let t = tile(&s, j0 + r, nw, i, nx);
+                for (a, row) in t.iter().enumerate().take(nx) {
+                    for (c, v) in row.iter().enumerate().take(nw) {
+                        // SAFETY: row i + a < m, column j0 + r + c < n; each column belongs
+                        // to one block, so no two tasks write the same element.
+                        unsafe { *dst.0.add((i + a) * n + j0 + r + c) = *v };
                     }
-                    i += nx;
                 }
-                r += nw;
+                i += nx;
             }
-        });
-    out_t
+            r += nw;
+        }
+    });
+    out
 }
+
+/// The output's pointer, shared by the tasks that fill its disjoint column blocks.
+struct SharedOut(*mut f32);
+// SAFETY: each task writes only its own columns.
+unsafe impl Sync for SharedOut {}
 
 /// `x[..nx] · w[..nw]` (nx <= 2, nw <= 4); a full tile takes the level's kernel, a partial one
 /// the level's dot product.
@@ -403,7 +408,7 @@ mod tests {
                 let got = small_rows_at(level, &x, &F32Rows(&w), m, n, k);
                 let want = small_rows_at(Level::Scalar, &x, &F32Rows(&w), m, n, k);
                 for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                    let (j, i) = (idx / m, idx % m);
+                    let (i, j) = (idx / n, idx % n);
                     let abs: f32 = x[i * k..(i + 1) * k]
                         .iter()
                         .zip(&w[j * k..(j + 1) * k])

@@ -15,7 +15,7 @@
 
 use crate::kernels::matmul_small::{over_tiles, WeightRows};
 use crate::kernels::simd::{self, Level};
-use crate::kernels::widen::{matmul_rows, transpose};
+use crate::kernels::widen::matmul_rows;
 use anyhow::{bail, Result};
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -69,15 +69,14 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
     if m > INT_ROWS {
         return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
     }
-    let out_t = match simd::level() {
+    Ok(match simd::level() {
         level @ (Level::Avx2 | Level::Avx512 | Level::Avx512Bf16)
             if T::DTYPE == GgmlDType::Q4_1 =>
         {
             q4_1::run(level, x, m, k, bytes, n)
         }
         _ => int_dots::<T>(x, m, k, w, n),
-    };
-    Ok(transpose(&out_t, n, m))
+    })
 }
 
 /// Weight rows dequantized on the fly.
@@ -126,7 +125,7 @@ fn quantize_rows<V: GgmlType>(x: &[f32], k: usize) -> Vec<V> {
     xq
 }
 
-/// `[N, M]`: `dot(j, take, i)` gives weight rows j..j+take (take <= 4) dotted with activation
+/// `[M, N]`: `dot(j, take, i)` gives weight rows j..j+take (take <= 4) dotted with activation
 /// row i, on `matmul_small`'s loop (one task per 16 weight rows, which stay in cache while every
 /// activation row passes).
 fn by_row_quads(
@@ -149,7 +148,7 @@ fn by_row_quads(
     )
 }
 
-/// `[N, M]` by candle's integer dot products (SIMD where candle has them).
+/// `[M, N]` by candle's integer dot products (SIMD where candle has them).
 fn int_dots<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Vec<f32> {
     let kb = k / T::BLCK_SIZE;
     let xq = quantize_rows::<T::VecDotType>(x, k);
@@ -182,7 +181,7 @@ mod q4_1 {
     /// Bytes of one activation block: d (f16), s = d·Σq (f16), 32 signed bytes.
     const X: usize = 36;
 
-    /// `[N, M]`, as `super::int_dots` (the caller checked the bytes as Q4_1 blocks), on
+    /// `[M, N]`, as `super::int_dots` (the caller checked the bytes as Q4_1 blocks), on
     /// `level` (AVX2 or AVX-512, one the CPU runs).
     pub fn run(level: Level, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
         let kb = k / 32;

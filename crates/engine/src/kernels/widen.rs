@@ -62,8 +62,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
         (_, dt) => bail!("matmul: expected a bf16 or f16 CPU weight, got {dt:?}"),
     };
     if let (Narrow::Bf16(w), true) = (&src, m <= MAX_ROWS) {
-        if let Some(out_t) = small_rows_bf16(simd::level(), x, w, m, n, k) {
-            return Ok(transpose(&out_t, n, m));
+        if let Some(out) = small_rows_bf16(simd::level(), x, w, m, n, k) {
+            return Ok(out);
         }
     }
     // A prefill with bf16 compute asked for (the `avx512bf16` level) runs on AMX tiles where
@@ -91,8 +91,7 @@ pub(crate) fn matmul_rows<R: WeightRows>(
     rows: &R,
 ) -> Vec<f32> {
     if m <= MAX_ROWS {
-        let out_t = small_rows(x, rows, m, n, k);
-        return transpose(&out_t, n, m);
+        return small_rows(x, rows, m, n, k);
     }
     let mut out = vec![0f32; m * n];
     let p = panel_rows(k);
@@ -129,17 +128,6 @@ pub(crate) fn matmul_rows<R: WeightRows>(
                 false,
                 gemm::Parallelism::Rayon(threads),
             );
-        }
-    }
-    out
-}
-
-/// `[R, C]` row-major to `[C, R]`.
-pub(crate) fn transpose(v: &[f32], r: usize, c: usize) -> Vec<f32> {
-    let mut out = vec![0f32; r * c];
-    for (i, row) in v.chunks_exact(c).enumerate() {
-        for (j, x) in row.iter().enumerate() {
-            out[j * r + i] = *x;
         }
     }
     out

@@ -263,6 +263,10 @@ impl Decoder {
     fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let m = &self.layers[l].mlp;
         let gu = m.gate_up.forward(x)?;
+        if gu.device().is_cpu() && gu.dtype() == DType::F32 && !gu.track_op() {
+            let h = crate::train::ops::act::gated_exact(&gu, self.cfg.activation)?;
+            return m.down.forward(&h);
+        }
         let i = self.cfg.intermediate_size;
         let gate = gu.narrow(D::Minus1, 0, i)?;
         let up = gu.narrow(D::Minus1, i, i)?;

@@ -64,9 +64,13 @@ impl Linear {
                     LinearGrad::Frozen => linear(&x2, w, None, self.precision)?,
                     LinearGrad::Sink(sink) => linear(&x2, w, Some(sink), self.precision)?,
                     LinearGrad::Infer | LinearGrad::Autograd => {
-                        match crate::kernels::matmul_small::matmul_wt(&x2, w)? {
+                        use crate::kernels::{gemm::linear_f32, matmul_small::matmul_wt};
+                        match matmul_wt(&x2, w)? {
                             Some(y) => y, // a decode step's few rows: stream the weight once
-                            None => x2.matmul(&w.t()?)?,
+                            None => match linear_f32(&x2, w)? {
+                                Some(y) => y,
+                                None => x2.matmul(&w.t()?)?,
+                            },
                         }
                     }
                 }

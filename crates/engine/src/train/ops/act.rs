@@ -64,6 +64,19 @@ fn value(act: Activation, v: f32) -> f32 {
     }
 }
 
+/// The activation exactly as candle's forward computes it (libm's exp and tanh): inference's
+/// values, equal to the composed ops' to the bit.
+#[inline(always)]
+fn candle_value(act: Activation, v: f32) -> f32 {
+    match act {
+        Activation::Silu => v / (1.0 + (-v).exp()),
+        Activation::GeluTanh => {
+            0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)))
+        }
+        Activation::Gelu => value(act, v),
+    }
+}
+
 /// The activation and its exact derivative (candle's backward rounds some constants to six
 /// digits; these differ from it by ~1e-6 relative).
 #[inline(always)]
@@ -125,6 +138,8 @@ macro_rules! per_activation {
 
 struct GatedOp {
     act: Activation,
+    /// Inference: candle's own formulas (`candle_value`) instead of the faster `value`.
+    exact: bool,
 }
 
 /// Checks `[..., 2I]` and returns `I`.
@@ -143,14 +158,23 @@ impl CustomOp1 for GatedOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, xr) = input_rows(xs, xl, "gated")?;
         let i = half_width(xr.width)?;
-        macro_rules! fwd {
-            ($a:expr) => {
+        macro_rules! fwd_with {
+            ($f:ident, $a:expr) => {
                 for_rows(x, &xr, i, |xrow, y| {
                     let (gate, up) = xrow.split_at(i);
                     for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                        *o = value($a, g) * u;
+                        *o = $f($a, g) * u;
                     }
                 })
+            };
+        }
+        macro_rules! fwd {
+            ($a:expr) => {
+                if self.exact {
+                    fwd_with!(candle_value, $a)
+                } else {
+                    fwd_with!(value, $a)
+                }
             };
         }
         let y = per_activation!(self.act, fwd);
@@ -202,7 +226,14 @@ impl CustomOp1 for GatedOp {
 /// any layout whose last dimension is packed is read in place). Returns `[..., I]`, contiguous;
 /// the backward writes the gradient of `gate_up` in one buffer.
 pub fn gated(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(rows_readable(gate_up)?.apply_op1(GatedOp { act })?)
+    Ok(rows_readable(gate_up)?.apply_op1(GatedOp { act, exact: false })?)
+}
+
+/// Inference's `act(gate) · up` on an f32 CPU tensor: the values of the composed ops (two
+/// narrows, candle's activation, a mul) to the bit, in one threaded pass that reads `gate_up`
+/// in place (candle runs its element-wise ops on one thread here, and copies both halves).
+pub fn gated_exact(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(rows_readable(gate_up)?.apply_op1_no_bwd(&GatedOp { act, exact: true })?)
 }
 
 #[cfg(test)]
@@ -245,6 +276,26 @@ mod tests {
         let (e, de, _) = value_and_grad_errs(&y, &y_ref, &coef, &[xv.as_tensor()])?;
         assert!(e < 1e-6, "{what}: values off by {e}");
         assert!(de[0] < tol, "{what}: d(gate_up) off by {}", de[0]);
+        Ok(())
+    }
+
+    #[test]
+    fn inference_values_equal_the_composed_ops_to_the_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        // [-12, 12): both tails, and rows enough for several threads' tasks.
+        let gu = (Tensor::from_vec(pseudo(67 * 2 * 300, 23), (67, 600), &dev)? * 24.0)?;
+        for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+            let want = reference(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
+            let got = gated_exact(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(want == got, "{act:?}: differs from the composed ops");
+            let fast = gated(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
+            if act == Activation::Silu {
+                assert!(
+                    fast != want,
+                    "the training op's exp gave libm's values: test is blind"
+                );
+            }
+        }
         Ok(())
     }
 
