@@ -1,7 +1,8 @@
 //! The key/value cache of a forward pass, with the prompt head every row shares held once.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 /// Key/value tensors of every layer, `[B, Hkv, S, D]`.
 ///
@@ -64,6 +65,71 @@ impl KvCache {
             *k = k.index_select(idx, 0)?;
             *v = v.index_select(idx, 0)?;
         }
+        Ok(())
+    }
+}
+
+/// `past` (`[pb, H, S, D]`, where pb = 1 is a shared prefix held once for the batch) followed by
+/// `new` (`[B, H, T, D]`) along the positions: `[B, H, S + T, D]`. Contiguous f32 CPU tensors are
+/// joined in one threaded pass; candle's cat (and the prefix's broadcast copy before it) ran on
+/// one thread for every layer of every decode step. Anything else goes through candle.
+pub(crate) fn join_positions(past: &Tensor, new: &Tensor) -> Result<Tensor> {
+    use crate::kernels::matmul_small::with_f32;
+    let (pb, h, s, d) = past.dims4()?;
+    let (b, h2, t, d2) = new.dims4()?;
+    ensure!(
+        (h, d) == (h2, d2) && (pb == b || pb == 1),
+        "kv cache: cached {:?} cannot take new positions {:?}",
+        past.dims(),
+        new.dims()
+    );
+    let joined = with_f32(past, |pv| {
+        with_f32(new, |nv| {
+            let mut out = vec![0f32; b * h * (s + t) * d];
+            out.par_chunks_mut((s + t) * d)
+                .enumerate()
+                .for_each(|(bh, row)| {
+                    let from = if pb == 1 { bh % h } else { bh };
+                    row[..s * d].copy_from_slice(&pv[from * s * d..(from + 1) * s * d]);
+                    row[s * d..].copy_from_slice(&nv[bh * t * d..(bh + 1) * t * d]);
+                });
+            out
+        })
+    })
+    .flatten();
+    if let (Some(out), true) = (joined, past.device().is_cpu()) {
+        return Ok(Tensor::from_vec(out, (b, h, s + t, d), past.device())?);
+    }
+    let past = if pb == b {
+        past.clone()
+    } else {
+        past.broadcast_as((b, h, s, d))?.contiguous()?
+    };
+    Ok(Tensor::cat(&[&past, new], 2)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The threaded join equals candle's broadcast and cat, for a per-row past and a one-row
+    /// shared prefix.
+    #[test]
+    fn join_equals_candles_cat() -> Result<()> {
+        let dev = Device::Cpu;
+        let vals = |n: usize, seed: u64| crate::kernels::pseudo(n, seed);
+        let new = Tensor::from_vec(vals(3 * 2 * 2 * 4, 1), (3, 2, 2, 4), &dev)?;
+        for pb in [3, 1] {
+            let past = Tensor::from_vec(vals(pb * 2 * 5 * 4, 2), (pb, 2, 5, 4), &dev)?;
+            let want = Tensor::cat(&[&past.broadcast_as((3, 2, 5, 4))?.contiguous()?, &new], 2)?;
+            let got = join_positions(&past, &new)?;
+            assert_eq!(got.dims(), &[3, 2, 7, 4]);
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(&got)?, flat(&want)?, "past rows {pb}");
+        }
+        let wrong = Tensor::zeros((2, 2, 5, 4), candle_core::DType::F32, &dev)?;
+        assert!(join_positions(&wrong, &new).is_err());
         Ok(())
     }
 }

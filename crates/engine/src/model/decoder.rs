@@ -4,6 +4,7 @@
 
 use crate::io::config::{AttentionKind, ModelConfig};
 use crate::io::weights::WeightMap;
+use crate::model::cache::join_positions;
 use crate::model::hooks::{ActivationCache, Hook, HookSpec};
 use crate::model::layers::{act, Attention, Layer, Linear, Mlp, RmsNorm};
 use crate::model::layout::{Layout, Part, Slot, TopTensor};
@@ -201,21 +202,8 @@ impl Decoder {
                     c.layers[l].clone()
                 };
                 let kv = match past {
-                    Some((pk, pv)) => {
-                        // A shared prefix is held as one row for the whole batch.
-                        let rows = |t: Tensor| -> Result<Tensor> {
-                            let (pb, h, s, d) = t.dims4()?;
-                            Ok(if pb == b {
-                                t
-                            } else {
-                                t.broadcast_as((b, h, s, d))?.contiguous()?
-                            })
-                        };
-                        (
-                            Tensor::cat(&[&rows(pk)?, &k], 2)?,
-                            Tensor::cat(&[&rows(pv)?, &v], 2)?,
-                        )
-                    }
+                    // A shared prefix is held as one row for the whole batch.
+                    Some((pk, pv)) => (join_positions(&pk, &k)?, join_positions(&pv, &v)?),
                     None => (k, v),
                 };
                 if c.append {
