@@ -409,6 +409,49 @@ mod tests {
 }
 
 #[cfg(test)]
+mod band_tests {
+    use super::*;
+    use crate::kernels::pseudo;
+
+    /// `x · Wᵀ` wide enough to run in column bands (bands of odd widths, into the middle
+    /// columns of a wider destination, then accumulated): equal to the bit to the one-thread
+    /// gemm, and to f64 math within f32 rounding. Run on a pool of 3 threads, so that there
+    /// are three bands whatever the machine (n is wide enough for 3 x MIN_BAND).
+    #[test]
+    fn bands_equal_the_one_thread_product_to_the_bit() {
+        let (m, k, n) = (37, 70, 3 * MIN_BAND + 45);
+        let (x, w) = (pseudo(m * k, 5), pseudo(n * k, 6));
+        let (xm, wm) = (Mat::new(&x, m, k), Mat::new(&w, n, k).t());
+        let stride = n + 9;
+        let run = |parallel: bool| {
+            let mut dst = vec![3f32; m * stride];
+            matmul(&mut dst[4..], stride, xm, wm, false, parallel);
+            matmul(&mut dst[4..], stride, xm, wm, true, parallel);
+            dst
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let banded = pool.install(|| run(true));
+        let single = run(false);
+        assert!(banded == single, "bands differ from the one-thread product");
+        for i in 0..m {
+            for c in (0..4).chain(n + 4..stride) {
+                assert_eq!(banded[i * stride + c], 3.0, "wrote outside the columns");
+            }
+            for j in 0..n {
+                let e: f64 = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+                let g = banded[i * stride + 4 + j] as f64;
+                assert!((g - 2.0 * e).abs() < 1e-4, "({i},{j}): {g} vs {}", 2.0 * e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod precision_tests {
     use super::*;
     use crate::kernels::pseudo;
