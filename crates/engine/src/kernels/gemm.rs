@@ -449,6 +449,25 @@ mod band_tests {
             }
         }
     }
+
+    /// The inference prefill's entry: candle's matmul to the bit (candle runs the same gemm with
+    /// the crate's threading), and None for a tensor autograd tracks.
+    #[test]
+    fn linear_f32_equals_candles_matmul_to_the_bit() -> anyhow::Result<()> {
+        use candle_core::{Device, Tensor, Var};
+        let (m, k, n) = (40, 70, 3 * MIN_BAND + 13);
+        let x = Tensor::from_vec(pseudo(m * k, 7), (m, k), &Device::Cpu)?;
+        let w = Tensor::from_vec(pseudo(n * k, 8), (n, k), &Device::Cpu)?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build()?;
+        let got = pool.install(|| linear_f32(&x, &w))?.expect("qualifies");
+        let want = x.matmul(&w.t()?)?;
+        assert_eq!(got.dims(), want.dims());
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        assert!(flat(&got)? == flat(&want)?, "differs from candle's matmul");
+        let tracked = Var::from_tensor(&x)?;
+        assert!(linear_f32(tracked.as_tensor(), &w)?.is_none());
+        Ok(())
+    }
 }
 
 #[cfg(test)]
