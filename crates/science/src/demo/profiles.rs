@@ -100,8 +100,10 @@ pub fn profile(name: &str) -> Result<Profile> {
         },
         // Between quick and paper: the full evaluation sets and D_o, every arm (the Table-8
         // controls included) with three seeds, so the paired tests have the power quick lacks.
-        // About four hours on 2 cores (2026-12-01, Intel Xeon: align 22 min, locate 16 min,
-        // 15 fine-tunes 45 min, 17 evaluations 6-8 min each); a rerun resumes from its stages.
+        // 3.9 h measured on 2 cores (2026-12-01, Intel Xeon: align 22 min, locate 16 min,
+        // 15 fine-tunes 45 min, 17 evaluations 6-8 min each); about 2.5 h estimated on AMD Zen 4
+        // from the planted run's stages (2026-12-02) with eval's first-step probe score, before
+        // the f32 products' speed-ups of that day. A rerun resumes from its stages.
         "full" => Profile {
             name: "full".into(),
             align_harmful: 256,
