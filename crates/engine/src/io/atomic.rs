@@ -22,7 +22,7 @@ fn temp_sibling(dest: &Path) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
     remove_stale_temporaries(dir, &name);
-    Ok(dir.join(format!(".{name}.tmp-{}", std::process::id())))
+    Ok(dir.join(format!("{}{}", temp_prefix(&name), std::process::id())))
 }
 
 /// Writes a file atomically: a temporary sibling renamed into place once complete.

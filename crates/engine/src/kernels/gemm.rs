@@ -253,14 +253,13 @@ pub(crate) fn matmul(
             (n * i / threads) / 16 * 16
         }
     };
-    let out = SharedDst(dst.as_mut_ptr());
+    let out = crate::kernels::SharedMut(dst.as_mut_ptr());
     (0..threads).into_par_iter().for_each(|i| {
         let (start, end) = (edge(i), edge(i + 1));
-        let out = &out;
         // SAFETY: the bands are disjoint column ranges of dst, inside the bounds asserted above.
         unsafe {
             call(
-                out.0.add(start),
+                out.get().add(start),
                 dst_stride,
                 a,
                 b.columns(start, end),
@@ -310,11 +309,6 @@ pub fn linear_f32(
 
 /// The narrowest column band worth a thread of its own.
 const MIN_BAND: usize = 64;
-
-/// dst's pointer shared by the threads that write its disjoint column bands.
-struct SharedDst(*mut f32);
-// SAFETY: every thread writes only its own columns.
-unsafe impl Sync for SharedDst {}
 
 /// One gemm call: `dst [m, n] (+)= a · b` for the shapes as read, dst rows `dst_stride` apart.
 ///

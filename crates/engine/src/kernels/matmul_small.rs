@@ -131,9 +131,8 @@ pub(crate) fn over_tiles<S>(
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let block = 16usize;
-    let dst = SharedOut(out.as_mut_ptr());
+    let dst = crate::kernels::SharedMut(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let dst = &dst;
         let mut s = state();
         let j0 = b * block;
         let rows = block.min(n - j0);
@@ -149,7 +148,7 @@ pub(crate) fn over_tiles<S>(
                     for (c, v) in row.iter().enumerate().take(nw) {
                         // SAFETY: row i + a < m, column j0 + r + c < n; each column belongs
                         // to one block, so no two tasks write the same element.
-                        unsafe { *dst.0.add((i + a) * n + j0 + r + c) = *v };
+                        unsafe { *dst.get().add((i + a) * n + j0 + r + c) = *v };
                     }
                 }
                 i += nx;
@@ -159,11 +158,6 @@ pub(crate) fn over_tiles<S>(
     });
     out
 }
-
-/// The output's pointer, shared by the tasks that fill its disjoint column blocks.
-struct SharedOut(*mut f32);
-// SAFETY: each task writes only its own columns.
-unsafe impl Sync for SharedOut {}
 
 /// `x[..nx] · w[..nw]` (nx <= 2, nw <= 4); a full tile takes the level's kernel, a partial one
 /// the level's dot product.

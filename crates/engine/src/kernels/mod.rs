@@ -20,6 +20,21 @@ pub mod quant;
 pub mod simd;
 pub mod widen;
 
+/// A pointer that rayon tasks may share because each writes a disjoint part of its target
+/// (every use says which part, at its call site).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: used only where the tasks' writes are disjoint (see the call sites).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Deterministic values in [-0.5, 0.5) for the kernels' tests (an LCG: no rand dependency).
 #[cfg(test)]
 pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {

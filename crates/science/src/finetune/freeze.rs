@@ -149,19 +149,15 @@ fn sha_of(t: &Tensor) -> Result<String> {
     Ok(crate::hex(&hasher.finalize()))
 }
 
-/// The hash of every tensor under its name, the tensors hashed in parallel.
-fn hashes(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, String>> {
+/// The hash of every tensor under its Hugging Face name (the audit's "before" and "after"),
+/// the tensors hashed in parallel.
+pub fn tensor_hashes(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, String>> {
     use rayon::prelude::*;
     let named: Vec<(&String, &Tensor)> = tensors.iter().collect();
     named
         .par_iter()
         .map(|(n, t)| Ok(((*n).clone(), sha_of(t)?)))
         .collect()
-}
-
-/// The hash of every tensor under its Hugging Face name (the audit's "before").
-pub fn tensor_hashes(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, String>> {
-    hashes(tensors)
 }
 
 /// For every Hugging Face tensor: frozen or not, and the hash of its values before and after.
@@ -179,7 +175,7 @@ pub fn freeze_audit(
         .collect();
     let mut rows = vec![];
     let (mut all_identical, mut frozen_params) = (true, 0usize);
-    let after_hashes = hashes(after)?;
+    let after_hashes = tensor_hashes(after)?;
     for (name, t) in after {
         let is_frozen = frozen.contains(name);
         let h_after = after_hashes[name].clone();

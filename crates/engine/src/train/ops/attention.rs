@@ -14,6 +14,7 @@
 //! heads that share a kv head accumulate into its dK/dV without locks.
 
 use crate::kernels::attention::dot;
+use crate::kernels::SharedMut;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -127,20 +128,6 @@ unsafe fn mm(
         false,
         gemm::Parallelism::None,
     );
-}
-
-/// A pointer that rayon tasks may share because each writes a disjoint part of its target.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only where the tasks' writes are disjoint (see the call sites).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 thread_local! {
