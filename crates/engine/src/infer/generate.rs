@@ -289,7 +289,9 @@ pub fn greedy_with(
             let rows: Vec<&[u32]> = idx.iter().map(|&i| &prompts[i][shared..]).collect();
             let (ids, pads) = left_pad(&rows, &dec.device)?;
             let cache = batch_cache(dec, head.as_ref(), shared);
-            decode_batch(dec, First::Ids(ids), &idx, pads, cache, eos, opts, stop)?
+            crate::kernels::on_workers(|| {
+                decode_batch(dec, First::Ids(ids), &idx, pads, cache, eos, opts, stop)
+            })?
         };
         for (&i, r) in idx.iter().zip(results) {
             out[i] = r;
@@ -331,7 +333,9 @@ pub fn greedy_from_prefix(
                 kv.layers[l] = u.layers[l].clone();
             }
         }
-        let results = decode_batch(dec, first, &b.idx, b.pads.clone(), kv, eos, opts, stop)?;
+        let results = crate::kernels::on_workers(|| {
+            decode_batch(dec, first, &b.idx, b.pads.clone(), kv, eos, opts, stop)
+        })?;
         for (&i, r) in b.idx.iter().zip(results) {
             out[i] = r;
         }

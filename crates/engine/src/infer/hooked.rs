@@ -91,7 +91,9 @@ impl Decoder {
             let batch_spec = spec_for_rows(spec, chunk, n, t_max, t_b)?;
             let mut kv = batch_cache(self, head.as_ref(), shared);
             kv.append = false; // the batch's own keys/values are not needed after each layer
-            let (lg, acts) = self.forward(&ids, &pads, Some(&mut kv), &batch_spec, Logits::Last)?;
+            let (lg, acts) = crate::kernels::on_workers(|| {
+                self.forward(&ids, &pads, Some(&mut kv), &batch_spec, Logits::Last)
+            })?;
             let lg = lg.squeeze(1)?;
             for (r, &i) in chunk.iter().enumerate() {
                 logits[i] = Some(lg.get(r)?);

@@ -37,7 +37,7 @@ pub(crate) fn small_rows_bf16(
 
 #[cfg(target_arch = "x86_64")]
 fn x86_rows(level: Level, x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -> Option<Vec<f32>> {
-    use crate::kernels::matmul_small::over_tiles;
+    use crate::kernels::matmul_small::{input_rows, over_tiles, x_rows};
     use half::slice::HalfFloatSliceExt;
     let rows = |j: usize, nw: usize| -> [&[bf16]; 4] {
         // A partial quad repeats its last row: the kernel computes it twice, the caller keeps one.
@@ -52,20 +52,24 @@ fn x86_rows(level: Level, x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -
         Level::Avx512 | Level::Avx2 => Some(over_tiles(
             m,
             n,
+            x_rows(level),
             || (),
             |_, _, _| {},
             |_, j, nw, i, nx| {
-                let [r0, r1] = pair(i, nx);
-                let (x0, x1, ws) = (&x[r0], &x[r1], rows(j, nw));
+                let (xs, ws) = (input_rows(x, k, i, nx), rows(j, nw));
+                let mut t = [[0f32; 4]; 4];
                 // SAFETY: the level is one the CPU runs (simd::choice, simd::test_levels);
                 // every row has length k.
                 unsafe {
-                    if level == Level::Avx512 {
-                        x86::widen_2x4_avx512(x0, x1, ws)
-                    } else {
-                        x86::widen_2x4_avx2(x0, x1, ws)
+                    match level {
+                        Level::Avx512 if nx > 2 => t = x86::widen_rx4_avx512(xs, ws),
+                        Level::Avx512 => {
+                            t[..2].copy_from_slice(&x86::widen_rx4_avx512([xs[0], xs[1]], ws))
+                        }
+                        _ => t[..2].copy_from_slice(&x86::widen_2x4_avx2(xs[0], xs[1], ws)),
                     }
                 }
+                t
             },
         )),
         Level::Avx512Bf16 => {
@@ -74,12 +78,17 @@ fn x86_rows(level: Level, x: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -
             Some(over_tiles(
                 m,
                 n,
+                2,
                 || (),
                 |_, _, _| {},
                 |_, j, nw, i, nx| {
                     let [r0, r1] = pair(i, nx);
+                    let mut t = [[0f32; 4]; 4];
                     // SAFETY: as above, and the CPU has AVX-512 BF16 (Cpu::runs).
-                    unsafe { x86::dot_2x4_avx512bf16(&xb[r0], &xb[r1], rows(j, nw)) }
+                    t[..2].copy_from_slice(&unsafe {
+                        x86::dot_2x4_avx512bf16(&xb[r0], &xb[r1], rows(j, nw))
+                    });
+                    t
                 },
             ))
         }
@@ -93,15 +102,14 @@ mod x86 {
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// Two input rows against four bf16 weight rows, widened 16 at a time: the sums of
-    /// `matmul_small::tile_2x4_avx512` on the widened rows, in its order (its loop).
+    /// R input rows (2 or 4) against four bf16 weight rows, widened 16 at a time: the sums of
+    /// `matmul_small`'s AVX-512 tiles on the widened rows, in their order (their loop).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn widen_2x4_avx512(
-        x0: &[f32],
-        x1: &[f32],
+    pub(super) unsafe fn widen_rx4_avx512<const R: usize>(
+        x: [&[f32]; R],
         w: [&[bf16]; 4],
-    ) -> [[f32; 4]; 2] {
-        tiles::tile_2x4_avx512_by(x0, x1, |c, i, m| {
+    ) -> [[f32; 4]; R] {
+        tiles::tile_rx4_avx512_by(x, |c, i, m| {
             let h = _mm256_maskz_loadu_epi16(m, w[c].as_ptr().add(i) as *const i16);
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         })

@@ -94,11 +94,25 @@ pub(crate) fn small_rows_at<R: WeightRows>(
     over_tiles(
         m,
         n,
+        x_rows(level),
         || if R::WIDENS { vec![0f32; 4 * k] } else { vec![] },
         |scratch, j, nw| {
             if R::WIDENS {
                 for (q, buf) in scratch.chunks_exact_mut(k).enumerate().take(nw) {
                     src.widen(j + q, buf);
+                }
+            } else {
+                // The next quad's rows on their way to L2 while this one's tiles run: the
+                // hardware's own prefetch kept a streamed decode step at 6-9 GB/s of 28.
+                #[cfg(target_arch = "x86_64")]
+                for r in j + nw..(j + nw + 4).min(n) {
+                    for line in src.direct(r, k).chunks(16) {
+                        // SAFETY: a prefetch of an address inside a live slice.
+                        unsafe {
+                            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8)
+                        };
+                    }
                 }
             }
         },
@@ -111,24 +125,45 @@ pub(crate) fn small_rows_at<R: WeightRows>(
                     src.direct(j + q, k)
                 };
             }
-            let x = [&xv[i * k..(i + 1) * k], &xv[(i + nx - 1) * k..(i + nx) * k]];
-            tile(level, x, nx, w, nw)
+            tile(level, input_rows(xv, k, i, nx), nx, w, nw)
         },
     )
 }
 
+/// How many input rows a tile takes on `level`: four where there are 32 vector registers (16
+/// accumulators), so each weight vector loaded serves four FMAs and the input rows are read
+/// from L2 half as often as in pairs; two with AVX2's and NEON's 16.
+pub(crate) fn x_rows(level: Level) -> usize {
+    match level {
+        Level::Avx512 | Level::Avx512Bf16 => 4,
+        _ => 2,
+    }
+}
+
+/// Input rows `i..i + nx` of `x: [M, k]`, the last repeated to fill four slots (a tile computes
+/// the repeats and its caller keeps only the first `nx`).
+pub(crate) fn input_rows(x: &[f32], k: usize, i: usize, nx: usize) -> [&[f32]; 4] {
+    std::array::from_fn(|a| {
+        let r = i + a.min(nx - 1);
+        &x[r * k..(r + 1) * k]
+    })
+}
+
 /// The decode kernel's loop, shared by every weight storage: threads take blocks of 16 weight
 /// rows; within a block `prep` readies each quad of weight rows (rows `j..j + nw`, nw <= 4) in
-/// the thread's `state`, and `tile` dots them with each pair of input rows (`i..i + nx`, nx <= 2).
+/// the thread's `state`, and `tile` dots them with each group of input rows (`i..i + nx`,
+/// nx <= `x_rows` <= 4), returning `[input row][weight row]`.
 /// The output is `[M, N]` as the caller wants it: a thread's block fills 16 columns (64 bytes)
 /// of every row, so no transpose follows (one was a single-threaded copy per projection).
 pub(crate) fn over_tiles<S>(
     m: usize,
     n: usize,
+    x_rows: usize,
     state: impl Fn() -> S + Sync,
     prep: impl Fn(&mut S, usize, usize) + Sync,
-    tile: impl Fn(&S, usize, usize, usize, usize) -> [[f32; 4]; 2] + Sync,
+    tile: impl Fn(&S, usize, usize, usize, usize) -> [[f32; 4]; 4] + Sync,
 ) -> Vec<f32> {
+    assert!((1..=4).contains(&x_rows), "a tile takes 1-4 input rows");
     let mut out = vec![0f32; m * n];
     let block = 16usize;
     let dst = crate::kernels::SharedMut(out.as_mut_ptr());
@@ -142,7 +177,7 @@ pub(crate) fn over_tiles<S>(
             prep(&mut s, j0 + r, nw);
             let mut i = 0;
             while i < m {
-                let nx = (m - i).min(2);
+                let nx = (m - i).min(x_rows);
                 let t = tile(&s, j0 + r, nw, i, nx);
                 for (a, row) in t.iter().enumerate().take(nx) {
                     for (c, v) in row.iter().enumerate().take(nw) {
@@ -159,24 +194,38 @@ pub(crate) fn over_tiles<S>(
     out
 }
 
-/// `x[..nx] · w[..nw]` (nx <= 2, nw <= 4); a full tile takes the level's kernel, a partial one
+/// `x[..nx] · w[..nw]` (nx <= 4, nw <= 4); a full quad of weight rows takes the level's tile
+/// (with four input rows, or three and a repeat, on AVX-512; pairs elsewhere), anything else
 /// the level's dot product.
 #[inline]
-fn tile(level: Level, x: [&[f32]; 2], nx: usize, w: [&[f32]; 4], nw: usize) -> [[f32; 4]; 2] {
-    if nx == 2 && nw == 4 {
+fn tile(level: Level, x: [&[f32]; 4], nx: usize, w: [&[f32]; 4], nw: usize) -> [[f32; 4]; 4] {
+    let mut t = [[0f32; 4]; 4];
+    if nw == 4 {
         match level {
             // SAFETY: `level` is one the CPU runs (simd::choice, simd::test_levels); every row
             // has length k.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 | Level::Avx512Bf16 => return unsafe { tile_2x4_avx512(x[0], x[1], w) },
+            Level::Avx512 | Level::Avx512Bf16 if nx >= 3 => {
+                return unsafe { tile_4x4_avx512(x, w) };
+            }
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => return unsafe { tile_2x4_avx2(x[0], x[1], w) },
+            Level::Avx512 | Level::Avx512Bf16 if nx == 2 => {
+                t[..2].copy_from_slice(&unsafe { tile_2x4_avx512([x[0], x[1]], w) });
+                return t;
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 if nx == 2 => {
+                t[..2].copy_from_slice(&unsafe { tile_2x4_avx2(x[0], x[1], w) });
+                return t;
+            }
             #[cfg(target_arch = "aarch64")]
-            Level::Neon => return unsafe { tile_2x4_neon(x[0], x[1], w) },
+            Level::Neon if nx == 2 => {
+                t[..2].copy_from_slice(&unsafe { tile_2x4_neon(x[0], x[1], w) });
+                return t;
+            }
             _ => {}
         }
     }
-    let mut t = [[0f32; 4]; 2];
     for (a, xa) in x.iter().enumerate().take(nx) {
         for (c, wc) in w.iter().enumerate().take(nw) {
             t[a][c] = dot_at(level, xa, wc);
@@ -203,11 +252,18 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2]
 /// masked step instead of scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_2x4_avx512(x0: &[f32], x1: &[f32], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
+unsafe fn tile_2x4_avx512(x: [&[f32]; 2], w: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
-    x86::tile_2x4_avx512_by(x0, x1, |c, i, m| {
-        _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i))
-    })
+    x86::tile_rx4_avx512_by(x, |c, i, m| _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i)))
+}
+
+/// Four input rows against four weight rows: sixteen zmm accumulators, eight loads per sixteen
+/// FMAs. Every sum is `tile_2x4_avx512`'s, in its order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_4x4_avx512(x: [&[f32]; 4], w: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    use std::arch::x86_64::*;
+    x86::tile_rx4_avx512_by(x, |c, i, m| _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i)))
 }
 
 /// The x86 tiles' loops, shared by every weight storage that can be turned into f32 vectors in
@@ -255,15 +311,15 @@ pub(crate) mod x86 {
         out
     }
 
-    /// `wv(c, i, m)`: 16 weights of row c from column i, lanes outside `m` zero.
+    /// `wv(c, i, m)`: 16 weights of row c from column i, lanes outside `m` zero. R input rows
+    /// (2 or 4) against four weight rows; each sum's FMAs and reduction are the same whatever R.
     #[inline(always)]
-    pub(crate) unsafe fn tile_2x4_avx512_by(
-        x0: &[f32],
-        x1: &[f32],
+    pub(crate) unsafe fn tile_rx4_avx512_by<const R: usize>(
+        x: [&[f32]; R],
         wv: impl Fn(usize, usize, __mmask16) -> __m512,
-    ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    ) -> [[f32; 4]; R] {
+        let k = x[0].len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut i = 0;
         while i < k {
             let m = if i + 16 <= k {
@@ -271,18 +327,19 @@ pub(crate) mod x86 {
             } else {
                 tail_mask(k - i)
             };
-            let a0 = _mm512_maskz_loadu_ps(m, x0.as_ptr().add(i));
-            let a1 = _mm512_maskz_loadu_ps(m, x1.as_ptr().add(i));
+            let a: [__m512; R] =
+                std::array::from_fn(|r| _mm512_maskz_loadu_ps(m, x[r].as_ptr().add(i)));
             // c also names the weight row the closure loads, not only the accumulator.
             #[allow(clippy::needless_range_loop)]
             for c in 0..4 {
                 let b = wv(c, i, m);
-                acc[0][c] = _mm512_fmadd_ps(a0, b, acc[0][c]);
-                acc[1][c] = _mm512_fmadd_ps(a1, b, acc[1][c]);
+                for r in 0..R {
+                    acc[r][c] = _mm512_fmadd_ps(a[r], b, acc[r][c]);
+                }
             }
             i += 16;
         }
-        let mut out = [[0f32; 4]; 2];
+        let mut out = [[0f32; 4]; R];
         for (a, row) in out.iter_mut().enumerate() {
             for (c, v) in row.iter_mut().enumerate() {
                 *v = _mm512_reduce_add_ps(acc[a][c]);
@@ -384,6 +441,37 @@ mod tests {
         );
     }
 
+    /// The AVX-512 tile of four input rows gives each sum to the bit as the tile of two does
+    /// (same FMAs, same order, same reduction), so a batch's tokens do not depend on which tile
+    /// served them; a tail of every width.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn four_row_tile_sums_as_pairs() {
+        let levels = crate::kernels::simd::test_levels("matmul_small");
+        if !levels.contains(&Level::Avx512) {
+            return;
+        }
+        for k in [7, 16, 33, 576, 1001] {
+            let (x, w) = (pseudo(4 * k, 9), pseudo(4 * k, 10));
+            let xs: [&[f32]; 4] = std::array::from_fn(|a| &x[a * k..(a + 1) * k]);
+            let ws: [&[f32]; 4] = std::array::from_fn(|c| &w[c * k..(c + 1) * k]);
+            // SAFETY: test_levels lists Avx512 only where the CPU runs it.
+            let (four, lo, hi) = unsafe {
+                (
+                    tile_4x4_avx512(xs, ws),
+                    tile_2x4_avx512([xs[0], xs[1]], ws),
+                    tile_2x4_avx512([xs[2], xs[3]], ws),
+                )
+            };
+            let pairs = [lo[0], lo[1], hi[0], hi[1]];
+            for (a, (f, p)) in four.iter().zip(&pairs).enumerate() {
+                for c in 0..4 {
+                    assert_eq!(f[c].to_bits(), p[c].to_bits(), "k {k}, [{a}, {c}]");
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_level_matches_scalar() {
         for level in crate::kernels::simd::test_levels("matmul_small") {
@@ -397,6 +485,9 @@ mod tests {
                 (2, 8, 100),
                 (5, 7, 255),
                 (4, 6, 4099),
+                (6, 8, 50),
+                (7, 9, 40),
+                (8, 12, 576),
             ] {
                 let (x, w) = (pseudo(m * k, 7), pseudo(n * k, 8));
                 let got = small_rows_at(level, &x, &F32Rows(&w), m, n, k);
@@ -418,53 +509,72 @@ mod tests {
         }
     }
 
-    /// GFLOP/s of the decode kernel at each level this CPU runs: one tile in L1, then the
-    /// decode shapes of SmolLM2 (16 and 32 rows, K = 576) with the weights hot in cache
-    /// (N = 32: 74 KB, where dispatch dominates), in L2, and streamed from memory. Prints,
-    /// asserts nothing (a measurement, not a test):
+    /// GFLOP/s of the decode kernel at each level this CPU runs: one tile in L1; 4-32 rows
+    /// (K = 576) against a weight held in L2; and a decode step's projections of 8 SmolLM2
+    /// layers streamed from memory at 1, 16 and 32 rows (the generation and localisation
+    /// benchmarks' batches), best of 5. Prints, asserts nothing (a measurement, not a test):
     /// `cargo test -p sl-engine --release --lib kernels::matmul_small::tests::timing --
-    /// --ignored --nocapture`.
+    /// --ignored --nocapture` (RAYON_NUM_THREADS=1 for one core's figures).
     #[test]
     #[ignore]
     fn timing() {
-        // One 2x4 tile alone on L1-resident rows of 576: the kernel's own speed, against which
-        // the whole-matrix figures show what memory and bookkeeping cost.
+        // One tile alone on L1-resident rows of 576: the kernel's own speed, against which the
+        // whole-matrix figures show what memory and bookkeeping cost.
         let k = 576;
-        let (x, w) = (pseudo(2 * k, 1), pseudo(4 * k, 2));
+        let (x, w) = (pseudo(4 * k, 1), pseudo(4 * k, 2));
         for level in crate::kernels::simd::test_levels("matmul_small") {
-            let reps = 100_000;
+            let (reps, nx) = (100_000, x_rows(level));
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                let xs = [&x[..k], &x[k..]];
+                let xs = input_rows(&x, k, 0, nx);
                 let ws = [&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..]];
-                std::hint::black_box(tile(level, std::hint::black_box(xs), 2, ws, 4));
+                std::hint::black_box(tile(level, std::hint::black_box(xs), nx, ws, 4));
             }
-            let flop = 2.0 * (8 * k * reps) as f64;
+            let flop = 2.0 * (4 * nx * k * reps) as f64;
             println!(
-                "{level:?} one 2x4 tile, L1, one thread: {:.1} GFLOP/s",
+                "{level:?} one {nx}x4 tile, L1, one thread: {:.1} GFLOP/s",
                 flop / t.elapsed().as_secs_f64() / 1e9
             );
         }
-        // Weights in L2 (N = 256: 590 KB) and streamed (8 matrices of N = 1536: 28 MB).
-        for (m, n, mats, reps) in [
-            (16, 32, 1, 20000),
-            (16, 256, 1, 2000),
-            (16, 1536, 8, 20),
-            (32, 1536, 8, 20),
+        // Weights in L2 (N = 256: 590 KB), best of 5.
+        for (m, n, reps) in [
+            (4, 256, 8000),
+            (8, 256, 4000),
+            (16, 256, 2000),
+            (32, 256, 1000),
         ] {
-            let x = pseudo(m * k, 1);
-            let ws: Vec<Vec<f32>> = (0..mats).map(|i| pseudo(n * k, 2 + i as u64)).collect();
+            let (x, w) = (pseudo(m * k, 1), pseudo(n * k, 2));
             for level in crate::kernels::simd::test_levels("matmul_small") {
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    for w in &ws {
-                        std::hint::black_box(small_rows_at(level, &x, &F32Rows(w), m, n, k));
+                let flop = 2.0 * (m * n * k * reps) as f64 / 5.0;
+                let g = crate::kernels::gflops(flop, &mut || {
+                    for _ in 0..reps / 5 {
+                        std::hint::black_box(small_rows_at(level, &x, &F32Rows(&w), m, n, k));
                     }
-                }
-                let flop = 2.0 * (m * n * k * mats * reps) as f64;
+                });
+                println!("{level:?} m={m} k={k} n={n}: {g:.1} GFLOP/s");
+            }
+        }
+        // A decode step's projections of 8 SmolLM2 layers, streamed from memory (113 MB):
+        // qkv, o, gate_up [N, 576] and down [576, 1536].
+        let shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+        let ws: Vec<(usize, usize, Vec<f32>)> = (0..8 * shapes.len())
+            .map(|i| {
+                let (n, k) = shapes[i % shapes.len()];
+                (n, k, pseudo(n * k, 2 + i as u64))
+            })
+            .collect();
+        for m in [1, 16, 32] {
+            let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
+            let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
+            for level in crate::kernels::simd::test_levels("matmul_small") {
+                let g = crate::kernels::gflops(flop as f64, &mut || {
+                    for ((n, k, w), x) in ws.iter().zip(&xs) {
+                        std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, *n, *k));
+                    }
+                });
+                let gbs = g * 4.0 / (2.0 * m as f64);
                 println!(
-                    "{level:?} m={m} k={k} n={n} x{mats}: {:.1} GFLOP/s",
-                    flop / t.elapsed().as_secs_f64() / 1e9
+                    "{level:?} m={m}, 8 layers streamed: {g:.1} GFLOP/s ({gbs:.1} GB/s of weights)"
                 );
             }
         }

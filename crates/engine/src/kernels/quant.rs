@@ -136,12 +136,13 @@ fn by_row_quads(
     over_tiles(
         m,
         n,
+        2,
         || (),
         |_, _, _| {},
         |_, j, take, i, nx| {
-            let mut t = [dot(j, take, i), [0f32; 4]];
-            if nx == 2 {
-                t[1] = dot(j, take, i + 1);
+            let mut t = [[0f32; 4]; 4];
+            for (a, row) in t.iter_mut().enumerate().take(nx) {
+                *row = dot(j, take, i + a);
             }
             t
         },

@@ -454,7 +454,8 @@ fn forward_backward(trainer: &mut Trainer, micro: &[Batch]) -> Result<(f64, usiz
     let targets: usize = micro.iter().map(|b| b.num_targets).sum();
     let mut loss_sum = 0.0;
     for b in micro {
-        loss_sum += trainer.accumulate(b, 1.0 / targets.max(1) as f64)?;
+        let scale = 1.0 / targets.max(1) as f64;
+        loss_sum += sl_engine::kernels::on_workers(|| trainer.accumulate(b, scale))?;
     }
     Ok((loss_sum, targets))
 }
@@ -462,7 +463,7 @@ fn forward_backward(trainer: &mut Trainer, micro: &[Batch]) -> Result<(f64, usiz
 /// The optimizer step at the schedule's learning rate for `step`; returns that rate.
 fn update(trainer: &mut Trainer, cfg: &FinetuneConfig, step: usize, total: usize) -> Result<f64> {
     let lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total, cfg.warmup_steps);
-    trainer.apply(lr, cfg.max_grad_norm)?;
+    sl_engine::kernels::on_workers(|| trainer.apply(lr, cfg.max_grad_norm))?;
     Ok(lr)
 }
 
