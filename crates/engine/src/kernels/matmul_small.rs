@@ -101,19 +101,6 @@ pub(crate) fn small_rows_at<R: WeightRows>(
                 for (q, buf) in scratch.chunks_exact_mut(k).enumerate().take(nw) {
                     src.widen(j + q, buf);
                 }
-            } else {
-                // The next quad's rows on their way to L2 while this one's tiles run: the
-                // hardware's own prefetch kept a streamed decode step at 6-9 GB/s of 28.
-                #[cfg(target_arch = "x86_64")]
-                for r in j + nw..(j + nw + 4).min(n) {
-                    for line in src.direct(r, k).chunks(16) {
-                        // SAFETY: a prefetch of an address inside a live slice.
-                        unsafe {
-                            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8)
-                        };
-                    }
-                }
             }
         },
         |scratch, j, nw, i, nx| {
