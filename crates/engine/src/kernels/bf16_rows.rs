@@ -109,13 +109,17 @@ mod x86 {
         x: [&[f32]; R],
         w: [&[bf16]; 4],
     ) -> [[f32; 4]; R] {
-        tiles::tile_rx4_avx512_by(x, |c, i, m| {
-            let h = _mm256_maskz_loadu_epi16(m, w[c].as_ptr().add(i) as *const i16);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        })
+        tiles::tile_rx4_avx512_by(
+            x,
+            |c, i, m| {
+                let h = _mm256_maskz_loadu_epi16(m, w[c].as_ptr().add(i) as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            },
+            |_| {},
+        )
     }
 
-    /// As `widen_2x4_avx512` with 8 lanes and a scalar tail (`tile_2x4_avx2`'s loop).
+    /// As `widen_rx4_avx512` with two input rows, 8 lanes and a scalar tail (`tile_2x4_avx2`'s loop).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn widen_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[bf16]; 4]) -> [[f32; 4]; 2] {
         tiles::tile_2x4_avx2_by(
@@ -126,6 +130,7 @@ mod x86 {
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             },
             |c, t| w[c][t].to_f32(),
+            |_| {},
         )
     }
 
