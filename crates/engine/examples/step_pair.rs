@@ -7,11 +7,10 @@
 //! (MODEL a directory or file `Model::load` reads; f32 or bf16 weights).
 
 use anyhow::{bail, Result};
-use sl_engine::model::params::Module;
-use sl_engine::train::adamw::AdamWConfig;
-use sl_engine::train::trainer::{Batch, Trainer};
-use sl_engine::Model;
+use sl_engine::train::trainer::Trainer;
 use std::time::Instant;
+
+mod common;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -24,37 +23,12 @@ fn main() -> Result<()> {
         Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d))
     };
     let (pairs, b, t) = (arg(4, 24)?, arg(5, 4)?, arg(6, 128)?);
-    let trainer = |freeze: Option<(usize, usize)>| -> Result<(Trainer, sl_engine::ModelConfig)> {
-        let model = Model::load(path)?;
-        let cfg = model.cfg().clone();
-        let tr = Trainer::new(
-            model.decoder,
-            |i| {
-                freeze.is_some_and(|(a, z)| {
-                    i.layer.is_some_and(|l| l >= a && l <= z)
-                        && matches!(i.module, Module::Attn | Module::Mlp)
-                })
-            },
-            AdamWConfig::default(),
-            false,
-        )?;
-        Ok((tr, cfg))
-    };
-    let (mut full, cfg) = trainer(None)?;
-    let (mut frozen, _) = trainer(Some((first, last)))?;
+    let (mut full, cfg) = common::trainer(path, None)?;
+    let (mut frozen, _) = common::trainer(path, Some((first, last)))?;
     if last >= cfg.num_layers || first > last {
         bail!("layers {first}-{last}: the model has {}", cfg.num_layers);
     }
-    let vocab = cfg.vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..b)
-        .map(|r| {
-            (0..t)
-                .map(|i| ((i * 7919 + r * 104729) as u32) % vocab)
-                .collect()
-        })
-        .collect();
-    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let batch = Batch::new(&refs, &vec![1; b], &candle_core::Device::Cpu)?;
+    let batch = common::synthetic_batch(&cfg, b, t)?;
     let step = |tr: &mut Trainer| -> Result<f64> {
         let t0 = Instant::now();
         sl_engine::kernels::on_workers(|| -> Result<()> {
@@ -96,11 +70,12 @@ fn main() -> Result<()> {
     let (lo, mid, hi) = median_interval(&mut saving);
     println!(
         "{pairs} pairs, batch {b} x {t}: full step {:.3} s, layers {first}-{last} frozen {:.3} s \
-         (medians); saving {:.1}% of the step (95% interval {:.1} to {:.1}%), frozen matmul \
-         share {:.1}%: {:.2}x of it ({:.2} to {:.2})",
+         (medians); saving {:.1}% of the step ({} {:.1} to {:.1}%), frozen matmul share \
+         {:.1}%: {:.2}x of it ({:.2} to {:.2})",
         median(&mut tf),
         median(&mut tz),
         100.0 * mid,
+        if pairs < 6 { "range" } else { "95% interval" },
         100.0 * lo,
         100.0 * hi,
         100.0 * share,

@@ -202,6 +202,9 @@ fn tile(
     nw: usize,
     next: Next,
 ) -> [[f32; 4]; 4] {
+    // Only the x86 tiles prefetch.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = next;
     let mut t = [[0f32; 4]; 4];
     if nw == 4 {
         match level {
