@@ -191,8 +191,8 @@ pub(crate) fn over_tiles<S>(
 pub(crate) type Next<'a> = Option<[&'a [f32]; 4]>;
 
 /// `x[..nx] · w[..nw]` (nx <= 4, nw <= 4); a full quad of weight rows takes the level's tile
-/// (with four input rows, or three and a repeat, on AVX-512; pairs elsewhere), anything else
-/// the level's dot product.
+/// (four input rows on AVX-512, pairs elsewhere and for a tail), anything else the level's dot
+/// product.
 #[inline]
 fn tile(
     level: Level,
@@ -206,33 +206,37 @@ fn tile(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = next;
     let mut t = [[0f32; 4]; 4];
+    // Rows the tiles served; the rest take the dot product. A lone third row stays with the dot
+    // product, as it did when tiles took pairs only: every sum is computed as it was before the
+    // 4-row tile, so outputs are the same to the bit.
+    let mut done = 0;
     if nw == 4 {
         match level {
             // SAFETY: `level` is one the CPU runs (simd::choice, simd::test_levels); every row
             // has length k.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 | Level::Avx512Bf16 if nx >= 3 => {
+            Level::Avx512 | Level::Avx512Bf16 if nx == 4 => {
                 return unsafe { tile_4x4_avx512(x, w, next) };
             }
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 | Level::Avx512Bf16 if nx == 2 => {
+            Level::Avx512 | Level::Avx512Bf16 if nx >= 2 => {
                 t[..2].copy_from_slice(&unsafe { tile_2x4_avx512([x[0], x[1]], w, next) });
-                return t;
+                done = 2;
             }
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 if nx == 2 => {
                 t[..2].copy_from_slice(&unsafe { tile_2x4_avx2(x[0], x[1], w, next) });
-                return t;
+                done = 2;
             }
             #[cfg(target_arch = "aarch64")]
             Level::Neon if nx == 2 => {
                 t[..2].copy_from_slice(&unsafe { tile_2x4_neon(x[0], x[1], w) });
-                return t;
+                done = 2;
             }
             _ => {}
         }
     }
-    for (a, xa) in x.iter().enumerate().take(nx) {
+    for (a, xa) in x.iter().enumerate().take(nx).skip(done) {
         for (c, wc) in w.iter().enumerate().take(nw) {
             t[a][c] = dot_at(level, xa, wc);
         }
