@@ -216,11 +216,11 @@ fn tile(
             // has length k.
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Bf16 if nx == 4 => {
-                return unsafe { tile_4x4_avx512(x, w, next) };
+                return unsafe { tile_avx512(x, w, next) };
             }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Bf16 if nx >= 2 => {
-                t[..2].copy_from_slice(&unsafe { tile_2x4_avx512([x[0], x[1]], w, next) });
+                t[..2].copy_from_slice(&unsafe { tile_avx512([x[0], x[1]], w, next) });
                 done = 2;
             }
             #[cfg(target_arch = "x86_64")]
@@ -264,24 +264,12 @@ unsafe fn tile_2x4_avx2(x0: &[f32], x1: &[f32], w: [&[f32]; 4], next: Next) -> [
     )
 }
 
-/// As `tile_2x4_avx2` with 16 lanes: eight zmm accumulators, and the row's tail as one more
-/// masked step instead of scalar code.
+/// As `tile_2x4_avx2` with 16 lanes and R input rows (2: eight zmm accumulators; 4: sixteen,
+/// eight loads per sixteen FMAs), the row's tail as one more masked step instead of scalar
+/// code. Every sum is the same, in the same order, whatever R.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_2x4_avx512(x: [&[f32]; 2], w: [&[f32]; 4], next: Next) -> [[f32; 4]; 2] {
-    use std::arch::x86_64::*;
-    x86::tile_rx4_avx512_by(
-        x,
-        |c, i, m| _mm512_maskz_loadu_ps(m, w[c].as_ptr().add(i)),
-        |i| x86::fetch_ahead(next, i),
-    )
-}
-
-/// Four input rows against four weight rows: sixteen zmm accumulators, eight loads per sixteen
-/// FMAs. Every sum is `tile_2x4_avx512`'s, in its order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_4x4_avx512(x: [&[f32]; 4], w: [&[f32]; 4], next: Next) -> [[f32; 4]; 4] {
+unsafe fn tile_avx512<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4], next: Next) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     x86::tile_rx4_avx512_by(
         x,
@@ -501,9 +489,9 @@ mod tests {
             // SAFETY: test_levels lists Avx512 only where the CPU runs it.
             let (four, lo, hi) = unsafe {
                 (
-                    tile_4x4_avx512(xs, ws, None),
-                    tile_2x4_avx512([xs[0], xs[1]], ws, None),
-                    tile_2x4_avx512([xs[2], xs[3]], ws, Some(ws)),
+                    tile_avx512(xs, ws, None),
+                    tile_avx512([xs[0], xs[1]], ws, None),
+                    tile_avx512([xs[2], xs[3]], ws, Some(ws)),
                 )
             };
             let pairs = [lo[0], lo[1], hi[0], hi[1]];
