@@ -164,13 +164,16 @@ mod x86 {
             }
             i += 32;
         }
-        let mut out = [[0f32; 4]; 2];
-        for (a, row) in out.iter_mut().enumerate() {
-            for (c, v) in row.iter_mut().enumerate() {
-                *v = _mm512_reduce_add_ps(acc[a][c]);
-            }
-        }
-        out
+        // Rows 2 and 3 sum zeros.
+        let mut v = [_mm512_setzero_ps(); 16];
+        v[..4].copy_from_slice(&acc[0]);
+        v[4..8].copy_from_slice(&acc[1]);
+        let mut all = [[0f32; 4]; 4];
+        _mm512_storeu_ps(
+            all.as_mut_ptr().cast(),
+            crate::kernels::matmul_small::x86::sums16(v),
+        );
+        [all[0], all[1]]
     }
 }
 
