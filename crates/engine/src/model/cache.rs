@@ -85,14 +85,23 @@ pub(crate) fn join_positions(past: &Tensor, new: &Tensor) -> Result<Tensor> {
     );
     let joined = with_f32(past, |pv| {
         with_f32(new, |nv| {
-            let mut out = vec![0f32; b * h * (s + t) * d];
-            out.par_chunks_mut((s + t) * d)
+            // Every element is written below, so the buffer is not zeroed first: at each
+            // decode step the whole cache is joined anew, and zeroing it doubled the writes
+            // (the memset was ~3% of a generation profile).
+            let n = b * h * (s + t) * d;
+            let mut out: Vec<f32> = Vec::with_capacity(n);
+            out.spare_capacity_mut()[..n]
+                .par_chunks_mut((s + t) * d)
                 .enumerate()
                 .for_each(|(bh, row)| {
                     let from = if pb == 1 { bh % h } else { bh };
-                    row[..s * d].copy_from_slice(&pv[from * s * d..(from + 1) * s * d]);
-                    row[s * d..].copy_from_slice(&nv[bh * t * d..(bh + 1) * t * d]);
+                    let (head, tail) = row.split_at_mut(s * d);
+                    write_all(head, &pv[from * s * d..(from + 1) * s * d]);
+                    write_all(tail, &nv[bh * t * d..(bh + 1) * t * d]);
                 });
+            // SAFETY: the chunks cover all n elements (b * h rows of (s + t) * d), each written
+            // in full by `write_all`.
+            unsafe { out.set_len(n) };
             out
         })
     })
@@ -106,6 +115,14 @@ pub(crate) fn join_positions(past: &Tensor, new: &Tensor) -> Result<Tensor> {
         past.broadcast_as((b, h, s, d))?.contiguous()?
     };
     Ok(Tensor::cat(&[&past, new], 2)?)
+}
+
+/// Initialises `dst` with `src` (equal lengths).
+fn write_all(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "kv cache: a row's length");
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(*s);
+    }
 }
 
 #[cfg(test)]
