@@ -214,20 +214,60 @@ pub(crate) fn matmul(
     accumulate: bool,
     parallel: bool,
 ) {
+    // SAFETY: a slice of initialised values, `dst.len()` long.
+    unsafe {
+        matmul_raw(
+            dst.as_mut_ptr(),
+            dst.len(),
+            dst_stride,
+            a,
+            b,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// `a · b` into a fresh `[m, n]` buffer that is not zeroed first (the product writes every
+/// element without reading it): a prefill's outputs are megabytes per projection.
+pub(crate) fn matmul_new(a: Mat, b: Mat, parallel: bool) -> Vec<f32> {
+    let (m, n) = (a.shape().0, b.shape().1);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the capacity holds m * n values; with `accumulate` false gemm only writes dst
+    // (its `read_dst` flag), and the k = 0 case writes zeros, so all m * n are set below.
+    unsafe {
+        matmul_raw(out.as_mut_ptr(), m * n, n, a, b, false, parallel);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// `matmul` on `dst_len` values at `dst`, which must be initialised when `accumulate`.
+unsafe fn matmul_raw(
+    dst: *mut f32,
+    dst_len: usize,
+    dst_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "gemm: inner dimensions {k} and {k2} differ");
     assert!(
         a.fits() && b.fits(),
         "gemm: an operand's slice is too short"
     );
-    assert!(n <= dst_stride && (m == 0 || dst.len() >= (m - 1) * dst_stride + n));
+    assert!(n <= dst_stride && (m == 0 || dst_len >= (m - 1) * dst_stride + n));
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst.par_chunks_mut(dst_stride)
-                .for_each(|r| r[..n].fill(0.0));
+            for r in 0..m {
+                // SAFETY: row r's n values lie inside the bounds asserted above.
+                unsafe { std::ptr::write_bytes(dst.add(r * dst_stride), 0, n) };
+            }
         }
         return;
     }
@@ -243,7 +283,7 @@ pub(crate) fn matmul(
             gemm::Parallelism::Rayon(threads)
         };
         // SAFETY: the asserts above bound every element gemm reads and writes.
-        unsafe { call(dst.as_mut_ptr(), dst_stride, a, b, accumulate, par) };
+        unsafe { call(dst, dst_stride, a, b, accumulate, par) };
         return;
     }
     let edge = |i: usize| {
@@ -253,7 +293,7 @@ pub(crate) fn matmul(
             (n * i / threads) / 16 * 16
         }
     };
-    let out = crate::kernels::SharedMut(dst.as_mut_ptr());
+    let out = crate::kernels::SharedMut(dst);
     (0..threads).into_par_iter().for_each(|i| {
         let (start, end) = (edge(i), edge(i + 1));
         // SAFETY: the bands are disjoint column ranges of dst, inside the bounds asserted above.
@@ -288,16 +328,7 @@ pub fn linear_f32(
     }
     let y = with_f32(x, |xv| {
         with_f32(w, |wv| {
-            let mut y = vec![0f32; m * n];
-            matmul(
-                &mut y,
-                n,
-                Mat::new(xv, m, k),
-                Mat::new(wv, n, k).t(),
-                false,
-                true,
-            );
-            y
+            matmul_new(Mat::new(xv, m, k), Mat::new(wv, n, k).t(), true)
         })
     })
     .flatten();
