@@ -119,6 +119,17 @@ pub(crate) fn matmul_in(
     )
 }
 
+/// `a · b` in `precision` into a fresh `[m, n]` buffer; in f32 not zeroed first (`matmul_new`).
+pub(crate) fn matmul_in_new(precision: Precision, a: Mat, b: Mat, parallel: bool) -> Vec<f32> {
+    if precision == Precision::F32 {
+        return matmul_new(a, b, parallel);
+    }
+    let n = b.shape().1;
+    let mut out = vec![0f32; a.shape().0 * n];
+    matmul_in(precision, &mut out, n, a, b, false, parallel);
+    out
+}
+
 /// A right-hand operand prepared once for several products in one precision: as it is (f32),
 /// packed into AMX tiles or into `vdpbf16ps` pairs, or rounded to bf16 values (bf16 on a CPU
 /// with neither).

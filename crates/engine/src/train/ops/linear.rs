@@ -4,7 +4,7 @@
 //! only carries activations.
 
 use super::f32_slice;
-use crate::kernels::gemm::{matmul_in, Mat, Precision};
+use crate::kernels::gemm::{matmul_in_new, Mat, Precision};
 use crate::train::sink::GradSink;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -32,14 +32,10 @@ impl CustomOp2 for LinearOp {
             candle_core::bail!("linear: input has {inner} features, the weight expects {w_inner}");
         }
         let (x, w) = (f32_slice(x, x_l)?, f32_slice(w, w_l)?);
-        let mut y = vec![0f32; rows * out];
-        matmul_in(
+        let y = matmul_in_new(
             self.precision,
-            &mut y,
-            out,
             Mat::new(x, rows, inner),
             Mat::new(w, out, inner).t(),
-            false,
             true,
         );
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -58,23 +54,23 @@ impl CustomOp2 for LinearOp {
         let (w_s, w_l) = w.storage_and_layout();
         let dy_v = super::cpu_f32(&dy_s, dy_l)?;
         let w_v = super::cpu_f32(&w_s, w_l)?;
-        let mut dx = vec![0f32; rows * inner];
         let dym = Mat::new(dy_v, rows, out);
         let wm = Mat::new(w_v, out, inner);
-        match &self.sink {
-            None => matmul_in(self.precision, &mut dx, inner, dym, wm, false, true),
+        let dx = match &self.sink {
+            None => matmul_in_new(self.precision, dym, wm, true),
             Some(sink) => {
                 // The two products are independent: one per thread beats both split in two
                 // (gemm's own splitting of a few hundred rows leaves threads waiting).
                 let (x_s, x_l) = x.storage_and_layout();
                 let x_v = super::cpu_f32(&x_s, x_l)?;
-                let (_, dw) = rayon::join(
-                    || matmul_in(self.precision, &mut dx, inner, dym, wm, false, false),
+                let (dx, dw) = rayon::join(
+                    || matmul_in_new(self.precision, dym, wm, false),
                     || sink.add_at_b(dy_v, x_v, rows, false, self.precision),
                 );
                 dw.map_err(|e| candle_core::Error::Msg(format!("linear backward: {e:#}")))?;
+                dx
             }
-        }
+        };
         Ok((Some(Tensor::from_vec(dx, (rows, inner), x.device())?), None))
     }
 }
