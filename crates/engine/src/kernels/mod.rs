@@ -40,8 +40,40 @@ impl SharedMut {
 /// model); from a thread outside the pool every split is an injection the caller then sleeps on
 /// and is woken from, where from a worker it is a push onto its own queue (measured on the
 /// 2-core Zen 4 guest: generation 170-178 -> 188-194 tokens/s, same tokens).
+///
+/// The pool's other workers are kept busy-waiting for work while `f` runs: between two
+/// kernels an idle worker goes to sleep within microseconds, and waking it again (a futex call
+/// and, in a VM, an interrupt to another virtual CPU) was ~7% of a generation profile on the
+/// 2-core Xeon guest. Each keeper takes whatever work is pending (`rayon::yield_now`) until `f`
+/// ends; one that lands on `f`'s own thread returns at once, since it would otherwise wait there
+/// on the very work it blocks.
 pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let done = AtomicBool::new(false);
+    let done = &done;
+    rayon::scope(|s| {
+        let home = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| {
+                if rayon::current_thread_index() == home {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let _done = Done(done);
+        f()
+    })
 }
 
 /// Deterministic values in [-0.5, 0.5) for the kernels' tests (an LCG: no rand dependency).
