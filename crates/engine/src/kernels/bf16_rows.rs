@@ -164,16 +164,7 @@ mod x86 {
             }
             i += 32;
         }
-        // Rows 2 and 3 sum zeros.
-        let mut v = [_mm512_setzero_ps(); 16];
-        v[..4].copy_from_slice(&acc[0]);
-        v[4..8].copy_from_slice(&acc[1]);
-        let mut all = [[0f32; 4]; 4];
-        _mm512_storeu_ps(
-            all.as_mut_ptr().cast(),
-            crate::kernels::matmul_small::x86::sums16(v),
-        );
-        [all[0], all[1]]
+        crate::kernels::matmul_small::x86::tile_sums(&acc)
     }
 }
 

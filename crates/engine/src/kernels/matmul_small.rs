@@ -389,7 +389,13 @@ pub(crate) mod x86 {
         if i < k {
             step!(i, tail_mask(k - i));
         }
-        // Rows past R sum zeros; only the first R are returned.
+        tile_sums(&acc)
+    }
+
+    /// The lane sums of a tile's accumulators (`acc[input row][weight row]`, R <= 4) by one
+    /// `sums16`; rows past R sum zeros and are dropped.
+    #[inline(always)]
+    pub(crate) unsafe fn tile_sums<const R: usize>(acc: &[[__m512; 4]; R]) -> [[f32; 4]; R] {
         let mut v = [_mm512_setzero_ps(); 16];
         for (a, row) in acc.iter().enumerate() {
             v[4 * a..4 * a + 4].copy_from_slice(row);

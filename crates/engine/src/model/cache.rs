@@ -117,7 +117,8 @@ pub(crate) fn join_positions(past: &Tensor, new: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[&past, new], 2)?)
 }
 
-/// Initialises `dst` with `src` (equal lengths).
+/// Initialises `dst` with `src` (equal lengths): std's `write_copy_of_slice` needs Rust 1.93,
+/// and the workspace supports 1.80.
 fn write_all(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "kv cache: a row's length");
     for (d, s) in dst.iter_mut().zip(src) {
