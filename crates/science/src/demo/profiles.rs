@@ -100,10 +100,9 @@ pub fn profile(name: &str) -> Result<Profile> {
         },
         // Between quick and paper: the full evaluation sets and D_o, every arm (the Table-8
         // controls included) with three seeds, so the paired tests have the power quick lacks.
-        // 3.9 h measured on 2 cores (2026-12-01, Intel Xeon: align 22 min, locate 16 min,
-        // 15 fine-tunes 45 min, 17 evaluations 6-8 min each); about 2.5 h estimated on AMD Zen 4
-        // from the planted run's stages (2026-12-02) with eval's first-step probe score, before
-        // the f32 products' speed-ups of that day. A rerun resumes from its stages.
+        // 4976 s of stages measured on 2 cores (2026-12-02, Intel Xeon, build of d2c6a25: align
+        // 12 min, locate 7 min, 15 fine-tunes ~70 s each, 17 evaluations ~2.7 min each); 3.9 h
+        // on the same machine with the build of 2026-12-01. A rerun resumes from its stages.
         "full" => Profile {
             name: "full".into(),
             align_harmful: 256,
