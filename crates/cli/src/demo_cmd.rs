@@ -19,7 +19,7 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// smoke (tiny, minutes, for CI), quick (the README's run, < 30 min on 2 cores), full (full
-    /// evaluation sets, every arm with 3 seeds; 2.5-4 hours on 2 cores, resumable) or paper (the
+    /// evaluation sets, every arm with 3 seeds; about 1.5 hours on 2 cores, resumable) or paper (the
     /// paper's set sizes and epochs; days on a CPU)
     #[arg(long, default_value = "quick")]
     pub profile: String,
