@@ -14,6 +14,11 @@ mod logits_cmd;
 mod progress;
 
 use clap::{Parser, Subcommand};
+
+/// Huge pages for large blocks (`sl_engine::kernels::mem`): fewer page faults wherever a run
+/// first touches memory (loading, the first training step).
+#[global_allocator]
+static ALLOC: sl_engine::kernels::mem::HugePageAlloc = sl_engine::kernels::mem::HugePageAlloc;
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -14,6 +14,7 @@ pub mod device_ops;
 pub(crate) mod dpbf16;
 pub(crate) mod gemm;
 pub mod matmul_small;
+pub mod mem;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod pack;
 pub mod quant;

@@ -69,12 +69,22 @@ impl GradSink {
         *self.grad.lock().expect("grad sink lock") = None;
     }
 
-    /// Runs `f` on the buffer with whether this write is the accumulation's first (the buffer
-    /// is then fresh zeros, which `f` may simply overwrite) or adds into earlier values.
-    fn write(&self, f: impl FnOnce(&mut [f32], bool)) {
+    /// Runs `f` on the buffer with whether this write is the accumulation's first or adds into
+    /// earlier values. A first write starts from zeros, or, with `overwrites`, from a buffer
+    /// that is not zeroed, which `f` must then set whole without reading it (half a gigabyte
+    /// of memset per step for SmolLM2-135M's projections otherwise).
+    fn write(&self, overwrites: bool, f: impl FnOnce(&mut [f32], bool)) {
         let mut g = self.grad.lock().expect("grad sink lock");
         let first = g.is_none();
-        let buf = g.get_or_insert_with(|| vec![0.0; self.rows * self.cols]);
+        let n = self.rows * self.cols;
+        let buf = g.get_or_insert_with(|| {
+            if overwrites {
+                // SAFETY: the caller's `f` writes all n values before reading any (above).
+                unsafe { crate::kernels::mem::for_overwrite(n) }
+            } else {
+                crate::kernels::mem::zeros_written(n)
+            }
+        });
         f(buf, first)
     }
 
@@ -97,7 +107,10 @@ impl GradSink {
                 b.len()
             );
         }
-        self.write(|g, first| {
+        // A first write is a plain product (`accumulate` false), which in f32 sets every value
+        // of the destination without reading it (`gemm::matmul_new`): `write`'s contract for
+        // `overwrites`. The bf16 paths may add into it, so they get zeros.
+        self.write(precision == Precision::F32, |g, first| {
             matmul_in(
                 precision,
                 g,
@@ -127,7 +140,7 @@ impl GradSink {
                 self.rows
             );
         }
-        self.write(|g, _| {
+        self.write(false, |g, _| {
             for (&id, row) in ids.iter().zip(rows.chunks_exact(cols)) {
                 let dst = &mut g[id as usize * cols..(id as usize + 1) * cols];
                 dst.iter_mut().zip(row).for_each(|(d, x)| *d += scale * x);
