@@ -134,7 +134,10 @@ mod tests {
         advise_huge_pages(v.as_ptr().cast(), v.len() * 4);
         v[12345] += 1.0;
         assert_eq!(v[12345], 12346.0);
-        assert!(v.iter().enumerate().all(|(i, &x)| i == 12345 || x == i as f32));
+        assert!(v
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| i == 12345 || x == i as f32));
         // Too small, unaligned, or empty: nothing to do, and no fault.
         advise_huge_pages(v.as_ptr().cast::<u8>().wrapping_add(3), 100);
         advise_huge_pages(std::ptr::null(), 0);

@@ -233,11 +233,7 @@ pub fn clip_scale(grads: &[Option<&[f32]>], max_norm: Option<f64>) -> (f32, f64)
     let sq: f64 = grads
         .iter()
         .flatten()
-        .map(|g| {
-            g.par_chunks(CHUNK)
-                .map(sum_of_squares)
-                .sum::<f64>()
-        })
+        .map(|g| g.par_chunks(CHUNK).map(sum_of_squares).sum::<f64>())
         .sum();
     scale_for(sq, max_norm)
 }
@@ -252,7 +248,11 @@ fn sum_of_squares(c: &[f32]) -> f64 {
             *a += (x as f64) * (x as f64);
         }
     }
-    let tail: f64 = lanes.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+    let tail: f64 = lanes
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
     acc.iter().sum::<f64>() + tail
 }
 
@@ -355,7 +355,10 @@ mod tests {
                 .collect();
             let plain: f64 = c.iter().map(|&x| (x as f64) * (x as f64)).sum();
             let got = sum_of_squares(&c);
-            assert!((got - plain).abs() <= 1e-12 * plain.max(f64::MIN_POSITIVE), "n {n}");
+            assert!(
+                (got - plain).abs() <= 1e-12 * plain.max(f64::MIN_POSITIVE),
+                "n {n}"
+            );
         }
     }
 }

@@ -6,10 +6,12 @@
 //! layer.
 
 use crate::io::config::AttentionKind;
+use crate::model::layers::Layer;
 use crate::model::mask::PadLayout;
 use crate::model::Decoder;
 use crate::model::RmsNorm;
-use crate::train::ops::{act::gated, attention::attention, norm::rms_norm, portable, rope::rope};
+use crate::train::ops::attention::{attention, packed_attention, Heads};
+use crate::train::ops::{act::gated, norm::rms_norm, portable, rope::rope};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
@@ -88,56 +90,38 @@ fn norm(dec: &Decoder, n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
 pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> {
     let layer = &dec.layers[l];
     let cfg = &dec.cfg;
-    let n = p.rows();
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let sliding = layer.kind == AttentionKind::Sliding;
 
     let h = norm(dec, &layer.attn_in_norm, x)?;
     let qkv = layer.attn.qkv.forward(&h)?;
-    // [1, heads, N, hd] views of the packed projection.
-    let heads = |start: usize, count: usize| -> Result<Tensor> {
-        Ok(qkv
-            .narrow(1, start * hd, count * hd)?
-            .reshape((1, n, count, hd))?
-            .transpose(1, 2)?)
-    };
-    let (mut q, mut k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
-    if let Some(qn) = &layer.attn.q_norm {
-        q = norm(dec, qn, &q)?;
-    }
-    if let Some(kn) = &layer.attn.k_norm {
-        k = norm(dec, kn, &k)?;
-    }
     let (cos, sin) = match (&p.rope_local, sliding) {
         (Some(local), true) => local,
         _ => &p.rope_global,
     };
-    let rope = if dec.portable { portable::rope } else { rope };
-    let q = rope(&q, cos, sin, cfg.rotary_dim)?;
-    let k = rope(&k, cos, sin, cfg.rotary_dim)?;
-    let attention = if dec.portable {
-        portable::attention
-    } else {
-        attention
-    };
-    let mut outs = Vec::with_capacity(p.seqs.len());
-    for &(start, len) in &p.seqs {
+    let mask = |len: usize| -> &[f32] {
         let (full, window) = &p.masks[&len];
-        let mask = match (sliding, window) {
+        match (sliding, window) {
             (true, Some(w)) => w,
             _ => full,
+        }
+    };
+    // Without per-head norms between the projection and the rotation, the whole block is one
+    // op (`packed_attention`); with them, and on the portable path, it is composed.
+    let fused_block = !dec.portable && layer.attn.q_norm.is_none() && layer.attn.k_norm.is_none();
+    let attn = if fused_block {
+        let masks: Vec<&[f32]> = p.seqs.iter().map(|&(_, len)| mask(len)).collect();
+        let heads = Heads {
+            nh,
+            nkv,
+            hd,
+            rot_dim: cfg.rotary_dim,
         };
-        let seq = |t: &Tensor| t.narrow(2, start, len);
-        outs.push(attention(
-            &seq(&q)?,
-            &seq(&k)?,
-            &seq(&v)?,
-            mask,
-            cfg.attn_scale,
-            cfg.attn_softcap,
-        )?);
-    }
-    let attn = Tensor::cat(&outs, 1)?.reshape((n, nh * hd))?;
+        let (scale, cap) = (cfg.attn_scale, cfg.attn_softcap);
+        packed_attention(&qkv, &p.seqs, &masks, cos, sin, heads, scale, cap)?
+    } else {
+        composed_attention(dec, layer, &qkv, p, (cos, sin), &mask)?
+    };
     let mut a = layer.attn.o.forward(&attn)?;
     if let Some(on) = &layer.attn_out_norm {
         a = norm(dec, on, &a)?;
@@ -152,6 +136,55 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
         m = norm(dec, on, &m)?;
     }
     Ok((x + m)?)
+}
+
+/// The attention block composed of ops: q/k norms, rotation, per-sequence attention.
+fn composed_attention<'a>(
+    dec: &Decoder,
+    layer: &Layer,
+    qkv: &Tensor,
+    p: &'a Packed,
+    (cos, sin): (&Tensor, &Tensor),
+    mask: &dyn Fn(usize) -> &'a [f32],
+) -> Result<Tensor> {
+    let cfg = &dec.cfg;
+    let n = p.rows();
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    // [1, heads, N, hd] views of the packed projection.
+    let heads = |start: usize, count: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(1, start * hd, count * hd)?
+            .reshape((1, n, count, hd))?
+            .transpose(1, 2)?)
+    };
+    let (mut q, mut k, v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
+    if let Some(qn) = &layer.attn.q_norm {
+        q = norm(dec, qn, &q)?;
+    }
+    if let Some(kn) = &layer.attn.k_norm {
+        k = norm(dec, kn, &k)?;
+    }
+    let rope = if dec.portable { portable::rope } else { rope };
+    let q = rope(&q, cos, sin, cfg.rotary_dim)?;
+    let k = rope(&k, cos, sin, cfg.rotary_dim)?;
+    let attention = if dec.portable {
+        portable::attention
+    } else {
+        attention
+    };
+    let mut outs = Vec::with_capacity(p.seqs.len());
+    for &(start, len) in &p.seqs {
+        let seq = |t: &Tensor| t.narrow(2, start, len);
+        outs.push(attention(
+            &seq(&q)?,
+            &seq(&k)?,
+            &seq(&v)?,
+            mask(len),
+            cfg.attn_scale,
+            cfg.attn_softcap,
+        )?);
+    }
+    Ok(Tensor::cat(&outs, 1)?.reshape((n, nh * hd))?)
 }
 
 /// Token embeddings of the packed rows, `[N, H]` (scaled for Gemma).

@@ -54,12 +54,22 @@ impl<'a> View<'a> {
         })
     }
 
-    /// Matrix `[R, C]` of (batch, head) as gemm reads it.
-    fn mat(&self, b: usize, h: usize) -> Mat {
-        let off = self.start + b * self.stride[0] + h * self.stride[1];
+    /// A view of `data` (already checked to hold every element the shape reaches).
+    fn from_parts(data: &'a [f32], start: usize, stride: [usize; 4]) -> Self {
+        View {
+            data,
+            start,
+            stride,
+        }
+    }
+
+    /// Matrix `[R, C]` of (batch, head) from row `r0` on, as gemm reads it.
+    fn mat(&self, b: usize, h: usize, r0: usize) -> Mat {
+        let off = self.start + b * self.stride[0] + h * self.stride[1] + r0 * self.stride[2];
         Mat {
-            // SAFETY: candle validated the layout against the storage, so every (b, h, r, c)
-            // inside the shape is in bounds; `off` is such an element's row 0, column 0.
+            // SAFETY: the layout was validated against the storage (by candle, or by the
+            // packed op for its own buffers), so every (b, h, r, c) inside the shape is in
+            // bounds; `off` is such an element's row r0, column 0.
             ptr: unsafe { self.data.as_ptr().add(off) },
             rs: self.stride[2] as isize,
             cs: self.stride[3] as isize,
@@ -150,19 +160,36 @@ fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// What the forward keeps for backward.
 struct Saved {
-    /// `[B, NH, T, S]`: the probabilities, or with a soft-cap `tanh(scores / cap)`.
+    /// Per segment `[NH, t, s]`: the probabilities, or with a soft-cap `tanh(scores / cap)`.
     buf: Vec<f32>,
-    /// Per row `[B, NH, T]`: the softmax's max and sum, to rebuild probabilities from the
+    /// Per segment `[NH, t]`: the softmax's max and sum, to rebuild probabilities from the
     /// tanh values (a sum of 0 marks a row with every key masked: its probabilities are 0).
     stats: Vec<f32>,
 }
 
+/// One block of the attention: the `t` queries from row `q0` of batch row `b` against the `s`
+/// keys from row `k0`, under its own `[t, s]` mask. A left-padded batch is one segment per
+/// batch row; a packed batch (sequences laid end to end in one row) one per sequence, so no
+/// work or memory goes to pairs of tokens from different sequences.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    pub b: usize,
+    pub q0: usize,
+    pub t: usize,
+    pub k0: usize,
+    pub s: usize,
+}
+
 struct FusedAttention {
-    /// `[B, T, S]` additive.
+    segs: Vec<Seg>,
+    /// Each segment's `[t, s]` additive mask, one after another (offsets in `at`).
     mask: Vec<f32>,
-    /// Per mask row `[B, T]`: keys past this one are all masked (causal rows see about half),
-    /// so the softmax, its exps and tanhs, and dS stop there.
+    /// Per mask row: keys past this one are all masked (causal rows see about half), so the
+    /// softmax, its exps and tanhs, and dS stop there.
     keys: Vec<usize>,
+    /// Per segment: (offset of its mask and saved blocks per head, of its mask rows): the
+    /// first is the sum of the earlier segments' t·s, the second of their t.
+    at: Vec<(usize, usize)>,
     scale: f32,
     softcap: Option<f32>,
     /// `1 / cap` rounded from f64, the factor candle's `scores / cap` multiplies by.
@@ -171,32 +198,64 @@ struct FusedAttention {
 }
 
 impl FusedAttention {
-    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
-        let (b, nh, t, d) = q.shape().dims4()?;
-        let (kb, nkv, s, kd) = k.shape().dims4()?;
-        if (kb, kd) != (b, d) || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
-            candle_core::bail!(
-                "fused attention: q {:?}, k {:?}, v {:?} are not [B, NH, T, D], [B, NKV, S, D] \
-                 twice with NH a multiple of NKV",
-                q.dims(),
-                k.dims(),
-                v.dims()
+    fn new(
+        segs: Vec<Seg>,
+        mask: Vec<f32>,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<FusedAttention> {
+        let mut at = Vec::with_capacity(segs.len());
+        let (mut off, mut rows) = (0, 0);
+        for g in &segs {
+            if g.t == 0 || g.s == 0 {
+                bail!("fused attention: empty segment {g:?}");
+            }
+            at.push((off, rows));
+            off += g.t * g.s;
+            rows += g.t;
+        }
+        if segs.is_empty() || mask.len() != off {
+            bail!(
+                "fused attention: mask of {} values for segments of {off}",
+                mask.len()
             );
         }
-        if b * nh * t * s * d == 0 {
-            // Zero-sized chunks would panic in rayon; an empty call is a caller's bug.
+        let mut keys = Vec::with_capacity(rows);
+        for (g, &(off, _)) in segs.iter().zip(&at) {
+            keys.extend(mask[off..off + g.t * g.s].chunks_exact(g.s).map(|row| {
+                row.iter()
+                    .rposition(|&m| m != f32::NEG_INFINITY)
+                    .map_or(0, |j| j + 1)
+            }));
+        }
+        Ok(FusedAttention {
+            segs,
+            mask,
+            keys,
+            at,
+            scale: scale as f32,
+            softcap: softcap.map(|c| c as f32),
+            inv_cap: softcap.map_or(0.0, |c| (1.0 / c) as f32),
+            saved: Mutex::new(None),
+        })
+    }
+
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Dims> {
+        let (&[b, nh, t, d], &[kb, nkv, s, kd]) = (q, k) else {
+            candle_core::bail!("fused attention: q {q:?} and k {k:?} are not 4-D");
+        };
+        if (kb, kd) != (b, d) || v != k || nkv == 0 || nh % nkv != 0 || d == 0 {
             candle_core::bail!(
-                "fused attention: empty shape q {:?}, k {:?}",
-                q.dims(),
-                k.dims()
+                "fused attention: q {q:?}, k {k:?}, v {v:?} are not [B, NH, T, D], \
+                 [B, NKV, S, D] twice with NH a multiple of NKV"
             );
         }
-        if self.mask.len() != b * t * s {
-            candle_core::bail!(
-                "fused attention: mask has {} values, expected B*T*S = {}",
-                self.mask.len(),
-                b * t * s
-            );
+        if let Some(g) = self
+            .segs
+            .iter()
+            .find(|g| g.b >= b || g.q0 + g.t > t || g.k0 + g.s > s)
+        {
+            candle_core::bail!("fused attention: segment {g:?} outside q {q:?} / k {k:?}");
         }
         Ok(Dims {
             b,
@@ -218,90 +277,92 @@ impl FusedAttention {
         p[n..].fill(0.0);
     }
 
-    /// Output `[B, T, NH * D]` and what backward needs.
+    /// Output `[B, T, NH * D]` (rows outside every segment 0) and what backward needs.
     fn forward(&self, q: &View, k: &View, v: &View, dm: Dims) -> (Vec<f32>, Saved) {
-        let Dims {
-            nh, nkv, t, s, d, ..
-        } = dm;
+        let Dims { nh, nkv, d, .. } = dm;
         let g = nh / nkv;
-        let mut out = vec![0f32; dm.b * t * nh * d];
-        let mut buf = vec![0f32; dm.b * nh * t * s];
-        let mut stats = vec![0f32; dm.b * nh * t * 2];
+        let mut out = vec![0f32; dm.b * dm.t * nh * d];
+        let (last, &(off, rows)) = (self.segs[self.segs.len() - 1], &self.at[self.at.len() - 1]);
+        let mut buf = vec![0f32; nh * (off + last.t * last.s)];
+        let mut stats = vec![0f32; nh * (rows + last.t) * 2];
+        // One task per (segment, head), each with its own blocks of `buf` and `stats`.
+        let mut tasks = Vec::with_capacity(self.segs.len() * nh);
+        let (mut rest, mut rest_st) = (&mut buf[..], &mut stats[..]);
+        for (si, sg) in self.segs.iter().enumerate() {
+            for hi in 0..nh {
+                let (sc, r) = std::mem::take(&mut rest).split_at_mut(sg.t * sg.s);
+                let (st, r_st) = std::mem::take(&mut rest_st).split_at_mut(sg.t * 2);
+                (rest, rest_st) = (r, r_st);
+                tasks.push((si, hi, sc, st));
+            }
+        }
         let out_ptr = SharedMut(out.as_mut_ptr());
-        buf.par_chunks_mut(t * s)
-            .zip(stats.par_chunks_mut(t * 2))
-            .enumerate()
-            .for_each(|(bh, (sc, st))| {
-                let scratch_len = if self.softcap.is_some() { t * s } else { 0 };
-                with_scratch(scratch_len, |scratch| {
-                    let (bi, hi) = (bh / nh, bh % nh);
-                    let (qm, km, vm) = (q.mat(bi, hi), k.mat(bi, hi / g), v.mat(bi, hi / g));
-                    // SAFETY: `sc` is this task's own [T, S] block; q/k are [T, D] / [S, D].
-                    unsafe { mm((t, s, d), sc.as_mut_ptr(), s, false, qm, km.t(), self.scale) };
-                    for ti in 0..t {
-                        let n = self.keys[bi * t + ti];
-                        let mrow = &self.mask[(bi * t + ti) * s..(bi * t + ti) * s + n];
-                        let scores = &mut sc[ti * s..(ti + 1) * s];
-                        // Without a soft-cap the probabilities replace the scores in place.
-                        let full_row = match self.softcap {
-                            Some(cap) => {
-                                let capped = &mut scratch[ti * s..(ti + 1) * s];
-                                for (th, x) in scores[..n].iter_mut().zip(capped.iter_mut()) {
-                                    *th = (*th * self.inv_cap).tanh();
-                                    *x = *th * cap;
-                                }
-                                // Masked keys: any finite value rebuilds to a 0 probability.
-                                scores[n..].fill(0.0);
-                                capped
+        tasks.into_par_iter().for_each(|(si, hi, sc, st)| {
+            let (sg, (moff, krow)) = (self.segs[si], self.at[si]);
+            let (t, s) = (sg.t, sg.s);
+            let scratch_len = if self.softcap.is_some() { t * s } else { 0 };
+            with_scratch(scratch_len, |scratch| {
+                let qm = q.mat(sg.b, hi, sg.q0);
+                let (km, vm) = (k.mat(sg.b, hi / g, sg.k0), v.mat(sg.b, hi / g, sg.k0));
+                // SAFETY: `sc` is this task's own [t, s] block; q/k are [t, D] / [s, D].
+                unsafe { mm((t, s, d), sc.as_mut_ptr(), s, false, qm, km.t(), self.scale) };
+                for ti in 0..t {
+                    let n = self.keys[krow + ti];
+                    let mrow = &self.mask[moff + ti * s..moff + ti * s + n];
+                    let scores = &mut sc[ti * s..(ti + 1) * s];
+                    // Without a soft-cap the probabilities replace the scores in place.
+                    let full_row = match self.softcap {
+                        Some(cap) => {
+                            let capped = &mut scratch[ti * s..(ti + 1) * s];
+                            for (th, x) in scores[..n].iter_mut().zip(capped.iter_mut()) {
+                                *th = (*th * self.inv_cap).tanh();
+                                *x = *th * cap;
                             }
-                            None => scores,
-                        };
-                        full_row[n..].fill(0.0);
-                        let row = &mut full_row[..n];
-                        let mut max = f32::NEG_INFINITY;
-                        for (x, &m) in row.iter_mut().zip(mrow) {
-                            *x += m;
-                            max = max.max(*x);
+                            // Masked keys: any finite value rebuilds to a 0 probability.
+                            scores[n..].fill(0.0);
+                            capped
                         }
-                        if max == f32::NEG_INFINITY {
-                            // Every key masked: zeros, not the NaN of exp(-inf - -inf).
-                            row.fill(0.0);
-                            st[ti * 2] = max;
-                            st[ti * 2 + 1] = 0.0;
-                            continue;
-                        }
-                        let mut sum = 0f32;
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        for x in row.iter_mut() {
-                            *x /= sum;
-                        }
-                        st[ti * 2] = max;
-                        st[ti * 2 + 1] = sum;
-                    }
-                    let probs = if self.softcap.is_some() {
-                        &scratch[..]
-                    } else {
-                        &sc[..]
+                        None => scores,
                     };
-                    // SAFETY: head `hi` of row `bi` owns columns hi*D..(hi+1)*D of the T output
-                    // rows of batch row `bi`; no other task writes them.
-                    unsafe {
-                        let dst = out_ptr.get().add(bi * t * nh * d + hi * d);
-                        mm(
-                            (t, d, s),
-                            dst,
-                            nh * d,
-                            false,
-                            Mat::rows(probs.as_ptr(), s),
-                            vm,
-                            1.0,
-                        );
+                    full_row[n..].fill(0.0);
+                    let row = &mut full_row[..n];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, &m) in row.iter_mut().zip(mrow) {
+                        *x += m;
+                        max = max.max(*x);
                     }
-                })
-            });
+                    if max == f32::NEG_INFINITY {
+                        // Every key masked: zeros, not the NaN of exp(-inf - -inf).
+                        row.fill(0.0);
+                        st[ti * 2] = max;
+                        st[ti * 2 + 1] = 0.0;
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    for x in row.iter_mut() {
+                        *x /= sum;
+                    }
+                    st[ti * 2] = max;
+                    st[ti * 2 + 1] = sum;
+                }
+                let probs = if self.softcap.is_some() {
+                    &scratch[..]
+                } else {
+                    &sc[..]
+                };
+                // SAFETY: head `hi` of segment `si` owns columns hi*D..(hi+1)*D of its t
+                // output rows (segments do not share query rows); no other task writes them.
+                unsafe {
+                    let dst = out_ptr.get().add((sg.b * dm.t + sg.q0) * nh * d + hi * d);
+                    let pm = Mat::rows(probs.as_ptr(), s);
+                    mm((t, d, s), dst, nh * d, false, pm, vm, 1.0);
+                }
+            })
+        });
         (out, Saved { buf, stats })
     }
 
@@ -313,90 +374,113 @@ impl FusedAttention {
         saved: &Saved,
         dm: Dims,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let Dims {
-            nh, nkv, t, s, d, ..
-        } = dm;
+        let Dims { nh, nkv, d, .. } = dm;
         let g = nh / nkv;
-        let mut dq = vec![0f32; dm.b * nh * t * d];
-        let mut dk = vec![0f32; dm.b * nkv * s * d];
-        let mut dv = vec![0f32; dm.b * nkv * s * d];
-        let (gt, scale) = (g * t, self.scale);
-        dq.par_chunks_mut(gt * d)
-            .zip(dk.par_chunks_mut(s * d))
-            .zip(dv.par_chunks_mut(s * d))
-            .enumerate()
-            .for_each(|(grp, ((dq, dk), dv))| {
-                let (bi, kvh) = (grp / nkv, grp % nkv);
-                let h0 = kvh * g;
-                // The group's g heads are consecutive, so their saved rows are one block.
-                let rows = (bi * nh + h0) * t;
-                let sv = &saved.buf[rows * s..(rows + gt) * s];
-                let cap_len = if self.softcap.is_some() { gt * s } else { 0 };
-                with_scratch(gt * s + gt * d + cap_len, |scratch| {
-                    let (dp, rest) = scratch.split_at_mut(gt * s);
-                    let (d_o, rebuilt) = rest.split_at_mut(gt * d);
-                    let p: &[f32] = match self.softcap {
-                        Some(cap) => {
-                            for r in 0..gt {
-                                let n = self.keys[bi * t + r % t];
-                                let mrow = &self.mask[(bi * t + r % t) * s..];
-                                self.probs_from_tanh(
-                                    cap,
-                                    &sv[r * s..r * s + n],
-                                    mrow,
-                                    &saved.stats[(rows + r) * 2..(rows + r + 1) * 2],
-                                    &mut rebuilt[r * s..(r + 1) * s],
-                                );
-                            }
-                            rebuilt
+        let mut dq = vec![0f32; dm.b * nh * dm.t * d];
+        let mut dk = vec![0f32; dm.b * nkv * dm.s * d];
+        let mut dv = vec![0f32; dm.b * nkv * dm.s * d];
+        let (dqp, dkp, dvp) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        let scale = self.scale;
+        let tasks: Vec<(usize, usize)> = (0..self.segs.len())
+            .flat_map(|si| (0..nkv).map(move |kvh| (si, kvh)))
+            .collect();
+        tasks.into_par_iter().for_each(|(si, kvh)| {
+            let (sg, (moff, krow)) = (self.segs[si], self.at[si]);
+            let (t, s, bi, h0) = (sg.t, sg.s, sg.b, kvh * g);
+            let gt = g * t;
+            // The segment's blocks are per head in order, so the group's g heads are one.
+            let sv = &saved.buf[nh * moff + h0 * t * s..nh * moff + (h0 + g) * t * s];
+            let st = &saved.stats[(nh * krow + h0 * t) * 2..(nh * krow + (h0 + g) * t) * 2];
+            let cap_len = if self.softcap.is_some() { gt * s } else { 0 };
+            with_scratch(gt * s + gt * d + cap_len, |scratch| {
+                let (dp, rest) = scratch.split_at_mut(gt * s);
+                let (d_o, rebuilt) = rest.split_at_mut(gt * d);
+                let p: &[f32] = match self.softcap {
+                    Some(cap) => {
+                        for r in 0..gt {
+                            let n = self.keys[krow + r % t];
+                            let mrow = &self.mask[moff + (r % t) * s..];
+                            self.probs_from_tanh(
+                                cap,
+                                &sv[r * s..r * s + n],
+                                mrow,
+                                &st[r * 2..r * 2 + 2],
+                                &mut rebuilt[r * s..(r + 1) * s],
+                            );
                         }
-                        None => sv,
-                    };
-                    // dO of the group's heads as one [g*T, D] block.
-                    for (r, row) in d_o.chunks_exact_mut(d).enumerate() {
-                        let (hl, ti) = (r / t, r % t);
-                        let src = (bi * t + ti) * nh * d + (h0 + hl) * d;
-                        row.copy_from_slice(&grad[src..src + d]);
+                        rebuilt
                     }
-                    let (km, vm) = (k.mat(bi, kvh), v.mat(bi, kvh));
-                    let (p_m, do_m) = (Mat::rows(p.as_ptr(), s), Mat::rows(d_o.as_ptr(), d));
-                    // SAFETY: every destination below is this task's own buffer of the stated
-                    // shape; sources are the group's blocks of the stated shapes.
-                    unsafe {
-                        // dV = Pᵀ dO, summed over the group's heads by the one product.
-                        mm((s, d, gt), dv.as_mut_ptr(), d, false, p_m.t(), do_m, 1.0);
-                        // dP = dO Vᵀ
-                        mm((gt, s, d), dp.as_mut_ptr(), s, false, do_m, vm.t(), 1.0);
+                    None => sv,
+                };
+                // dO of the group's heads as one [g*t, D] block.
+                for (r, row) in d_o.chunks_exact_mut(d).enumerate() {
+                    let (hl, ti) = (r / t, r % t);
+                    let src = (bi * dm.t + sg.q0 + ti) * nh * d + (h0 + hl) * d;
+                    row.copy_from_slice(&grad[src..src + d]);
+                }
+                let (km, vm) = (k.mat(bi, kvh, sg.k0), v.mat(bi, kvh, sg.k0));
+                let (p_m, do_m) = (Mat::rows(p.as_ptr(), s), Mat::rows(d_o.as_ptr(), d));
+                // Rows of this task's (segment, kv head) in dK/dV, and of each of its query
+                // heads in dQ: no other task writes them (segments do not share rows).
+                let kv_row0 = ((bi * nkv + kvh) * dm.s + sg.k0) * d;
+                // SAFETY: each destination is this task's own rows (above) or scratch of the
+                // stated shape; sources are the group's blocks of the stated shapes.
+                unsafe {
+                    // dV = Pᵀ dO, summed over the group's heads by the one product.
+                    mm(
+                        (s, d, gt),
+                        dvp.get().add(kv_row0),
+                        d,
+                        false,
+                        p_m.t(),
+                        do_m,
+                        1.0,
+                    );
+                    // dP = dO Vᵀ
+                    mm((gt, s, d), dp.as_mut_ptr(), s, false, do_m, vm.t(), 1.0);
+                }
+                // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
+                for r in 0..gt {
+                    let n = self.keys[krow + r % t];
+                    let (pr, dpr) = (&p[r * s..r * s + n], &mut dp[r * s..(r + 1) * s]);
+                    dpr[n..].fill(0.0);
+                    let dpr = &mut dpr[..n];
+                    let c = dot(pr, dpr);
+                    for (x, &pp) in dpr.iter_mut().zip(pr) {
+                        *x = pp * (*x - c);
                     }
-                    // dS = P ⊙ (dP - rowsum(dP ⊙ P)), then the soft-cap's 1 - tanh².
-                    for r in 0..gt {
-                        let n = self.keys[bi * t + r % t];
-                        let (pr, dpr) = (&p[r * s..r * s + n], &mut dp[r * s..(r + 1) * s]);
-                        dpr[n..].fill(0.0);
-                        let dpr = &mut dpr[..n];
-                        let c = dot(pr, dpr);
-                        for (x, &pp) in dpr.iter_mut().zip(pr) {
-                            *x = pp * (*x - c);
+                    if self.softcap.is_some() {
+                        for (x, &th) in dpr.iter_mut().zip(&sv[r * s..r * s + n]) {
+                            *x *= 1.0 - th * th;
                         }
-                        if self.softcap.is_some() {
-                            for (x, &th) in dpr.iter_mut().zip(&sv[r * s..r * s + n]) {
-                                *x *= 1.0 - th * th;
-                            }
-                        }
                     }
-                    let ds = Mat::rows(dp.as_ptr(), s);
-                    unsafe {
-                        // dQ = scale · dS K
-                        mm((gt, d, s), dq.as_mut_ptr(), d, false, ds, km, scale);
-                        // dK = scale · Σ_h dS_hᵀ Q_h (the heads' Q need not be one block).
-                        for hl in 0..g {
-                            let ds_h = Mat::rows(dp.as_ptr().add(hl * t * s), s);
-                            let qm = q.mat(bi, h0 + hl);
-                            mm((s, d, t), dk.as_mut_ptr(), d, hl > 0, ds_h.t(), qm, scale);
-                        }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    for hl in 0..g {
+                        let ds_h = Mat::rows(dp.as_ptr().add(hl * t * s), s);
+                        // dQ_h = scale · dS_h K
+                        let q_row0 = ((bi * nh + h0 + hl) * dm.t + sg.q0) * d;
+                        mm((t, d, s), dqp.get().add(q_row0), d, false, ds_h, km, scale);
+                        // dK = scale · Σ_h dS_hᵀ Q_h
+                        let qm = q.mat(bi, h0 + hl, sg.q0);
+                        mm(
+                            (s, d, t),
+                            dkp.get().add(kv_row0),
+                            d,
+                            hl > 0,
+                            ds_h.t(),
+                            qm,
+                            scale,
+                        );
                     }
-                })
-            });
+                }
+            })
+        });
         (dq, dk, dv)
     }
 }
@@ -422,7 +506,7 @@ impl CustomOp3 for FusedAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dm = self.dims(ql, kl, vl)?;
+        let dm = self.dims(ql.dims(), kl.dims(), vl.dims())?;
         let (q, k, v) = (View::new(qs, ql)?, View::new(ks, kl)?, View::new(vs, vl)?);
         let (out, saved) = self.forward(&q, &k, &v, dm);
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
@@ -443,7 +527,7 @@ impl CustomOp3 for FusedAttention {
         let (qg, ql) = q.storage_and_layout();
         let (kg, kl) = k.storage_and_layout();
         let (vg, vl) = v.storage_and_layout();
-        let dm = self.dims(ql, kl, vl)?;
+        let dm = self.dims(ql.dims(), kl.dims(), vl.dims())?;
         let qv = View::new(cpu(&qg, "q")?, ql)?;
         let kv = View::new(cpu(&kg, "k")?, kl)?;
         let vv = View::new(cpu(&vg, "v")?, vl)?;
@@ -490,31 +574,29 @@ pub fn attention(
             bail!("fused attention: {name} must be an f32 CPU tensor");
         }
     }
-    let s = k.dim(2)?;
-    if s == 0 || !mask.len().is_multiple_of(s) {
+    let (b, t, s) = (q.dim(0)?, q.dim(2)?, k.dim(2)?);
+    if mask.len() != b * t * s {
         bail!(
-            "fused attention: mask of {} values for {s} keys",
-            mask.len()
+            "fused attention: mask of {} values for B*T*S = {}",
+            mask.len(),
+            b * t * s
         );
     }
-    let keys = mask
-        .chunks_exact(s)
-        .map(|row| {
-            row.iter()
-                .rposition(|&m| m != f32::NEG_INFINITY)
-                .map_or(0, |j| j + 1)
+    let segs = (0..b)
+        .map(|b| Seg {
+            b,
+            q0: 0,
+            t,
+            k0: 0,
+            s,
         })
         .collect();
-    let op = FusedAttention {
-        mask: mask.to_vec(),
-        keys,
-        scale: scale as f32,
-        softcap: softcap.map(|c| c as f32),
-        inv_cap: softcap.map_or(0.0, |c| (1.0 / c) as f32),
-        saved: Mutex::new(None),
-    };
+    let op = FusedAttention::new(segs, mask.to_vec(), scale, softcap)?;
     Ok(q.apply_op3(k, v, op)?)
 }
+
+mod packed;
+pub use packed::{packed_attention, Heads};
 
 #[cfg(test)]
 mod tests;
