@@ -241,7 +241,7 @@ pub fn packed_attention(
     if qkv.dtype() != candle_core::DType::F32 || !qkv.device().is_cpu() {
         bail!("packed attention: qkv must be an f32 CPU tensor");
     }
-    if heads.rot_dim % 2 != 0 || heads.rot_dim > heads.hd {
+    if !heads.rot_dim.is_multiple_of(2) || heads.rot_dim > heads.hd {
         bail!(
             "packed attention: rot_dim {} for heads of {}",
             heads.rot_dim,
