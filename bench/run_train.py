@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import subprocess
+import statistics
 import sys
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def main():
     o_rss, p_rss = {a: [] for a in arms}, {a: [] for a in arms}
     o_wall, p_wall = {a: [] for a in arms}, {a: [] for a in arms}
     notes = []
+    params = None  # (trainable, frozen) as our full run reports them
     for r in range(reps):
         for arm in arms:
             freeze = ["--freeze", args.freeze] if arm == "sppft" else []
@@ -109,6 +111,9 @@ def main():
                 if not m and not log:
                     sys.exit("ours printed no tokens/s and wrote no train_log.jsonl")
                 o_tps[arm].append(float(m[-1]) if m else float("nan"))
+                counts = re.findall(r"(\d+) trainable / (\d+) frozen", o.stderr + o.stdout)
+                if arm == "full" and counts:
+                    params = tuple(int(x) for x in counts[-1])
                 o_rss[arm].append(o.rss_kib / 1024); o_wall[arm].append(o.wall)
             if arm == "ckpt":
                 continue
@@ -170,6 +175,18 @@ def main():
         lines.append(f"- gradient checkpointing (ours, full fine-tuning): {c.fmt_stats(o_tps['ckpt'])} tokens/s, peak RSS "
                      f"{c.fmt_stats(o_rss['ckpt'])} MiB; time {c.fmt_stats(t_ratio)}x and peak RSS {c.fmt_stats(m_ratio)}x "
                      "our full run's (targets <= 1.35x and <= 0.5x)")
+        if params:
+            # What no checkpointing can remove: f32 weights and both AdamW moments of every trained
+            # parameter live through every step (12 bytes each), and its gradient through backward (4 more).
+            trainable, frozen = params
+            state = (12 * trainable + 4 * frozen) / 2**20
+            with_grads = state + 4 * trainable / 2**20
+            full = statistics.median(o_rss["full"])
+            lines.append(f"- the fixed training state at these settings: weights and AdamW moments {state:.0f} MiB "
+                         f"({state / full:.2f}x the full run's peak RSS), {with_grads:.0f} MiB with the gradients "
+                         f"({with_grads / full:.2f}x): a floor for any checkpointing; above it, the checkpointed run's "
+                         f"peak is {c.fmt_stats([k - with_grads for k in o_rss['ckpt']])} MiB against the full run's "
+                         f"{c.fmt_stats([f - with_grads for f in o_rss['full']])} MiB")
     c.record("training (benchmark 4)" + ("" if help_text else ", PyTorch only"), args, lines)
 
 

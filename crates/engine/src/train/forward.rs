@@ -10,8 +10,8 @@ use crate::model::layers::Layer;
 use crate::model::mask::PadLayout;
 use crate::model::Decoder;
 use crate::model::RmsNorm;
-use crate::train::ops::attention::{attention, packed_attention, Heads};
-use crate::train::ops::{act::gated, norm::rms_norm, portable, rope::rope};
+use crate::train::ops::attention::{attention, attention_block, packed_attention, Heads};
+use crate::train::ops::{act::gated, mlp::mlp_block, norm::rms_norm, portable, rope::rope};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
@@ -93,8 +93,6 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let sliding = layer.kind == AttentionKind::Sliding;
 
-    let h = norm(dec, &layer.attn_in_norm, x)?;
-    let qkv = layer.attn.qkv.forward(&h)?;
     let (cos, sin) = match (&p.rope_local, sliding) {
         (Some(local), true) => local,
         _ => &p.rope_global,
@@ -106,28 +104,56 @@ pub fn layer(dec: &Decoder, l: usize, x: &Tensor, p: &Packed) -> Result<Tensor> 
             _ => full,
         }
     };
-    // Without per-head norms between the projection and the rotation, the whole block is one
-    // op (`packed_attention`); with them, and on the portable path, it is composed.
-    let fused_block = !dec.portable && layer.attn.q_norm.is_none() && layer.attn.k_norm.is_none();
-    let attn = if fused_block {
-        let masks: Vec<&[f32]> = p.seqs.iter().map(|&(_, len)| mask(len)).collect();
-        let heads = Heads {
-            nh,
-            nkv,
-            hd,
-            rot_dim: cfg.rotary_dim,
-        };
-        let (scale, cap) = (cfg.attn_scale, cfg.attn_softcap);
-        packed_attention(&qkv, &p.seqs, &masks, cos, sin, heads, scale, cap)?
-    } else {
-        composed_attention(dec, layer, &qkv, p, (cos, sin), &mask)?
+    // Without per-head norms between the projection and the rotation, the attention is one op
+    // (`packed_attention`), and without a norm after it, so is the whole block from the input
+    // norm to the residual add (`attention_block`) when its projections allow; with them, and
+    // on the portable path, it is composed.
+    let fused = !dec.portable && layer.attn.q_norm.is_none() && layer.attn.k_norm.is_none();
+    let masks: Vec<&[f32]> = p.seqs.iter().map(|&(_, len)| mask(len)).collect();
+    let heads = Heads {
+        nh,
+        nkv,
+        hd,
+        rot_dim: cfg.rotary_dim,
     };
-    let mut a = layer.attn.o.forward(&attn)?;
-    if let Some(on) = &layer.attn_out_norm {
-        a = norm(dec, on, &a)?;
-    }
-    let x = (x + a)?;
+    let (scale, cap) = (cfg.attn_scale, cfg.attn_softcap);
+    let block = if fused && layer.attn_out_norm.is_none() {
+        attention_block(
+            x,
+            &layer.attn_in_norm,
+            &layer.attn,
+            &p.seqs,
+            &masks,
+            (cos, sin),
+            heads,
+            (scale, cap),
+        )?
+    } else {
+        None
+    };
+    let x = match block {
+        Some(y) => y,
+        None => {
+            let h = norm(dec, &layer.attn_in_norm, x)?;
+            let qkv = layer.attn.qkv.forward(&h)?;
+            let attn = if fused {
+                packed_attention(&qkv, &p.seqs, &masks, cos, sin, heads, scale, cap)?
+            } else {
+                composed_attention(dec, layer, &qkv, p, (cos, sin), &mask)?
+            };
+            let mut a = layer.attn.o.forward(&attn)?;
+            if let Some(on) = &layer.attn_out_norm {
+                a = norm(dec, on, &a)?;
+            }
+            (x + a)?
+        }
+    };
 
+    if !dec.portable && layer.mlp_out_norm.is_none() {
+        if let Some(y) = mlp_block(&x, &layer.mlp_in_norm, &layer.mlp, cfg.activation)? {
+            return Ok(y);
+        }
+    }
     let h = norm(dec, &layer.mlp_in_norm, &x)?;
     let gu = layer.mlp.gate_up.forward(&h)?;
     let gated = if dec.portable { portable::gated } else { gated };

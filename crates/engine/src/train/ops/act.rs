@@ -5,6 +5,7 @@
 
 use super::rows::{input_rows, rows_per_task, rows_readable, with_rows, Rows};
 use crate::io::config::Activation;
+use crate::kernels::mem::for_overwrite;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -113,7 +114,8 @@ fn for_rows(
     row: impl Fn(&[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let n = xr.count;
-    let mut out = vec![0f32; n * out_width];
+    // SAFETY: every caller's `row` sets its whole output row without reading it.
+    let mut out = unsafe { for_overwrite(n * out_width) };
     let per = rows_per_task(n, xr.width);
     out.par_chunks_mut(per * out_width)
         .enumerate()
@@ -134,6 +136,65 @@ macro_rules! per_activation {
             Activation::Gelu => $f!(Activation::Gelu),
         }
     };
+}
+
+/// `act(gate) · up` of each row of `x` (`[count, 2I]`): `[count, I]`, packed. `exact`: candle's
+/// own formulas (inference), else the faster ones.
+pub(super) fn forward(x: &[f32], xr: &Rows, act: Activation, exact: bool) -> Vec<f32> {
+    let i = xr.width / 2;
+    macro_rules! fwd_with {
+        ($f:ident, $a:expr) => {
+            for_rows(x, xr, i, |xrow, y| {
+                let (gate, up) = xrow.split_at(i);
+                for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                    *o = $f($a, g) * u;
+                }
+            })
+        };
+    }
+    macro_rules! fwd {
+        ($a:expr) => {
+            if exact {
+                fwd_with!(candle_value, $a)
+            } else {
+                fwd_with!(value, $a)
+            }
+        };
+    }
+    per_activation!(act, fwd)
+}
+
+/// The gradient of `act(gate) · up` with respect to each row of `x` (`[count, 2I]`), given the
+/// output's gradient rows `g` (`[count, I]`).
+pub(super) fn backward(xd: &[f32], xr: &Rows, gd: &[f32], gr: &Rows, act: Activation) -> Vec<f32> {
+    let i = xr.width / 2;
+    // Rows of the gradient are found by index: for_rows hands out input rows only.
+    let per = rows_per_task(xr.count, xr.width);
+    // SAFETY: each row's gate and up halves are both set below, never read.
+    let mut dx = unsafe { for_overwrite(xr.count * xr.width) };
+    macro_rules! bwd {
+        ($a:expr) => {
+            dx.par_chunks_mut(per * xr.width)
+                .enumerate()
+                .for_each(|(ci, dc)| {
+                    for (j, drow) in dc.chunks_exact_mut(xr.width).enumerate() {
+                        let row = ci * per + j;
+                        let (gate, up) = xr.row(xd, row).split_at(i);
+                        let grow = gr.row(gd, row);
+                        let (dgate, dup) = drow.split_at_mut(i);
+                        let ins = gate.iter().zip(up).zip(grow);
+                        let outs = dgate.iter_mut().zip(dup.iter_mut());
+                        for (((&v, &u), &gy), (dg, du)) in ins.zip(outs) {
+                            let (a, slope) = value_and_slope($a, v);
+                            *dg = gy * u * slope;
+                            *du = gy * a;
+                        }
+                    }
+                })
+        };
+    }
+    per_activation!(act, bwd);
+    dx
 }
 
 struct GatedOp {
@@ -158,26 +219,7 @@ impl CustomOp1 for GatedOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, xr) = input_rows(xs, xl, "gated")?;
         let i = half_width(xr.width)?;
-        macro_rules! fwd_with {
-            ($f:ident, $a:expr) => {
-                for_rows(x, &xr, i, |xrow, y| {
-                    let (gate, up) = xrow.split_at(i);
-                    for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                        *o = $f($a, g) * u;
-                    }
-                })
-            };
-        }
-        macro_rules! fwd {
-            ($a:expr) => {
-                if self.exact {
-                    fwd_with!(candle_value, $a)
-                } else {
-                    fwd_with!(value, $a)
-                }
-            };
-        }
-        let y = per_activation!(self.act, fwd);
+        let y = forward(x, &xr, self.act, self.exact);
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = i;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -190,32 +232,7 @@ impl CustomOp1 for GatedOp {
                 if gr.count != xr.count || gr.width != i {
                     candle_core::bail!("gated: gradient {:?} for input {:?}", g.dims(), x.dims());
                 }
-                // Rows of the gradient are found by index: for_rows hands out input rows only.
-                let per = rows_per_task(xr.count, xr.width);
-                let mut dx = vec![0f32; xr.count * xr.width];
-                macro_rules! bwd {
-                    ($a:expr) => {
-                        dx.par_chunks_mut(per * xr.width)
-                            .enumerate()
-                            .for_each(|(ci, dc)| {
-                                for (j, drow) in dc.chunks_exact_mut(xr.width).enumerate() {
-                                    let row = ci * per + j;
-                                    let (gate, up) = xr.row(xd, row).split_at(i);
-                                    let grow = gr.row(gd, row);
-                                    let (dgate, dup) = drow.split_at_mut(i);
-                                    let ins = gate.iter().zip(up).zip(grow);
-                                    let outs = dgate.iter_mut().zip(dup.iter_mut());
-                                    for (((&v, &u), &gy), (dg, du)) in ins.zip(outs) {
-                                        let (a, slope) = value_and_slope($a, v);
-                                        *dg = gy * u * slope;
-                                        *du = gy * a;
-                                    }
-                                }
-                            })
-                    };
-                }
-                per_activation!(self.act, bwd);
-                Ok(dx)
+                Ok(backward(xd, xr, gd, gr, self.act))
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

@@ -5,8 +5,10 @@
 
 pub mod act;
 pub mod attention;
+mod block;
 pub mod linear;
 pub mod loss;
+pub mod mlp;
 pub mod norm;
 pub mod portable;
 pub mod rope;

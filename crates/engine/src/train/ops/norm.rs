@@ -6,6 +6,7 @@ use super::rows::{
     f32_data, input_rows, rows_per_task, rows_readable, with_packed, with_rows, Rows,
 };
 use crate::kernels::attention::dot;
+use crate::kernels::mem::for_overwrite;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -19,7 +20,7 @@ struct RmsNormOp {
 }
 
 /// What the normalised row is multiplied by (Gemma's weights are stored as `w` for `1 + w`).
-fn scale(w: &[f32], plus_one: bool) -> Vec<f32> {
+pub(super) fn scale(w: &[f32], plus_one: bool) -> Vec<f32> {
     if plus_one {
         w.iter().map(|v| v + 1.0).collect()
     } else {
@@ -33,6 +34,28 @@ fn scale(w: &[f32], plus_one: bool) -> Vec<f32> {
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ms = dot(row, row) * (1.0 / row.len() as f64) as f32;
     1.0 / (ms + eps).sqrt()
+}
+
+/// The normalised rows `x·r·s` (`[count, width]`, packed) and each row's `r` = 1/rms.
+pub(super) fn forward(x: &[f32], xr: &Rows, s: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let (n, h) = (xr.count, xr.width);
+    // SAFETY: the loop below sets every row of `y` and every `inv` before anything reads them.
+    let (mut y, mut inv) = unsafe { (for_overwrite(n * h), for_overwrite(n)) };
+    let per = rows_per_task(n, h);
+    y.par_chunks_mut(per * h)
+        .zip(inv.par_chunks_mut(per))
+        .enumerate()
+        .for_each(|(ci, (yc, ic))| {
+            for (j, (yr, ir)) in yc.chunks_exact_mut(h).zip(ic.iter_mut()).enumerate() {
+                let xrow = xr.row(x, ci * per + j);
+                let r = inv_rms(xrow, eps);
+                *ir = r;
+                for ((o, &a), &b) in yr.iter_mut().zip(xrow).zip(s) {
+                    *o = a * r * b;
+                }
+            }
+        });
+    (y, inv)
 }
 
 fn check_weight(h: usize, w: &Tensor) -> candle_core::Result<()> {
@@ -61,23 +84,7 @@ impl CustomOp2 for RmsNormOp {
             candle_core::bail!("rms-norm: weight {:?} for rows of {h}", wl.dims());
         }
         let s = scale(&w[wl.start_offset()..wl.start_offset() + h], self.plus_one);
-        let n = xr.count;
-        let mut y = vec![0f32; n * h];
-        let mut inv = vec![0f32; n];
-        let per = rows_per_task(n, h);
-        y.par_chunks_mut(per * h)
-            .zip(inv.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(ci, (yc, ic))| {
-                for (j, (yr, ir)) in yc.chunks_exact_mut(h).zip(ic.iter_mut()).enumerate() {
-                    let xrow = xr.row(x, ci * per + j);
-                    let r = inv_rms(xrow, self.eps);
-                    *ir = r;
-                    for ((o, &a), &b) in yr.iter_mut().zip(xrow).zip(&s) {
-                        *o = a * r * b;
-                    }
-                }
-            });
+        let (y, inv) = forward(x, &xr, &s, self.eps);
         *self.inv_rms.lock().unwrap() = Some(inv);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -130,7 +137,7 @@ impl CustomOp2 for RmsNormOp {
 /// dot product and the weight gradient, one for dx. `inv` is the forward's saved 1/rms
 /// (recomputed if absent).
 #[allow(clippy::too_many_arguments)]
-fn backward(
+pub(super) fn backward(
     x: &[f32],
     xr: &Rows,
     g: &[f32],
@@ -189,7 +196,8 @@ fn backward(
         a
     };
     if need_x {
-        let mut dx = vec![0f32; n * h];
+        // SAFETY: `task` sets every value of each row of its chunk (`out`) without reading it.
+        let mut dx = unsafe { for_overwrite(n * h) };
         let dw = dx
             .par_chunks_mut(per * h)
             .enumerate()

@@ -595,7 +595,9 @@ pub fn attention(
     Ok(q.apply_op3(k, v, op)?)
 }
 
+mod block;
 mod packed;
+pub use block::attention_block;
 pub use packed::{packed_attention, Heads};
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub struct Heads {
     pub rot_dim: usize,
 }
 
-struct PackedAttention {
+pub(super) struct PackedAttention {
     inner: FusedAttention,
     heads: Heads,
     /// `[N, rot_dim / 2]` at each packed row's position.
@@ -52,6 +52,81 @@ fn rotate_row(x: &[f32], c: &[f32], s: &[f32], sign: f32, y: &mut [f32]) {
 }
 
 impl PackedAttention {
+    /// The heads' outputs `[n, NH · D]` of the packed `qkv: [n, w]`; keeps what backward needs.
+    pub(super) fn forward(&self, qkv: &[f32], w: usize, n: usize) -> candle_core::Result<Vec<f32>> {
+        self.rows(w, n)?;
+        let Heads { nh, nkv, .. } = self.heads;
+        let (q, k) = (
+            self.rotate_heads(qkv, w, 0, nh),
+            self.rotate_heads(qkv, w, nh, nkv),
+        );
+        let dm = self.dims(n)?;
+        let (qv, kv, vv) = self.views((&q, &k, qkv), w);
+        let (out, saved) = self.inner.forward(&qv, &kv, &vv, dm);
+        *self.inner.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        *self.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some((q, k));
+        Ok(out)
+    }
+
+    /// `d(qkv)` `[n, w]` from the outputs' gradient `g: [n, NH · D]`.
+    pub(super) fn backward(
+        &self,
+        qkv: &[f32],
+        w: usize,
+        n: usize,
+        g: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
+        let Heads { nh, nkv, hd, .. } = self.heads;
+        let (q, k) = self.rotated(qkv, w);
+        let dm = self.dims(n)?;
+        let views = self.views((&q, &k, qkv), w);
+        let taken = self
+            .inner
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let saved = match taken {
+            Some(s) => s,
+            None => self.inner.forward(&views.0, &views.1, &views.2, dm).1,
+        };
+        let (dq, dk, dv) = self
+            .inner
+            .backward((&views.0, &views.1, &views.2), g, &saved, dm);
+        drop(saved);
+        // d(qkv): each row's q and k heads rotated back, its v heads as they are.
+        let half = self.heads.rot_dim / 2;
+        let mut dx = vec![0f32; n * w];
+        let per = rows_per_task(n, w);
+        dx.par_chunks_mut(per * w)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                for (j, row) in chunk.chunks_exact_mut(w).enumerate() {
+                    let r = ci * per + j;
+                    let (c, s) = (
+                        &self.cos[r * half..(r + 1) * half],
+                        &self.sin[r * half..(r + 1) * half],
+                    );
+                    let (dqr, rest) = row.split_at_mut(nh * hd);
+                    let (dkr, dvr) = rest.split_at_mut(nkv * hd);
+                    for (h, y) in dqr.chunks_exact_mut(hd).enumerate() {
+                        let at = (h * n + r) * hd;
+                        rotate_row(&dq[at..at + hd], c, s, -1.0, y);
+                    }
+                    for (h, (yk, yv)) in dkr
+                        .chunks_exact_mut(hd)
+                        .zip(dvr.chunks_exact_mut(hd))
+                        .enumerate()
+                    {
+                        let at = (h * n + r) * hd;
+                        rotate_row(&dk[at..at + hd], c, s, -1.0, yk);
+                        yv.copy_from_slice(&dv[at..at + hd]);
+                    }
+                }
+            });
+        Ok(dx)
+    }
+
     fn rows(&self, w: usize, n: usize) -> candle_core::Result<()> {
         let Heads { nh, nkv, hd, .. } = self.heads;
         if w != (nh + 2 * nkv) * hd || self.cos.len() * 2 != n * self.heads.rot_dim {
@@ -144,18 +219,11 @@ impl CustomOp1 for PackedAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (qkv, w) = qkv_slice(s, l)?;
         let n = l.dims()[0];
-        self.rows(w, n)?;
-        let Heads { nh, nkv, hd, .. } = self.heads;
-        let (q, k) = (
-            self.rotate_heads(qkv, w, 0, nh),
-            self.rotate_heads(qkv, w, nh, nkv),
-        );
-        let dm = self.dims(n)?;
-        let (qv, kv, vv) = self.views((&q, &k, qkv), w);
-        let (out, saved) = self.inner.forward(&qv, &kv, &vv, dm);
-        *self.inner.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        *self.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some((q, k));
-        Ok((CpuStorage::F32(out), Shape::from((n, nh * hd))))
+        let out = self.forward(qkv, w, n)?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, self.heads.nh * self.heads.hd)),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -165,58 +233,8 @@ impl CustomOp1 for PackedAttention {
         };
         let (qkv, w) = qkv_slice(xs, xl)?;
         let n = xl.dims()[0];
-        let Heads { nh, nkv, hd, .. } = self.heads;
-        let (q, k) = self.rotated(qkv, w);
-        let dm = self.dims(n)?;
-        let views = self.views((&q, &k, qkv), w);
-        let taken = self
-            .inner
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let saved = match taken {
-            Some(s) => s,
-            None => self.inner.forward(&views.0, &views.1, &views.2, dm).1,
-        };
         let grad = grad.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        let (dq, dk, dv) = with_packed(&grad, "packed attention", |g| {
-            Ok(self
-                .inner
-                .backward((&views.0, &views.1, &views.2), g, &saved, dm))
-        })
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        drop(saved);
-        // d(qkv): each row's q and k heads rotated back, its v heads as they are.
-        let half = self.heads.rot_dim / 2;
-        let mut dx = vec![0f32; n * w];
-        let per = rows_per_task(n, w);
-        dx.par_chunks_mut(per * w)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                for (j, row) in chunk.chunks_exact_mut(w).enumerate() {
-                    let r = ci * per + j;
-                    let (c, s) = (
-                        &self.cos[r * half..(r + 1) * half],
-                        &self.sin[r * half..(r + 1) * half],
-                    );
-                    let (dqr, rest) = row.split_at_mut(nh * hd);
-                    let (dkr, dvr) = rest.split_at_mut(nkv * hd);
-                    for (h, y) in dqr.chunks_exact_mut(hd).enumerate() {
-                        let at = (h * n + r) * hd;
-                        rotate_row(&dq[at..at + hd], c, s, -1.0, y);
-                    }
-                    for (h, (yk, yv)) in dkr
-                        .chunks_exact_mut(hd)
-                        .zip(dvr.chunks_exact_mut(hd))
-                        .enumerate()
-                    {
-                        let at = (h * n + r) * hd;
-                        rotate_row(&dk[at..at + hd], c, s, -1.0, yk);
-                        yv.copy_from_slice(&dv[at..at + hd]);
-                    }
-                }
-            });
+        let dx = with_packed(&grad, "packed attention", |g| self.backward(qkv, w, n, g))?;
         Ok(Some(Tensor::from_vec(dx, (n, w), x.device())?))
     }
 }
@@ -227,6 +245,61 @@ impl CustomOp1 for PackedAttention {
 /// `cos`/`sin: [1, N, rot_dim / 2]` at each row's position. q and k are rotated
 /// (rotate-half), then each sequence attends within itself as [`super::attention`] computes
 /// it. Returns `[N, NH · D]`; the gradient flows to `qkv`.
+impl PackedAttention {
+    /// The op for the packed sequences `seqs` (arguments as [`packed_attention`] takes them).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        seqs: &[(usize, usize)],
+        masks: &[&[f32]],
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: Heads,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<PackedAttention> {
+        if !heads.rot_dim.is_multiple_of(2) || heads.rot_dim > heads.hd {
+            bail!(
+                "packed attention: rot_dim {} for heads of {}",
+                heads.rot_dim,
+                heads.hd
+            );
+        }
+        if masks.len() != seqs.len() {
+            bail!(
+                "packed attention: {} masks for {} sequences",
+                masks.len(),
+                seqs.len()
+            );
+        }
+        let mut segs = Vec::with_capacity(seqs.len());
+        let mut mask = Vec::new();
+        for (&(start, len), m) in seqs.iter().zip(masks) {
+            if m.len() != len * len {
+                bail!(
+                    "packed attention: a mask of {} values for a sequence of {len}",
+                    m.len()
+                );
+            }
+            segs.push(Seg {
+                b: 0,
+                q0: start,
+                t: len,
+                k0: start,
+                s: len,
+            });
+            mask.extend_from_slice(m);
+        }
+        let table = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        Ok(PackedAttention {
+            inner: FusedAttention::new(segs, mask, scale, softcap)?,
+            heads,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            rotated: Mutex::new(None),
+        })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn packed_attention(
     qkv: &Tensor,
@@ -241,51 +314,12 @@ pub fn packed_attention(
     if qkv.dtype() != candle_core::DType::F32 || !qkv.device().is_cpu() {
         bail!("packed attention: qkv must be an f32 CPU tensor");
     }
-    if !heads.rot_dim.is_multiple_of(2) || heads.rot_dim > heads.hd {
-        bail!(
-            "packed attention: rot_dim {} for heads of {}",
-            heads.rot_dim,
-            heads.hd
-        );
-    }
-    if masks.len() != seqs.len() {
-        bail!(
-            "packed attention: {} masks for {} sequences",
-            masks.len(),
-            seqs.len()
-        );
-    }
-    let mut segs = Vec::with_capacity(seqs.len());
-    let mut mask = Vec::new();
-    for (&(start, len), m) in seqs.iter().zip(masks) {
-        if m.len() != len * len {
-            bail!(
-                "packed attention: a mask of {} values for a sequence of {len}",
-                m.len()
-            );
-        }
-        segs.push(Seg {
-            b: 0,
-            q0: start,
-            t: len,
-            k0: start,
-            s: len,
-        });
-        mask.extend_from_slice(m);
-    }
-    let table = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-    let op = PackedAttention {
-        inner: FusedAttention::new(segs, mask, scale, softcap)?,
-        heads,
-        cos: table(cos)?,
-        sin: table(sin)?,
-        rotated: Mutex::new(None),
-    };
+    let op = PackedAttention::new(seqs, masks, cos, sin, heads, scale, softcap)?;
     Ok(qkv.contiguous()?.apply_op1(op)?)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::pseudo;
     use crate::model::mask::PadLayout;
@@ -331,12 +365,15 @@ mod tests {
         Ok(Tensor::cat(&outs, 1)?.reshape((n, h.nh * h.hd))?)
     }
 
-    fn check(h: Heads, lens: &[usize], window: Option<usize>, softcap: Option<f64>) -> Result<()> {
-        let n: usize = lens.iter().sum();
-        let w = (h.nh + 2 * h.nkv) * h.hd;
-        let dev = &Device::Cpu;
-        let qkv = Var::from_tensor(&Tensor::from_vec(pseudo(n * w, 3), (n, w), dev)?)?;
-        // Each row's angles at its position within its sequence, as `Packed` makes them.
+    /// What `Packed` makes for sequences of `lens`: cos and sin `[1, N, rot/2]` at each row's
+    /// position in its sequence, the sequences' (first row, length), their causal masks.
+    #[allow(clippy::type_complexity)]
+    pub(in crate::train::ops::attention) fn packed_setup(
+        h: Heads,
+        lens: &[usize],
+        window: Option<usize>,
+    ) -> Result<(Tensor, Tensor, Vec<(usize, usize)>, Vec<Vec<f32>>)> {
+        let (n, dev): (usize, _) = (lens.iter().sum(), &Device::Cpu);
         let half = h.rot_dim / 2;
         let angles: Vec<f32> = lens
             .iter()
@@ -350,7 +387,7 @@ mod tests {
             seqs.push((start, len));
             start += len;
         }
-        let owned: Vec<Vec<f32>> = lens
+        let masks = lens
             .iter()
             .map(|&len| {
                 let layout = PadLayout {
@@ -361,6 +398,15 @@ mod tests {
                 layout.additive_mask(&[0], window)
             })
             .collect();
+        Ok((cos, sin, seqs, masks))
+    }
+
+    fn check(h: Heads, lens: &[usize], window: Option<usize>, softcap: Option<f64>) -> Result<()> {
+        let n: usize = lens.iter().sum();
+        let w = (h.nh + 2 * h.nkv) * h.hd;
+        let dev = &Device::Cpu;
+        let qkv = Var::from_tensor(&Tensor::from_vec(pseudo(n * w, 3), (n, w), dev)?)?;
+        let (cos, sin, seqs, owned) = packed_setup(h, lens, window)?;
         let masks: Vec<&[f32]> = owned.iter().map(|m| m.as_slice()).collect();
         let (scale, x) = (0.3, qkv.as_tensor());
         let ours = packed_attention(x, &seqs, &masks, &cos, &sin, h, scale, softcap)?;
