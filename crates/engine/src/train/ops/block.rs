@@ -3,14 +3,15 @@
 //! kernels as the separate ops (`linear`, `norm`), so a block's intermediates never become
 //! candle tensors with gradients of their own, and the residual path.
 
-use super::rows::{with_packed, with_rows, Rows};
-use super::{cpu_f32, norm};
+use super::rows::Rows;
+use super::{cpu_f32, f32_slice, norm};
 use crate::kernels::gemm::{matmul_in_new, Mat, Precision};
 use crate::model::layers::{Linear, LinearGrad};
 use crate::model::RmsNorm;
 use crate::train::sink::GradSink;
-use candle_core::{DType, Layout, Tensor};
-use std::sync::Arc;
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
 
 /// One projection: its f32 weight `[out, in]`, its products' precision and, when the weight
 /// trains, its gradient sink.
@@ -82,85 +83,112 @@ pub(super) fn packed_rows(count: usize, width: usize) -> Rows {
 }
 
 /// `y += x`, threaded (a block's residual path, forward and backward).
-pub(super) fn add_into(y: &mut [f32], x: &[f32]) {
+fn add_into(y: &mut [f32], x: &[f32]) {
     use rayon::prelude::*;
     y.par_iter_mut()
         .zip(x.par_iter())
         .for_each(|(o, &a)| *o += a);
 }
 
-/// A block's input norm.
-pub(super) struct PreNorm {
-    pub eps: f32,
-    pub plus_one: bool,
+/// A layer's half between its input norm and its residual add (the attention, or the MLP),
+/// on packed rows.
+pub(super) trait Half: Send + Sync {
+    /// What the half's backward needs from its forward.
+    type Saved: Send + Sync;
+    const NAME: &'static str;
+    /// Checks the half's weights against rows of `hid` values.
+    fn check(&self, hid: usize) -> candle_core::Result<()>;
+    /// The half's output `[n, hid]` from the `n` normed rows `h`, and what backward needs.
+    fn forward(&self, h: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Self::Saved)>;
+    /// The normed rows' gradient from the output's `dy`; the weights' go to their sinks.
+    fn backward(
+        &self,
+        saved: &Self::Saved,
+        h: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> candle_core::Result<Vec<f32>>;
 }
 
-impl PreNorm {
-    pub fn of(n: &RmsNorm) -> PreNorm {
-        PreNorm {
-            eps: n.eps as f32,
-            plus_one: n.plus_one,
+/// `y = x + half(rmsnorm(x))` as one op on `(x, norm weight)`: candle tracks only those two,
+/// and backward hands it the input's gradient (the residual's `dy` included) and the norm
+/// weight's when it trains.
+struct BlockOp<H: Half> {
+    eps: f32,
+    plus_one: bool,
+    half: H,
+    saved: Mutex<Option<Kept<H::Saved>>>,
+}
+
+/// What a block's forward keeps: the normed rows, their 1/rms, and the half's own.
+struct Kept<S> {
+    h: Vec<f32>,
+    inv: Vec<f32>,
+    half: S,
+}
+
+impl<H: Half> CustomOp2 for BlockOp<H> {
+    fn name(&self) -> &'static str {
+        H::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, hid) = xl.shape().dims2()?;
+        if wl.dims() != [hid] {
+            candle_core::bail!("{}: norm weight {:?} for rows of {hid}", H::NAME, wl.dims());
         }
-    }
-
-    /// The normed rows of `x: [n, hid]` (packed) with weight `w`, and each row's 1/rms.
-    pub fn forward(&self, x: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
+        self.half.check(hid)?;
+        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let s = norm::scale(w, self.plus_one);
-        norm::forward(x, &packed_rows(n, hid), &s, self.eps)
+        let (h, inv) = norm::forward(x, &packed_rows(n, hid), &s, self.eps);
+        let (mut y, half) = self.half.forward(&h, n)?;
+        add_into(&mut y, x);
+        *self.saved.lock().unwrap() = Some(Kept { h, inv, half });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    /// The block's gradients for candle: the input's, `d(norm input) + dy` (the residual path
-    /// carries `dy` to `x` unchanged), and the norm weight's when it trains. `dh`: the normed
-    /// rows' gradient; `inv`: the forward's 1/rms.
-    pub fn backward(
+    fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        dh: &[f32],
-        dy: &[f32],
-        inv: &[f32],
+        _y: &Tensor,
+        dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w) = (x.track_op(), w.track_op());
-        if !need_x && !need_w {
-            return Ok((None, None));
-        }
+        let guard = self.saved.lock().unwrap();
+        let Some(Kept { h, inv, half }) = guard.as_ref() else {
+            candle_core::bail!("{}: backward before forward", H::NAME)
+        };
         let (n, hid) = x.dims2()?;
-        with_rows(x, "block", |xd, xr| {
-            with_packed(w, "block", |wd| {
-                let s = norm::scale(wd, self.plus_one);
-                let dh_rows = packed_rows(n, hid);
-                let (dx, dw) = norm::backward(
-                    xd,
-                    xr,
-                    dh,
-                    &dh_rows,
-                    &s,
-                    Some(inv),
-                    self.eps,
-                    need_x,
-                    need_w,
-                );
-                let dx = match dx {
-                    Some(mut v) => {
-                        add_into(&mut v, dy);
-                        Some(Tensor::from_vec(v, (n, hid), x.device())?)
-                    }
-                    None => None,
-                };
-                let dw = match dw {
-                    Some(v) => Some(Tensor::from_vec(v, hid, w.device())?),
-                    None => None,
-                };
-                Ok((dx, dw))
-            })
-        })
+        let dy = dy.contiguous()?;
+        let (dy_s, dy_l) = dy.storage_and_layout();
+        let dy = cpu_f32(&dy_s, dy_l)?;
+        let dh = self.half.backward(half, h, dy, n)?;
+        let rows = packed_rows(n, hid);
+        let (eps, plus_one) = (self.eps, self.plus_one);
+        norm::grads(x, w, (&dh, &rows), Some(inv), eps, plus_one, Some(dy))
     }
+}
+
+/// `x + half(norm(x))` for the packed rows `x: [N, H]`, as one op.
+pub(super) fn block<H: Half + 'static>(x: &Tensor, norm: &RmsNorm, half: H) -> Result<Tensor> {
+    let op = BlockOp {
+        eps: norm.eps as f32,
+        plus_one: norm.plus_one,
+        half,
+        saved: Mutex::new(None),
+    };
+    Ok(x.contiguous()?.apply_op2(&norm.weight.contiguous()?, op)?)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use anyhow::Result;
     use candle_core::Device;
 
     pub fn randn(shape: (usize, usize), seed: u64) -> Result<Tensor> {

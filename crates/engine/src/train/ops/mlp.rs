@@ -6,93 +6,55 @@
 //! and hands candle the two gradients it tracks (the input's, and the norm weight's when it
 //! trains); the projections' weight gradients go to their sinks, as the linear op's do.
 
-use super::block::{add_into, packed_rows, PreNorm, Proj};
-use super::{act, cpu_f32, f32_slice};
+use super::act;
+use super::block::{block, packed_rows, Half, Proj};
 use crate::io::config::Activation;
 use crate::model::layers::Mlp;
 use crate::model::RmsNorm;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use std::sync::Mutex;
+use candle_core::Tensor;
 
-/// What the forward pass keeps for backward (the input itself candle keeps).
-struct Saved {
-    /// The normed input `[N, H]`, its rows' 1/rms, the projection `[N, 2I]`, and the gated
-    /// activation `[N, I]`.
-    h: Vec<f32>,
-    inv: Vec<f32>,
-    gate_up: Vec<f32>,
-    gated: Vec<f32>,
-}
-
-struct MlpBlock {
-    norm: PreNorm,
+struct MlpHalf {
     act: Activation,
     gate_up: Proj,
     down: Proj,
-    saved: Mutex<Option<Saved>>,
 }
 
-impl CustomOp2 for MlpBlock {
-    fn name(&self) -> &'static str {
-        "mlp-block"
-    }
+impl Half for MlpHalf {
+    /// The projection `[N, 2I]` and the gated activation `[N, I]`.
+    type Saved = (Vec<f32>, Vec<f32>);
+    const NAME: &'static str = "mlp-block";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, hid) = xl.shape().dims2()?;
-        let (two_i, gu_in) = self.gate_up.dims()?;
-        let (d_out, d_in) = self.down.dims()?;
-        if gu_in != hid || d_out != hid || two_i != 2 * d_in || wl.dims() != [hid] {
+    fn check(&self, hid: usize) -> candle_core::Result<()> {
+        let ((two_i, gu_in), (d_out, d_in)) = (self.gate_up.dims()?, self.down.dims()?);
+        if gu_in != hid || d_out != hid || two_i != 2 * d_in {
             candle_core::bail!(
-                "mlp block: input [{n}, {hid}], norm {:?}, gate_up [{two_i}, {gu_in}], down \
-                 [{d_out}, {d_in}]",
-                wl.dims()
+                "mlp block: rows of {hid}, gate_up [{two_i}, {gu_in}], down [{d_out}, {d_in}]"
             );
         }
-        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
-        let (h, inv) = self.norm.forward(x, w, n, hid);
-        let gate_up = self.gate_up.forward(&h, n)?;
-        let gated = act::forward(&gate_up, &packed_rows(n, two_i), self.act, false);
-        let mut y = self.down.forward(&gated, n)?;
-        add_into(&mut y, x);
-        *self.saved.lock().unwrap() = Some(Saved {
-            h,
-            inv,
-            gate_up,
-            gated,
-        });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok(())
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let guard = self.saved.lock().unwrap();
-        let saved = guard
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("mlp block: backward before forward".into()))?;
-        let n = x.dims2()?.0;
+    fn forward(&self, h: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Self::Saved)> {
+        let gate_up = self.gate_up.forward(h, n)?;
         let two_i = self.gate_up.dims()?.0;
-        let dy = dy.contiguous()?;
-        let (dy_s, dy_l) = dy.storage_and_layout();
-        let dy = cpu_f32(&dy_s, dy_l)?;
-        let d_gated = self.down.backward(dy, &saved.gated, n)?;
+        let gated = act::forward(&gate_up, &packed_rows(n, two_i), self.act, false);
+        Ok((self.down.forward(&gated, n)?, (gate_up, gated)))
+    }
+
+    fn backward(
+        &self,
+        (gate_up, gated): &Self::Saved,
+        h: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let two_i = self.gate_up.dims()?.0;
+        let d_gated = self.down.backward(dy, gated, n)?;
         let (gu_rows, g_rows) = (packed_rows(n, two_i), packed_rows(n, two_i / 2));
-        let d_gate_up = act::backward(&saved.gate_up, &gu_rows, &d_gated, &g_rows, self.act);
+        let d_gate_up = act::backward(gate_up, &gu_rows, &d_gated, &g_rows, self.act);
         drop(d_gated);
-        let dh = self.gate_up.backward(&d_gate_up, &saved.h, n)?;
-        drop(d_gate_up);
-        self.norm.backward(x, w, &dh, dy, &saved.inv)
+        self.gate_up.backward(&d_gate_up, h, n)
     }
 }
 
@@ -102,16 +64,8 @@ pub fn mlp_block(x: &Tensor, norm: &RmsNorm, mlp: &Mlp, act: Activation) -> Resu
     let (Some(gate_up), Some(down)) = (Proj::of(&mlp.gate_up), Proj::of(&mlp.down)) else {
         return Ok(None);
     };
-    let op = MlpBlock {
-        norm: PreNorm::of(norm),
-        act,
-        gate_up,
-        down,
-        saved: Mutex::new(None),
-    };
-    Ok(Some(
-        x.contiguous()?.apply_op2(&norm.weight.contiguous()?, op)?,
-    ))
+    let half = MlpHalf { act, gate_up, down };
+    Ok(Some(block(x, norm, half)?))
 }
 
 #[cfg(test)]

@@ -96,41 +96,61 @@ impl CustomOp2 for RmsNormOp {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w) = (x.track_op(), w.track_op());
-        if !need_x && !need_w {
-            return Ok((None, None));
-        }
         let saved = self.inv_rms.lock().unwrap();
-        with_rows(x, "rms-norm", |xd, xr| {
-            let h = xr.width;
-            check_weight(h, w)?;
-            with_rows(g, "rms-norm", |gd, gr| {
-                with_packed(w, "rms-norm", |wd| {
-                    let s = scale(wd, self.plus_one);
-                    let (dx, dw) = backward(
-                        xd,
-                        xr,
-                        gd,
-                        gr,
-                        &s,
-                        saved.as_deref(),
-                        self.eps,
-                        need_x,
-                        need_w,
-                    );
-                    let dx = match dx {
-                        Some(v) => Some(Tensor::from_vec(v, x.shape(), x.device())?),
-                        None => None,
-                    };
-                    let dw = match dw {
-                        Some(v) => Some(Tensor::from_vec(v, h, w.device())?),
-                        None => None,
-                    };
-                    Ok((dx, dw))
-                })
-            })
+        with_rows(g, "rms-norm", |gd, gr| {
+            grads(
+                x,
+                w,
+                (gd, gr),
+                saved.as_deref(),
+                self.eps,
+                self.plus_one,
+                None,
+            )
         })
     }
+}
+
+/// The gradients for candle of `x` and the weight `w` (each when it is tracked), from the
+/// output's gradient rows `g`; with `residual`, the output was `x + f(norm(x))` and its
+/// gradient (`residual`) is added to `x`'s. `inv`: the forward's 1/rms per row.
+pub(super) fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    (gd, gr): (&[f32], &Rows),
+    inv: Option<&[f32]>,
+    eps: f32,
+    plus_one: bool,
+    residual: Option<&[f32]>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (need_x, need_w) = (x.track_op(), w.track_op());
+    if !need_x && !need_w {
+        return Ok((None, None));
+    }
+    with_rows(x, "rms-norm", |xd, xr| {
+        let h = xr.width;
+        check_weight(h, w)?;
+        with_packed(w, "rms-norm", |wd| {
+            let s = scale(wd, plus_one);
+            let (dx, dw) = backward(xd, xr, gd, gr, &s, inv, eps, need_x, need_w);
+            let dx = match dx {
+                Some(mut v) => {
+                    if let Some(r) = residual {
+                        v.par_iter_mut()
+                            .zip(r.par_iter())
+                            .for_each(|(o, &a)| *o += a);
+                    }
+                    Some(Tensor::from_vec(v, x.shape(), x.device())?)
+                }
+                None => None,
+            };
+            let dw = match dw {
+                Some(v) => Some(Tensor::from_vec(v, h, w.device())?),
+                None => None,
+            };
+            Ok((dx, dw))
+        })
+    })
 }
 
 /// dx = r·(g∘s) − x·r³·mean((g∘s)∘x) and dw = Σ_rows g∘x·r, one pass over each row for the

@@ -7,91 +7,57 @@
 use super::packed::{Heads, PackedAttention};
 use crate::model::layers::Attention;
 use crate::model::RmsNorm;
-use crate::train::ops::block::{add_into, PreNorm, Proj};
-use crate::train::ops::{cpu_f32, f32_slice};
+use crate::train::ops::block::{block, Half, Proj};
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use std::sync::Mutex;
+use candle_core::Tensor;
 
-/// What the forward pass keeps for backward (the input itself candle keeps; the attention op
-/// keeps its own).
-struct Saved {
-    /// The normed input `[N, H]` and its rows' 1/rms, the projection `[N, W]`, the heads'
-    /// outputs `[N, NH · D]`.
-    h: Vec<f32>,
-    inv: Vec<f32>,
-    qkv: Vec<f32>,
-    heads: Vec<f32>,
-}
-
-struct AttentionBlock {
-    norm: PreNorm,
+struct AttentionHalf {
     qkv: Proj,
     o: Proj,
+    /// Keeps its own saved values (rotated q and k, the softmax statistics).
     attention: PackedAttention,
-    saved: Mutex<Option<Saved>>,
 }
 
-impl CustomOp2 for AttentionBlock {
-    fn name(&self) -> &'static str {
-        "attention-block"
-    }
+impl Half for AttentionHalf {
+    /// The projection `[N, W]` and the heads' outputs `[N, NH · D]`.
+    type Saved = (Vec<f32>, Vec<f32>);
+    const NAME: &'static str = "attention-block";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, hid) = xl.shape().dims2()?;
-        let (w, qkv_in) = self.qkv.dims()?;
-        let (o_out, o_in) = self.o.dims()?;
-        if qkv_in != hid || o_out != hid || wl.dims() != [hid] {
+    fn check(&self, hid: usize) -> candle_core::Result<()> {
+        let ((w, qkv_in), (o_out, o_in)) = (self.qkv.dims()?, self.o.dims()?);
+        if qkv_in != hid || o_out != hid {
             candle_core::bail!(
-                "attention block: input [{n}, {hid}], norm {:?}, qkv [{w}, {qkv_in}], o \
-                 [{o_out}, {o_in}]",
-                wl.dims()
+                "attention block: rows of {hid}, qkv [{w}, {qkv_in}], o [{o_out}, {o_in}]"
             );
         }
-        let (x, nw) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
-        let (h, inv) = self.norm.forward(x, nw, n, hid);
-        let qkv = self.qkv.forward(&h, n)?;
+        Ok(())
+    }
+
+    fn forward(&self, h: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Self::Saved)> {
+        let ((w, _), (_, o_in)) = (self.qkv.dims()?, self.o.dims()?);
+        let qkv = self.qkv.forward(h, n)?;
         let heads = self.attention.forward(&qkv, w, n)?;
         if heads.len() != n * o_in {
             candle_core::bail!(
-                "attention block: heads of {} values for o [{o_out}, {o_in}]",
+                "attention block: heads of {} values for o's {o_in} inputs",
                 heads.len()
             );
         }
-        let mut y = self.o.forward(&heads, n)?;
-        add_into(&mut y, x);
-        *self.saved.lock().unwrap() = Some(Saved { h, inv, qkv, heads });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((self.o.forward(&heads, n)?, (qkv, heads)))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let guard = self.saved.lock().unwrap();
-        let saved = guard.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("attention block: backward before forward".into())
-        })?;
-        let n = x.dims2()?.0;
-        let width = self.qkv.dims()?.0;
-        let dy = dy.contiguous()?;
-        let (dy_s, dy_l) = dy.storage_and_layout();
-        let dy = cpu_f32(&dy_s, dy_l)?;
-        let d_heads = self.o.backward(dy, &saved.heads, n)?;
-        let d_qkv = self.attention.backward(&saved.qkv, width, n, &d_heads)?;
+        (qkv, heads): &Self::Saved,
+        h: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let w = self.qkv.dims()?.0;
+        let d_heads = self.o.backward(dy, heads, n)?;
+        let d_qkv = self.attention.backward(qkv, w, n, &d_heads)?;
         drop(d_heads);
-        let dh = self.qkv.backward(&d_qkv, &saved.h, n)?;
-        drop(d_qkv);
-        self.norm.backward(x, w, &dh, dy, &saved.inv)
+        self.qkv.backward(&d_qkv, h, n)
     }
 }
 
@@ -113,16 +79,8 @@ pub fn attention_block(
     let (Some(qkv), Some(o)) = (Proj::of(&attn.qkv), Proj::of(&attn.o)) else {
         return Ok(None);
     };
-    let op = AttentionBlock {
-        norm: PreNorm::of(norm),
-        qkv,
-        o,
-        attention: PackedAttention::new(seqs, masks, cos, sin, heads, scale, softcap)?,
-        saved: Mutex::new(None),
-    };
-    Ok(Some(
-        x.contiguous()?.apply_op2(&norm.weight.contiguous()?, op)?,
-    ))
+    let attention = PackedAttention::new(seqs, masks, cos, sin, heads, scale, softcap)?;
+    Ok(Some(block(x, norm, AttentionHalf { qkv, o, attention })?))
 }
 
 #[cfg(test)]
