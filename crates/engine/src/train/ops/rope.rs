@@ -15,6 +15,22 @@ struct RopeOp {
     rot_dim: usize,
 }
 
+/// `y = rotate(x)` by `+angle` (`sign` 1) or `-angle` (`sign` -1, the backward), rotate-half
+/// convention on the first `2 * c.len()` dims; the rest are copied.
+pub(crate) fn rotate_row(x: &[f32], c: &[f32], s: &[f32], sign: f32, y: &mut [f32]) {
+    let half = c.len();
+    let (x1, rest) = x.split_at(half);
+    let (x2, pass) = rest.split_at(half);
+    let (y1, rest) = y.split_at_mut(half);
+    let (y2, ypass) = rest.split_at_mut(half);
+    for i in 0..half {
+        let sv = s[i] * sign;
+        y1[i] = x1[i] * c[i] - x2[i] * sv;
+        y2[i] = x2[i] * c[i] + x1[i] * sv;
+    }
+    ypass.copy_from_slice(pass);
+}
+
 /// Rotates rows of `x` (`[B, H, T, D]`, rows read through `xr`) on their first `rot_dim` dims
 /// in the rotate-half convention, by `+angle` (`sign` 1) or `-angle` (`sign` -1, the backward).
 /// Returns a contiguous `[B, H, T, D]` buffer.
@@ -39,17 +55,7 @@ fn rotate(
             let xrow = xr.row(x, row);
             let b = if cos_batched { row / (h * t) } else { 0 };
             let at = (b * t + row % t) * half;
-            let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
-            let (x1, rest) = xrow.split_at(half);
-            let (x2, pass) = rest.split_at(half);
-            let (y1, rest) = yrow.split_at_mut(half);
-            let (y2, ypass) = rest.split_at_mut(half);
-            for i in 0..half {
-                let sv = s[i] * sign;
-                y1[i] = x1[i] * c[i] - x2[i] * sv;
-                y2[i] = x2[i] * c[i] + x1[i] * sv;
-            }
-            ypass.copy_from_slice(pass);
+            rotate_row(xrow, &cos[at..at + half], &sin[at..at + half], sign, yrow);
         }
     });
     y

@@ -9,6 +9,7 @@
 //! SmolLM2-135M training step on the 2-core Xeon. Here backward writes `d(qkv)` once.
 
 use super::{FusedAttention, Seg, View};
+use crate::train::ops::rope::rotate_row;
 use crate::train::ops::rows::{rows_per_task, with_packed};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
@@ -33,22 +34,6 @@ pub(super) struct PackedAttention {
     sin: Vec<f32>,
     /// q and k after rotation, `[NH, N, D]` and `[NKV, N, D]`, kept for backward.
     rotated: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
-}
-
-/// `y = rotate(x)` by `+angle` (`sign` 1) or `-angle` (`sign` -1, the backward), rotate-half
-/// convention on the first `2 * c.len()` dims; the rest are copied.
-fn rotate_row(x: &[f32], c: &[f32], s: &[f32], sign: f32, y: &mut [f32]) {
-    let half = c.len();
-    let (x1, rest) = x.split_at(half);
-    let (x2, pass) = rest.split_at(half);
-    let (y1, rest) = y.split_at_mut(half);
-    let (y2, ypass) = rest.split_at_mut(half);
-    for i in 0..half {
-        let sv = s[i] * sign;
-        y1[i] = x1[i] * c[i] - x2[i] * sv;
-        y2[i] = x2[i] * c[i] + x1[i] * sv;
-    }
-    ypass.copy_from_slice(pass);
 }
 
 impl PackedAttention {
