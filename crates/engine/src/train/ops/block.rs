@@ -3,8 +3,8 @@
 //! kernels as the separate ops (`linear`, `norm`), so a block's intermediates never become
 //! candle tensors with gradients of their own, and the residual path.
 
-use super::rows::Rows;
-use super::{cpu_f32, f32_slice, norm};
+use super::rows::{add_into, with_packed, Rows};
+use super::{f32_slice, norm};
 use crate::kernels::gemm::{matmul_in_new, Mat, Precision};
 use crate::model::layers::{Linear, LinearGrad};
 use crate::model::RmsNorm;
@@ -50,29 +50,30 @@ impl Proj {
     /// `x · Wᵀ` for `rows` packed rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
         let (out, inner) = self.dims()?;
-        let (w_s, w_l) = self.weight.storage_and_layout();
-        let w = cpu_f32(&w_s, w_l)?;
-        let (xm, wm) = (Mat::new(x, rows, inner), Mat::new(w, out, inner));
-        Ok(matmul_in_new(self.precision, xm, wm.t(), true))
+        with_packed(&self.weight, "projection", |w| {
+            let (xm, wm) = (Mat::new(x, rows, inner), Mat::new(w, out, inner));
+            Ok(matmul_in_new(self.precision, xm, wm.t(), true))
+        })
     }
 
     /// `dx = dy · W` and, when the weight trains, the sink `+= dyᵀ · x`: side by side, one
     /// product per thread, as the linear op runs them.
     pub fn backward(&self, dy: &[f32], x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
         let (out, inner) = self.dims()?;
-        let (w_s, w_l) = self.weight.storage_and_layout();
-        let w = cpu_f32(&w_s, w_l)?;
-        let (dym, wm) = (Mat::new(dy, rows, out), Mat::new(w, out, inner));
-        Ok(match &self.sink {
-            None => matmul_in_new(self.precision, dym, wm, true),
-            Some(sink) => {
-                let (dx, dw) = rayon::join(
-                    || matmul_in_new(self.precision, dym, wm, false),
-                    || sink.add_at_b(dy, x, rows, false, self.precision),
-                );
-                dw.map_err(|e| candle_core::Error::Msg(format!("projection backward: {e:#}")))?;
-                dx
-            }
+        with_packed(&self.weight, "projection", |w| {
+            let (dym, wm) = (Mat::new(dy, rows, out), Mat::new(w, out, inner));
+            Ok(match &self.sink {
+                None => matmul_in_new(self.precision, dym, wm, true),
+                Some(sink) => {
+                    let (dx, dw) = rayon::join(
+                        || matmul_in_new(self.precision, dym, wm, false),
+                        || sink.add_at_b(dy, x, rows, false, self.precision),
+                    );
+                    let msg = |e: anyhow::Error| format!("projection backward: {e:#}");
+                    dw.map_err(|e| candle_core::Error::Msg(msg(e)))?;
+                    dx
+                }
+            })
         })
     }
 }
@@ -80,14 +81,6 @@ impl Proj {
 /// The row view of a packed `[count, width]` buffer.
 pub(super) fn packed_rows(count: usize, width: usize) -> Rows {
     Rows::new(&Layout::contiguous((count, width))).expect("a packed layout has packed rows")
-}
-
-/// `y += x`, threaded (a block's residual path, forward and backward).
-fn add_into(y: &mut [f32], x: &[f32]) {
-    use rayon::prelude::*;
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(o, &a)| *o += a);
 }
 
 /// A layer's half between its input norm and its residual add (the attention, or the MLP),
@@ -165,13 +158,12 @@ impl<H: Half> CustomOp2 for BlockOp<H> {
             candle_core::bail!("{}: backward before forward", H::NAME)
         };
         let (n, hid) = x.dims2()?;
-        let dy = dy.contiguous()?;
-        let (dy_s, dy_l) = dy.storage_and_layout();
-        let dy = cpu_f32(&dy_s, dy_l)?;
-        let dh = self.half.backward(half, h, dy, n)?;
-        let rows = packed_rows(n, hid);
-        let (eps, plus_one) = (self.eps, self.plus_one);
-        norm::grads(x, w, (&dh, &rows), Some(inv), eps, plus_one, Some(dy))
+        with_packed(dy, H::NAME, |dy| {
+            let dh = self.half.backward(half, h, dy, n)?;
+            let rows = packed_rows(n, hid);
+            let (eps, plus_one) = (self.eps, self.plus_one);
+            norm::grads(x, w, (&dh, &rows), Some(inv), eps, plus_one, Some(dy))
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! this keeps only the per-row 1/rms.
 
 use super::rows::{
-    f32_data, input_rows, rows_per_task, rows_readable, with_packed, with_rows, Rows,
+    add_into, f32_data, input_rows, rows_per_task, rows_readable, with_packed, with_rows, Rows,
 };
 use crate::kernels::attention::dot;
 use crate::kernels::mem::for_overwrite;
@@ -136,9 +136,7 @@ pub(super) fn grads(
             let dx = match dx {
                 Some(mut v) => {
                     if let Some(r) = residual {
-                        v.par_iter_mut()
-                            .zip(r.par_iter())
-                            .for_each(|(o, &a)| *o += a);
+                        add_into(&mut v, r);
                     }
                     Some(Tensor::from_vec(v, x.shape(), x.device())?)
                 }

@@ -131,7 +131,16 @@ pub(crate) fn with_rows<R>(
     f(f32_data(cpu, op)?, &rows)
 }
 
-/// The data of a small tensor (a weight, a cos/sin table) as one packed slice.
+/// `y += x`, threaded (the residual path of the fused blocks, forward and backward).
+pub(crate) fn add_into(y: &mut [f32], x: &[f32]) {
+    use rayon::prelude::*;
+    y.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(o, &a)| *o += a);
+}
+
+/// The data of a tensor (a weight, a cos/sin table, a gradient) as one packed slice, copied
+/// first only if it is not contiguous.
 pub(crate) fn with_packed<R>(
     t: &Tensor,
     op: &str,

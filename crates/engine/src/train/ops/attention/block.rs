@@ -25,7 +25,8 @@ impl Half for AttentionHalf {
 
     fn check(&self, hid: usize) -> candle_core::Result<()> {
         let ((w, qkv_in), (o_out, o_in)) = (self.qkv.dims()?, self.o.dims()?);
-        if qkv_in != hid || o_out != hid {
+        let heads = self.attention.heads();
+        if qkv_in != hid || o_out != hid || o_in != heads.nh * heads.hd {
             candle_core::bail!(
                 "attention block: rows of {hid}, qkv [{w}, {qkv_in}], o [{o_out}, {o_in}]"
             );
@@ -34,15 +35,9 @@ impl Half for AttentionHalf {
     }
 
     fn forward(&self, h: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Self::Saved)> {
-        let ((w, _), (_, o_in)) = (self.qkv.dims()?, self.o.dims()?);
+        let w = self.qkv.dims()?.0;
         let qkv = self.qkv.forward(h, n)?;
         let heads = self.attention.forward(&qkv, w, n)?;
-        if heads.len() != n * o_in {
-            candle_core::bail!(
-                "attention block: heads of {} values for o's {o_in} inputs",
-                heads.len()
-            );
-        }
         Ok((self.o.forward(&heads, n)?, (qkv, heads)))
     }
 

@@ -37,6 +37,64 @@ pub(super) struct PackedAttention {
 }
 
 impl PackedAttention {
+    /// The op for the packed sequences `seqs` (arguments as [`packed_attention`] takes them).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        seqs: &[(usize, usize)],
+        masks: &[&[f32]],
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: Heads,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<PackedAttention> {
+        if !heads.rot_dim.is_multiple_of(2) || heads.rot_dim > heads.hd {
+            bail!(
+                "packed attention: rot_dim {} for heads of {}",
+                heads.rot_dim,
+                heads.hd
+            );
+        }
+        if masks.len() != seqs.len() {
+            bail!(
+                "packed attention: {} masks for {} sequences",
+                masks.len(),
+                seqs.len()
+            );
+        }
+        let mut segs = Vec::with_capacity(seqs.len());
+        let mut mask = Vec::new();
+        for (&(start, len), m) in seqs.iter().zip(masks) {
+            if m.len() != len * len {
+                bail!(
+                    "packed attention: a mask of {} values for a sequence of {len}",
+                    m.len()
+                );
+            }
+            segs.push(Seg {
+                b: 0,
+                q0: start,
+                t: len,
+                k0: start,
+                s: len,
+            });
+            mask.extend_from_slice(m);
+        }
+        let table = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        Ok(PackedAttention {
+            inner: FusedAttention::new(segs, mask, scale, softcap)?,
+            heads,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            rotated: Mutex::new(None),
+        })
+    }
+
+    /// The block's heads and rotary dims.
+    pub(super) fn heads(&self) -> Heads {
+        self.heads
+    }
+
     /// The heads' outputs `[n, NH · D]` of the packed `qkv: [n, w]`; keeps what backward needs.
     pub(super) fn forward(&self, qkv: &[f32], w: usize, n: usize) -> candle_core::Result<Vec<f32>> {
         self.rows(w, n)?;
@@ -230,61 +288,6 @@ impl CustomOp1 for PackedAttention {
 /// `cos`/`sin: [1, N, rot_dim / 2]` at each row's position. q and k are rotated
 /// (rotate-half), then each sequence attends within itself as [`super::attention`] computes
 /// it. Returns `[N, NH · D]`; the gradient flows to `qkv`.
-impl PackedAttention {
-    /// The op for the packed sequences `seqs` (arguments as [`packed_attention`] takes them).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        seqs: &[(usize, usize)],
-        masks: &[&[f32]],
-        cos: &Tensor,
-        sin: &Tensor,
-        heads: Heads,
-        scale: f64,
-        softcap: Option<f64>,
-    ) -> Result<PackedAttention> {
-        if !heads.rot_dim.is_multiple_of(2) || heads.rot_dim > heads.hd {
-            bail!(
-                "packed attention: rot_dim {} for heads of {}",
-                heads.rot_dim,
-                heads.hd
-            );
-        }
-        if masks.len() != seqs.len() {
-            bail!(
-                "packed attention: {} masks for {} sequences",
-                masks.len(),
-                seqs.len()
-            );
-        }
-        let mut segs = Vec::with_capacity(seqs.len());
-        let mut mask = Vec::new();
-        for (&(start, len), m) in seqs.iter().zip(masks) {
-            if m.len() != len * len {
-                bail!(
-                    "packed attention: a mask of {} values for a sequence of {len}",
-                    m.len()
-                );
-            }
-            segs.push(Seg {
-                b: 0,
-                q0: start,
-                t: len,
-                k0: start,
-                s: len,
-            });
-            mask.extend_from_slice(m);
-        }
-        let table = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        Ok(PackedAttention {
-            inner: FusedAttention::new(segs, mask, scale, softcap)?,
-            heads,
-            cos: table(cos)?,
-            sin: table(sin)?,
-            rotated: Mutex::new(None),
-        })
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 pub fn packed_attention(
     qkv: &Tensor,
