@@ -3,8 +3,9 @@
 200 prompts of `cosine` (paper-normal + paper-malicious, Alpaca template).
 
 ours: `safety-layers hidden` on the GGUF (dequantised to f32 at load).
-peer: transformers output_hidden_states on the same weights (`convert --dtype f32`), at its best
-      batch size (each candidate timed once first).
+peer: transformers output_hidden_states on the same weights (`convert --dtype f32`).
+Each side runs at its best batch size of the same candidates (each timed once first; ours can be
+fixed with --batch-size).
 Alternates ours / peer for --reps repetitions; tok/s are in-process (model loading excluded on
 both sides); whole-process wall and peak RSS come from /usr/bin/time -v. Then a GEMM probe at the
 shapes and row count of our batches gives the roofline: ours as a share of it counts the FLOPs
@@ -64,7 +65,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.common_args(ap)
     ap.add_argument("--prompts", type=int, default=None, help="first N of the 200 (default 200; 8 with --quick)")
-    ap.add_argument("--batch-size", type=int, default=16, help="ours")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="ours (default: its best of the peer's candidates, each timed once first)")
     ap.add_argument("--peer-batch-sizes", default=None, help="candidates for the peer (default 1,4,8,16,32; 4,8 with --quick)")
     ap.add_argument("--candle-probe", action="store_true", help="also run crates/engine/examples/gemm_probe.rs and record its output")
     args = ap.parse_args()
@@ -88,10 +90,21 @@ def main():
     else:
         peer_bs, cal_line = int(cands), "not calibrated"
     print(f"peer batch size: {peer_bs} ({cal_line} tok/s)", file=sys.stderr)
+    if args.batch_size:
+        ours_bs, ours_cal = args.batch_size, "fixed by --batch-size"
+    else:
+        per = {}
+        for b in cands.split(","):
+            o = c.timed([ours_bin, "hidden", "--model", c.MODEL, "--prompts", prompts, "--batch-size", b,
+                         "--out", ours_out], f"ours batch size {b}")
+            per[int(b)] = c.tokens_per_s_line(o.stderr, "hidden")["tok_s"]
+        ours_bs = max(per, key=per.get)
+        ours_cal = f"its best of {cands}: " + ", ".join(f"{b}: {v:.0f}" for b, v in per.items()) + " tok/s"
+    print(f"ours batch size: {ours_bs} ({ours_cal})", file=sys.stderr)
 
     o_toks, p_toks, o_wall, p_wall, o_rss, p_rss, checks, o_secs = [], [], [], [], [], [], [], []
     for r in range(reps):
-        o = c.timed([ours_bin, "hidden", "--model", c.MODEL, "--prompts", prompts, "--batch-size", args.batch_size,
+        o = c.timed([ours_bin, "hidden", "--model", c.MODEL, "--prompts", prompts, "--batch-size", ours_bs,
                      "--out", ours_out], f"ours {r + 1}/{reps}")
         line = c.tokens_per_s_line(o.stderr, "hidden")
         p = c.timed([py, peer_script, "--model-dir", model_dir, "--prompts", prompts, "--batch-sizes", peer_bs,
@@ -106,7 +119,7 @@ def main():
 
     bad = [k for k in checks if not k.get("ids_equal") or k.get("max_rel_err", 1.0) > 1e-3]
     shared = res.get("shared", 0)
-    useful, computed, rows, naive = flops(lengths, args.batch_size, cfg, shared)
+    useful, computed, rows, naive = flops(lengths, ours_bs, cfg, shared)
     m = int(statistics.median(rows))
     g = c.timed([py, c.BENCH / "gemm_roofline.py", "--config", model_dir / "config.json", "--rows", m,
                  "--min-seconds", 0.05 if args.quick else 0.5], "gemm roofline").last_json()
@@ -115,7 +128,7 @@ def main():
     useful_gf, computed_gf = useful / sec / 1e9, computed / sec / 1e9
     lines = [
         f"SmolLM2-135M-Instruct f32, {n} prompts ({sum(lengths)} tokens, Alpaca), {reps} repetitions alternating; "
-        f"ours batch {args.batch_size}, peer batch {peer_bs} (its best of {cands}: {cal_line} tok/s).", "",
+        f"ours batch {ours_bs} ({ours_cal}), peer batch {peer_bs} (its best of {cands}: {cal_line} tok/s).", "",
         c.table([("hidden states, tok/s in-process", "higher", o_toks, p_toks),
                  ("whole process, wall s", "lower", o_wall, p_wall),
                  ("whole process, peak RSS MiB", "lower", o_rss, p_rss)]), "",
