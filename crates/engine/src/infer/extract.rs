@@ -28,7 +28,10 @@ pub fn hidden_last(
         let (ids, pads) = left_pad(&rows, &dec.device)?;
         let mut cache = batch_cache(dec, head.as_ref(), shared);
         cache.append = false; // the batch's own keys/values are not needed after each layer
-        let cap = dec.activations(&ids, &pads, Some(&mut cache), &hooks)?;
+                              // On the pool's workers, as generation runs: each op's split is then a push onto a
+                              // worker's own queue, not an injection the caller sleeps on.
+        let cap =
+            crate::kernels::on_workers(|| dec.activations(&ids, &pads, Some(&mut cache), &hooks))?;
         let entries: Vec<Tensor> = (0..=n_layers)
             .map(|k| {
                 cap.get(Hook::hidden_entry(k, n_layers), Positions::Last)

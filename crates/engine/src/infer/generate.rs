@@ -203,14 +203,16 @@ impl PrefixCache {
             let t = ids.dim(1)?;
             let ctx = dec.step_ctx_shared(&pads, shared, shared, t)?;
             let mut kv = batch_cache(dec, head.as_ref().map(|h| &h.0), shared);
-            let x = dec.run_layers(
-                dec.embed(&ids)?,
-                0..start_layer,
-                &ctx,
-                Some(&mut kv),
-                &HookSpec::none(),
-                &mut ActivationCache::default(),
-            )?;
+            let x = crate::kernels::on_workers(|| {
+                dec.run_layers(
+                    dec.embed(&ids)?,
+                    0..start_layer,
+                    &ctx,
+                    Some(&mut kv),
+                    &HookSpec::none(),
+                    &mut ActivationCache::default(),
+                )
+            })?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
         Ok(PrefixCache {

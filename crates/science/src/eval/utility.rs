@@ -220,7 +220,7 @@ pub fn target_logprobs(
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         let (ids, pads) = left_pad(&refs, &dec.device)?;
-        let logits = dec.logits(&ids, &pads, None, Logits::All)?;
+        let logits = sl_engine::kernels::on_workers(|| dec.logits(&ids, &pads, None, Logits::All))?;
         for (b, &i) in batch.iter().enumerate() {
             let (p, t) = (rows[i].0.len(), &rows[i].1);
             // The logits at position k predict token k + 1.

@@ -70,7 +70,8 @@ pub fn scores(
             for chunk in order.chunks(batch_size.max(1)) {
                 let rows: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
                 let (t, pads) = left_pad(&rows, &dec.device)?;
-                let lg = dec.logits(&t, &pads, None, Logits::Last)?;
+                let lg =
+                    sl_engine::kernels::on_workers(|| dec.logits(&t, &pads, None, Logits::Last))?;
                 for (row, &i) in lg.squeeze(1)?.to_vec2::<f32>()?.iter().zip(chunk) {
                     out[i] = softmax_mass(row, ids);
                 }
