@@ -252,7 +252,7 @@ impl Decoder {
         let m = &self.layers[l].mlp;
         let gu = m.gate_up.forward(x)?;
         if gu.device().is_cpu() && gu.dtype() == DType::F32 && !gu.track_op() {
-            let h = crate::train::ops::act::gated_exact(&gu, self.cfg.activation)?;
+            let h = crate::train::ops::act::gated_infer(&gu, self.cfg.activation)?;
             return m.down.forward(&h);
         }
         let i = self.cfg.intermediate_size;

@@ -65,19 +65,6 @@ fn value(act: Activation, v: f32) -> f32 {
     }
 }
 
-/// The activation exactly as candle's forward computes it (libm's exp and tanh): inference's
-/// values, equal to the composed ops' to the bit.
-#[inline(always)]
-fn candle_value(act: Activation, v: f32) -> f32 {
-    match act {
-        Activation::Silu => v / (1.0 + (-v).exp()),
-        Activation::GeluTanh => {
-            0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)))
-        }
-        Activation::Gelu => value(act, v),
-    }
-}
-
 /// The activation and its exact derivative (candle's backward rounds some constants to six
 /// digits; these differ from it by ~1e-6 relative).
 #[inline(always)]
@@ -138,27 +125,17 @@ macro_rules! per_activation {
     };
 }
 
-/// `act(gate) · up` of each row of `x` (`[count, 2I]`): `[count, I]`, packed. `exact`: candle's
-/// own formulas (inference), else the faster ones.
-pub(super) fn forward(x: &[f32], xr: &Rows, act: Activation, exact: bool) -> Vec<f32> {
+/// `act(gate) · up` of each row of `x` (`[count, 2I]`): `[count, I]`, packed.
+pub(super) fn forward(x: &[f32], xr: &Rows, act: Activation) -> Vec<f32> {
     let i = xr.width / 2;
-    macro_rules! fwd_with {
-        ($f:ident, $a:expr) => {
+    macro_rules! fwd {
+        ($a:expr) => {
             for_rows(x, xr, i, |xrow, y| {
                 let (gate, up) = xrow.split_at(i);
                 for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                    *o = $f($a, g) * u;
+                    *o = value($a, g) * u;
                 }
             })
-        };
-    }
-    macro_rules! fwd {
-        ($a:expr) => {
-            if exact {
-                fwd_with!(candle_value, $a)
-            } else {
-                fwd_with!(value, $a)
-            }
         };
     }
     per_activation!(act, fwd)
@@ -199,8 +176,6 @@ pub(super) fn backward(xd: &[f32], xr: &Rows, gd: &[f32], gr: &Rows, act: Activa
 
 struct GatedOp {
     act: Activation,
-    /// Inference: candle's own formulas (`candle_value`) instead of the faster `value`.
-    exact: bool,
 }
 
 /// Checks `[..., 2I]` and returns `I`.
@@ -219,7 +194,7 @@ impl CustomOp1 for GatedOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, xr) = input_rows(xs, xl, "gated")?;
         let i = half_width(xr.width)?;
-        let y = forward(x, &xr, self.act, self.exact);
+        let y = forward(x, &xr, self.act);
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().unwrap() = i;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -243,14 +218,17 @@ impl CustomOp1 for GatedOp {
 /// any layout whose last dimension is packed is read in place). Returns `[..., I]`, contiguous;
 /// the backward writes the gradient of `gate_up` in one buffer.
 pub fn gated(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(rows_readable(gate_up)?.apply_op1(GatedOp { act, exact: false })?)
+    Ok(rows_readable(gate_up)?.apply_op1(GatedOp { act })?)
 }
 
-/// Inference's `act(gate) · up` on an f32 CPU tensor: the values of the composed ops (two
-/// narrows, candle's activation, a mul) to the bit, in one threaded pass that reads `gate_up`
-/// in place (candle runs its element-wise ops on one thread here, and copies both halves).
-pub fn gated_exact(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(rows_readable(gate_up)?.apply_op1_no_bwd(&GatedOp { act, exact: true })?)
+/// Inference's `act(gate) · up` on an f32 CPU tensor: the training op's values without a
+/// backward, in one threaded pass that reads `gate_up` in place (the composed ops, two narrows,
+/// candle's activation and a mul, copy both halves and run on one thread here). Its exp and
+/// tanh are within ~2 ulp of libm's (`exp_and_tanh_agree_with_libm`), vectorised where libm's
+/// are a call per element: on the Xeon of 2026-12-03 libm's values cost 3% of a prefill and
+/// 4.7% of generation, and the faster ones changed none of 128 greedy continuations.
+pub fn gated_infer(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(rows_readable(gate_up)?.apply_op1_no_bwd(&GatedOp { act })?)
 }
 
 #[cfg(test)]
@@ -297,19 +275,28 @@ mod tests {
     }
 
     #[test]
-    fn inference_values_equal_the_composed_ops_to_the_bit() -> Result<()> {
+    fn inference_values_are_the_training_ops_and_within_rounding_of_the_composed_ops() -> Result<()>
+    {
         let dev = Device::Cpu;
         // [-12, 12): both tails, and rows enough for several threads' tasks.
         let gu = (Tensor::from_vec(pseudo(67 * 2 * 300, 23), (67, 600), &dev)? * 24.0)?;
         for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
             let want = reference(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
-            let got = gated_exact(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
-            assert!(want == got, "{act:?}: differs from the composed ops");
-            let fast = gated(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
-            if act == Activation::Silu {
+            let got = gated_infer(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
+            let train = gated(&gu, act)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(
+                got == train,
+                "{act:?}: inference differs from the training op"
+            );
+            // Within f32 rounding of the product's scale |gate·up|: near gelu's negative tail
+            // 1 + tanh cancels, and an ulp of tanh is all that is left of the value.
+            let x = gu.flatten_all()?.to_vec1::<f32>()?;
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                let (r, c) = (k / 300, k % 300);
+                let scale = (x[r * 600 + c] * x[r * 600 + 300 + c]).abs().max(w.abs());
                 assert!(
-                    fast != want,
-                    "the training op's exp gave libm's values: test is blind"
+                    (g - w).abs() <= 1e-6 * scale.max(1e-3),
+                    "{act:?} [{k}]: {g} vs the composed ops' {w}"
                 );
             }
         }

@@ -38,7 +38,7 @@ impl Half for MlpHalf {
     fn forward(&self, h: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Self::Saved)> {
         let gate_up = self.gate_up.forward(h, n)?;
         let two_i = self.gate_up.dims()?.0;
-        let gated = act::forward(&gate_up, &packed_rows(n, two_i), self.act, false);
+        let gated = act::forward(&gate_up, &packed_rows(n, two_i), self.act);
         Ok((self.down.forward(&gated, n)?, (gate_up, gated)))
     }
 
