@@ -6,11 +6,37 @@
 //! The training path keeps candle's ops (they have a backward pass).
 
 use crate::kernels::simd::{self, Level};
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
 /// A contiguous f32 view of a CPU tensor, without copying.
+/// `t: [B, H, S, D]` in place when its positions are rows of D and its heads are evenly spaced
+/// (contiguous, or the first S positions of a longer buffer, as the KV cache keeps them):
+/// `f(values from the first, head stride)`. Anything else is copied contiguous first.
+fn with_heads<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R>) -> Result<R> {
+    let (_, h, s, d) = t.dims4()?;
+    let st = t.stride();
+    let spaced = st[3] == 1 && st[2] == d && st[0] == h * st[1] && st[1] >= s * d;
+    let t = if spaced { t.clone() } else { t.contiguous()? };
+    let head = t.stride()[1];
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            let (b, _, _, _) = t.dims4()?;
+            // The last head's S positions end the tensor's reach.
+            let end = start + (b * h - 1) * head + s * d;
+            ensure!(
+                end <= v.len(),
+                "attention kernel: a tensor's view overruns its storage"
+            );
+            f(&v[start..end], head)
+        }
+        _ => bail!("attention kernel: expected an f32 CPU tensor"),
+    }
+}
+
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
@@ -136,12 +162,13 @@ pub(crate) fn attention_at(
     let g = h / hkv;
     let mut out = vec![0f32; b * h * t * d];
     with_slice(q, |qs| {
-        with_slice(k, |ks| {
-            with_slice(v, |vs| {
+        with_heads(k, |ks, kstride| {
+            with_heads(v, |vs, vstride| {
                 out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
                     let (bi, hi) = (bh / h, bh % h);
                     let kvh = hi / g;
-                    let kbase = (bi * hkv + kvh) * s * d;
+                    let kbase = (bi * hkv + kvh) * kstride;
+                    let vbase = (bi * hkv + kvh) * vstride;
                     let mut p = vec![0f32; s];
                     for ti in 0..t {
                         let qrow = &qs[(bh * t + ti) * d..(bh * t + ti + 1) * d];
@@ -175,7 +202,7 @@ pub(crate) fn attention_at(
                             if w == 0.0 {
                                 continue;
                             }
-                            let vrow = &vs[kbase + si * d..kbase + (si + 1) * d];
+                            let vrow = &vs[vbase + si * d..vbase + (si + 1) * d];
                             axpy_at(level, w / sum, vrow, orow);
                         }
                     }
@@ -598,5 +625,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Keys and values read as the first S positions of longer buffers (the KV cache's views)
+    /// give the contiguous copies' output to the bit, on every level; a layout that is not
+    /// evenly spaced (a transposed view) is copied first and gives it too.
+    #[test]
+    fn views_of_longer_buffers_are_read_in_place() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, hkv, t, s, d, room) = (2, 4, 2, 3, 5, 8, 4);
+        let q = Tensor::from_vec(values(b * h * t * d, 1), (b, h, t, d), &dev)?;
+        let kb = Tensor::from_vec(
+            values(b * hkv * (s + room) * d, 2),
+            (b, hkv, s + room, d),
+            &dev,
+        )?;
+        let vb = Tensor::from_vec(
+            values(b * hkv * (s + room) * d, 3),
+            (b, hkv, s + room, d),
+            &dev,
+        )?;
+        let (k, v) = (kb.narrow(2, 0, s)?, vb.narrow(2, 0, s)?);
+        assert!(!k.is_contiguous());
+        let mask = vec![0f32; b * t * s];
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        for level in test_levels("attention") {
+            let want = attention_at(
+                level,
+                &q,
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &mask,
+                0.3,
+                None,
+            )?;
+            let got = attention_at(level, &q, &k, &v, &mask, 0.3, None)?;
+            assert_eq!(flat(&got)?, flat(&want)?, "{level:?}");
+            let kt = k
+                .contiguous()?
+                .transpose(2, 3)?
+                .contiguous()?
+                .transpose(2, 3)?;
+            let odd = attention_at(level, &q, &kt, &v, &mask, 0.3, None)?;
+            assert_eq!(flat(&odd)?, flat(&want)?, "{level:?}: transposed keys");
+        }
+        Ok(())
     }
 }

@@ -195,22 +195,22 @@ impl Decoder {
         let q = rope::apply(&q, cos, sin, cfg.rotary_dim)?;
         let k = rope::apply(&k, cos, sin, cfg.rotary_dim)?.contiguous()?;
         let (k, v) = match cache {
-            Some(c) => {
-                let past = if c.append {
-                    c.layers[l].take()
-                } else {
-                    c.layers[l].clone()
-                };
-                let kv = match past {
-                    // A shared prefix is held as one row for the whole batch.
-                    Some((pk, pv)) => (join_positions(&pk, &k)?, join_positions(&pv, &v)?),
-                    None => (k, v),
-                };
-                if c.append {
-                    c.layers[l] = Some(kv.clone());
+            Some(c) => match (c.layers[l].take(), c.append) {
+                // Appended in place where the layer's buffer has room (`KvCache::append`).
+                (Some(past), true) => c.append(l, past, (k, v))?,
+                // A shared prefix is held as one row for the whole batch.
+                (Some((pk, pv)), false) => {
+                    let kv = (join_positions(&pk, &k)?, join_positions(&pv, &v)?);
+                    c.layers[l] = Some((pk, pv));
+                    kv
                 }
-                kv
-            }
+                (None, append) => {
+                    if append {
+                        c.layers[l] = Some((k.clone(), v.clone()));
+                    }
+                    (k, v)
+                }
+            },
             None => (k, v),
         };
         let sliding = layer.kind == AttentionKind::Sliding && ctx.mask_sliding_raw.is_some();
