@@ -213,6 +213,8 @@ impl PrefixCache {
                     &mut ActivationCache::default(),
                 )
             })?;
+            // Kept for every run and never appended to: without the decode buffers' room.
+            kv.compact()?;
             out.push(PrefixBatch { idx, pads, x, kv });
         }
         Ok(PrefixCache {

@@ -145,6 +145,19 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Each layer's keys and values as tensors of their own, without the room for more
+    /// positions: for a cache that is kept but never appended to again (the localisation
+    /// prefix), whose views would otherwise hold whole buffers.
+    pub fn compact(&mut self) -> Result<()> {
+        // A view of a buffer is the one layout here that is not contiguous.
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.contiguous()?;
+            *v = v.contiguous()?;
+        }
+        self.spare.clear();
+        Ok(())
+    }
+
     /// Keeps only the rows `idx` of the batch (sequences still generating).
     pub fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
         for (l, layer) in self.layers.iter_mut().enumerate() {
@@ -314,6 +327,16 @@ mod tests {
                 let (fk, _) = f.append(0, past, new)?;
                 let saved = flat(&fk)?;
                 fork = Some((f, fk, saved));
+            }
+            if step == 30 {
+                let mut kept = cache.clone();
+                kept.compact()?;
+                let (ck, _) = kept.layers[0].as_ref().expect("kept");
+                assert!(
+                    ck.is_contiguous(),
+                    "a compacted view still spans its buffer"
+                );
+                assert_eq!(flat(ck)?, flat(&want_k)?, "compacting changed the keys");
             }
             if step == 21 {
                 // The original has appended at the position the fork wrote: in its own buffer.
