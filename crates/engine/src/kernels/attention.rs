@@ -10,11 +10,10 @@ use anyhow::{bail, ensure, Result};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
-/// A contiguous f32 view of a CPU tensor, without copying.
 /// `t: [B, H, S, D]` in place when its positions are rows of D and its heads are evenly spaced
 /// (contiguous, or the first S positions of a longer buffer, as the KV cache keeps them):
 /// `f(values from the first, head stride)`. Anything else is copied contiguous first.
-fn with_heads<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R>) -> Result<R> {
+pub(crate) fn with_heads<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R>) -> Result<R> {
     let (_, h, s, d) = t.dims4()?;
     let st = t.stride();
     let spaced = st[3] == 1 && st[2] == d && st[0] == h * st[1] && st[1] >= s * d;
@@ -37,6 +36,7 @@ fn with_heads<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R>) -> Resu
     }
 }
 
+/// A contiguous f32 view of a CPU tensor, without copying.
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();

@@ -25,12 +25,11 @@ pub struct KvCache {
 }
 
 /// A layer's key and value buffers `[B, Hkv, capacity, D]`, of which `layers` views the first
-/// `len` positions.
+/// positions.
 #[derive(Debug)]
 struct Spare {
     k: Tensor,
     v: Tensor,
-    len: usize,
 }
 
 impl Clone for KvCache {
@@ -93,8 +92,7 @@ impl KvCache {
             // `past` is this buffer's view: its rows are the buffer's capacity apart.
             Some(sp) => {
                 let room = sp.k.dim(2)?;
-                sp.len == len
-                    && pk.dim(0)? == rows
+                pk.dim(0)? == rows
                     && room >= len + t
                     && pk.stride()[1] == room * pk.dim(3)?
                     && pv.stride()[1] == room * pv.dim(3)?
@@ -108,13 +106,11 @@ impl KvCache {
             self.spare[l] = Some(Spare {
                 k: join_positions_cap(&pk, &k, cap)?,
                 v: join_positions_cap(&pv, &v, cap)?,
-                len: len + t,
             });
         } else {
             let sp = self.spare[l].as_mut().expect("checked above");
             sp.k.slice_set(&k, 2, len)?;
             sp.v.slice_set(&v, 2, len)?;
-            sp.len = len + t;
         }
         let sp = self.spare[l].as_ref().expect("set above");
         let kv = (sp.k.narrow(2, 0, len + t)?, sp.v.narrow(2, 0, len + t)?);
@@ -167,8 +163,9 @@ impl KvCache {
                 Some(sp) => {
                     sp.k = sp.k.index_select(idx, 0)?;
                     sp.v = sp.v.index_select(idx, 0)?;
-                    *k = sp.k.narrow(2, 0, sp.len)?;
-                    *v = sp.v.narrow(2, 0, sp.len)?;
+                    let len = k.dim(2)?;
+                    *k = sp.k.narrow(2, 0, len)?;
+                    *v = sp.v.narrow(2, 0, len)?;
                 }
                 None => {
                     *k = k.contiguous()?.index_select(idx, 0)?;
@@ -189,10 +186,11 @@ pub(crate) fn join_positions(past: &Tensor, new: &Tensor) -> Result<Tensor> {
 }
 
 /// `join_positions` into `[B, H, cap, D]` (cap >= S + T): the positions after S + T are zeros,
-/// room for later steps. `past` may be any layout; `new` and the result are contiguous f32 CPU
-/// tensors on the threaded path, else candle joins and pads.
+/// room for later steps. `past` may be a view of a longer buffer (the layout `KvCache::append`
+/// keeps), read in place; `new` and the result are contiguous f32 CPU tensors on the threaded
+/// path, else candle joins and pads.
 fn join_positions_cap(past: &Tensor, new: &Tensor, cap: usize) -> Result<Tensor> {
-    use crate::kernels::matmul_small::with_f32;
+    use crate::kernels::{attention::with_heads, matmul_small::with_f32};
     let (pb, h, s, d) = past.dims4()?;
     let (b, h2, t, d2) = new.dims4()?;
     ensure!(
@@ -206,33 +204,34 @@ fn join_positions_cap(past: &Tensor, new: &Tensor, cap: usize) -> Result<Tensor>
         "kv cache: capacity {cap} below {} positions",
         s + t
     );
-    // A view of a larger buffer (the layout `KvCache::append` keeps) is read in place.
-    let past = past.contiguous()?;
-    let joined = with_f32(&past, |pv| {
+    let threaded = past.device().is_cpu() && past.dtype() == DType::F32;
+    let join = || {
         with_f32(new, |nv| {
-            // Every element is written below, so the buffer is not zeroed first (the memset
-            // was ~3% of a generation profile when the cache was re-joined every step).
-            let n = b * h * cap * d;
-            let mut out: Vec<f32> = Vec::with_capacity(n);
-            out.spare_capacity_mut()[..n]
-                .par_chunks_mut(cap * d)
-                .enumerate()
-                .for_each(|(bh, row)| {
-                    let from = if pb == 1 { bh % h } else { bh };
-                    let (head, rest) = row.split_at_mut(s * d);
-                    let (tail, room) = rest.split_at_mut(t * d);
-                    write_all(head, &pv[from * s * d..(from + 1) * s * d]);
-                    write_all(tail, &nv[bh * t * d..(bh + 1) * t * d]);
-                    room.fill(std::mem::MaybeUninit::new(0.0));
-                });
-            // SAFETY: the chunks cover all n elements (b * h rows of cap * d), each written in
-            // full above.
-            unsafe { out.set_len(n) };
-            out
+            with_heads(past, |pv, ph| {
+                // Every element is written below, so the buffer is not zeroed first (the memset
+                // was ~3% of a generation profile when the cache was re-joined every step).
+                let n = b * h * cap * d;
+                let mut out: Vec<f32> = Vec::with_capacity(n);
+                out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(cap * d)
+                    .enumerate()
+                    .for_each(|(bh, row)| {
+                        let from = if pb == 1 { bh % h } else { bh };
+                        let (head, rest) = row.split_at_mut(s * d);
+                        let (tail, room) = rest.split_at_mut(t * d);
+                        write_all(head, &pv[from * ph..from * ph + s * d]);
+                        write_all(tail, &nv[bh * t * d..(bh + 1) * t * d]);
+                        room.fill(std::mem::MaybeUninit::new(0.0));
+                    });
+                // SAFETY: the chunks cover all n elements (b * h rows of cap * d), each written in
+                // full above.
+                unsafe { out.set_len(n) };
+                Ok(out)
+            })
         })
-    })
-    .flatten();
-    if let (Some(out), true) = (joined, past.device().is_cpu()) {
+    };
+    let joined = if threaded { join().transpose()? } else { None };
+    if let Some(out) = joined {
         return Ok(Tensor::from_vec(out, (b, h, cap, d), past.device())?);
     }
     let past = if pb == b {
