@@ -46,6 +46,30 @@ fn first_mass(opts: &GenerateOptions, logits: &[f32]) -> Option<f64> {
     (!opts.first_mass_of.is_empty()).then(|| softmax_mass(logits, &opts.first_mass_of))
 }
 
+/// Each row's greedy token and (when `with_mass`) its `first_mass`, from `logits: [B, V]`.
+/// A contiguous CPU tensor is read in place with the rows split over the pool (at 128 rows
+/// the lm_head's output is 25 MB a step: copying it into one vector per row, then scanning the
+/// rows on one thread, was a twentieth of a decode step); anything else is copied out first.
+fn pick_rows(
+    logits: &Tensor,
+    opts: &GenerateOptions,
+    with_mass: bool,
+) -> Result<Vec<(u32, Option<f64>)>> {
+    use rayon::prelude::*;
+    let (_, v) = logits.dims2()?;
+    let pick = |row: &[f32]| {
+        let mass = if with_mass { first_mass(opts, row) } else { None };
+        (argmax(row), mass)
+    };
+    let picked = crate::kernels::matmul_small::with_f32(logits, |all| {
+        all.par_chunks(v.max(1)).map(pick).collect::<Vec<_>>()
+    });
+    Ok(match picked {
+        Some(p) => p,
+        None => logits.to_vec2::<f32>()?.iter().map(|r| pick(r)).collect(),
+    })
+}
+
 /// Index of the largest value; the first one on ties, as torch.argmax.
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -397,14 +421,13 @@ fn decode_batch(
             (None, Some(ids)) => dec.logits(&ids, &pads, Some(&mut cache), Logits::Last)?,
             (None, None) => unreachable!("input set after the first step"),
         };
-        let logits = logits.squeeze(1)?.to_vec2::<f32>()?;
+        let picked = pick_rows(&logits.squeeze(1)?, opts, step == 0)?;
         let mut keep = Vec::new();
         let mut next = Vec::new();
-        for (pos, &row) in active.iter().enumerate() {
-            let tok = argmax(&logits[pos]);
+        for (pos, (&row, (tok, mass))) in active.iter().zip(picked).enumerate() {
             let g = &mut outputs[row];
             if step == 0 {
-                g.first_mass = first_mass(opts, &logits[pos]);
+                g.first_mass = mass;
             }
             g.ids.push(tok);
             if !opts.ignore_eos && eos.contains(&tok) {

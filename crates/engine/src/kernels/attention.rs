@@ -5,6 +5,8 @@
 //! This kernel computes scores, soft-cap, mask, softmax and the weighted sum in one place.
 //! The training path keeps candle's ops (they have a backward pass).
 
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::attention_rows::{dots16, weighted_rows};
 use crate::kernels::simd::{self, Level};
 use anyhow::{bail, ensure, Result};
 use candle_core::{Storage, Tensor};
@@ -160,6 +162,11 @@ pub(crate) fn attention_at(
         );
     }
     let g = h / hkv;
+    // AVX-512 computes a block of keys at a time (`attention_rows`), to the same bits.
+    #[cfg(target_arch = "x86_64")]
+    let blocks = matches!(level, Level::Avx512 | Level::Avx512Bf16);
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocks = false;
     let mut out = vec![0f32; b * h * t * d];
     with_slice(q, |qs| {
         with_heads(k, |ks, kstride| {
@@ -174,19 +181,35 @@ pub(crate) fn attention_at(
                         let qrow = &qs[(bh * t + ti) * d..(bh * t + ti + 1) * d];
                         let mrow = &mask[(bi * t + ti) * s..(bi * t + ti + 1) * s];
                         let mut max = f32::NEG_INFINITY;
-                        for si in 0..s {
-                            if mrow[si] == f32::NEG_INFINITY {
-                                p[si] = f32::NEG_INFINITY;
-                                continue;
+                        let keys = &ks[kbase..kbase + s * d];
+                        let mut dots = [0f32; 16];
+                        for b0 in (0..s).step_by(16) {
+                            let n = (s - b0).min(16);
+                            let live = mrow[b0..b0 + n].iter().any(|&m| m != f32::NEG_INFINITY);
+                            if blocks && live {
+                                // SAFETY: `blocks` only on an AVX-512 level the CPU runs.
+                                #[cfg(target_arch = "x86_64")]
+                                unsafe {
+                                    dots16(qrow, &keys[b0 * d..(b0 + n) * d], n, &mut dots)
+                                };
                             }
-                            let krow = &ks[kbase + si * d..kbase + (si + 1) * d];
-                            let mut x = dot_at(level, qrow, krow) * scale;
-                            if let Some(c) = softcap {
-                                x = (x / c).tanh() * c;
+                            for (j, si) in (b0..b0 + n).enumerate() {
+                                if mrow[si] == f32::NEG_INFINITY {
+                                    p[si] = f32::NEG_INFINITY;
+                                    continue;
+                                }
+                                let mut x = if blocks {
+                                    dots[j]
+                                } else {
+                                    dot_at(level, qrow, &keys[si * d..(si + 1) * d])
+                                } * scale;
+                                if let Some(c) = softcap {
+                                    x = (x / c).tanh() * c;
+                                }
+                                x += mrow[si];
+                                p[si] = x;
+                                max = max.max(x);
                             }
-                            x += mrow[si];
-                            p[si] = x;
-                            max = max.max(x);
                         }
                         if max == f32::NEG_INFINITY {
                             // Every key masked: the row stays zero (exp(-inf - -inf) is NaN).
@@ -198,12 +221,20 @@ pub(crate) fn attention_at(
                             sum += *x;
                         }
                         let orow = &mut o[ti * d..(ti + 1) * d];
+                        let values = &vs[vbase..vbase + s * d];
+                        if blocks {
+                            // SAFETY: as above.
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe {
+                                weighted_rows(&p, sum, values, orow)
+                            };
+                            continue;
+                        }
                         for (si, &w) in p.iter().enumerate() {
                             if w == 0.0 {
                                 continue;
                             }
-                            let vrow = &vs[vbase + si * d..vbase + (si + 1) * d];
-                            axpy_at(level, w / sum, vrow, orow);
+                            axpy_at(level, w / sum, &values[si * d..(si + 1) * d], orow);
                         }
                     }
                 });
@@ -262,31 +293,12 @@ pub(crate) mod x86 {
     /// Caller: AVX-512F present, `a.len() == b.len()`.
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        let (k, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i + 32 <= k {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            s1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i + 16)),
-                _mm512_loadu_ps(pb.add(i + 16)),
-                s1,
-            );
-            i += 32;
-        }
-        if i + 16 <= k {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            i += 16;
-        }
-        if i < k {
-            let m = tail_mask(k - i);
-            let (x, y) = (
-                _mm512_maskz_loadu_ps(m, pa.add(i)),
-                _mm512_maskz_loadu_ps(m, pb.add(i)),
-            );
-            s1 = _mm512_fmadd_ps(x, y, s1);
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        let k = a.len().min(b.len());
+        _mm512_reduce_add_ps(crate::kernels::attention_rows::dot_lanes(
+            a.as_ptr(),
+            b.as_ptr(),
+            k,
+        ))
     }
 
     /// Caller: AVX2 and FMA present, `v.len() == o.len()`.

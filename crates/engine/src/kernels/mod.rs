@@ -8,6 +8,8 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 pub(crate) mod attention;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention_rows;
 pub(crate) mod bf16_rows;
 pub mod device_ops;
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,168 @@
+//! The AVX-512 inner loops of CPU attention, a block of keys at a time: the scores of up to 16
+//! keys at once, and the softmax-weighted sum of value rows with the output row held in
+//! registers across the keys.
+//!
+//! Every score and every output value is computed by the same operations in the same order as
+//! the one-key kernels (`dot_avx512` is built on `dot_lanes`; the weighted sum repeats
+//! `axpy_avx512`'s FMA per element and key), so the results are the same to the bit. What goes
+//! is per-key overhead: at decode time a head is 64 wide, so one key's dot product was four
+//! FMAs behind a call and a horizontal reduction (here sixteen are reduced at once by
+//! `sums16`), and each key's axpy loaded and stored the whole output row.
+
+use crate::kernels::attention::x86::tail_mask;
+use crate::kernels::matmul_small::x86::sums16;
+use std::arch::x86_64::*;
+
+/// The vector whose lane sum is `a · b` in `dot_avx512`: two accumulators over steps of 32,
+/// then a step of 16 into the first, a masked tail into the second, and their sum.
+///
+/// # Safety
+/// AVX-512F present; `pa` and `pb` readable for `k` values.
+#[inline(always)]
+pub(crate) unsafe fn dot_lanes(pa: *const f32, pb: *const f32, k: usize) -> __m512 {
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= k {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+        s1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 16)),
+            _mm512_loadu_ps(pb.add(i + 16)),
+            s1,
+        );
+        i += 32;
+    }
+    if i + 16 <= k {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+        i += 16;
+    }
+    if i < k {
+        let m = tail_mask(k - i);
+        let (x, y) = (
+            _mm512_maskz_loadu_ps(m, pa.add(i)),
+            _mm512_maskz_loadu_ps(m, pb.add(i)),
+        );
+        s1 = _mm512_fmadd_ps(x, y, s1);
+    }
+    _mm512_add_ps(s0, s1)
+}
+
+/// `out[j] = q · keys[j * d..(j + 1) * d]` for `j < n` (n <= 16, d = `q.len()`), each as
+/// `dot_avx512` computes it; `out[n..]` is left as it was.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dots16(q: &[f32], keys: &[f32], n: usize, out: &mut [f32; 16]) {
+    let d = q.len();
+    assert!(n <= 16 && keys.len() >= n * d, "dots16: {n} keys of {d} out of bounds");
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (j, vj) in v.iter_mut().enumerate().take(n) {
+        *vj = dot_lanes(q.as_ptr(), keys.as_ptr().add(j * d), d);
+    }
+    let mut all = [0f32; 16];
+    _mm512_storeu_ps(all.as_mut_ptr(), sums16(v));
+    out[..n].copy_from_slice(&all[..n]);
+}
+
+/// `o += (p[s] / sum) · values[s * d..(s + 1) * d]` for every s with `p[s] != 0`, in order of
+/// s (d = `o.len()`): per element the FMAs of one `axpy_avx512` per key, in the same order,
+/// with the output row kept in registers (64 columns at a time) instead of loaded and stored
+/// per key.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn weighted_rows(p: &[f32], sum: f32, values: &[f32], o: &mut [f32]) {
+    let d = o.len();
+    assert!(
+        values.len() >= p.len() * d,
+        "weighted_rows: {} rows of {d} out of bounds",
+        p.len()
+    );
+    let (pv, po) = (values.as_ptr(), o.as_mut_ptr());
+    let mut c0 = 0;
+    while c0 < d {
+        let width = (d - c0).min(64);
+        // Lanes of each of the (up to) four vectors: whole ones, then the tail's mask.
+        let mut masks = [0 as __mmask16; 4];
+        for (v, m) in masks.iter_mut().enumerate() {
+            let lanes = width.saturating_sub(16 * v).min(16);
+            *m = if lanes == 16 { 0xFFFF } else { tail_mask(lanes) };
+        }
+        let nv = width.div_ceil(16);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for v in 0..nv {
+            acc[v] = _mm512_maskz_loadu_ps(masks[v], po.add(c0 + 16 * v));
+        }
+        for (s, &w) in p.iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            let wv = _mm512_set1_ps(w / sum);
+            let row = pv.add(s * d + c0);
+            for v in 0..nv {
+                let x = _mm512_maskz_loadu_ps(masks[v], row.add(16 * v));
+                acc[v] = _mm512_fmadd_ps(wv, x, acc[v]);
+            }
+        }
+        for v in 0..nv {
+            _mm512_mask_storeu_ps(po.add(c0 + 16 * v), masks[v], acc[v]);
+        }
+        c0 += width;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::attention::x86::{axpy_avx512, dot_avx512};
+    use crate::kernels::pseudo;
+    use crate::kernels::simd::{test_levels, Level};
+
+    fn avx512() -> bool {
+        test_levels("attention rows").contains(&Level::Avx512)
+    }
+
+    /// Every block size and head width (with and without tails): the same bits as one key at
+    /// a time.
+    #[test]
+    fn blocks_equal_one_key_at_a_time() {
+        if !avx512() {
+            return;
+        }
+        for d in [1, 7, 16, 17, 32, 48, 64, 80, 96, 128, 131, 256] {
+            let q = pseudo(d, 1);
+            let keys = pseudo(16 * d, 2);
+            for n in 0..=16 {
+                let mut got = [f32::NAN; 16];
+                // SAFETY: AVX-512F checked above.
+                unsafe { dots16(&q, &keys, n, &mut got) };
+                for j in 0..16 {
+                    let want = if j < n {
+                        unsafe { dot_avx512(&q, &keys[j * d..(j + 1) * d]) }
+                    } else {
+                        f32::NAN
+                    };
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "d={d} n={n} key {j}");
+                }
+            }
+            // Weights with zeros (skipped keys) and a sum that is not 1.
+            let s = 21;
+            let mut p = pseudo(s, 3);
+            for z in [0, 5, 6, 20] {
+                p[z] = 0.0;
+            }
+            let values = pseudo(s * d, 4);
+            let start = pseudo(d, 5);
+            let (mut got, mut want) = (start.clone(), start);
+            unsafe { weighted_rows(&p, 1.7, &values, &mut got) };
+            for (si, &w) in p.iter().enumerate() {
+                if w != 0.0 {
+                    unsafe { axpy_avx512(w / 1.7, &values[si * d..(si + 1) * d], &mut want) };
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "d={d}");
+        }
+    }
+}
