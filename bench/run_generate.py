@@ -8,6 +8,9 @@ repetitions; seconds are in-process (generation only, model loading excluded on 
 whole-process wall and peak RSS from /usr/bin/time -v. Each repetition checks that the two
 sides produced the same tokens, prompt by prompt.
 
+Each side runs at its best batch size of the same candidates (--batch-sizes, each timed once
+first); --batch-size / --peer-batch-size pin them (blocks before 2026-12-03 13:00 UTC pinned both at 16).
+
   bench/run_generate.py            # the full benchmark (run on a quiet machine)
   bench/run_generate.py --quick    # 6 prompts x 4 tokens, 1 repetition: checks the script
 """
@@ -24,8 +27,11 @@ def main():
     c.common_args(ap)
     ap.add_argument("--prompts", type=int, default=None, help="first N of D_o (default 128; 6 with --quick)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 16; 4 with --quick")
-    ap.add_argument("--batch-size", type=int, default=16, help="ours")
-    ap.add_argument("--peer-batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="ours (default: its best of --batch-sizes, each timed once first)")
+    ap.add_argument("--peer-batch-size", type=int, default=None, help="the peer's (default: its best, likewise)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="candidates each side picks its best from (default 16,32,64,128; 2,4 with --quick)")
     args = ap.parse_args()
     reps = c.reps_of(args)
     n = args.prompts or (6 if args.quick else 128)
@@ -37,15 +43,34 @@ def main():
     prompts = c.prompt_file("over_rejection", c.over_rejection_prompts())
     ours_out = c.WORK / "generate_ours.jsonl"
 
+    def ours(bs, label):
+        o = c.timed([ours_bin, "generate", "--model", c.MODEL, "--prompts", prompts, "--limit", n,
+                     "--max-new-tokens", new, "--batch-size", bs, "--out", ours_out], label)
+        return o, c.tokens_per_s_line(o.stderr, "generate (new tokens)")
+
+    def peer(bs, label):
+        p = c.timed([py, c.BENCH / "peer_generate.py", "--model-dir", model_dir, "--prompts", prompts, "--limit", n,
+                     "--max-new-tokens", new, "--batch-size", bs, "--ours", ours_out,
+                     "--threads", args.peer_threads], label)
+        return p, p.last_json()
+
+    # Each side at its best batch size of the same candidates (a user picks theirs), unless pinned.
+    cands = [int(b) for b in (args.batch_sizes or ("2,4" if args.quick else "16,32,64,128")).split(",")]
+    cal = {}
+    ours_bs, peer_bs = args.batch_size, args.peer_batch_size
+    if ours_bs is None:
+        per = {b: ours(b, f"ours batch size {b}")[1]["seconds"] for b in cands}
+        ours_bs, cal["ours"] = min(per, key=per.get), per
+    if peer_bs is None:
+        # The peer's check compares with ours' last output, so ours runs at its own best first.
+        ours(ours_bs, "ours (for the peer's check)")
+        per = {b: peer(b, f"peer batch size {b}")[1]["seconds"] for b in cands}
+        peer_bs, cal["peer"] = min(per, key=per.get), per
+
     o_sec, p_sec, o_wall, p_wall, o_rss, p_rss, same, o_new, p_new = [], [], [], [], [], [], [], [], []
     for r in range(reps):
-        o = c.timed([ours_bin, "generate", "--model", c.MODEL, "--prompts", prompts, "--limit", n,
-                     "--max-new-tokens", new, "--batch-size", args.batch_size, "--out", ours_out], f"ours {r + 1}/{reps}")
-        line = c.tokens_per_s_line(o.stderr, "generate (new tokens)")
-        p = c.timed([py, c.BENCH / "peer_generate.py", "--model-dir", model_dir, "--prompts", prompts, "--limit", n,
-                     "--max-new-tokens", new, "--batch-size", args.peer_batch_size, "--ours", ours_out,
-                     "--threads", args.peer_threads], f"peer {r + 1}/{reps}")
-        res = p.last_json()
+        o, line = ours(ours_bs, f"ours {r + 1}/{reps}")
+        p, res = peer(peer_bs, f"peer {r + 1}/{reps}")
         o_sec.append(line["seconds"]); p_sec.append(res["seconds"]); o_new.append(line["tokens"]); p_new.append(res["new_tokens"])
         o_wall.append(o.wall); p_wall.append(p.wall); o_rss.append(o.rss_kib / 1024); p_rss.append(p.rss_kib / 1024)
         same.append(res["check"])
@@ -53,7 +78,10 @@ def main():
     ident = [k["identical"] for k in same]
     lines = [
         f"SmolLM2-135M-Instruct f32, {n} D_o prompts x {new} greedy new tokens (stop at EOS), Alpaca; {reps} repetitions "
-        f"alternating; ours batch {args.batch_size}, peer batch {args.peer_batch_size}. New tokens: ours {o_new[-1]}, "
+        f"alternating; ours batch {ours_bs}, peer batch {peer_bs}"
+        + "".join(f" ({side}'s best of " + ", ".join(f"{b}: {sec:.2f} s" for b, sec in per.items()) + ")"
+                  for side, per in cal.items())
+        + f". New tokens: ours {o_new[-1]}, "
         f"peer {p_new[-1]} (both count the EOS that ends a row).", "",
         c.table([("generation, s in-process", "lower", o_sec, p_sec),
                  ("prompts/s in-process", "higher", [n / s for s in o_sec], [n / s for s in p_sec]),
