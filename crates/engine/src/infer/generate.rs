@@ -58,7 +58,11 @@ fn pick_rows(
     use rayon::prelude::*;
     let (_, v) = logits.dims2()?;
     let pick = |row: &[f32]| {
-        let mass = if with_mass { first_mass(opts, row) } else { None };
+        let mass = if with_mass {
+            first_mass(opts, row)
+        } else {
+            None
+        };
         (argmax(row), mass)
     };
     let picked = crate::kernels::matmul_small::with_f32(logits, |all| {

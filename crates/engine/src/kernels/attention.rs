@@ -140,6 +140,27 @@ pub(crate) fn attention_at(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
+    // AVX-512 computes a block of keys at a time (`attention_rows`), to the same bits.
+    let blocks = cfg!(target_arch = "x86_64") && matches!(level, Level::Avx512 | Level::Avx512Bf16);
+    attention_keys(level, blocks, q, k, v, mask, scale, softcap)
+}
+
+/// `attention_at`, with keys a block at a time (`blocks`, AVX-512 levels only) or one by one.
+#[allow(clippy::too_many_arguments)]
+fn attention_keys(
+    level: Level,
+    blocks: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    assert!(
+        !blocks || matches!(level, Level::Avx512 | Level::Avx512Bf16),
+        "key blocks are an AVX-512 path"
+    );
     let (b, h, t, d) = q.dims4()?;
     let (kb, hkv, s, kd) = k.dims4()?;
     if (kb, kd) != (b, d) || v.dims() != k.dims() {
@@ -162,11 +183,6 @@ pub(crate) fn attention_at(
         );
     }
     let g = h / hkv;
-    // AVX-512 computes a block of keys at a time (`attention_rows`), to the same bits.
-    #[cfg(target_arch = "x86_64")]
-    let blocks = matches!(level, Level::Avx512 | Level::Avx512Bf16);
-    #[cfg(not(target_arch = "x86_64"))]
-    let blocks = false;
     let mut out = vec![0f32; b * h * t * d];
     with_slice(q, |qs| {
         with_heads(k, |ks, kstride| {
@@ -185,21 +201,26 @@ pub(crate) fn attention_at(
                         let mut dots = [0f32; 16];
                         for b0 in (0..s).step_by(16) {
                             let n = (s - b0).min(16);
-                            let live = mrow[b0..b0 + n].iter().any(|&m| m != f32::NEG_INFINITY);
-                            if blocks && live {
+                            // The block's scores from its first unmasked key to its last (a
+                            // causal or padding mask leaves the rest of a block masked).
+                            let live = |m: &f32| *m != f32::NEG_INFINITY;
+                            let block = &mrow[b0..b0 + n];
+                            let lo = b0 + block.iter().position(live).unwrap_or(n);
+                            if blocks && lo < b0 + n {
+                                let hi = b0 + 1 + block.iter().rposition(live).unwrap_or(0);
                                 // SAFETY: `blocks` only on an AVX-512 level the CPU runs.
                                 #[cfg(target_arch = "x86_64")]
                                 unsafe {
-                                    dots16(qrow, &keys[b0 * d..(b0 + n) * d], n, &mut dots)
+                                    dots16(qrow, &keys[lo * d..hi * d], hi - lo, &mut dots)
                                 };
                             }
-                            for (j, si) in (b0..b0 + n).enumerate() {
+                            for si in b0..b0 + n {
                                 if mrow[si] == f32::NEG_INFINITY {
                                     p[si] = f32::NEG_INFINITY;
                                     continue;
                                 }
                                 let mut x = if blocks {
-                                    dots[j]
+                                    dots[si - lo]
                                 } else {
                                     dot_at(level, qrow, &keys[si * d..(si + 1) * d])
                                 } * scale;
@@ -635,6 +656,39 @@ mod tests {
                         "{level:?} d={d} t={t} s={s} at {i}: {x} vs {y}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 key blocks give the one-key path's output to the bit: padding and causal
+    /// masks that leave blocks partly or wholly masked, sliding windows, soft-caps, head widths
+    /// with and without tails, caches shorter and longer than a block.
+    #[test]
+    fn key_blocks_equal_one_key_at_a_time() {
+        let dev = &Device::Cpu;
+        for level in test_levels("attention key blocks") {
+            if !matches!(level, Level::Avx512 | Level::Avx512Bf16) {
+                continue;
+            }
+            for (d, t, s, shared, window, cap) in [
+                (64, 1, 5, 0, None, None),
+                (64, 12, 36, 24, None, None),
+                (64, 1, 300, 0, Some(40), None),
+                (80, 3, 33, 0, None, Some(30.0)),
+                (131, 2, 70, 16, Some(20), Some(50.0)),
+                (7, 5, 17, 0, None, None),
+            ] {
+                let (b, h, hkv) = (3, 6, 2);
+                let mask = layout(shared, s - t, t).additive_mask(&[0, 3, 17], window);
+                let q = Tensor::from_vec(values(b * h * t * d, 1), (b, h, t, d), dev).unwrap();
+                let k = Tensor::from_vec(values(b * hkv * s * d, 2), (b, hkv, s, d), dev).unwrap();
+                let v = Tensor::from_vec(values(b * hkv * s * d, 3), (b, hkv, s, d), dev).unwrap();
+                let run = |blocks| {
+                    let o = super::attention_keys(level, blocks, &q, &k, &v, &mask, 0.125, cap);
+                    let o = o.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    o.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(run(true), run(false), "{level:?} d={d} t={t} s={s}");
             }
         }
     }

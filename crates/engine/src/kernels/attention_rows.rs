@@ -54,7 +54,10 @@ pub(crate) unsafe fn dot_lanes(pa: *const f32, pb: *const f32, k: usize) -> __m5
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn dots16(q: &[f32], keys: &[f32], n: usize, out: &mut [f32; 16]) {
     let d = q.len();
-    assert!(n <= 16 && keys.len() >= n * d, "dots16: {n} keys of {d} out of bounds");
+    assert!(
+        n <= 16 && keys.len() >= n * d,
+        "dots16: {n} keys of {d} out of bounds"
+    );
     let mut v = [_mm512_setzero_ps(); 16];
     for (j, vj) in v.iter_mut().enumerate().take(n) {
         *vj = dot_lanes(q.as_ptr(), keys.as_ptr().add(j * d), d);
@@ -87,7 +90,11 @@ pub(crate) unsafe fn weighted_rows(p: &[f32], sum: f32, values: &[f32], o: &mut 
         let mut masks = [0 as __mmask16; 4];
         for (v, m) in masks.iter_mut().enumerate() {
             let lanes = width.saturating_sub(16 * v).min(16);
-            *m = if lanes == 16 { 0xFFFF } else { tail_mask(lanes) };
+            *m = if lanes == 16 {
+                0xFFFF
+            } else {
+                tail_mask(lanes)
+            };
         }
         let nv = width.div_ceil(16);
         let mut acc = [_mm512_setzero_ps(); 4];
