@@ -433,15 +433,23 @@ pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
                 );
                 yt.set_len(nb * m);
             }
-            // yt[j * m + i] is y[i][j0 + j]; 16 x 16 blocks keep both sides in cache lines.
+            // yt[j * m + i] is y[i][j0 + j]: 16 x 16 blocks, each read as 16 runs of yt into
+            // an L1 block and written as 16 runs of y.
             for i0 in (0..m).step_by(16) {
+                let mi = 16.min(m - i0);
                 for jb in (0..nb).step_by(16) {
-                    for i in i0..(i0 + 16).min(m) {
-                        // SAFETY: row i < m, columns j0 + jb.. < end <= n: inside y's m x n,
-                        // and the bands' columns are disjoint.
-                        let dst = unsafe { out.get().add(i * n + j0) };
-                        for j in jb..(jb + 16).min(nb) {
-                            unsafe { *dst.add(j) = yt[j * m + i] };
+                    let nj = 16.min(nb - jb);
+                    let mut blk = [[0f32; 16]; 16];
+                    for (j, b) in blk.iter_mut().enumerate().take(nj) {
+                        let at = (jb + j) * m + i0;
+                        b[..mi].copy_from_slice(&yt[at..at + mi]);
+                    }
+                    for i in 0..mi {
+                        // SAFETY: row i0 + i < m, columns j0 + jb + j < end <= n: inside y's
+                        // m x n, and the bands' columns are disjoint.
+                        let dst = unsafe { out.get().add((i0 + i) * n + j0 + jb) };
+                        for (j, b) in blk.iter().enumerate().take(nj) {
+                            unsafe { *dst.add(j) = b[i] };
                         }
                     }
                 }
