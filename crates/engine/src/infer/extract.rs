@@ -27,9 +27,10 @@ pub fn hidden_last(
         let rows: Vec<&[u32]> = chunk.iter().map(|&i| &prompts[i][shared..]).collect();
         let (ids, pads) = left_pad(&rows, &dec.device)?;
         let mut cache = batch_cache(dec, head.as_ref(), shared);
-        cache.append = false; // the batch's own keys/values are not needed after each layer
-                              // On the pool's workers, as generation runs: each op's split is then a push onto a
-                              // worker's own queue, not an injection the caller sleeps on.
+        // The batch's own keys/values are not needed after each layer.
+        cache.append = false;
+        // On the pool's workers, as generation runs: each op's split is then a push onto a
+        // worker's own queue, not an injection the caller sleeps on.
         let cap =
             crate::kernels::on_workers(|| dec.activations(&ids, &pads, Some(&mut cache), &hooks))?;
         let entries: Vec<Tensor> = (0..=n_layers)

@@ -232,12 +232,15 @@ fn attention_keys(
                             let n = (s - b0).min(16);
                             // The block's scores from its first unmasked key to its last (a
                             // causal or padding mask leaves the rest of a block masked).
-                            let live = |m: &f32| *m != f32::NEG_INFINITY;
-                            let block = &mrow[b0..b0 + n];
-                            let lo = b0 + block.iter().position(live).unwrap_or(n);
-                            if blocks && lo < b0 + n {
-                                let hi = b0 + 1 + block.iter().rposition(live).unwrap_or(0);
-                                key_block(qrow, &keys[lo * d..hi * d], hi - lo, &mut dots);
+                            let mut lo = b0;
+                            if blocks {
+                                let live = |m: &f32| *m != f32::NEG_INFINITY;
+                                let block = &mrow[b0..b0 + n];
+                                lo += block.iter().position(live).unwrap_or(n);
+                                if lo < b0 + n {
+                                    let hi = b0 + 1 + block.iter().rposition(live).unwrap_or(0);
+                                    key_block(qrow, &keys[lo * d..hi * d], hi - lo, &mut dots);
+                                }
                             }
                             for si in b0..b0 + n {
                                 if mrow[si] == f32::NEG_INFINITY {

@@ -297,16 +297,9 @@ unsafe fn matmul_raw(
         unsafe { call(dst, dst_stride, a, b, accumulate, par) };
         return;
     }
-    let edge = |i: usize| {
-        if i == threads {
-            n
-        } else {
-            (n * i / threads) / 16 * 16
-        }
-    };
     let out = crate::kernels::SharedMut(dst);
     (0..threads).into_par_iter().for_each(|i| {
-        let (start, end) = (edge(i), edge(i + 1));
+        let (start, end) = band(n, threads, i);
         // SAFETY: the bands are disjoint column ranges of dst, inside the bounds asserted above.
         unsafe {
             call(
@@ -356,6 +349,19 @@ pub fn linear_f32(
 /// The narrowest column band worth a thread of its own.
 const MIN_BAND: usize = 64;
 
+/// Columns `start..end` of band `i` of `bands` over n columns: starts on multiples of 16 (whole
+/// 64-byte lines of a row), the last band to n.
+fn band(n: usize, bands: usize, i: usize) -> (usize, usize) {
+    let edge = |i: usize| {
+        if i == bands {
+            n
+        } else {
+            (n * i / bands) / 16 * 16
+        }
+    };
+    (edge(i), edge(i + 1))
+}
+
 /// Row counts up to this take `matmul_xwt` (a decode step's rows at a large batch). Past it
 /// the crate streams the unpacked weight once per 64 rows, and `matmul_new`, whose packing is
 /// then spread over enough rows, wins: a prefill's 400 rows ran at 0.78x (hidden states,
@@ -389,50 +395,20 @@ pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
     }
     let threads = rayon::current_num_threads();
     let bands = if n < threads * MIN_BAND { 1 } else { threads };
-    let edge = |i: usize| {
-        if i == bands {
-            n
-        } else {
-            (n * i / bands) / 16 * 16
-        }
-    };
     // About 1 MB of scratch per thread: the transpose reads it from L2.
     let sub = ((256 * 1024) / m).clamp(16, SUB_BAND) / 16 * 16;
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = crate::kernels::SharedMut(y.as_mut_ptr());
-    (0..bands).into_par_iter().for_each(|band| {
-        let (start, end) = (edge(band), edge(band + 1));
-        let mut yt: Vec<f32> = Vec::with_capacity(sub.min(end - start) * m);
+    (0..bands).into_par_iter().for_each(|band_i| {
+        let (start, end) = band(n, bands, band_i);
+        let mut yt = vec![0f32; sub.min(end - start) * m];
         for j0 in (start..end).step_by(sub) {
             let nb = sub.min(end - j0);
-            // SAFETY: yt has room for the nb x m values, (i, j) at j * m + i, and gemm writes
-            // each one without reading it (read_dst off). The left operand is x as [m, k] read
-            // from xt ((i, p) at p * m + i); the right is wᵀ as [k, nb] read from w's rows j0..
-            // ((p, j) at (j0 + j) * k + p), inside the lengths asserted above.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    yt.as_mut_ptr(),
-                    m as isize,
-                    1,
-                    false,
-                    xt.as_ptr(),
-                    m as isize,
-                    1,
-                    w.as_ptr().add(j0 * k),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                yt.set_len(nb * m);
-            }
+            // Yᵀ for columns j0..j0 + nb, [nb, m] row-major (the crate's column-major output
+            // of x · wᵀ): w's rows times xᵀ read from xt, which the crate turns into x as its
+            // left operand, unpacked, and wᵀ as its right.
+            let wb = Mat::new(&w[j0 * k..(j0 + nb) * k], nb, k);
+            matmul(&mut yt[..nb * m], m, wb, Mat::new(&xt, k, m), false, false);
             // yt[j * m + i] is y[i][j0 + j]: 16 x 16 blocks, each read as 16 runs of yt into
             // an L1 block and written as 16 runs of y.
             for i0 in (0..m).step_by(16) {
