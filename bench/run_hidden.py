@@ -41,11 +41,14 @@ def attn(heads, hd, queries, keys_before):
 
 
 def flops(lengths, batch_size, cfg, shared=0):
-    """(useful, computed, padded rows per batch, naive): the FLOPs of the decoder layers.
+    """(useful, computed, real rows per batch, naive): the FLOPs of the decoder layers.
     useful = real tokens, causal attention, the prompts' shared head of `shared` tokens once (ours
     computes it once and copies its keys/values to every row); computed = what our left-padded
-    batches, sorted longest first, multiply (full T x (shared + T) scores); naive = every token of
-    every prompt, causal (what a peer without the shared head must do at least)."""
+    batches, sorted longest first, multiply: the projections on real tokens only (ours skips
+    padding rows there since 2026-12-03; before, they counted T per row), attention's full
+    T x (shared + T) scores as an upper bound; rows = real rows per batch (the projections' M);
+    naive = every token of every prompt, causal (what a peer without the shared head must do at
+    least)."""
     proj, heads, hd = layer_flops(cfg)
     n_layers = cfg["num_hidden_layers"]
     naive = sum(n_layers * (n * proj + attn(heads, hd, n, 0)) for n in lengths)
@@ -56,8 +59,8 @@ def flops(lengths, batch_size, cfg, shared=0):
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         t = chunk[0]
-        rows.append(len(chunk) * t)
-        computed += n_layers * (len(chunk) * t * proj + len(chunk) * heads * 2 * 2 * hd * t * (shared + t))
+        rows.append(sum(chunk))
+        computed += n_layers * (sum(chunk) * proj + len(chunk) * heads * 2 * 2 * hd * t * (shared + t))
     return useful, computed, rows, naive
 
 
@@ -135,13 +138,13 @@ def main():
         f"- same token ids and hidden states (max relative error <= 1e-3) in every repetition: "
         f"{'yes' if not bad else 'NO: ' + json.dumps(bad)}; largest error {max(k.get('max_rel_err', 0) for k in checks):.2e}",
         f"- GEMM roofline (best of torch / numpy on the layer's four matmuls at M = {m} rows, the median "
-        f"padded rows of our batches): {roof:.1f} GFLOP/s (torch {g['results'][0]['torch']['layer']:.1f}, "
+        f"real rows of our batches): {roof:.1f} GFLOP/s (torch {g['results'][0]['torch']['layer']:.1f}, "
         f"numpy {g['results'][0]['numpy']['layer']:.1f})",
         f"- the prompts share their first {shared} tokens (the Alpaca head): ours computes them once, so the "
         f"{cfg['num_hidden_layers']} layers need {useful / 1e9:.1f} GFLOP on real tokens instead of {naive / 1e9:.1f} "
         f"GFLOP token by token ({naive / useful:.2f}x less work)",
         f"- ours at its median time {sec:.2f} s: {useful / 1e9:.1f} GFLOP = {useful_gf:.1f} GFLOP/s = "
-        f"{100 * useful_gf / roof:.0f}% of the roofline; counting what the padded batches compute "
+        f"{100 * useful_gf / roof:.0f}% of the roofline; counting what the batches compute (attention's padded scores) "
         f"({computed / 1e9:.1f} GFLOP): {computed_gf:.1f} GFLOP/s = {100 * computed_gf / roof:.0f}%",
         "- per-shape GEMM GFLOP/s: torch " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["torch"].items())
         + "; numpy " + ", ".join(f"{k} {v:.1f}" for k, v in g["results"][0]["numpy"].items()),

@@ -2,6 +2,7 @@
 //! per-call context (masks, rope angles) every layer shares.
 
 use crate::io::config::AttentionKind;
+use crate::model::live::LiveRows;
 use crate::model::Decoder;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -17,7 +18,7 @@ pub struct PadLayout {
 }
 
 impl PadLayout {
-    fn is_pad(&self, i: usize, pad: usize) -> bool {
+    pub(crate) fn is_pad(&self, i: usize, pad: usize) -> bool {
         i >= self.shared && i < self.shared + pad
     }
 
@@ -80,6 +81,9 @@ pub struct StepCtx {
     pub(crate) mask_sliding: Option<Tensor>,
     pub(crate) rope_global: (Tensor, Tensor),
     pub(crate) rope_local: Option<(Tensor, Tensor)>,
+    /// The real-token rows when some are padding and the CPU kernels run: the projections skip
+    /// the rest.
+    pub(crate) live: Option<LiveRows>,
 }
 
 impl Decoder {
@@ -152,6 +156,11 @@ impl Decoder {
             },
             mask_full_raw,
             mask_sliding_raw,
+            live: if self.device.is_cpu() && !self.portable {
+                LiveRows::of(&layout, pads)
+            } else {
+                None
+            },
             rope_global: angles(&self.rope_global)?,
             rope_local: match &self.rope_local {
                 Some(r) => Some(angles(r)?),

@@ -8,6 +8,7 @@ pub mod heads;
 pub mod hooks;
 pub(crate) mod layers;
 pub mod layout;
+pub(crate) mod live;
 pub mod mask;
 pub mod params;
 pub mod rope;

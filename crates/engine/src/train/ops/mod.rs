@@ -14,4 +14,4 @@ pub mod portable;
 pub mod rope;
 mod rows;
 
-pub(crate) use rows::{cpu_f32, f32_slice};
+pub(crate) use rows::{cpu_f32, f32_slice, with_rows};
