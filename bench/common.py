@@ -298,7 +298,20 @@ def simd():
     else:
         best = "neon" if "asimd" in flags else "scalar"
     forced = os.environ.get("SAFETY_LAYERS_SIMD") or "unset (auto)"
-    return f"flags {' '.join(has) or 'none'}; kernels' best level {best}; SAFETY_LAYERS_SIMD={forced}"
+    line = f"flags {' '.join(has) or 'none'}; kernels' best level {best}; SAFETY_LAYERS_SIMD={forced}"
+    # The peer's own instruction-set caps (torch's ATen kernels, MKL, oneDNN), when a run holds
+    # both sides to a lower level than the CPU has.
+    caps = [f"{v}={os.environ[v]}" for v in PEER_ISA_VARS if os.environ.get(v)]
+    if caps:
+        line += "; the peer capped by " + " ".join(caps)
+    return line
+
+
+# Environment variables that cap the peer's instruction set below the CPU's.
+PEER_ISA_VARS = (
+    "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",  # numpy's BLAS, in the roofline probe
+)
 
 
 def peer_versions():
@@ -314,7 +327,9 @@ def record(title, args, lines, peer=True):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     threads = f"{args.peer_threads} torch threads (--peer-threads)" if args.peer_threads else "torch's default threads"
     block = [f"## {now}: {title}{' (quick, not a result)' if quick else ''}", "",
-             f"- machine: {machine()}", f"- SIMD: {simd()}"] + ([f"- peer: {peer_versions()}, run with {threads}"] if peer else []) + [
+             f"- machine: {machine()}", f"- SIMD: {simd()}"] + (
+                 [f"- ours: SAFETY_LAYERS_BIN={os.environ['SAFETY_LAYERS_BIN']} (the commit above is the bench scripts')"]
+                 if os.environ.get("SAFETY_LAYERS_BIN") else []) + ([f"- peer: {peer_versions()}, run with {threads}"] if peer else []) + [
              f"- command: `{' '.join(shlex.quote(a) for a in ['bench/' + Path(sys.argv[0]).name] + sys.argv[1:])}`",
              ""] + lines + [""]
     other = other_cores()

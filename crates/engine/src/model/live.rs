@@ -48,7 +48,8 @@ impl LiveRows {
     /// `[B, T, heads, D]` transposed view) → `[live, W]`, W the product of the dimensions after T.
     pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
         let w = x.elem_count() / self.slot.len().max(1);
-        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        // candle's ops where a gradient must flow through (the copies below would cut it).
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || x.track_op() {
             let idx = Tensor::new(self.src.as_slice(), x.device())?;
             let flat = x.contiguous()?.reshape((self.slot.len(), w))?;
             return Ok(flat.index_select(&idx, 0)?);
@@ -73,7 +74,7 @@ impl LiveRows {
     /// `y: [live, W]` → `[B, T, W]` with zeros in the padding rows.
     pub fn scatter(&self, y: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         let w = y.dim(1)?;
-        if !y.device().is_cpu() || y.dtype() != DType::F32 {
+        if !y.device().is_cpu() || y.dtype() != DType::F32 || y.track_op() {
             let idx = Tensor::new(self.src.as_slice(), y.device())?;
             let zeros = Tensor::zeros((self.slot.len(), w), y.dtype(), y.device())?;
             return Ok(zeros.index_add(&idx, y, 0)?.reshape((b, t, w))?);
@@ -169,6 +170,18 @@ mod tests {
             .scatter(&slow.to_dtype(DType::F64)?, b, t)?
             .to_dtype(DType::F32)?;
         assert_eq!(fast.to_vec3::<f32>()?, slow.to_vec3::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn a_gradient_flows_through_to_the_real_rows() -> Result<()> {
+        let live = LiveRows::of(&layout(0, 3, 0), &[1, 0]).expect("padding");
+        let x = candle_core::Var::from_tensor(&Tensor::ones((2, 3, 2), DType::F32, &Device::Cpu)?)?;
+        let y = live.scatter(&(live.gather(x.as_tensor())? * 3.0)?, 2, 3)?;
+        let g = y.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).expect("a gradient").to_vec3::<f32>()?;
+        assert_eq!(gx[0], vec![vec![0.0; 2], vec![3.0; 2], vec![3.0; 2]]);
+        assert_eq!(gx[1], vec![vec![3.0; 2]; 3]);
         Ok(())
     }
 
