@@ -172,10 +172,7 @@ impl Decoder {
         let cfg = &self.cfg;
         let (b, t) = (ctx.batch, ctx.new_tokens);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qkv = match &ctx.live {
-            Some(live) => live.scatter(&layer.attn.qkv.forward(&live.gather(x)?)?, b, t)?,
-            None => layer.attn.qkv.forward(x)?,
-        };
+        let qkv = ctx.on_live_rows(x, |x| layer.attn.qkv.forward(x))?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, start * hd, n * hd)?
@@ -248,22 +245,16 @@ impl Decoder {
             cfg.attn_softcap.map(|c| c as f32),
         )?;
         let out = out.transpose(1, 2)?;
-        match &ctx.live {
-            // The gather reads the heads' transposed view in place.
-            Some(live) => live.scatter(&layer.attn.o.forward(&live.gather(&out)?)?, b, t),
-            None => layer.attn.o.forward(&out.reshape((b, t, nh * hd))?),
-        }
+        // The real rows' gather reads the heads' transposed view in place; only the whole
+        // batch's product needs it copied into rows.
+        let out = match ctx.live {
+            Some(_) => out,
+            None => out.reshape((b, t, nh * hd))?,
+        };
+        ctx.on_live_rows(&out, |x| layer.attn.o.forward(x))
     }
 
-    fn mlp(&self, l: usize, x: &Tensor, ctx: &StepCtx) -> Result<Tensor> {
-        if let Some(live) = &ctx.live {
-            let (b, t) = (ctx.batch, ctx.new_tokens);
-            return live.scatter(&self.mlp_rows(l, &live.gather(x)?)?, b, t);
-        }
-        self.mlp_rows(l, x)
-    }
-
-    fn mlp_rows(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let m = &self.layers[l].mlp;
         let gu = m.gate_up.forward(x)?;
         if gu.device().is_cpu() && gu.dtype() == DType::F32 && !gu.track_op() {
@@ -301,7 +292,7 @@ impl Decoder {
             let a = hooks.apply(Hook::AttnOut(l), a, acts)?;
             x = (x + a)?;
             let h = layer.mlp_in_norm.forward(&x)?;
-            let mut m = self.mlp(l, &h, ctx)?;
+            let mut m = ctx.on_live_rows(&h, |h| self.mlp(l, h))?;
             if let Some(n) = &layer.mlp_out_norm {
                 m = n.forward(&m)?;
             }

@@ -86,6 +86,21 @@ pub struct StepCtx {
     pub(crate) live: Option<LiveRows>,
 }
 
+impl StepCtx {
+    /// `f` (a projection) on the call's real-token rows only, its result scattered back with
+    /// zeros in the padding rows (`LiveRows`); on all of `x` when no row is skipped.
+    pub(crate) fn on_live_rows(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match &self.live {
+            Some(live) => live.scatter(&f(&live.gather(x)?)?, self.batch, self.new_tokens),
+            None => f(x),
+        }
+    }
+}
+
 impl Decoder {
     /// Masks and rope angles for `new_tokens` tokens appended after `past` cached ones, rows
     /// left-padded by `pads[b]` tokens.
