@@ -15,11 +15,20 @@ fn equals_candle_matmul_on_every_tail() {
     ] {
         let x = Tensor::from_vec(pseudo(m * k, 1), (m, k), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(pseudo(n * k, 2), (n, k), &Device::Cpu).unwrap();
-        let got = matmul_wt(&x, &w)
-            .unwrap()
-            .expect("qualifies")
-            .to_vec2::<f32>()
-            .unwrap();
+        // Past the level's `max_rows` the kernel still computes what it is given (the bf16
+        // path hands it up to MAX_ROWS rows), but `matmul_wt` leaves the rows to gemm.
+        let qualifies = m <= max_rows(crate::kernels::simd::level());
+        let got = match matmul_wt(&x, &w).unwrap() {
+            Some(y) => {
+                assert!(qualifies, "{m} rows should go to gemm");
+                y.to_vec2::<f32>().unwrap()
+            }
+            None => {
+                assert!(!qualifies, "{m} rows should take the kernel");
+                let y = small_rows(&pseudo(m * k, 1), &F32Rows(&pseudo(n * k, 2)), m, n, k);
+                y.chunks(n).map(|r| r.to_vec()).collect()
+            }
+        };
         let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
         for (gr, wr) in got.iter().zip(&want) {
             for (g, e) in gr.iter().zip(wr) {
@@ -224,6 +233,29 @@ fn timing() {
                 "{level:?} m={m}, 30 layers streamed: {g:.1} GFLOP/s ({gbs:.1} GB/s of weights)"
             );
         }
+    }
+    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past MAX_ROWS take) overtakes
+    // the tile, per level: the same 30 layers streamed.
+    for m in [8, 16, 24, 32, 48] {
+        let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
+        let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
+        let level = crate::kernels::simd::level();
+        let time = |f: &dyn Fn(&[f32], &[f32], usize, usize)| {
+            crate::kernels::gflops(flop as f64, &mut || {
+                for ((n, k, w), x) in ws.iter().zip(&xs) {
+                    f(x, w, *n, *k);
+                }
+            })
+        };
+        let tile = time(&|x, w, n, k| {
+            std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, n, k));
+        });
+        let xwt = time(&|x, w, n, k| {
+            std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, k, w, n));
+        });
+        println!(
+            "{level:?} m={m}, 30 layers streamed: tile {tile:.1}, matmul_xwt {xwt:.1} GFLOP/s"
+        );
     }
     // Each projection's shape alone, streamed (the 8 layers' copies of it in turn): where
     // the streamed figure above loses against the L2 one.
