@@ -234,25 +234,24 @@ fn timing() {
             );
         }
     }
-    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past MAX_ROWS take) overtakes
+    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past `max_rows` take) overtakes
     // the tile, per level: the same 30 layers streamed.
     for m in [8, 16, 24, 32, 48] {
         let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
         let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
         let level = crate::kernels::simd::level();
-        let time = |f: &dyn Fn(&[f32], &[f32], usize, usize)| {
+        let time = |xwt: bool| {
             crate::kernels::gflops(flop as f64, &mut || {
                 for ((n, k, w), x) in ws.iter().zip(&xs) {
-                    f(x, w, *n, *k);
+                    if xwt {
+                        std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, *k, w, *n));
+                    } else {
+                        std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, *n, *k));
+                    }
                 }
             })
         };
-        let tile = time(&|x, w, n, k| {
-            std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, n, k));
-        });
-        let xwt = time(&|x, w, n, k| {
-            std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, k, w, n));
-        });
+        let (tile, xwt) = (time(false), time(true));
         println!(
             "{level:?} m={m}, 30 layers streamed: tile {tile:.1}, matmul_xwt {xwt:.1} GFLOP/s"
         );
