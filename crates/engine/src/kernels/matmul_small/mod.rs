@@ -13,21 +13,8 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
-/// The most rows the kernel takes on any level (the bf16 widening path's too).
+/// Row counts up to this use the kernel (beyond it, gemm's blocking wins).
 pub const MAX_ROWS: usize = 32;
-
-/// Row counts up to this use the kernel on `level`; beyond it the gemm crate's x-left path
-/// (`gemm::matmul_xwt`) wins. With AVX2's 16 registers the tile takes input rows in pairs and
-/// loads six vectors per eight FMAs, so it gives way sooner: on a 2-core AMD EPYC (Zen 3) the
-/// 30 layers' decode projections, streamed, ran at 54-67 GFLOP/s in the tile against 79 in
-/// `matmul_xwt` at 32 rows, 53-60 against 54-61 at 24, 47-54 against 49-58 at 16, and 34
-/// against 30 at 8 (`tests::timing`). AVX-512's four-row tile held to 32 rows on both Xeons.
-pub fn max_rows(level: Level) -> usize {
-    match level {
-        Level::Avx2 => 16,
-        _ => MAX_ROWS,
-    }
-}
 
 /// Runs `f` on a contiguous f32 CPU tensor's values; None for anything else.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -44,14 +31,14 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> 
     }
 }
 
-/// `x: [M, K]`, `w: [N, K]`, both contiguous f32 CPU tensors, M <= `max_rows`: `[M, N]`.
+/// `x: [M, K]`, `w: [N, K]`, both contiguous f32 CPU tensors, M <= MAX_ROWS: `[M, N]`.
 /// None when the inputs do not qualify (the caller falls back to candle's matmul).
 pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
     if k != k2 {
         bail!("matmul_wt: inner dimensions {k} and {k2} differ");
     }
-    if m == 0 || m > max_rows(simd::level()) || x.track_op() || w.track_op() {
+    if m == 0 || m > MAX_ROWS || x.track_op() || w.track_op() {
         return Ok(None);
     }
     let out = with_f32(x, |xv| {

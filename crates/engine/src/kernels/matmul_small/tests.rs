@@ -15,20 +15,11 @@ fn equals_candle_matmul_on_every_tail() {
     ] {
         let x = Tensor::from_vec(pseudo(m * k, 1), (m, k), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(pseudo(n * k, 2), (n, k), &Device::Cpu).unwrap();
-        // Past the level's `max_rows` the kernel still computes what it is given (the bf16
-        // path hands it up to MAX_ROWS rows), but `matmul_wt` leaves the rows to gemm.
-        let qualifies = m <= max_rows(crate::kernels::simd::level());
-        let got = match matmul_wt(&x, &w).unwrap() {
-            Some(y) => {
-                assert!(qualifies, "{m} rows should go to gemm");
-                y.to_vec2::<f32>().unwrap()
-            }
-            None => {
-                assert!(!qualifies, "{m} rows should take the kernel");
-                let y = small_rows(&pseudo(m * k, 1), &F32Rows(&pseudo(n * k, 2)), m, n, k);
-                y.chunks(n).map(|r| r.to_vec()).collect()
-            }
-        };
+        let got = matmul_wt(&x, &w)
+            .unwrap()
+            .expect("qualifies")
+            .to_vec2::<f32>()
+            .unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
         for (gr, wr) in got.iter().zip(&want) {
             for (g, e) in gr.iter().zip(wr) {
@@ -234,7 +225,7 @@ fn timing() {
             );
         }
     }
-    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past `max_rows` take) overtakes
+    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past MAX_ROWS take) overtakes
     // the tile, per level: the same 30 layers streamed.
     for m in [8, 16, 24, 32, 48] {
         let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
