@@ -210,41 +210,36 @@ fn timing() {
             (n, k, pseudo(n * k, 2 + i as u64))
         })
         .collect();
-    for m in [1, 16, 32] {
+    // Per level, and beside the gemm crate's x-left path (`matmul_xwt`, what rows past MAX_ROWS
+    // take): where it overtakes the tile.
+    for m in [1, 8, 16, 24, 32, 48] {
         let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
         let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
-        for level in crate::kernels::simd::test_levels("matmul_small") {
-            let g = crate::kernels::gflops(flop as f64, &mut || {
+        // The tile on `Some(level)`, `matmul_xwt` on None.
+        let time = |level: Option<Level>| {
+            crate::kernels::gflops(flop as f64, &mut || {
                 for ((n, k, w), x) in ws.iter().zip(&xs) {
-                    std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, *n, *k));
+                    match level {
+                        Some(l) => {
+                            std::hint::black_box(small_rows_at(l, x, &F32Rows(w), m, *n, *k))
+                        }
+                        None => {
+                            std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, *k, w, *n))
+                        }
+                    };
                 }
-            });
+            })
+        };
+        for level in crate::kernels::simd::test_levels("matmul_small") {
+            let g = time(Some(level));
             let gbs = g * 4.0 / (2.0 * m as f64);
             println!(
                 "{level:?} m={m}, 30 layers streamed: {g:.1} GFLOP/s ({gbs:.1} GB/s of weights)"
             );
         }
-    }
-    // Where the gemm crate's x-left path (`matmul_xwt`, what rows past MAX_ROWS take) overtakes
-    // the tile, per level: the same 30 layers streamed.
-    for m in [8, 16, 24, 32, 48] {
-        let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
-        let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
-        let level = crate::kernels::simd::level();
-        let time = |xwt: bool| {
-            crate::kernels::gflops(flop as f64, &mut || {
-                for ((n, k, w), x) in ws.iter().zip(&xs) {
-                    if xwt {
-                        std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, *k, w, *n));
-                    } else {
-                        std::hint::black_box(small_rows_at(level, x, &F32Rows(w), m, *n, *k));
-                    }
-                }
-            })
-        };
-        let (tile, xwt) = (time(false), time(true));
         println!(
-            "{level:?} m={m}, 30 layers streamed: tile {tile:.1}, matmul_xwt {xwt:.1} GFLOP/s"
+            "matmul_xwt m={m}, 30 layers streamed: {:.1} GFLOP/s",
+            time(None)
         );
     }
     // Each projection's shape alone, streamed (the 8 layers' copies of it in turn): where
