@@ -3,6 +3,7 @@
 //! without copying it, and `accumulate` adds into the destination (gradient accumulation in
 //! place).
 
+use crate::kernels::matmul_small::{F32Rows, WeightRows};
 use rayon::prelude::*;
 
 /// A row-major `[rows, cols]` matrix in a slice (rows `stride` apart), read either as it is or
@@ -366,7 +367,7 @@ fn band(n: usize, bands: usize, i: usize) -> (usize, usize) {
 /// the crate streams the unpacked weight once per 64 rows, and `matmul_new`, whose packing is
 /// then spread over enough rows, wins: a prefill's 400 rows ran at 0.78x (hidden states,
 /// SmolLM2-135M, 2-core Xeon), while 128 decode rows took 7% less time a generation.
-const XWT_MAX_ROWS: usize = 128;
+pub(crate) const XWT_MAX_ROWS: usize = 128;
 
 /// `x [m, k] · wᵀ` for `w [n, k]` (both row-major): `[m, n]`, the same values to the bit as
 /// `matmul_new` on `x` and `wᵀ`.
@@ -379,12 +380,23 @@ const XWT_MAX_ROWS: usize = 128;
 /// `SUB_BAND` into an L2-sized scratch and transposes that into place. The microkernel sums
 /// every value over k in the same order either way, hence the same bits.
 pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "matmul_xwt: an operand is too short"
-    );
+    assert!(w.len() >= n * k, "matmul_xwt: the weight is too short");
+    matmul_xwt_rows(x, m, k, &F32Rows(w), n)
+}
+
+/// `matmul_xwt` on the weight rows `rows` serves: read in place (f32), or widened a sub-band at
+/// a time into a per-thread buffer (bf16, f16, quantized). Both run the same gemm calls on the
+/// same sub-bands, so a dequantized weight gives the f32 load's values to the bit.
+pub(crate) fn matmul_xwt_rows<R: WeightRows>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: &R,
+    n: usize,
+) -> Vec<f32> {
+    assert!(x.len() >= m * k, "matmul_xwt: the input is too short");
     if m == 0 || n == 0 || k == 0 {
-        return matmul_new(Mat::new(x, m, k), Mat::new(w, n, k).t(), true);
+        return vec![0f32; m * n];
     }
     // x transposed, [k, m]: column i is row i of x.
     let mut xt = vec![0f32; k * m];
@@ -395,19 +407,36 @@ pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
     }
     let threads = rayon::current_num_threads();
     let bands = if n < threads * MIN_BAND { 1 } else { threads };
-    // About 1 MB of scratch per thread: the transpose reads it from L2.
-    let sub = ((256 * 1024) / m).clamp(16, SUB_BAND) / 16 * 16;
+    // About 1 MB of scratch per thread: the transpose reads it from L2; a widened sub-band
+    // stays within about 2 MB.
+    let sub = ((256 * 1024) / m).min((512 * 1024) / k).clamp(16, SUB_BAND) / 16 * 16;
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = crate::kernels::SharedMut(y.as_mut_ptr());
     (0..bands).into_par_iter().for_each(|band_i| {
         let (start, end) = band(n, bands, band_i);
         let mut yt = vec![0f32; sub.min(end - start) * m];
+        let mut widened = vec![
+            0f32;
+            if R::WIDENS {
+                sub.min(end - start) * k
+            } else {
+                0
+            }
+        ];
         for j0 in (start..end).step_by(sub) {
             let nb = sub.min(end - j0);
+            let wb = if R::WIDENS {
+                for (r, buf) in widened.chunks_exact_mut(k).take(nb).enumerate() {
+                    rows.widen(j0 + r, buf);
+                }
+                &widened[..nb * k]
+            } else {
+                rows.direct_rows(j0, nb, k)
+            };
             // Yᵀ for columns j0..j0 + nb, [nb, m] row-major (the crate's column-major output
             // of x · wᵀ): w's rows times xᵀ read from xt, which the crate turns into x as its
             // left operand, unpacked, and wᵀ as its right.
-            let wb = Mat::new(&w[j0 * k..(j0 + nb) * k], nb, k);
+            let wb = Mat::new(wb, nb, k);
             matmul(&mut yt[..nb * m], m, wb, Mat::new(&xt, k, m), false, false);
             // yt[j * m + i] is y[i][j0 + j]: 16 x 16 blocks, each read as 16 runs of yt into
             // an L1 block and written as 16 runs of y.

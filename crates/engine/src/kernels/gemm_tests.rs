@@ -25,6 +25,7 @@ mod products {
     fn x_as_the_left_operand_gives_the_same_bits() {
         for (m, k, n) in [
             (1, 9, 5),
+            (24, 576, 960),
             (33, 576, 960),
             (48, 64, 7),
             (128, 576, 1100),
@@ -36,6 +37,32 @@ mod products {
             let got = matmul_xwt(&x, m, k, &w, n);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "m={m} k={k} n={n}");
+        }
+    }
+
+    /// Weight rows widened a sub-band at a time (a dequantized or bf16 weight) give the f32
+    /// weight's bits: both run the same gemm calls. k = 1536 caps the sub-band by the
+    /// widening buffer's size, so several sub-bands run per thread.
+    #[test]
+    fn widened_rows_give_the_f32_weights_bits() {
+        use crate::kernels::matmul_small::WeightRows;
+        struct Copied<'a>(&'a [f32], usize);
+        impl WeightRows for Copied<'_> {
+            const WIDENS: bool = true;
+            fn widen(&self, j: usize, out: &mut [f32]) {
+                out.copy_from_slice(&self.0[j * self.1..(j + 1) * self.1]);
+            }
+        }
+        for (m, k, n) in [(17, 1536, 1100), (32, 576, 960), (100, 40, 70)] {
+            let (x, w) = (pseudo(m * k, 1), pseudo(n * k, 2));
+            let want = matmul_xwt(&x, m, k, &w, n);
+            let got = matmul_xwt_rows(&x, m, k, &Copied(&w, k), n);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m={m} k={k} n={n}"
+            );
         }
     }
 

@@ -280,9 +280,13 @@ impl Weight {
         for b in &self.blocks {
             let y = match b {
                 Block::Dense(t) if t.dtype() == DType::F32 => {
-                    match crate::kernels::matmul_small::matmul_wt(&x, t)? {
+                    use crate::kernels::{gemm::linear_f32, matmul_small::matmul_wt};
+                    match matmul_wt(&x, t)? {
                         Some(y) => y,
-                        None => x.matmul(&t.t()?)?,
+                        None => match linear_f32(&x, t)? {
+                            Some(y) => y,
+                            None => x.matmul(&t.t()?)?,
+                        },
                     }
                 }
                 _ => {
