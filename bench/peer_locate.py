@@ -8,7 +8,8 @@ Times the runs only (not loading, tokenising, nor one short untimed warm-up).
 
 --runs: a JSON list of {"range": "I-J" | "baseline", "alpha": A} (the runs ours made, from its
 locate.json). Prints one JSON line: {"seconds", "runs": [{"range", "alpha", "refusals",
-"seconds", "verdicts", "ids"}]}.
+"seconds", "verdicts", "ids"}], "prompt_tokens", "shared_head"} (the prompts' tokens, chat
+template included, and how many of their first tokens all prompts share).
 """
 import argparse
 import json
@@ -70,7 +71,9 @@ def main():
         results.append({"range": run["range"], "alpha": run["alpha"], "refusals": sum(verdicts), "seconds": secs,
                         "verdicts": verdicts, "ids": outs})
         print(f"peer locate: {run['range']} @ {run['alpha']}: {sum(verdicts)} refusals, {secs:.1f} s", file=sys.stderr)
-    print(json.dumps({"seconds": time.perf_counter() - t_all, "runs": results}))
+    head = next((i for i in range(min(map(len, ids))) if len({x[i] for x in ids}) > 1), min(map(len, ids)))
+    print(json.dumps({"seconds": time.perf_counter() - t_all, "runs": results,
+                      "prompt_tokens": sum(len(x) for x in ids), "shared_head": head}))
 
 
 if __name__ == "__main__":

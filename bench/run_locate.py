@@ -19,6 +19,7 @@ sweep is about 5 ranges (3 upper, 2 new lower) plus the baseline; the paper's is
 """
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +42,42 @@ def same_tokens(ours, peer):
     """Prompts whose new tokens agree: exactly, or up to where ours stopped early (its judge had
     decided, so it generated no further)."""
     return sum((p[:len(o)] == o) if early else (p == o) for (o, early), p in zip(ours, peer))
+
+
+def roofline_lines(args, py, model_dir, peer, ours_s, peer_s):
+    """The sweep's FLOPs and what the best GEMM here does on its shapes: the time floor they set,
+    to say whether a lead over the loop is bounded by the machine or by the code."""
+    cfg = json.load(open(model_dir / "config.json"))
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
+    per_token = 2 * layers * (h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h)
+    head = 2 * h * cfg["vocab_size"]
+    runs, prompts = len(peer["runs"]), len(peer["runs"][0]["ids"])
+    # The prompts' shared head (chat template) is computed once a run: the rest is the prefill's work.
+    prefill_tokens = peer["prompt_tokens"] - (prompts - 1) * peer["shared_head"]
+    prefill = runs * prefill_tokens * per_token
+    # A prompt that gets t new tokens: its prefill's lm_head row, then t - 1 tokens fed back.
+    new = [len(ids) for r in peer["runs"] for ids in r["ids"]]
+    decode = sum(t * head + max(t - 1, 0) * per_token for t in new)
+    prefill_rows = args.batch_size * max(1, round(prefill_tokens / prompts))
+    g = c.timed([py, c.BENCH / "gemm_roofline.py", "--config", model_dir / "config.json", "--rows", args.batch_size,
+                 prefill_rows, "--layers", layers, "--min-seconds", 0.05 if args.quick else 1.0],
+                "gemm roofline at the decode and prefill shapes").last_json()
+    (rd, rp) = g["results"]
+    floor = decode / (rd["roofline_gflops"] * 1e9) + prefill / (rp["roofline_gflops"] * 1e9)
+    return [
+        f"- work (the peer's tokens; the four projections and the lm_head, attention's 1-2% left out): decode "
+        f"{decode / 1e12:.2f} TFLOP ({sum(new)} new tokens), prefill {prefill / 1e12:.2f} TFLOP ({prefill_tokens} tokens "
+        f"a run once the {peer['shared_head']}-token shared head is counted once, of {peer['prompt_tokens']})",
+        f"- GEMM roofline (best of torch / numpy, x @ W^T over the {layers} layers' distinct weights in turn, "
+        f"streamed as a forward streams them): {rd['roofline_gflops']:.1f} GFLOP/s at M = {args.batch_size} (a decode "
+        f"step; torch {rd['torch']['layer']:.1f}, numpy {rd['numpy']['layer']:.1f}), {rp['roofline_gflops']:.1f} at "
+        f"M = {prefill_rows} (a prefill batch)",
+        f"- floor at those rates: {floor:.1f} s, {peer_s / floor:.2f}x the loop's {peer_s:.0f} s; 3x needs "
+        f"{peer_s / 3:.1f} s. Ours {ours_s:.1f} s is {floor / ours_s:.2f} of the floor's speed (ours stops a response "
+        f"early once its verdict is decided, which the floor does not count)",
+    ]
 
 
 def main():
@@ -121,6 +158,8 @@ def main():
     ]
     lines.append(f"- identical new tokens, ours vs transformers (up to ours' early stop), over every run and prompt: "
                  f"{tokens_same} of {tokens_all}")
+    lines += roofline_lines(args, py, model_dir, peer, statistics.median(arms["ours"]),
+                            statistics.median(arms["transformers"]))
     if all_zero:
         lines.append("- every run refused 0 prompts (SmolLM2-135M-Instruct is not safety-aligned), so equal counts say "
                      "little; the token comparison is the stronger check")
