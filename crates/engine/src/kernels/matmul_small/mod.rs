@@ -17,24 +17,17 @@ use rayon::prelude::*;
 pub const MAX_ROWS: usize = 32;
 
 /// Row counts up to this use the kernel on `level`; beyond it the gemm crate's x-left path
-/// (`gemm::matmul_xwt`) and then its packed one take them. On AVX2 rows from `SLAB_MIN_ROWS`
-/// take the slab kernel (`slab`) up to `gemm::XWT_MAX_ROWS`; AVX-512's four-row tile held to
-/// 32 rows on both Xeons.
+/// (`gemm::matmul_xwt`) wins. With AVX2's 16 registers the tile takes input rows in pairs and
+/// loads six vectors per eight FMAs, so it gives way sooner: on a 2-core AMD EPYC (Zen 3) the
+/// 30 layers' decode projections, streamed, ran at 54-67 GFLOP/s in the tile against 79 in
+/// `matmul_xwt` at 32 rows, 53-60 against 54-61 at 24, 47-54 against 49-58 at 16, and 34
+/// against 30 at 8 (`tests::timing`). AVX-512's four-row tile held to 32 rows on both Xeons.
 pub fn max_rows(level: Level) -> usize {
     match level {
-        Level::Avx2 => crate::kernels::gemm::XWT_MAX_ROWS,
+        Level::Avx2 => 16,
         _ => MAX_ROWS,
     }
 }
-
-/// From this many rows AVX2 takes the slab kernel instead of the 2x4 tile. With AVX2's 16
-/// registers the tile takes input rows in pairs (six loads per eight FMAs); the slab's twelve
-/// accumulators take 8-16 rows per weight value loaded. The 30 layers' decode projections of
-/// SmolLM2, streamed, on a 2-core AMD EPYC (Zen 3), GFLOP/s (`tests::timing`, three runs):
-/// at 8 rows the tile 40-50, `matmul_xwt` 29-47, the slab 56-77; at 16: 58-71, 71-76, 88-112;
-/// at 32: 69-96, 67-95, 81-111; at 128: 97, 107, 137. At 1-4 rows, where the weight's stream
-/// from memory bounds both, the tile was as fast or slightly faster.
-pub const SLAB_MIN_ROWS: usize = 8;
 
 /// Runs `f` on a contiguous f32 CPU tensor's values; None for anything else.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -95,8 +88,7 @@ impl WeightRows for F32Rows<'_> {
     }
 }
 
-/// `[M, N]`: `x · wᵀ` for the weight rows `src` serves, on the kernel the level and the row
-/// count choose.
+/// `[M, N]`: `x · wᵀ` for the weight rows `src` serves.
 pub(crate) fn small_rows<R: WeightRows>(
     xv: &[f32],
     src: &R,
@@ -104,12 +96,7 @@ pub(crate) fn small_rows<R: WeightRows>(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let level = simd::level();
-    #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 && m >= SLAB_MIN_ROWS {
-        return slab::slab_rows(xv, m, k, src, n);
-    }
-    small_rows_at(level, xv, src, m, n, k)
+    small_rows_at(simd::level(), xv, src, m, n, k)
 }
 
 /// `small_rows` on a given SIMD level.
@@ -313,8 +300,6 @@ unsafe fn tile_avx512<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4], next: Next
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod slab;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
