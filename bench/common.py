@@ -359,3 +359,12 @@ def common_args(ap, reps=5):
 
 def reps_of(args):
     return args.reps if args.reps is not None else (1 if args.quick else args.default_reps)
+
+
+def layer_flops(cfg):
+    """FLOPs per token of one decoder layer's projections, and the attention constants."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    proj = 2 * h * (heads + 2 * kvh) * hd + 2 * heads * hd * h + 2 * h * 2 * inter + 2 * inter * h
+    return proj, heads, hd

@@ -71,7 +71,8 @@ def main():
         results.append({"range": run["range"], "alpha": run["alpha"], "refusals": sum(verdicts), "seconds": secs,
                         "verdicts": verdicts, "ids": outs})
         print(f"peer locate: {run['range']} @ {run['alpha']}: {sum(verdicts)} refusals, {secs:.1f} s", file=sys.stderr)
-    head = next((i for i in range(min(map(len, ids))) if len({x[i] for x in ids}) > 1), min(map(len, ids)))
+    shortest = min(map(len, ids))
+    head = next((i for i in range(shortest) if len({x[i] for x in ids}) > 1), shortest)
     print(json.dumps({"seconds": time.perf_counter() - t_all, "runs": results,
                       "prompt_tokens": sum(len(x) for x in ids), "shared_head": head}))
 

@@ -26,15 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 
-def layer_flops(cfg):
-    """FLOPs per token of one decoder layer's projections, and the attention constants."""
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    proj = 2 * h * (heads + 2 * kvh) * hd + 2 * heads * hd * h + 2 * h * 2 * inter + 2 * inter * h
-    return proj, heads, hd
-
-
 def attn(heads, hd, queries, keys_before):
     """Score and weighted-sum FLOPs of `queries` causal queries after `keys_before` keys."""
     return heads * 2 * 2 * hd * sum(keys_before + q + 1 for q in range(queries))
@@ -49,7 +40,7 @@ def flops(lengths, batch_size, cfg, shared=0):
     T x (shared + T) scores as an upper bound; rows = real rows per batch (the projections' M);
     naive = every token of every prompt, causal (what a peer without the shared head must do at
     least)."""
-    proj, heads, hd = layer_flops(cfg)
+    proj, heads, hd = c.layer_flops(cfg)
     n_layers = cfg["num_hidden_layers"]
     naive = sum(n_layers * (n * proj + attn(heads, hd, n, 0)) for n in lengths)
     head = n_layers * (shared * proj + attn(heads, hd, shared, 0))

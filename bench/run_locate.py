@@ -48,11 +48,9 @@ def roofline_lines(args, py, model_dir, peer, ours_s, peer_s):
     """The sweep's FLOPs and what the best GEMM here does on its shapes: the time floor they set,
     to say whether a lead over the loop is bounded by the machine or by the code."""
     cfg = json.load(open(model_dir / "config.json"))
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
-    per_token = 2 * layers * (h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h)
-    head = 2 * h * cfg["vocab_size"]
+    layers = cfg["num_hidden_layers"]
+    per_token = layers * c.layer_flops(cfg)[0]
+    head = 2 * cfg["hidden_size"] * cfg["vocab_size"]
     runs, prompts = len(peer["runs"]), len(peer["runs"][0]["ids"])
     # The prompts' shared head (chat template) is computed once a run: the rest is the prefill's work.
     prefill_tokens = peer["prompt_tokens"] - (prompts - 1) * peer["shared_head"]

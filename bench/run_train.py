@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
-from run_hidden import layer_flops  # noqa: E402
 
 
 def finetune_help(ours_bin):
@@ -137,7 +136,7 @@ def main():
                              f"{res['losses'][0]:.4f}, {res['trainable']} trainable parameters")
 
     cfg = json.load(open(model_dir / "config.json"))
-    proj, _, _ = layer_flops(cfg)
+    proj, _, _ = c.layer_flops(cfg)
     first, last = (int(x) for x in args.freeze.split("-"))
     k, n_layers = last - first + 1, cfg["num_hidden_layers"]
     fwd = n_layers * proj + 2 * cfg["hidden_size"] * cfg["vocab_size"]  # per token: layers + lm_head
