@@ -6,7 +6,7 @@
 //! The training path keeps candle's ops (they have a backward pass).
 
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::attention_rows::{dots16, weighted_rows};
+use crate::kernels::attention_rows::{dots16, dots16_avx2, weighted_rows, weighted_rows_avx2};
 use crate::kernels::simd::{self, Level};
 use anyhow::{bail, ensure, Result};
 use candle_core::{Storage, Tensor};
@@ -140,41 +140,48 @@ pub(crate) fn attention_at(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    // AVX-512 computes a block of keys at a time (`attention_rows`), to the same bits.
-    let blocks = cfg!(target_arch = "x86_64") && matches!(level, Level::Avx512 | Level::Avx512Bf16);
+    // AVX-512 and AVX2 compute a block of keys at a time (`attention_rows`), to the same bits.
+    let blocks = cfg!(target_arch = "x86_64")
+        && matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2);
     attention_keys(level, blocks, q, k, v, mask, scale, softcap)
 }
 
-/// The scores of a block of keys (`attention_rows::dots16`). Only AVX-512 levels take blocks
-/// (`attention_keys` asserts it), so the level's features are present.
-fn key_block(q: &[f32], keys: &[f32], n: usize, out: &mut [f32; 16]) {
+/// The scores of a block of keys (`attention_rows::dots16` and `dots16_avx2`). Only the x86
+/// levels take blocks (`attention_keys` asserts it), so the level's features are present.
+fn key_block(level: Level, q: &[f32], keys: &[f32], n: usize, out: &mut [f32; 16]) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: blocks are taken on an AVX-512 level the CPU runs (see above).
+    // SAFETY: blocks are taken on an x86 level the CPU runs (see above).
     unsafe {
-        dots16(q, keys, n, out)
+        match level {
+            Level::Avx2 => dots16_avx2(q, keys, n, out),
+            _ => dots16(q, keys, n, out),
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, keys, n, out);
-        unreachable!("key blocks are an AVX-512 path");
+        let _ = (level, q, keys, n, out);
+        unreachable!("key blocks are an x86 path");
     }
 }
 
 /// The weighted sum of a query's value rows (`attention_rows::weighted_rows`), as `key_block`.
-fn block_sum(p: &[f32], sum: f32, values: &[f32], o: &mut [f32]) {
+fn block_sum(level: Level, p: &[f32], sum: f32, values: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `key_block`.
     unsafe {
-        weighted_rows(p, sum, values, o)
+        match level {
+            Level::Avx2 => weighted_rows_avx2(p, sum, values, o),
+            _ => weighted_rows(p, sum, values, o),
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (p, sum, values, o);
-        unreachable!("key blocks are an AVX-512 path");
+        let _ = (level, p, sum, values, o);
+        unreachable!("key blocks are an x86 path");
     }
 }
 
-/// `attention_at`, with keys a block at a time (`blocks`, AVX-512 levels only) or one by one.
+/// `attention_at`, with keys a block at a time (`blocks`, x86 levels only) or one by one.
 #[allow(clippy::too_many_arguments)]
 fn attention_keys(
     level: Level,
@@ -187,8 +194,8 @@ fn attention_keys(
     softcap: Option<f32>,
 ) -> Result<Tensor> {
     assert!(
-        !blocks || matches!(level, Level::Avx512 | Level::Avx512Bf16),
-        "key blocks are an AVX-512 path"
+        !blocks || matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2),
+        "key blocks are an x86 path"
     );
     let (b, h, t, d) = q.dims4()?;
     let (kb, hkv, s, kd) = k.dims4()?;
@@ -239,7 +246,13 @@ fn attention_keys(
                                 lo += block.iter().position(live).unwrap_or(n);
                                 if lo < b0 + n {
                                     let hi = b0 + 1 + block.iter().rposition(live).unwrap_or(0);
-                                    key_block(qrow, &keys[lo * d..hi * d], hi - lo, &mut dots);
+                                    key_block(
+                                        level,
+                                        qrow,
+                                        &keys[lo * d..hi * d],
+                                        hi - lo,
+                                        &mut dots,
+                                    );
                                 }
                             }
                             for si in b0..b0 + n {
@@ -272,7 +285,7 @@ fn attention_keys(
                         let orow = &mut o[ti * d..(ti + 1) * d];
                         let values = &vs[vbase..vbase + s * d];
                         if blocks {
-                            block_sum(&p, sum, values, orow);
+                            block_sum(level, &p, sum, values, orow);
                             continue;
                         }
                         for (si, &w) in p.iter().enumerate() {
@@ -306,23 +319,9 @@ pub(crate) mod x86 {
     /// Caller: AVX2 and FMA present, `a.len() == b.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let (k, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= k {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                s1,
-            );
-            i += 16;
-        }
-        if i + 8 <= k {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            i += 8;
-        }
-        let mut s = hsum256(_mm256_add_ps(s0, s1));
+        let k = a.len().min(b.len());
+        let (lanes, i) = crate::kernels::attention_rows::dot_lanes_avx2(a.as_ptr(), b.as_ptr(), k);
+        let mut s = hsum256(lanes);
         for t in i..k {
             s += a[t] * b[t];
         }

@@ -250,14 +250,14 @@ fn attention_matches_scalar_on_every_level() {
     }
 }
 
-/// The AVX-512 key blocks give the one-key path's output to the bit: padding and causal
+/// The AVX-512 and AVX2 key blocks give the one-key path's output to the bit: padding and causal
 /// masks that leave blocks partly or wholly masked, sliding windows, soft-caps, head widths
 /// with and without tails, caches shorter and longer than a block.
 #[test]
 fn key_blocks_equal_one_key_at_a_time() {
     let dev = &Device::Cpu;
     for level in test_levels("attention key blocks") {
-        if !matches!(level, Level::Avx512 | Level::Avx512Bf16) {
+        if !matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2) {
             continue;
         }
         for (d, t, s, shared, window, cap) in [
