@@ -268,30 +268,30 @@ mod tests {
         test_levels("attention rows").contains(&Level::Avx512)
     }
 
-    /// Every block size and head width (with and without tails): the same bits as one key at
-    /// a time.
-    #[test]
-    fn blocks_equal_one_key_at_a_time() {
-        if !avx512() {
-            return;
-        }
-        for d in [1, 7, 16, 17, 32, 48, 64, 80, 96, 128, 131, 256] {
+    type Dots = unsafe fn(&[f32], &[f32], usize, &mut [f32; 16]);
+    type Dot = unsafe fn(&[f32], &[f32]) -> f32;
+    type Weighted = unsafe fn(&[f32], f32, &[f32], &mut [f32]);
+    type Axpy = unsafe fn(f32, &[f32], &mut [f32]);
+
+    /// Every block size 0-16 and head width `widths` (with and without tails): `dots` gives
+    /// `dot`'s bits key by key, and `weighted` gives `axpy`'s, with weights holding zeros
+    /// (skipped keys) and a sum that is not 1. The caller has checked the level's features.
+    unsafe fn blocks_match(widths: &[usize], dots: Dots, dot: Dot, weighted: Weighted, axpy: Axpy) {
+        for &d in widths {
             let q = pseudo(d, 1);
             let keys = pseudo(16 * d, 2);
             for n in 0..=16 {
                 let mut got = [f32::NAN; 16];
-                // SAFETY: AVX-512F checked above.
-                unsafe { dots16(&q, &keys, n, &mut got) };
+                dots(&q, &keys, n, &mut got);
                 for j in 0..16 {
                     let want = if j < n {
-                        unsafe { dot_avx512(&q, &keys[j * d..(j + 1) * d]) }
+                        dot(&q, &keys[j * d..(j + 1) * d])
                     } else {
                         f32::NAN
                     };
                     assert_eq!(got[j].to_bits(), want.to_bits(), "d={d} n={n} key {j}");
                 }
             }
-            // Weights with zeros (skipped keys) and a sum that is not 1.
             let s = 21;
             let mut p = pseudo(s, 3);
             for z in [0, 5, 6, 20] {
@@ -300,10 +300,10 @@ mod tests {
             let values = pseudo(s * d, 4);
             let start = pseudo(d, 5);
             let (mut got, mut want) = (start.clone(), start);
-            unsafe { weighted_rows(&p, 1.7, &values, &mut got) };
+            weighted(&p, 1.7, &values, &mut got);
             for (si, &w) in p.iter().enumerate() {
                 if w != 0.0 {
-                    unsafe { axpy_avx512(w / 1.7, &values[si * d..(si + 1) * d], &mut want) };
+                    axpy(w / 1.7, &values[si * d..(si + 1) * d], &mut want);
                 }
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -311,48 +311,37 @@ mod tests {
         }
     }
 
-    /// The AVX2 blocks: every block size and head width (with and without tails, with a
-    /// scalar tail past the last 8), the same bits as `dot_avx2` and `axpy_avx2` key by key.
+    /// The AVX-512 blocks against `dot_avx512` and `axpy_avx512` (masked tails).
+    #[test]
+    fn blocks_equal_one_key_at_a_time() {
+        if !avx512() {
+            return;
+        }
+        let widths = [1, 7, 16, 17, 32, 48, 64, 80, 96, 128, 131, 256];
+        // SAFETY: AVX-512F checked above.
+        unsafe { blocks_match(&widths, dots16, dot_avx512, weighted_rows, axpy_avx512) };
+    }
+
+    /// The AVX2 blocks against `dot_avx2` and `axpy_avx2`, with widths that leave a scalar
+    /// tail past the last 8.
     #[test]
     fn avx2_blocks_equal_one_key_at_a_time() {
         use crate::kernels::attention::x86::{axpy_avx2, dot_avx2};
         if !test_levels("attention rows").contains(&Level::Avx2) {
             return;
         }
-        for d in [
+        let widths = [
             1, 7, 8, 9, 16, 17, 24, 32, 48, 64, 72, 80, 96, 128, 131, 256,
-        ] {
-            let q = pseudo(d, 1);
-            let keys = pseudo(16 * d, 2);
-            for n in 0..=16 {
-                let mut got = [f32::NAN; 16];
-                // SAFETY: AVX2 and FMA checked above.
-                unsafe { dots16_avx2(&q, &keys, n, &mut got) };
-                for j in 0..16 {
-                    let want = if j < n {
-                        unsafe { dot_avx2(&q, &keys[j * d..(j + 1) * d]) }
-                    } else {
-                        f32::NAN
-                    };
-                    assert_eq!(got[j].to_bits(), want.to_bits(), "d={d} n={n} key {j}");
-                }
-            }
-            let s = 21;
-            let mut p = pseudo(s, 3);
-            for z in [0, 5, 6, 20] {
-                p[z] = 0.0;
-            }
-            let values = pseudo(s * d, 4);
-            let start = pseudo(d, 5);
-            let (mut got, mut want) = (start.clone(), start);
-            unsafe { weighted_rows_avx2(&p, 1.7, &values, &mut got) };
-            for (si, &w) in p.iter().enumerate() {
-                if w != 0.0 {
-                    unsafe { axpy_avx2(w / 1.7, &values[si * d..(si + 1) * d], &mut want) };
-                }
-            }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "d={d}");
-        }
+        ];
+        // SAFETY: AVX2 and FMA checked above.
+        unsafe {
+            blocks_match(
+                &widths,
+                dots16_avx2,
+                dot_avx2,
+                weighted_rows_avx2,
+                axpy_avx2,
+            )
+        };
     }
 }
