@@ -11,6 +11,9 @@ def test_sigint_stops_generation_cleanly():
     code = textwrap.dedent("""
         import os, signal, threading, time
         import safety_layers as sl
+        # A shell's background job starts with SIGINT ignored, and Python then installs no
+        # handler; a terminal's Ctrl-C, which this stands for, finds Python's own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         m = sl.Model.load("smollm2-135m-instruct")
         threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t = time.time()
