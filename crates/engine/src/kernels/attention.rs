@@ -140,10 +140,13 @@ pub(crate) fn attention_at(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    // AVX-512 and AVX2 compute a block of keys at a time (`attention_rows`), to the same bits.
-    let blocks = cfg!(target_arch = "x86_64")
-        && matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2);
-    attention_keys(level, blocks, q, k, v, mask, scale, softcap)
+    attention_keys(level, takes_blocks(level), q, k, v, mask, scale, softcap)
+}
+
+/// Whether `level` computes a block of keys at a time (`attention_rows`, to the same bits as
+/// one key at a time): the AVX-512 and AVX2 levels.
+fn takes_blocks(level: Level) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2)
 }
 
 /// The scores of a block of keys (`attention_rows::dots16` and `dots16_avx2`). Only the x86
@@ -193,10 +196,7 @@ fn attention_keys(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    assert!(
-        !blocks || matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2),
-        "key blocks are an x86 path"
-    );
+    assert!(!blocks || takes_blocks(level), "key blocks are an x86 path");
     let (b, h, t, d) = q.dims4()?;
     let (kb, hkv, s, kd) = k.dims4()?;
     if (kb, kd) != (b, d) || v.dims() != k.dims() {

@@ -257,7 +257,7 @@ fn attention_matches_scalar_on_every_level() {
 fn key_blocks_equal_one_key_at_a_time() {
     let dev = &Device::Cpu;
     for level in test_levels("attention key blocks") {
-        if !matches!(level, Level::Avx512 | Level::Avx512Bf16 | Level::Avx2) {
+        if !super::takes_blocks(level) {
             continue;
         }
         for (d, t, s, shared, window, cap) in [
