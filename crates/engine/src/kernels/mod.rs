@@ -11,6 +11,7 @@ pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_rows;
 pub(crate) mod bf16_rows;
+pub(crate) mod dequant;
 pub mod device_ops;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod dpbf16;

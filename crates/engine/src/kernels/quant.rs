@@ -67,7 +67,9 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
     let w = blocks::<T>(k, bytes, n)?;
     let kb = k / T::BLCK_SIZE;
     if m > INT_ROWS {
-        return Ok(matmul_rows(x, m, k, n, &QuantRows { w, kb }));
+        let fast = crate::kernels::dequant::Widen::new(T::DTYPE, simd::level());
+        let rows = QuantRows { w, bytes, kb, fast };
+        return Ok(matmul_rows(x, m, k, n, &rows));
     }
     Ok(match simd::level() {
         level @ (Level::Avx2 | Level::Avx512 | Level::Avx512Bf16)
@@ -79,16 +81,25 @@ fn typed<T: GgmlType>(x: &[f32], m: usize, k: usize, bytes: &[u8], n: usize) -> 
     })
 }
 
-/// Weight rows dequantized on the fly.
+/// Weight rows dequantized on the fly: by `dequant`'s kernel for the type where it has one
+/// (the same values), else by candle's `to_float`.
 struct QuantRows<'a, T> {
     w: &'a [T],
+    bytes: &'a [u8],
     kb: usize,
+    fast: Option<crate::kernels::dequant::Widen>,
 }
 
 impl<T: GgmlType> WeightRows for QuantRows<'_, T> {
     const WIDENS: bool = true;
     fn widen(&self, j: usize, out: &mut [f32]) {
-        T::to_float(&self.w[j * self.kb..(j + 1) * self.kb], out);
+        match &self.fast {
+            Some(f) => {
+                let row = self.kb * std::mem::size_of::<T>();
+                f.run(&self.bytes[j * row..(j + 1) * row], out)
+            }
+            None => T::to_float(&self.w[j * self.kb..(j + 1) * self.kb], out),
+        }
     }
 }
 
