@@ -401,8 +401,8 @@ mod tests {
     fn q4_1_levels_match_candle_scalar() {
         use candle_core::quantized::k_quants::BlockQ4_1;
         for level in crate::kernels::simd::test_levels("Q4_1 dot") {
-            if level == Level::Scalar {
-                continue; // the reference itself
+            if !matches!(level, Level::Avx2 | Level::Avx512 | Level::Avx512Bf16) {
+                continue; // the reference itself, or a level `typed` never sends here (NEON)
             }
             // Odd and even block counts (the AVX-512 path takes blocks in pairs), a long row.
             for (m, n, kb) in [(1, 1, 1), (2, 5, 2), (3, 9, 3), (4, 37, 16), (4, 6, 129)] {
