@@ -10,6 +10,8 @@ pub(crate) mod amx;
 pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_rows;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bcast;
 pub(crate) mod bf16_rows;
 pub(crate) mod dequant;
 pub mod device_ops;

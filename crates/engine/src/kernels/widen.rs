@@ -9,7 +9,7 @@
 //! into the output's columns. Accumulation is f32 throughout.
 
 use crate::kernels::bf16_rows::small_rows_bf16;
-use crate::kernels::gemm::{matmul_xwt_rows, XWT_MAX_ROWS};
+use crate::kernels::gemm::{xwt_rows, XWT_MAX_ROWS};
 use crate::kernels::matmul_small::{max_rows, small_rows, WeightRows, MAX_ROWS};
 use crate::kernels::simd;
 use anyhow::{bail, Result};
@@ -85,7 +85,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
 /// `x: [M, K]` against `N` weight rows widened by `rows`: `[M, N]` f32, by the path an f32
 /// weight's `linear` takes at that row count (so a dequantized weight gives its values to the
 /// bit): few rows through the small-rows kernel (four weight rows widened at a time), a decode
-/// step's many through `matmul_xwt` on widened sub-bands, a prefill's through gemm on widened
+/// step's many through `gemm::xwt_rows` (widened a block or sub-band at a time), a prefill's through gemm on widened
 /// panels.
 pub(crate) fn matmul_rows<R: WeightRows>(
     x: &[f32],
@@ -98,7 +98,7 @@ pub(crate) fn matmul_rows<R: WeightRows>(
         return small_rows(x, rows, m, n, k);
     }
     if m <= XWT_MAX_ROWS {
-        return matmul_xwt_rows(x, m, k, rows, n);
+        return xwt_rows(x, m, k, rows, n);
     }
     let mut out = vec![0f32; m * n];
     let p = panel_rows(k);
