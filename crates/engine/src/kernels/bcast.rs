@@ -1,12 +1,14 @@
-//! `x · wᵀ` for a decode step's many rows (a batch of 33-128 sequences) on AVX-512, with the
+//! `x · wᵀ` for a decode step's many rows (a batch of 17-128 sequences) on AVX-512, with the
 //! weight read in place: x is transposed once into `[k, mp]` (mp: m rounded up to 16, the
 //! padding zero), and each step of the sum broadcasts one value of six weight rows against up
-//! to 64 rows of x held in four vectors, 24 accumulators in all.
+//! to 64 rows of x held in four vectors (twelve rows against 32), 24 accumulators in all.
 //!
 //! The gemm crate's x-left path (`gemm::matmul_xwt`) does the same product with its own
 //! microkernel and threading. At 64 rows on the 2-core Xeon it ran a decode step's 30 layers at
 //! 139-164 GFLOP/s, against a 345 GFLOP/s FMA peak; here every weight row is streamed once
-//! per call, no operand is packed, and the output is written in place.
+//! per call, no operand is packed, and the output is written in place. At 17-32 rows it
+//! replaces the small-rows kernel's four-row tile, which reduces 16 accumulators across lanes
+//! for every 4 x 4 outputs.
 //!
 //! Each output is one FMA chain over k in order, from zero: the scalar reference is
 //! `mul_add` in a loop, equal to the bit (tests).
@@ -14,12 +16,11 @@
 use crate::kernels::matmul_small::WeightRows;
 use rayon::prelude::*;
 
-/// Weight rows per block: six broadcasts against four vectors of x fill 24 of the 32
-/// registers with accumulators.
-const NR: usize = 6;
-/// The most vectors of x (16 rows each) a block takes.
-const V: usize = 4;
-const PREFETCH: bool = true;
+/// Accumulators a block holds: 24 of the 32 vector registers, the rest for x's vectors and
+/// the broadcast. Blocks take six weight rows against up to four vectors of x (64 rows), or
+/// twelve against up to two where x has at most 32 rows: every weight value loaded then
+/// serves as many FMAs as there are vectors of x, so few rows want more weight rows.
+const ACC: usize = 24;
 
 /// `x [m, k] · wᵀ` for the weight rows `rows` serves (`[n, k]`): `[m, n]`. The caller has
 /// checked that the CPU runs AVX-512 F.
@@ -37,19 +38,35 @@ pub(crate) fn xwt<R: WeightRows>(x: &[f32], m: usize, k: usize, rows: &R, n: usi
     XT.with(|cell| match cell.try_borrow_mut() {
         Ok(mut xt) => {
             transposed(x, m, k, mp, &mut xt);
-            product(&xt, m, mp, k, rows, n)
+            by_rows(&xt, m, mp, k, rows, n)
         }
         // A call nested in another on this thread (work stolen while it waits) takes its own.
         Err(_) => {
             let mut xt = Vec::new();
             transposed(x, m, k, mp, &mut xt);
-            product(&xt, m, mp, k, rows, n)
+            by_rows(&xt, m, mp, k, rows, n)
         }
     })
 }
 
-/// `xwt` given xᵀ (`[k, mp]`).
-fn product<R: WeightRows>(
+/// The block shape for m rows (see `ACC`).
+fn by_rows<R: WeightRows>(
+    xt: &[f32],
+    m: usize,
+    mp: usize,
+    k: usize,
+    rows: &R,
+    n: usize,
+) -> Vec<f32> {
+    if mp <= 32 {
+        product::<R, 12>(xt, m, mp, k, rows, n)
+    } else {
+        product::<R, 6>(xt, m, mp, k, rows, n)
+    }
+}
+
+/// `xwt` given xᵀ (`[k, mp]`), NR weight rows a block.
+fn product<R: WeightRows, const NR: usize>(
     xt: &[f32],
     m: usize,
     mp: usize,
@@ -81,22 +98,22 @@ fn product<R: WeightRows>(
             let wp: [*const f32; NR] = std::array::from_fn(|r| w[r.min(nr - 1) * k..].as_ptr());
             // The next block's rows on their way to L1 while this one runs (f32 rows read in
             // place; the first pass over the rows takes it).
-            let next = (!R::WIDENS && j0 + 2 * NR <= n && PREFETCH)
+            let next = (!R::WIDENS && j0 + 2 * NR <= n)
                 .then(|| std::array::from_fn(|r| w[r * k..].as_ptr().wrapping_add(NR * k)));
             let mut m0 = 0;
             while m0 < m {
                 let next = if m0 == 0 { next } else { None };
-                let vs = V.min((mp - m0) / 16);
-                let mut sums = [0f32; NR * V * 16];
+                let vs = (ACC / NR).min((mp - m0) / 16);
+                let mut sums = [0f32; ACC * 16];
                 // SAFETY: the caller checked AVX-512 F; xt holds k rows of mp values, so
                 // columns m0..m0 + 16 vs are inside it, and every weight row holds k values.
                 unsafe {
                     let xp = xt.as_ptr().add(m0);
                     match vs {
-                        4 => block::<4>(xp, mp, k, wp, next, &mut sums),
-                        3 => block::<3>(xp, mp, k, wp, next, &mut sums),
-                        2 => block::<2>(xp, mp, k, wp, next, &mut sums),
-                        _ => block::<1>(xp, mp, k, wp, next, &mut sums),
+                        4 => block::<4, NR>(xp, mp, k, wp, next, &mut sums),
+                        3 => block::<3, NR>(xp, mp, k, wp, next, &mut sums),
+                        2 => block::<2, NR>(xp, mp, k, wp, next, &mut sums),
+                        _ => block::<1, NR>(xp, mp, k, wp, next, &mut sums),
                     }
                 }
                 let stride = vs * 16;
@@ -186,16 +203,17 @@ unsafe fn transpose16(
     }
 }
 
-/// Six weight rows against `VS` vectors of xᵀ's columns: `sums[r * 16 VS + i]` is the dot of
-/// weight row r with column i. Every sum is one FMA chain over k in order, from zero.
+/// NR weight rows against `VS` vectors of xᵀ's columns (NR VS <= `ACC`):
+/// `sums[r * 16 VS + i]` is the dot of weight row r with column i. Every sum is one FMA chain
+/// over k in order, from zero.
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const VS: usize>(
+unsafe fn block<const VS: usize, const NR: usize>(
     xt: *const f32,
     mp: usize,
     k: usize,
     w: [*const f32; NR],
     next: Option<[*const f32; NR]>,
-    sums: &mut [f32; NR * V * 16],
+    sums: &mut [f32; ACC * 16],
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); VS]; NR];
@@ -267,6 +285,8 @@ mod tests {
         for (m, k, n) in [
             (1, 5, 3),
             (16, 576, 6),
+            (24, 576, 30),
+            (32, 1536, 1100),
             (33, 576, 960),
             (48, 17, 7),
             (64, 576, 1100),
@@ -321,7 +341,7 @@ mod tests {
                 out.copy_from_slice(&self.0[j * self.1..(j + 1) * self.1]);
             }
         }
-        for (m, k, n) in [(40, 1536, 1100), (64, 576, 965)] {
+        for (m, k, n) in [(20, 576, 37), (40, 1536, 1100), (64, 576, 965)] {
             let (x, w) = (pseudo(m * k, 3), pseudo(n * k, 4));
             let want = xwt(&x, m, k, &F32Rows(&w), n);
             let got = xwt(&x, m, k, &Copied(&w, k), n);
@@ -346,7 +366,7 @@ mod tests {
             v.sort_by(|a, b| a.total_cmp(b));
             v[v.len() / 2]
         };
-        for m in [33, 48, 64, 96, 128] {
+        for m in [16, 24, 32, 33, 48, 64, 96, 128] {
             let xs: Vec<Vec<f32>> = ws.iter().map(|(_, k, _)| pseudo(m * k, 1)).collect();
             let flop: usize = ws.iter().map(|(n, k, _)| 2 * m * n * k).sum();
             let (mut ours, mut theirs) = (vec![], vec![]);
@@ -356,6 +376,10 @@ mod tests {
                     for ((n, k, w), x) in ws.iter().zip(&xs) {
                         if mine {
                             std::hint::black_box(xwt(x, m, *k, &F32Rows(w), *n));
+                        } else if m <= 32 {
+                            let w = F32Rows(w);
+                            let s = crate::kernels::matmul_small::small_rows(x, &w, m, *n, *k);
+                            std::hint::black_box(s);
                         } else {
                             std::hint::black_box(crate::kernels::gemm::matmul_xwt(x, m, *k, w, *n));
                         }
@@ -369,8 +393,13 @@ mod tests {
                 }
             }
             println!(
-                "m={m}, 30 layers streamed, GFLOP/s median of 7: bcast {:.1}, matmul_xwt {:.1}",
+                "m={m}, 30 layers streamed, GFLOP/s median of 7: bcast {:.1}, {} {:.1}",
                 median(ours),
+                if m <= 32 {
+                    "the small-rows tile"
+                } else {
+                    "matmul_xwt"
+                },
                 median(theirs)
             );
         }

@@ -387,7 +387,7 @@ pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
 
 /// A decode step's many rows (past the small-rows kernel's, up to `XWT_MAX_ROWS`) against the
 /// weight rows `rows` serves: on AVX-512 the broadcast kernel (`bcast`, each sum one FMA chain
-/// in k order; at 64 rows it streamed the 30 layers 1.2-1.3x as fast as the crate's path on
+/// in k order; at 64 rows it streamed the 30 layers 1.1-1.3x as fast as the crate's path on
 /// the 2-core Xeon), elsewhere `matmul_xwt_rows`. Every weight storage takes the same path at
 /// a row count, so a dequantized weight still gives the f32 load's values to the bit.
 pub(crate) fn xwt_rows<R: WeightRows>(

@@ -21,10 +21,13 @@ pub const MAX_ROWS: usize = 32;
 /// loads six vectors per eight FMAs, so it gives way sooner: on a 2-core AMD EPYC (Zen 3) the
 /// 30 layers' decode projections, streamed, ran at 54-67 GFLOP/s in the tile against 79 in
 /// `matmul_xwt` at 32 rows, 53-60 against 54-61 at 24, 47-54 against 49-58 at 16, and 34
-/// against 30 at 8 (`tests::timing`). AVX-512's four-row tile held to 32 rows on both Xeons.
+/// against 30 at 8 (`tests::timing`). On AVX-512 the broadcast kernel (`bcast`) takes over
+/// past 16 rows: streaming the 30 layers on the 2-core Xeon (model 207) it ran at 131-178
+/// GFLOP/s against the four-row tile's 96-130 at 32 rows, 95-99 against 82-103 at 24, and
+/// even at 16 (`bcast::tests::timing`, medians of seven alternating runs).
 pub fn max_rows(level: Level) -> usize {
     match level {
-        Level::Avx2 => 16,
+        Level::Avx2 | Level::Avx512 | Level::Avx512Bf16 => 16,
         _ => MAX_ROWS,
     }
 }
