@@ -35,17 +35,22 @@ pub(crate) fn xwt<R: WeightRows>(x: &[f32], m: usize, k: usize, rows: &R, n: usi
     thread_local! {
         static XT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    XT.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut xt) => {
-            transposed(x, m, k, mp, &mut xt);
-            by_rows(&xt, m, mp, k, rows, n)
-        }
-        // A call nested in another on this thread (work stolen while it waits) takes its own.
-        Err(_) => {
-            let mut xt = Vec::new();
-            transposed(x, m, k, mp, &mut xt);
-            by_rows(&xt, m, mp, k, rows, n)
-        }
+    XT.with(|cell| {
+        let (mut kept, mut own);
+        let xt: &mut Vec<f32> = match cell.try_borrow_mut() {
+            Ok(buf) => {
+                kept = buf;
+                &mut kept
+            }
+            // A call nested in another on this thread (work stolen while it waits) takes its
+            // own.
+            Err(_) => {
+                own = Vec::new();
+                &mut own
+            }
+        };
+        transposed(x, m, k, mp, xt);
+        by_rows(xt, m, mp, k, rows, n)
     })
 }
 
@@ -334,13 +339,7 @@ mod tests {
         if !runs_here() {
             return;
         }
-        struct Copied<'a>(&'a [f32], usize);
-        impl WeightRows for Copied<'_> {
-            const WIDENS: bool = true;
-            fn widen(&self, j: usize, out: &mut [f32]) {
-                out.copy_from_slice(&self.0[j * self.1..(j + 1) * self.1]);
-            }
-        }
+        use crate::kernels::CopiedRows as Copied;
         for (m, k, n) in [(20, 576, 37), (40, 1536, 1100), (64, 576, 965)] {
             let (x, w) = (pseudo(m * k, 3), pseudo(n * k, 4));
             let want = xwt(&x, m, k, &F32Rows(&w), n);

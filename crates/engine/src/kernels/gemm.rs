@@ -378,7 +378,8 @@ pub(crate) const XWT_MAX_ROWS: usize = 128;
 /// reads it without packing), and wᵀ the right one, read in place. The crate then writes the
 /// output column-major; each thread computes its band of columns in sub-bands of at most
 /// `SUB_BAND` into an L2-sized scratch and transposes that into place. The microkernel sums
-/// every value over k in the same order either way, hence the same bits.
+/// every value over k in the same order either way, hence the same bits. Inference calls
+/// `xwt_rows`; this f32 entry is the tests' and timings'.
 #[cfg(test)]
 pub(crate) fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     assert!(w.len() >= n * k, "matmul_xwt: the weight is too short");

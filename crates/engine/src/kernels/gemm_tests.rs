@@ -45,14 +45,7 @@ mod products {
     /// widening buffer's size, so several sub-bands run per thread.
     #[test]
     fn widened_rows_give_the_f32_weights_bits() {
-        use crate::kernels::matmul_small::WeightRows;
-        struct Copied<'a>(&'a [f32], usize);
-        impl WeightRows for Copied<'_> {
-            const WIDENS: bool = true;
-            fn widen(&self, j: usize, out: &mut [f32]) {
-                out.copy_from_slice(&self.0[j * self.1..(j + 1) * self.1]);
-            }
-        }
+        use crate::kernels::CopiedRows as Copied;
         for (m, k, n) in [(17, 1536, 1100), (32, 576, 960), (100, 40, 70)] {
             let (x, w) = (pseudo(m * k, 1), pseudo(n * k, 2));
             let want = matmul_xwt(&x, m, k, &w, n);

@@ -82,6 +82,19 @@ pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// f32 weight rows served as if widened from a narrower storage (a copy), for tests that a
+/// widening path gives the f32 path's bits.
+#[cfg(test)]
+pub(crate) struct CopiedRows<'a>(pub &'a [f32], pub usize);
+
+#[cfg(test)]
+impl matmul_small::WeightRows for CopiedRows<'_> {
+    const WIDENS: bool = true;
+    fn widen(&self, j: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.0[j * self.1..(j + 1) * self.1]);
+    }
+}
+
 /// Deterministic values in [-0.5, 0.5) for the kernels' tests (an LCG: no rand dependency).
 #[cfg(test)]
 pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {

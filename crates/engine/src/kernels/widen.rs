@@ -85,8 +85,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
 /// `x: [M, K]` against `N` weight rows widened by `rows`: `[M, N]` f32, by the path an f32
 /// weight's `linear` takes at that row count (so a dequantized weight gives its values to the
 /// bit): few rows through the small-rows kernel (four weight rows widened at a time), a decode
-/// step's many through `gemm::xwt_rows` (widened a block or sub-band at a time), a prefill's through gemm on widened
-/// panels.
+/// step's many through `gemm::xwt_rows` (widened a block or sub-band at a time), a prefill's
+/// through gemm on widened panels.
 pub(crate) fn matmul_rows<R: WeightRows>(
     x: &[f32],
     m: usize,
